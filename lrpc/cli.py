@@ -1,0 +1,106 @@
+"""Command line: ``lrpc compile | canonize | rules``. Maps errors to one stderr line and an exit code."""
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+from . import composites
+from pathlib import Path
+
+from .errors import InputError, LrpcError
+
+
+def _bound(text: str):
+    """A z-box bound: a number or a comma-separated per-channel list."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got '{text}'") from None
+    return vals[0] if len(vals) == 1 else vals
+
+
+def _nonneg_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got '{text}'") from None
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got '{text}'")
+    return v
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lrpc", description="Compile ONNX models into forward + LRP relevance graphs.")
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="emit model + relevance graph")
+    c.add_argument("model", help="input .onnx model")
+    c.add_argument("-o", "--out", required=True, help="output .onnx path (written atomically)")
+    c.add_argument("--rules", default="epsilon-gamma-box", help="composite name or .json/.toml rule file (see `lrpc rules`)")
+    c.add_argument("--output", help="graph output to explain (default: the first)")
+    c.add_argument("--epsilon", type=_nonneg_float, default=1e-6, help="epsilon of the epsilon rule (default 1e-6)")
+    c.add_argument("--stabilizer-eps", type=_nonneg_float, default=1e-6, help="stabilizer epsilon of all other rules (default 1e-6)")
+    c.add_argument("--stabilizer", choices=["sign", "clip", "norm-scale"], default="sign")
+    c.add_argument("--gamma", type=_nonneg_float, default=0.25)
+    c.add_argument("--alpha", type=float, default=2.0)
+    c.add_argument("--beta", type=float, default=1.0)
+    c.add_argument("--low", type=_bound, default=0.0, help="z-box lower bound: number or per-channel list (default 0)")
+    c.add_argument("--high", type=_bound, default=1.0, help="z-box upper bound: number or per-channel list (default 1)")
+    c.add_argument("--zero-bias", action="store_true", help="leave biases out of every denominator")
+    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    k = sub.add_parser("canonize", help="write the canonical forward model")
+    k.add_argument("model")
+    k.add_argument("-o", "--out", required=True)
+    k.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+    r = sub.add_parser("rules", help="list composites and rules")
+    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _run(args)
+    except LrpcError as e:
+        if args.debug:
+            traceback.print_exc()
+        print(f"lrpc: error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("lrpc: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # a bug in lrpc: still one line unless --debug
+        if args.debug:
+            traceback.print_exc()
+        first = str(e).splitlines()[0] if str(e) else ""
+        print(f"lrpc: internal error: {type(e).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        return 3
+
+
+def _run(args) -> int:
+    from .compiler import canonize, compile
+    from .model_io import save_model
+
+    if args.command == "rules":
+        print(composites.describe())
+        return 0
+    out, src = Path(args.out), Path(args.model)
+    if out.exists() and src.exists() and out.resolve() == src.resolve():
+        raise InputError(f"{out}: refusing to overwrite the input model")
+    if args.command == "canonize":
+        model = canonize(args.model)
+    else:
+        model = compile(args.model, args.rules, output=args.output, epsilon=args.epsilon,
+                        stabilizer_eps=args.stabilizer_eps, stabilizer=args.stabilizer, gamma=args.gamma,
+                        alpha=args.alpha, beta=args.beta, low=args.low, high=args.high, zero_bias=args.zero_bias)
+    save_model(model, args.out, protect=[args.model])
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

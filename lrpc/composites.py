@@ -1,0 +1,173 @@
+"""Composites: which rule each layer gets. Data only; the emitter asks :func:`assign_rules`.
+
+Layer categories (decided by the emitter from the canonical graph):
+``conv`` (Conv, ConvTranspose), ``dense`` (Gemm, MatMul), ``avgpool`` (a Conv made from an average pool),
+``sum`` (residual Sum), ``scale`` (element-wise affine: standalone BatchNormalization, Mul/Add by a constant).
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from . import rules as R
+from .errors import InputError
+
+BASE = {"avgpool": "norm", "sum": "norm", "scale": "pass"}
+
+
+@dataclass(frozen=True)
+class Composite:
+    name: str
+    layers: dict  # category -> rule name
+    first: tuple | None = None  # (categories, rule name) for the first such layer in execution order
+    doc: str = ""
+
+
+COMPOSITES = {c.name: c for c in [
+    Composite("epsilon-gamma-box", {"conv": "gamma", "dense": "epsilon"}, (("conv",), "zbox"),
+              "z-box on the first Conv, gamma on other Convs, epsilon on dense layers"),
+    Composite("epsilon-plus", {"conv": "zplus", "dense": "epsilon"}, None,
+              "z-plus on Convs, epsilon on dense layers"),
+    Composite("epsilon-plus-flat", {"conv": "zplus", "dense": "epsilon"}, (("conv", "dense"), "flat"),
+              "flat on the first Conv/dense layer, z-plus on Convs, epsilon on dense layers"),
+    Composite("epsilon-alpha2-beta1", {"conv": "alpha-beta", "dense": "epsilon"}, None,
+              "alpha-beta(2,1) on Convs, epsilon on dense layers"),
+    Composite("epsilon-alpha2-beta1-flat", {"conv": "alpha-beta", "dense": "epsilon"}, (("conv", "dense"), "flat"),
+              "flat on the first Conv/dense layer, alpha-beta(2,1) on Convs, epsilon on dense layers"),
+    Composite("epsilon", {"conv": "epsilon", "dense": "epsilon"}, None, "epsilon everywhere (LRP-0 with --epsilon 0)"),
+    Composite("deep-taylor", {"conv": "zplus", "dense": "zplus"}, (("conv", "dense"), "zbox"),
+              "deep Taylor preset: z-box on the first layer, z-plus above"),
+]}
+
+
+@dataclass
+class Options:
+    """Rule parameters shared by every layer (command-line flags)."""
+
+    epsilon: float = R.DEFAULT_EPS  # the epsilon rule's epsilon
+    stabilizer_eps: float = R.DEFAULT_EPS  # epsilon of every other rule's stabilizer
+    stabilizer: str = "sign"
+    gamma: float = 0.25
+    alpha: float = 2.0
+    beta: float = 1.0
+    low: object = 0.0  # z-box bounds: scalar, per-channel list or input-shaped nested list
+    high: object = 1.0
+    zero_bias: bool = False
+
+    def rule(self, name: str, overrides: dict | None = None) -> R.Rule:
+        """Build rule ``name`` with parameters from these options, then ``overrides``."""
+        _, names = R.RULES.get(name, (None, ()))
+        params = {k: getattr(self, k) for k in names}
+        params.update(overrides or {})
+        eps = params.pop("stabilizer_eps", self.stabilizer_eps)
+        zero_bias = params.pop("zero_bias", self.zero_bias)
+        stabilizer = params.pop("stabilizer", self.stabilizer)
+        return R.make_rule(name, params, eps=eps, stabilizer=stabilizer, zero_bias=zero_bias)
+
+
+@dataclass
+class UserRule:
+    rule: str
+    op: str | None = None
+    name: str | None = None
+    category: str | None = None
+    params: dict = field(default_factory=dict)
+
+    def matches(self, node_name: str, op: str, category: str) -> bool:
+        return ((self.op is None or self.op == op) and (self.category is None or self.category == category)
+                and (self.name is None or fnmatch.fnmatchcase(node_name, self.name)))
+
+
+@dataclass
+class RuleSet:
+    """A composite plus user overrides: everything :func:`assign_rules` needs."""
+
+    composite: Composite
+    options: Options = field(default_factory=Options)
+    user: list[UserRule] = field(default_factory=list)
+
+
+def get_composite(name: str) -> Composite:
+    if name not in COMPOSITES:
+        raise InputError(f"unknown composite '{name}' (known: {', '.join(COMPOSITES)}; or a .json/.toml rule file)")
+    return COMPOSITES[name]
+
+
+def load_ruleset(spec: str, options: Options | None = None) -> RuleSet:
+    """``spec`` is a composite name or a path to a JSON/TOML rule file."""
+    options = options or Options()
+    if not spec.endswith((".json", ".toml")):
+        return _validated(RuleSet(get_composite(spec), options))
+    p = Path(spec)
+    if not p.is_file():
+        raise InputError(f"{p}: rule file not found")
+    try:
+        data = json.loads(p.read_text()) if p.suffix == ".json" else tomllib.loads(p.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InputError(f"{p}: cannot parse rule file: {str(e).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{p}: a rule file is a table with 'composite' and 'rules'")
+    composite = get_composite(data.get("composite", "epsilon"))
+    user = []
+    for i, entry in enumerate(data.get("rules", [])):
+        if not isinstance(entry, dict) or "rule" not in entry:
+            raise InputError(f"{p}: rules[{i}] needs a 'rule' key")
+        extra = set(entry) - {"rule", "op", "name", "category", "params"}
+        if extra:
+            raise InputError(f"{p}: rules[{i}] has unknown key(s) {', '.join(sorted(extra))}")
+        u = UserRule(entry["rule"], entry.get("op"), entry.get("name"), entry.get("category"), dict(entry.get("params", {})))
+        try:
+            options.rule(u.rule, u.params)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"{p}: rules[{i}]: {e}") from None
+        user.append(u)
+    return _validated(RuleSet(composite, options, user))
+
+
+def _validated(ruleset: RuleSet) -> RuleSet:
+    """Build every rule the composite can hand out once, so bad parameters fail before compiling."""
+    comp = ruleset.composite
+    names = set(comp.layers.values()) | set(BASE.values()) | ({comp.first[1]} if comp.first else set())
+    for name in sorted(names):
+        try:
+            ruleset.options.rule(name)
+        except (ValueError, TypeError) as e:
+            raise InputError(f"--rules {comp.name}: {e}") from None
+    return ruleset
+
+
+def assign_rules(layers: list[tuple[str, str, str]], ruleset: RuleSet) -> dict[str, R.Rule]:
+    """Map each ``(node name, op type, category)`` (in execution order) to its rule."""
+    comp, opts = ruleset.composite, ruleset.options
+    out: dict[str, R.Rule] = {}
+    first_done = comp.first is None
+    for name, op, cat in layers:
+        user = next((u for u in ruleset.user if u.matches(name, op, cat)), None)
+        is_first = not first_done and cat in comp.first[0]
+        first_done = first_done or is_first
+        if user is not None:
+            out[name] = opts.rule(user.rule, user.params)
+        elif is_first:
+            out[name] = opts.rule(comp.first[1])
+        else:
+            out[name] = opts.rule(comp.layers.get(cat) or BASE.get(cat, "pass"))
+    return out
+
+
+def describe() -> str:
+    """Text for ``lrpc rules``."""
+    lines = ["Composites (--rules NAME):"]
+    for c in COMPOSITES.values():
+        lines.append(f"  {c.name:28s} {c.doc}")
+    lines.append("  every composite: norm on residual sums and average pools, pass on activations,")
+    lines.append("  standalone BatchNorm and element-wise affine layers")
+    lines.append("")
+    lines.append("Rules (for rule files) and their parameters:")
+    for name, (_, names) in R.RULES.items():
+        lines.append(f"  {name:12s} {', '.join(names) or '-'}")
+    lines.append("")
+    lines.append(f"Stabilizers (--stabilizer): {', '.join(R.STABILIZERS)}")
+    return "\n".join(lines)

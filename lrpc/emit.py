@@ -1,0 +1,137 @@
+"""Emission: walk the canonical graph backwards, ask the registry for each node's relevance
+propagator, wire the relevance tensors, add the seed input and the relevance outputs."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from . import composites
+from .errors import InputError, UnsupportedError, where
+from .graph import Builder, Canonical, const_value, export_model, float_dtype, is_const, producer
+from .relevance import propagator
+
+SEED = "relevance_seed"
+NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
+KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
+              "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN"}
+
+
+class Context:
+    """What propagators see: the builder, the rule of each layer, static sign facts."""
+
+    def __init__(self, canon: Canonical, builder: Builder, rules: dict, nonneg: set):
+        self.canon, self.b, self._rules, self._nonneg = canon, builder, rules, nonneg
+
+    def rule(self, node):
+        return self._rules[node.name]
+
+    def nonneg(self, t) -> bool:
+        return t.name in self._nonneg
+
+
+def category(canon: Canonical, node) -> str | None:
+    """The composite category of a node (see composites.py), None for nodes without a rule."""
+    if canon.roles.get(node.name) == "avgpool":
+        return "avgpool"
+    return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
+            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale"}.get(node.op)
+
+
+def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
+    """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph')."""
+    graph = canon.graph
+    tensors = graph.tensors()
+    explained = tensors[canon.explained]
+    dtype = float_dtype(graph)
+    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
+    if not inputs:
+        raise InputError("the model has no float input to explain (integer/string inputs only)")
+    depends = _depends_on(graph, inputs)
+    if explained.name not in depends:
+        raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
+    nodes = _on_path(graph, explained, depends)
+    missing = [n for n in nodes if propagator(n.op) is None]
+    if missing:
+        listed = ", ".join(where(n) for n in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
+        raise UnsupportedError(f"no relevance propagator for {listed}")
+    layers = [(n.name, n.op, category(canon, n)) for n in nodes if category(canon, n)]
+    rules = composites.assign_rules(layers, ruleset)
+    builder = Builder(graph, dtype)
+    ctx = Context(canon, builder, rules, _nonneg(graph))
+
+    seed = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
+    graph.inputs.append(seed)
+    incoming: dict[str, list] = {explained.name: [seed]}
+    total: dict[str, object] = {}
+
+    def relevance(t):
+        if t.name not in total:
+            parts = incoming.get(t.name)
+            total[t.name] = builder.sum(parts) if parts else None
+        return total[t.name]
+
+    for node in reversed(nodes):
+        r_out = [relevance(t) for t in node.outputs]
+        if all(r is None for r in r_out):
+            continue
+        r_in = propagator(node.op)(ctx, node, r_out)
+        for t, r in zip(node.inputs, r_in):
+            if r is not None and t.name in depends:
+                incoming.setdefault(t.name, []).append(r)
+
+    for t in inputs:
+        r = relevance(t)
+        r = builder.zeros_like(t) if r is None else r
+        name = "relevance" if len(inputs) == 1 else f"relevance_{t.name}"
+        out = gs.Variable(name, dtype=dtype, shape=t.shape)
+        graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
+        graph.outputs.append(out)
+    model = export_model(canon, {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules)})
+    return model
+
+
+def _depends_on(graph: gs.Graph, inputs) -> set[str]:
+    dep = {t.name for t in inputs}
+    for node in graph.nodes:
+        if any(t.name in dep for t in node.inputs):
+            dep.update(t.name for t in node.outputs)
+    return dep
+
+
+def _on_path(graph: gs.Graph, explained, depends: set[str]) -> list:
+    """Nodes between a float input and the explained tensor, in execution order."""
+    need = {explained.name}
+    for node in reversed(graph.nodes):
+        if any(t.name in need for t in node.outputs):
+            need.update(t.name for t in node.inputs if t.name in depends)
+    return [n for n in graph.nodes if any(t.name in need for t in n.outputs) and any(t.name in depends for t in n.inputs)]
+
+
+def _nonneg(graph: gs.Graph) -> set[str]:
+    """Tensors statically known to be >= 0 (their x- terms vanish)."""
+    pos: set[str] = set()
+
+    def ok(t) -> bool:
+        return t.name in pos or (is_const(t) and bool(np.all(const_value(t) >= 0)))
+
+    for node in graph.nodes:
+        data = [t for t in node.inputs if t.name and not (is_const(t) and const_value(t).dtype.kind in "iu")]
+        if node.op in NONNEG_OUT:
+            yes = True
+        elif node.op == "Clip":
+            lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+            yes = (lo is not None and is_const(lo) and float(const_value(lo)) >= 0) or ok(node.inputs[0])
+        elif node.op in KEEPS_SIGN or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "AveragePool"):
+            yes = bool(data) and all(ok(t) for t in data)
+        else:
+            yes = False
+        if yes:
+            pos.update(t.name for t in node.outputs[:1])
+    return pos
+
+
+def _rules_summary(rules: dict) -> str:
+    import json
+
+    return json.dumps({k: v.describe() for k, v in rules.items()})

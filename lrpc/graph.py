@@ -1,0 +1,322 @@
+"""Small helpers over onnx-graphsurgeon: the canonical model, constants, static shapes, a node builder."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+
+from .errors import UnsupportedError, where
+
+ROLES_KEY = "lrpc.roles"  # metadata_props key that keeps node roles across `lrpc canonize`
+MIN_OPSET = 17
+# the smallest IR version that carries each opset (keeps output loadable by older runtimes)
+IR_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
+
+
+@dataclass
+class Canonical:
+    """A graph being canonized/explained plus what the passes learnt about it."""
+
+    graph: gs.Graph
+    roles: dict[str, str] = field(default_factory=dict)  # node name -> role ("avgpool")
+    explained: str | None = None  # name of the tensor whose relevance is seeded
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def opset(self) -> int:
+        return int(self.graph.opset)
+
+
+def import_model(model: onnx.ModelProto) -> Canonical:
+    """Turn a ModelProto (opset already normalized) into a :class:`Canonical` with shapes inferred."""
+    model = infer_shapes(model)
+    graph = gs.import_onnx(model)
+    meta = {p.key: p.value for p in model.metadata_props}
+    roles = json.loads(meta.pop(ROLES_KEY, "{}"))
+    return Canonical(graph=graph, roles=roles, metadata=meta)
+
+
+def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> onnx.ModelProto:
+    """Export a graph as a checked ModelProto with a conservative IR version."""
+    graph = canon.graph
+    model = gs.export_onnx(graph, do_type_check=False)
+    model.ir_version = IR_FOR_OPSET.get(canon.opset, onnx.IR_VERSION)
+    meta = dict(canon.metadata)
+    live = {n.name for n in graph.nodes}
+    roles = {k: v for k, v in canon.roles.items() if k in live}
+    if roles:
+        meta[ROLES_KEY] = json.dumps(roles, sort_keys=True)
+    meta.update(extra_meta or {})
+    del model.metadata_props[:]
+    for k, v in meta.items():
+        model.metadata_props.add(key=k, value=v)
+    return model
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run ONNX shape inference (with data propagation); falls back to the model as is."""
+    try:
+        return onnx.shape_inference.infer_shapes(model, data_prop=True)
+    except Exception:
+        return model
+
+
+def refresh_shapes(canon: Canonical) -> Canonical:
+    """Re-infer every intermediate shape after a rewrite (passes may leave stale shapes)."""
+    for t in canon.graph.tensors().values():
+        if isinstance(t, gs.Variable) and t not in canon.graph.inputs and t not in canon.graph.outputs:
+            t.shape = None
+    fresh = import_model(export_model(canon))
+    fresh.explained = canon.explained
+    return fresh
+
+
+def is_const(t) -> bool:
+    return isinstance(t, gs.Constant)
+
+
+def const_value(t) -> np.ndarray:
+    return np.asarray(t.values)
+
+
+def static_dims(t, node=None, what: str = "shape") -> list:
+    """Shape of ``t`` with all non-batch dims as ints (the batch dim as found), or a clear error."""
+    shape = t.shape
+    if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape[1:]):
+        at = f" at {where(node)}" if node is not None else ""
+        raise UnsupportedError(
+            f"cannot resolve the {what} of tensor '{t.name}'{at}: got {shape}; give the model static non-batch dims"
+        )
+    return [shape[0]] + [int(d) for d in shape[1:]]
+
+
+def float_dtype(graph: gs.Graph) -> np.dtype:
+    """The float type relevance is computed in: the first float graph input's, else float32."""
+    for t in graph.inputs:
+        if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating):
+            return np.dtype(t.dtype)
+    return np.dtype(np.float32)
+
+
+class Builder:
+    """Appends nodes to a graph in execution order, with fresh names under a prefix."""
+
+    def __init__(self, graph: gs.Graph, dtype: np.dtype, prefix: str = "lrp"):
+        self.graph = graph
+        self.dtype = np.dtype(dtype)
+        self.prefix = prefix
+        self._n = 0
+        self._consts: dict[tuple, gs.Constant] = {}
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{self.prefix}/{hint}_{self._n}"
+
+    def const(self, value, dtype=None) -> gs.Constant:
+        """A constant in the builder's float dtype (or ``dtype``), shared when equal and small."""
+        arr = np.asarray(value, dtype=dtype or self.dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes()) if arr.size <= 64 else None
+        if key is not None and key in self._consts:
+            return self._consts[key]
+        c = gs.Constant(self.name("c"), arr)
+        if key is not None:
+            self._consts[key] = c
+        return c
+
+    def ints(self, value) -> gs.Constant:
+        return self.const(np.asarray(value, dtype=np.int64).reshape(-1), dtype=np.int64)
+
+    def op(self, op: str, inputs, attrs=None, outputs: int = 1, dtype=None, hint: str | None = None):
+        """Add one node; numbers/arrays among ``inputs`` become constants. Returns the output(s)."""
+        ins = []
+        for x in inputs:
+            if x is None:
+                ins.append(gs.Variable.empty())
+            elif isinstance(x, gs.Tensor):
+                ins.append(x)
+            else:
+                ins.append(self.const(x))
+        h = hint or op
+        outs = [gs.Variable(self.name(h), dtype=dtype or self.dtype) for _ in range(outputs)]
+        node = gs.Node(op=op, name=self.name(h), attrs=dict(attrs or {}), inputs=ins, outputs=outs)
+        self.graph.nodes.append(node)
+        return outs[0] if outputs == 1 else outs
+
+    # small vocabulary used by many propagators
+    def add(self, a, b):
+        return self.op("Add", [a, b])
+
+    def mul(self, a, b):
+        return self.op("Mul", [a, b])
+
+    def sum(self, terms):
+        terms = [t for t in terms if t is not None]
+        if not terms:
+            return None
+        return terms[0] if len(terms) == 1 else self.op("Sum", terms)
+
+    def shape_of(self, x):
+        return self.op("Shape", [x], dtype=np.int64)
+
+    def reshape_like(self, x, like):
+        return self.op("Reshape", [x, self.shape_of(like)])
+
+    def zeros_like(self, x):
+        return self.op("ConstantOfShape", [self.shape_of(x)], {"value": onnx.numpy_helper.from_array(np.zeros(1, self.dtype))})
+
+    def ones_like(self, x):
+        return self.op("Expand", [self.const(1.0), self.shape_of(x)])
+
+    def reduce_sum(self, x, axes, keepdims: int = 1):
+        return self.op("ReduceSum", [x, self.ints(axes)], {"keepdims": keepdims})
+
+    def reduce_mean(self, x, axes, keepdims: int = 1):
+        if int(self.graph.opset) >= 18:
+            return self.op("ReduceMean", [x, self.ints(axes)], {"keepdims": keepdims})
+        return self.op("ReduceMean", [x], {"axes": list(axes), "keepdims": keepdims})
+
+
+# --- linear-layer helpers shared by the canonization passes -------------------------------------
+
+LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
+
+
+def producer(t):
+    return t.inputs[0] if t.inputs else None
+
+
+def only_consumer(graph: gs.Graph, t):
+    """The single node reading ``t``, or None if several read it or it is a graph output."""
+    if t in graph.outputs or len(t.outputs) != 1:
+        return None
+    return t.outputs[0]
+
+
+def out_channels(node) -> int:
+    w = const_value(node.inputs[1])
+    if node.op == "Conv":
+        return w.shape[0]
+    if node.op == "ConvTranspose":
+        return w.shape[1] * int(node.attrs.get("group", 1))
+    return w.shape[0]  # Gemm in normal form: W is [out, in]
+
+
+def _set_const(node, index: int, value: np.ndarray, hint: str) -> None:
+    c = gs.Constant(f"{node.name}/{hint}", np.ascontiguousarray(value))
+    if index < len(node.inputs):
+        node.inputs[index] = c
+    else:
+        node.inputs.append(c)
+
+
+def bias_of(node) -> np.ndarray:
+    """The bias of a linear node in normal form (zeros if it has none), float64."""
+    n = out_channels(node)
+    if len(node.inputs) > 2 and is_const(node.inputs[2]):
+        return np.broadcast_to(const_value(node.inputs[2]).astype(np.float64).reshape(-1), (n,)).copy()
+    return np.zeros(n)
+
+
+def scale_out_channels(node, s: np.ndarray) -> None:
+    """Multiply output channel k of a Conv/ConvTranspose/Gemm(transB=1) by ``s[k]`` (weights and bias)."""
+    w = const_value(node.inputs[1])
+    dtype = w.dtype
+    w = w.astype(np.float64)
+    s = np.asarray(s, np.float64).reshape(-1)
+    if node.op == "ConvTranspose":
+        g = int(node.attrs.get("group", 1))
+        shape = w.shape
+        w = (w.reshape(g, shape[0] // g, shape[1], *shape[2:])
+             * s.reshape(g, 1, shape[1], *([1] * (len(shape) - 2)))).reshape(shape)
+    else:
+        w = w * s.reshape(-1, *([1] * (w.ndim - 1)))
+    b = bias_of(node) * s
+    _set_const(node, 1, w.astype(dtype), "W")
+    _set_const(node, 2, b.astype(dtype), "B")
+
+
+def add_bias(node, t: np.ndarray) -> None:
+    """Add ``t`` (per output channel) to the bias of a linear node in normal form."""
+    dtype = const_value(node.inputs[1]).dtype
+    _set_const(node, 2, (bias_of(node) + np.asarray(t, np.float64).reshape(-1)).astype(dtype), "B")
+
+
+def channel_vector(c: np.ndarray, rank: int, channels: int, axis: int = 1) -> np.ndarray | None:
+    """If constant ``c`` broadcasts over a rank-``rank`` tensor as one value per channel (axis ``axis``),
+    return that [channels] vector, else None."""
+    c = np.asarray(c)
+    if c.ndim > rank:
+        return None
+    shape = (1,) * (rank - c.ndim) + c.shape
+    if any(d != 1 for i, d in enumerate(shape) if i != axis) or shape[axis] not in (1, channels):
+        return None
+    return np.broadcast_to(c.reshape(-1), (channels,)).astype(np.float64)
+
+
+def rewire_output(graph: gs.Graph, old_node, new_producer) -> None:
+    """Make ``new_producer`` produce ``old_node``'s output tensor, dropping ``old_node``."""
+    out = old_node.outputs[0]
+    old_node.outputs.clear()
+    old_node.inputs.clear()
+    new_producer.outputs = [out]
+
+
+def bypass(graph: gs.Graph, node, keep_input: int = 0) -> bool:
+    """Remove a data-preserving node by pointing its consumers at its input. False if its output
+    is a graph output (then the node stays; its propagator passes relevance through)."""
+    src, out = node.inputs[keep_input], node.outputs[0]
+    if out in graph.outputs:
+        return False
+    for consumer in list(out.outputs):
+        for i, t in enumerate(consumer.inputs):
+            if t is out:
+                consumer.inputs[i] = src
+    node.outputs.clear()
+    node.inputs.clear()
+    return True
+
+
+def toposort(graph: gs.Graph) -> None:
+    """Stable iterative topological sort (gs.toposort recurses and overflows on long chains)."""
+    nodes = list(graph.nodes)
+    made = {id(t): i for i, n in enumerate(nodes) for t in n.outputs}
+    order, state = [], {}
+    for start in range(len(nodes)):
+        stack = [(start, False)]
+        while stack:
+            i, done = stack.pop()
+            if done:
+                state[i] = 2
+                order.append(nodes[i])
+                continue
+            if state.get(i):
+                continue
+            state[i] = 1
+            stack.append((i, True))
+            for t in reversed(_node_inputs(nodes[i])):
+                j = made.get(id(t))
+                if j is not None and not state.get(j):
+                    stack.append((j, False))
+    graph.nodes = order
+
+
+def _node_inputs(node) -> list:
+    ins = list(node.inputs)
+    for attr in node.attrs.values():  # outer-scope tensors read by subgraphs
+        if isinstance(attr, gs.Graph):
+            ins += [t for n in attr.nodes for t in n.inputs]
+    return ins
+
+
+def insert_after(graph: gs.Graph, node, op: str, const: np.ndarray | None, attrs=None, hint: str = "") -> gs.Node:
+    """Insert ``op`` between ``node`` and its output tensor: node -> t -> op(t[, const]) -> old output."""
+    out = node.outputs[0]
+    mid = gs.Variable(f"{node.name}/{hint or op}_in", dtype=out.dtype)
+    node.outputs = [mid]
+    ins = [mid] + ([gs.Constant(f"{node.name}/{hint or op}_c", const)] if const is not None else [])
+    new = gs.Node(op, f"{node.name}/{hint or op}", dict(attrs or {}), ins, [out])
+    graph.nodes.append(new)
+    return new

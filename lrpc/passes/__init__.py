@@ -1,0 +1,20 @@
+"""Canonization: the ordered pipeline of passes, each ``run(canon) -> changed`` in a file of its own."""
+from __future__ import annotations
+
+import onnx
+
+from ..graph import Canonical, import_model, refresh_shapes, toposort
+from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, normalize_opset, residual_sum, strip_softmax
+
+PIPELINE = (cleanup, linear_normal_form, fold_batchnorm, avgpool_to_conv, residual_sum)
+
+
+def canonize(model: onnx.ModelProto, output: str | None = None) -> Canonical:
+    """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor."""
+    canon = import_model(normalize_opset.run(model))
+    for p in PIPELINE:
+        if p.run(canon):
+            toposort(canon.graph)
+            canon = refresh_shapes(canon)
+    strip_softmax.run(canon, output)
+    return canon

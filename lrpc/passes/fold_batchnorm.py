@@ -1,0 +1,43 @@
+"""Fold BatchNormalization into the Conv / ConvTranspose / Gemm right before it (exact for any eps).
+
+Guards (a BN that fails one stays and gets the composite's ``scale`` rule, pass by default):
+the producer is a linear node in normal form, its output feeds only this BN, all BN parameters are
+constants, and the BN is in inference mode (one output)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import Canonical, const_value, is_const, only_consumer, producer, rewire_output, scale_out_channels, add_bias
+
+
+def run(canon: Canonical) -> bool:
+    graph = canon.graph
+    changed = False
+    for bn in list(graph.nodes):
+        if bn.op == "BatchNormalization" and _foldable(graph, bn):
+            lin = producer(bn.inputs[0])
+            scale, shift = bn_affine(bn)
+            scale_out_channels(lin, scale)
+            add_bias(lin, shift)
+            rewire_output(graph, bn, lin)
+            changed = True
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return changed
+
+
+def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
+    """BN as ``y = scale * x + shift`` per channel, computed in float64."""
+    gamma, beta, mean, var = (const_value(t).astype(np.float64) for t in bn.inputs[1:5])
+    scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    return scale, beta - mean * scale
+
+
+def _foldable(graph, bn) -> bool:
+    lin = producer(bn.inputs[0])
+    if lin is None or lin.op not in ("Conv", "ConvTranspose", "Gemm") or only_consumer(graph, bn.inputs[0]) is not bn:
+        return False
+    if len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0):
+        return False
+    if not all(is_const(t) for t in bn.inputs[1:5]) or not all(is_const(t) for t in lin.inputs[1:]):
+        return False
+    return lin.op != "Gemm" or lin.attrs.get("transB", 0) == 1

@@ -1,0 +1,181 @@
+"""Linear normal form: every linear layer becomes Conv / ConvTranspose with explicit pads and a bias
+input, Gemm(X, W[out,in], b[out], transB=1, alpha=beta=1), or MatMul(X, W) with X of rank > 2; constant
+Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it."""
+from __future__ import annotations
+
+import numpy as np
+import onnx_graphsurgeon as gs
+
+from ..errors import UnsupportedError, where
+from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, only_consumer, out_channels,
+                     rewire_output, scale_out_channels)
+
+
+def run(canon: Canonical) -> bool:
+    graph = canon.graph
+    changed = False
+    for node in list(graph.nodes):
+        if node.op in ("Sub", "Div"):
+            changed |= _sub_div(node)
+        elif node.op == "Gemm":
+            changed |= _gemm(graph, node)
+        elif node.op == "MatMul":
+            changed |= _matmul(graph, node)
+        elif node.op in ("Conv", "ConvTranspose"):
+            changed |= _conv_attrs(node)
+    again = True
+    while again:  # fold chains like Conv -> Mul -> Add
+        again = False
+        for node in list(graph.nodes):
+            if node.op in ("Conv", "ConvTranspose", "Gemm") and node.outputs:
+                again |= _fold_following(graph, node)
+        changed |= again
+    graph.cleanup(remove_unused_graph_inputs=False)
+    return changed
+
+
+def _sub_div(node) -> bool:
+    a, b = node.inputs
+    if not is_const(b) or is_const(a):
+        return False
+    v = const_value(b)
+    if node.op == "Sub":
+        node.op, new = "Add", -v
+    else:
+        if not np.issubdtype(v.dtype, np.floating):
+            return False
+        node.op, new = "Mul", (1.0 / v.astype(np.float64)).astype(v.dtype)
+    node.inputs[1] = gs.Constant(f"{node.name}/c", np.ascontiguousarray(new))
+    return True
+
+
+def _gemm(graph, node) -> bool:
+    a = node.inputs[0]
+    w = node.inputs[1]
+    attrs = node.attrs
+    normal = (attrs.get("transA", 0) == 0 and attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0
+              and attrs.get("beta", 1.0) == 1.0 and len(node.inputs) == 3 and is_const(node.inputs[2])
+              and const_value(node.inputs[2]).ndim == 1)
+    if normal:
+        return False
+    if not is_const(w) or is_const(a):
+        raise UnsupportedError(f"{where(node)}: Gemm needs a constant weight as second input B")
+    wv = const_value(w).astype(np.float64)
+    if attrs.get("transB", 0) == 0:
+        wv = wv.T
+    wv = wv * float(attrs.get("alpha", 1.0))
+    n_out = wv.shape[0]
+    bias = np.zeros(n_out)
+    if len(node.inputs) > 2 and node.inputs[2].name:
+        if not is_const(node.inputs[2]):
+            raise UnsupportedError(f"{where(node)}: Gemm with a non-constant C")
+        c = const_value(node.inputs[2]).astype(np.float64) * float(attrs.get("beta", 1.0))
+        vec = channel_vector(c, 2, n_out, axis=1)
+        if vec is None:
+            raise UnsupportedError(f"{where(node)}: Gemm bias C of shape {c.shape} is not one value per output")
+        bias = vec
+    if attrs.get("transA", 0):
+        t = gs.Variable(f"{node.name}/At", dtype=a.dtype)
+        graph.nodes.append(gs.Node("Transpose", f"{node.name}/transA", {"perm": [1, 0]}, [a], [t]))
+        node.inputs[0] = t
+    dtype = const_value(w).dtype
+    node.inputs = [node.inputs[0], gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.astype(dtype))),
+                   gs.Constant(f"{node.name}/B", bias.astype(dtype))]
+    node.attrs = {"transB": 1}
+    return True
+
+
+def _matmul(graph, node) -> bool:
+    x, w = node.inputs
+    if is_const(x) and not is_const(w):
+        raise UnsupportedError(f"{where(node)}: MatMul with a constant first operand")
+    if not is_const(w) or const_value(w).ndim != 2:
+        if not is_const(w):
+            raise UnsupportedError(f"{where(node)}: MatMul of two non-constant tensors has no LRP rule")
+        raise UnsupportedError(f"{where(node)}: MatMul with a {const_value(w).ndim}-d weight")
+    if x.shape is None or len(x.shape) != 2:
+        return False  # rank > 2 stays MatMul (its propagator handles it)
+    wv = const_value(w)
+    node.op = "Gemm"
+    node.attrs = {"transB": 1}
+    node.inputs[1] = gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.T))
+    node.inputs.append(gs.Constant(f"{node.name}/B", np.zeros(wv.shape[1], wv.dtype)))
+    return True
+
+
+def _conv_attrs(node) -> bool:
+    """Explicit kernel_shape and pads (auto_pad / output_shape resolved from static shapes); a bias input."""
+    changed = False
+    w = node.inputs[1]
+    if not is_const(w):
+        raise UnsupportedError(f"{where(node)}: {node.op} weight is not a constant")
+    wv = const_value(w)
+    nsp = wv.ndim - 2
+    attrs = node.attrs
+    if "kernel_shape" not in attrs:
+        attrs["kernel_shape"] = list(wv.shape[2:])
+        changed = True
+    for key in ("strides", "dilations"):
+        attrs.setdefault(key, [1] * nsp)
+    auto = attrs.get("auto_pad", "NOTSET")
+    if isinstance(auto, bytes):
+        auto = auto.decode()
+    if auto not in ("NOTSET", "VALID") or (node.op == "ConvTranspose" and "output_shape" in attrs):
+        _explicit_pads(node, auto, nsp)
+        changed = True
+    elif auto == "VALID":
+        attrs["pads"] = [0] * (2 * nsp)
+    attrs.pop("auto_pad", None)
+    attrs.setdefault("pads", [0] * (2 * nsp))
+    if len(node.inputs) < 3 or not node.inputs[2].name:
+        node.inputs = list(node.inputs)[:2] + [gs.Constant(f"{node.name}/B", np.zeros(out_channels(node), wv.dtype))]
+        changed = True
+    elif not is_const(node.inputs[2]):
+        raise UnsupportedError(f"{where(node)}: {node.op} bias is not a constant")
+    return changed
+
+
+def _explicit_pads(node, auto: str, nsp: int) -> None:
+    x, y = node.inputs[0], node.outputs[0]
+    a = node.attrs
+    k, s, d = a["kernel_shape"], a["strides"], a["dilations"]
+    xs = x.shape
+    if xs is None or any(not isinstance(v, (int, np.integer)) for v in xs[2:]):
+        raise UnsupportedError(f"{where(node)}: auto_pad/output_shape needs static spatial input dims (got {xs})")
+    pads_b, pads_e = [], []
+    for i in range(nsp):
+        n_in, kk = int(xs[2 + i]), (k[i] - 1) * d[i] + 1
+        if node.op == "Conv":
+            n_out = -(-n_in // s[i])
+            total = max((n_out - 1) * s[i] + kk - n_in, 0)
+        else:
+            n_out = int(a["output_shape"][-nsp + i]) if "output_shape" in a else n_in * s[i]
+            op = a.get("output_padding", [0] * nsp)[i]
+            total = max(s[i] * (n_in - 1) + op + kk - n_out, 0)
+        small, big = total // 2, total - total // 2
+        pads_b.append(big if auto == "SAME_LOWER" else small)
+        pads_e.append(small if auto == "SAME_LOWER" else big)
+    a["pads"] = pads_b + pads_e
+    a.pop("output_shape", None)
+
+
+def _fold_following(graph, node) -> bool:
+    """Fold a per-channel constant Mul/Add that alone consumes ``node``'s output."""
+    nxt = only_consumer(graph, node.outputs[0])
+    if nxt is None or nxt.op not in ("Mul", "Add"):
+        return False
+    others = [t for t in nxt.inputs if t is not node.outputs[0]]
+    if len(others) != 1 or not is_const(others[0]):
+        return False
+    rank = len(node.outputs[0].shape) if node.outputs[0].shape is not None else (2 if node.op == "Gemm" else None)
+    if rank is None:
+        return False
+    vec = channel_vector(const_value(others[0]), rank, out_channels(node), axis=1)
+    if vec is None:
+        return False
+    if nxt.op == "Mul":
+        scale_out_channels(node, vec)
+    else:
+        add_bias(node, vec)
+    rewire_output(graph, nxt, node)
+    return True

@@ -1,0 +1,25 @@
+"""Find the explained tensor: the chosen graph output, walked back through a final Softmax/LogSoftmax
+(logits are explained). The node stays in the graph, so the original output is still produced."""
+from __future__ import annotations
+
+from ..errors import InputError
+from ..graph import Canonical, producer
+
+SQUASHERS = ("Softmax", "LogSoftmax")
+
+
+def run(canon: Canonical, output: str | None = None) -> bool:
+    outputs = {t.name: t for t in canon.graph.outputs}
+    if output is None:
+        t = canon.graph.outputs[0]
+    elif output in outputs:
+        t = outputs[output]
+    else:
+        raise InputError(f"--output {output}: the model has no output of that name (outputs: {', '.join(outputs)})")
+    node = producer(t)
+    while node is not None and node.op in SQUASHERS:
+        t = node.inputs[0]
+        node = producer(t)
+    changed = canon.explained != t.name
+    canon.explained = t.name
+    return changed

@@ -1,0 +1,102 @@
+"""Data movement: relevance is routed exactly as the elements moved (the adjoint of the movement).
+Pad drops the relevance of pad cells (they carry none: they are constants)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..errors import UnsupportedError, where
+from ..graph import const_value, is_const, static_dims
+from . import register
+
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+def reshape(ctx, node, R_out):
+    return [ctx.b.reshape_like(R_out[0], node.inputs[0])] + [None] * (len(node.inputs) - 1)
+
+
+@register("Transpose")
+def transpose(ctx, node, R_out):
+    x = node.inputs[0]
+    perm = node.attrs.get("perm")
+    if perm is None:
+        perm = list(reversed(range(len(static_dims(x, node)))))
+    inverse = list(np.argsort(perm))
+    return [ctx.b.op("Transpose", [R_out[0]], {"perm": [int(i) for i in inverse]})]
+
+
+@register("Concat")
+def concat(ctx, node, R_out):
+    axis = int(node.attrs["axis"])
+    rank = len(static_dims(node.outputs[0], node))
+    axis %= rank
+    sizes = [_dim(x, axis, node) for x in node.inputs]
+    parts = ctx.b.op("Split", [R_out[0], ctx.b.ints(sizes)], {"axis": axis}, outputs=len(sizes))
+    parts = parts if isinstance(parts, list) else [parts]
+    return [None if is_const(x) else p for x, p in zip(node.inputs, parts)]
+
+
+@register("Split")
+def split(ctx, node, R_out):
+    b = ctx.b
+    axis = int(node.attrs.get("axis", 0))
+    pieces = [r if r is not None else b.zeros_like(t) for r, t in zip(R_out, node.outputs)]
+    joined = pieces[0] if len(pieces) == 1 else b.op("Concat", pieces, {"axis": axis})
+    return [joined] + [None] * (len(node.inputs) - 1)
+
+
+@register("Slice")
+def slice_(ctx, node, R_out):
+    x = node.inputs[0]
+    dims = static_dims(x, node)
+    if not all(is_const(t) for t in node.inputs[1:] if t.name):
+        raise UnsupportedError(f"{where(node)}: Slice with non-constant starts/ends")
+    vals = [const_value(t).astype(np.int64).tolist() if t.name else None for t in node.inputs[1:]] + [None] * 3
+    starts, ends, axes, steps = vals[:4]
+    axes = axes if axes is not None else list(range(len(starts)))
+    steps = steps if steps is not None else [1] * len(starts)
+    if any(s != 1 for s in steps):
+        raise UnsupportedError(f"{where(node)}: Slice with steps other than 1 is not supported")
+    rank = len(dims)
+    before, after = [0] * rank, [0] * rank
+    for st, en, ax in zip(starts, ends, axes):
+        ax %= rank
+        n = dims[ax]
+        if not isinstance(n, int):
+            raise UnsupportedError(f"{where(node)}: Slice along the dynamic axis {ax}")
+        st = min(max(st + n if st < 0 else st, 0), n)
+        en = min(max(en + n if en < 0 else en, 0), n)
+        before[ax], after[ax] = st, n - max(en, st)
+    return [ctx.b.op("Pad", [R_out[0], ctx.b.ints(before + after)], {"mode": "constant"})] + [None] * (len(node.inputs) - 1)
+
+
+@register("Pad")
+def pad(ctx, node, R_out):
+    mode = node.attrs.get("mode", "constant")
+    mode = mode.decode() if isinstance(mode, bytes) else mode
+    if mode != "constant":
+        raise UnsupportedError(f"{where(node)}: Pad mode '{mode}' is not supported (only constant)")
+    if not is_const(node.inputs[1]):
+        raise UnsupportedError(f"{where(node)}: Pad with non-constant pads")
+    x = node.inputs[0]
+    dims = static_dims(x, node)
+    rank = len(dims)
+    pads = const_value(node.inputs[1]).astype(np.int64).tolist()
+    axes = list(range(rank))
+    if len(node.inputs) > 3 and node.inputs[3].name:
+        axes = [int(a) % rank for a in const_value(node.inputs[3]).tolist()]
+    k = len(axes)
+    if any(p < 0 for p in pads):
+        raise UnsupportedError(f"{where(node)}: Pad with negative pads is not supported")
+    b = ctx.b
+    starts = [pads[i] for i in range(k)]
+    ends = [pads[i] + (dims[a] if isinstance(dims[a], int) else 0) for i, a in enumerate(axes)]
+    if any(not isinstance(dims[a], int) for a in axes):
+        raise UnsupportedError(f"{where(node)}: Pad along a dynamic axis")
+    return [b.op("Slice", [R_out[0], b.ints(starts), b.ints(ends), b.ints(axes)])] + [None] * (len(node.inputs) - 1)
+
+
+def _dim(x, axis: int, node) -> int:
+    d = static_dims(x, node)[axis]
+    if not isinstance(d, int):
+        raise UnsupportedError(f"{where(node)}: Concat along a dynamic axis")
+    return d

@@ -1,0 +1,144 @@
+"""LRP rules as data (see shared lrp-math.md).
+
+A rule on a linear layer ``z = W x + b`` is a list of *groups*. Each group has terms
+``(input variant, weight variant, bias variant, sign)``; its denominator is
+``d = stab(sum_t sign_t * f(input_t; W_t) + bias)``, its message is
+``c = coef * mask(z) * R / d``, and the relevance it sends down is
+``sum_t sign_t * input_t * W_tᵀ c``. The emitter (relevance/linear.py) lowers this for any
+linear op through the op's adjoint. No graph code lives here.
+
+Variants:
+- inputs: ``x``, ``x+`` (max(x,0)), ``x-`` (min(x,0)), ``ones`` (a tensor of ones; the input factor of the
+  numerator is then left out, as in zennit's flat/w-square), ``low``, ``high`` (z-box bounds).
+- weights: ``W``, ``W+``, ``W-``, ``Wup`` (W + γW+), ``Wdown`` (W + γW-), ``W2`` (W²), ``ones``.
+- biases: ``b``, ``b+``, ``b-``, ``bup`` (b + γb+), ``bdown`` (b + γb-), ``b2`` (b²), or None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+STABILIZERS = ("sign", "clip", "norm-scale")
+DEFAULT_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Term:
+    input: str
+    weight: str
+    bias: str | None = None
+    sign: float = 1.0
+
+
+@dataclass(frozen=True)
+class Group:
+    terms: tuple[Term, ...]
+    coef: float = 1.0
+    mask: str | None = None  # "z>0" / "z<0": keep only outputs where the plain forward z has that sign
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named rule with its parameters; ``groups`` is empty for ``pass``."""
+
+    name: str
+    groups: tuple[Group, ...] = ()
+    eps: float = DEFAULT_EPS
+    stabilizer: str = "sign"
+    zero_bias: bool = False
+    params: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def is_pass(self) -> bool:
+        return not self.groups
+
+    def describe(self) -> str:
+        ps = ", ".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{self.name}({ps})" if ps else self.name
+
+    def bias(self, name: str | None) -> str | None:
+        return None if self.zero_bias else name
+
+
+def epsilon(epsilon: float = DEFAULT_EPS, **kw) -> Rule:
+    return Rule("epsilon", (Group((Term("x", "W", "b"),)),), eps=epsilon, params={"epsilon": epsilon}, **kw)
+
+
+def zplus(**kw) -> Rule:
+    return Rule("zplus", (Group((Term("x+", "W+", "b+"), Term("x-", "W-"))),), **kw)
+
+
+def alpha_beta(alpha: float = 2.0, beta: float = 1.0, **kw) -> Rule:
+    if alpha < 0 or beta < 0 or abs(alpha - beta - 1.0) > 1e-12:
+        raise ValueError(f"alpha-beta needs alpha, beta >= 0 and alpha - beta = 1 (got alpha={alpha}, beta={beta})")
+    pos = Group((Term("x+", "W+", "b+"), Term("x-", "W-")), coef=alpha)
+    neg = Group((Term("x+", "W-", "b-"), Term("x-", "W+")), coef=-beta)
+    groups = (pos, neg) if beta != 0 else (pos,)
+    return Rule("alpha-beta", groups, params={"alpha": alpha, "beta": beta}, **kw)
+
+
+def gamma(gamma: float = 0.25, **kw) -> Rule:
+    """Generalized (sign-aware) gamma; equals classic LRP-γ for x ≥ 0 and z > 0."""
+    up = Group((Term("x+", "Wup", "bup"), Term("x-", "Wdown")), mask="z>0")
+    down = Group((Term("x+", "Wdown", "bdown"), Term("x-", "Wup")), mask="z<0")
+    return Rule("gamma", (up, down), params={"gamma": gamma}, **kw)
+
+
+def zbox(low=0.0, high=1.0, **kw) -> Rule:
+    """low/high: scalar, per-channel list, or a nested list shaped like one input sample."""
+    terms = (Term("x", "W"), Term("low", "W+", sign=-1.0), Term("high", "W-", sign=-1.0))
+    return Rule("zbox", (Group(terms),), params={"low": low, "high": high}, **kw)
+
+
+def flat(**kw) -> Rule:
+    return Rule("flat", (Group((Term("ones", "ones"),)),), **kw)
+
+
+def wsquare(**kw) -> Rule:
+    return Rule("wsquare", (Group((Term("ones", "W2", "b2"),)),), **kw)
+
+
+def norm(**kw) -> Rule:
+    """Proportional split for parameter-free layers (sums, average pools): epsilon without bias."""
+    return Rule("norm", (Group((Term("x", "W"),)),), **kw)
+
+
+def pass_(**kw) -> Rule:
+    kw.pop("eps", None)
+    kw.pop("stabilizer", None)
+    return Rule("pass", (), **{k: v for k, v in kw.items() if k == "zero_bias"})
+
+
+# name -> (factory, parameter names it takes from the user)
+RULES = {
+    "epsilon": (epsilon, ("epsilon",)),
+    "zplus": (zplus, ()),
+    "alpha-beta": (alpha_beta, ("alpha", "beta")),
+    "gamma": (gamma, ("gamma",)),
+    "zbox": (zbox, ("low", "high")),
+    "flat": (flat, ()),
+    "wsquare": (wsquare, ()),
+    "norm": (norm, ()),
+    "pass": (pass_, ()),
+}
+
+
+def make_rule(name: str, params: dict | None = None, *, eps: float = DEFAULT_EPS, stabilizer: str = "sign",
+              zero_bias: bool = False) -> Rule:
+    """Build rule ``name``; ``params`` holds its own parameters, ``eps`` the stabilizer's epsilon."""
+    if name not in RULES:
+        raise ValueError(f"unknown rule '{name}' (known: {', '.join(RULES)})")
+    if stabilizer not in STABILIZERS:
+        raise ValueError(f"unknown stabilizer '{stabilizer}' (known: {', '.join(STABILIZERS)})")
+    factory, names = RULES[name]
+    params = dict(params or {})
+    unknown = set(params) - set(names)
+    if unknown:
+        raise ValueError(f"rule '{name}' takes no parameter(s) {', '.join(sorted(unknown))}")
+    common = {"stabilizer": stabilizer, "zero_bias": zero_bias}
+    if name != "epsilon":
+        common["eps"] = eps
+    return factory(**params, **common)
+
+
+def with_options(rule: Rule, **changes) -> Rule:
+    return replace(rule, **changes)

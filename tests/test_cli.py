@@ -1,0 +1,265 @@
+"""CLI and error paths: one line on stderr, the right exit code, no traceback, input never modified."""
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+
+
+def lrpc(*args, cwd=None):
+    proc = subprocess.run([sys.executable, "-m", "lrpc.cli", *map(str, args)], capture_output=True, text=True, cwd=cwd)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def digest(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def one_line_error(code, err, expected_code=2, contains=""):
+    assert code == expected_code, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("lrpc: error: "), err
+    assert "Traceback" not in err
+    assert contains in lines[0], err
+
+
+def tiny_model(path, op="Relu", domain="", weight_values=None, opset=17):
+    """input [1,2,4,4] -> Conv(2->3, 3x3) -> op -> output."""
+    rng = np.random.default_rng(0)
+    w = weight_values if weight_values is not None else rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node(op, ["y"], ["out"], name="act", domain=domain)]
+    graph = helper.make_graph(nodes, "tiny", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [numpy_helper.from_array(w, "w")])
+    imports = [helper.make_opsetid("", opset)] + ([helper.make_opsetid(domain, 1)] if domain else [])
+    model = helper.make_model(graph, opset_imports=imports)
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def test_compile_writes_runnable_model(tmp_path):
+    out = tmp_path / "d.lrp.onnx"
+    before = digest(DIGITS)
+    code, stdout, err = lrpc("compile", DIGITS, "--rules", "epsilon-plus", "-o", out)
+    assert code == 0, err
+    assert digest(DIGITS) == before
+    model = onnx.load(str(out))
+    onnx.checker.check_model(model, full_check=True)
+    names_in = [i.name for i in model.graph.input]
+    names_out = [o.name for o in model.graph.output]
+    assert names_in == ["input", "relevance_seed"] and names_out == ["probabilities", "relevance"]
+    data = np.load(ROOT / "models" / "digits_samples.npz")
+    x = data["images"]
+    plain = ort.InferenceSession(str(DIGITS), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    seed = np.eye(10, dtype=np.float32)[data["labels"]]
+    probs, rel = sess.run(None, {"input": x, "relevance_seed": seed})
+    np.testing.assert_allclose(probs, plain, rtol=1e-5, atol=1e-6)
+    assert rel.shape == x.shape and np.isfinite(rel).all() and np.abs(rel).sum() > 0
+    # batches of different targets in one run: each sample's relevance equals its own single run
+    single = sess.run(None, {"input": x[3:4], "relevance_seed": seed[3:4]})[1]
+    np.testing.assert_allclose(rel[3:4], single, rtol=1e-4, atol=1e-7)
+
+
+def test_canonize_and_rules(tmp_path):
+    code, _, err = lrpc("canonize", DIGITS, "-o", tmp_path / "c.onnx")
+    assert code == 0, err
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "c.onnx")).graph.node}
+    assert "BatchNormalization" not in ops and "AveragePool" not in ops and "Dropout" not in ops
+    code, out, _ = lrpc("rules")
+    assert code == 0 and "epsilon-gamma-box" in out and "alpha-beta" in out and "norm-scale" in out
+
+
+def test_missing_file(tmp_path):
+    code, _, err = lrpc("compile", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="no such file")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_directory_instead_of_file(tmp_path):
+    code, _, err = lrpc("compile", tmp_path, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="is a directory")
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.onnx").write_bytes(b"")
+    code, _, err = lrpc("compile", tmp_path / "e.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="empty file")
+
+
+def test_non_onnx_bytes(tmp_path):
+    (tmp_path / "j.onnx").write_bytes(os.urandom(1000))
+    code, _, err = lrpc("compile", tmp_path / "j.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="j.onnx")
+
+
+def test_truncated_model(tmp_path):
+    data = DIGITS.read_bytes()
+    (tmp_path / "t.onnx").write_bytes(data[: len(data) // 2])
+    code, _, err = lrpc("compile", tmp_path / "t.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="t.onnx")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_refuses_to_overwrite_input(tmp_path):
+    src = tmp_path / "m.onnx"
+    src.write_bytes(DIGITS.read_bytes())
+    before = digest(src)
+    code, _, err = lrpc("compile", src, "-o", src)
+    one_line_error(code, err, contains="refusing to overwrite")
+    assert digest(src) == before
+
+
+def test_output_folder_missing(tmp_path):
+    code, _, err = lrpc("compile", DIGITS, "-o", tmp_path / "no" / "o.onnx")
+    one_line_error(code, err, contains="does not exist")
+
+
+def test_unsupported_custom_op_names_node(tmp_path):
+    path = tiny_model(tmp_path / "c.onnx", op="Frobnicate", domain="com.example")
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="node 'act' (Frobnicate)")
+
+
+def test_unsupported_standard_op_lists_all(tmp_path):
+    # x*x (Mul of two non-constant tensors) has no rule; Erf has no propagator
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((3, 4)).astype(np.float32), "w")
+    nodes = [helper.make_node("Erf", ["x"], ["e"], name="erf"),
+             helper.make_node("Cos", ["e"], ["c"], name="cos"),
+             helper.make_node("MatMul", ["c", "w"], ["out"], name="mm")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "u.onnx"))
+    code, _, err = lrpc("compile", tmp_path / "u.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="node 'erf' (Erf), node 'cos' (Cos)")
+
+
+def test_bad_flags():
+    code, _, err = lrpc("compile", DIGITS, "-o", "x.onnx", "--epsilon", "abc")
+    assert code == 2 and "expected a number" in err and "Traceback" not in err
+    code, _, err = lrpc("compile", DIGITS, "-o", "x.onnx", "--stabilizer", "foo")
+    assert code == 2 and "invalid choice" in err
+    code, _, err = lrpc("compile", DIGITS)
+    assert code == 2 and "-o" in err
+
+
+def test_bad_rule_parameters(tmp_path):
+    code, _, err = lrpc("compile", DIGITS, "--rules", "epsilon-alpha2-beta1", "--alpha", "3", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="alpha - beta = 1")
+    code, _, err = lrpc("compile", DIGITS, "--rules", "nonsense", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="unknown composite 'nonsense'")
+
+
+def test_rule_file_errors(tmp_path):
+    bad = tmp_path / "r.json"
+    bad.write_text("{not json")
+    code, _, err = lrpc("compile", DIGITS, "--rules", bad, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="cannot parse rule file")
+    bad.write_text('{"rules": [{"op": "Conv", "rule": "gamma", "params": {"gama": 1}}]}')
+    code, _, err = lrpc("compile", DIGITS, "--rules", bad, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="takes no parameter(s) gama")
+    code, _, err = lrpc("compile", DIGITS, "--rules", tmp_path / "missing.toml", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="rule file not found")
+
+
+def test_rule_file_toml_overrides(tmp_path):
+    rules = tmp_path / "r.toml"
+    rules.write_text('composite = "epsilon-plus"\n[[rules]]\nop = "Gemm"\nrule = "pass"\n')
+    code, _, err = lrpc("compile", DIGITS, "--rules", rules, "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+    meta = {p.key: p.value for p in onnx.load(str(tmp_path / "o.onnx")).metadata_props}
+    assert '"pass"' in meta["lrpc.rules"] and "zplus" in meta["lrpc.rules"]
+
+
+def test_unknown_output_name(tmp_path):
+    code, _, err = lrpc("compile", DIGITS, "--output", "nope", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="--output nope")
+
+
+def test_external_data_escaping_folder(tmp_path):
+    model = onnx.load(str(DIGITS))
+    inner = tmp_path / "inner"
+    inner.mkdir()
+    onnx.save_model(model, str(inner / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    (inner / "weights.bin").rename(tmp_path / "weights.bin")  # the data now lies one folder up
+    escaping = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    for t in escaping.graph.initializer:
+        for entry in t.external_data:
+            if entry.key == "location":
+                entry.value = "../weights.bin"
+    (inner / "m.onnx").write_bytes(escaping.SerializeToString())
+    code, _, err = lrpc("compile", inner / "m.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="outside the model's folder")
+
+
+def test_external_data_missing(tmp_path):
+    model = onnx.load(str(DIGITS))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    (tmp_path / "weights.bin").unlink()
+    code, _, err = lrpc("compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="missing")
+
+
+def test_external_data_inside_folder_works(tmp_path):
+    model = onnx.load(str(DIGITS))
+    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="weights.bin", size_threshold=0)
+    code, _, err = lrpc("compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+
+
+def test_integer_inputs_only(tmp_path):
+    nodes = [helper.make_node("Cast", ["x"], ["out"], to=TensorProto.FLOAT, name="cast")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "i.onnx"))
+    code, _, err = lrpc("compile", tmp_path / "i.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="no float input")
+
+
+def test_debug_shows_traceback(tmp_path):
+    code, _, err = lrpc("--debug", "compile", tmp_path / "nope.onnx", "-o", tmp_path / "o.onnx")
+    assert code == 2 and "Traceback" in err
+
+
+def test_python_api_session():
+    import lrpc
+
+    compiled = lrpc.compile(DIGITS, "epsilon-gamma-box", low=0.0, high=1.0)
+    session = lrpc.Session(compiled, providers=["CPUExecutionProvider"])
+    assert session.providers == ["CPUExecutionProvider"]
+    data = np.load(ROOT / "models" / "digits_samples.npz")
+    x = data["images"][:4]
+    probs, rel = session.explain(x, target=[3, 1, 4, 1])
+    seed = np.eye(10, dtype=np.float32)[[3, 1, 4, 1]]
+    direct = session.run({"input": x}, seed)
+    np.testing.assert_array_equal(rel, direct["relevance"])
+    np.testing.assert_array_equal(probs, direct["probabilities"])
+    _, top = session.explain(x)  # top-1 targets
+    top_seed = np.eye(10, dtype=np.float32)[np.argmax(probs, axis=1)]
+    np.testing.assert_array_equal(top, session.run({"input": x}, top_seed)["relevance"])
+    with pytest.raises(lrpc.InputError, match="out of range"):
+        session.explain(x, target=10)
+    with pytest.raises(lrpc.InputError, match="compile it first"):
+        lrpc.Session(str(DIGITS))
