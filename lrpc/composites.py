@@ -76,8 +76,9 @@ class UserRule:
     category: str | None = None
     params: dict = field(default_factory=dict)
 
-    def matches(self, node_name: str, op: str, category: str) -> bool:
-        return ((self.op is None or self.op == op) and (self.category is None or self.category == category)
+    def matches(self, node_name: str, ops: tuple, category: str) -> bool:
+        """``ops``: the node's op type now and before canonization (a rank-2 MatMul is a Gemm now)."""
+        return ((self.op is None or self.op in ops) and (self.category is None or self.category == category)
                 and (self.name is None or fnmatch.fnmatchcase(node_name, self.name)))
 
 
@@ -139,13 +140,13 @@ def _validated(ruleset: RuleSet) -> RuleSet:
     return ruleset
 
 
-def assign_rules(layers: list[tuple[str, str, str]], ruleset: RuleSet) -> dict[str, R.Rule]:
-    """Map each ``(node name, op type, category)`` (in execution order) to its rule."""
+def assign_rules(layers: list[tuple[str, tuple, str]], ruleset: RuleSet) -> dict[str, R.Rule]:
+    """Map each ``(node name, (op type, original op type), category)`` (in execution order) to its rule."""
     comp, opts = ruleset.composite, ruleset.options
     out: dict[str, R.Rule] = {}
     first_done = comp.first is None
-    for name, op, cat in layers:
-        user = next((u for u in ruleset.user if u.matches(name, op, cat)), None)
+    for name, ops, cat in layers:
+        user = next((u for u in ruleset.user if u.matches(name, ops, cat)), None)
         is_first = not first_done and cat in comp.first[0]
         first_done = first_done or is_first
         if user is not None:

@@ -12,6 +12,7 @@ from .graph import Builder, Canonical, const_value, export_model, float_dtype, i
 from .relevance import propagator
 
 SEED = "relevance_seed"
+POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
 KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
               "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN"}
@@ -22,6 +23,7 @@ class Context:
 
     def __init__(self, canon: Canonical, builder: Builder, rules: dict, nonneg: set):
         self.canon, self.b, self._rules, self._nonneg = canon, builder, rules, nonneg
+        self.cache: dict = {}  # derived tensors shared between propagators (e.g. flipped weights)
 
     def rule(self, node):
         return self._rules[node.name]
@@ -32,7 +34,7 @@ class Context:
 
 def category(canon: Canonical, node) -> str | None:
     """The composite category of a node (see composites.py), None for nodes without a rule."""
-    if canon.roles.get(node.name) == "avgpool":
+    if canon.origin.get(node.name) in POOLS:
         return "avgpool"
     return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
             "BatchNormalization": "scale", "Mul": "scale", "Add": "scale"}.get(node.op)
@@ -55,7 +57,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
     if missing:
         listed = ", ".join(where(n) for n in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise UnsupportedError(f"no relevance propagator for {listed}")
-    layers = [(n.name, n.op, category(canon, n)) for n in nodes if category(canon, n)]
+    layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes if category(canon, n)]
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph))
@@ -88,6 +90,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
     model = export_model(canon, {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules)})
+    del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
     return model
 
 

@@ -10,7 +10,7 @@ import onnx_graphsurgeon as gs
 
 from .errors import UnsupportedError, where
 
-ROLES_KEY = "lrpc.roles"  # metadata_props key that keeps node roles across `lrpc canonize`
+ORIGIN_KEY = "lrpc.origin"  # metadata_props key keeping the original op type of rewritten nodes
 MIN_OPSET = 17
 # the smallest IR version that carries each opset (keeps output loadable by older runtimes)
 IR_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
@@ -21,7 +21,7 @@ class Canonical:
     """A graph being canonized/explained plus what the passes learnt about it."""
 
     graph: gs.Graph
-    roles: dict[str, str] = field(default_factory=dict)  # node name -> role ("avgpool")
+    origin: dict[str, str] = field(default_factory=dict)  # node name -> op type before a pass rewrote it
     explained: str | None = None  # name of the tensor whose relevance is seeded
     metadata: dict[str, str] = field(default_factory=dict)
 
@@ -35,8 +35,8 @@ def import_model(model: onnx.ModelProto) -> Canonical:
     model = infer_shapes(model)
     graph = gs.import_onnx(model)
     meta = {p.key: p.value for p in model.metadata_props}
-    roles = json.loads(meta.pop(ROLES_KEY, "{}"))
-    return Canonical(graph=graph, roles=roles, metadata=meta)
+    origin = json.loads(meta.pop(ORIGIN_KEY, "{}"))
+    return Canonical(graph=graph, origin=origin, metadata=meta)
 
 
 def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> onnx.ModelProto:
@@ -46,9 +46,9 @@ def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> 
     model.ir_version = IR_FOR_OPSET.get(canon.opset, onnx.IR_VERSION)
     meta = dict(canon.metadata)
     live = {n.name for n in graph.nodes}
-    roles = {k: v for k, v in canon.roles.items() if k in live}
-    if roles:
-        meta[ROLES_KEY] = json.dumps(roles, sort_keys=True)
+    origin = {k: v for k, v in canon.origin.items() if k in live}
+    if origin:
+        meta[ORIGIN_KEY] = json.dumps(origin, sort_keys=True)
     meta.update(extra_meta or {})
     del model.metadata_props[:]
     for k, v in meta.items():

@@ -142,3 +142,16 @@ def make_rule(name: str, params: dict | None = None, *, eps: float = DEFAULT_EPS
 
 def with_options(rule: Rule, **changes) -> Rule:
     return replace(rule, **changes)
+
+
+def weight_basis(variant: str, gamma: float = 0.0) -> dict[str, float]:
+    """A weight variant as a linear combination of basis weights. W- = W - W+, so every sign variant
+    is a mix of ``W`` and ``W+``: the emitter then runs one forward and one adjoint per basis (and
+    reuses the layer's own output for ``W``) instead of one per variant."""
+    return {
+        "W": {"W": 1.0},
+        "W+": {"W+": 1.0},
+        "W-": {"W": 1.0, "W+": -1.0},
+        "Wup": {"W": 1.0, "W+": gamma},
+        "Wdown": {"W": 1.0 + gamma, "W+": -gamma},
+    }.get(variant, {variant: 1.0})

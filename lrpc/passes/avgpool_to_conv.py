@@ -3,7 +3,7 @@
 Each channel only sees itself, so no rule can leak relevance across channels. Borders where the pool
 divides by fewer than k cells (count_include_pad=0 with pads, ceil_mode overhang) are exact: the Conv
 is followed by a constant Mul with the per-position correction, measured by running the original pool
-on a tensor of ones in onnxruntime. The Conv gets the role ``avgpool`` (norm rule in every composite)."""
+on a tensor of ones in onnxruntime. The Conv keeps its original op type in ``canon.origin`` (category ``avgpool``: norm rule in every composite)."""
 from __future__ import annotations
 
 import numpy as np
@@ -74,9 +74,15 @@ def _convert(canon: Canonical, node) -> None:
     conv_attrs = {"kernel_shape": k, "strides": s, "dilations": d, "pads": pb + pe, "group": c}
     correction = _correction(node, spatial, conv_attrs, dtype) if node.op == "AveragePool" else None
     keepdims = node.op != "ReduceMean" or node.attrs.get("keepdims", 1)
+    out = node.outputs[0]
+    if node.op == "AveragePool" and out.shape is not None and len(out.shape) == 2 + nsp:
+        # onnxruntime drops a ceil_mode window that starts past the input (ONNX shape inference keeps it):
+        # a graph output keeps its declared shape through refresh_shapes, so give it the size the Conv makes
+        out.shape = [*out.shape[:2], *[(spatial[i] + pb[i] + pe[i] - (k[i] - 1) * d[i] - 1) // s[i] + 1
+                                       for i in range(nsp)]]
+    canon.origin[node.name] = node.op
     node.op, node.attrs = "Conv", conv_attrs
     node.inputs = [x, gs.Constant(f"{node.name}/W", w), gs.Constant(f"{node.name}/B", np.zeros(c, dtype))]
-    canon.roles[node.name] = "avgpool"
     if correction is not None:
         insert_after(graph, node, "Mul", correction, hint="border")
     if not keepdims:

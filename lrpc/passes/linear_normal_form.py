@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
 from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, only_consumer, out_channels,
-                     rewire_output, scale_out_channels)
+                     rewire_output, scale_out_channels, toposort)
 
 
 def run(canon: Canonical) -> bool:
@@ -20,7 +20,7 @@ def run(canon: Canonical) -> bool:
         elif node.op == "Gemm":
             changed |= _gemm(graph, node)
         elif node.op == "MatMul":
-            changed |= _matmul(graph, node)
+            changed |= _matmul(canon, node)
         elif node.op in ("Conv", "ConvTranspose"):
             changed |= _conv_attrs(node)
     again = True
@@ -85,7 +85,7 @@ def _gemm(graph, node) -> bool:
     return True
 
 
-def _matmul(graph, node) -> bool:
+def _matmul(canon, node) -> bool:
     x, w = node.inputs
     if is_const(x) and not is_const(w):
         raise UnsupportedError(f"{where(node)}: MatMul with a constant first operand")
@@ -93,13 +93,50 @@ def _matmul(graph, node) -> bool:
         if not is_const(w):
             raise UnsupportedError(f"{where(node)}: MatMul of two non-constant tensors has no LRP rule")
         raise UnsupportedError(f"{where(node)}: MatMul with a {const_value(w).ndim}-d weight")
-    if x.shape is None or len(x.shape) != 2:
-        return False  # rank > 2 stays MatMul (its propagator handles it)
+    if x.shape is None or len(x.shape) < 2:
+        return False
+    if len(x.shape) > 2:
+        return _matmul_nd(canon, node)
     wv = const_value(w)
+    canon.origin.setdefault(node.name, node.op)
     node.op = "Gemm"
     node.attrs = {"transB": 1}
     node.inputs[1] = gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.T))
     node.inputs.append(gs.Constant(f"{node.name}/B", np.zeros(wv.shape[1], wv.dtype)))
+    return True
+
+
+def _matmul_nd(canon, node) -> bool:
+    """MatMul of x [N, ..., in] (non-batch dims static) with W [in, out] followed by a bias Add on the last
+    axis: Reshape to [-1, in] -> Gemm -> Reshape back, so the bias is part of the layer's rule. (z-box bounds
+    of such a first layer then refer to the flattened [N*..., in] input.)"""
+    graph = canon.graph
+    x, w = node.inputs
+    middle = x.shape[1:-1]
+    if any(not isinstance(d, (int, np.integer)) for d in middle):
+        return False  # stays MatMul: its propagator handles it, without a bias
+    wv = const_value(w)
+    n_in, n_out = wv.shape
+    nxt = only_consumer(graph, node.outputs[0])
+    if nxt is None or nxt.op != "Add":
+        return False  # no bias: MatMul stays (its propagator is exact without one)
+    other = [t for t in nxt.inputs if t is not node.outputs[0]]
+    bias = channel_vector(const_value(other[0]), len(x.shape), n_out, axis=len(x.shape) - 1) \
+        if len(other) == 1 and is_const(other[0]) else None
+    if bias is None:
+        return False
+    out = nxt.outputs[0]
+    nxt.outputs.clear()
+    nxt.inputs.clear()
+    flat = gs.Variable(f"{node.name}/flat", dtype=x.dtype)
+    y2 = gs.Variable(f"{node.name}/gemm", dtype=x.dtype)
+    graph.nodes.append(gs.Node("Reshape", f"{node.name}/to2d", {}, [x, gs.Constant(f"{node.name}/s2", np.array([-1, n_in], np.int64))], [flat]))
+    graph.nodes.append(gs.Node("Reshape", f"{node.name}/back", {}, [y2, gs.Constant(f"{node.name}/sN", np.array([-1, *map(int, middle), n_out], np.int64))], [out]))
+    canon.origin.setdefault(node.name, node.op)
+    node.op, node.attrs = "Gemm", {"transB": 1}
+    node.inputs = [flat, gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.T)), gs.Constant(f"{node.name}/B", bias.astype(wv.dtype))]
+    node.outputs = [y2]
+    toposort(graph)
     return True
 
 
@@ -151,10 +188,16 @@ def _explicit_pads(node, auto: str, nsp: int) -> None:
         else:
             n_out = int(a["output_shape"][-nsp + i]) if "output_shape" in a else n_in * s[i]
             op = a.get("output_padding", [0] * nsp)[i]
-            total = max(s[i] * (n_in - 1) + op + kk - n_out, 0)
+            total = s[i] * (n_in - 1) + op + kk - n_out
+            if total < 0:  # output_shape past the natural size: the extra cells are output padding (at the end)
+                a["output_padding"] = [*a.get("output_padding", [0] * nsp)]
+                a["output_padding"][i] = op - total
+                total = 0
         small, big = total // 2, total - total // 2
-        pads_b.append(big if auto == "SAME_LOWER" else small)
-        pads_e.append(small if auto == "SAME_LOWER" else big)
+        # the odd extra cell goes at the end only for SAME_UPPER (ConvTranspose with output_shape and
+        # auto_pad NOTSET puts it at the start, as SAME_LOWER does: ONNX spec and onnxruntime)
+        pads_b.append(small if auto == "SAME_UPPER" else big)
+        pads_e.append(big if auto == "SAME_UPPER" else small)
     a["pads"] = pads_b + pads_e
     a.pop("output_shape", None)
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
-from ..rules import Rule
+from ..rules import Rule, weight_basis
 from . import register
 from .stabilize import quotient
 
@@ -53,8 +53,28 @@ class ConvView(View):
         zs = static_dims(self.z, self.node, "output shape")[2:]
         n = len(xs)
         k, s, d, p = a["kernel_shape"], a.get("strides", [1] * n), a.get("dilations", [1] * n), a.get("pads", [0] * 2 * n)
-        op = [xs[i] - (s[i] * (zs[i] - 1) + (k[i] - 1) * d[i] + 1 - p[i] - p[n + i]) for i in range(n)]
+        span = [(k[i] - 1) * d[i] + 1 for i in range(n)]
+        op = [xs[i] - (s[i] * (zs[i] - 1) + span[i] - p[i] - p[n + i]) for i in range(n)]
+        flipped_pads = [span[i] - 1 - p[i] for i in range(n)] + [span[i] - 1 - p[n + i] + op[i] for i in range(n)]
+        if all(v == 1 for v in s) and min(flipped_pads) >= 0:
+            # stride 1: the adjoint is a Conv with flipped, in/out-swapped weights (faster kernels than ConvTranspose)
+            return self.b.op("Conv", [c, self._flipped(w)], {**a, "pads": flipped_pads})
         return self.b.op("ConvTranspose", [c, w], {**a, "output_padding": op})
+
+    def _flipped(self, w):
+        """[Cout, Cin/g, *k] -> [Cin, Cout/g, *k] per group, spatially reversed (constant-folded)."""
+        if w.name not in self.ctx.cache:
+            b, g = self.b, int(self.node.attrs.get("group", 1))
+            shape = list(const_value(self.w).shape)
+            cout, cin_g, ks = shape[0], shape[1], shape[2:]
+            n = len(ks)
+            t = b.op("Reshape", [w, b.ints([g, cout // g, cin_g, *ks])])
+            t = b.op("Transpose", [t], {"perm": [0, 2, 1, *range(3, 3 + n)]})
+            t = b.op("Reshape", [t, b.ints([g * cin_g, cout // g, *ks])])
+            axes = list(range(2, 2 + n))
+            t = b.op("Slice", [t, b.ints([-1] * n), b.ints([-(2 ** 62)] * n), b.ints(axes), b.ints([-1] * n)])
+            self.ctx.cache[w.name] = t
+        return self.ctx.cache[w.name]
 
     def bias_for_output(self, bias):
         rank = len(self.z.shape)
@@ -161,42 +181,63 @@ def propagate(ctx, node, R_out):
 
 
 def emit_rule(ctx, view: View, rule: Rule, R):
-    """Lower ``rule`` (data, see rules.py) on ``view`` with incoming relevance ``R``."""
+    """Lower ``rule`` (data, see rules.py) on ``view`` with incoming relevance ``R``.
+
+    Each term's weight variant is split into basis weights (``weight_basis``), so a group's denominator
+    is ``sum_k a_k f(input; basis_k) + bias`` and the relevance is ``sum input * basis_kᵀ(sum a_k c)``:
+    one forward and one adjoint per (input, basis) pair, whatever the number of terms and groups."""
     b = ctx.b
     variants = _Variants(ctx, view, rule)
     rank = len(view.z.shape) if view.z.shape is not None else None
-    messages: dict[tuple[str, str], list] = {}  # (input variant, weight variant) -> signed messages
+    gamma = float(rule.params.get("gamma", 0.0))
+    messages: dict[tuple[str, str], list] = {}  # (input variant, basis) -> [(coefficient, message)]
     for group in rule.groups:
         terms = [t for t in group.terms if variants.input(t.input) is not None]
         if not terms:
             continue
-        parts = []
-        for i, t in enumerate(terms):
+        mix: dict[tuple[str, str], float] = {}
+        biases = []
+        for t in terms:
+            inp = variants.alias(t.input)
+            for basis, a in weight_basis(t.weight, gamma).items():
+                mix[(inp, basis)] = mix.get((inp, basis), 0.0) + t.sign * a
             bias = variants.bias(t.bias)
-            parts.append((t.sign, variants.forward(t.input, t.weight, bias)))
-        z = parts[0][1] if parts[0][0] > 0 else b.op("Neg", [parts[0][1]])
-        for sign, p in parts[1:]:
-            z = b.op("Add" if sign > 0 else "Sub", [z, p])
+            if bias is not None:
+                biases.append((t.sign, bias))
+        mix = {k: a for k, a in mix.items() if a != 0.0}
+        z = variants.denominator(mix, biases)
         c = quotient(b, R, z, rule, rank)
         if group.mask is not None:
             cmp = b.op("Greater" if group.mask == "z>0" else "Less", [view.z, b.const(0.0)], dtype=bool)
             c = b.op("Where", [cmp, c, b.const(0.0)])
-        if group.coef != 1.0:
-            c = b.mul(c, b.const(group.coef))
-        for t in terms:
-            messages.setdefault((t.input, t.weight), []).append((t.sign, c))
+        for key, a in mix.items():
+            messages.setdefault(key, []).append((a * group.coef, c))
     by_input: dict[str, list] = {}
-    for (inp, wv), signed in messages.items():
-        msg = signed[0][1] if signed[0][0] > 0 else b.op("Neg", [signed[0][1]])
-        for sign, c in signed[1:]:
-            msg = b.op("Add" if sign > 0 else "Sub", [msg, c])
-        by_input.setdefault(inp, []).append(view.adjoint(msg, variants.weight(wv)))
+    for (inp, basis), parts in messages.items():
+        msg = linear_combination(b, parts)
+        if msg is not None:
+            by_input.setdefault(inp, []).append(view.adjoint(msg, variants.weight(basis)))
     out = []
     for inp, adjs in by_input.items():
         total = b.sum(adjs)
         factor = variants.input(inp, numerator=True)
         out.append(total if factor is None else b.mul(factor, total))
     return b.sum(out)
+
+
+def linear_combination(b, parts):
+    """``sum a_i t_i`` for [(a_i, t_i)], with as few ops as the coefficients allow (None if empty)."""
+    acc = None
+    for a, t in parts:
+        if a == 0.0:
+            continue
+        if acc is None:
+            acc = t if a == 1.0 else b.op("Neg", [t]) if a == -1.0 else b.mul(t, b.const(a))
+        elif abs(a) == 1.0:
+            acc = b.op("Add" if a > 0 else "Sub", [acc, t])
+        else:
+            acc = b.add(acc, b.mul(t, b.const(a)))
+    return acc
 
 
 class _Variants:
@@ -211,6 +252,10 @@ class _Variants:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def alias(self, name: str) -> str:
+        """x+ of a non-negative x is x itself: one name, so forwards and adjoints are shared."""
+        return "x" if name == "x+" and self.ctx.nonneg(self.view.x) else name
 
     def input(self, name: str, numerator: bool = False):
         """The input variant; None when it is identically zero (x- of a non-negative x) or, in a
@@ -268,15 +313,24 @@ class _Variants:
             raise ValueError(f"unknown weight variant {name}")
         return self._memo(key, makers[name])
 
-    def forward(self, inp: str, wv: str, bias):
-        """``f(input variant; weight variant) + bias``, reusing the forward output where it is the same."""
-        view = self.view
-        if inp == "x" and wv == "W":
-            if bias is view.bias:
-                return view.z
-            if bias is None and view.bias is not None:
-                return self.b.op("Sub", [view.z, view.bias_for_output(view.bias)])
-        return view.forward(self.input(inp), self.weight(wv), bias)
+    def denominator(self, mix: dict, biases: list):
+        """``sum a f(input; basis) + sum ± bias`` for ``mix = {(input, basis): a}``. The layer's own
+        output ``z = f(x; W) + b`` stands in for ``f(x; W)`` (its bias is taken back out of the sum)."""
+        view, b = self.view, self.b
+        parts, biases = [], list(biases)
+        for (inp, basis), a in mix.items():
+            if inp == "x" and basis == "W":
+                parts.append((a, view.z))
+                if view.bias is not None:
+                    biases.append((-a, view.bias))
+            else:
+                parts.append((a, self._memo(("f", inp, basis), lambda: view.forward(self.input(inp), self.weight(basis), None))))
+        z = linear_combination(b, parts)
+        merged: dict[int, list] = {}
+        for a, t in biases:  # b - b cancels without emitting anything
+            merged.setdefault(id(t), [0.0, t])[0] += a
+        offset = linear_combination(b, [(a, t) for a, t in merged.values() if abs(a) > 1e-12])  # constants: folded
+        return z if offset is None else b.add(z, view.bias_for_output(offset))
 
 
 def _one(dtype):
