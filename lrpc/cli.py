@@ -38,6 +38,38 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="emit model + relevance graph")
     c.add_argument("model", help="input .onnx model")
     c.add_argument("-o", "--out", required=True, help="output .onnx path (written atomically)")
+    c.add_argument("--layerwise", choices=["sums", "full"], help="add per-layer relevance outputs")
+    _rule_flags(c)
+
+    ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation")
+    ch.add_argument("model")
+    ch.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
+    ch.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
+    ch.add_argument("--rtol", type=_nonneg_float, default=1e-4, help="forward outputs: max relative error (default 1e-4)")
+    ch.add_argument("--conservation-tol", type=_nonneg_float, default=1e-3,
+                    help="|Σ relevance − Σ seed| / |Σ seed| with zero biases (default 1e-3)")
+    ch.add_argument("--json", help="write the report as JSON")
+    ch.add_argument("--junit", help="write the report as JUnit XML")
+    ch.add_argument("--quiet", action="store_true", help="no per-layer table")
+    _rule_flags(ch)
+
+    k = sub.add_parser("canonize", help="write the canonical forward model")
+    k.add_argument("model")
+    k.add_argument("-o", "--out", required=True)
+    k.add_argument("--output", help="graph output to explain (default: the first)")
+    _debug_flag(k)
+
+    r = sub.add_parser("rules", help="list composites and rules")
+    _debug_flag(r)
+    return p
+
+
+def _debug_flag(sub) -> None:
+    # SUPPRESS keeps a --debug given before the subcommand from being reset by the subparser
+    sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+
+
+def _rule_flags(c) -> None:
     c.add_argument("--rules", default="epsilon-gamma-box", help="composite name or .json/.toml rule file (see `lrpc rules`)")
     c.add_argument("--output", help="graph output to explain (default: the first)")
     c.add_argument("--epsilon", type=_nonneg_float, default=1e-6, help="epsilon of the epsilon rule (default 1e-6)")
@@ -49,16 +81,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--low", type=_bound, default=0.0, help="z-box lower bound: number or per-channel list (default 0)")
     c.add_argument("--high", type=_bound, default=1.0, help="z-box upper bound: number or per-channel list (default 1)")
     c.add_argument("--zero-bias", action="store_true", help="leave biases out of every denominator")
-    c.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
+    c.add_argument("--maxpool", choices=["winner", "split"], default="winner",
+                   help="MaxPool relevance: to the first arg-max (winner, as torch's gradient) or shared by tied maxima")
+    _debug_flag(c)
 
-    k = sub.add_parser("canonize", help="write the canonical forward model")
-    k.add_argument("model")
-    k.add_argument("-o", "--out", required=True)
-    k.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
 
-    r = sub.add_parser("rules", help="list composites and rules")
-    r.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
-    return p
+def _options(args) -> composites.Options:
+    return composites.Options(epsilon=args.epsilon, stabilizer_eps=args.stabilizer_eps, stabilizer=args.stabilizer,
+                              gamma=args.gamma, alpha=args.alpha, beta=args.beta, low=args.low, high=args.high,
+                              zero_bias=args.zero_bias, maxpool=args.maxpool)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,24 +113,50 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
+    from dataclasses import asdict
+
     from .compiler import canonize, compile
     from .model_io import save_model
 
     if args.command == "rules":
         print(composites.describe())
         return 0
+    if args.command == "check":
+        return _check(args)
     out, src = Path(args.out), Path(args.model)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise InputError(f"{out}: refusing to overwrite the input model")
     if args.command == "canonize":
-        model = canonize(args.model)
+        model = canonize(args.model, output=args.output)
     else:
-        model = compile(args.model, args.rules, output=args.output, epsilon=args.epsilon,
-                        stabilizer_eps=args.stabilizer_eps, stabilizer=args.stabilizer, gamma=args.gamma,
-                        alpha=args.alpha, beta=args.beta, low=args.low, high=args.high, zero_bias=args.zero_bias)
+        model = compile(args.model, args.rules, output=args.output, layerwise=args.layerwise, **asdict(_options(args)))
     save_model(model, args.out, protect=[args.model])
     print(f"wrote {args.out}")
     return 0
+
+
+def _check(args) -> int:
+    import numpy as np
+
+    from .check import run_check
+
+    inputs = None
+    if args.inputs:
+        try:
+            inputs = dict(np.load(args.inputs))
+        except Exception as e:
+            raise InputError(f"{args.inputs}: cannot read inputs (.npz expected): {str(e).splitlines()[0]}") from None
+    report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,
+                       output=args.output, seed=args.seed)
+    if args.quiet:
+        report_text = "\n".join(line for line in report.text().splitlines() if line[:4] in ("PASS", "FAIL"))
+    else:
+        report_text = report.text()
+    print(report_text)
+    for path, text in ((args.json, report.to_json), (args.junit, report.to_junit)):
+        if path:
+            Path(path).write_text(text())
+    return 0 if report.passed else 1
 
 
 if __name__ == "__main__":

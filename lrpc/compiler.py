@@ -30,12 +30,12 @@ def canonize(model, output: str | None = None) -> onnx.ModelProto:
 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
-            **options) -> onnx.ModelProto:
+            layerwise: str | None = None, **options) -> onnx.ModelProto:
     """Compile ``model`` (ModelProto or path) into forward + relevance graph.
 
     ``rules``: a composite name, a .json/.toml rule file, or a RuleSet. ``options``: fields of
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
-    zero_bias)."""
+    zero_bias, maxpool). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit)."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
     else:
@@ -45,7 +45,7 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
     canon = _canonize(_as_model(model), output)
-    result = emit(canon, ruleset)
+    result = emit(canon, ruleset, layerwise)
     _check(result)
     return result
 

@@ -2,7 +2,7 @@
 
 Layer categories (decided by the emitter from the canonical graph):
 ``conv`` (Conv, ConvTranspose), ``dense`` (Gemm, MatMul), ``avgpool`` (a Conv made from an average pool),
-``sum`` (residual Sum), ``scale`` (element-wise affine: standalone BatchNormalization, Mul/Add by a constant).
+``resize`` (a Resize/Upsample lowered to MatMuls), ``sum`` (residual Sum), ``scale`` (element-wise affine: standalone BatchNormalization, Mul/Add by a constant).
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from pathlib import Path
 from . import rules as R
 from .errors import InputError
 
-BASE = {"avgpool": "norm", "sum": "norm", "scale": "pass"}
+BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass"}
 
 
 @dataclass(frozen=True)
@@ -56,6 +56,7 @@ class Options:
     low: object = 0.0  # z-box bounds: scalar, per-channel list or input-shaped nested list
     high: object = 1.0
     zero_bias: bool = False
+    maxpool: str = "winner"  # MaxPool relevance: "winner" (first arg-max, as torch) or "split" (ties share equally)
 
     def rule(self, name: str, overrides: dict | None = None) -> R.Rule:
         """Build rule ``name`` with parameters from these options, then ``overrides``."""

@@ -13,6 +13,7 @@ from .relevance import propagator
 
 SEED = "relevance_seed"
 POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
+RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
 KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
               "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN"}
@@ -21,8 +22,9 @@ KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueez
 class Context:
     """What propagators see: the builder, the rule of each layer, static sign facts."""
 
-    def __init__(self, canon: Canonical, builder: Builder, rules: dict, nonneg: set):
+    def __init__(self, canon: Canonical, builder: Builder, rules: dict, nonneg: set, options: composites.Options):
         self.canon, self.b, self._rules, self._nonneg = canon, builder, rules, nonneg
+        self.options = options
         self.cache: dict = {}  # derived tensors shared between propagators (e.g. flipped weights)
 
     def rule(self, node):
@@ -36,12 +38,21 @@ def category(canon: Canonical, node) -> str | None:
     """The composite category of a node (see composites.py), None for nodes without a rule."""
     if canon.origin.get(node.name) in POOLS:
         return "avgpool"
+    if canon.origin.get(node.name) in RESIZES:
+        return "resize"
     return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
             "BatchNormalization": "scale", "Mul": "scale", "Add": "scale"}.get(node.op)
 
 
-def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
-    """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph')."""
+def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None) -> onnx.ModelProto:
+    """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph').
+
+    ``layerwise="sums"`` adds, for every layer with a rule (and MaxPool), outputs
+    ``relevance_sum_in/<node>`` and ``relevance_sum_out/<node>``: per-sample sums of the relevance the
+    layer receives at its outputs and sends to its inputs, so a table shows where conservation breaks.
+    ``layerwise="full"`` adds ``relevance_in/<node>``: the relevance sent to the layer's (first) input."""
+    if layerwise not in (None, "sums", "full"):
+        raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]
@@ -60,11 +71,13 @@ def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
     layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes if category(canon, n)]
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
-    ctx = Context(canon, builder, rules, _nonneg(graph))
+    ctx = Context(canon, builder, rules, _nonneg(graph), ruleset.options)
 
     seed = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
     graph.inputs.append(seed)
     incoming: dict[str, list] = {explained.name: [seed]}
+    extra: list = []  # layerwise outputs (name, tensor, shape)
+    layer_table: list = []
     total: dict[str, object] = {}
 
     def relevance(t):
@@ -81,6 +94,16 @@ def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
         for t, r in zip(node.inputs, r_in):
             if r is not None and t.name in depends:
                 incoming.setdefault(t.name, []).append(r)
+        if layerwise and (category(canon, node) or node.op == "MaxPool"):
+            sent = [(t, r) for t, r in zip(node.inputs, r_in) if r is not None and t.name in depends]
+            if layerwise == "full":
+                t, r = sent[0] if sent else (node.inputs[0], builder.zeros_like(node.inputs[0]))
+                extra.append((f"relevance_in/{node.name}", r, t.shape))
+            else:
+                extra.append((f"relevance_sum_out/{node.name}", _per_sample_sum(builder, r_out), ["batch"]))
+                extra.append((f"relevance_sum_in/{node.name}", _per_sample_sum(builder, [r for _, r in sent]), ["batch"]))
+            layer_table.append({"name": node.name, "op": canon.origin.get(node.name, node.op),
+                                "rule": rules[node.name].describe() if node.name in rules else "route"})
 
     for t in inputs:
         r = relevance(t)
@@ -89,9 +112,25 @@ def emit(canon: Canonical, ruleset: composites.RuleSet) -> onnx.ModelProto:
         out = gs.Variable(name, dtype=dtype, shape=t.shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
-    model = export_model(canon, {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules)})
+    for name, r, shape in extra:
+        out = gs.Variable(name, dtype=dtype, shape=shape)
+        graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
+        graph.outputs.append(out)
+    meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules)}
+    if layerwise:
+        import json
+
+        meta["lrpc.layers"] = json.dumps(list(reversed(layer_table)))  # execution order
+    model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
     return model
+
+
+def _per_sample_sum(b: Builder, tensors: list):
+    """Σ over all non-batch axes of each tensor, added up: one value per sample."""
+    sums = [b.op("ReduceSum", [b.op("Flatten", [t], {"axis": 1}), b.ints([1])], {"keepdims": 0})
+            for t in tensors if t is not None]
+    return b.sum(sums) if sums else b.const(np.zeros(1))
 
 
 def _depends_on(graph: gs.Graph, inputs) -> set[str]:

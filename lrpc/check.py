@@ -1,0 +1,177 @@
+"""``lrpc check``: the CI guard. Compiles a model, runs it in onnxruntime on seeded random (or given)
+inputs and verifies: every op supported, forward outputs unchanged, relevance finite, relevance conserved
+with zero biases, and per-layer conservation (the first layer that breaks it)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from xml.sax.saxutils import escape, quoteattr
+
+import numpy as np
+import onnx
+
+from . import composites
+from .errors import InputError, UnsupportedError
+from .model_io import load_model
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    figure: float | None = None  # the measured value (relative error, count, …)
+    tolerance: float | None = None
+    message: str = ""
+
+
+@dataclass
+class Report:
+    model: str
+    rules: str
+    checks: list = field(default_factory=list)
+    layers: list = field(default_factory=list)  # per-layer sums, execution order
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "passed": self.passed}, indent=1)
+
+    def to_junit(self) -> str:
+        failures = sum(not c.passed for c in self.checks)
+        cases = []
+        for c in self.checks:
+            body = "" if c.passed else f"<failure message={quoteattr(c.message)}>{escape(c.message)}</failure>"
+            props = f"figure={c.figure} tolerance={c.tolerance}"
+            cases.append(f'  <testcase classname={quoteattr("lrpc.check." + self.rules)} name={quoteattr(c.name)}>'
+                         f"{body}<system-out>{escape(props)}</system-out></testcase>")
+        return (f'<?xml version="1.0" encoding="utf-8"?>\n<testsuite name={quoteattr("lrpc check " + self.model)} '
+                f'tests="{len(self.checks)}" failures="{failures}" time="{self.seconds:.3f}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+
+    def text(self) -> str:
+        lines = [f"{'PASS' if c.passed else 'FAIL'}  {c.name:13s} {c.message}" for c in self.checks]
+        if self.layers:
+            lines.append("")
+            lines.append(f"{'layer (execution order)':48s} {'op':14s} {'rule':26s} {'sum in':>10s} {'sum out':>10s} {'in/out':>8s}")
+            for row in self.layers:
+                mark = "  <- breaks" if row.get("breaks") else ""
+                lines.append(f"{row['name'][:48]:48s} {row['op'][:14]:14s} {row['rule'][:26]:26s} {row['sum_in']:10.4g} "
+                             f"{row['sum_out']:10.4g} {row['ratio']:8.4f}{mark}")
+        lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({sum(c.passed for c in self.checks)}/{len(self.checks)} checks)")
+        return "\n".join(lines)
+
+
+def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
+    """Seeded inputs for every graph input: standard normal floats, zeros for integers; batch 1."""
+    rng = np.random.default_rng(seed)
+    inits = {i.name for i in model.graph.initializer}
+    feeds = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if any(d is None for d in dims[1:]):
+            raise InputError(f"input '{inp.name}' has dynamic non-batch dims {dims}: pass --inputs file.npz")
+        shape = [dims[0] or 1] + dims[1:] if dims else []
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+    return feeds
+
+
+def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
+              inputs: dict | None = None, rtol: float = 1e-4, conservation_tol: float = 1e-3,
+              output: str | None = None, seed: int = 0) -> Report:
+    """Run every check; unusable input raises :class:`InputError`, failing checks go into the report."""
+    import onnxruntime as ort
+
+    from .compiler import compile as compile_model
+
+    start = time.perf_counter()
+    options = options or composites.Options()
+    original = load_model(path)
+    composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
+    report = Report(model=str(path), rules=rules)
+    feeds = inputs if inputs is not None else random_inputs(original, seed)
+
+    def session(m):
+        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+
+    try:
+        compiled = compile_model(original, rules, output=output, **asdict(options))
+        conserving = compile_model(original, rules, output=output, layerwise="sums",
+                                   **{**asdict(options), "zero_bias": True})
+    except UnsupportedError as e:
+        report.checks.append(Check("supported", False, message=str(e)))
+        report.seconds = time.perf_counter() - start
+        return report
+    report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
+
+    ref = session(original).run(None, feeds)
+    names = [o.name for o in original.graph.output]
+    sess = session(compiled)
+    probe = sess.run(names, {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
+    err = max(_rel_err(a, b) for a, b in zip(probe, ref))
+    report.checks.append(Check("forward", err <= rtol, err, rtol, f"max relative error of the outputs {err:.2e} (tolerance {rtol:g})"))
+
+    seed_t = _top1_seed(sess, probe[0])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, "relevance_seed": seed_t})))
+    rel = [v for k, v in outs.items() if k == "relevance" or k.startswith("relevance_") and "/" not in k]
+    bad = int(sum((~np.isfinite(r)).sum() for r in rel))
+    report.checks.append(Check("finite", bad == 0, bad, 0, f"{bad} non-finite relevance values" if bad else "all relevance values finite"))
+
+    csess = session(conserving)
+    couts = dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, "relevance_seed": seed_t})))
+    total = float(sum(np.sum(v, dtype=np.float64) for k, v in couts.items() if k == "relevance" or (k.startswith("relevance_") and "/" not in k)))
+    seed_sum = float(np.sum(seed_t, dtype=np.float64))
+    cons = abs(total - seed_sum) / max(abs(seed_sum), 1e-30)
+    report.layers = _layer_rows(conserving, couts, conservation_tol)
+    first = next((r["name"] for r in report.layers[::-1] if r["breaks"]), None)
+    where = f"; first break (from the output) at layer '{first}'" if first else ""
+    report.checks.append(Check("conservation", cons <= conservation_tol, cons, conservation_tol,
+                               f"|Σ relevance − Σ seed| / |Σ seed| = {cons:.2e} with zero biases (tolerance {conservation_tol:g}){where}"))
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _layer_rows(model: onnx.ModelProto, outs: dict, tol: float) -> list:
+    meta = {p.key: p.value for p in model.metadata_props}
+    rows = []
+    for layer in json.loads(meta.get("lrpc.layers", "[]")):
+        s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
+        s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
+        ratio = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
+        rows.append({**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "breaks": bool(abs(ratio - 1) > tol)})
+    return rows
+
+
+def _rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if a.shape != b.shape:
+        return float("inf")
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30)) if a.size else 0.0
+
+
+def _seed_shape(sess, feeds):
+    shape = next(i.shape for i in sess.get_inputs() if i.name == "relevance_seed")
+    batch = next(iter(feeds.values())).shape[0] if feeds else 1
+    return [d if isinstance(d, int) else batch for d in shape]
+
+
+def _zero_seed(sess, feeds):
+    return np.zeros(_seed_shape(sess, feeds), np.float32)
+
+
+def _top1_seed(sess, first_output):
+    """One-hot of each sample's largest value of the first output (any output shape)."""
+    shape = _seed_shape(sess, {"x": first_output})
+    seed = np.zeros((shape[0], int(np.prod(shape[1:]))), np.float32)
+    flat = np.asarray(first_output).reshape(shape[0], -1)
+    if flat.shape[1] == seed.shape[1]:
+        seed[np.arange(shape[0]), flat.argmax(axis=1)] = 1.0
+    else:  # the explained tensor is not shaped like the first output: seed it all
+        seed[:] = 1.0
+    return seed.reshape(shape)
