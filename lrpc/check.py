@@ -84,15 +84,18 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
 
 def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
               inputs: dict | None = None, rtol: float = 1e-4, conservation_tol: float = 1e-3,
-              output: str | None = None, seed: int = 0) -> Report:
+              output: str | None = None, seed: int = 0, input_shapes: dict | None = None) -> Report:
     """Run every check; unusable input raises :class:`InputError`, failing checks go into the report."""
     import onnxruntime as ort
 
+    from .compiler import _with_input_shapes
     from .compiler import compile as compile_model
 
     start = time.perf_counter()
     options = options or composites.Options()
     original = load_model(path)
+    if input_shapes:
+        original = _with_input_shapes(original, input_shapes)
     composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
     report = Report(model=str(path), rules=rules)
     feeds = inputs if inputs is not None else random_inputs(original, seed)

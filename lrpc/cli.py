@@ -20,6 +20,18 @@ def _bound(text: str):
     return vals[0] if len(vals) == 1 else vals
 
 
+def _shape(text: str):
+    """NAME=d0,d1,... (a dim of -1 stays dynamic)."""
+    name, sep, dims = text.rpartition("=")
+    try:
+        values = [int(v) for v in dims.split(",")]
+    except ValueError:
+        values = None
+    if not sep or not name or values is None:
+        raise argparse.ArgumentTypeError(f"expected NAME=d0,d1,... (e.g. input=1,3,224,224), got '{text}'")
+    return name, values
+
+
 def _nonneg_float(text: str) -> float:
     try:
         v = float(text)
@@ -57,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("model")
     k.add_argument("-o", "--out", required=True)
     k.add_argument("--output", help="graph output to explain (default: the first)")
+    k.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=D0,D1,...")
     _debug_flag(k)
 
     r = sub.add_parser("rules", help="list composites and rules")
@@ -72,6 +85,8 @@ def _debug_flag(sub) -> None:
 def _rule_flags(c) -> None:
     c.add_argument("--rules", default="epsilon-gamma-box", help="composite name or .json/.toml rule file (see `lrpc rules`)")
     c.add_argument("--output", help="graph output to explain (default: the first)")
+    c.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=D0,D1,...",
+                   help="fix an input's dims (dynamic spatial dims must be resolved; -1 keeps a dim dynamic)")
     c.add_argument("--epsilon", type=_nonneg_float, default=1e-6, help="epsilon of the epsilon rule (default 1e-6)")
     c.add_argument("--stabilizer-eps", type=_nonneg_float, default=1e-6, help="stabilizer epsilon of all other rules (default 1e-6)")
     c.add_argument("--stabilizer", choices=["sign", "clip", "norm-scale"], default="sign")
@@ -127,9 +142,10 @@ def _run(args) -> int:
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise InputError(f"{out}: refusing to overwrite the input model")
     if args.command == "canonize":
-        model = canonize(args.model, output=args.output)
+        model = canonize(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
-        model = compile(args.model, args.rules, output=args.output, layerwise=args.layerwise, **asdict(_options(args)))
+        model = compile(args.model, args.rules, output=args.output, layerwise=args.layerwise,
+                        input_shapes=dict(args.input_shape), **asdict(_options(args)))
     save_model(model, args.out, protect=[args.model])
     print(f"wrote {args.out}")
     return 0
@@ -147,7 +163,7 @@ def _check(args) -> int:
         except Exception as e:
             raise InputError(f"{args.inputs}: cannot read inputs (.npz expected): {str(e).splitlines()[0]}") from None
     report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,
-                       output=args.output, seed=args.seed)
+                       output=args.output, seed=args.seed, input_shapes=dict(args.input_shape))
     if args.quiet:
         report_text = "\n".join(line for line in report.text().splitlines() if line[:4] in ("PASS", "FAIL"))
     else:

@@ -13,29 +13,71 @@ from .model_io import load_model
 from .passes import canonize as _canonize
 
 
-def _as_model(model) -> onnx.ModelProto:
-    if isinstance(model, onnx.ModelProto):
-        return model
+def _as_model(model, input_shapes: dict | None = None) -> onnx.ModelProto:
     if isinstance(model, (str, os.PathLike)):
-        return load_model(model)
-    raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+        model = load_model(model)
+    elif not isinstance(model, onnx.ModelProto):
+        raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    if input_shapes:
+        model = _with_input_shapes(model, input_shapes)
+    _check_weights(model)
+    return model
 
 
-def canonize(model, output: str | None = None) -> onnx.ModelProto:
-    """Canonical forward model (BN folded, pools as depthwise convs, …); outputs numerically unchanged."""
-    canon = _canonize(_as_model(model), output)
+def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+    """Copy of ``model`` with the given graph inputs' dims fixed (a dim given as -1 or None stays as is)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inputs = {i.name: i for i in model.graph.input}
+    for name, dims in shapes.items():
+        if name not in inputs:
+            raise InputError(f"--input-shape {name}: the model has no input of that name (inputs: {', '.join(inputs)})")
+        shape = inputs[name].type.tensor_type.shape
+        if len(shape.dim) != len(dims):
+            raise InputError(f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(shape.dim)}")
+        for d, v in zip(shape.dim, dims):
+            if v is not None and v >= 0:
+                d.Clear()
+                d.dim_value = int(v)
+    return model
+
+
+def _check_weights(model: onnx.ModelProto) -> None:
+    """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    users = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, node)
+    for init in model.graph.initializer:
+        if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
+            continue
+        values = numpy_helper.to_array(init)
+        if not np.all(np.isfinite(values)):
+            bad = int((~np.isfinite(values)).sum())
+            user = users.get(init.name)
+            at = f" used by node '{user.name}' ({user.op_type})" if user is not None else ""
+            raise InputError(f"weight '{init.name}'{at} holds {bad} NaN/Inf value(s)")
+
+
+def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
+    """Canonical forward model (BN folded, pools as depthwise convs, …); outputs numerically unchanged.
+    ``input_shapes``: {input name: dims} to fix dynamic dims (e.g. spatial ones)."""
+    canon = _canonize(_as_model(model, input_shapes), output)
     result = export_model(canon)
     _check(result)
     return result
 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
-            layerwise: str | None = None, **options) -> onnx.ModelProto:
+            layerwise: str | None = None, input_shapes: dict | None = None, **options) -> onnx.ModelProto:
     """Compile ``model`` (ModelProto or path) into forward + relevance graph.
 
     ``rules``: a composite name, a .json/.toml rule file, or a RuleSet. ``options``: fields of
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
-    zero_bias, maxpool). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit)."""
+    zero_bias, maxpool). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit).
+    ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
     else:
@@ -44,7 +86,7 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    canon = _canonize(_as_model(model), output)
+    canon = _canonize(_as_model(model, input_shapes), output)
     result = emit(canon, ruleset, layerwise)
     _check(result)
     return result

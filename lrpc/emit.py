@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from . import composites
 from .errors import InputError, UnsupportedError, where
-from .graph import Builder, Canonical, const_value, export_model, float_dtype, is_const, producer
+from .graph import Builder, Canonical, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import propagator
 
 SEED = "relevance_seed"
@@ -136,7 +136,7 @@ def _per_sample_sum(b: Builder, tensors: list):
 def _depends_on(graph: gs.Graph, inputs) -> set[str]:
     dep = {t.name for t in inputs}
     for node in graph.nodes:
-        if any(t.name in dep for t in node.inputs):
+        if any(t.name in dep for t in node_inputs(node)):  # subgraphs (If/Loop) read outer tensors too
             dep.update(t.name for t in node.outputs)
     return dep
 
@@ -146,8 +146,9 @@ def _on_path(graph: gs.Graph, explained, depends: set[str]) -> list:
     need = {explained.name}
     for node in reversed(graph.nodes):
         if any(t.name in need for t in node.outputs):
-            need.update(t.name for t in node.inputs if t.name in depends)
-    return [n for n in graph.nodes if any(t.name in need for t in n.outputs) and any(t.name in depends for t in n.inputs)]
+            need.update(t.name for t in node_inputs(node) if t.name in depends)
+    return [n for n in graph.nodes
+            if any(t.name in need for t in n.outputs) and any(t.name in depends for t in node_inputs(n))]
 
 
 def _nonneg(graph: gs.Graph) -> set[str]:

@@ -88,7 +88,7 @@ def static_dims(t, node=None, what: str = "shape") -> list:
     if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape[1:]):
         at = f" at {where(node)}" if node is not None else ""
         raise UnsupportedError(
-            f"cannot resolve the {what} of tensor '{t.name}'{at}: got {shape}; give the model static non-batch dims"
+            f"cannot resolve the {what} of tensor '{t.name}'{at}: got {shape}; fix the input dims with --input-shape NAME=1,3,224,224"
         )
     return [shape[0]] + [int(d) for d in shape[1:]]
 
@@ -296,14 +296,14 @@ def toposort(graph: gs.Graph) -> None:
                 continue
             state[i] = 1
             stack.append((i, True))
-            for t in reversed(_node_inputs(nodes[i])):
+            for t in reversed(node_inputs(nodes[i])):
                 j = made.get(id(t))
                 if j is not None and not state.get(j):
                     stack.append((j, False))
     graph.nodes = order
 
 
-def _node_inputs(node) -> list:
+def node_inputs(node) -> list:
     ins = list(node.inputs)
     for attr in node.attrs.values():  # outer-scope tensors read by subgraphs
         if isinstance(attr, gs.Graph):

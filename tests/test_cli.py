@@ -263,3 +263,69 @@ def test_python_api_session():
         session.explain(x, target=10)
     with pytest.raises(lrpc.InputError, match="compile it first"):
         lrpc.Session(str(DIGITS))
+
+
+def _dynamic_spatial_model(path):
+    """x [N,2,H,W] -> Conv 3x3 stride 2 (adjoint needs static spatial dims) -> GlobalAveragePool -> Flatten."""
+    rng = np.random.default_rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", strides=[2, 2], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("GlobalAveragePool", ["r"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["out"], name="flat")]
+    g = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, "H", "W"])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(path))
+    return path
+
+
+def test_dynamic_spatial_dims_ask_for_input_shape(tmp_path):
+    path = _dynamic_spatial_model(tmp_path / "dyn.onnx")
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="--input-shape")
+    code, _, err = lrpc("compile", path, "--input-shape", "x=-1,2,9,7", "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+    model = onnx.load(str(tmp_path / "o.onnx"))
+    dims = [d.dim_param or d.dim_value for d in model.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["N", 2, 9, 7]  # batch stays dynamic
+    x = np.random.default_rng(0).standard_normal((3, 2, 9, 7)).astype(np.float32)
+    plain = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "o.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "relevance_seed": np.ones((3, 3), np.float32)})
+    np.testing.assert_allclose(got[0], plain, rtol=1e-5, atol=1e-6)
+    code, _, err = lrpc("compile", path, "--input-shape", "nope=1,2,9,7", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="no input of that name")
+    code, _, err = lrpc("compile", path, "--input-shape", "x=1,2", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="rank 4")
+    code, _, err = lrpc("compile", path, "--input-shape", "x:1,2", "-o", tmp_path / "o.onnx")
+    assert code == 2 and "expected NAME=d0,d1" in err
+
+
+def test_nan_weights_refused(tmp_path):
+    w = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
+    w[0, 0, 0, 0] = np.nan
+    w[1, 0, 0, 0] = np.inf
+    path = tiny_model(tmp_path / "nan.onnx", weight_values=w)
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="weight 'w' used by node 'conv' (Conv) holds 2 NaN/Inf value(s)")
+
+
+def test_control_flow_on_path_is_unsupported(tmp_path):
+    then_g = helper.make_graph([helper.make_node("Relu", ["y"], ["t"])], "then", [],
+                               [helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 3, 4, 4])])
+    else_g = helper.make_graph([helper.make_node("Neg", ["y"], ["e"])], "else", [],
+                               [helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 3, 4, 4])])
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("If", ["cond"], ["out"], name="branch", then_branch=then_g, else_branch=else_g)]
+    g = helper.make_graph(nodes, "cf", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4]),
+                                        helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
+                          [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "if.onnx"))
+    code, _, err = lrpc("compile", tmp_path / "if.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="node 'branch' (If)")
