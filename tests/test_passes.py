@@ -567,12 +567,13 @@ def test_integer_add_of_two_tensors_stays_add():
     assert ops(result)["Add"] == 1 and not ops(result)["Sum"]
 
 
-@pytest.mark.parametrize("squash", ["Softmax", "LogSoftmax"])
+@pytest.mark.parametrize("squash", ["Softmax", "LogSoftmax", "Sigmoid"])
 def test_final_softmax_stays_and_logits_are_explained(squash):
     rng = _rng(61)
     inits = [init("W", rand(rng, 5, 6)), init("B", rand(rng, 5))]
+    attrs = {} if squash == "Sigmoid" else {"axis": -1}
     nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["logits"], transB=1, name="fc"),
-             helper.make_node(squash, ["logits"], ["prob"], axis=-1, name="squash")]
+             helper.make_node(squash, ["logits"], ["prob"], name="squash", **attrs)]
     model = make_model(nodes, [("x", ["N", 6])], [("prob", ["N", 5])], inits)
     result, canon = canonize(model)
     assert ops(result) == Counter({"Gemm": 1, squash: 1})

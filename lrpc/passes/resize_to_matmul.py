@@ -145,7 +145,7 @@ def _convert(canon: Canonical, node) -> None:
         given = given_sizes
         if len(given) != len(axes):
             raise UnsupportedError(f"{where(node)}: Resize has {len(given)} sizes for {len(axes)} axes")
-        sizes = [None, dims[1], *spatial]
+        sizes = list(dims)
         for j, a in enumerate(axes):
             if given[j] is None:  # taken from the input's own shape: that axis keeps its size
                 given[j] = dims[a]
@@ -160,9 +160,23 @@ def _convert(canon: Canonical, node) -> None:
             sizes[a] = int(given[j])
         policy = _attr(node, "keep_aspect_ratio_policy", "stretch")
         scales = None
-        if policy != "stretch":  # one scale for every listed axis: probe with it as scales
-            ratios = [np.float32(sizes[a]) / np.float32(max(dims[a], 1) if a else 1) for a in axes if a >= 2]
-            s = (min if policy == "not_larger" else max)(ratios) if ratios else np.float32(1)
+        if policy != "stretch":  # one scale for every listed axis, sizes rounded from it (onnxruntime, spec)
+            ratios = [np.float32(1) if sizes[a] == dims[a] else np.float32(sizes[a]) / np.float32(dims[a]) for a in axes]
+            s = (min if policy == "not_larger" else max)(ratios)
+            for a in axes:
+                if not isinstance(dims[a], (int, np.integer)):  # a dynamic batch
+                    if s != 1:
+                        raise UnsupportedError(f"{where(node)}: Resize ({policy}) scales the dynamic batch axis by {s}")
+                    continue
+                sizes[a] = int(np.floor(np.float32(dims[a]) * s + np.float32(0.5)))
+            for a, what in ((0, "batch"), (1, "channel")):
+                if a in axes and sizes[a] != dims[a]:
+                    raise UnsupportedError(f"{where(node)}: Resize ({policy}) changes the {what} axis "
+                                           f"({dims[a]} -> {sizes[a]}); only spatial axes can be resized")
+            # the coordinate transform uses s itself: probe with scales (their sizes are floor(in * s))
+            if any(int(np.floor(np.float32(dims[a]) * s)) != sizes[a] for a in axes if a >= 2):
+                raise UnsupportedError(f"{where(node)}: Resize keep_aspect_ratio_policy={policy} rounds a size up "
+                                       f"(scale {float(s):g}); this case is not supported")
             scales = np.ones(rank, np.float32)
             for a in axes:
                 if a >= 2:
@@ -172,8 +186,8 @@ def _convert(canon: Canonical, node) -> None:
     dtype = np.dtype(x.dtype) if x.dtype is not None else np.dtype(np.float32)
     if scales_t is not None:
         check = (const_value(scales_t).astype(np.float32).reshape(-1), None)
-    else:  # the original sizes with N = C = 1
-        check = (None, np.array([1 if a < 2 else int(v) for a, v in zip(axes, given_sizes)], np.int64))
+    else:  # the original sizes with N = C = 1 (entries taken from the input's shape are filled in above)
+        check = (None, np.array([1 if a < 2 else int(v) for a, v in zip(axes, given)], np.int64))
     mats = _matrices(canon, node, rank, spatial, scales, sizes, roi, check)
     resized = [a for a in range(2, rank) if not (mats[a].shape[0] == mats[a].shape[1]
                                                  and np.array_equal(mats[a], np.eye(mats[a].shape[0])))]

@@ -1,11 +1,12 @@
 """Find the explained tensor: the chosen graph output, walked back through a final Softmax/LogSoftmax
-(logits are explained). The node stays in the graph, so the original output is still produced."""
+(logits are explained) or Sigmoid (segmentation/multi-label: the pre-activation is explained). The node
+stays in the graph, so the original output is still produced."""
 from __future__ import annotations
 
 from ..errors import InputError
 from ..graph import Canonical, producer
 
-SQUASHERS = ("Softmax", "LogSoftmax")
+SQUASHERS = ("Softmax", "LogSoftmax", "Sigmoid")
 
 
 def run(canon: Canonical, output: str | None = None) -> bool:
