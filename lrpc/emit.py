@@ -33,6 +33,10 @@ class Context:
     def nonneg(self, t) -> bool:
         return t.name in self._nonneg
 
+    def no_relevance_below_zero(self, t) -> bool:
+        """True when the relevance reaching ``t`` is statically zero wherever ``t <= 0``."""
+        return t.name in self.quiet_below_zero
+
 
 def category(canon: Canonical, node) -> str | None:
     """The composite category of a node (see composites.py), None for nodes without a rule."""
@@ -72,6 +76,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph), ruleset.options)
+    ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
     seed = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
     graph.inputs.append(seed)
@@ -124,6 +129,35 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
     return model
+
+
+ROUTES_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat", "Split",
+                 "Slice", "Pad", "MaxPool"}  # each input element's relevance comes from outputs of the same value
+
+
+def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:
+    """Tensors whose relevance is zero wherever their value is <= 0 (then a gamma layer's ``z<0`` group
+    carries nothing). Holds behind a ReLU whose output only feeds rules that multiply by a non-negative
+    input (R_in = x ⊙ …), sums of such inputs, MaxPool winners and data movement of such tensors."""
+    on_path = {id(n) for n in nodes}
+    quiet: set[str] = set()
+
+    def consumer_ok(c, t) -> bool:
+        if c.op == "Relu" or c.op in ROUTES_VALUES:
+            return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
+        rule = rules.get(c.name)
+        if rule is None or not ctx.nonneg(t):
+            return False
+        if c.op == "Sum":
+            return True
+        return not rule.is_pass and all(term.input in ("x", "x+", "x-") for g in rule.groups for term in g.terms)
+
+    for node in reversed(nodes):
+        for t in node.outputs:
+            users = [c for c in t.outputs if id(c) in on_path]
+            if t.name != explained.name and users and all(consumer_ok(c, t) for c in users):
+                quiet.add(t.name)
+    return quiet
 
 
 def _per_sample_sum(b: Builder, tensors: list):

@@ -13,7 +13,7 @@ from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
 from . import register
-from .stabilize import quotient
+from .stabilize import indicator, quotient
 
 
 class View:
@@ -183,33 +183,41 @@ def propagate(ctx, node, R_out):
 def emit_rule(ctx, view: View, rule: Rule, R):
     """Lower ``rule`` (data, see rules.py) on ``view`` with incoming relevance ``R``.
 
-    Each term's weight variant is split into basis weights (``weight_basis``), so a group's denominator
-    is ``sum_k a_k f(input; basis_k) + bias`` and the relevance is ``sum input * basis_kᵀ(sum a_k c)``:
-    one forward and one adjoint per (input, basis) pair, whatever the number of terms and groups."""
+    A group's denominator is ``sum_k a_k f(input; W_k) + bias`` and the relevance sent down is
+    ``sum input * W_kᵀ(sum a_k c)``: one forward and one adjoint per (input, weight) pair. Weight variants
+    are either used as they are or split into basis weights (``weight_basis``: W- = W - W+, W + γW+, …),
+    whichever needs fewer convolutions: with several groups the basis shares work, and ``f(x; W)`` is
+    the layer's own output. Groups whose mask selects outputs that statically receive no relevance
+    (``z<0`` behind a ReLU) are skipped: their message is identically zero."""
     b = ctx.b
     variants = _Variants(ctx, view, rule)
     rank = len(view.z.shape) if view.z.shape is not None else None
     gamma = float(rule.params.get("gamma", 0.0))
-    messages: dict[tuple[str, str], list] = {}  # (input variant, basis) -> [(coefficient, message)]
+    groups = []
     for group in rule.groups:
-        terms = [t for t in group.terms if variants.input(t.input) is not None]
-        if not terms:
+        if group.mask == "z<0" and ctx.no_relevance_below_zero(view.z):
             continue
+        terms = [t for t in group.terms if variants.input(t.input) is not None]
+        if terms:
+            groups.append((group, terms))
+    split = _cost(groups, variants, lambda w: weight_basis(w, gamma)) < _cost(groups, variants, lambda w: {w: 1.0})
+    decompose = (lambda w: weight_basis(w, gamma)) if split else (lambda w: {w: 1.0})
+    messages: dict[tuple[str, str], list] = {}  # (input variant, weight) -> [(coefficient, message)]
+    for group, terms in groups:
         mix: dict[tuple[str, str], float] = {}
         biases = []
         for t in terms:
             inp = variants.alias(t.input)
-            for basis, a in weight_basis(t.weight, gamma).items():
-                mix[(inp, basis)] = mix.get((inp, basis), 0.0) + t.sign * a
+            for weight, a in decompose(t.weight).items():
+                mix[(inp, weight)] = mix.get((inp, weight), 0.0) + t.sign * a
             bias = variants.bias(t.bias)
             if bias is not None:
                 biases.append((t.sign, bias))
         mix = {k: a for k, a in mix.items() if a != 0.0}
         z = variants.denominator(mix, biases)
         c = quotient(b, R, z, rule, rank)
-        if group.mask is not None:
-            cmp = b.op("Greater" if group.mask == "z>0" else "Less", [view.z, b.const(0.0)], dtype=bool)
-            c = b.op("Where", [cmp, c, b.const(0.0)])
+        if group.mask is not None:  # shared by the groups of a layer (built once per mask)
+            c = b.mul(c, variants.mask(group.mask))
         for key, a in mix.items():
             messages.setdefault(key, []).append((a * group.coef, c))
     by_input: dict[str, list] = {}
@@ -223,6 +231,12 @@ def emit_rule(ctx, view: View, rule: Rule, R):
         factor = variants.input(inp, numerator=True)
         out.append(total if factor is None else b.mul(factor, total))
     return b.sum(out)
+
+
+def _cost(groups, variants, decompose) -> int:
+    """Convolutions a lowering needs: forwards (f(x; W) is free: the layer's output) plus adjoints."""
+    keys = {(variants.alias(t.input), w) for _, terms in groups for t in terms for w in decompose(t.weight)}
+    return len(keys - {("x", "W")}) + len(keys)
 
 
 def linear_combination(b, parts):
@@ -252,6 +266,10 @@ class _Variants:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def mask(self, name: str):
+        op = {"z>0": "Greater", "z<0": "Less"}[name]
+        return self._memo(("mask", name), lambda: indicator(self.b, op, self.view.z))
 
     def alias(self, name: str) -> str:
         """x+ of a non-negative x is x itself: one name, so forwards and adjoints are shared."""
@@ -325,11 +343,14 @@ class _Variants:
                     biases.append((-a, view.bias))
             else:
                 parts.append((a, self._memo(("f", inp, basis), lambda: view.forward(self.input(inp), self.weight(basis), None))))
-        z = linear_combination(b, parts)
         merged: dict[int, list] = {}
         for a, t in biases:  # b - b cancels without emitting anything
             merged.setdefault(id(t), [0.0, t])[0] += a
         offset = linear_combination(b, [(a, t) for a, t in merged.values() if abs(a) > 1e-12])  # constants: folded
+        if offset is not None and len(parts) == 1 and parts[0][0] == 1.0 and len(mix) == 1 and ("x", "W") not in mix:
+            (inp, weight), = mix  # one fresh forward: let it add the bias itself
+            return view.forward(self.input(inp), self.weight(weight), offset)
+        z = linear_combination(b, parts)
         return z if offset is None else b.add(z, view.bias_for_output(offset))
 
 

@@ -1,17 +1,30 @@
-"""MaxPool: winner-take-all. Relevance of each output goes to the arg-max of its window (the first one on
-ties, like torch's gradient), via MaxPool's Indices output and ScatterElements(reduction="add"), so
-overlapping windows accumulate instead of overwriting (MaxUnpool would lose relevance)."""
+"""MaxPool, two modes (``--maxpool``):
+
+winner (default): relevance of each output goes to the arg-max of its window (the first one on ties, like
+torch's gradient), via MaxPool's Indices output and ScatterElements(reduction="add"), so overlapping windows
+accumulate instead of overwriting (MaxUnpool would lose relevance).
+
+split: relevance of each output is shared equally by all cells of its window that equal the window's
+maximum (LRP Toolbox). Lowered with compile-time index tables instead of a one-hot unfolding Conv: Gather
+and Equal copy and compare values bit-exactly on every execution provider (a Conv may round, e.g. TF32
+on GPUs, and then no cell would match the max), and padding needs no sentinel arithmetic."""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import onnx_graphsurgeon as gs
+from onnx import helper
 
 from ..errors import UnsupportedError, where
+from ..graph import static_dims
 from . import register
 
 
 @register("MaxPool")
 def maxpool(ctx, node, R_out):
+    if ctx.options.maxpool == "split":
+        return _split(ctx, node, R_out)
     b = ctx.b
     if node.attrs.get("storage_order", 0):
         raise UnsupportedError(f"{where(node)}: MaxPool with storage_order=1 is not supported")
@@ -23,3 +36,78 @@ def maxpool(ctx, node, R_out):
     scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
                      {"axis": 0, "reduction": "add"})
     return [b.reshape_like(scattered, x)]
+
+
+def window_table(node, spatial: list[int]) -> np.ndarray:
+    """int64 [K, *out]: flat input index (row-major over ``spatial``) read by kernel tap j of each output
+    window; padding and ceil_mode overhang cells read index prod(spatial), one slot past the input."""
+    nd, a = len(spatial), node.attrs
+    k = list(a["kernel_shape"])
+    s, d = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
+    auto = a.get("auto_pad", "NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    span = [(k[i] - 1) * d[i] + 1 for i in range(nd)]
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        out = [-(-spatial[i] // s[i]) for i in range(nd)]
+        total = [max(0, (out[i] - 1) * s[i] + span[i] - spatial[i]) for i in range(nd)]
+        pb = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+    else:
+        pads = list(a.get("pads", [0] * 2 * nd)) if auto == "NOTSET" else [0] * 2 * nd
+        pb, full = pads[:nd], [spatial[i] + pads[i] + pads[nd + i] - span[i] for i in range(nd)]
+        if a.get("ceil_mode", 0):
+            out = [-(-full[i] // s[i]) + 1 for i in range(nd)]
+            # onnxruntime (like torch) drops a last window that starts past the input + begin pad
+            out = [o - 1 if (o - 1) * s[i] >= spatial[i] + pb[i] else o for i, o in enumerate(out)]
+        else:
+            out = [f // s[i] + 1 for i, f in enumerate(full)]
+    table = np.empty([int(np.prod(k)), *out], np.int64)
+    for j, tap in enumerate(itertools.product(*map(range, k))):
+        # position of this tap in every window, per axis: o*s + tap*d - pad_begin
+        pos = np.meshgrid(*[np.arange(out[i]) * s[i] + tap[i] * d[i] - pb[i] for i in range(nd)], indexing="ij")
+        inside = np.all([(p >= 0) & (p < spatial[i]) for i, p in enumerate(pos)], axis=0)
+        flat = np.ravel_multi_index([np.clip(p, 0, spatial[i] - 1) for i, p in enumerate(pos)], spatial)
+        table[j] = np.where(inside, flat, int(np.prod(spatial)))
+    return table
+
+
+def _split(ctx, node, R_out):
+    b, x, y = ctx.b, node.inputs[0], node.outputs[0]
+    dims = static_dims(x, node, "input shape")
+    c, spatial, rank = dims[1], dims[2:], len(dims)
+    table = window_table(node, spatial)
+    xdt = np.dtype(x.dtype) if x.dtype is not None else b.dtype
+    # channels last, so that each Gather index moves a block of C values (per-element Gather is ~10x slower)
+    last = [0, *range(2, rank), 1]
+
+    def cl(t, dtype=None):  # [N, C, *sp] -> [N, 1, *sp, C]
+        return b.op("Unsqueeze", [b.op("Transpose", [t], {"perm": last}, dtype=dtype), b.ints([1])], dtype=dtype)
+
+    # patches P[n, j, *out, c] = x at tap j of each window; the extra slot holds NaN, which equals nothing,
+    # so padding / ceil overhang cells are never counted as maxima whatever the input values are
+    xf = b.op("Reshape", [b.op("Transpose", [x], {"perm": last}, dtype=xdt), b.ints([0, -1, c])], dtype=xdt)
+    xf = b.op("Pad", [xf, b.ints([0, 0, 0, 0, 1, 0]), b.const(np.nan, xdt)], dtype=xdt)
+    patches = b.op("Gather", [xf, b.const(table, np.int64)], {"axis": 1}, dtype=xdt)
+    ties = b.op("Cast", [b.op("Equal", [patches, cl(y, xdt)], dtype=np.bool_)], {"to": helper.np_dtype_to_tensor_dtype(b.dtype)})
+    # Max(., 1): a window with no match (NaN inputs, a window all in padding) must not turn 0/0 into NaN for the whole input
+    count = b.op("Max", [b.reduce_sum(ties, [1]), b.const(1.0)])
+    share = b.mul(ties, b.op("Div", [cl(R_out[0]), count]))
+    # fold back (adjoint of the Gather): each input cell gathers every (tap, window) slot that read it,
+    # padded with an always-zero slot, and sums them: a deterministic order, unlike a scatter-add
+    inverse = _inverse(table.reshape(-1), int(np.prod(spatial)))
+    sf = b.op("Pad", [b.op("Reshape", [share, b.ints([0, -1, c])]), b.ints([0, 0, 0, 0, 1, 0])])
+    # ([M, HW] order: the sum runs over an outer axis, which ReduceSum vectorizes; over an inner one it crawls)
+    folded = b.reduce_sum(b.op("Gather", [sf, b.const(inverse.T.copy(), np.int64)], {"axis": 1}), [1], keepdims=0)
+    folded = b.op("Reshape", [folded, b.ints([0, *spatial, c])])
+    return [b.op("Transpose", [folded], {"perm": [0, rank - 1, *range(1, rank - 1)]})]
+
+
+def _inverse(flat: np.ndarray, size: int) -> np.ndarray:
+    """int64 [size, M]: for each input cell the positions in ``flat`` that read it, padded with len(flat)."""
+    order = np.argsort(flat, kind="stable")
+    cell = flat[order]
+    counts = np.bincount(flat, minlength=size + 1)
+    rank = np.arange(flat.size) - (np.cumsum(counts) - counts)[cell]  # position within the cell's group
+    keep = cell < size  # drop the padding slot
+    inverse = np.full([size, max(1, int(counts[:size].max()))], flat.size, np.int64)
+    inverse[cell[keep], rank[keep]] = order[keep]
+    return inverse
