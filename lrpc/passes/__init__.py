@@ -13,9 +13,12 @@ PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, fold_batchnorm, avgpool_t
 def canonize(model: onnx.ModelProto, output: str | None = None) -> Canonical:
     """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor."""
     canon = import_model(normalize_opset.run(model))
-    for p in PIPELINE:
+    changed = False
+    for p in PIPELINE:  # passes keep the shapes of the tensors they keep; new tensors get theirs below
         if p.run(canon):
             toposort(canon.graph)
-            canon = refresh_shapes(canon)
+            changed = True
+    if changed:
+        canon = refresh_shapes(canon)
     strip_softmax.run(canon, output)
     return canon
