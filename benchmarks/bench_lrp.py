@@ -50,7 +50,9 @@ def session(model, threads: int, device: str):
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
     so.inter_op_num_threads = 1
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    # TF32 off: the same float32 arithmetic as the CPU (lrpc.Session's default)
+    providers = ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if device == "cuda"
+                 else ["CPUExecutionProvider"])
     data = model if isinstance(model, (str, Path)) else model.SerializeToString()
     s = ort.InferenceSession(str(data) if isinstance(data, Path) else data, so, providers=providers)
     return s

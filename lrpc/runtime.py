@@ -16,9 +16,11 @@ class Session:
     """Runs a compiled model (``lrpc.compile`` output or a ``.lrp.onnx`` path) in onnxruntime.
 
     ``providers``: onnxruntime providers; default CUDA when onnxruntime offers it, else CPU. Check
-    :attr:`providers` for the ones the session actually got (a CUDA request can fall back to CPU)."""
+    :attr:`providers` for the ones the session actually got (a CUDA request can fall back to CPU).
+    ``tf32``: let CUDA run float32 convolutions/matmuls in TF32 (faster, ~1e-3 relative error); off by
+    default so GPU relevance matches the CPU's to float32 rounding."""
 
-    def __init__(self, model, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False):
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model)
         if not isinstance(model, onnx.ModelProto):
@@ -32,6 +34,8 @@ class Session:
         available = ort.get_available_providers()
         if providers is None:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        providers = [("CUDAExecutionProvider", {"use_tf32": str(int(tf32))}) if p == "CUDAExecutionProvider" else p
+                     for p in providers]
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         self.providers = self.session.get_providers()
         ins = self.session.get_inputs()
