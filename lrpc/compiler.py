@@ -8,7 +8,7 @@ import onnx
 from . import composites
 from .emit import emit
 from .errors import InputError
-from .graph import export_model
+from .graph import check_structure, export_model
 from .model_io import load_model
 from .passes import canonize as _canonize
 
@@ -94,6 +94,6 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
 
 def _check(model: onnx.ModelProto) -> None:
     try:
-        onnx.checker.check_model(model, full_check=True)
+        check_structure(model, full_check=True)
     except Exception as e:  # an internal bug, not a user error: say so
         raise RuntimeError(f"lrpc produced an invalid model (please report): {str(e).splitlines()[0]}") from e

@@ -45,7 +45,7 @@ def category(canon: Canonical, node) -> str | None:
     if canon.origin.get(node.name) in RESIZES:
         return "resize"
     return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
-            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale"}.get(node.op)
+            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool"}.get(node.op)
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None) -> onnx.ModelProto:
@@ -170,6 +170,8 @@ def _per_sample_sum(b: Builder, tensors: list):
 def _depends_on(graph: gs.Graph, inputs) -> set[str]:
     dep = {t.name for t in inputs}
     for node in graph.nodes:
+        if node.op in ("Shape", "Size"):  # their outputs are shape integers, not values: no relevance flows there
+            continue
         if any(t.name in dep for t in node_inputs(node)):  # subgraphs (If/Loop) read outer tensors too
             dep.update(t.name for t in node.outputs)
     return dep
@@ -198,7 +200,7 @@ def _nonneg(graph: gs.Graph) -> set[str]:
             yes = True
         elif node.op == "Clip":
             lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
-            yes = (lo is not None and is_const(lo) and float(const_value(lo)) >= 0) or ok(node.inputs[0])
+            yes = (lo is not None and is_const(lo) and bool(np.all(const_value(lo) >= 0))) or ok(node.inputs[0])
         elif node.op in KEEPS_SIGN or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "AveragePool"):
             yes = bool(data) and all(ok(t) for t in data)
         else:

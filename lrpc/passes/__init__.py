@@ -13,11 +13,17 @@ PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, fold_batchnorm, avgpool_t
 def canonize(model: onnx.ModelProto, output: str | None = None) -> Canonical:
     """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor."""
     canon = import_model(normalize_opset.run(model))
+    while any(n.op == "Shape" for n in canon.graph.nodes) and cleanup.run(canon):
+        # shape computations (torch's x.size() with a dynamic batch) fold a level further once shapes are refreshed
+        toposort(canon.graph)
+        canon = refresh_shapes(canon)
     changed = False
     for p in PIPELINE:  # passes keep the shapes of the tensors they keep; new tensors get theirs below
         if p.run(canon):
             toposort(canon.graph)
             changed = True
+            if p is maxpool_ceil:  # it changes the pool's inferred output shape, and so every shape below it
+                canon, changed = refresh_shapes(canon), False
     if changed:
         canon = refresh_shapes(canon)
     strip_softmax.run(canon, output)

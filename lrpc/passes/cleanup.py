@@ -13,6 +13,7 @@ from ..graph import Canonical, bypass, is_const
 def run(canon: Canonical) -> bool:
     graph = canon.graph
     changed = _name_nodes(graph)
+    changed |= _copy_dims(graph)
     changed |= _fold_constants(graph)
     for node in list(graph.nodes):
         if node.op == "Identity":
@@ -44,8 +45,53 @@ def _fold_constants(graph: gs.Graph) -> bool:
     return len(graph.nodes) != before
 
 
-def _foldable(node) -> bool:
-    return node.op == "Constant" or (node.inputs and all(is_const(t) or t.name == "" for t in node.inputs))
+def _foldable(node) -> bool:  # (gs also folds Shape -> Gather/Slice of the static dims of a dynamic shape)
+    return node.op in ("Constant", "Shape") or (node.inputs and all(is_const(t) or t.name == "" for t in node.inputs))
+
+
+def _copy_dims(graph: gs.Graph) -> bool:
+    """A Reshape target built as Concat(..., Unsqueeze(Gather(Shape(t), i)), ...) (torch ``x.view(x.size(0), -1)``
+    with a dynamic batch) gets 0 (copy the input's dim) for piece i when dim i of t is dim i of the Reshape's
+    input: the target becomes a constant and shape inference can resolve a -1 next to the dynamic dim."""
+    changed = False
+    for node in graph.nodes:
+        x, target = node.inputs[0] if node.inputs else None, node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op != "Reshape" or node.attrs.get("allowzero", 0) or is_const(target) or x.shape is None:
+            continue
+        cat = target.inputs[0] if target.inputs else None
+        if cat is None or cat.op != "Concat":
+            continue
+        pos = 0
+        for i, piece in enumerate(list(cat.inputs)):
+            dim = _shape_dim(piece)
+            if (dim is not None and dim[1] == pos < len(x.shape) and isinstance(x.shape[pos], str)
+                    and dim[0].shape[pos] == x.shape[pos]):
+                cat.inputs[i] = gs.Constant(f"{cat.name}/copy_dim{pos}", np.zeros(1, np.int64))
+                changed = True
+            size = 1 if dim is not None else np.asarray(piece.values).size if is_const(piece) else None
+            if size is None:
+                break
+            pos += size
+    return changed
+
+
+def _shape_dim(piece):
+    """(t, i) if ``piece`` is Unsqueeze(Gather(Shape(t), i)) with a scalar constant i, else None."""
+    chain = []
+    for op in ("Unsqueeze", "Gather", "Shape"):
+        prod = piece.inputs[0] if piece.inputs else None
+        if prod is None or prod.op != op:
+            return None
+        chain.append(prod)
+        piece = prod.inputs[0]
+    _, gather, shape = chain
+    idx = gather.inputs[1]
+    if not is_const(idx) or np.asarray(idx.values).size != 1 or gather.attrs.get("axis", 0) != 0:
+        return None
+    t = shape.inputs[0]
+    if t.shape is None or shape.attrs.get("start", 0) != 0:
+        return None
+    return t, int(np.asarray(idx.values).reshape(-1)[0]) % len(t.shape)
 
 
 def _check_dropout(node) -> None:

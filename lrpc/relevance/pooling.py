@@ -17,8 +17,9 @@ import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..errors import UnsupportedError, where
-from ..graph import static_dims
+from ..graph import const_value, is_const, static_dims
 from . import register
+from .stabilize import quotient
 
 
 @register("MaxPool")
@@ -111,3 +112,28 @@ def _inverse(flat: np.ndarray, size: int) -> np.ndarray:
     inverse = np.full([size, max(1, int(counts[:size].max()))], flat.size, np.int64)
     inverse[cell[keep], rank[keep]] = order[keep]
     return inverse
+
+
+@register("ReduceMean")
+def reduce_mean(ctx, node, R_out):
+    """A mean the avgpool pass leaves as it is (e.g. over H, W of an NHWC tensor, tf2onnx's global pool): norm
+    rule, ``R_in = x * (R / stab(mean)) / K`` broadcast back over the K reduced cells (no mixing across the
+    kept axes)."""
+    rule = ctx.rule(node)
+    if rule.name not in ("norm", "epsilon"):
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a mean (use norm or epsilon)")
+    b, x, z = ctx.b, node.inputs[0], node.outputs[0]
+    dims = static_dims(x, node, "input shape")
+    rank = len(dims)
+    axes = node.attrs.get("axes")
+    if len(node.inputs) > 1 and node.inputs[1].name:
+        if not is_const(node.inputs[1]):
+            raise UnsupportedError(f"{where(node)}: ReduceMean with non-constant axes")
+        axes = const_value(node.inputs[1]).reshape(-1).tolist()
+    axes = sorted({int(a) % rank for a in axes}) if axes else list(range(rank))
+    if 0 in axes:
+        raise UnsupportedError(f"{where(node)}: ReduceMean over the batch axis has no LRP rule")
+    c = quotient(b, R_out[0], z, rule, rank if node.attrs.get("keepdims", 1) else rank - len(axes))
+    if not node.attrs.get("keepdims", 1):
+        c = b.op("Unsqueeze", [c, b.ints(axes)])
+    return [b.mul(x, b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes])))))] + [None] * (len(node.inputs) - 1)

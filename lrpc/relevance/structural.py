@@ -88,11 +88,14 @@ def pad(ctx, node, R_out):
     if any(p < 0 for p in pads):
         raise UnsupportedError(f"{where(node)}: Pad with negative pads is not supported")
     b = ctx.b
-    starts = [pads[i] for i in range(k)]
-    ends = [pads[i] + (dims[a] if isinstance(dims[a], int) else 0) for i, a in enumerate(axes)]
-    if any(not isinstance(dims[a], int) for a in axes):
+    padded = [(i, a) for i, a in enumerate(axes) if pads[i] or pads[k + i]]  # exporters list the (dynamic) batch axis with 0 pads
+    if any(not isinstance(dims[a], int) for _, a in padded):
         raise UnsupportedError(f"{where(node)}: Pad along a dynamic axis")
-    return [b.op("Slice", [R_out[0], b.ints(starts), b.ints(ends), b.ints(axes)])] + [None] * (len(node.inputs) - 1)
+    if not padded:
+        return [R_out[0]] + [None] * (len(node.inputs) - 1)
+    starts = [pads[i] for i, _ in padded]
+    ends = [pads[i] + dims[a] for i, a in padded]
+    return [b.op("Slice", [R_out[0], b.ints(starts), b.ints(ends), b.ints([a for _, a in padded])])] + [None] * (len(node.inputs) - 1)
 
 
 def _dim(x, axis: int, node) -> int:
