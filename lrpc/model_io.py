@@ -35,6 +35,27 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     return model
 
 
+def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
+    """Load external tensors, refusing any location outside the model's folder."""
+    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
+
+    for tensor in _get_all_tensors(model):
+        if not uses_external_data(tensor):
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (base / location).resolve()
+        if base not in target.parents:
+            raise InputError(f"{path}: external data of tensor '{tensor.name}' points outside the model's folder: {location}")
+        if not target.is_file():
+            raise InputError(f"{path}: external data file of tensor '{tensor.name}' is missing: {location}")
+        try:
+            load_external_data_for_tensor(tensor, str(base))
+        except Exception as e:
+            raise InputError(f"{path}: cannot read external data of tensor '{tensor.name}': {_first_line(e)}") from None
+        tensor.data_location = onnx.TensorProto.DEFAULT
+        del tensor.external_data[:]
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
     """Write ``model`` atomically (temp file + rename); refuse to overwrite any path in ``protect``."""
     p = Path(path)
