@@ -45,8 +45,8 @@ def _fold_constants(graph: gs.Graph) -> bool:
     return len(graph.nodes) != before
 
 
-def _foldable(node) -> bool:  # (gs also folds Shape -> Gather/Slice of the static dims of a dynamic shape)
-    return node.op in ("Constant", "Shape") or (node.inputs and all(is_const(t) or t.name == "" for t in node.inputs))
+def _foldable(node) -> bool:
+    return node.op == "Constant" or (node.inputs and all(is_const(t) or t.name == "" for t in node.inputs))
 
 
 def _copy_dims(graph: gs.Graph) -> bool:
@@ -59,7 +59,7 @@ def _copy_dims(graph: gs.Graph) -> bool:
         if node.op != "Reshape" or node.attrs.get("allowzero", 0) or is_const(target) or x.shape is None:
             continue
         cat = target.inputs[0] if target.inputs else None
-        if cat is None or cat.op != "Concat":
+        if cat is None or cat.op != "Concat" or len(target.outputs) != 1:  # 0 means "copy" to a Reshape only
             continue
         pos = 0
         for i, piece in enumerate(list(cat.inputs)):

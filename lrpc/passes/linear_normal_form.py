@@ -23,6 +23,7 @@ def run(canon: Canonical) -> bool:
             changed |= _matmul(canon, node)
         elif node.op in ("Conv", "ConvTranspose"):
             changed |= _conv_attrs(node)
+            changed |= node.op == "Conv" and _fold_pad(graph, node)
     again = True
     while again:  # fold chains like Conv -> Mul -> Add
         again = False
@@ -170,6 +171,36 @@ def _conv_attrs(node) -> bool:
     elif not is_const(node.inputs[2]):
         raise UnsupportedError(f"{where(node)}: {node.op} bias is not a constant")
     return changed
+
+
+def _fold_pad(graph, node) -> bool:
+    """A zero constant Pad of the spatial axes feeding only this Conv becomes the Conv's own pads: the rules that
+    look at the input (z-box bounds, flat) then leave padding out as for Conv pads, instead of giving pad cells
+    relevance that the Pad's propagator drops (Keras ZeroPadding2D, nn.ZeroPad2d / F.pad before a Conv)."""
+    pad = node.inputs[0].inputs[0] if node.inputs[0].inputs else None
+    if pad is None or pad.op != "Pad" or only_consumer(graph, node.inputs[0]) is not node:
+        return False
+    mode = pad.attrs.get("mode", "constant")
+    ins = [t if t.name else None for t in pad.inputs] + [None] * 3
+    if (mode.decode() if isinstance(mode, bytes) else mode) != "constant" or not is_const(ins[1]):
+        return False
+    if ins[2] is not None and (not is_const(ins[2]) or np.any(const_value(ins[2]) != 0)):
+        return False
+    if ins[3] is not None and not is_const(ins[3]):
+        return False
+    rank = const_value(node.inputs[1]).ndim
+    given = const_value(ins[1]).astype(np.int64).reshape(-1)
+    axes = range(rank) if ins[3] is None else [int(a) % rank for a in const_value(ins[3]).reshape(-1)]
+    full = np.zeros(2 * rank, np.int64)
+    for i, a in enumerate(axes):
+        full[a], full[rank + a] = given[i], given[len(given) // 2 + i]
+    if np.any(full < 0) or np.any(full[[0, 1, rank, rank + 1]]):  # crops, or padding of batch / channels
+        return False
+    nsp, own = rank - 2, node.attrs["pads"]
+    node.attrs["pads"] = ([int(own[i] + full[2 + i]) for i in range(nsp)]
+                          + [int(own[nsp + i] + full[rank + 2 + i]) for i in range(nsp)])
+    node.inputs[0] = pad.inputs[0]
+    return True
 
 
 def _explicit_pads(node, auto: str, nsp: int) -> None:

@@ -136,4 +136,5 @@ def reduce_mean(ctx, node, R_out):
     c = quotient(b, R_out[0], z, rule, rank if node.attrs.get("keepdims", 1) else rank - len(axes))
     if not node.attrs.get("keepdims", 1):
         c = b.op("Unsqueeze", [c, b.ints(axes)])
-    return [b.mul(x, b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes])))))] + [None] * (len(node.inputs) - 1)
+    share = b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes]))))
+    return [b.mul(x, share)] + [None] * (len(node.inputs) - 1)

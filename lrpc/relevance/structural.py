@@ -88,14 +88,16 @@ def pad(ctx, node, R_out):
     if any(p < 0 for p in pads):
         raise UnsupportedError(f"{where(node)}: Pad with negative pads is not supported")
     b = ctx.b
-    padded = [(i, a) for i, a in enumerate(axes) if pads[i] or pads[k + i]]  # exporters list the (dynamic) batch axis with 0 pads
+    # only the padded axes: exporters list every axis, the (dynamic) batch one with 0 pads
+    padded = [(i, a) for i, a in enumerate(axes) if pads[i] or pads[k + i]]
     if any(not isinstance(dims[a], int) for _, a in padded):
         raise UnsupportedError(f"{where(node)}: Pad along a dynamic axis")
     if not padded:
         return [R_out[0]] + [None] * (len(node.inputs) - 1)
     starts = [pads[i] for i, _ in padded]
     ends = [pads[i] + dims[a] for i, a in padded]
-    return [b.op("Slice", [R_out[0], b.ints(starts), b.ints(ends), b.ints([a for _, a in padded])])] + [None] * (len(node.inputs) - 1)
+    sliced = b.op("Slice", [R_out[0], b.ints(starts), b.ints(ends), b.ints([a for _, a in padded])])
+    return [sliced] + [None] * (len(node.inputs) - 1)
 
 
 def _dim(x, axis: int, node) -> int:
