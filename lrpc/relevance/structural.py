@@ -54,19 +54,33 @@ def slice_(ctx, node, R_out):
     starts, ends, axes, steps = vals[:4]
     axes = axes if axes is not None else list(range(len(starts)))
     steps = steps if steps is not None else [1] * len(starts)
-    if any(s != 1 for s in steps):
-        raise UnsupportedError(f"{where(node)}: Slice with steps other than 1 is not supported")
+    if any(s < 1 for s in steps):
+        raise UnsupportedError(f"{where(node)}: Slice with negative steps is not supported")
+    b = ctx.b
+    r = R_out[0]
     rank = len(dims)
+    cur = list(static_dims(node.outputs[0], node)) if node.outputs[0].shape is not None else list(dims)
     before, after = [0] * rank, [0] * rank
-    for st, en, ax in zip(starts, ends, axes):
+    for st, en, ax, step in zip(starts, ends, axes, steps):
         ax %= rank
         n = dims[ax]
         if not isinstance(n, int):
             raise UnsupportedError(f"{where(node)}: Slice along the dynamic axis {ax}")
         st = min(max(st + n if st < 0 else st, 0), n)
         en = min(max(en + n if en < 0 else en, 0), n)
-        before[ax], after[ax] = st, n - max(en, st)
-    return [ctx.b.op("Pad", [R_out[0], ctx.b.ints(before + after)], {"mode": "constant"})] + [None] * (len(node.inputs) - 1)
+        m = len(range(st, en, step))
+        if m == 0:
+            return [b.zeros_like(x)] + [None] * (len(node.inputs) - 1)
+        if step > 1:  # interleave s-1 zeros after each kept element: [.., m, ..] -> [.., (m-1)*s+1, ..]
+            r = b.op("Unsqueeze", [r, b.ints([ax + 1])])
+            pads = [0] * (rank + 1) * 2
+            pads[rank + 1 + ax + 1] = step - 1
+            r = b.op("Pad", [r, b.ints(pads)], {"mode": "constant"})
+            r = b.op("Reshape", [r, b.ints([0] * ax + [m * step] + [int(d) for d in cur[ax + 1:]])])
+            r = b.op("Slice", [r, b.ints([0]), b.ints([(m - 1) * step + 1]), b.ints([ax])])
+        cur[ax] = n
+        before[ax], after[ax] = st, n - st - ((m - 1) * step + 1)
+    return [b.op("Pad", [r, b.ints(before + after)], {"mode": "constant"})] + [None] * (len(node.inputs) - 1)
 
 
 @register("Pad")
