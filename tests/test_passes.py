@@ -602,7 +602,7 @@ def test_explained_output_by_name():
         canonize_graph(copy.deepcopy(model), "nope")
 
 
-def _opset9_model(rng, initializers_as_inputs: bool = False):
+def _opset9_model(rng, initializers_as_inputs: bool = False, version: int = 9):
     inits = ([init("W", rand(rng, 4, 3, 3, 3)), init("B", rand(rng, 4))] + bn_params(rng, "bn", 4)
              + [init("FW", rand(rng, 5, 4 * 3 * 3)), init("FB", rand(rng, 5))])
     nodes = [helper.make_node("Conv", ["x", "W", "B"], ["c"], pads=[1, 1, 1, 1], strides=[2, 2], name="conv"),
@@ -616,15 +616,16 @@ def _opset9_model(rng, initializers_as_inputs: bool = False):
     if initializers_as_inputs:
         inputs += [vi(i.name, list(i.dims)) for i in inits]
     graph = helper.make_graph(nodes, "old", inputs, [vi("y", ["N", 5])], inits)
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 9)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", version)])
     model.ir_version = 4 if not initializers_as_inputs else 3
     onnx.checker.check_model(model)
     return model
 
 
+@pytest.mark.parametrize("version", [7, 8, 9])
 @pytest.mark.parametrize("initializers_as_inputs", [False, True])
-def test_opset9_model_upgraded(initializers_as_inputs):
-    model = _opset9_model(_rng(70), initializers_as_inputs)
+def test_opset9_model_upgraded(initializers_as_inputs, version):
+    model = _opset9_model(_rng(70), initializers_as_inputs, version)
     result, canon = canonize(model, batches=(1, 3))
     assert opset(result) == 17 and result.ir_version >= 8
     o = ops(result)
