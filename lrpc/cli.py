@@ -72,6 +72,30 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=D0,D1,...")
     _debug_flag(k)
 
+    e = sub.add_parser("explain", help="explain images or tensors: write heatmap PNGs and raw relevance .npy")
+    e.add_argument("model", help="plain .onnx model (compiled on the fly) or an already compiled one")
+    src = e.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="one PNG/JPEG/... image")
+    src.add_argument("--images", help="a directory of images (one heatmap per image)")
+    src.add_argument("--npy", help=".npy/.npz tensor fed as it is (batch included)")
+    e.add_argument("-o", "--out", required=True,
+                   help="heatmap path (heat.png; heat.npy is written beside it) or, with --images, a directory")
+    e.add_argument("--target", default="top1", help="class index to explain, or top1 (default: each sample's top-1)")
+    e.add_argument("--size", help="H,W (or one number) of the model input, for models with dynamic spatial dims")
+    norm = e.add_mutually_exclusive_group()
+    norm.add_argument("--preset", choices=["imagenet"], help="mean/std of a known preprocessing")
+    norm.add_argument("--mean", help="per-channel mean m1,m2,m3 (after scaling to [0, 1])")
+    e.add_argument("--std", help="per-channel std s1,s2,s3 (with --mean)")
+    e.add_argument("--grayscale", action="store_true", help="convert images to grayscale")
+    e.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="model input layout (default nchw)")
+    e.add_argument("--cmap", choices=["coldnhot", "bwr", "seismic", "gray"], default="coldnhot")
+    e.add_argument("--level", type=_nonneg_float, default=1.0, help="colormap level (>1 saturates earlier)")
+    e.add_argument("--overlay", action="store_true", help="blend the heatmap over the (resized, cropped) image")
+    e.add_argument("--overlay-alpha", type=_nonneg_float, default=0.5, help="heatmap weight of --overlay")
+    _rule_flags(e)
+    # z-box bounds default to the range of normalized images, (0 - mean)/std .. (1 - mean)/std
+    e.set_defaults(low=None, high=None)
+
     r = sub.add_parser("rules", help="list composites and rules")
     _debug_flag(r)
     return p
@@ -138,6 +162,8 @@ def _run(args) -> int:
         return 0
     if args.command == "check":
         return _check(args)
+    if args.command == "explain":
+        return _explain(args)
     out, src = Path(args.out), Path(args.model)
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise InputError(f"{out}: refusing to overwrite the input model")
@@ -174,6 +200,52 @@ def _check(args) -> int:
             Path(path).write_text(text())
     return 0 if report.passed else 1
 
+
+
+def _floats(text: str | None, what: str):
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise InputError(f"{what}: expected comma-separated numbers, got '{text}'") from None
+
+
+def _explain(args) -> int:
+    from dataclasses import asdict
+
+    from .explain import IMAGENET_MEAN, IMAGENET_STD, run
+
+    size = None
+    if args.size is not None:
+        try:
+            size = [int(v) for v in args.size.split(",")]
+        except ValueError:
+            size = []
+        if len(size) == 1:
+            size = size * 2
+        if len(size) != 2 or min(size) <= 0:
+            raise InputError(f"--size: expected H,W (two positive integers), got '{args.size}'")
+    if args.target == "top1":
+        target = None
+    else:
+        try:
+            target = int(args.target)
+        except ValueError:
+            raise InputError(f"--target: expected a class index or top1, got '{args.target}'") from None
+    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
+    if args.preset == "imagenet":
+        if std is not None:
+            raise InputError("--std cannot be combined with --preset")
+        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
+    if (mean is None) != (std is None):
+        raise InputError("--mean and --std go together")
+    options = asdict(_options(args))
+    run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=target, rules=args.rules,
+        output=args.output, input_shapes=dict(args.input_shape), size=size, mean=mean, std=std,
+        grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level, with_overlay=args.overlay,
+        overlay_alpha=args.overlay_alpha, **options)
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())

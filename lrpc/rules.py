@@ -34,6 +34,7 @@ class Group:
     terms: tuple[Term, ...]
     coef: float = 1.0
     mask: str | None = None  # "z>0" / "z<0": keep only outputs where the plain forward z has that sign
+    above_z: bool = False  # the denominator is z plus non-negative terms (if biases are kept): > 0 where z > 0
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ class Rule:
 
 
 def epsilon(epsilon: float = DEFAULT_EPS, **kw) -> Rule:
-    return Rule("epsilon", (Group((Term("x", "W", "b"),)),), eps=epsilon, params={"epsilon": epsilon}, **kw)
+    return Rule("epsilon", (Group((Term("x", "W", "b"),), above_z=True),), eps=epsilon, params={"epsilon": epsilon}, **kw)
 
 
 def zplus(**kw) -> Rule:
@@ -78,7 +79,7 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, **kw) -> Rule:
 
 def gamma(gamma: float = 0.25, **kw) -> Rule:
     """Generalized (sign-aware) gamma; equals classic LRP-γ for x ≥ 0 and z > 0."""
-    up = Group((Term("x+", "Wup", "bup"), Term("x-", "Wdown")), mask="z>0")
+    up = Group((Term("x+", "Wup", "bup"), Term("x-", "Wdown")), mask="z>0", above_z=True)
     down = Group((Term("x+", "Wdown", "bdown"), Term("x-", "Wup")), mask="z<0")
     return Rule("gamma", (up, down), params={"gamma": gamma}, **kw)
 
@@ -99,7 +100,7 @@ def wsquare(**kw) -> Rule:
 
 def norm(**kw) -> Rule:
     """Proportional split for parameter-free layers (sums, average pools): epsilon without bias."""
-    return Rule("norm", (Group((Term("x", "W"),)),), **kw)
+    return Rule("norm", (Group((Term("x", "W"),), above_z=True),), **kw)
 
 
 def pass_(**kw) -> Rule:

@@ -25,5 +25,6 @@ def residual_sum(ctx, node, R_out):
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum (use norm or epsilon)")
     z = node.outputs[0]
     rank = len(z.shape) if z.shape is not None else None
-    c = quotient(ctx.b, R_out[0], z, rule, rank)
+    # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
+    c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
     return [None if is_const(x) else unbroadcast(ctx.b, ctx.b.mul(x, c), x, z) for x in node.inputs]

@@ -215,8 +215,14 @@ def emit_rule(ctx, view: View, rule: Rule, R):
                 biases.append((t.sign, bias))
         mix = {k: a for k, a in mix.items() if a != 0.0}
         z = variants.denominator(mix, biases)
-        c = quotient(b, R, z, rule, rank)
-        if group.mask is not None:  # shared by the groups of a layer (built once per mask)
+        # R vanishes where z <= 0 (behind a ReLU): a z>0 mask is then a no-op, and a denominator above z
+        # is positive wherever R is not zero
+        quiet = ctx.no_relevance_below_zero(view.z)
+        biases_kept = not rule.zero_bias or view.bias is None
+        known = ("nonneg" if variants.nonneg_terms(terms) else
+                 "positive" if quiet and group.above_z and biases_kept else None)
+        c = quotient(b, R, z, rule, rank, known)
+        if group.mask is not None and not (quiet and group.mask == "z>0"):  # masks are built once per layer
             c = b.mul(c, variants.mask(group.mask))
         for key, a in mix.items():
             messages.setdefault(key, []).append((a * group.coef, c))
@@ -266,6 +272,21 @@ class _Variants:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+    def nonneg_terms(self, terms) -> bool:
+        """Every term input ⊙ weight (+ bias) is >= 0 by sign alone (z-plus, flat, w-square, …)."""
+        def sign(kind: str, name: str | None) -> int:
+            if name is None:
+                return 1
+            if kind == "input":
+                if name in ("x+", "ones") or (name == "x" and self.ctx.nonneg(self.view.x)):
+                    return 1
+                return -1 if name == "x-" else 0
+            if name.startswith("b") and self.rule.zero_bias:
+                return 1
+            return {"W+": 1, "W2": 1, "ones": 1, "W-": -1, "b+": 1, "b2": 1}.get(name, 0)
+        return all(t.sign * sign("input", t.input) * sign("weight", t.weight) > 0 and sign("bias", t.bias) > 0
+                   for t in terms)
 
     def mask(self, name: str):
         op = {"z>0": "Greater", "z<0": "Less"}[name]

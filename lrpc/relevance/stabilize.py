@@ -12,9 +12,16 @@ def indicator(b, op: str, z):
     return b.op("Cast", [b.op(op, [z, b.const(0.0)], dtype=bool)], {"to": _onnx_type(b.dtype)})
 
 
-def quotient(b, R, z, rule: Rule, rank: int | None):
-    """``R / stab(z)`` with the rule's stabilizer; a zero denominator passes zero, never NaN."""
+def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None):
+    """``R / stab(z)`` with the rule's stabilizer; a zero denominator passes zero, never NaN.
+
+    ``known`` (sign stabilizer only) lets the emitter skip the sign test: "nonneg" when z >= 0 everywhere
+    (then stab(z) = z + eps), "positive" when z > 0 wherever R != 0 (then max(z, 0) + eps equals stab(z)
+    there and is a safe nonzero divisor elsewhere)."""
     eps = rule.eps
+    if known and rule.stabilizer == "sign" and eps > 0:
+        # max(z, 0) also guards a mathematically non-negative z that float rounding pushed below 0
+        return b.op("Div", [R, b.add(b.op("Max", [z, b.const(0.0)]), b.const(eps))])
     nonneg = indicator(b, "GreaterOrEqual", z)  # sign0(z) = 2 * nonneg - 1 (zero counts as positive)
     if rule.stabilizer == "clip":
         mag = b.op("Max", [b.op("Abs", [z]), b.const(eps)])

@@ -1,0 +1,297 @@
+"""Explain images or tensors end to end: preprocess, compile (unless already compiled), run, write heatmaps.
+
+Used by ``lrpc explain``; the pieces are usable from Python too::
+
+    from lrpc.explain import load_image, prepare
+    session, spec = prepare("model.onnx", rules="epsilon-plus")
+    x, shown = load_image("cat.jpg", spec.size, spec.channels, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    logits, relevance = session.explain(x)
+
+Images are read with Pillow (``pip install 'lrpc[image]'``), converted to the model's channel count (1:
+grayscale, 3: RGB), resized so that they cover the target size (the shorter side fits), center-cropped to
+it, scaled to [0, 1] and normalized per channel with ``(x - mean) / std``. The model input is NCHW unless
+``layout="nhwc"``.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from . import compiler
+from .emit import SEED
+from .errors import InputError
+from .heatmap import _pil_image, grid, heatmap, overlay
+from .model_io import load_model
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class InputSpec:
+    """The explained model input: name, dims (None where dynamic), numpy dtype, layout, and for images the
+    target ``size`` (H, W) and ``channels`` (None where unknown)."""
+
+    name: str
+    dims: list
+    dtype: np.dtype
+    layout: str = "nchw"
+
+    @property
+    def size(self):
+        if len(self.dims) != 4:
+            return None
+        h, w = (self.dims[2], self.dims[3]) if self.layout == "nchw" else (self.dims[1], self.dims[2])
+        return (h, w) if h and w else None
+
+    @property
+    def channels(self):
+        if len(self.dims) != 4:
+            return None
+        return self.dims[1] if self.layout == "nchw" else self.dims[3]
+
+
+def model_input(model: onnx.ModelProto, layout: str = "nchw") -> InputSpec:
+    """The first graph input that is neither the relevance seed nor an initializer."""
+    inits = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name == SEED or inp.name in inits:
+            continue
+        t = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
+        try:
+            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
+        except Exception:
+            dtype = np.dtype(np.float32)
+        return InputSpec(inp.name, dims, dtype, layout)
+    raise InputError("the model has no input to explain")
+
+
+def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
+            layout: str = "nchw", size: tuple | None = None, providers=None, **options):
+    """Return ``(Session, InputSpec)``. ``model``: path or ModelProto, plain (compiled here with ``rules``
+    and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
+    ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling."""
+    from .runtime import Session
+
+    if layout not in ("nchw", "nhwc"):
+        raise InputError(f"--layout must be nchw or nhwc, got '{layout}'")
+    proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    if not isinstance(proto, onnx.ModelProto):
+        raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+    spec = model_input(proto, layout)
+    if size is not None and spec.size is not None and tuple(size) != spec.size:
+        raise InputError(f"--size {size[0]},{size[1]} differs from the static size {spec.size[0]},{spec.size[1]} "
+                         f"of model input '{spec.name}'")
+    compiled = SEED in {i.name for i in proto.graph.input}
+    if not compiled:
+        shapes = dict(input_shapes or {})
+        if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
+            h, w = size
+            shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
+        proto = compiler.compile(proto, rules, output=output, input_shapes=shapes or None, **options)
+        spec = model_input(proto, layout)
+    return Session(proto, providers=providers), spec
+
+
+def load_image(path, size, channels: int | None = 3, mean=None, std=None, layout: str = "nchw",
+               grayscale: bool = False, dtype=np.float32):
+    """Read an image file into a model input ``[1, C, H, W]`` (or ``[1, H, W, C]``).
+
+    Returns ``(tensor, shown)``: ``shown`` is the resized and cropped RGB PIL image before normalization
+    (for overlays). ``size``: (H, W). ``channels``: 1 or 3 (None: 1 with ``grayscale``, else 3)."""
+    Image = _pil_image()
+    from PIL import ImageOps
+
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{p}: no such file")
+    if p.is_dir():
+        raise InputError(f"{p}: is a directory, expected an image file")
+    try:
+        with Image.open(p) as im:
+            im.load()
+            img = ImageOps.exif_transpose(im)
+    except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{p}: cannot read image ({first})") from None
+    channels = channels or (1 if grayscale else 3)
+    if channels not in (1, 3):
+        raise InputError(f"{p}: the model input has {channels} channels; images give 1 (grayscale) or 3 (RGB)")
+    img = img.convert("L" if channels == 1 or grayscale else "RGB")
+    h, w = size
+    iw, ih = img.size
+    scale = max(h / ih, w / iw)
+    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
+    if (nw, nh) != (iw, ih):
+        img = img.resize((nw, nh), Image.BILINEAR)
+    left, top = (nw - w) // 2, (nh - h) // 2
+    img = img.crop((left, top, left + w, top + h))
+    a = np.asarray(img, dtype=np.float64) / 255.0
+    if a.ndim == 2:
+        a = a[..., None]
+    if a.shape[-1] != channels:
+        a = np.repeat(a, channels, axis=-1)
+    a = (a - _per_channel(mean, channels, 0.0, "--mean")) / _per_channel(std, channels, 1.0, "--std")
+    if layout == "nchw":
+        a = a.transpose(2, 0, 1)
+    return a[None].astype(dtype), img.convert("RGB")
+
+
+def _per_channel(values, channels: int, default: float, what: str) -> np.ndarray:
+    if values is None:
+        return np.full(channels, default)
+    v = np.atleast_1d(np.asarray(values, dtype=np.float64))
+    if v.size == 1:
+        v = np.full(channels, v[0])
+    if v.size != channels:
+        raise InputError(f"{what}: {v.size} values given, the model input has {channels} channel(s)")
+    if what == "--std" and np.any(v == 0):
+        raise InputError("--std: values must be nonzero")
+    return v
+
+
+def load_tensors(path, session) -> dict:
+    """Feeds from a ``.npy`` (the first model input) or ``.npz`` (one array: the first input; several:
+    one per model input, by name)."""
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: no such file")
+    try:
+        data = np.load(p, allow_pickle=False)
+        arrays = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else {session.inputs[0]: data}
+    except Exception as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"{p}: cannot read tensors (.npy/.npz expected): {first}") from None
+    if len(arrays) == 1:
+        return {session.inputs[0]: next(iter(arrays.values()))}
+    missing = [n for n in session.inputs if n not in arrays]
+    if missing:
+        raise InputError(f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays)})")
+    return {n: arrays[n] for n in session.inputs}
+
+
+def image_files(folder) -> list[Path]:
+    d = Path(folder)
+    if not d.exists():
+        raise InputError(f"{d}: no such directory")
+    if not d.is_dir():
+        raise InputError(f"{d}: not a directory")
+    files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"{d}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
+    return files
+
+
+def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnhot", level: float = 1.0):
+    """Heatmap of a relevance batch: one sample's image, or a grid of the samples' images."""
+    r = np.asarray(relevance)
+    if r.ndim == 0:
+        raise InputError("relevance is a scalar: nothing to draw")
+    maps = []
+    for sample in (r if r.ndim > 1 else r[None]):
+        if layout == "nhwc" and sample.ndim == 3:
+            sample = np.moveaxis(sample, -1, 0)
+        if sample.ndim > 3:
+            sample = sample.reshape(-1, *sample.shape[-2:])
+        maps.append(heatmap(sample, cmap=cmap, symmetric=True, level=level))
+    return maps[0] if len(maps) == 1 else grid(maps)
+
+
+def run(model, out, image=None, images=None, npy=None, target=None, rules="epsilon-gamma-box",
+        output=None, input_shapes=None, size=None, mean=None, std=None, grayscale=False, layout="nchw",
+        cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, log=print, **options) -> list[Path]:
+    """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
+    ``target``: a class index or None (each sample's top-1). ``options``: lrpc.Options fields; ``low``/``high``
+    left as None default to the range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std)."""
+    if sum(x is not None for x in (image, images, npy)) != 1:
+        raise InputError("give exactly one of --image, --images, --npy")
+    if with_overlay and npy is not None:
+        raise InputError("--overlay needs --image or --images (there is no picture under a tensor)")
+    if cmap not in ("coldnhot", "bwr", "seismic", "gray"):
+        raise InputError(f"unknown colormap '{cmap}'")
+    _pil_image()  # fail early and clearly without Pillow
+    if npy is not None:
+        sources = [Path(npy)]
+    elif image is not None:
+        sources = [Path(image)]
+        if not sources[0].is_file():
+            raise InputError(f"{image}: no such file" if not sources[0].exists() else f"{image}: not a file")
+    else:
+        sources = image_files(images)
+    targets = _outputs(out, sources, many=images is not None)
+
+    for key, edge in (("low", 0.0), ("high", 1.0)):
+        if options.get(key) is None:  # default: the range of [0, 1] images after normalization
+            v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if npy is None else np.array([edge])
+            options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
+    session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
+                            **options)
+
+    written = []
+    for src, (png, npy_out) in zip(sources, targets):
+        shown = None
+        if npy is not None:
+            feeds = load_tensors(src, session)
+        else:
+            if len(spec.dims) != 4:
+                raise InputError(f"model input '{spec.name}' has rank {len(spec.dims)}; images need rank 4 "
+                                 f"({spec.layout.upper()}); use --npy for other inputs")
+            hw = tuple(size) if size is not None else spec.size
+            if hw is None:
+                raise InputError(f"model input '{spec.name}' has a dynamic height/width: give --size H,W")
+            x, shown = load_image(src, hw, spec.channels, mean, std, layout, grayscale, spec.dtype)
+            feeds = {session.inputs[0]: x}
+        first = next(iter(feeds.values()))
+        batch = first.shape[0] if np.ndim(first) else 1
+        scores, relevance = session.explain(feeds, target=target)
+        if isinstance(relevance, list):  # several float inputs: the first one's relevance
+            relevance = relevance[0]
+        chosen = [int(target)] * batch if target is not None else \
+            np.argmax(np.asarray(scores).reshape(batch, -1), axis=1).tolist()
+        pic = heat_image(relevance, layout, cmap, level)
+        if with_overlay and shown is not None:
+            pic = overlay(shown, pic, overlay_alpha)
+        np.save(npy_out, relevance)
+        try:
+            pic.save(png)
+        except Exception as e:
+            raise InputError(f"{png}: cannot write image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        written += [png, npy_out]
+        log(f"{src.name}: target {'top1 ' if target is None else ''}{','.join(map(str, chosen))} -> {png}, {npy_out}")
+    return written
+
+
+def _arr(v, default):
+    return np.atleast_1d(np.asarray(default if v is None else v, dtype=np.float64))
+
+
+def _outputs(out, sources: list[Path], many: bool) -> list[tuple[Path, Path]]:
+    """(heatmap path, relevance .npy path) per source; refuses to overwrite any source."""
+    o = Path(out)
+    if many or o.is_dir() or str(out).endswith(("/", os.sep)):
+        if o.exists() and not o.is_dir():
+            raise InputError(f"{o}: exists and is not a directory (directory mode writes <stem>.png per image)")
+        if not o.parent.exists():
+            raise InputError(f"{o.parent}: output folder does not exist")
+        o.mkdir(exist_ok=True)
+        stems = [s.stem for s in sources]
+        names = [s.stem if stems.count(s.stem) == 1 else s.name for s in sources]
+        pairs = [(o / f"{n}.png", o / f"{n}.npy") for n in names]
+    else:
+        if o.suffix.lower() not in IMAGE_SUFFIXES:
+            raise InputError(f"{o}: the output needs an image suffix ({', '.join(IMAGE_SUFFIXES)}), e.g. heat.png")
+        if not o.parent.exists():
+            raise InputError(f"{o.parent}: output folder does not exist")
+        pairs = [(o, o.with_suffix(".npy"))]
+    inputs = {s.resolve() for s in sources}
+    for pair in pairs:
+        for p in pair:
+            if p.resolve() in inputs:
+                raise InputError(f"{p}: refusing to overwrite an input file")
+    return pairs

@@ -1,0 +1,324 @@
+"""Heatmaps (colormaps, symmetric scaling) and `lrpc explain` against Session(compile(...)).explain."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+PIL = pytest.importorskip("PIL")
+from PIL import Image  # noqa: E402
+
+import lrpc  # noqa: E402
+from lrpc import cli  # noqa: E402
+from lrpc.errors import InputError  # noqa: E402
+from lrpc.heatmap import colorize, grid, heatmap, overlay  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+SAMPLES = np.load(ROOT / "models" / "digits_samples.npz")
+
+CYAN, BLUE, BLACK, RED, YELLOW, WHITE = (0, 255, 255), (0, 0, 255), (0, 0, 0), (255, 0, 0), (255, 255, 0), (255, 255, 255)
+
+
+# ---------------------------------------------------------------- heatmap ------------------------------------------
+
+@pytest.mark.parametrize("cmap, neg, mid, pos", [
+    ("coldnhot", CYAN, BLACK, WHITE),
+    ("bwr", BLUE, WHITE, RED),
+    ("seismic", (0, 0, 0xD0), (0xD0, 0xD0, 0xD0), (0xD0, 0, 0)),
+    ("gray", BLACK, (128, 128, 128), WHITE),
+])
+def test_colormap_ends_and_middle(cmap, neg, mid, pos):
+    rgb = colorize(np.array([[-3.0, 0.0, 3.0]]), cmap)
+    assert rgb.dtype == np.uint8 and rgb.shape == (1, 3, 3)
+    assert tuple(rgb[0, 0]) == neg and tuple(rgb[0, 2]) == pos
+    assert np.abs(rgb[0, 1].astype(int) - mid).max() <= 1  # gray's middle is 127.5
+
+
+def test_coldnhot_hot_and_cold_sides():
+    # t = (R / max|R| + 1) / 2: -0.5 -> t 0.25 (blue), 1/3 -> t 2/3 (red), 2/3 -> t 5/6 (yellow)
+    rgb = colorize(np.array([[-0.5, 1 / 3, 2 / 3, 1.0]]), "coldnhot")
+    assert [tuple(c) for c in rgb[0, :3]] == [BLUE, RED, YELLOW]
+
+
+def test_symmetric_scaling_uses_max_abs():
+    r = np.array([[-1.0, 0.0, 4.0]])
+    rgb = colorize(r, "bwr")
+    # -1 of max|R| 4 -> t = 0.375: 3/4 of the way from blue to white
+    assert tuple(rgb[0, 0]) == (191, 191, 255)
+    assert tuple(rgb[0, 1]) == WHITE and tuple(rgb[0, 2]) == RED
+    # unaligned: min -> negative end, max -> positive end
+    rgb = colorize(r, "bwr", symmetric=False)
+    assert tuple(rgb[0, 0]) == BLUE and tuple(rgb[0, 2]) == RED
+    # scale invariance
+    assert np.array_equal(colorize(r * 1e-7, "coldnhot"), colorize(r, "coldnhot"))
+
+
+def test_level_saturates_and_degenerate_maps():
+    rgb = colorize(np.array([[-0.5, 0.5, 1.0]]), "bwr", level=2.0)
+    assert tuple(rgb[0, 0]) == BLUE and tuple(rgb[0, 1]) == RED
+    assert np.all(colorize(np.zeros((2, 2)), "coldnhot") == 0)            # all zero -> black (middle)
+    assert np.all(colorize(np.full((2, 2), np.nan), "bwr") == 255)        # NaN counts as 0 -> white
+
+
+def test_heatmap_shapes_and_channel_sum():
+    rng = np.random.default_rng(0)
+    r = rng.standard_normal((3, 5, 7))
+    img = heatmap(r)
+    assert isinstance(img, Image.Image) and img.mode == "RGB" and img.size == (7, 5)
+    assert np.array_equal(np.asarray(img), np.asarray(heatmap(r.sum(0))))
+    assert np.array_equal(np.asarray(heatmap(r[None])), np.asarray(img))
+    with pytest.raises(InputError, match="batch"):
+        heatmap(np.zeros((2, 3, 5, 7)))
+    with pytest.raises(InputError, match="colormap"):
+        heatmap(r, cmap="jet")
+
+
+def test_matches_zennit_palettes():
+    zimage = pytest.importorskip("zennit.image")
+    x = np.linspace(-1.0, 1.0, 256)[None]  # zennit's palette samples
+    for cmap in ("coldnhot", "bwr", "seismic", "gray"):
+        ours = colorize(x, cmap)[0].astype(int)
+        assert np.abs(ours - zimage.palette(cmap).astype(int)).max() <= 3, cmap
+
+
+def test_overlay_and_grid():
+    base = Image.new("RGB", (8, 8), (10, 20, 30))
+    heat = heatmap(np.ones((4, 4)))  # all +max -> white, upscaled to 8x8
+    assert np.all(np.asarray(overlay(base, heat, 0.0)) == (10, 20, 30))
+    assert np.all(np.asarray(overlay(base, heat, 1.0)) == 255)
+    half = np.asarray(overlay(np.zeros((8, 8)), heat, 0.5)).astype(int)
+    assert np.abs(half - 128).max() <= 1
+    g = grid([heat, heat, heat], cols=2, pad=1)
+    assert g.size == (4 * 2 + 1, 4 * 2 + 1)
+    assert np.all(np.asarray(g)[5:, 5:] == 255)  # the empty cell is fill
+
+
+def test_pillow_is_an_optional_extra():
+    tomllib = pytest.importorskip("tomllib")
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert not any(d.lower().startswith("pillow") for d in meta["dependencies"])
+    assert "pillow" in meta["optional-dependencies"]["image"]
+    assert "pillow" in meta["optional-dependencies"]["test"]
+    code = "import sys, lrpc, lrpc.heatmap, lrpc.explain, lrpc.cli; print('PIL' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"
+
+
+def test_missing_pillow_is_one_clear_error(monkeypatch, tmp_path, capsys):
+    png = _digit_png(tmp_path, 0)
+    monkeypatch.setitem(sys.modules, "PIL", None)
+    monkeypatch.setitem(sys.modules, "PIL.Image", None)
+    with pytest.raises(InputError, match=r"lrpc\[image\]"):
+        heatmap(np.ones((2, 2)))
+    code = cli.main(["explain", str(DIGITS), "--image", str(png), "-o", str(tmp_path / "h.png")])
+    _one_line(code, capsys, "lrpc[image]")
+
+
+# ---------------------------------------------------------------- lrpc explain -------------------------------------
+
+def _digit_png(folder: Path, i: int, name: str | None = None) -> Path:
+    path = folder / (name or f"digit{i}.png")
+    Image.fromarray(np.rint(SAMPLES["images"][i, 0] * 255).astype(np.uint8)).save(path)
+    return path
+
+
+def _read_png(path) -> np.ndarray:
+    """The oracle's preprocessing: 8-bit grayscale -> [0, 1] -> [1, 1, H, W]."""
+    return (np.asarray(Image.open(path).convert("L"), dtype=np.float32) / 255.0)[None, None]
+
+
+_SESSIONS: dict = {}
+
+
+def _oracle(x, target=None, **options):
+    key = tuple(sorted((k, str(v)) for k, v in options.items()))
+    if key not in _SESSIONS:
+        _SESSIONS[key] = lrpc.Session(lrpc.compile(str(DIGITS), "epsilon-gamma-box", **options),
+                                      providers=["CPUExecutionProvider"])
+    return _SESSIONS[key].explain(x, target=target)
+
+
+def _one_line(code, capsys, contains=""):
+    err = capsys.readouterr().err
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrpc: error: ") and contains in lines[0], err
+
+
+@pytest.mark.parametrize("target", [None, 3])
+def test_explain_png_matches_session(tmp_path, capsys, target):
+    png = _digit_png(tmp_path, 0)
+    out = tmp_path / "heat.png"
+    argv = ["explain", str(DIGITS), "--image", str(png), "-o", str(out)]
+    code = cli.main(argv + ([] if target is None else ["--target", str(target)]))
+    assert code == 0, capsys.readouterr().err
+    relevance = np.load(tmp_path / "heat.npy")
+    x = _read_png(png)
+    scores, expected = _oracle(x, target, low=0.0, high=1.0)
+    assert relevance.shape == (1, 1, 8, 8)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-5)
+    pic = Image.open(out)
+    assert pic.size == (8, 8) and pic.mode == "RGB"
+    assert np.array_equal(np.asarray(pic), colorize(expected[0], "coldnhot"))
+    # the most relevant pixel is the colormap's end: white (positive) or cyan (negative)
+    r = expected[0, 0]
+    k = np.unravel_index(np.abs(r).argmax(), r.shape)
+    assert tuple(np.asarray(pic)[k]) == (WHITE if r[k] > 0 else CYAN)
+    shown = int(np.argmax(scores)) if target is None else target
+    assert f"target {'top1 ' if target is None else ''}{shown} " in capsys.readouterr().out
+
+
+def test_explain_normalization_sets_zbox_bounds(tmp_path, capsys):
+    png = _digit_png(tmp_path, 1)
+    out = tmp_path / "heat.png"
+    code = cli.main(["explain", str(DIGITS), "--image", str(png), "--mean", "0.5", "--std", "0.25",
+                     "--size", "8,8", "--cmap", "bwr", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    x = (_read_png(png) - 0.5) / 0.25
+    _, expected = _oracle(x, None, low=-2.0, high=2.0)  # (0 - 0.5) / 0.25, (1 - 0.5) / 0.25
+    np.testing.assert_allclose(np.load(tmp_path / "heat.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert np.array_equal(np.asarray(Image.open(out)), colorize(expected[0], "bwr"))
+
+
+def test_explain_center_crops_to_model_size(tmp_path, capsys):
+    wide = np.zeros((8, 16), np.uint8)
+    wide[:, 4:12] = np.rint(SAMPLES["images"][2, 0] * 255).astype(np.uint8)
+    wide[:, :4] = 255  # cropped away
+    wide[:, 12:] = 255
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    Image.fromarray(wide[:, 4:12]).save(tmp_path / "ref.png")
+    assert cli.main(["explain", str(DIGITS), "--image", str(tmp_path / "wide.png"), "-o", str(tmp_path / "a.png")]) == 0
+    assert cli.main(["explain", str(DIGITS), "--image", str(tmp_path / "ref.png"), "-o", str(tmp_path / "b.png")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "a.npy"), np.load(tmp_path / "b.npy"))
+
+
+def test_explain_compiled_model_is_not_recompiled(tmp_path, capsys, monkeypatch):
+    compiled = tmp_path / "digits.lrp.onnx"
+    onnx.save(lrpc.compile(str(DIGITS), "epsilon-gamma-box"), str(compiled))
+    png = _digit_png(tmp_path, 3)
+
+    def no_compile(*a, **k):
+        raise AssertionError("recompiled")
+
+    monkeypatch.setattr(lrpc.compiler, "compile", no_compile)
+    code = cli.main(["explain", str(compiled), "--image", str(png), "-o", str(tmp_path / "c.png"), "--target", "5"])
+    assert code == 0, capsys.readouterr().err
+    monkeypatch.undo()
+    _, expected = _oracle(_read_png(png), 5, low=0.0, high=1.0)
+    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_explain_directory_one_file_per_image(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    pngs = [_digit_png(src, i) for i in range(3)]
+    (src / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--overlay", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"digit{i}.{e}" for i in range(3) for e in ("png", "npy")])
+    for png in pngs:
+        _, expected = _oracle(_read_png(png), None, low=0.0, high=1.0)
+        np.testing.assert_allclose(np.load(out / f"{png.stem}.npy"), expected, rtol=1e-5, atol=1e-5)
+        assert Image.open(out / png.name).size == (8, 8)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 3
+
+
+def test_explain_npy_batch(tmp_path, capsys):
+    x = SAMPLES["images"][:4]
+    np.save(tmp_path / "x.npy", x)
+    code = cli.main(["explain", str(DIGITS), "--npy", str(tmp_path / "x.npy"), "--target", "3", "-o",
+                     str(tmp_path / "n.png")])
+    assert code == 0, capsys.readouterr().err
+    _, expected = _oracle(x, 3, low=0.0, high=1.0)
+    np.testing.assert_allclose(np.load(tmp_path / "n.npy"), expected, rtol=1e-5, atol=1e-5)
+    assert Image.open(tmp_path / "n.png").size == (8 * 2 + 2, 8 * 2 + 2)  # a 2x2 grid of the 4 heatmaps
+
+
+def _bad_png(tmp_path):
+    p = tmp_path / "broken.png"
+    p.write_bytes(b"this is not a png")
+    return p
+
+
+@pytest.mark.parametrize("case, contains", [
+    ("missing", "no such file"),
+    ("empty-dir", "no images"),
+    ("not-image", "cannot read image"),
+    ("text-file", "cannot read image"),
+    ("bad-size", "--size"),
+    ("size-mismatch", "differs from the static size"),
+    ("bad-target", "--target"),
+    ("target-range", "out of range"),
+    ("overwrite", "refusing to overwrite"),
+])
+def test_explain_errors_are_one_line(tmp_path, capsys, case, contains):
+    png = _digit_png(tmp_path, 0)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "readme.txt").write_text("no images here")
+    txt = tmp_path / "notes.txt"
+    txt.write_text("hello")
+    out = ["-o", str(tmp_path / "h.png")]
+    argv = {
+        "missing": ["--image", str(tmp_path / "nope.png"), *out],
+        "empty-dir": ["--images", str(empty), "-o", str(tmp_path / "o")],
+        "not-image": ["--image", str(_bad_png(tmp_path)), *out],
+        "text-file": ["--image", str(txt), *out],
+        "bad-size": ["--image", str(png), "--size", "8x8", *out],
+        "size-mismatch": ["--image", str(png), "--size", "16,16", *out],
+        "bad-target": ["--image", str(png), "--target", "cat", *out],
+        "target-range": ["--image", str(png), "--target", "10", *out],
+        "overwrite": ["--image", str(png), "-o", str(png)],
+    }[case]
+    before = png.read_bytes()
+    _one_line(cli.main(["explain", str(DIGITS), *argv]), capsys, contains)
+    assert png.read_bytes() == before
+    assert not (tmp_path / "h.png").exists()
+
+
+def test_explain_error_exit_code_from_the_command_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "explain", str(DIGITS), "--image",
+                           str(tmp_path / "missing.png"), "-o", str(tmp_path / "h.png")], capture_output=True, text=True)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing.png: no such file" in lines[0], proc.stderr
+
+
+def test_explain_nhwc_rgb_model(tmp_path, capsys):
+    """input [1,6,6,3] (NHWC) -> Transpose -> Conv -> Relu -> Flatten -> Gemm; RGB image, mean/std."""
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((2, 3, 3, 3)).astype(np.float32)
+    g = rng.standard_normal((4, 72)).astype(np.float32)
+    nodes = [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+             helper.make_node("Conv", ["t", "w"], ["c"], pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Flatten", ["r"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "nhwc", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 6, 6, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(g, "g")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "nhwc.onnx"
+    onnx.save(model, str(path))
+    pixels = rng.integers(0, 256, (12, 9, 3), dtype=np.uint8)  # H 12, W 9 -> resized to 8x6, cropped to 6x6
+    Image.fromarray(pixels).save(tmp_path / "rgb.png")
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    code = cli.main(["explain", str(path), "--image", str(tmp_path / "rgb.png"), "--layout", "nhwc", "--rules",
+                     "epsilon-plus", "--mean", ",".join(map(str, mean)), "--std", ",".join(map(str, std)),
+                     "--target", "2", "-o", str(tmp_path / "h.png")])
+    assert code == 0, capsys.readouterr().err
+    shown = Image.open(tmp_path / "rgb.png").convert("RGB").resize((6, 8), Image.BILINEAR).crop((0, 1, 6, 7))
+    x = ((np.asarray(shown, np.float64) / 255.0 - mean) / std)[None].astype(np.float32)
+    expected = lrpc.Session(lrpc.compile(model, "epsilon-plus"), providers=["CPUExecutionProvider"]).explain(x, 2)[1]
+    relevance = np.load(tmp_path / "h.npy")
+    assert relevance.shape == (1, 6, 6, 3)
+    np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-6)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "h.png")), colorize(expected[0].sum(-1), "coldnhot"))
