@@ -402,3 +402,24 @@ def test_unet_lrp0_equals_gradient_times_input():
     r = out["relevance"].astype(np.float64)
     err = float(np.linalg.norm(r - want) / np.linalg.norm(want))
     assert err <= 1e-5, err
+
+
+def test_unet_region_mask_seed_explains_the_region():
+    """Segmentation: seed = region mask x pre-activation, so LRP-0 equals gradient x input of the region's
+    summed logits; a final Sigmoid is skipped (its input is explained)."""
+    torch.manual_seed(2)
+    net = _UNet(sigmoid=True).eval()
+    model = _export_unet(net)
+    rng = np.random.default_rng(8)
+    x = rng.random([2, 3, 16, 12]).astype(np.float32)
+    mask = np.zeros([2, 1, 16, 12], np.float32)
+    mask[:, :, 4:10, 3:8] = 1.0
+    xt = torch.from_numpy(x).double().requires_grad_(True)
+    logits = torch.logit(net.double()(xt), eps=0)  # the pre-activation the compiler explains
+    seed = (torch.from_numpy(mask).double() * logits).detach().numpy().astype(np.float32)
+    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
+    out = _run(compiled, {"x": x, "relevance_seed": seed})
+    (logits * torch.from_numpy(mask).double()).sum().backward()
+    want = (xt.grad * xt).detach().numpy()
+    r = out["relevance"].astype(np.float64)
+    assert float(np.linalg.norm(r - want) / np.linalg.norm(want)) <= 1e-4
