@@ -1,4 +1,4 @@
-"""Command line: ``lrpc compile | canonize | rules``. Maps errors to one stderr line and an exit code."""
+"""Command line: ``lrpc compile | check | explain | canonize | rules``. Errors become one stderr line + exit code."""
 from __future__ import annotations
 
 import argparse
