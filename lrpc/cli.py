@@ -131,8 +131,26 @@ def _options(args) -> composites.Options:
                               zero_bias=args.zero_bias, maxpool=args.maxpool)
 
 
+def _join_negative_lists(argv: list[str]) -> list[str]:
+    """argparse reads "--low -2.1,-2.0" as two options: glue number lists to their flag ("--low=-2.1,-2.0")."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] in ("--low", "--high", "--mean", "--std") and i + 1 < len(argv) and argv[i + 1].startswith("-"):
+            try:
+                [float(v) for v in argv[i + 1].split(",")]
+            except ValueError:
+                pass
+            else:
+                out.append(f"{argv[i]}={argv[i + 1]}")
+                i += 2
+                continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_join_negative_lists(list(sys.argv[1:] if argv is None else argv)))
     try:
         return _run(args)
     except LrpcError as e:

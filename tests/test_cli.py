@@ -329,3 +329,25 @@ def test_control_flow_on_path_is_unsupported(tmp_path):
     onnx.save(m, str(tmp_path / "if.onnx"))
     code, _, err = lrpc("compile", tmp_path / "if.onnx", "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="node 'branch' (If)")
+
+
+def test_negative_per_channel_bounds(tmp_path):
+    """`--low -2,-1` (negative per-channel list) must parse, and the bounds reach the z-box rule."""
+    code, _, err = lrpc("compile", DIGITS, "--low", "-2.5", "--high", "2.5", "-o", tmp_path / "a.onnx")
+    assert code == 0, err
+    code, _, err = lrpc("compile", DIGITS, "--low", "-2,-1", "--high", "1,2", "-o", tmp_path / "b.onnx")
+    one_line_error(code, err, contains="z-box --low has 2 per-channel values but the input of node '/body/body.0/Conv'")
+    x = np.load(ROOT / "models" / "digits_samples.npz")["images"][:2]
+    seed = np.eye(10, dtype=np.float32)[[0, 1]]
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"input": x, "relevance_seed": seed})[1]
+    rules = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}["lrpc.rules"]
+    assert "zbox(low=-2.5, high=2.5)" in rules
+    assert not np.allclose(run(tmp_path / "a.onnx"), lrpc_default_relevance(x, seed, tmp_path))
+
+
+def lrpc_default_relevance(x, seed, tmp_path):
+    code, _, err = lrpc("compile", DIGITS, "-o", tmp_path / "d.onnx")
+    assert code == 0, err
+    return ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x, "relevance_seed": seed})[1]

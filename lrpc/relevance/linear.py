@@ -319,9 +319,16 @@ class _Variants:
         x = self.view.x
         rank = len(x.shape) if x.shape is not None else 4
         if value.ndim == 1 and value.size > 1:  # per channel
+            channels = x.shape[1] if x.shape is not None and len(x.shape) > 1 else None
+            if isinstance(channels, (int, np.integer)) and channels != value.size:
+                raise UnsupportedError(f"z-box --{name} has {value.size} per-channel values but the input of "
+                                       f"{where(self.view.node)} has {channels} channel(s)")
             value = value.reshape([1, -1] + [1] * (rank - 2))
         elif value.ndim == rank - 1:  # one sample's shape
             value = value[None]
+        elif value.ndim > 1:
+            raise UnsupportedError(f"z-box --{name} of shape {list(value.shape)} does not fit the input of "
+                                   f"{where(self.view.node)} (shape {x.shape}): give a number, one per channel, or one sample's shape")
         return self.b.const(value.astype(self.b.dtype))
 
     def weight(self, name: str):
