@@ -193,37 +193,37 @@ def test_unknown_output_name(tmp_path):
     one_line_error(code, err, contains="--output nope")
 
 
+def with_external_data(folder) -> Path:
+    """The digits model saved in ``folder`` with its weights in ``folder/weights.bin``."""
+    onnx.save_model(onnx.load(str(DIGITS)), str(folder / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="weights.bin", size_threshold=0)
+    return folder / "m.onnx"
+
+
 def test_external_data_escaping_folder(tmp_path):
-    model = onnx.load(str(DIGITS))
     inner = tmp_path / "inner"
     inner.mkdir()
-    onnx.save_model(model, str(inner / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    path = with_external_data(inner)
     (inner / "weights.bin").rename(tmp_path / "weights.bin")  # the data now lies one folder up
-    escaping = onnx.load(str(inner / "m.onnx"), load_external_data=False)
+    escaping = onnx.load(str(path), load_external_data=False)
     for t in escaping.graph.initializer:
         for entry in t.external_data:
             if entry.key == "location":
                 entry.value = "../weights.bin"
-    (inner / "m.onnx").write_bytes(escaping.SerializeToString())
-    code, _, err = lrpc("compile", inner / "m.onnx", "-o", tmp_path / "o.onnx")
+    path.write_bytes(escaping.SerializeToString())
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="outside the model's folder")
 
 
 def test_external_data_missing(tmp_path):
-    model = onnx.load(str(DIGITS))
-    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
+    path = with_external_data(tmp_path)
     (tmp_path / "weights.bin").unlink()
-    code, _, err = lrpc("compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx")
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="missing")
 
 
 def test_external_data_inside_folder_works(tmp_path):
-    model = onnx.load(str(DIGITS))
-    onnx.save_model(model, str(tmp_path / "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location="weights.bin", size_threshold=0)
-    code, _, err = lrpc("compile", tmp_path / "m.onnx", "-o", tmp_path / "o.onnx")
+    code, _, err = lrpc("compile", with_external_data(tmp_path), "-o", tmp_path / "o.onnx")
     assert code == 0, err
 
 
