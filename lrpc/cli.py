@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import traceback
 
@@ -64,6 +65,16 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--junit", help="write the report as JUnit XML")
     ch.add_argument("--quiet", action="store_true", help="no per-layer table")
     _rule_flags(ch)
+
+    i = sub.add_parser("inspect", help="per-layer relevance table: where does conservation break?")
+    i.add_argument("model")
+    i.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
+    i.add_argument("--image", help="an image file, preprocessed as by `lrpc explain` (needs Pillow)")
+    i.add_argument("--preset", choices=["imagenet"], help="mean/std of the image preprocessing")
+    i.add_argument("--target", type=int, help="class index to explain (default: each sample's top-1)")
+    i.add_argument("--tol", type=_nonneg_float, default=1e-3, help="|in/out − 1| that marks a layer (default 1e-3)")
+    i.add_argument("--json", help="write the table as JSON")
+    _rule_flags(i)
 
     k = sub.add_parser("canonize", help="write the canonical forward model")
     k.add_argument("model")
@@ -178,6 +189,8 @@ def _run(args) -> int:
     if args.command == "rules":
         print(composites.describe())
         return 0
+    if args.command == "inspect":
+        return _inspect(args)
     if args.command == "check":
         return _check(args)
     if args.command == "explain":
@@ -192,6 +205,35 @@ def _run(args) -> int:
                         input_shapes=dict(args.input_shape), **asdict(_options(args)))
     save_model(model, args.out, protect=[args.model])
     print(f"wrote {args.out}")
+    return 0
+
+
+def _inspect(args) -> int:
+    import numpy as np
+
+    from .inspect import inspect, table
+
+    inputs = None
+    if args.inputs:
+        try:
+            inputs = dict(np.load(args.inputs))
+        except Exception as e:
+            raise InputError(f"{args.inputs}: cannot read inputs (.npz expected): {str(e).splitlines()[0]}") from None
+    elif args.image:
+        from .explain import load_image, model_input
+        from .model_io import load_model
+
+        spec = model_input(load_model(args.model))
+        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if args.preset == "imagenet" else (None, None)
+        tensor, _ = load_image(args.image, spec.size, spec.channels, mean, std)
+        inputs = {spec.name: tensor}
+    result = inspect(args.model, args.rules, _options(args), inputs, args.target, args.tol, args.output,
+                     dict(args.input_shape))
+    print(table(result))
+    if result["warning"]:
+        print(f"lrpc: warning: {result['warning']}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=1))
     return 0
 
 

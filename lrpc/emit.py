@@ -54,7 +54,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ``layerwise="sums"`` adds, for every layer with a rule (and MaxPool), outputs
     ``relevance_sum_in/<node>`` and ``relevance_sum_out/<node>``: per-sample sums of the relevance the
     layer receives at its outputs and sends to its inputs, so a table shows where conservation breaks.
-    ``layerwise="full"`` adds ``relevance_in/<node>``: the relevance sent to the layer's (first) input."""
+    ``layerwise="full"`` adds those and ``relevance_in/<node>``: the relevance sent to the layer's (first) input."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
     graph = canon.graph
@@ -104,9 +104,8 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
             if layerwise == "full":
                 t, r = sent[0] if sent else (node.inputs[0], builder.zeros_like(node.inputs[0]))
                 extra.append((f"relevance_in/{node.name}", r, t.shape))
-            else:
-                extra.append((f"relevance_sum_out/{node.name}", _per_sample_sum(builder, r_out), ["batch"]))
-                extra.append((f"relevance_sum_in/{node.name}", _per_sample_sum(builder, [r for _, r in sent]), ["batch"]))
+            extra.append((f"relevance_sum_out/{node.name}", _per_sample_sum(builder, r_out), ["batch"]))
+            extra.append((f"relevance_sum_in/{node.name}", _per_sample_sum(builder, [r for _, r in sent]), ["batch"]))
             layer_table.append({"name": node.name, "op": canon.origin.get(node.name, node.op),
                                 "rule": rules[node.name].describe() if node.name in rules else "route"})
 

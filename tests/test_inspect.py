@@ -1,0 +1,78 @@
+"""`lrpc inspect`: the per-layer relevance table (the conservation debugger)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+import lrpc
+from lrpc.composites import Options
+from lrpc.inspect import inspect
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+
+
+def cli(*args):
+    proc = subprocess.run([sys.executable, "-m", "lrpc.cli", *map(str, args)], capture_output=True, text=True)
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def digits_inputs(n=3):
+    return {"input": np.load(ROOT / "models" / "digits_samples.npz")["images"][:n]}
+
+
+def test_table_sums_are_the_layer_relevance_sums():
+    feeds = digits_inputs()
+    result = inspect(DIGITS, "epsilon-gamma-box", inputs=feeds, target=4)
+    # oracle: the same compiled graph's per-layer tensors, summed here
+    compiled = lrpc.compile(DIGITS, "epsilon-gamma-box", layerwise="full")
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    seed = np.zeros((3, 10), np.float32)
+    seed[:, 4] = 1
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, "relevance_seed": seed})))
+    assert [r["op"] for r in result["layers"]] == ["Conv", "MaxPool", "Conv", "AveragePool", "Gemm", "Gemm"]
+    for row in result["layers"]:
+        r = outs[f"relevance_in/{row['name']}"].astype(np.float64)
+        assert np.isclose(row["sum"], r.sum(), rtol=1e-5, atol=1e-7)
+        assert np.isclose(row["range"], r.max() - r.min(), rtol=1e-6)
+        assert np.isclose(row["ratio_to_seed"], r.sum() / 3.0, rtol=1e-5, atol=1e-7)
+    assert np.isclose(result["input_sum"], outs["relevance"].sum(dtype=np.float64), rtol=1e-6)
+    assert result["target"] == [4, 4, 4] and result["seed_sum"] == 3.0
+
+
+def test_conserving_setup_has_no_break_and_no_warning():
+    # flat first layer (the digits background is exactly 0), zero biases, tiny stabilizers: conserves
+    opts = Options(zero_bias=True, epsilon=1e-9, stabilizer_eps=1e-9)
+    result = inspect(DIGITS, "epsilon-plus-flat", opts, inputs=digits_inputs())
+    assert result["warning"] is None and result["first_break"] is None
+    assert all(abs(r["in_over_out"] - 1) < 1e-4 for r in result["layers"])
+    assert abs(result["input_sum"] - result["seed_sum"]) < 1e-4 * result["seed_sum"]
+
+
+def test_cli_warns_and_names_the_first_break(tmp_path):
+    np.savez(tmp_path / "in.npz", **digits_inputs())
+    code, out, err = cli("inspect", DIGITS, "--rules", "epsilon-plus", "--epsilon", "100", "--inputs",
+                         tmp_path / "in.npz", "--json", tmp_path / "t.json")
+    assert code == 0, err
+    assert "<- first break" in out and out.count("\n") >= 7
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lrpc: warning:") and "'/body/body.12/Gemm'" in lines[0]
+    data = json.loads((tmp_path / "t.json").read_text())
+    assert data["first_break"] == "/body/body.12/Gemm" and data["layers"][-1]["breaks"]
+
+
+def test_cli_image_input(tmp_path):
+    from PIL import Image
+
+    x = digits_inputs(1)["input"]
+    Image.fromarray((x[0, 0] * 255).round().astype(np.uint8)).save(tmp_path / "d.png")
+    code, out, err = cli("inspect", DIGITS, "--image", tmp_path / "d.png", "--target", "0", "--json", tmp_path / "t.json")
+    assert code == 0, err
+    assert json.loads((tmp_path / "t.json").read_text())["target"] == [0]
+    code, _, err = cli("inspect", DIGITS, "--image", tmp_path / "missing.png")
+    assert code == 2 and err.startswith("lrpc: error:") and "Traceback" not in err
