@@ -208,18 +208,23 @@ def _run(args) -> int:
     return 0
 
 
-def _inspect(args) -> int:
+def _read_inputs(path):
+    """The arrays of an --inputs .npz (one per model input), or None without one."""
     import numpy as np
 
+    if not path:
+        return None
+    try:
+        return dict(np.load(path))
+    except Exception as e:
+        raise InputError(f"{path}: cannot read inputs (.npz expected): {str(e).splitlines()[0]}") from None
+
+
+def _inspect(args) -> int:
     from .inspect import inspect, table
 
-    inputs = None
-    if args.inputs:
-        try:
-            inputs = dict(np.load(args.inputs))
-        except Exception as e:
-            raise InputError(f"{args.inputs}: cannot read inputs (.npz expected): {str(e).splitlines()[0]}") from None
-    elif args.image:
+    inputs = _read_inputs(args.inputs)
+    if inputs is None and args.image:
         from .explain import load_image, model_input
         from .model_io import load_model
 
@@ -238,16 +243,9 @@ def _inspect(args) -> int:
 
 
 def _check(args) -> int:
-    import numpy as np
-
     from .check import run_check
 
-    inputs = None
-    if args.inputs:
-        try:
-            inputs = dict(np.load(args.inputs))
-        except Exception as e:
-            raise InputError(f"{args.inputs}: cannot read inputs (.npz expected): {str(e).splitlines()[0]}") from None
+    inputs = _read_inputs(args.inputs)
     report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,
                        output=args.output, seed=args.seed, input_shapes=dict(args.input_shape))
     if args.quiet:

@@ -35,6 +35,13 @@ def one_line_error(code, err, expected_code=2, contains=""):
     assert contains in lines[0], err
 
 
+def save_graph(graph, path) -> None:
+    """Save a hand-built opset-17 graph as a model."""
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+
+
 def tiny_model(path, op="Relu", domain="", weight_values=None, opset=17):
     """input [1,2,4,4] -> Conv(2->3, 3x3) -> op -> output."""
     rng = np.random.default_rng(0)
@@ -144,9 +151,7 @@ def test_unsupported_standard_op_lists_all(tmp_path):
              helper.make_node("MatMul", ["c", "w"], ["out"], name="mm")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2, 4])], [w])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(tmp_path / "u.onnx"))
+    save_graph(g, tmp_path / "u.onnx")
     code, _, err = lrpc("compile", tmp_path / "u.onnx", "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="node 'erf' (Erf), node 'cos' (Cos)")
 
@@ -231,9 +236,7 @@ def test_integer_inputs_only(tmp_path):
     nodes = [helper.make_node("Cast", ["x"], ["out"], to=TensorProto.FLOAT, name="cast")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.INT64, [2])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [2])])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(tmp_path / "i.onnx"))
+    save_graph(g, tmp_path / "i.onnx")
     code, _, err = lrpc("compile", tmp_path / "i.onnx", "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="no float input")
 
@@ -275,9 +278,7 @@ def _dynamic_spatial_model(path):
     g = helper.make_graph(nodes, "dyn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, "H", "W"])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
                           [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(path))
+    save_graph(g, path)
     return path
 
 
@@ -324,9 +325,7 @@ def test_control_flow_on_path_is_unsupported(tmp_path):
                                         helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
                           [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")])
-    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
-    m.ir_version = 8
-    onnx.save(m, str(tmp_path / "if.onnx"))
+    save_graph(g, tmp_path / "if.onnx")
     code, _, err = lrpc("compile", tmp_path / "if.onnx", "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="node 'branch' (If)")
 
