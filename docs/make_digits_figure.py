@@ -1,33 +1,71 @@
-"""Regenerate docs/digits_heatmaps.png: relevance of the shipped digits CNN for several composites.
+"""Regenerate the README figures with the `lrpc explain` command on the shipped, trained digits models.
 
     python docs/make_digits_figure.py     (needs pillow)
 
-Rows: 8 test digits (true class explained); columns: the input, then one heatmap per composite (coldnhot:
-red/yellow/white = positive relevance, blue/cyan = negative, black = none)."""
+docs/digits_heatmaps.png: the digits CNN (models/digits.py); rows: 8 test digits, columns: the input, then
+one heatmap per composite of `lrpc explain --images DIR --rules C --target top1` (the 8 are classified right).
+docs/digits_segmentation.png: the digits U-Net (models/digits_seg.py); rows: 8 test digits, columns: the
+input, the true mask, `--target class:1` (every pixel predicted as stroke) per composite, and
+`--target box:0,0,8,16` (the predicted pixels of the upper half).
+coldnhot: red/yellow/white = positive relevance, blue/cyan = negative, black = none."""
+from __future__ import annotations
+
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-import lrpc
-from lrpc.heatmap import grid, heatmap
+from lrpc import cli
+from lrpc.imaging import grid
 
 ROOT = Path(__file__).resolve().parents[1]
-COMPOSITES = ["epsilon-gamma-box", "epsilon-plus-flat", "epsilon-alpha2-beta1", "epsilon"]
+CLASSIFIER = ["epsilon-gamma-box", "epsilon-plus-flat", "epsilon-alpha2-beta1", "epsilon"]
+SEGMENTER = [("epsilon-gamma-box", "class:1"), ("epsilon-plus-flat", "class:1"), ("epsilon-alpha2-beta1", "class:1"),
+             ("epsilon-gamma-box", "box:0,0,8,16")]
+CELL = 64
+
+
+def _gray(a):
+    from PIL import Image
+
+    return Image.fromarray(np.rint(a * 255).astype(np.uint8)).convert("RGB").resize((CELL, CELL), Image.NEAREST)
+
+
+def _explain(model: Path, images: Path, out: Path, rules: str, target: str) -> list:
+    from PIL import Image
+
+    argv = ["explain", str(model), "--images", str(images), "--rules", rules, "--target", target, "--no-cache",
+            "--no-progress", "-o", str(out)]
+    print("lrpc " + " ".join(argv[:1] + ["models/" + model.name] + argv[2:3] + ["DIR"] + argv[4:-1] + ["OUT"]))
+    assert cli.main(argv) == 0
+    return [Image.open(p).resize((CELL, CELL), Image.NEAREST) for p in sorted(out.glob("*.png"))]
+
+
+def figure(model: Path, images: np.ndarray, columns: list, extra=None) -> object:
+    from PIL import Image
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "in"
+        src.mkdir()
+        for i, x in enumerate(images):
+            Image.fromarray(np.rint(x[0] * 255).astype(np.uint8)).save(src / f"digit{i}.png")
+        maps = [_explain(model, src, Path(tmp) / f"out{k}", rules, target) for k, (rules, target) in enumerate(columns)]
+    tiles = []
+    for i, x in enumerate(images):
+        tiles.append(_gray(x[0]))
+        if extra is not None:
+            tiles.append(_gray(extra[i, 0]))
+        tiles += [m[i] for m in maps]
+    return grid(tiles, cols=len(tiles) // len(images))
 
 
 def main() -> None:
-    from PIL import Image
-
     data = np.load(ROOT / "models" / "digits_samples.npz")
-    x, labels = data["images"][:8], data["labels"][:8]
-    tiles = []
-    rel = {c: lrpc.Session(lrpc.compile(ROOT / "models" / "digits_cnn.onnx", c, low=0.0, high=1.0),
-                           providers=["CPUExecutionProvider"]).explain(x, target=labels)[1] for c in COMPOSITES}
-    for i in range(len(x)):
-        gray = Image.fromarray((x[i, 0] * 255).astype(np.uint8)).convert("RGB")
-        tiles.append(gray.resize((64, 64), Image.NEAREST))
-        tiles += [heatmap(rel[c][i]).resize((64, 64), Image.NEAREST) for c in COMPOSITES]
-    grid(tiles, cols=1 + len(COMPOSITES)).save(ROOT / "docs" / "digits_heatmaps.png")
+    figure(ROOT / "models" / "digits_cnn.onnx", data["images"][:8], [(c, "top1") for c in CLASSIFIER]).save(
+        ROOT / "docs" / "digits_heatmaps.png")
+    seg = np.load(ROOT / "models" / "digits_seg_samples.npz")
+    figure(ROOT / "models" / "digits_unet.onnx", seg["images"], SEGMENTER, extra=seg["masks"].astype(np.float64)).save(
+        ROOT / "docs" / "digits_segmentation.png")
 
 
 if __name__ == "__main__":

@@ -71,7 +71,8 @@ def _parser() -> argparse.ArgumentParser:
     i.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
     i.add_argument("--image", help="an image file, preprocessed as by `lrpc explain` (needs Pillow)")
     i.add_argument("--preset", choices=["imagenet"], help="mean/std of the image preprocessing")
-    i.add_argument("--target", type=int, help="class index to explain (default: each sample's top-1)")
+    i.add_argument("--target", default="top1", help="as for explain: class index, top1 (default), or a dense target "
+                                                    "(pixel:Y,X, box:Y0,X0,Y1,X1, mask:FILE, class:C)")
     i.add_argument("--tol", type=_nonneg_float, default=1e-3, help="|in/out − 1| that marks a layer (default 1e-3)")
     i.add_argument("--json", help="write the table as JSON")
     _rule_flags(i)
@@ -91,7 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--npy", help=".npy/.npz tensor fed as it is (batch included)")
     e.add_argument("-o", "--out", required=True,
                    help="heatmap path (heat.png; heat.npy is written beside it) or, with --images, a directory")
-    e.add_argument("--target", default="top1", help="class index to explain, or top1 (default: each sample's top-1)")
+    e.add_argument("--target", default="top1",
+                   help="class index, top1 (default), topK, or for dense outputs pixel:[C,]Y,X, "
+                        "box:[C,]Y0,X0,Y1,X1 (ends exclusive), mask:FILE (.npy/.png) or class:C")
     e.add_argument("--size", help="H,W (or one number) of the model input, for models with dynamic spatial dims")
     norm = e.add_mutually_exclusive_group()
     norm.add_argument("--preset", choices=["imagenet"], help="mean/std of a known preprocessing")
@@ -103,6 +106,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--level", type=_nonneg_float, default=1.0, help="colormap level (>1 saturates earlier)")
     e.add_argument("--overlay", action="store_true", help="blend the heatmap over the (resized, cropped) image")
     e.add_argument("--overlay-alpha", type=_nonneg_float, default=0.5, help="heatmap weight of --overlay")
+    e.add_argument("--batch-size", type=int, default=8, help="images per run in --images mode (default 8)")
+    e.add_argument("--no-cache", action="store_true",
+                   help="compile without the on-disk cache ($LRPC_CACHE_DIR, else ~/.cache/lrpc)")
+    e.add_argument("--no-progress", action="store_true", help="one line per image instead of a progress bar")
     _rule_flags(e)
     # z-box bounds default to the range of normalized images, (0 - mean)/std .. (1 - mean)/std
     e.set_defaults(low=None, high=None)
@@ -284,13 +291,6 @@ def _explain(args) -> int:
             size = size * 2
         if len(size) != 2 or min(size) <= 0:
             raise InputError(f"--size: expected H,W (two positive integers), got '{args.size}'")
-    if args.target == "top1":
-        target = None
-    else:
-        try:
-            target = int(args.target)
-        except ValueError:
-            raise InputError(f"--target: expected a class index or top1, got '{args.target}'") from None
     mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
     if args.preset == "imagenet":
         if std is not None:
@@ -299,10 +299,11 @@ def _explain(args) -> int:
     if (mean is None) != (std is None):
         raise InputError("--mean and --std go together")
     options = asdict(_options(args))
-    run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=target, rules=args.rules,
+    run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=args.target, rules=args.rules,
         output=args.output, input_shapes=dict(args.input_shape), size=size, mean=mean, std=std,
         grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level, with_overlay=args.overlay,
-        overlay_alpha=args.overlay_alpha, **options)
+        overlay_alpha=args.overlay_alpha, batch_size=args.batch_size, cache=not args.no_cache,
+        progress=False if args.no_progress else None, **options)
     return 0
 
 if __name__ == "__main__":

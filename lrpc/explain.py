@@ -5,7 +5,7 @@ Used by ``lrpc explain``; the pieces are usable from Python too::
     from lrpc.explain import load_image, prepare
     session, spec = prepare("model.onnx", rules="epsilon-plus")
     x, shown = load_image("cat.jpg", spec.size, spec.channels, mean=IMAGENET_MEAN, std=IMAGENET_STD)
-    logits, relevance = session.explain(x)
+    e = session.explain(x)          # e.output, e.relevance, e.layers, e.target
 
 Images are read with Pillow (``pip install 'lrpc[image]'``), converted to the model's channel count (1:
 grayscale, 3: RGB), resized so that they cover the target size (the shorter side fits), center-cropped to
@@ -15,16 +15,18 @@ it, scaled to [0, 1] and normalized per channel with ``(x - mean) / std``. The m
 from __future__ import annotations
 
 import os
+import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
-from . import compiler
+from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
-from .heatmap import _pil_image, grid, heatmap, overlay
+from .imaging import _pil_image, grid, heatmap, overlay
 from .model_io import load_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -73,10 +75,11 @@ def model_input(model: onnx.ModelProto, layout: str = "nchw") -> InputSpec:
 
 
 def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
-            layout: str = "nchw", size: tuple | None = None, providers=None, **options):
+            layout: str = "nchw", size: tuple | None = None, providers=None, cache: bool = False, **options):
     """Return ``(Session, InputSpec)``. ``model``: path or ModelProto, plain (compiled here with ``rules``
     and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
-    ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling."""
+    ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling.
+    ``cache``: reuse/store the compilation of a model file in the on-disk cache (:mod:`lrpc.cache`)."""
     from .runtime import Session
 
     if layout not in ("nchw", "nhwc"):
@@ -94,7 +97,14 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
             h, w = size
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
-        proto = compiler.compile(proto, rules, output=output, input_shapes=shapes or None, **options)
+        make = lambda: compiler.compile(proto, rules, output=output, input_shapes=shapes or None, **options)  # noqa: E731
+        if cache and isinstance(model, (str, os.PathLike)):
+            from . import cache as compile_cache
+
+            settings = {"output": output, "input_shapes": shapes, "options": options}
+            proto = compile_cache.compiled(model, rules, settings, make)
+        else:
+            proto = make()
         spec = model_input(proto, layout)
     return Session(proto, providers=providers), spec
 
@@ -205,16 +215,26 @@ def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnho
 
 def run(model, out, image=None, images=None, npy=None, target=None, rules="epsilon-gamma-box",
         output=None, input_shapes=None, size=None, mean=None, std=None, grayscale=False, layout="nchw",
-        cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, log=print, **options) -> list[Path]:
+        cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
+        progress=None, log=print, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
-    ``target``: a class index or None (each sample's top-1). ``options``: lrpc.Options fields; ``low``/``high``
-    left as None default to the range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std)."""
+
+    ``target``: see :mod:`lrpc.targets` (class index, None/"top1", "topK", or a dense target); with topK
+    each heatmap is a row of K panels (rank 1 first; a tensor batch gives one row per sample) and the .npy
+    holds [N, K, ...] instead of [N, ...].
+    ``batch_size``: images run together in directory mode (1 where the model's batch dim is static 1).
+    ``cache``: compile through the on-disk cache. ``progress``: a progress bar on stderr (default: when
+    stderr is a terminal). ``options``: lrpc.Options fields; ``low``/``high`` left as None default to the
+    range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std)."""
     if sum(x is not None for x in (image, images, npy)) != 1:
         raise InputError("give exactly one of --image, --images, --npy")
     if with_overlay and npy is not None:
         raise InputError("--overlay needs --image or --images (there is no picture under a tensor)")
     if cmap not in ("coldnhot", "bwr", "seismic", "gray"):
         raise InputError(f"unknown colormap '{cmap}'")
+    if int(batch_size) < 1:
+        raise InputError(f"--batch-size must be at least 1, got {batch_size}")
+    goal = targets.parse(target)
     _pil_image()  # fail early and clearly without Pillow
     if npy is not None:
         sources = [Path(npy)]
@@ -224,47 +244,94 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
             raise InputError(f"{image}: no such file" if not sources[0].exists() else f"{image}: not a file")
     else:
         sources = image_files(images)
-    targets = _outputs(out, sources, many=images is not None)
+    paths = _outputs(out, sources, many=images is not None)
 
     for key, edge in (("low", 0.0), ("high", 1.0)):
         if options.get(key) is None:  # default: the range of [0, 1] images after normalization
             v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if npy is None else np.array([edge])
             options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            **options)
-
+                            cache=cache, **options)
+    if npy is None:
+        if len(spec.dims) != 4:
+            raise InputError(f"model input '{spec.name}' has rank {len(spec.dims)}; images need rank 4 "
+                             f"({spec.layout.upper()}); use --npy for other inputs")
+        hw = tuple(size) if size is not None else spec.size
+        if hw is None:
+            raise InputError(f"model input '{spec.name}' has a dynamic height/width: give --size H,W")
+    fixed = spec.dims[0] if spec.dims else None
+    per_run = 1 if npy is not None else (int(batch_size) if fixed is None else min(int(batch_size), fixed))
+    if fixed not in (None, 1) and npy is None:
+        raise InputError(f"model input '{spec.name}' has a static batch of {fixed}; image mode feeds batches of "
+                         f"any size: use --npy with {fixed} samples")
+    bar = _Progress(len(sources), progress)
     written = []
-    for src, (png, npy_out) in zip(sources, targets):
-        shown = None
+    for start in range(0, len(sources), per_run):
+        chunk = list(range(start, min(start + per_run, len(sources))))
+        shown = [None] * len(chunk)
         if npy is not None:
-            feeds = load_tensors(src, session)
+            feeds = load_tensors(sources[0], session)
         else:
-            if len(spec.dims) != 4:
-                raise InputError(f"model input '{spec.name}' has rank {len(spec.dims)}; images need rank 4 "
-                                 f"({spec.layout.upper()}); use --npy for other inputs")
-            hw = tuple(size) if size is not None else spec.size
-            if hw is None:
-                raise InputError(f"model input '{spec.name}' has a dynamic height/width: give --size H,W")
-            x, shown = load_image(src, hw, spec.channels, mean, std, layout, grayscale, spec.dtype)
-            feeds = {session.inputs[0]: x}
-        first = next(iter(feeds.values()))
-        batch = first.shape[0] if np.ndim(first) else 1
-        scores, relevance = session.explain(feeds, target=target)
-        if isinstance(relevance, list):  # several float inputs: the first one's relevance
-            relevance = relevance[0]
-        chosen = [int(target)] * batch if target is not None else \
-            np.argmax(np.asarray(scores).reshape(batch, -1), axis=1).tolist()
-        pic = heat_image(relevance, layout, cmap, level)
-        if with_overlay and shown is not None:
-            pic = overlay(shown, pic, overlay_alpha)
-        np.save(npy_out, relevance)
-        try:
-            pic.save(png)
-        except Exception as e:
-            raise InputError(f"{png}: cannot write image: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-        written += [png, npy_out]
-        log(f"{src.name}: target {'top1 ' if target is None else ''}{','.join(map(str, chosen))} -> {png}, {npy_out}")
+            loaded = [load_image(sources[i], hw, spec.channels, mean, std, layout, grayscale, spec.dtype) for i in chunk]
+            feeds = {session.inputs[0]: np.concatenate([x for x, _ in loaded])}
+            shown = [pic for _, pic in loaded]
+        if goal.kind == "top" and goal.values[0] > 1:
+            ranks = session.explain_topk(feeds, goal.values[0])
+            relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
+            labels = [",".join(str(int(e.target[j])) for e in ranks) for j in range(len(ranks[0].target))]
+        else:
+            e = session.explain(feeds, goal)
+            relevance = _first(e.relevance)[:, None]  # [N, 1, ...]
+            labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
+        k = relevance.shape[1]
+        units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(chunk))]
+        for j, rel in enumerate(units):  # rel: [rows, K, ...]: a tensor file's batch, or one image
+            png, npy_out = paths[chunk[j]]
+            maps = [heat_image(rel[r, i][None], layout, cmap, level) for r in range(len(rel)) for i in range(k)]
+            if with_overlay and shown[j] is not None:
+                maps = [overlay(shown[j], m, overlay_alpha) for m in maps]
+            pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
+            np.save(npy_out, rel if k > 1 else rel[:, 0])
+            try:
+                pic.save(png)
+            except Exception as err:
+                first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                raise InputError(f"{png}: cannot write image: {first}") from None
+            written += [png, npy_out]
+            top1 = "top1 " if goal.kind == "top" and goal.values[0] == 1 else ""
+            what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
+            bar.step(f"{sources[chunk[j]].name}: target {top1}{what} -> {png}, {npy_out}", log)
+    bar.close()
     return written
+
+
+def _first(relevance):
+    """The first float input's relevance (a model with several float inputs returns a list)."""
+    return relevance[0] if isinstance(relevance, list) else relevance
+
+
+class _Progress:
+    """A one-line progress bar on stderr (when it is a terminal); otherwise each step's message is logged."""
+
+    def __init__(self, total: int, show: bool | None):
+        self.total, self.done, self.stream = total, 0, sys.stderr
+        self.show = self.stream.isatty() if show is None else bool(show)
+        self.started = time.perf_counter()
+
+    def step(self, message: str, log) -> None:
+        self.done += 1
+        if not self.show:
+            log(message)
+            return
+        rate = self.done / max(time.perf_counter() - self.started, 1e-9)
+        filled = int(30 * self.done / max(self.total, 1))
+        self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} ({rate:.1f}/s)")
+        self.stream.flush()
+
+    def close(self) -> None:
+        if self.show:
+            self.stream.write("\n")
+            self.stream.flush()
 
 
 def _arr(v, default):

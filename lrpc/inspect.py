@@ -1,53 +1,84 @@
 """``lrpc inspect``: the per-layer relevance table people build by hand to see where conservation breaks.
 
-For one input (an image, an .npz of inputs, or seeded random data) and one seed (one-hot of the target or
-of each sample's top-1 output), every layer with a rule (and MaxPool), in execution order: op type, name,
+For one input (an image, an .npz of inputs, or seeded random data) and one target (see lrpc.targets: a class,
+each sample's top-1, or a dense target such as class:C of a segmentation output), every layer with a rule (and MaxPool), in execution order: op type, name,
 rule, the relevance sum it sends down, max − min of that relevance, its ratio to the seed sum, and its own
 in/out ratio; the first layer (from the output) whose in/out ratio leaves 1 by more than the tolerance is
 marked, and a warning names the usual remedies when the input relevance sum misses the seed sum."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import numpy as np
 
-from . import composites
+from . import composites, targets
 from .check import random_inputs
 from .model_io import load_model
 
-REMEDIES = ("compare with --zero-bias (biases absorb relevance by design); a smaller --epsilon/--stabilizer-eps "
-            "where large stabilizers absorb it; the generalized gamma of epsilon-gamma-box and --stabilizer clip or "
-            "norm-scale where denominators near 0 explode")
+REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
+            "epsilon-gamma-box and --stabilizer clip or norm-scale where denominators near 0 explode; units that only "
+            "their bias switches on receive relevance but pass none down (a property of the rules, also with "
+            "--zero-bias: the model's own biases decide which units are on)")
 
 
 def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
             inputs: dict | None = None, target=None, tol: float = 1e-3, output: str | None = None,
             input_shapes: dict | None = None, seed: int = 0) -> dict:
-    """Return {"layers": [...], "seed_sum", "input_sum", "first_break", "warning"} (sums over the batch)."""
-    import onnxruntime as ort
+    """Return {"layers": [...], "seed_sum", "input_sum", "first_break", "warning", "bias"} (sums over the
+    batch).
 
+    Biases absorb relevance by design. When the input sum misses the seed sum, the same explanation is
+    run again with biases left out of every denominator (``--zero-bias``): if that conserves, the loss
+    is the biases' (``bias``: {"input_sum", "absorbed"}, no warning); otherwise the warning names the
+    first layer that breaks without biases, i.e. for another reason (stabilizers, dead units, ...)."""
     from .compiler import _with_input_shapes
-    from .compiler import compile as compile_model
 
     options = options or composites.Options()
     model = load_model(path)
     if input_shapes:
         model = _with_input_shapes(model, input_shapes)
     feeds = inputs if inputs is not None else random_inputs(model, seed)
+    target = targets.parse(target)
+    layers, seed_sum, input_sum, seed = _layer_table(model, rules, options, feeds, target, output, tol)
+    first_break = _first_break(layers)
+    miss = abs(input_sum - seed_sum) / max(abs(seed_sum), 1e-30)
+    warning, bias = None, None
+    if miss > tol:
+        culprit = first_break
+        if not options.zero_bias:
+            free = replace(options, zero_bias=True)
+            free_layers, _, free_sum, _ = _layer_table(model, rules, free, feeds, target, output, tol, seed)
+            bias = {"input_sum": free_sum, "absorbed": free_sum - input_sum}
+            culprit = _first_break(free_layers)
+            miss = abs(free_sum - seed_sum) / max(abs(seed_sum), 1e-30)
+        if miss > tol:
+            where = f" (first break from the output: layer '{culprit}')" if culprit else ""
+            biases = "" if bias is None else f"; with --zero-bias {bias['input_sum']:.6g}, so not (only) biases"
+            warning = (f"input relevance sums to {input_sum:.6g}, the seed to {seed_sum:.6g}{biases}: "
+                       f"{100 * miss:.2f}% not conserved{where}. Usual remedies: {REMEDIES}")
+    explained = str(target) if target.kind not in ("index", "top") else \
+        np.asarray(seed).reshape(len(seed), -1).argmax(axis=1).tolist()
+    return {"model": str(path), "rules": rules, "target": explained, "seed_sum": seed_sum,
+            "input_sum": input_sum, "first_break": first_break, "warning": warning, "bias": bias, "layers": layers}
+
+
+def _first_break(layers: list) -> str | None:
+    return next((row["name"] for row in reversed(layers) if row["breaks"]), None)
+
+
+def _layer_table(model, rules, options, feeds, target, output, tol, seed=None):
+    """(rows, seed sum, input relevance sum, seed) of one compiled run with --layerwise full; the seed is
+    made from ``target`` (see :mod:`lrpc.targets`) unless given."""
+    from .compiler import compile as compile_model
+    from .runtime import Session
+
     compiled = compile_model(model, rules, output=output, layerwise="full", **asdict(options))
-    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
-    names = [o.name for o in sess.get_outputs()]
-    seed_shape = next(i.shape for i in sess.get_inputs() if i.name == "relevance_seed")
-    batch = next(iter(feeds.values())).shape[0]
-    shape = [d if isinstance(d, int) else batch for d in seed_shape]
-    probe = dict(zip(names, sess.run(None, {**feeds, "relevance_seed": np.zeros(shape, np.float32)})))
-    first = probe[names[0]].reshape(batch, -1)
-    relevance_seed = np.zeros((batch, int(np.prod(shape[1:]))), np.float32)
-    classes = first.argmax(axis=1) if target is None else np.broadcast_to(np.asarray(target), (batch,))
-    relevance_seed[np.arange(batch), classes] = 1.0
-    outs = dict(zip(names, sess.run(None, {**feeds, "relevance_seed": relevance_seed.reshape(shape)})))
-    seed_sum = float(relevance_seed.sum())
+    session = Session(compiled, providers=["CPUExecutionProvider"])
+    if seed is None:
+        seed = session.seed_for(feeds, target)
+    outs = session.run(feeds, seed)
+    seed_sum = float(np.sum(seed, dtype=np.float64))
     layers = []
     meta = {p.key: p.value for p in compiled.metadata_props}
     for layer in json.loads(meta.get("lrpc.layers", "[]")):
@@ -58,17 +89,8 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
         layers.append({**layer, "sum": s_in, "range": float(r.max() - r.min()) if r.size else 0.0,
                        "ratio_to_seed": s_in / seed_sum if seed_sum else float("nan"),
                        "in_over_out": local, "breaks": bool(abs(local - 1.0) > tol)})
-    first_break = next((row["name"] for row in reversed(layers) if row["breaks"]), None)
-    rel_names = [n for n in names if n == "relevance" or (n.startswith("relevance_") and "/" not in n)]
-    input_sum = float(sum(np.sum(outs[n], dtype=np.float64) for n in rel_names))
-    miss = abs(input_sum - seed_sum) / max(abs(seed_sum), 1e-30)
-    warning = None
-    if miss > tol:
-        where = f" (first break from the output: layer '{first_break}')" if first_break else ""
-        warning = (f"input relevance sums to {input_sum:.6g}, the seed to {seed_sum:.6g}: {100 * miss:.2f}% "
-                   f"not conserved{where}. Usual remedies: {REMEDIES}")
-    return {"model": str(path), "rules": rules, "target": classes.tolist(), "seed_sum": seed_sum,
-            "input_sum": input_sum, "first_break": first_break, "warning": warning, "layers": layers}
+    input_sum = float(sum(np.sum(outs[n], dtype=np.float64) for n in session.relevance_outputs))
+    return layers, seed_sum, input_sum, seed
 
 
 def table(result: dict) -> str:
@@ -80,4 +102,7 @@ def table(result: dict) -> str:
                      f"{row['range']:10.4g} {row['ratio_to_seed']:8.4f} {row['in_over_out']:8.4f}{mark}")
     lines.append(f"seed Σ {result['seed_sum']:.6g}, input relevance Σ {result['input_sum']:.6g} "
                  f"(targets {result['target']})")
+    if result.get("bias"):
+        b = result["bias"]
+        lines.append(f"with --zero-bias: input relevance Σ {b['input_sum']:.6g}; biases absorb {b['absorbed']:.6g}")
     return "\n".join(lines)

@@ -1,12 +1,15 @@
-"""Session: a compiled model in onnxruntime, with seeding by class index and provider reporting."""
+"""Session: a compiled model in onnxruntime: targets become seeds (:mod:`lrpc.targets`), results come back as
+:class:`Explanation` (output, relevance, per-layer relevance, target); the providers that ran are reported."""
 from __future__ import annotations
 
 import os
+from typing import NamedTuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 
+from . import targets
 from .emit import SEED
 from .errors import InputError
 from .model_io import load_model
@@ -42,39 +45,86 @@ class Session:
         self.inputs = [i.name for i in ins if i.name != SEED]
         self.seed_shape = next(i.shape for i in ins if i.name == SEED)
         self.outputs = [o.name for o in self.session.get_outputs()]
-        self.relevance_outputs = [n for n in self.outputs if n == "relevance" or n.startswith("relevance_")]
+        self.relevance_outputs = [n for n in self.outputs if n == "relevance" or (n.startswith("relevance_") and "/" not in n)]
         self._dtype = np.float64 if next(i.type for i in ins if i.name == SEED) == "tensor(double)" else np.float32
+        meta = {p.key: p.value for p in model.metadata_props}
+        # targets are read off the output that was explained (the first one for models compiled before
+        # lrpc recorded it); a one-channel output behind a Sigmoid is foreground above 0.5, logits above 0
+        self.scores_output = meta.get("lrpc.output") if meta.get("lrpc.output") in self.outputs else self.outputs[0]
+        self._threshold = 0.5 if meta.get("lrpc.squash") == "Sigmoid" else 0.0
 
     def run(self, feeds: dict, seed: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs by name, for explicit inputs and an explicit seed."""
         values = self.session.run(None, {**feeds, SEED: np.asarray(seed, self._dtype)})
         return dict(zip(self.outputs, values))
 
-    def explain(self, x, target=None, seed: np.ndarray | None = None):
-        """Return ``(first model output, relevance)``.
+    def explain(self, x, target=None, seed: np.ndarray | None = None) -> Explanation:
+        """Explain one target per sample; returns an :class:`Explanation` (output, relevance, layers, target).
 
-        ``x``: the input array (or a dict of inputs). ``target``: a class index, one per sample, or None
-        for each sample's top-1 class (one extra run); the seed is then one-hot. ``seed``: an explicit seed
-        tensor instead (e.g. one-hot × logit, or a mask of output pixels)."""
-        feeds = x if isinstance(x, dict) else {self.inputs[0]: np.asarray(x)}
-        batch = next(iter(feeds.values())).shape[0]
+        ``x``: the input array (or a dict of inputs). ``target``: see :mod:`lrpc.targets` — a class index,
+        one per sample, None/"top1" for each sample's top-1 class, or a dense target ("pixel:Y,X",
+        "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Targets that depend on the prediction cost one extra
+        run (with a zero seed) to read the scores. ``seed``: an explicit seed tensor instead, shaped like
+        the explained output (e.g. one-hot × logit, or a weighted mask of output pixels)."""
+        feeds = self._feeds(x)
+        target = targets.parse(target) if seed is None else None
         if seed is None:
-            if target is None:
-                target = np.argmax(self._first_output(feeds, batch).reshape(batch, -1), axis=1)
-            seed = self._one_hot(np.broadcast_to(np.asarray(target), (batch,)), batch)
+            seed = self.seed_for(feeds, target)
+        return self._explanation(feeds, seed, target)
+
+    def seed_for(self, x, target=None) -> np.ndarray:
+        """The seed :meth:`explain` uses for ``target`` on input ``x`` (one extra run where the target
+        depends on the prediction)."""
+        feeds, target = self._feeds(x), targets.parse(target)
+        if target.kind == "top" and target.values[0] != 1:
+            raise InputError(f"target {target}: use explain_topk(x, {target.values[0]}) for several ranks")
+        return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self._threshold, self._dtype)
+
+    def explain_topk(self, x, k: int) -> list[Explanation]:
+        """Explanations of each sample's ``k`` highest outputs, rank 1 first (``k + 1`` runs); the
+        explained classes are in each :attr:`Explanation.target` ([N] per rank)."""
+        feeds = self._feeds(x)
+        shape = self._seed_shape(feeds)
+        classes, seeds = targets.topk(shape, self._scores(feeds), int(k), self._dtype)
+        return [self._explanation(feeds, s, classes[:, i]) for i, s in enumerate(seeds)]
+
+    def _explanation(self, feeds, seed, target) -> Explanation:
         result = self.run(feeds, seed)
         relevance = [result[n] for n in self.relevance_outputs]
-        return result[self.outputs[0]], relevance[0] if len(relevance) == 1 else relevance
+        layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith("relevance_in/")}
+        if not layers:  # compiled with --layerwise sums: per-sample sums instead
+            layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith("relevance_sum_in/")}
+        if target is not None and getattr(target, "kind", None) in ("index", "top"):
+            target = self._chosen(seed)
+        return Explanation(result[self.scores_output], relevance[0] if len(relevance) == 1 else relevance,
+                           layers, target)
 
-    def _first_output(self, feeds, batch):
-        shape = [batch if not isinstance(d, int) else d for d in self.seed_shape]
-        return self.run(feeds, np.zeros(shape, self._dtype))[self.outputs[0]]
+    def _feeds(self, x) -> dict:
+        return x if isinstance(x, dict) else {self.inputs[0]: np.asarray(x)}
 
-    def _one_hot(self, classes, batch):
-        shape = [batch if not isinstance(d, int) else d for d in self.seed_shape]
-        seed = np.zeros((batch, int(np.prod(shape[1:]))), self._dtype)
-        classes = np.asarray(classes, np.int64)
-        if classes.min() < 0 or classes.max() >= seed.shape[1]:
-            raise InputError(f"target class out of range 0..{seed.shape[1] - 1}: {classes.tolist()}")
-        seed[np.arange(batch), classes] = 1.0
-        return seed.reshape(shape)
+    def _seed_shape(self, feeds) -> list[int]:
+        batch = next(iter(feeds.values())).shape[0]
+        return [batch if not isinstance(d, int) else d for d in self.seed_shape]
+
+    def _scores(self, feeds) -> np.ndarray:
+        """The scores the targets refer to (one run with a zero seed)."""
+        return self.run(feeds, np.zeros(self._seed_shape(feeds), self._dtype))[self.scores_output]
+
+    @staticmethod
+    def _chosen(seed) -> np.ndarray:
+        flat = np.asarray(seed).reshape(np.shape(seed)[0], -1)
+        return flat.argmax(axis=1)
+
+
+class Explanation(NamedTuple):
+    """What :meth:`Session.explain` returns. ``output``: the model output the targets refer to (the
+    graph output chosen at compile time, e.g. softmax probabilities); ``relevance``: relevance of the
+    input (a list for several float inputs); ``layers``: per-layer relevance by layer name when the
+    model was compiled with ``--layerwise full`` (``sums``: per-sample sums), else empty; ``target``:
+    the explained class per sample for class targets, else the parsed dense target (None for explicit
+    seeds)."""
+
+    output: np.ndarray
+    relevance: np.ndarray | list
+    layers: dict
+    target: object = None

@@ -41,6 +41,12 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
             terminalreporter.write_line(line)
 
 
+@pytest.fixture(autouse=True)
+def _compile_cache(tmp_path_factory, monkeypatch):
+    """Tests never write the user's compile cache: each test gets a fresh, empty one."""
+    monkeypatch.setenv("LRPC_CACHE_DIR", str(tmp_path_factory.mktemp("lrpc-cache")))
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _torch_threads():
     torch.set_num_threads(max(1, min(2, torch.get_num_threads())))

@@ -254,12 +254,13 @@ def test_python_api_session():
     assert session.providers == ["CPUExecutionProvider"]
     data = np.load(ROOT / "models" / "digits_samples.npz")
     x = data["images"][:4]
-    probs, rel = session.explain(x, target=[3, 1, 4, 1])
+    probs, rel, layers, chosen = session.explain(x, target=[3, 1, 4, 1])
+    assert layers == {} and chosen.tolist() == [3, 1, 4, 1]
     seed = np.eye(10, dtype=np.float32)[[3, 1, 4, 1]]
     direct = session.run({"input": x}, seed)
     np.testing.assert_array_equal(rel, direct["relevance"])
     np.testing.assert_array_equal(probs, direct["probabilities"])
-    _, top = session.explain(x)  # top-1 targets
+    top = session.explain(x).relevance  # top-1 targets
     top_seed = np.eye(10, dtype=np.float32)[np.argmax(probs, axis=1)]
     np.testing.assert_array_equal(top, session.run({"input": x}, top_seed)["relevance"])
     with pytest.raises(lrpc.InputError, match="out of range"):

@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 import lrpc  # noqa: E402
 from lrpc import cli  # noqa: E402
 from lrpc.errors import InputError  # noqa: E402
-from lrpc.heatmap import colorize, grid, heatmap, overlay  # noqa: E402
+from lrpc.imaging import colorize, grid, heatmap, overlay  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
@@ -105,7 +105,7 @@ def test_pillow_is_an_optional_extra():
     assert not any(d.lower().startswith("pillow") for d in meta["dependencies"])
     assert "pillow" in meta["optional-dependencies"]["image"]
     assert "pillow" in meta["optional-dependencies"]["test"]
-    code = "import sys, lrpc, lrpc.heatmap, lrpc.explain, lrpc.cli; print('PIL' in sys.modules)"
+    code = "import sys, lrpc, lrpc.imaging, lrpc.explain, lrpc.cli; print('PIL' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
 
@@ -141,7 +141,7 @@ def _oracle(x, target=None, **options):
     if key not in _SESSIONS:
         _SESSIONS[key] = lrpc.Session(lrpc.compile(str(DIGITS), "epsilon-gamma-box", **options),
                                       providers=["CPUExecutionProvider"])
-    return _SESSIONS[key].explain(x, target=target)
+    return _SESSIONS[key].explain(x, target=target)[:2]
 
 
 def _one_line(code, capsys, contains=""):
@@ -256,6 +256,8 @@ def _bad_png(tmp_path):
     ("size-mismatch", "differs from the static size"),
     ("bad-target", "--target"),
     ("target-range", "out of range"),
+    ("dense-on-classifier", "dense target needs an output"),
+    ("bad-batch", "--batch-size"),
     ("overwrite", "refusing to overwrite"),
 ])
 def test_explain_errors_are_one_line(tmp_path, capsys, case, contains):
@@ -275,6 +277,8 @@ def test_explain_errors_are_one_line(tmp_path, capsys, case, contains):
         "size-mismatch": ["--image", str(png), "--size", "16,16", *out],
         "bad-target": ["--image", str(png), "--target", "cat", *out],
         "target-range": ["--image", str(png), "--target", "10", *out],
+        "dense-on-classifier": ["--image", str(png), "--target", "pixel:1,2", *out],
+        "bad-batch": ["--images", str(tmp_path), "--batch-size", "0", "-o", str(tmp_path / "o")],
         "overwrite": ["--image", str(png), "-o", str(png)],
     }[case]
     before = png.read_bytes()
@@ -317,8 +321,153 @@ def test_explain_nhwc_rgb_model(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     shown = Image.open(tmp_path / "rgb.png").convert("RGB").resize((6, 8), Image.BILINEAR).crop((0, 1, 6, 7))
     x = ((np.asarray(shown, np.float64) / 255.0 - mean) / std)[None].astype(np.float32)
-    expected = lrpc.Session(lrpc.compile(model, "epsilon-plus"), providers=["CPUExecutionProvider"]).explain(x, 2)[1]
+    expected = lrpc.Session(lrpc.compile(model, "epsilon-plus"), providers=["CPUExecutionProvider"]).explain(x, 2).relevance
     relevance = np.load(tmp_path / "h.npy")
     assert relevance.shape == (1, 6, 6, 3)
     np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-6)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "h.png")), colorize(expected[0].sum(-1), "coldnhot"))
+
+
+def test_explain_topk_is_a_row_of_ranks(tmp_path, capsys):
+    png = _digit_png(tmp_path, 2)
+    code = cli.main(["explain", str(DIGITS), "--image", str(png), "--target", "top3", "-o", str(tmp_path / "k.png")])
+    assert code == 0, capsys.readouterr().err
+    session = lrpc.Session(lrpc.compile(str(DIGITS), "epsilon-gamma-box", low=0.0, high=1.0),
+                           providers=["CPUExecutionProvider"])
+    ranks = session.explain_topk(_read_png(png), 3)
+    relevance = np.load(tmp_path / "k.npy")
+    assert relevance.shape == (1, 3, 1, 8, 8)
+    for i, e in enumerate(ranks):
+        np.testing.assert_allclose(relevance[:, i], e.relevance, rtol=1e-5, atol=1e-6)
+    pic = np.asarray(Image.open(tmp_path / "k.png"))
+    assert pic.shape == (8, 3 * 8 + 2 * 2, 3)
+    assert np.array_equal(pic[:, 10:18], colorize(ranks[1].relevance[0, 0]))  # rank 2 is the middle panel
+    classes = ",".join(str(int(e.target[0])) for e in ranks)
+    assert f"target {classes} ->" in capsys.readouterr().out
+
+
+def test_explain_directory_in_batches_matches_single_images(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    pngs = [_digit_png(src, i) for i in range(5)]
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--batch-size", "2", "--target", "4", "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for png in pngs:
+        _, expected = _oracle(_read_png(png), 4, low=0.0, high=1.0)
+        np.testing.assert_allclose(np.load(out / f"{png.stem}.npy"), expected, rtol=1e-5, atol=1e-6)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 5
+
+
+def test_explain_progress_bar_replaces_the_lines(tmp_path, capsys):
+    from lrpc.explain import run
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    for i in range(3):
+        _digit_png(src, i)
+    logged = []
+    run(str(DIGITS), tmp_path / "out", images=src, progress=True, log=logged.append)
+    err = capsys.readouterr().err
+    assert logged == [] and "3/3" in err and err.count("\r") == 3
+
+
+def _counting_compile(monkeypatch):
+    calls = []
+    real = lrpc.compiler.compile
+
+    def counted(*a, **k):
+        calls.append(1)
+        return real(*a, **k)
+
+    monkeypatch.setattr(lrpc.compiler, "compile", counted)
+    return calls
+
+
+def test_explain_compile_cache(tmp_path, capsys, monkeypatch):
+    model = tmp_path / "digits.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    png = _digit_png(tmp_path, 1)
+    calls = _counting_compile(monkeypatch)
+    argv = ["explain", str(model), "--image", str(png), "--target", "3"]
+    for i, extra in enumerate([[], [], ["--epsilon", "0.01"], ["--epsilon", "0.01"], ["--no-cache"]]):
+        assert cli.main(argv + extra + ["-o", str(tmp_path / f"h{i}.png")]) == 0
+    assert len(calls) == 3  # first run, new epsilon, --no-cache
+    assert "from the cache" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "h0.npy"), np.load(tmp_path / "h1.npy"))
+    np.testing.assert_array_equal(np.load(tmp_path / "h0.npy"), np.load(tmp_path / "h4.npy"))
+    proto = onnx.load(str(model))
+    proto.graph.initializer[0].raw_data = (numpy_helper.to_array(proto.graph.initializer[0]) * 2).tobytes()
+    onnx.save(proto, str(model))  # same path, new weights: a new entry
+    assert cli.main(argv + ["-o", str(tmp_path / "h5.png")]) == 0
+    assert len(calls) == 4
+    assert not np.array_equal(np.load(tmp_path / "h0.npy"), np.load(tmp_path / "h5.npy"))
+    blocked = tmp_path / "not-a-dir"
+    blocked.write_text("x")
+    monkeypatch.setenv("LRPC_CACHE_DIR", str(blocked))
+    assert cli.main(argv + ["-o", str(tmp_path / "h6.png")]) == 0
+    assert "lrpc: warning: compile cache" in capsys.readouterr().err
+    np.testing.assert_array_equal(np.load(tmp_path / "h5.npy"), np.load(tmp_path / "h6.npy"))
+
+
+def _seg_model(path):
+    """x [N,2,5,6] -> Conv 3x3 (3 classes) -> Softmax over channels: a dense prediction."""
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((3, 2, 3, 3)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["z"], pads=[1, 1, 1, 1]),
+             helper.make_node("Softmax", ["z"], ["p"], axis=1)]
+    graph = helper.make_graph(nodes, "seg", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 6])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, ["N", 3, 5, 6])],
+                              [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return model, w
+
+
+def test_explain_dense_targets_from_the_command_line(tmp_path, capsys):
+    model, w = _seg_model(tmp_path / "seg.onnx")
+    x = np.random.default_rng(5).standard_normal((2, 2, 5, 6)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    mask = np.zeros((5, 6), bool)
+    mask[1:3, 2:5] = True
+    np.save(tmp_path / "mask.npy", mask)
+    session = lrpc.Session(lrpc.compile(model, "epsilon", epsilon=0.0), providers=["CPUExecutionProvider"])
+    z = session.explain(x, "class:0").output  # probabilities: their arg-max is the logits' arg-max
+    for target in ("pixel:3,4", "box:1,2,3,5", f"mask:{tmp_path / 'mask.npy'}", "class:2"):
+        code = cli.main(["explain", str(tmp_path / "seg.onnx"), "--npy", str(tmp_path / "x.npy"), "--rules", "epsilon",
+                         "--epsilon", "0", "--target", target, "-o", str(tmp_path / "d.png")])
+        assert code == 0, capsys.readouterr().err
+        # oracle: the seed from numpy's arg-max of the probabilities, pushed through the graph directly
+        pred = z.argmax(axis=1)
+        where = np.zeros((2, 5, 6), bool)
+        if target.startswith("pixel"):
+            where[:, 3, 4] = True
+        elif target.startswith(("box", "mask")):
+            where[:, 1:3, 2:5] = True
+        seed = np.stack([where & (pred == c) for c in range(3)], axis=1)
+        if target == "class:2":
+            seed = np.zeros((2, 3, 5, 6), bool)
+            seed[:, 2] = pred == 2
+        # LRP-0 without bias on one conv = x * W^T (seed / z): compare with a numpy oracle in float64
+        logits = _conv(x.astype(np.float64), w.astype(np.float64))
+        want = x * _conv_adjoint(np.where(seed, 1.0 / logits, 0.0), w.astype(np.float64))
+        np.testing.assert_allclose(np.load(tmp_path / "d.npy"), want, rtol=1e-4, atol=1e-5)
+        assert f"target {target}" in capsys.readouterr().out
+
+
+def _conv(x, w):
+    """3x3 convolution, pads 1, NCHW, float64 (numpy oracle)."""
+    xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    h, wd = x.shape[2:]
+    return sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j]) for i in range(3) for j in range(3))
+
+
+def _conv_adjoint(c, w):
+    """The transpose of :func:`_conv` applied to c [N, O, H, W]."""
+    h, wd = c.shape[2:]
+    out = np.zeros((c.shape[0], w.shape[1], h + 2, wd + 2))
+    for i in range(3):
+        for j in range(3):
+            out[:, :, i:i + h, j:j + wd] += np.einsum("nohw,oc->nchw", c, w[:, :, i, j])
+    return out[:, :, 1:-1, 1:-1]

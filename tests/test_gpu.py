@@ -28,8 +28,8 @@ def test_cuda_matches_cpu(composite, maxpool):
     gpu = lrpc.Session(compiled, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert gpu.providers[0] == "CUDAExecutionProvider"
     cpu = lrpc.Session(compiled, providers=["CPUExecutionProvider"])
-    p_gpu, r_gpu = gpu.explain(x, target=targets)
-    p_cpu, r_cpu = cpu.explain(x, target=targets)
+    p_gpu, r_gpu = gpu.explain(x, target=targets)[:2]
+    p_cpu, r_cpu = cpu.explain(x, target=targets)[:2]
     np.testing.assert_allclose(p_gpu, p_cpu, rtol=1e-4, atol=1e-6)
     rel = np.linalg.norm(r_gpu - r_cpu) / np.linalg.norm(r_cpu)
     assert rel < 1e-4, rel
@@ -52,8 +52,8 @@ def test_cuda_resnet18(tmp_path, composite, tol):
     gpu = lrpc.Session(compiled, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
     cpu = lrpc.Session(compiled, providers=["CPUExecutionProvider"])
     assert gpu.providers[0] == "CUDAExecutionProvider"
-    _, r_gpu = gpu.explain(x, target=[7])
-    _, r_cpu = cpu.explain(x, target=[7])
+    r_gpu = gpu.explain(x, target=[7]).relevance
+    r_cpu = cpu.explain(x, target=[7]).relevance
     assert np.linalg.norm(r_gpu - r_cpu) / np.linalg.norm(r_cpu) < tol  # TF32 off (Session default)
 
 

@@ -54,6 +54,19 @@ def test_conserving_setup_has_no_break_and_no_warning():
     assert abs(result["input_sum"] - result["seed_sum"]) < 1e-4 * result["seed_sum"]
 
 
+def test_loss_to_biases_alone_is_reported_not_warned():
+    """Same setup as above but with biases in the denominators: the input sum misses the seed, yet with
+    --zero-bias it conserves, so the loss is the biases' (by design): no warning, the amount reported."""
+    opts = Options(epsilon=1e-9, stabilizer_eps=1e-9)
+    result = inspect(DIGITS, "epsilon-plus-flat", opts, inputs=digits_inputs())
+    free = inspect(DIGITS, "epsilon-plus-flat", Options(zero_bias=True, epsilon=1e-9, stabilizer_eps=1e-9),
+                   inputs=digits_inputs())
+    assert abs(result["input_sum"] - result["seed_sum"]) > 1e-2 * result["seed_sum"]  # biases do absorb here
+    assert result["warning"] is None
+    assert np.isclose(result["bias"]["input_sum"], free["input_sum"], rtol=1e-9)
+    assert np.isclose(result["bias"]["absorbed"], free["input_sum"] - result["input_sum"], rtol=1e-9)
+
+
 def test_cli_warns_and_names_the_first_break(tmp_path):
     np.savez(tmp_path / "in.npz", **digits_inputs())
     code, out, err = cli("inspect", DIGITS, "--rules", "epsilon-plus", "--epsilon", "100", "--inputs",
@@ -62,6 +75,8 @@ def test_cli_warns_and_names_the_first_break(tmp_path):
     assert "<- first break" in out and out.count("\n") >= 7
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("lrpc: warning:") and "'/body/body.12/Gemm'" in lines[0]
+    assert "with --zero-bias" in lines[0] and "not (only) biases" in lines[0]
+    assert "biases absorb" in out
     data = json.loads((tmp_path / "t.json").read_text())
     assert data["first_break"] == "/body/body.12/Gemm" and data["layers"][-1]["breaks"]
 
@@ -93,3 +108,22 @@ def test_resnet50_gamma_box_relevance_stays_bounded(zoo_onnx):
     assert 0.1 < ratios.min() and ratios.max() < 3.0, (ratios.min(), ratios.max())
     assert max(row["range"] for row in result["layers"]) < 1.0
     assert 0.1 < result["input_sum"] / result["seed_sum"] < 3.0
+
+
+def test_dense_target_on_the_shipped_unet(tmp_path):
+    """Segmentation: the table for every pixel predicted as stroke; the seed sum is that pixel count
+    (oracle: onnxruntime's forward of the original model)."""
+    unet = ROOT / "models" / "digits_unet.onnx"
+    x = np.load(ROOT / "models" / "digits_seg_samples.npz")["images"][:2]
+    np.savez(tmp_path / "in.npz", input=x)
+    code, out, err = cli("inspect", unet, "--rules", "epsilon-plus", "--target", "class:1", "--inputs",
+                         tmp_path / "in.npz", "--json", tmp_path / "t.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "t.json").read_text())
+    probs = ort.InferenceSession(str(unet), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+    assert data["target"] == "class:1" and data["seed_sum"] == float((probs > 0.5).sum())
+    assert [r["op"] for r in data["layers"]][:2] == ["Conv", "MaxPool"] and "Resize" in out
+    # biases absorb ~8%; without them in the denominators ~1% is still lost at units that only their bias
+    # switches on (measured 178.9 of 181): warned, with the first layer that breaks without biases
+    assert data["bias"]["absorbed"] > 0 and 0.98 < data["bias"]["input_sum"] / data["seed_sum"] < 0.999
+    assert "'/enc1/enc1.0/Conv'" in data["warning"] and "only their bias" in err  # z+ on the zero background

@@ -1,0 +1,234 @@
+"""What to explain: targets and the relevance seeds they make.
+
+A target is given as text (``lrpc explain --target``) or to :meth:`lrpc.Session.explain`:
+
+=====================  ==========================================================================
+``281`` / ``[3, 1]``   an output index (flat, per sample): one for all samples or one per sample
+``top1`` / ``None``    each sample's highest output
+``topK`` (``top5``)    the K highest outputs, explained one rank at a time (``Session.explain_topk``)
+``pixel:Y,X``          dense outputs: one output position; ``pixel:C,Y,X`` names its channel
+``box:Y0,X0,Y1,X1``    dense outputs: the positions Y0 <= y < Y1, X0 <= x < X1 (``box:C,...``: channel C)
+``mask:FILE``          dense outputs: the nonzero entries of a .npy or image file, either one
+                       per position ([H, W]) or per channel and position ([C, H, W])
+``class:C``            dense outputs: every position whose predicted class is C
+=====================  ==========================================================================
+
+Dense outputs are laid out ``[N, C, *spatial]`` (NCHW segmentation maps; one or more spatial axes;
+coordinates count spatial axes only). Where a target names positions but no channel, each position
+takes its predicted channel: the arg-max over channels, or for a one-channel output (a sigmoid mask)
+channel 0. The predicted class of a one-channel output is 1 where the score exceeds its threshold (0.5
+after a Sigmoid, 0 on logits) and 0 elsewhere; both classes seed channel 0 (the relevance then shows
+the evidence for the foreground at the selected positions).
+
+Seeds are one at the selected output entries and zero elsewhere, so the explanation of a region is the
+sum of the explanations of its positions and conserves the number of selected entries."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+
+DENSE = ("pixel", "box", "mask", "class")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A parsed target. ``kind``: index, top, pixel, box, mask, class. ``values``: the numbers
+    (indices; k; [C,] coordinates; class), ``path``: the mask file."""
+
+    kind: str
+    values: tuple = ()
+    path: str | None = None
+
+    def __str__(self) -> str:
+        if self.kind == "index":
+            return ",".join(map(str, self.values))
+        if self.kind == "top":
+            return f"top{self.values[0]}"
+        if self.kind == "mask":
+            return f"mask:{self.path}"
+        return f"{self.kind}:{','.join(map(str, self.values))}"
+
+
+def parse(target) -> Target:
+    """A :class:`Target` from text, an int, a sequence of ints, None (top1) or a Target."""
+    if isinstance(target, Target):
+        return target
+    if target is None:
+        return Target("top", (1,))
+    if isinstance(target, (int, np.integer)):
+        return Target("index", (int(target),))
+    if not isinstance(target, str):
+        values = np.asarray(target)
+        if values.ndim != 1 or values.size == 0 or not np.issubdtype(values.dtype, np.integer):
+            raise InputError(f"target: expected a class index, a list of them (one per sample) or a target "
+                             f"string, got {target!r}")
+        return Target("index", tuple(int(v) for v in values))
+    text = target.strip()
+    m = re.fullmatch(r"top(\d+)", text)
+    if m:
+        k = int(m.group(1))
+        if k < 1:
+            raise InputError(f"--target {text}: k must be at least 1")
+        return Target("top", (k,))
+    kind, sep, rest = text.partition(":")
+    if not sep:
+        try:
+            return Target("index", tuple(int(v) for v in text.split(",")))
+        except ValueError:
+            raise InputError(f"--target: expected a class index, top1, topK, pixel:Y,X, box:Y0,X0,Y1,X1, "
+                             f"mask:FILE or class:C, got '{text}'") from None
+    if kind not in DENSE:
+        raise InputError(f"--target {text}: unknown target kind '{kind}' (pixel, box, mask, class)")
+    if kind == "mask":
+        if not rest:
+            raise InputError("--target mask: needs a file, e.g. mask:region.npy")
+        return Target("mask", (), rest)
+    try:
+        values = tuple(int(v) for v in rest.split(","))
+    except ValueError:
+        raise InputError(f"--target {text}: expected integers after '{kind}:'") from None
+    if any(v < 0 for v in values):
+        raise InputError(f"--target {text}: coordinates and classes must be >= 0")
+    if kind == "class" and len(values) != 1:
+        raise InputError(f"--target {text}: class takes one class index")
+    return Target(kind, values)
+
+
+def seed(target: Target, shape: list[int], scores, threshold: float = 0.0, dtype=np.float32) -> np.ndarray:
+    """The seed for ``target`` on an explained output of ``shape`` ([N, ...]). ``scores``: a callable
+    returning the model's scores (shaped like the explained output), called only where the target depends
+    on the prediction (top, class, positions without a channel on a multi-channel output); ``threshold``:
+    the foreground score of one-channel dense outputs. ``top`` targets give rank 1 here; :func:`topk`
+    gives all ranks."""
+    shape = [int(d) for d in shape]
+    batch = shape[0]
+    if target.kind == "top":
+        if target.values[0] != 1:
+            raise InputError(f"--target {target}: several ranks are explained by Session.explain_topk")
+        return topk(shape, scores(), 1, dtype)[1][0]
+    if target.kind == "index":
+        return _one_hot(shape, np.broadcast_to(_per_sample(target.values, batch), (batch,)), dtype)
+    if len(shape) < 3:
+        raise InputError(f"--target {target}: a dense target needs an output [N, C, H, W, ...]; the explained "
+                         f"output has shape {shape} (use a class index or topK)")
+    channels, spatial = shape[1], shape[2:]
+    predicted = lambda: _predicted(scores(), shape, threshold)  # noqa: E731
+    selected = np.zeros([batch, channels, *spatial], bool)  # which (channel, position) entries are seeded
+    if target.kind == "class":
+        c = target.values[0]
+        limit = 2 if channels == 1 else channels
+        if c >= limit:
+            raise InputError(f"--target {target}: class out of range 0..{limit - 1}")
+        at = predicted() == c  # [N, *spatial]
+        selected[:, 0 if channels == 1 else c] = at
+        return selected.astype(dtype)
+    if target.kind == "mask":
+        mask = _read_mask(target.path, channels, spatial)
+        if mask.ndim == len(spatial) + 1:  # per channel
+            selected[:] = mask
+            return selected.astype(dtype)
+        positions = np.broadcast_to(mask, [batch, *spatial])
+    else:
+        n = len(spatial)
+        coords = list(target.values)
+        want = n if target.kind == "pixel" else 2 * n
+        if len(coords) not in (want, want + 1):
+            axes = ",".join("YX"[-n:] if n <= 2 else [f"d{i}" for i in range(n)])
+            raise InputError(f"--target {target}: this output has {n} spatial axes (shape {shape}): give "
+                             f"{target.kind}:{'[C,]' + axes if target.kind == 'pixel' else '[C,]' + axes + ' (start) then end'}")
+        if len(coords) == want + 1:
+            c = coords.pop(0)
+            if c >= channels:
+                raise InputError(f"--target {target}: channel {c} out of range 0..{channels - 1}")
+            channel = c
+        else:
+            channel = None
+        if target.kind == "pixel":
+            lo, hi = coords, [v + 1 for v in coords]
+        else:
+            lo, hi = coords[:n], coords[n:]
+        for i in range(n):
+            if not (0 <= lo[i] < hi[i] <= spatial[i]):
+                raise InputError(f"--target {target}: outside the output's spatial size {spatial} "
+                                 f"(box ends are exclusive and must exceed its starts)")
+        positions = np.zeros([batch, *spatial], bool)
+        positions[(slice(None), *[slice(a, b) for a, b in zip(lo, hi)])] = True
+        if channel is not None:
+            selected[:, channel] = positions
+            return selected.astype(dtype)
+    if channels == 1:
+        selected[:, 0] = positions
+    else:
+        classes = predicted()
+        for c in range(channels):
+            selected[:, c] = positions & (classes == c)
+    return selected.astype(dtype)
+
+
+def topk(shape: list[int], scores: np.ndarray, k: int, dtype=np.float32) -> tuple[np.ndarray, list]:
+    """``(classes [N, k], [seed of rank 1, ..., seed of rank k])`` from the scores (flat per sample)."""
+    batch, size = int(shape[0]), int(np.prod(shape[1:]))
+    flat = np.asarray(scores).reshape(batch, -1)
+    if flat.shape[1] != size:
+        raise InputError(f"scores of shape {list(np.shape(scores))} do not match the explained output {shape}")
+    if k > size:
+        raise InputError(f"--target top{k}: the output has only {size} entries per sample")
+    classes = np.argsort(-flat, axis=1, kind="stable")[:, :k]
+    return classes, [_one_hot(shape, classes[:, i], dtype) for i in range(k)]
+
+
+def _per_sample(values, batch: int) -> np.ndarray:
+    v = np.asarray(values, np.int64)
+    if v.size not in (1, batch):
+        raise InputError(f"target: {v.size} class indices for a batch of {batch} (give one, or one per sample)")
+    return v if v.size == batch else np.full(batch, v[0])
+
+
+def _one_hot(shape, classes, dtype) -> np.ndarray:
+    batch, size = int(shape[0]), int(np.prod(shape[1:]))
+    classes = np.asarray(classes, np.int64)
+    if classes.min() < 0 or classes.max() >= size:
+        raise InputError(f"target class out of range 0..{size - 1}: {classes.tolist()}")
+    s = np.zeros((batch, size), dtype)
+    s[np.arange(batch), classes] = 1.0
+    return s.reshape(shape)
+
+
+def _predicted(scores, shape, threshold) -> np.ndarray:
+    """Predicted class per position [N, *spatial]."""
+    s = np.asarray(scores)
+    if list(s.shape) != list(shape):
+        raise InputError(f"the model's scores have shape {list(s.shape)}, the explained output {list(shape)}: "
+                         f"a dense target needs them to match")
+    return (s[:, 0] > threshold).astype(np.int64) if shape[1] == 1 else s.argmax(axis=1)
+
+
+def _read_mask(path, channels: int, spatial: list[int]) -> np.ndarray:
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"--target mask:{path}: no such file")
+    if p.suffix.lower() == ".npy":
+        try:
+            mask = np.load(p, allow_pickle=False)
+        except Exception as e:
+            raise InputError(f"--target mask:{path}: cannot read .npy ({str(e).splitlines()[0]})") from None
+    else:
+        from .imaging import _pil_image
+
+        try:
+            with _pil_image().open(p) as im:
+                mask = np.asarray(im.convert("L"))
+        except Exception as e:
+            raise InputError(f"--target mask:{path}: cannot read image ({str(e).splitlines()[0]})") from None
+    mask = np.asarray(mask) != 0
+    if list(mask.shape) == list(spatial) or list(mask.shape) == [channels, *spatial]:
+        if not mask.any():
+            raise InputError(f"--target mask:{path}: selects nothing (all zero)")
+        return mask
+    raise InputError(f"--target mask:{path}: shape {list(mask.shape)} does not fit the output: expected "
+                     f"{list(spatial)} (positions) or {[channels, *spatial]} (channels and positions)")

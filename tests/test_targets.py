@@ -1,0 +1,257 @@
+"""Targets -> seeds (lrpc.targets) and what Session.explain / explain_topk return.
+
+Oracles: seeds are rebuilt independently from the torch model's own outputs (arg-max per position,
+sigmoid > 0.5); relevance of a region equals the sum of the relevance of its positions (the backward
+pass is linear in the seed for a fixed forward); top-k ranks match torch.topk; per-layer relevance
+matches the compiled graph's outputs and its input layer's relevance is the input relevance."""
+from __future__ import annotations
+
+import io
+import json
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import lrpc  # noqa: E402
+from lrpc import targets  # noqa: E402
+from lrpc.errors import InputError  # noqa: E402
+
+H, W = 6, 7
+
+
+class _Seg(torch.nn.Module):
+    """A tiny segmentation net: classes channels, softmax (classes > 1) or sigmoid (1) over pixels."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.classes = classes
+        self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = torch.nn.Conv2d(8, classes, 3, padding=1)
+
+    def forward(self, x):
+        y = self.c2(torch.relu(self.c1(x)))
+        return torch.softmax(y, dim=1) if self.classes > 1 else torch.sigmoid(y)
+
+
+def _export(net) -> onnx.ModelProto:
+    f = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.zeros(1, 3, H, W),), f, dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"], dynamic_axes={"x": {0: "N"}, "y": {0: "N"}})
+    return onnx.load_from_string(f.getvalue())
+
+
+def _session(classes: int, rules="epsilon-gamma-box", **kw):
+    torch.manual_seed(classes)
+    net = _Seg(classes).eval()
+    compiled = lrpc.compile(_export(net), rules, low=-3.0, high=3.0, **kw)
+    return net, lrpc.Session(compiled, providers=["CPUExecutionProvider"])
+
+
+X = np.random.default_rng(3).standard_normal([2, 3, H, W]).astype(np.float32)
+
+
+def _probs(net):
+    with torch.no_grad():
+        return net(torch.from_numpy(X)).numpy()
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+# ------------------------------------------------------------------------------------------ parsing
+
+@pytest.mark.parametrize("text, kind, values", [
+    ("281", "index", (281,)), ("3,1", "index", (3, 1)), ("top1", "top", (1,)), ("top5", "top", (5,)),
+    ("pixel:2,3", "pixel", (2, 3)), ("pixel:1,2,3", "pixel", (1, 2, 3)), ("box:0,1,3,4", "box", (0, 1, 3, 4)),
+    ("class:2", "class", (2,)), (None, "top", (1,)), (7, "index", (7,)), ([1, 2], "index", (1, 2)),
+])
+def test_parse(text, kind, values):
+    t = targets.parse(text)
+    assert (t.kind, t.values) == (kind, values)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("cat", "expected a class index"), ("top0", "at least 1"), ("pixel:a,b", "integers"),
+    ("ring:1,2", "unknown target kind"), ("class:1,2", "one class"), ("mask:", "needs a file"),
+    ("pixel:-1,2", ">= 0"), ([[1, 2]], "class index"),
+])
+def test_parse_errors(text, message):
+    with pytest.raises(InputError, match=message):
+        targets.parse(text)
+
+
+# ------------------------------------------------------------------------------------------ dense seeds
+
+def test_multiclass_dense_seeds_follow_the_prediction(tmp_path):
+    net, s = _session(3)
+    probs = _probs(net)
+    pred = probs.argmax(axis=1)  # [N, H, W]
+    shape = [2, 3, H, W]
+    scores = lambda: probs  # noqa: E731
+    want = np.zeros(shape, np.float32)
+    for n in range(2):
+        want[n, pred[n, 2, 4], 2, 4] = 1
+    assert np.array_equal(targets.seed(targets.parse("pixel:2,4"), shape, scores), want)
+    want = np.zeros(shape, np.float32)
+    want[:, 1, 2, 4] = 1
+    assert np.array_equal(targets.seed(targets.parse("pixel:1,2,4"), shape, lambda: 1 / 0), want)  # no scores needed
+    box = np.zeros([2, H, W], bool)
+    box[:, 1:4, 2:6] = True
+    want = np.stack([box & (pred == c) for c in range(3)], axis=1).astype(np.float32)
+    assert np.array_equal(targets.seed(targets.parse("box:1,2,4,6"), shape, scores), want)
+    for c in range(3):
+        want = np.zeros(shape, np.float32)
+        want[:, c] = pred == c
+        assert np.array_equal(targets.seed(targets.parse(f"class:{c}"), shape, scores), want)
+    mask = np.zeros([H, W], np.uint8)
+    mask[0, :3] = 1
+    np.save(tmp_path / "m.npy", mask)
+    want = np.stack([(mask > 0) & (pred == c) for c in range(3)], axis=1).astype(np.float32)
+    assert np.array_equal(targets.seed(targets.parse(f"mask:{tmp_path / 'm.npy'}"), shape, scores), want)
+    per_channel = np.zeros([3, H, W], bool)
+    per_channel[2, 5, 6] = True
+    np.save(tmp_path / "c.npy", per_channel)
+    want = np.broadcast_to(per_channel, shape).astype(np.float32)
+    assert np.array_equal(targets.seed(targets.parse(f"mask:{tmp_path / 'c.npy'}"), shape, lambda: 1 / 0), want)
+
+
+def test_one_channel_sigmoid_threshold_and_png_mask(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    net, s = _session(1)
+    assert s._threshold == 0.5  # the graph output is the sigmoid's
+    probs = _probs(net)
+    fg = probs[:, 0] > 0.5
+    assert 0 < fg.sum() < fg.size  # both classes occur, so the test can fail
+    e1, e0 = s.explain(X, "class:1"), s.explain(X, "class:0")
+    np.testing.assert_array_equal(s.run({"x": X}, fg[:, None].astype(np.float32))["relevance"], e1.relevance)
+    np.testing.assert_array_equal(s.run({"x": X}, (~fg)[:, None].astype(np.float32))["relevance"], e0.relevance)
+    mask = np.zeros([H, W], np.uint8)
+    mask[2:4, 1:3] = 255
+    pil.fromarray(mask).save(tmp_path / "m.png")
+    seed = np.zeros([2, 1, H, W], np.float32)
+    seed[:, 0, 2:4, 1:3] = 1
+    np.testing.assert_array_equal(s.explain(X, f"mask:{tmp_path / 'm.png'}").relevance,
+                                  s.run({"x": X}, seed)["relevance"])
+
+
+def test_region_relevance_is_the_sum_over_its_pixels():
+    net, s = _session(3)
+    region = s.explain(X, "box:1,2,3,5").relevance.astype(np.float64)
+    parts = sum(s.explain(X, f"pixel:{y},{x}").relevance.astype(np.float64) for y in range(1, 3) for x in range(2, 5))
+    assert _rel(region, parts) < 1e-5
+    total = sum(s.explain(X, f"class:{c}").relevance.astype(np.float64) for c in range(3))
+    everywhere = s.explain(X, f"box:0,0,{H},{W}").relevance.astype(np.float64)  # every position, predicted class
+    assert _rel(total, everywhere) < 1e-5
+
+
+@pytest.mark.parametrize("text, message", [
+    ("pixel:1", "2 spatial axes"), ("pixel:9,9", "outside"), ("box:3,3,3,4", "exceed"), ("pixel:5,1,1", "channel 5"),
+    ("class:3", "out of range 0..2"),
+])
+def test_dense_target_errors(text, message):
+    net, s = _session(3)
+    with pytest.raises(InputError, match=message):
+        s.explain(X, text)
+
+
+def test_dense_target_on_a_classifier_is_refused():
+    from lrpc.errors import InputError as E
+
+    with pytest.raises(E, match="dense target needs an output"):
+        targets.seed(targets.parse("pixel:1,2"), [1, 10], lambda: np.zeros([1, 10]))
+
+
+def test_mask_file_errors(tmp_path):
+    net, s = _session(3)
+    np.save(tmp_path / "wrong.npy", np.ones([4, 4]))
+    np.save(tmp_path / "zero.npy", np.zeros([H, W]))
+    for name, msg in (("wrong.npy", "does not fit"), ("zero.npy", "selects nothing"), ("none.npy", "no such file")):
+        with pytest.raises(InputError, match=msg):
+            s.explain(X, f"mask:{tmp_path / name}")
+
+
+# ------------------------------------------------------------------------------------------ top-k, layers
+
+def test_topk_ranks_match_torch_and_single_targets():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10)).eval()
+    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = torch.topk(net(torch.from_numpy(X)), 4, dim=1).indices.numpy()
+    ranks = s.explain_topk(X, 4)
+    assert np.array_equal(np.stack([e.target for e in ranks], axis=1), want)
+    for i, e in enumerate(ranks):
+        np.testing.assert_array_equal(e.relevance, s.explain(X, want[:, i]).relevance)
+    assert np.array_equal(s.explain(X).target, want[:, 0])
+    with pytest.raises(InputError, match="explain_topk"):
+        s.explain(X, "top3")
+    with pytest.raises(InputError, match="only 10 entries"):
+        s.explain_topk(X, 11)
+
+
+@pytest.mark.parametrize("mode", ["full", "sums"])
+def test_layers_dict(mode):
+    torch.manual_seed(3)
+    net = _Seg(3).eval()
+    model = _export(net)
+    compiled = lrpc.compile(model, "epsilon-plus", layerwise=mode)
+    s = lrpc.Session(compiled, providers=["CPUExecutionProvider"])
+    e = s.explain(X, "class:1")
+    names = [row["name"] for row in json.loads({p.key: p.value for p in compiled.metadata_props}["lrpc.layers"])]
+    assert sorted(e.layers) == sorted(names) and len(names) == 2
+    first = names[0]  # execution order: the first conv receives the input's relevance
+    plain = lrpc.Session(lrpc.compile(model, "epsilon-plus"), providers=["CPUExecutionProvider"]).explain(X, "class:1")
+    assert plain.layers == {}
+    np.testing.assert_allclose(e.relevance, plain.relevance, rtol=1e-6, atol=1e-7)
+    want = e.relevance if mode == "full" else e.relevance.reshape(2, -1).sum(axis=1)
+    np.testing.assert_allclose(e.layers[first], want, rtol=1e-5, atol=1e-6)
+
+
+def _without_biases(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Conv biases zeroed and BatchNormalization shifts made 0 (beta = gamma * mean / sqrt(var + eps))."""
+    from onnx import numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    inits = {t.name: t for t in m.graph.initializer}
+
+    def put(name, value):
+        inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
+
+    for node in m.graph.node:
+        if node.op_type == "Conv" and len(node.input) > 2:
+            put(node.input[2], np.zeros_like(numpy_helper.to_array(inits[node.input[2]])))
+        if node.op_type == "BatchNormalization":
+            gamma, _, mean, var = (numpy_helper.to_array(inits[n]) for n in node.input[1:5])
+            eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+            put(node.input[2], gamma * mean / np.sqrt(var + eps))
+    return m
+
+
+def test_shipped_unet_class_target_conserves_the_predicted_pixels():
+    """models/digits_unet.onnx (trained; BatchNorm, Resize, Concat skips, Sigmoid): explaining every pixel
+    predicted as stroke hands exactly that many units of relevance to the input, per sample (biases
+    removed from the model so that no unit is switched on by its bias alone: those receive relevance but
+    pass none down, tests/test_architectures.py; flat first layer, tiny stabilizers)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    data = np.load(root / "models" / "digits_seg_samples.npz")
+    model = onnx.load(str(root / "models" / "digits_unet.onnx"))
+    trained = lrpc.Session(lrpc.compile(model, "epsilon-plus-flat"), providers=["CPUExecutionProvider"])
+    mask = trained.explain(data["images"], "class:1").output > 0.5
+    iou = (mask & (data["masks"] > 0)).sum() / (mask | (data["masks"] > 0)).sum()
+    assert iou > 0.9  # the shipped model is trained (test IoU 0.97 over the whole test split)
+    compiled = lrpc.compile(_without_biases(model), "epsilon-plus-flat", epsilon=1e-9, stabilizer_eps=1e-9)
+    e = lrpc.Session(compiled, providers=["CPUExecutionProvider"]).explain(data["images"], "class:1")
+    predicted = (e.output > 0.5).sum(axis=(1, 2, 3))
+    assert np.all(predicted > 5)
+    np.testing.assert_allclose(e.relevance.sum(axis=(1, 2, 3), dtype=np.float64), predicted, rtol=1e-5)
