@@ -77,6 +77,8 @@ def test_heatmap_shapes_and_channel_sum():
         heatmap(np.zeros((2, 3, 5, 7)))
     with pytest.raises(InputError, match="colormap"):
         heatmap(r, cmap="jet")
+    top = lrpc.heatmap(r, cmap="bwr")  # the package-level function (issue 5's lrpc.heatmap(relevance, cmap=...))
+    assert isinstance(top, Image.Image) and np.array_equal(np.asarray(top), colorize(r.sum(0), "bwr"))
 
 
 def test_matches_zennit_palettes():
