@@ -6,7 +6,7 @@ docs/digits_heatmaps.png: the digits CNN (models/digits.py); rows: 8 test digits
 one heatmap per composite of `lrpc explain --images DIR --rules C --target top1` (the 8 are classified right).
 docs/digits_segmentation.png: the digits U-Net (models/digits_seg.py); rows: 8 test digits, columns: the
 input, the true mask, `--target class:1` (every pixel predicted as stroke) per composite, and
-`--target box:0,0,8,16` (the predicted pixels of the upper half).
+`--target box:0,0,8,16` (every position of the upper half, channel 0).
 coldnhot: red/yellow/white = positive relevance, blue/cyan = negative, black = none."""
 from __future__ import annotations
 

@@ -1,16 +1,17 @@
 """On-disk cache of compiled models, so ``lrpc explain model.onnx`` compiles a model once.
 
-An entry is keyed by a SHA-256 over: lrpc's version, the bytes of the model file and of every
-external-data file it names, the rules (a rule file's bytes, or the composite name), the options, the
-explained output, the input shapes and the layerwise mode. Any change to any of these is a new entry;
+An entry is keyed by a SHA-256 over: lrpc's version and the bytes of its source files, onnx's version, the
+bytes of the model file and of every external-data file it names, the rules (a rule file's bytes, or the
+composite name), the options, the explained output and the input shapes. Any change to any of these is a new entry;
 nothing is ever looked up by path or modification time alone.
 
 Location: ``$LRPC_CACHE_DIR``, else ``$XDG_CACHE_HOME/lrpc``, else ``~/.cache/lrpc``. Entries are written
 atomically (a concurrent reader sees a whole file or none). A cache folder that cannot be created or
-written is skipped with one warning: the compiled model is still used. Entries are plain compiled
+written (or searched) is skipped with one warning: the compiled model is still used. Entries are plain compiled
 ``.lrp.onnx`` files; delete the folder to clear the cache. Models over 2 GB are not cached."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,7 +35,7 @@ def key(path, rules, settings: dict) -> str:
     from . import __version__
 
     h = hashlib.sha256()
-    h.update(f"lrpc {__version__}\n".encode())
+    h.update(f"lrpc {__version__} {_code_digest()} onnx {onnx.__version__}\n".encode())
     p = Path(path)
     for f in [p] + _external_files(p):
         h.update(f"{f.name}\0{f.stat().st_size}\0".encode())
@@ -47,6 +48,17 @@ def key(path, rules, settings: dict) -> str:
     else:
         h.update(f"rules {rules}\0".encode())
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    return h.hexdigest()
+
+
+@functools.lru_cache(maxsize=1)
+def _code_digest() -> str:
+    """A digest of lrpc's own sources: any change to the compiler (an edited checkout, a new release) makes
+    new entries, so a cache shared between installs never serves another code's compilation."""
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return h.hexdigest()
 
 
@@ -66,19 +78,28 @@ def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
     model_key = key(path, rules, settings)
     folder = cache_dir()
     entry = folder / f"{model_key[:32]}.lrp.onnx"
-    if entry.is_file():
+    try:
+        hit = entry.is_file()
+    except OSError as e:  # e.g. a folder we may not search
+        _warn(folder, e)
+        return make()
+    if hit:
         try:
             model = load_model(entry)
             print(f"lrpc: compiled model from the cache: {entry}", file=sys.stderr)
             return model
-        except Exception:  # a damaged entry is recompiled and replaced
+        except Exception:  # a damaged or unreadable entry is recompiled and replaced
             pass
     model = make()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         save_model(model, entry)
     except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"lrpc: warning: compile cache {folder} not written ({first}); set LRPC_CACHE_DIR or use --no-cache",
-              file=sys.stderr)
+        _warn(folder, e)
     return model
+
+
+def _warn(folder: Path, e: BaseException) -> None:
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    print(f"lrpc: warning: compile cache {folder} not used ({first}); set LRPC_CACHE_DIR or use --no-cache",
+          file=sys.stderr)

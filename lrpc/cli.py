@@ -229,6 +229,7 @@ def _read_inputs(path):
 
 def _inspect(args) -> int:
     from .inspect import inspect, table
+    from .model_io import write_atomic
 
     inputs = _read_inputs(args.inputs)
     if inputs is None and args.image:
@@ -245,12 +246,13 @@ def _inspect(args) -> int:
     if result["warning"]:
         print(f"lrpc: warning: {result['warning']}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+        write_atomic(json.dumps(result, indent=1), args.json, protect=[args.model])
     return 0
 
 
 def _check(args) -> int:
     from .check import run_check
+    from .model_io import write_atomic
 
     inputs = _read_inputs(args.inputs)
     report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,
@@ -262,7 +264,7 @@ def _check(args) -> int:
     print(report_text)
     for path, text in ((args.json, report.to_json), (args.junit, report.to_junit)):
         if path:
-            Path(path).write_text(text())
+            write_atomic(text, path, protect=[args.model])
     return 0 if report.passed else 1
 
 

@@ -106,7 +106,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         else:
             proto = make()
         spec = model_input(proto, layout)
-    return Session(proto, providers=providers), spec
+    return Session(proto, providers=providers, channels_last=layout == "nhwc"), spec
 
 
 def load_image(path, size, channels: int | None = 3, mean=None, std=None, layout: str = "nchw",
@@ -168,7 +168,8 @@ def _per_channel(values, channels: int, default: float, what: str) -> np.ndarray
 
 def load_tensors(path, session) -> dict:
     """Feeds from a ``.npy`` (the first model input) or ``.npz`` (one array: the first input; several:
-    one per model input, by name)."""
+    one per model input, by name). Float arrays are cast to the input's float type (numpy's default
+    float64 into a float32 model); ranks and static dims are checked against the model."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
@@ -179,11 +180,25 @@ def load_tensors(path, session) -> dict:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{p}: cannot read tensors (.npy/.npz expected): {first}") from None
     if len(arrays) == 1:
-        return {session.inputs[0]: next(iter(arrays.values()))}
+        arrays = {session.inputs[0]: next(iter(arrays.values()))}
     missing = [n for n in session.inputs if n not in arrays]
     if missing:
         raise InputError(f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays)})")
-    return {n: arrays[n] for n in session.inputs}
+    specs = {i.name: i for i in session.session.get_inputs()}
+    feeds = {}
+    for name in session.inputs:
+        a, spec = np.asarray(arrays[name]), specs[name]
+        dims = spec.shape
+        if a.ndim != len(dims) or any(isinstance(d, int) and d != n for d, n in zip(dims, a.shape)):
+            shown = ",".join(str(d) if isinstance(d, int) else "?" for d in dims)
+            raise InputError(f"{p}: array for input '{name}' has shape {list(a.shape)}, the model expects [{shown}]")
+        if a.ndim and a.shape[0] == 0:
+            raise InputError(f"{p}: array for input '{name}' holds no samples")
+        want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}.get(spec.type)
+        if want is not None and np.issubdtype(a.dtype, np.number) and a.dtype != want:
+            a = a.astype(want)
+        feeds[name] = a
+    return feeds
 
 
 def image_files(folder) -> list[Path]:
@@ -244,7 +259,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
             raise InputError(f"{image}: no such file" if not sources[0].exists() else f"{image}: not a file")
     else:
         sources = image_files(images)
-    paths = _outputs(out, sources, many=images is not None)
+    paths = _outputs(out, sources, many=images is not None, protect=[goal.path] if goal.path else [])
+    if goal.kind == "index" and len(goal.values) > 1 and images is not None and len(goal.values) != len(sources):
+        raise InputError(f"--target: {len(goal.values)} class indices for {len(sources)} images (give one, or "
+                         f"one per image in file name order)")
 
     for key, edge in (("low", 0.0), ("high", 1.0)):
         if options.get(key) is None:  # default: the range of [0, 1] images after normalization
@@ -264,45 +282,54 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     if fixed not in (None, 1) and npy is None:
         raise InputError(f"model input '{spec.name}' has a static batch of {fixed}; image mode feeds batches of "
                          f"any size: use --npy with {fixed} samples")
-    bar = _Progress(len(sources), progress)
-    written = []
-    for start in range(0, len(sources), per_run):
-        chunk = list(range(start, min(start + per_run, len(sources))))
-        shown = [None] * len(chunk)
-        if npy is not None:
-            feeds = load_tensors(sources[0], session)
-        else:
-            loaded = [load_image(sources[i], hw, spec.channels, mean, std, layout, grayscale, spec.dtype) for i in chunk]
-            feeds = {session.inputs[0]: np.concatenate([x for x, _ in loaded])}
-            shown = [pic for _, pic in loaded]
-        if goal.kind == "top" and goal.values[0] > 1:
-            ranks = session.explain_topk(feeds, goal.values[0])
-            relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
-            labels = [",".join(str(int(e.target[j])) for e in ranks) for j in range(len(ranks[0].target))]
-        else:
-            e = session.explain(feeds, goal)
-            relevance = _first(e.relevance)[:, None]  # [N, 1, ...]
-            labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
-        k = relevance.shape[1]
-        units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(chunk))]
-        for j, rel in enumerate(units):  # rel: [rows, K, ...]: a tensor file's batch, or one image
-            png, npy_out = paths[chunk[j]]
-            maps = [heat_image(rel[r, i][None], layout, cmap, level) for r in range(len(rel)) for i in range(k)]
-            if with_overlay and shown[j] is not None:
-                maps = [overlay(shown[j], m, overlay_alpha) for m in maps]
-            pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
-            np.save(npy_out, rel if k > 1 else rel[:, 0])
-            try:
-                pic.save(png)
-            except Exception as err:
-                first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                raise InputError(f"{png}: cannot write image: {first}") from None
-            written += [png, npy_out]
-            top1 = "top1 " if goal.kind == "top" and goal.values[0] == 1 else ""
-            what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
-            bar.step(f"{sources[chunk[j]].name}: target {top1}{what} -> {png}, {npy_out}", log)
-    bar.close()
-    return written
+    bar = _Progress(len(sources), progress if images is not None and len(sources) > 1 else False)
+    try:
+        written = []
+        for start in range(0, len(sources), per_run):
+            chunk = list(range(start, min(start + per_run, len(sources))))
+            shown = [None] * len(chunk)
+            if npy is not None:
+                feeds = load_tensors(sources[0], session)
+            else:
+                loaded = [load_image(sources[i], hw, spec.channels, mean, std, layout, grayscale, spec.dtype) for i in chunk]
+                feeds = {session.inputs[0]: np.concatenate([x for x, _ in loaded])}
+                shown = [pic for _, pic in loaded]
+            chunk_goal = goal
+            if goal.kind == "index" and len(goal.values) > 1 and npy is None:  # one class per image
+                chunk_goal = targets.Target("index", goal.values[start:start + len(chunk)])
+            if goal.kind == "top" and goal.values[0] > 1:
+                ranks = session.explain_topk(feeds, goal.values[0])
+                relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
+                labels = [",".join(str(int(e.target[j])) for e in ranks) for j in range(len(ranks[0].target))]
+            else:
+                e = session.explain(feeds, chunk_goal)
+                relevance = _first(e.relevance)[:, None]  # [N, 1, ...]
+                empty = ~np.asarray(e.seed).reshape(len(e.seed), -1).any(axis=1)
+                for j in np.flatnonzero(empty):
+                    where = sources[chunk[j]].name if npy is None else f"{sources[0].name} sample {j}"
+                    print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)", file=sys.stderr)
+                labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
+            k = relevance.shape[1]
+            units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(chunk))]
+            for j, rel in enumerate(units):  # rel: [rows, K, ...]: a tensor file's batch, or one image
+                png, npy_out = paths[chunk[j]]
+                maps = [heat_image(rel[r, i][None], layout, cmap, level) for r in range(len(rel)) for i in range(k)]
+                if with_overlay and shown[j] is not None:
+                    maps = [overlay(shown[j], m, overlay_alpha) for m in maps]
+                pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
+                np.save(npy_out, rel if k > 1 else rel[:, 0])
+                try:
+                    pic.save(png)
+                except Exception as err:
+                    first = str(err).splitlines()[0] if str(err) else type(err).__name__
+                    raise InputError(f"{png}: cannot write image: {first}") from None
+                written += [png, npy_out]
+                top1 = "top1 " if goal.kind == "top" and goal.values[0] == 1 else ""
+                what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
+                bar.step(f"{sources[chunk[j]].name}: target {top1}{what} -> {png}, {npy_out}", log)
+        return written
+    finally:
+        bar.close()
 
 
 def _first(relevance):
@@ -329,17 +356,18 @@ class _Progress:
         self.stream.flush()
 
     def close(self) -> None:
-        if self.show:
+        if self.show and self.done:
             self.stream.write("\n")
             self.stream.flush()
+            self.show = False
 
 
 def _arr(v, default):
     return np.atleast_1d(np.asarray(default if v is None else v, dtype=np.float64))
 
 
-def _outputs(out, sources: list[Path], many: bool) -> list[tuple[Path, Path]]:
-    """(heatmap path, relevance .npy path) per source; refuses to overwrite any source."""
+def _outputs(out, sources: list[Path], many: bool, protect=()) -> list[tuple[Path, Path]]:
+    """(heatmap path, relevance .npy path) per source; refuses to overwrite any source or ``protect`` path."""
     o = Path(out)
     if many or o.is_dir() or str(out).endswith(("/", os.sep)):
         if o.exists() and not o.is_dir():
@@ -356,7 +384,7 @@ def _outputs(out, sources: list[Path], many: bool) -> list[tuple[Path, Path]]:
         if not o.parent.exists():
             raise InputError(f"{o.parent}: output folder does not exist")
         pairs = [(o, o.with_suffix(".npy"))]
-    inputs = {s.resolve() for s in sources}
+    inputs = {s.resolve() for s in sources} | {Path(q).resolve() for q in protect}
     for pair in pairs:
         for p in pair:
             if p.resolve() in inputs:

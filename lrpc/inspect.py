@@ -30,8 +30,9 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
 
     Biases absorb relevance by design. When the input sum misses the seed sum, the same explanation is
     run again with biases left out of every denominator (``--zero-bias``): if that conserves, the loss
-    is the biases' (``bias``: {"input_sum", "absorbed"}, no warning); otherwise the warning names the
-    first layer that breaks without biases, i.e. for another reason (stabilizers, dead units, ...)."""
+    is the biases' (``bias``: {"input_sum", "absorbed", "first_break"}, no warning); otherwise the warning
+    names the first layer that breaks without biases, i.e. for another reason (stabilizers, dead units,
+    ...). ``first_break`` is always the requested run's."""
     from .compiler import _with_input_shapes
 
     options = options or composites.Options()
@@ -43,17 +44,17 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
     layers, seed_sum, input_sum, seed = _layer_table(model, rules, options, feeds, target, output, tol)
     first_break = _first_break(layers)
     miss = abs(input_sum - seed_sum) / max(abs(seed_sum), 1e-30)
-    warning, bias = None, None
+    warning, bias, culprit = None, None, first_break
     if miss > tol:
-        culprit = first_break
         if not options.zero_bias:
             free = replace(options, zero_bias=True)
             free_layers, _, free_sum, _ = _layer_table(model, rules, free, feeds, target, output, tol, seed)
-            bias = {"input_sum": free_sum, "absorbed": free_sum - input_sum}
             culprit = _first_break(free_layers)
+            bias = {"input_sum": free_sum, "absorbed": free_sum - input_sum, "first_break": culprit}
             miss = abs(free_sum - seed_sum) / max(abs(seed_sum), 1e-30)
         if miss > tol:
-            where = f" (first break from the output: layer '{culprit}')" if culprit else ""
+            what = "without biases in the denominators, " if bias else ""
+            where = f" ({what}the first break from the output is layer '{culprit}')" if culprit else ""
             biases = "" if bias is None else f"; with --zero-bias {bias['input_sum']:.6g}, so not (only) biases"
             warning = (f"input relevance sums to {input_sum:.6g}, the seed to {seed_sum:.6g}{biases}: "
                        f"{100 * miss:.2f}% not conserved{where}. Usual remedies: {REMEDIES}")
@@ -104,5 +105,6 @@ def table(result: dict) -> str:
                  f"(targets {result['target']})")
     if result.get("bias"):
         b = result["bias"]
-        lines.append(f"with --zero-bias: input relevance Σ {b['input_sum']:.6g}; biases absorb {b['absorbed']:.6g}")
+        brk = f", first break without biases: {b['first_break']}" if b["first_break"] else ""
+        lines.append(f"with --zero-bias: input relevance Σ {b['input_sum']:.6g}; biases absorb {b['absorbed']:.6g}{brk}")
     return "\n".join(lines)

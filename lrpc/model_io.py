@@ -58,6 +58,13 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
 
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
     """Write ``model`` atomically (temp file + rename); refuse to overwrite any path in ``protect``."""
+    write_atomic(lambda: model.SerializeToString(), path, protect)  # serializing raises ValueError past 2 GB
+
+
+def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
+    """Write ``data`` (bytes, str, or a callable making them once the path is checked) to ``path`` through
+    a temp file + rename, with the permissions a plain ``open`` would give (umask applied); refuse to
+    overwrite any path in ``protect``; errors name the path."""
     p = Path(path)
     for q in protect:
         if Path(q).exists() and p.exists() and p.resolve() == Path(q).resolve():
@@ -66,11 +73,20 @@ def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: list[st
         raise InputError(f"{p}: is a directory, expected an output file path")
     if not p.parent.exists():
         raise InputError(f"{p.parent}: output folder does not exist")
-    data = model.SerializeToString()  # raises ValueError past 2 GB
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    if callable(data):
+        data = data()
+    if isinstance(data, str):
+        data = data.encode()
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    except OSError as e:
+        raise InputError(f"{p}: cannot write ({e.strerror or type(e).__name__})") from None
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         os.replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):

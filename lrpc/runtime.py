@@ -21,9 +21,11 @@ class Session:
     ``providers``: onnxruntime providers; default CUDA when onnxruntime offers it, else CPU. Check
     :attr:`providers` for the ones the session actually got (a CUDA request can fall back to CPU).
     ``tf32``: let CUDA run float32 convolutions/matmuls in TF32 (faster, ~1e-3 relative error); off by
-    default so GPU relevance matches the CPU's to float32 rounding."""
+    default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
+    [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`."""
 
-    def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False):
+    def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
+                 channels_last: bool = False):
         if isinstance(model, (str, os.PathLike)):
             model = load_model(model)
         if not isinstance(model, onnx.ModelProto):
@@ -49,9 +51,10 @@ class Session:
         self._dtype = np.float64 if next(i.type for i in ins if i.name == SEED) == "tensor(double)" else np.float32
         meta = {p.key: p.value for p in model.metadata_props}
         # targets are read off the output that was explained (the first one for models compiled before
-        # lrpc recorded it); a one-channel output behind a Sigmoid is foreground above 0.5, logits above 0
+        # lrpc recorded it); sigmoid scores are foreground above 0.5 (logits: above 0)
         self.scores_output = meta.get("lrpc.output") if meta.get("lrpc.output") in self.outputs else self.outputs[0]
-        self._threshold = 0.5 if meta.get("lrpc.squash") == "Sigmoid" else 0.0
+        self.sigmoid = _behind_sigmoid(model.graph, self.scores_output)
+        self.channels_last = channels_last
 
     def run(self, feeds: dict, seed: np.ndarray) -> dict[str, np.ndarray]:
         """All outputs by name, for explicit inputs and an explicit seed."""
@@ -59,7 +62,8 @@ class Session:
         return dict(zip(self.outputs, values))
 
     def explain(self, x, target=None, seed: np.ndarray | None = None) -> Explanation:
-        """Explain one target per sample; returns an :class:`Explanation` (output, relevance, layers, target).
+        """Explain one target per sample; returns an :class:`Explanation` (output, relevance, layers, target,
+        seed).
 
         ``x``: the input array (or a dict of inputs). ``target``: see :mod:`lrpc.targets` — a class index,
         one per sample, None/"top1" for each sample's top-1 class, or a dense target ("pixel:Y,X",
@@ -78,7 +82,8 @@ class Session:
         feeds, target = self._feeds(x), targets.parse(target)
         if target.kind == "top" and target.values[0] != 1:
             raise InputError(f"target {target}: use explain_topk(x, {target.values[0]}) for several ranks")
-        return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self._threshold, self._dtype)
+        return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self.sigmoid,
+                            self.channels_last, self._dtype)
 
     def explain_topk(self, x, k: int) -> list[Explanation]:
         """Explanations of each sample's ``k`` highest outputs, rank 1 first (``k + 1`` runs); the
@@ -97,7 +102,7 @@ class Session:
         if target is not None and getattr(target, "kind", None) in ("index", "top"):
             target = self._chosen(seed)
         return Explanation(result[self.scores_output], relevance[0] if len(relevance) == 1 else relevance,
-                           layers, target)
+                           layers, target, seed)
 
     def _feeds(self, x) -> dict:
         return x if isinstance(x, dict) else {self.inputs[0]: np.asarray(x)}
@@ -116,15 +121,25 @@ class Session:
         return flat.argmax(axis=1)
 
 
+def _behind_sigmoid(graph: onnx.GraphProto, name: str) -> bool:
+    """Whether tensor ``name`` is a Sigmoid's output, possibly moved by layout-only ops (Transpose, ...)."""
+    producers = {o: n for n in graph.node for o in n.output}
+    node = producers.get(name)
+    while node is not None and node.op_type in ("Transpose", "Reshape", "Identity", "Squeeze", "Unsqueeze", "Flatten"):
+        node = producers.get(node.input[0])
+    return node is not None and node.op_type == "Sigmoid"
+
+
 class Explanation(NamedTuple):
     """What :meth:`Session.explain` returns. ``output``: the model output the targets refer to (the
     graph output chosen at compile time, e.g. softmax probabilities); ``relevance``: relevance of the
     input (a list for several float inputs); ``layers``: per-layer relevance by layer name when the
     model was compiled with ``--layerwise full`` (``sums``: per-sample sums), else empty; ``target``:
     the explained class per sample for class targets, else the parsed dense target (None for explicit
-    seeds)."""
+    seeds); ``seed``: the seed that was propagated (shaped like the explained output)."""
 
     output: np.ndarray
     relevance: np.ndarray | list
     layers: dict
     target: object = None
+    seed: np.ndarray | None = None

@@ -8,17 +8,19 @@ A target is given as text (``lrpc explain --target``) or to :meth:`lrpc.Session.
 ``topK`` (``top5``)    the K highest outputs, explained one rank at a time (``Session.explain_topk``)
 ``pixel:Y,X``          dense outputs: one output position; ``pixel:C,Y,X`` names its channel
 ``box:Y0,X0,Y1,X1``    dense outputs: the positions Y0 <= y < Y1, X0 <= x < X1 (``box:C,...``: channel C)
-``mask:FILE``          dense outputs: the nonzero entries of a .npy or image file, either one
-                       per position ([H, W]) or per channel and position ([C, H, W])
+``mask:FILE``          dense outputs: the nonzero entries of a .npy file (image files: gray level
+                       >= 128), either one per position ([H, W]) or per channel and position ([C, H, W])
 ``class:C``            dense outputs: every position whose predicted class is C
 =====================  ==========================================================================
 
 Dense outputs are laid out ``[N, C, *spatial]`` (NCHW segmentation maps; one or more spatial axes;
-coordinates count spatial axes only). Where a target names positions but no channel, each position
-takes its predicted channel: the arg-max over channels, or for a one-channel output (a sigmoid mask)
-channel 0. The predicted class of a one-channel output is 1 where the score exceeds its threshold (0.5
-after a Sigmoid, 0 on logits) and 0 elsewhere; both classes seed channel 0 (the relevance then shows
-the evidence for the foreground at the selected positions).
+coordinates count spatial axes only), or ``[N, *spatial, C]`` with ``channels_last`` (``--layout nhwc``).
+Where a target names positions but no channel, each position takes its predicted channels: the arg-max
+over channels (softmax or logits), every channel above 0.5 when the output is a Sigmoid's (independent
+labels), and for a one-channel output channel 0 at every selected position. The predicted class of a
+one-channel output is 1 where the score exceeds 0.5 (after a Sigmoid) or 0 (logits) and 0 elsewhere;
+both classes seed channel 0 (the relevance then shows the evidence for the foreground at the selected
+positions). ``class:C`` of a several-channel output selects channel C where C is predicted.
 
 Seeds are one at the selected output entries and zero elsewhere, so the explanation of a region is the
 sum of the explanations of its positions and conserves the number of selected entries."""
@@ -99,75 +101,88 @@ def parse(target) -> Target:
     return Target(kind, values)
 
 
-def seed(target: Target, shape: list[int], scores, threshold: float = 0.0, dtype=np.float32) -> np.ndarray:
+def seed(target: Target, shape: list[int], scores, sigmoid: bool = False, channels_last: bool = False,
+         dtype=np.float32) -> np.ndarray:
     """The seed for ``target`` on an explained output of ``shape`` ([N, ...]). ``scores``: a callable
     returning the model's scores (shaped like the explained output), called only where the target depends
-    on the prediction (top, class, positions without a channel on a multi-channel output); ``threshold``:
-    the foreground score of one-channel dense outputs. ``top`` targets give rank 1 here; :func:`topk`
-    gives all ranks."""
+    on the prediction (top, class, positions without a channel on a multi-channel output). ``sigmoid``:
+    the scores are sigmoid probabilities (foreground above 0.5; several channels are independent labels)
+    rather than logits or softmax probabilities. ``channels_last``: the output is [N, *spatial, C].
+    ``top`` targets give rank 1 here; :func:`topk` gives all ranks."""
     shape = [int(d) for d in shape]
     batch = shape[0]
     if target.kind == "top":
         if target.values[0] != 1:
-            raise InputError(f"--target {target}: several ranks are explained by Session.explain_topk")
+            raise InputError(f"--target {target}: one rank at a time here; several ranks: lrpc explain "
+                             f"--target {target} or Session.explain_topk")
         return topk(shape, scores(), 1, dtype)[1][0]
     if target.kind == "index":
         return _one_hot(shape, np.broadcast_to(_per_sample(target.values, batch), (batch,)), dtype)
     if len(shape) < 3:
         raise InputError(f"--target {target}: a dense target needs an output [N, C, H, W, ...]; the explained "
                          f"output has shape {shape} (use a class index or topK)")
-    channels, spatial = shape[1], shape[2:]
-    predicted = lambda: _predicted(scores(), shape, threshold)  # noqa: E731
-    selected = np.zeros([batch, channels, *spatial], bool)  # which (channel, position) entries are seeded
+    if channels_last:
+        first = [shape[0], shape[-1], *shape[1:-1]]
+        s = _dense(target, first, lambda: np.moveaxis(np.asarray(scores()), -1, 1), sigmoid)
+        return np.moveaxis(s, 1, -1).astype(dtype)
+    return _dense(target, shape, scores, sigmoid).astype(dtype)
+
+
+def _dense(target: Target, shape: list[int], scores, sigmoid: bool) -> np.ndarray:
+    """Boolean seed [N, C, *spatial] of a dense target."""
+    batch, channels, spatial = shape[0], shape[1], shape[2:]
+    selected = np.zeros(shape, bool)  # which (channel, position) entries are seeded
     if target.kind == "class":
         c = target.values[0]
         limit = 2 if channels == 1 else channels
         if c >= limit:
             raise InputError(f"--target {target}: class out of range 0..{limit - 1}")
-        at = predicted() == c  # [N, *spatial]
-        selected[:, 0 if channels == 1 else c] = at
-        return selected.astype(dtype)
+        on = _predicted(scores(), shape, sigmoid)
+        if channels == 1:
+            selected[:, 0] = on[:, 0] if c == 1 else ~on[:, 0]
+        else:
+            selected[:, c] = on[:, c]
+        return selected
     if target.kind == "mask":
         mask = _read_mask(target.path, channels, spatial)
         if mask.ndim == len(spatial) + 1:  # per channel
             selected[:] = mask
-            return selected.astype(dtype)
+            return selected
         positions = np.broadcast_to(mask, [batch, *spatial])
     else:
-        n = len(spatial)
-        coords = list(target.values)
-        want = n if target.kind == "pixel" else 2 * n
-        if len(coords) not in (want, want + 1):
-            axes = ",".join("YX"[-n:] if n <= 2 else [f"d{i}" for i in range(n)])
-            raise InputError(f"--target {target}: this output has {n} spatial axes (shape {shape}): give "
-                             f"{target.kind}:{'[C,]' + axes if target.kind == 'pixel' else '[C,]' + axes + ' (start) then end'}")
-        if len(coords) == want + 1:
-            c = coords.pop(0)
-            if c >= channels:
-                raise InputError(f"--target {target}: channel {c} out of range 0..{channels - 1}")
-            channel = c
-        else:
-            channel = None
-        if target.kind == "pixel":
-            lo, hi = coords, [v + 1 for v in coords]
-        else:
-            lo, hi = coords[:n], coords[n:]
-        for i in range(n):
-            if not (0 <= lo[i] < hi[i] <= spatial[i]):
-                raise InputError(f"--target {target}: outside the output's spatial size {spatial} "
-                                 f"(box ends are exclusive and must exceed its starts)")
-        positions = np.zeros([batch, *spatial], bool)
-        positions[(slice(None), *[slice(a, b) for a, b in zip(lo, hi)])] = True
+        positions, channel = _positions(target, shape)
         if channel is not None:
             selected[:, channel] = positions
-            return selected.astype(dtype)
+            return selected
     if channels == 1:
         selected[:, 0] = positions
     else:
-        classes = predicted()
-        for c in range(channels):
-            selected[:, c] = positions & (classes == c)
-    return selected.astype(dtype)
+        selected[:] = positions[:, None] & _predicted(scores(), shape, sigmoid)
+    return selected
+
+
+def _positions(target: Target, shape: list[int]):
+    """(positions [N, *spatial] bool, explicit channel or None) of a pixel/box target."""
+    channels, spatial = shape[1], shape[2:]
+    n = len(spatial)
+    coords = list(target.values)
+    want = n if target.kind == "pixel" else 2 * n
+    if len(coords) not in (want, want + 1):
+        axes = ",".join("YX"[-n:] if n <= 2 else [f"d{i}" for i in range(n)])
+        form = axes if target.kind == "pixel" else f"{axes} (start) then {axes} (end)"
+        raise InputError(f"--target {target}: this output has {n} spatial axes (shape {shape}): give "
+                         f"{target.kind}:[C,]{form}")
+    channel = coords.pop(0) if len(coords) == want + 1 else None
+    if channel is not None and channel >= channels:
+        raise InputError(f"--target {target}: channel {channel} out of range 0..{channels - 1}")
+    lo, hi = (coords, [v + 1 for v in coords]) if target.kind == "pixel" else (coords[:n], coords[n:])
+    for i in range(n):
+        if not (0 <= lo[i] < hi[i] <= spatial[i]):
+            raise InputError(f"--target {target}: outside the output's spatial size {spatial} "
+                             f"(box ends are exclusive and must exceed its starts)")
+    positions = np.zeros([shape[0], *spatial], bool)
+    positions[(slice(None), *[slice(a, b) for a, b in zip(lo, hi)])] = True
+    return positions, channel
 
 
 def topk(shape: list[int], scores: np.ndarray, k: int, dtype=np.float32) -> tuple[np.ndarray, list]:
@@ -199,13 +214,17 @@ def _one_hot(shape, classes, dtype) -> np.ndarray:
     return s.reshape(shape)
 
 
-def _predicted(scores, shape, threshold) -> np.ndarray:
-    """Predicted class per position [N, *spatial]."""
+def _predicted(scores, shape, sigmoid: bool) -> np.ndarray:
+    """Which channels each position predicts, [N, C, *spatial] bool: the arg-max channel (softmax or
+    logits), every channel above 0.5 (sigmoid: independent labels), or for one channel: above 0.5
+    (sigmoid) or 0 (logits)."""
     s = np.asarray(scores)
     if list(s.shape) != list(shape):
         raise InputError(f"the model's scores have shape {list(s.shape)}, the explained output {list(shape)}: "
                          f"a dense target needs them to match")
-    return (s[:, 0] > threshold).astype(np.int64) if shape[1] == 1 else s.argmax(axis=1)
+    if sigmoid or shape[1] == 1:
+        return s > (0.5 if sigmoid else 0.0)
+    return np.arange(shape[1]).reshape([1, -1] + [1] * (len(shape) - 2)) == s.argmax(axis=1)[:, None]
 
 
 def _read_mask(path, channels: int, spatial: list[int]) -> np.ndarray:
@@ -222,7 +241,7 @@ def _read_mask(path, channels: int, spatial: list[int]) -> np.ndarray:
 
         try:
             with _pil_image().open(p) as im:
-                mask = np.asarray(im.convert("L"))
+                mask = np.asarray(im.convert("L")) >= 128  # robust to JPEG noise; alpha is ignored
         except Exception as e:
             raise InputError(f"--target mask:{path}: cannot read image ({str(e).splitlines()[0]})") from None
     mask = np.asarray(mask) != 0

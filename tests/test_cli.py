@@ -64,6 +64,9 @@ def test_compile_writes_runnable_model(tmp_path):
     code, stdout, err = lrpc("compile", DIGITS, "--rules", "epsilon-plus", "-o", out)
     assert code == 0, err
     assert digest(DIGITS) == before
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask  # as a plain open() would make it, not mkstemp's 0600
     model = onnx.load(str(out))
     onnx.checker.check_model(model, full_check=True)
     names_in = [i.name for i in model.graph.input]
@@ -254,8 +257,8 @@ def test_python_api_session():
     assert session.providers == ["CPUExecutionProvider"]
     data = np.load(ROOT / "models" / "digits_samples.npz")
     x = data["images"][:4]
-    probs, rel, layers, chosen = session.explain(x, target=[3, 1, 4, 1])
-    assert layers == {} and chosen.tolist() == [3, 1, 4, 1]
+    probs, rel, layers, chosen, seed = session.explain(x, target=[3, 1, 4, 1])
+    assert layers == {} and chosen.tolist() == [3, 1, 4, 1] and np.array_equal(seed, np.eye(10)[[3, 1, 4, 1]])
     seed = np.eye(10, dtype=np.float32)[[3, 1, 4, 1]]
     direct = session.run({"input": x}, seed)
     np.testing.assert_array_equal(rel, direct["relevance"])

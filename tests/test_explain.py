@@ -473,3 +473,105 @@ def _conv_adjoint(c, w):
         for j in range(3):
             out[:, :, i:i + h, j:j + wd] += np.einsum("nohw,oc->nchw", c, w[:, :, i, j])
     return out[:, :, 1:-1, 1:-1]
+
+
+def test_explain_never_overwrites_the_mask_file(tmp_path, capsys):
+    model, _ = _seg_model(tmp_path / "seg.onnx")
+    np.save(tmp_path / "x.npy", np.ones((1, 2, 5, 6), np.float32))
+    mask = np.zeros((5, 6), np.uint8)
+    mask[1, 1] = 1
+    np.save(tmp_path / "region.npy", mask)
+    before = (tmp_path / "region.npy").read_bytes()
+    code = cli.main(["explain", str(tmp_path / "seg.onnx"), "--npy", str(tmp_path / "x.npy"), "--target",
+                     f"mask:{tmp_path / 'region.npy'}", "-o", str(tmp_path / "region.png")])
+    _one_line(code, capsys, "refusing to overwrite an input file")
+    assert (tmp_path / "region.npy").read_bytes() == before
+
+
+def test_explain_one_class_per_image_across_batches(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    pngs = [_digit_png(src, i) for i in range(5)]
+    classes = [3, 1, 4, 1, 5]
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--batch-size", "2", "--target",
+                     ",".join(map(str, classes)), "-o", str(out)])
+    assert code == 0, capsys.readouterr().err
+    for png, c in zip(pngs, classes):
+        _, expected = _oracle(_read_png(png), c, low=0.0, high=1.0)
+        np.testing.assert_allclose(np.load(out / f"{png.stem}.npy"), expected, rtol=1e-5, atol=1e-6)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("target ")[1].split(" ")[0] for line in lines] == list(map(str, classes))
+    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--target", "3,1", "-o", str(out)])
+    _one_line(code, capsys, "2 class indices for 5 images")
+
+
+@pytest.mark.parametrize("case, contains", [
+    ("shape", "has shape [1, 1, 4, 4], the model expects [?,1,8,8]"),
+    ("rank", "the model expects"),
+    ("empty", "holds no samples"),
+])
+def test_explain_npy_errors_are_one_line(tmp_path, capsys, case, contains):
+    arrays = {"shape": np.zeros((1, 1, 4, 4), np.float32), "rank": np.zeros((1, 8, 8), np.float32),
+              "empty": np.zeros((0, 1, 8, 8), np.float32)}
+    np.save(tmp_path / "x.npy", arrays[case])
+    _one_line(cli.main(["explain", str(DIGITS), "--npy", str(tmp_path / "x.npy"), "-o", str(tmp_path / "h.png")]),
+              capsys, contains)
+
+
+def test_explain_npy_float64_is_cast(tmp_path, capsys):
+    x = SAMPLES["images"][:2].astype(np.float64)  # numpy's default float type
+    np.save(tmp_path / "x.npy", x)
+    code = cli.main(["explain", str(DIGITS), "--npy", str(tmp_path / "x.npy"), "--target", "2", "-o",
+                     str(tmp_path / "h.png")])
+    assert code == 0, capsys.readouterr().err
+    _, expected = _oracle(x.astype(np.float32), 2, low=0.0, high=1.0)
+    np.testing.assert_allclose(np.load(tmp_path / "h.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_explain_empty_target_warns(tmp_path, capsys):
+    _seg_model(tmp_path / "seg.onnx")
+    np.save(tmp_path / "x.npy", np.zeros((1, 2, 5, 6), np.float32))  # equal scores: arg-max 0 everywhere
+    z = lrpc.Session(lrpc.compile(str(tmp_path / "seg.onnx"), "epsilon"), providers=["CPUExecutionProvider"])
+    probs = z.explain(np.load(tmp_path / "x.npy"), "class:0").output
+    absent = [c for c in range(3) if not (probs.argmax(axis=1) == c).any()]
+    seeded = [c for c in range(3) if (probs.argmax(axis=1) == c).any()]
+    for c, warned in [(c, True) for c in absent] + [(seeded[0], False)]:
+        code = cli.main(["explain", str(tmp_path / "seg.onnx"), "--npy", str(tmp_path / "x.npy"), "--target",
+                         f"class:{c}", "-o", str(tmp_path / "h.png")])
+        err = capsys.readouterr().err
+        assert code == 0 and ("selects no output entry" in err) == warned, err
+    assert absent, "the test input should leave a class unpredicted"
+
+
+def test_single_image_keeps_its_line_without_a_bar(tmp_path, capsys):
+    from lrpc.explain import run
+
+    logged = []
+    run(str(DIGITS), tmp_path / "h.png", image=_digit_png(tmp_path, 0), progress=True, log=logged.append)
+    assert len(logged) == 1 and "target top1" in logged[0] and "\r" not in capsys.readouterr().err
+
+
+def test_compile_cache_keys_on_lrpc_code_and_survives_unsearchable_folders(tmp_path, capsys, monkeypatch):
+    from lrpc import cache
+
+    png = _digit_png(tmp_path, 1)
+    calls = _counting_compile(monkeypatch)
+    argv = ["explain", str(DIGITS), "--image", str(png), "-o", str(tmp_path / "h.png")]
+    assert cli.main(argv) == 0 and cli.main(argv) == 0 and len(calls) == 1
+    monkeypatch.setattr(cache, "_code_digest", lambda: "another lrpc")  # an edited checkout or a new release
+    assert cli.main(argv) == 0 and len(calls) == 2
+    entries = list(Path(cache.cache_dir()).glob("*.lrp.onnx"))
+    assert len(entries) == 2 and all(e.stat().st_mode & 0o044 for e in entries)  # readable by others (umask 022)
+    real = Path.is_file
+
+    def locked(self):
+        if "lrpc-cache" in str(self):
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self)
+
+    monkeypatch.setattr(Path, "is_file", locked)
+    capsys.readouterr()
+    assert cli.main(argv) == 0 and len(calls) == 3
+    err = capsys.readouterr().err
+    assert "lrpc: warning: compile cache" in err and "Permission denied" in err

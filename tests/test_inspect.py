@@ -127,3 +127,14 @@ def test_dense_target_on_the_shipped_unet(tmp_path):
     # switches on (measured 178.9 of 181): warned, with the first layer that breaks without biases
     assert data["bias"]["absorbed"] > 0 and 0.98 < data["bias"]["input_sum"] / data["seed_sum"] < 0.999
     assert "'/enc1/enc1.0/Conv'" in data["warning"] and "only their bias" in err  # z+ on the zero background
+
+
+def test_json_report_paths_are_checked(tmp_path):
+    code, _, err = cli("inspect", DIGITS, "--json", tmp_path / "missing" / "t.json")
+    assert code == 2 and err.strip().count("\n") == 0 and "output folder does not exist" in err, err
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    for command in ("inspect", "check"):
+        code, _, err = cli(command, model, "--json", model)
+        assert code == 2 and "refusing to overwrite the input model" in err, err
+        assert model.read_bytes() == DIGITS.read_bytes()

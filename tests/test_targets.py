@@ -24,17 +24,23 @@ H, W = 6, 7
 
 
 class _Seg(torch.nn.Module):
-    """A tiny segmentation net: classes channels, softmax (classes > 1) or sigmoid (1) over pixels."""
+    """A tiny segmentation net: ``classes`` channels; softmax over channels (classes > 1) or sigmoid (1)
+    by default, ``head`` "sigmoid" (independent labels), "logits" (none) or "nhwc" (default head, then
+    channels last)."""
 
-    def __init__(self, classes: int):
+    def __init__(self, classes: int, head: str = "default"):
         super().__init__()
-        self.classes = classes
+        self.classes, self.head = classes, head
         self.c1 = torch.nn.Conv2d(3, 8, 3, padding=1)
         self.c2 = torch.nn.Conv2d(8, classes, 3, padding=1)
 
     def forward(self, x):
         y = self.c2(torch.relu(self.c1(x)))
-        return torch.softmax(y, dim=1) if self.classes > 1 else torch.sigmoid(y)
+        if self.head == "logits":
+            return y
+        if self.head == "nhwc":  # as TensorFlow models end: channels last, softmax over the last axis
+            return torch.softmax(y.permute(0, 2, 3, 1), dim=-1)
+        return torch.softmax(y, dim=1) if self.classes > 1 and self.head != "sigmoid" else torch.sigmoid(y)
 
 
 def _export(net) -> onnx.ModelProto:
@@ -46,11 +52,11 @@ def _export(net) -> onnx.ModelProto:
     return onnx.load_from_string(f.getvalue())
 
 
-def _session(classes: int, rules="epsilon-gamma-box", **kw):
+def _session(classes: int, rules="epsilon-gamma-box", head="default", **kw):
     torch.manual_seed(classes)
-    net = _Seg(classes).eval()
+    net = _Seg(classes, head).eval()
     compiled = lrpc.compile(_export(net), rules, low=-3.0, high=3.0, **kw)
-    return net, lrpc.Session(compiled, providers=["CPUExecutionProvider"])
+    return net, lrpc.Session(compiled, providers=["CPUExecutionProvider"], channels_last=head == "nhwc")
 
 
 X = np.random.default_rng(3).standard_normal([2, 3, H, W]).astype(np.float32)
@@ -125,7 +131,7 @@ def test_multiclass_dense_seeds_follow_the_prediction(tmp_path):
 def test_one_channel_sigmoid_threshold_and_png_mask(tmp_path):
     pil = pytest.importorskip("PIL.Image")
     net, s = _session(1)
-    assert s._threshold == 0.5  # the graph output is the sigmoid's
+    assert s.sigmoid  # the graph output is the sigmoid's
     probs = _probs(net)
     fg = probs[:, 0] > 0.5
     assert 0 < fg.sum() < fg.size  # both classes occur, so the test can fail
@@ -139,6 +145,60 @@ def test_one_channel_sigmoid_threshold_and_png_mask(tmp_path):
     seed[:, 0, 2:4, 1:3] = 1
     np.testing.assert_array_equal(s.explain(X, f"mask:{tmp_path / 'm.png'}").relevance,
                                   s.run({"x": X}, seed)["relevance"])
+
+
+def test_one_channel_logits_threshold_at_zero():
+    net, s = _session(1, head="logits")
+    assert not s.sigmoid
+    fg = _probs(net)[:, 0] > 0.0
+    assert 0 < fg.sum() < fg.size
+    np.testing.assert_array_equal(s.explain(X, "class:1").seed[:, 0], fg)
+
+
+def test_older_compiled_models_without_metadata_still_see_the_sigmoid():
+    net, s = _session(1)
+    compiled = onnx.ModelProto()
+    compiled.CopyFrom(s_model := lrpc.compile(_export(net), "epsilon-plus"))
+    del compiled.metadata_props[:]
+    compiled.metadata_props.extend(p for p in s_model.metadata_props if p.key != "lrpc.output")
+    old = lrpc.Session(compiled, providers=["CPUExecutionProvider"])
+    assert old.sigmoid and old.scores_output == "y"
+    np.testing.assert_array_equal(old.explain(X, "class:1").seed[:, 0], _probs(net)[:, 0] > 0.5)
+
+
+def test_multilabel_sigmoid_channels_are_independent():
+    net, s = _session(3, head="sigmoid")
+    probs = _probs(net)
+    on = probs > 0.5
+    assert s.sigmoid and (on.sum(axis=1) != 1).any()  # some positions have 0 or 2+ labels: not an arg-max
+    np.testing.assert_array_equal(s.explain(X, "class:2").seed[:, 2], on[:, 2])
+    box = np.zeros(on.shape, bool)
+    box[:, :, 1:3, 2:6] = True
+    np.testing.assert_array_equal(s.explain(X, "box:1,2,3,6").seed, box & on)
+
+
+def test_channels_last_dense_output():
+    net, s = _session(3, head="nhwc")
+    probs = _probs(net)  # [N, H, W, C]
+    assert probs.shape == (2, H, W, 3)
+    pred = probs.argmax(axis=-1)
+    want = np.zeros(probs.shape, np.float32)
+    for c in range(3):
+        want[..., c] = pred == c
+    np.testing.assert_array_equal(s.explain(X, "box:0,0,6,7").seed, want)
+    one = np.zeros(probs.shape, np.float32)
+    one[:, 2, 4, 1] = 1
+    np.testing.assert_array_equal(s.explain(X, "pixel:1,2,4").seed, one)
+    np.testing.assert_array_equal(s.explain(X, "class:1").seed[..., 1], pred == 1)
+
+
+def test_image_masks_threshold_at_mid_gray(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    gray = np.full([H, W], 30, np.uint8)  # JPEG-like noise below mid gray selects nothing
+    gray[1:3, 2:4] = 220
+    pil.fromarray(gray).save(tmp_path / "m.png")
+    seed = targets.seed(targets.parse(f"mask:{tmp_path / 'm.png'}"), [1, 1, H, W], lambda: 1 / 0)  # one channel
+    assert seed.sum() == 4 and seed[0, 0, 1:3, 2:4].all()
 
 
 def test_region_relevance_is_the_sum_over_its_pixels():

@@ -1,7 +1,7 @@
 """Find the explained tensor: the chosen graph output, walked back through a final Softmax/LogSoftmax
 (logits are explained) or Sigmoid (segmentation/multi-label: the pre-activation is explained). The node
 stays in the graph, so the original output is still produced. Metadata ``lrpc.output`` names that graph
-output and ``lrpc.squash`` the walked-back ops (innermost first), so runtimes can read targets off it."""
+output, so runtimes can read targets off it."""
 from __future__ import annotations
 
 from ..errors import InputError
@@ -19,13 +19,10 @@ def run(canon: Canonical, output: str | None = None) -> bool:
     else:
         raise InputError(f"--output {output}: the model has no output of that name (outputs: {', '.join(outputs)})")
     canon.metadata["lrpc.output"] = t.name  # the scores users see: lrpc.Session reads targets off them
-    squashed = []
     node = producer(t)
     while node is not None and node.op in SQUASHERS:
-        squashed.append(node.op)
         t = node.inputs[0]
         node = producer(t)
-    canon.metadata["lrpc.squash"] = ",".join(reversed(squashed))
     changed = canon.explained != t.name
     canon.explained = t.name
     return changed
