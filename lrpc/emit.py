@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from . import composites
 from .errors import InputError, UnsupportedError, where
-from .graph import Builder, Canonical, const_value, export_model, float_dtype, is_const, node_inputs
+from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import propagator
 
 SEED = "relevance_seed"
@@ -191,10 +191,10 @@ def _nonneg(graph: gs.Graph) -> set[str]:
     pos: set[str] = set()
 
     def ok(t) -> bool:
-        return t.name in pos or (is_const(t) and bool(np.all(const_value(t) >= 0)))
+        return t.name in pos or (is_const(t) and const_nonneg(t))
 
     for node in graph.nodes:
-        data = [t for t in node.inputs if t.name and not (is_const(t) and const_value(t).dtype.kind in "iu")]
+        data = [t for t in node.inputs if t.name and not (is_const(t) and np.dtype(t.dtype).kind in "iu")]
         if node.op in NONNEG_OUT:
             yes = True
         elif node.op == "Clip":

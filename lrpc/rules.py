@@ -35,6 +35,7 @@ class Group:
     coef: float = 1.0
     mask: str | None = None  # "z>0" / "z<0": keep only outputs where the plain forward z has that sign
     above_z: bool = False  # the denominator is z plus non-negative terms (if biases are kept): > 0 where z > 0
+    below_z: bool = False  # the denominator is z plus non-positive terms (if biases are kept): < 0 where z < 0
 
 
 @dataclass(frozen=True)
@@ -80,7 +81,7 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, **kw) -> Rule:
 def gamma(gamma: float = 0.25, **kw) -> Rule:
     """Generalized (sign-aware) gamma; equals classic LRP-γ for x ≥ 0 and z > 0."""
     up = Group((Term("x+", "Wup", "bup"), Term("x-", "Wdown")), mask="z>0", above_z=True)
-    down = Group((Term("x+", "Wdown", "bdown"), Term("x-", "Wup")), mask="z<0")
+    down = Group((Term("x+", "Wdown", "bdown"), Term("x-", "Wup")), mask="z<0", below_z=True)
     return Rule("gamma", (up, down), params={"gamma": gamma}, **kw)
 
 

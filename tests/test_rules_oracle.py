@@ -324,6 +324,26 @@ def test_zero_denominator_gives_no_nan(kind, bias, stabilizer, rule_id, dtype, t
     np.testing.assert_array_equal(rel, 0.0)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("zero_bias", [False, True], ids=["bias", "zero_bias"])
+@pytest.mark.parametrize("kind", ["conv2d_s2_asym", "gemm_transB"])
+def test_alpha_beta_zero_region_matches_oracle(kind, zero_bias, dtype, tmp_path):
+    """Inputs exactly 0 (sample 0; the top rows of sample 1): without bias, denominators there are exactly 0
+    (the negative part divides by min(z, 0) - eps = -eps where the oracle's sign0 takes +eps); all their
+    terms are 0, so the relevance still matches."""
+    case = make_case(kind, dtype)
+    model = compile_rule(case, "alpha-beta", {"alpha": 2.0, "beta": 1.0}, {"stabilizer_eps": 1e-3, "zero_bias": zero_bias},
+                         tmp_path)
+    x = case.x.astype(dtype).copy()
+    x[0] = 0.0
+    if x.ndim == 4:
+        x[1, :, :2] = 0.0
+    R = np.random.default_rng(1).normal(size=case.layer.forward(x).shape).astype(dtype)
+    rel = run_model(model, {"x": x, "relevance_seed": R}, dtype)["relevance"]
+    want = relevance(case.layer, "alpha-beta", x, R, zero_bias=zero_bias, eps=1e-3, alpha=2.0, beta=1.0)
+    assert_close(rel, want, dtype, f"{kind} alpha-beta, zero region")
+
+
 def test_rule_file_op_matches_rank2_matmul(tmp_path):
     case = make_case("matmul", np.float64)
     spec = tmp_path / "rules.json"

@@ -34,6 +34,10 @@ class View:
         """``bias`` shaped to broadcast over the output (for ``z - b``)."""
         return bias
 
+    def bias_shape(self) -> list[int]:
+        """Shape of a bias that ``forward`` takes (one value per output channel / feature)."""
+        return [1]
+
     def unbroadcast(self, r):
         return r
 
@@ -76,6 +80,9 @@ class ConvView(View):
             self.ctx.cache[w.name] = t
         return self.ctx.cache[w.name]
 
+    def bias_shape(self):
+        return [const_value(self.w).shape[0]]
+
     def bias_for_output(self, bias):
         rank = len(self.z.shape)
         return self.b.op("Reshape", [bias, self.b.ints([-1] + [1] * (rank - 2))])
@@ -89,6 +96,9 @@ class ConvTransposeView(ConvView):
     def adjoint(self, c, w):
         return self.b.op("Conv", [c, w], self._attrs())
 
+    def bias_shape(self):
+        return [const_value(self.w).shape[1] * int(self.node.attrs.get("group", 1))]
+
 
 class GemmView(View):
     """Gemm in normal form: ``z = x Wᵀ + b`` with W [out, in]."""
@@ -98,6 +108,9 @@ class GemmView(View):
 
     def adjoint(self, c, w):
         return self.b.op("MatMul", [c, w])
+
+    def bias_shape(self):
+        return [const_value(self.w).shape[0]]
 
 
 class MatMulView(View):
@@ -186,9 +199,11 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     A group's denominator is ``sum_k a_k f(input; W_k) + bias`` and the relevance sent down is
     ``sum input * W_kᵀ(sum a_k c)``: one forward and one adjoint per (input, weight) pair. Weight variants
     are either used as they are or split into basis weights (``weight_basis``: W- = W - W+, W + γW+, …),
-    whichever needs fewer convolutions: with several groups the basis shares work, and ``f(x; W)`` is
-    the layer's own output. Groups whose mask selects outputs that statically receive no relevance
-    (``z<0`` behind a ReLU) are skipped: their message is identically zero."""
+    whichever needs fewer convolutions, chosen separately for the forwards and the adjoints: with several
+    groups the basis shares work, and ``f(x; W)`` is the layer's own output (gamma behind a residual sum:
+    both denominators from z and one forward f(x; γW+), then adjoints with Wup and Wdown as they are).
+    Groups whose mask selects outputs that statically receive no relevance (``z<0`` behind a ReLU) are
+    skipped: their message is identically zero."""
     b = ctx.b
     variants = _Variants(ctx, view, rule)
     rank = len(view.z.shape) if view.z.shape is not None else None
@@ -200,8 +215,22 @@ def emit_rule(ctx, view: View, rule: Rule, R):
         terms = [t for t in group.terms if variants.input(t.input) is not None]
         if terms:
             groups.append((group, terms))
-    split = _cost(groups, variants, lambda w: weight_basis(w, gamma)) < _cost(groups, variants, lambda w: {w: 1.0})
-    decompose = (lambda w: weight_basis(w, gamma)) if split else (lambda w: {w: 1.0})
+    # forwards and adjoints each take the decomposition that needs fewer convolutions (on a tie, the
+    # variants as they are: their messages need no linear combination)
+    split, plain = (lambda w: weight_basis(w, gamma)), (lambda w: {w: 1.0})
+    # one group: every message is a multiple of its one quotient c, so inputs that meet the same weight
+    # share one adjoint: sum_i a_i input_i * Wᵀc = (sum_i a_i input_i) * Wᵀc (z-box: (x - h) * Wᵀc + (h - l) * W+ᵀc)
+    shared = len(groups) == 1 and all(variants.input(t.input, numerator=True) is not None for t in groups[0][1])
+
+    def adjoints(d) -> int:
+        keys = _keys(groups, variants, d)
+        return len({w for _, w in keys}) if shared else len(keys)
+
+    def forwards(d) -> int:
+        return len(_keys(groups, variants, d) - {("x", "W")})
+
+    decompose = split if forwards(split) < forwards(plain) else plain
+    decompose_adjoint = split if adjoints(split) < adjoints(plain) else plain
     messages: dict[tuple[str, str], list] = {}  # (input variant, weight) -> [(coefficient, message)]
     for group, terms in groups:
         mix: dict[tuple[str, str], float] = {}
@@ -214,23 +243,47 @@ def emit_rule(ctx, view: View, rule: Rule, R):
             if bias is not None:
                 biases.append((t.sign, bias))
         mix = {k: a for k, a in mix.items() if a != 0.0}
-        z = variants.denominator(mix, biases)
+        sent: dict[tuple[str, str], float] = {}
+        for t in terms:
+            for weight, a in decompose_adjoint(t.weight).items():
+                key = (variants.alias(t.input), weight)
+                sent[key] = sent.get(key, 0.0) + t.sign * a
         # R vanishes where z <= 0 (behind a ReLU): a z>0 mask is then a no-op, and a denominator above z
-        # is positive wherever R is not zero
+        # is positive wherever R is not zero. Where a mask keeps only z > 0 (z < 0), a denominator above
+        # (below) z has that sign wherever the message survives: the sign test can go.
         quiet = ctx.no_relevance_below_zero(view.z)
         biases_kept = not rule.zero_bias or view.bias is None
-        known = ("nonneg" if variants.nonneg_terms(terms) else
-                 "positive" if quiet and group.above_z and biases_kept else None)
-        c = quotient(b, R, z, rule, rank, known)
+        sign = variants.terms_sign(terms)
+        known = ("nonneg" if sign > 0 else "nonpos" if sign < 0 else
+                 "positive" if group.above_z and biases_kept and (quiet or group.mask == "z>0") else
+                 "negative" if group.below_z and biases_kept and group.mask == "z<0" else None)
+        shift = 0.0
+        if known and rule.stabilizer == "sign" and rule.eps > 0:
+            shift = rule.eps if known in ("nonneg", "positive") else -rule.eps
+        z, shifted = variants.denominator(mix, biases, shift)
+        c = quotient(b, R, z, rule, rank, known, shifted)
         if group.mask is not None and not (quiet and group.mask == "z>0"):  # masks are built once per layer
             c = b.mul(c, variants.mask(group.mask))
-        for key, a in mix.items():
+        for key, a in sent.items():
             messages.setdefault(key, []).append((a * group.coef, c))
+    if shared:  # messages[key] = [(a_key, c)] with the one c
+        per_weight: dict[str, list] = {}
+        for (inp, basis), [(a, c)] in messages.items():
+            if a != 0.0:
+                per_weight.setdefault(basis, []).append((a, variants.input(inp, numerator=True)))
+        out = []
+        for basis, uses in per_weight.items():
+            scale = uses[0][0]  # into the (constant-folded) weight
+            adj = view.adjoint(c, variants.weight(basis, scale))
+            out.append(b.mul(linear_combination(b, [(a / scale, t) for a, t in uses]), adj))
+        return b.sum(out)
     by_input: dict[str, list] = {}
     for (inp, basis), parts in messages.items():
-        msg = linear_combination(b, parts)
-        if msg is not None:
-            by_input.setdefault(inp, []).append(view.adjoint(msg, variants.weight(basis)))
+        parts = [(a, c) for a, c in parts if a != 0.0]
+        if parts:  # the first coefficient goes into the (constant-folded) weight: one Mul pass less
+            scale = parts[0][0]
+            msg = linear_combination(b, [(a / scale, c) for a, c in parts])
+            by_input.setdefault(inp, []).append(view.adjoint(msg, variants.weight(basis, scale)))
     out = []
     for inp, adjs in by_input.items():
         total = b.sum(adjs)
@@ -239,10 +292,10 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     return b.sum(out)
 
 
-def _cost(groups, variants, decompose) -> int:
-    """Convolutions a lowering needs: forwards (f(x; W) is free: the layer's output) plus adjoints."""
-    keys = {(variants.alias(t.input), w) for _, terms in groups for t in terms for w in decompose(t.weight)}
-    return len(keys - {("x", "W")}) + len(keys)
+def _keys(groups, variants, decompose) -> set:
+    """The (input, weight) pairs a decomposition needs: one forward each (f(x; W) is free: the layer's
+    output) and one adjoint each."""
+    return {(variants.alias(t.input), w) for _, terms in groups for t in terms for w in decompose(t.weight)}
 
 
 def linear_combination(b, parts):
@@ -273,20 +326,22 @@ class _Variants:
             self._cache[key] = make()
         return self._cache[key]
 
-    def nonneg_terms(self, terms) -> bool:
-        """Every term input ⊙ weight (+ bias) is >= 0 by sign alone (z-plus, flat, w-square, …)."""
+    def terms_sign(self, terms) -> int:
+        """+1 when every term input ⊙ weight (+ bias) is >= 0 by sign alone (z-plus, flat, w-square, the
+        positive group of alpha-beta), -1 when every one is <= 0 (the negative group), else 0."""
         def sign(kind: str, name: str | None) -> int:
-            if name is None:
-                return 1
             if kind == "input":
                 if name in ("x+", "ones") or (name == "x" and self.ctx.nonneg(self.view.x)):
                     return 1
                 return -1 if name == "x-" else 0
             if name.startswith("b") and self.rule.zero_bias:
-                return 1
-            return {"W+": 1, "W2": 1, "ones": 1, "W-": -1, "b+": 1, "b2": 1}.get(name, 0)
-        return all(t.sign * sign("input", t.input) * sign("weight", t.weight) > 0 and sign("bias", t.bias) > 0
-                   for t in terms)
+                return 0
+            return {"W+": 1, "W2": 1, "ones": 1, "W-": -1, "b+": 1, "b2": 1, "b-": -1}.get(name, 0)
+        for want in (1, -1):
+            if all(t.sign * sign("input", t.input) * sign("weight", t.weight) == want
+                   and (t.bias is None or self.rule.zero_bias or t.sign * sign("bias", t.bias) == want) for t in terms):
+                return want
+        return 0
 
     def mask(self, name: str):
         op = {"z>0": "Greater", "z<0": "Less"}[name]
@@ -311,8 +366,17 @@ class _Variants:
             return None if numerator else self._memo("ones", lambda: b.ones_like(x))
         if name in ("low", "high"):
             bound = self._memo(name, lambda: self._bound(name))
-            return bound if numerator else self._memo(name + "_full", lambda: b.op("Expand", [bound, b.shape_of(x)]))
+            return bound if numerator else self._memo(name + "_full", lambda: self._one_sample(bound))
         raise ValueError(f"unknown input variant {name}")
+
+    def _one_sample(self, bound):
+        """The bound broadcast to one sample ``[1, *x.shape[1:]]`` when those dims are static: its forward is then
+        a constant that onnxruntime folds at session start (it broadcasts over the batch); else to x's shape."""
+        b, x = self.b, self.view.x
+        dims = list(x.shape[1:]) if x.shape is not None else None
+        if dims is not None and all(isinstance(d, (int, np.integer)) and d > 0 for d in dims):
+            return b.op("Expand", [bound, b.ints([1, *dims])])
+        return b.op("Expand", [bound, b.shape_of(x)])
 
     def _bound(self, name: str):
         value = np.asarray(self.rule.params[name], dtype=np.float64)
@@ -331,14 +395,21 @@ class _Variants:
                                    f"{where(self.view.node)} (shape {x.shape}): give a number, one per channel, or one sample's shape")
         return self.b.const(value.astype(self.b.dtype))
 
-    def weight(self, name: str):
-        return self._param(name, self.view.w)
+    def weight(self, name: str, scale: float = 1.0):
+        w = self._param(name, self.view.w)
+        return w if scale == 1.0 else self._memo(("scaled", name, scale), lambda: self.b.mul(w, self.b.const(scale)))
 
     def bias(self, name: str | None):
+        """A bias variant, computed here (biases are small): offsets of denominators then fold to constants."""
         name = self.rule.bias(name)
         if name is None or self.view.bias is None:
             return None
-        return self._param(name.replace("b", "W", 1), self.view.bias)
+        def make():
+            v, g = const_value(self.view.bias).astype(np.float64), self.gamma
+            pos, neg = np.maximum(v, 0.0), np.minimum(v, 0.0)
+            value = {"b": v, "b+": pos, "b-": neg, "bup": v + g * pos, "bdown": v + g * neg, "b2": v * v}[name]
+            return self.b.const(value.astype(self.b.dtype))
+        return self._memo(("bias", name), make)
 
     def _param(self, name: str, p):
         b, g = self.b, self.gamma
@@ -359,27 +430,51 @@ class _Variants:
             raise ValueError(f"unknown weight variant {name}")
         return self._memo(key, makers[name])
 
-    def denominator(self, mix: dict, biases: list):
-        """``sum a f(input; basis) + sum ± bias`` for ``mix = {(input, basis): a}``. The layer's own
-        output ``z = f(x; W) + b`` stands in for ``f(x; W)`` (its bias is taken back out of the sum)."""
+    def denominator(self, mix: dict, biases: list, shift: float = 0.0):
+        """``sum a f(input; basis) + sum ± bias`` for ``mix = {(input, basis): a}``, plus ``shift`` where that
+        costs no extra pass (returned: whether it was added). The layer's own output ``z = f(x; W) + b``
+        stands in for ``f(x; W)`` (its bias is taken back out of the sum). A fresh forward runs with its
+        first coefficient folded into the weight and, for the first group that needs it, the group's
+        constant offset as its bias: ``z + f(x; γW+, b')`` is then one Conv that onnxruntime fuses with the
+        Add (NCHWc Conv with a sum input). Later groups reuse it and take coefficient and bias back out."""
         view, b = self.view, self.b
-        parts, biases = [], list(biases)
+        biases = list(biases) + ([(-mix[("x", "W")], view.bias)] if ("x", "W") in mix and view.bias is not None else [])
+        fresh = [k for k in mix if k != ("x", "W") and ("f", *k) not in self._cache]
+        shifted = bool(shift) and (bool(fresh) or _offset(b, biases) is not None)
+        if shifted:
+            shape = const_value(view.bias).shape if view.bias is not None else view.bias_shape()
+            biases.append((1.0, b.const(np.full(shape, shift, b.dtype))))
+        parts = []
         for (inp, basis), a in mix.items():
             if inp == "x" and basis == "W":
                 parts.append((a, view.z))
-                if view.bias is not None:
-                    biases.append((-a, view.bias))
-            else:
-                parts.append((a, self._memo(("f", inp, basis), lambda: view.forward(self.input(inp), self.weight(basis), None))))
-        merged: dict[int, list] = {}
-        for a, t in biases:  # b - b cancels without emitting anything
-            merged.setdefault(id(t), [0.0, t])[0] += a
-        offset = linear_combination(b, [(a, t) for a, t in merged.values() if abs(a) > 1e-12])  # constants: folded
-        if offset is not None and len(parts) == 1 and parts[0][0] == 1.0 and len(mix) == 1 and ("x", "W") not in mix:
-            (inp, weight), = mix  # one fresh forward: let it add the bias itself
-            return view.forward(self.input(inp), self.weight(weight), offset)
+                continue
+            key = ("f", inp, basis)
+            if key not in self._cache:
+                own = _offset(b, biases) if (inp, basis) == fresh[0] else None
+                biases = [] if own is not None else biases
+                self._cache[key] = (view.forward(self.input(inp), self.weight(basis, a), own), a, own)
+                parts.append((1.0, self._cache[key][0]))
+                continue
+            f, scale, f_bias = self._cache[key]
+            parts.append((a / scale, f))
+            if f_bias is not None:
+                biases.append((-a / scale, f_bias))
         z = linear_combination(b, parts)
-        return z if offset is None else b.add(z, view.bias_for_output(offset))
+        offset = _offset(b, biases)
+        return (z if offset is None else b.add(z, view.bias_for_output(offset))), shifted
+
+
+def _offset(b, biases):
+    """``sum a_i b_i`` of constant bias tensors, computed here; None when it vanishes (b - b, or
+    bdown - (1+γ)b + bup - b, which is zero but for float64 rounding far below float32 resolution)."""
+    if not biases:
+        return None
+    terms = [a * const_value(t).astype(np.float64) for a, t in biases]
+    value = sum(terms)
+    if np.all(np.abs(value) <= 1e-9 * max(float(np.max(np.abs(t))) for t in terms)):
+        return None
+    return b.const(np.asarray(value).astype(b.dtype))
 
 
 def _one(dtype):

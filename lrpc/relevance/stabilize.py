@@ -12,16 +12,24 @@ def indicator(b, op: str, z):
     return b.op("Cast", [b.op(op, [z, b.const(0.0)], dtype=bool)], {"to": _onnx_type(b.dtype)})
 
 
-def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None):
+def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, shifted: bool = False):
     """``R / stab(z)`` with the rule's stabilizer; a zero denominator passes zero, never NaN.
 
     ``known`` (sign stabilizer only) lets the emitter skip the sign test: "nonneg" when z >= 0 everywhere
-    (then stab(z) = z + eps), "positive" when z > 0 wherever R != 0 (then max(z, 0) + eps equals stab(z)
-    there and is a safe nonzero divisor elsewhere)."""
+    (then stab(z) = z + eps), "positive" when z > 0 wherever the quotient is used (R != 0 and the group's
+    mask is 1: then max(z, 0) + eps equals stab(z) there and is a safe nonzero divisor elsewhere);
+    "nonpos" / "negative" likewise with z <= 0 / z < 0 and min(z, 0) - eps. (For "nonpos", z = 0 divides
+    by -eps instead of +eps: all of that output's terms are then zero, so the quotient only meets zeros.)
+    ``shifted``: the emitter already added ±eps to z (in a bias, at no cost): max(z + eps, eps) is
+    max(z, 0) + eps in one op."""
     eps = rule.eps
     if known and rule.stabilizer == "sign" and eps > 0:
         # max(z, 0) also guards a mathematically non-negative z that float rounding pushed below 0
-        return b.op("Div", [R, b.add(b.op("Max", [z, b.const(0.0)]), b.const(eps))])
+        if known in ("nonpos", "negative"):
+            den = b.op("Min", [z, b.const(-eps)]) if shifted else b.add(b.op("Min", [z, b.const(0.0)]), b.const(-eps))
+        else:  # (Relu, not Max(z, 0): onnxruntime keeps Relu in its blocked NCHWc layout and fuses it into the Conv)
+            den = b.op("Max", [z, b.const(eps)]) if shifted else b.add(b.op("Relu", [z]), b.const(eps))
+        return b.op("Div", [R, den])
     nonneg = indicator(b, "GreaterOrEqual", z)  # sign0(z) = 2 * nonneg - 1 (zero counts as positive)
     if rule.stabilizer == "clip":
         mag = b.op("Max", [b.op("Abs", [z]), b.const(eps)])

@@ -11,7 +11,14 @@ from . import register
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def reshape(ctx, node, R_out):
-    return [ctx.b.reshape_like(R_out[0], node.inputs[0])] + [None] * (len(node.inputs) - 1)
+    x, y = node.inputs[0], node.outputs[0]
+    xs, ys = x.shape, y.shape
+    if xs and ys and xs[0] == ys[0] and all(isinstance(d, (int, np.integer)) and d > 0 for d in xs[1:]):
+        # a constant target shape that copies the batch dim (0): shape inference keeps its symbolic name, so
+        # onnxruntime can prove the relevance tensors of later layers the same shape as the activations
+        # (its NCHWc layout then keeps Mul/Add/Sum between convolutions blocked, and fuses Sums into them)
+        return [ctx.b.op("Reshape", [R_out[0], ctx.b.ints([0, *xs[1:]])])] + [None] * (len(node.inputs) - 1)
+    return [ctx.b.reshape_like(R_out[0], x)] + [None] * (len(node.inputs) - 1)
 
 
 @register("Transpose")
