@@ -13,15 +13,18 @@ from .model_io import load_model
 from .passes import canonize as _canonize
 
 
-def _as_model(model, input_shapes: dict | None = None) -> onnx.ModelProto:
-    if isinstance(model, (str, os.PathLike)):
+def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool]:
+    """``(ModelProto, owned)``: owned when lrpc read or copied it (the export may then reuse its weights);
+    a caller's ModelProto is never modified."""
+    owned = isinstance(model, (str, os.PathLike))
+    if owned:
         model = load_model(model)
     elif not isinstance(model, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     if input_shapes:
-        model = _with_input_shapes(model, input_shapes)
+        model, owned = _with_input_shapes(model, input_shapes), True
     _check_weights(model)
-    return model
+    return model, owned
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -65,7 +68,8 @@ def _check_weights(model: onnx.ModelProto) -> None:
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
     """Canonical forward model (BN folded, pools as depthwise convs, …); outputs numerically unchanged.
     ``input_shapes``: {input name: dims} to fix dynamic dims (e.g. spatial ones)."""
-    canon = _canonize(_as_model(model, input_shapes), output)
+    proto, owned = _as_model(model, input_shapes)
+    canon = _canonize(proto, output, owned)
     result = export_model(canon)
     _check(result)
     return result
@@ -87,7 +91,8 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    canon = _canonize(_as_model(model, input_shapes), output)
+    proto, owned = _as_model(model, input_shapes)
+    canon = _canonize(proto, output, owned)
     result = emit(canon, ruleset, layerwise)
     _check(result)
     return result

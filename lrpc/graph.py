@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UnsupportedError, where
 
@@ -24,6 +25,7 @@ class Canonical:
     origin: dict[str, str] = field(default_factory=dict)  # node name -> op type before a pass rewrote it
     explained: str | None = None  # name of the tensor whose relevance is seeded
     metadata: dict[str, str] = field(default_factory=dict)
+    source: onnx.ModelProto | None = None  # the imported model when lrpc owns it (export reuses its weights)
 
     @property
     def opset(self) -> int:
@@ -40,9 +42,25 @@ def import_model(model: onnx.ModelProto) -> Canonical:
 
 
 def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> onnx.ModelProto:
-    """Export a graph as a checked ModelProto with a conservative IR version."""
+    """Export a graph as a checked ModelProto with a conservative IR version.
+
+    When ``canon.source`` is a ModelProto lrpc owns (read from a file by lrpc), its big initializers that
+    the graph still uses unchanged stay where they are: the result is built inside ``canon.source``
+    instead of copying hundreds of MB of weights (protobuf copies run at ~0.5 GB/s); ``canon.source``
+    is consumed."""
     graph = canon.graph
-    model = gs.export_onnx(graph, do_type_check=False)
+    kept = _keep_source_weights(canon)
+    saved = {c.name: c._values for c in kept}
+    for c in kept:  # a placeholder for the export; the source's tensor is used below
+        c._values = np.zeros([0], dtype=np.dtype(c.dtype))
+    try:
+        model = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        for c in kept:
+            c._values = saved[c.name]
+    if kept:
+        model = _into_source(canon.source, model, set(saved))
+        canon.source = None
     model.ir_version = IR_FOR_OPSET.get(canon.opset, onnx.IR_VERSION)
     meta = dict(canon.metadata)
     live = {n.name for n in graph.nodes}
@@ -54,6 +72,43 @@ def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> 
     for k, v in meta.items():
         model.metadata_props.add(key=k, value=v)
     return model
+
+
+def _keep_source_weights(canon: Canonical) -> list:
+    """The graph's big constants that are still the source model's initializers, unchanged and by name."""
+    source = canon.source
+    if source is None:
+        return []
+    names = {t.name for t in source.graph.initializer}
+    kept = []
+    for t in canon.graph.tensors().values():
+        values = getattr(t, "_values", None)
+        if isinstance(t, gs.Constant) and isinstance(values, LazyValues) and values.tensor.name == t.name \
+                and t.name in names and _is_big(values.tensor.data_type, values.tensor.dims):
+            kept.append(t)
+    return kept
+
+
+def _into_source(source: onnx.ModelProto, model: onnx.ModelProto, kept: set) -> onnx.ModelProto:
+    """``model`` rebuilt inside ``source``: the source's initializers named in ``kept`` stay (not copied),
+    its others go, and everything else (nodes, inputs, outputs, small initializers, opsets) is the
+    exported model's."""
+    g, e = source.graph, model.graph
+    for k in reversed(range(len(g.initializer))):
+        if g.initializer[k].name not in kept:
+            del g.initializer[k]
+    g.initializer.extend(t for t in e.initializer if t.name not in kept)
+    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        del getattr(g, field)[:]
+        getattr(g, field).extend(getattr(e, field))
+    g.name, g.doc_string = e.name, e.doc_string
+    del source.opset_import[:]
+    source.opset_import.extend(model.opset_import)
+    del source.functions[:]
+    source.functions.extend(model.functions)
+    source.producer_name, source.producer_version = model.producer_name, model.producer_version
+    del source.metadata_props[:]
+    return source
 
 
 # Shape inference and the checker serialize the whole model; on VGG16 (550 MB) that dominated compile

@@ -354,3 +354,49 @@ def lrpc_default_relevance(x, seed, tmp_path):
     assert code == 0, err
     return ort.InferenceSession(str(tmp_path / "d.onnx"), providers=["CPUExecutionProvider"]).run(
         None, {"input": x, "relevance_seed": seed})[1]
+
+
+def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
+    """A model read from a file is lrpc's own: the export reuses its big weights instead of copying them
+    (lrpc/graph.py export_model). The result must equal compiling the same ModelProto (which is never
+    modified): same nodes, inputs, outputs, metadata and initializers (by content), and BatchNorm-folded
+    weights must replace, not join, the originals."""
+    import lrpc as api
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 3, 5, 5)).astype(np.float32)  # 4800 values: big enough to be kept in place
+    w2 = rng.standard_normal((16, 64, 3, 3)).astype(np.float32)  # folded with the BatchNorm: replaced
+    g = rng.standard_normal((10, 16 * 2 * 2)).astype(np.float32)
+    bn = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+          (("s", rng.random(16) + 0.5), ("b", rng.standard_normal(16)), ("m", rng.standard_normal(16)), ("v", rng.random(16) + 0.5))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c2"]),
+             helper.make_node("BatchNormalization", ["c2", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r2"]), helper.make_node("Flatten", ["r2"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(g, "g"), *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "big.onnx"
+    onnx.save(model, str(path))
+    before = model.SerializeToString()
+    from_path, from_proto = api.compile(path, "epsilon-plus"), api.compile(model, "epsilon-plus")
+    assert model.SerializeToString() == before
+    inits = lambda m: {t.name: t.SerializeToString() for t in m.graph.initializer}  # noqa: E731
+    assert inits(from_path) == inits(from_proto)
+    assert inits(from_path)["w"] == numpy_helper.from_array(w, "w").SerializeToString()  # kept as it was
+    assert "w2" not in inits(from_path)  # replaced by the BatchNorm-folded weight
+    for field in ("node", "input", "output", "value_info"):
+        assert list(getattr(from_path.graph, field)) == list(getattr(from_proto.graph, field)), field
+    assert list(from_path.metadata_props) == list(from_proto.metadata_props)
+    assert from_path.opset_import == from_proto.opset_import and from_path.ir_version == from_proto.ir_version
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    seed = np.eye(10, dtype=np.float32)[[1, 2]]
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+        None, {"x": x, "relevance_seed": seed})
+    for a, b in zip(run(from_path), run(from_proto)):
+        np.testing.assert_array_equal(a, b)
+    assert inits(api.canonize(path)) == inits(api.canonize(model))

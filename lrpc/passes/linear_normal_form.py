@@ -147,11 +147,11 @@ def _conv_attrs(node) -> bool:
     w = node.inputs[1]
     if not is_const(w):
         raise UnsupportedError(f"{where(node)}: {node.op} weight is not a constant")
-    wv = const_value(w)
-    nsp = wv.ndim - 2
+    shape = list(w.shape)  # graphsurgeon knows it without loading the values
+    nsp = len(shape) - 2
     attrs = node.attrs
     if "kernel_shape" not in attrs:
-        attrs["kernel_shape"] = list(wv.shape[2:])
+        attrs["kernel_shape"] = shape[2:]
         changed = True
     for key in ("strides", "dilations"):
         attrs.setdefault(key, [1] * nsp)
@@ -166,7 +166,7 @@ def _conv_attrs(node) -> bool:
     attrs.pop("auto_pad", None)
     attrs.setdefault("pads", [0] * (2 * nsp))
     if len(node.inputs) < 3 or not node.inputs[2].name:
-        node.inputs = list(node.inputs)[:2] + [gs.Constant(f"{node.name}/B", np.zeros(out_channels(node), wv.dtype))]
+        node.inputs = list(node.inputs)[:2] + [gs.Constant(f"{node.name}/B", np.zeros(out_channels(node), np.dtype(w.dtype)))]
         changed = True
     elif not is_const(node.inputs[2]):
         raise UnsupportedError(f"{where(node)}: {node.op} bias is not a constant")

@@ -69,7 +69,7 @@ class ConvView(View):
         """[Cout, Cin/g, *k] -> [Cin, Cout/g, *k] per group, spatially reversed (constant-folded)."""
         if w.name not in self.ctx.cache:
             b, g = self.b, int(self.node.attrs.get("group", 1))
-            shape = list(const_value(self.w).shape)
+            shape = list(self.w.shape)  # (graphsurgeon knows shapes without loading values)
             cout, cin_g, ks = shape[0], shape[1], shape[2:]
             n = len(ks)
             t = b.op("Reshape", [w, b.ints([g, cout // g, cin_g, *ks])])
@@ -81,7 +81,7 @@ class ConvView(View):
         return self.ctx.cache[w.name]
 
     def bias_shape(self):
-        return [const_value(self.w).shape[0]]
+        return [self.w.shape[0]]
 
     def bias_for_output(self, bias):
         rank = len(self.z.shape)
@@ -97,7 +97,7 @@ class ConvTransposeView(ConvView):
         return self.b.op("Conv", [c, w], self._attrs())
 
     def bias_shape(self):
-        return [const_value(self.w).shape[1] * int(self.node.attrs.get("group", 1))]
+        return [self.w.shape[1] * int(self.node.attrs.get("group", 1))]
 
 
 class GemmView(View):
@@ -110,7 +110,7 @@ class GemmView(View):
         return self.b.op("MatMul", [c, w])
 
     def bias_shape(self):
-        return [const_value(self.w).shape[0]]
+        return [self.w.shape[0]]
 
 
 class MatMulView(View):
@@ -423,7 +423,7 @@ class _Variants:
             "Wup": lambda: b.add(p, b.mul(pos(), b.const(g))),
             "Wdown": lambda: b.add(p, b.mul(neg(), b.const(g))),
             "W2": lambda: b.mul(p, p),
-            "ones": lambda: b.op("ConstantOfShape", [b.ints(const_value(p).shape)],
+            "ones": lambda: b.op("ConstantOfShape", [b.ints(list(p.shape))],
                                  {"value": _one(b.dtype)}),
         }
         if name not in makers:
