@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="input .onnx model")
     c.add_argument("-o", "--out", required=True, help="output .onnx path (written atomically)")
     c.add_argument("--layerwise", choices=["sums", "full"], help="add per-layer relevance outputs")
+    c.add_argument("--seed", choices=["input", "top1"], default="input",
+                   help="input: a relevance_seed graph input (default); top1: the graph seeds each sample's top-1 "
+                        "output itself (output relevance_target names it): one run, only the model's inputs to feed")
     _rule_flags(c)
 
     ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation")
@@ -209,7 +212,7 @@ def _run(args) -> int:
         model = canonize(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
         model = compile(args.model, args.rules, output=args.output, layerwise=args.layerwise,
-                        input_shapes=dict(args.input_shape), **asdict(_options(args)))
+                        input_shapes=dict(args.input_shape), seed=args.seed, **asdict(_options(args)))
     save_model(model, args.out, protect=[args.model])
     print(f"wrote {args.out}")
     return 0

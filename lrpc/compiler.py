@@ -76,12 +76,15 @@ def canonize(model, output: str | None = None, input_shapes: dict | None = None)
 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
-            layerwise: str | None = None, input_shapes: dict | None = None, **options) -> onnx.ModelProto:
+            layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
+            **options) -> onnx.ModelProto:
     """Compile ``model`` (ModelProto or path) into forward + relevance graph.
 
     ``rules``: a composite name, a .json/.toml rule file, or a RuleSet. ``options``: fields of
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
     zero_bias, maxpool). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit).
+    ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
+    sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
@@ -93,7 +96,7 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
         ruleset = composites.load_ruleset(rules, opts)
     proto, owned = _as_model(model, input_shapes)
     canon = _canonize(proto, output, owned)
-    result = emit(canon, ruleset, layerwise)
+    result = emit(canon, ruleset, layerwise, seed)
     _check(result)
     return result
 

@@ -48,15 +48,23 @@ def category(canon: Canonical, node) -> str | None:
             "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool"}.get(node.op)
 
 
-def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None) -> onnx.ModelProto:
+def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
+         seed: str = "input") -> onnx.ModelProto:
     """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph').
 
     ``layerwise="sums"`` adds, for every layer with a rule (and MaxPool), outputs
     ``relevance_sum_in/<node>`` and ``relevance_sum_out/<node>``: per-sample sums of the relevance the
     layer receives at its outputs and sends to its inputs, so a table shows where conservation breaks.
-    ``layerwise="full"`` adds those and ``relevance_in/<node>``: the relevance sent to the layer's (first) input."""
+    ``layerwise="full"`` adds those and ``relevance_in/<node>``: the relevance sent to the layer's (first) input.
+
+    ``seed="input"``: the seed is the graph input ``relevance_seed``; ``seed="top1"``: it is made in the
+    graph, one-hot at each sample's highest explained output, which the output ``relevance_target``
+    (int64 [N], flat index per sample) names: logits and relevance in one run, with only the model's
+    own inputs to feed."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
+    if seed not in ("input", "top1"):
+        raise InputError(f"seed must be 'input' or 'top1', got {seed!r}")
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]
@@ -78,9 +86,12 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ctx = Context(canon, builder, rules, _nonneg(graph), ruleset.options)
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
-    seed = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
-    graph.inputs.append(seed)
-    incoming: dict[str, list] = {explained.name: [seed]}
+    if seed == "top1":
+        start, target = _top1_seed(builder, explained)
+    else:
+        start, target = gs.Variable(SEED, dtype=dtype, shape=explained.shape), None
+        graph.inputs.append(start)
+    incoming: dict[str, list] = {explained.name: [start]}
     extra: list = []  # layerwise outputs (name, tensor, shape)
     layer_table: list = []
     total: dict[str, object] = {}
@@ -116,11 +127,13 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         out = gs.Variable(name, dtype=dtype, shape=t.shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
+    if target is not None:
+        extra.insert(0, ("relevance_target", target, [explained.shape[0]]))
     for name, r, shape in extra:
-        out = gs.Variable(name, dtype=dtype, shape=shape)
+        out = gs.Variable(name, dtype=r.dtype or dtype, shape=shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
-    meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules)}
+    meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules), "lrpc.seed": seed}
     if layerwise:
         import json
 
@@ -128,6 +141,22 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
     return model
+
+
+def _top1_seed(b: Builder, explained):
+    """(seed, target): one-hot at each sample's arg-max of ``explained`` (flattened per sample; first
+    index on ties, as numpy), and that index [N]. Works for dynamic dims too. The arg-max is taken on the
+    explained tensor (logits before a final Softmax/Sigmoid), so where a sigmoid saturates several outputs
+    to 1.0 the logits decide; Session's top-1 with a fed seed reads the graph output instead."""
+    flat = b.op("Flatten", [explained], {"axis": 1})
+    best = b.op("ArgMax", [flat], {"axis": 1, "keepdims": 1, "select_last_index": 0}, dtype=np.int64)
+    size = b.op("Gather", [b.shape_of(flat), b.const(np.int64(1), dtype=np.int64)], {"axis": 0}, dtype=np.int64)
+    index = b.op("Range", [b.const(np.int64(0), dtype=np.int64), size, b.const(np.int64(1), dtype=np.int64)],
+                 dtype=np.int64)
+    hot = b.op("Equal", [index, best], dtype=bool)  # [M] against [N, 1]: [N, M]
+    seed = b.op("Reshape", [b.op("Cast", [hot], {"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype))}),
+                            b.shape_of(explained)])
+    return seed, b.op("Squeeze", [best, b.ints([1])], dtype=np.int64)
 
 
 ROUTES_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat", "Split",

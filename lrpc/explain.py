@@ -75,11 +75,13 @@ def model_input(model: onnx.ModelProto, layout: str = "nchw") -> InputSpec:
 
 
 def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
-            layout: str = "nchw", size: tuple | None = None, providers=None, cache: bool = False, **options):
+            layout: str = "nchw", size: tuple | None = None, providers=None, cache: bool = False, seed: str = "input",
+            **options):
     """Return ``(Session, InputSpec)``. ``model``: path or ModelProto, plain (compiled here with ``rules``
     and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
     ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling.
-    ``cache``: reuse/store the compilation of a model file in the on-disk cache (:mod:`lrpc.cache`)."""
+    ``cache``: reuse/store the compilation of a model file in the on-disk cache (:mod:`lrpc.cache`).
+    ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run)."""
     from .runtime import Session
 
     if layout not in ("nchw", "nhwc"):
@@ -91,17 +93,18 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     if size is not None and spec.size is not None and tuple(size) != spec.size:
         raise InputError(f"--size {size[0]},{size[1]} differs from the static size {spec.size[0]},{spec.size[1]} "
                          f"of model input '{spec.name}'")
-    compiled = SEED in {i.name for i in proto.graph.input}
+    compiled = SEED in {i.name for i in proto.graph.input} or any(p.key == "lrpc.seed" for p in proto.metadata_props)
     if not compiled:
         shapes = dict(input_shapes or {})
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
             h, w = size
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
-        make = lambda: compiler.compile(proto, rules, output=output, input_shapes=shapes or None, **options)  # noqa: E731
+        make = lambda: compiler.compile(proto, rules, output=output, input_shapes=shapes or None, seed=seed,  # noqa: E731
+                                        **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache
 
-            settings = {"output": output, "input_shapes": shapes, "options": options}
+            settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed}
             proto = compile_cache.compiled(model, rules, settings, make)
         else:
             proto = make()
@@ -268,8 +271,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         if options.get(key) is None:  # default: the range of [0, 1] images after normalization
             v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if npy is None else np.array([edge])
             options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
+    top1 = goal.kind == "top" and goal.values[0] == 1  # then the graph seeds itself: one run per batch
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            cache=cache, **options)
+                            cache=cache, seed="top1" if top1 else "input", **options)
     if npy is None:
         if len(spec.dims) != 4:
             raise InputError(f"model input '{spec.name}' has rank {len(spec.dims)}; images need rank 4 "
@@ -324,9 +328,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                     first = str(err).splitlines()[0] if str(err) else type(err).__name__
                     raise InputError(f"{png}: cannot write image: {first}") from None
                 written += [png, npy_out]
-                top1 = "top1 " if goal.kind == "top" and goal.values[0] == 1 else ""
+                prefix = "top1 " if top1 else ""
                 what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
-                bar.step(f"{sources[chunk[j]].name}: target {top1}{what} -> {png}, {npy_out}", log)
+                bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
         return written
     finally:
         bar.close()

@@ -30,7 +30,9 @@ class Session:
             model = load_model(model)
         if not isinstance(model, onnx.ModelProto):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
-        if SEED not in {i.name for i in model.graph.input}:
+        meta = {p.key: p.value for p in model.metadata_props}
+        self.top1 = meta.get("lrpc.seed") == "top1"  # compiled with seed="top1": the graph makes its seed
+        if SEED not in {i.name for i in model.graph.input} and not self.top1:
             raise InputError(f"model has no '{SEED}' input: compile it first (lrpc compile / lrpc.compile)")
         options = ort.SessionOptions()
         if threads:
@@ -44,21 +46,28 @@ class Session:
         self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
         self.providers = self.session.get_providers()
         ins = self.session.get_inputs()
+        outs = self.session.get_outputs()
         self.inputs = [i.name for i in ins if i.name != SEED]
-        self.seed_shape = next(i.shape for i in ins if i.name == SEED)
-        self.outputs = [o.name for o in self.session.get_outputs()]
-        self.relevance_outputs = [n for n in self.outputs if n == "relevance" or (n.startswith("relevance_") and "/" not in n)]
-        self._dtype = np.float64 if next(i.type for i in ins if i.name == SEED) == "tensor(double)" else np.float32
-        meta = {p.key: p.value for p in model.metadata_props}
+        self.outputs = [o.name for o in outs]
+        self.relevance_outputs = [n for n in self.outputs if n == "relevance" or
+                                  (n.startswith("relevance_") and "/" not in n and n != "relevance_target")]
+        seed_info = next((i for i in ins if i.name == SEED), None) or \
+            next(o for o in outs if o.name == meta.get("lrpc.output", self.outputs[0]))
+        self.seed_shape = seed_info.shape
+        self._dtype = np.float64 if seed_info.type == "tensor(double)" else np.float32
         # targets are read off the output that was explained (the first one for models compiled before
         # lrpc recorded it); sigmoid scores are foreground above 0.5 (logits: above 0)
         self.scores_output = meta.get("lrpc.output") if meta.get("lrpc.output") in self.outputs else self.outputs[0]
         self.sigmoid = _behind_sigmoid(model.graph, self.scores_output)
         self.channels_last = channels_last
 
-    def run(self, feeds: dict, seed: np.ndarray) -> dict[str, np.ndarray]:
-        """All outputs by name, for explicit inputs and an explicit seed."""
-        values = self.session.run(None, {**feeds, SEED: np.asarray(seed, self._dtype)})
+    def run(self, feeds: dict, seed: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """All outputs by name, for explicit inputs and an explicit seed (none for a top1-compiled model)."""
+        if self.top1 and seed is not None:
+            raise InputError("this model makes its own seed (compiled with seed top1): it takes no seed")
+        if not self.top1 and seed is None:
+            raise InputError(f"a seed is needed ('{SEED}')")
+        values = self.session.run(None, feeds if self.top1 else {**feeds, SEED: np.asarray(seed, self._dtype)})
         return dict(zip(self.outputs, values))
 
     def explain(self, x, target=None, seed: np.ndarray | None = None) -> Explanation:
@@ -72,6 +81,14 @@ class Session:
         the explained output (e.g. one-hot × logit, or a weighted mask of output pixels)."""
         feeds = self._feeds(x)
         target = targets.parse(target) if seed is None else None
+        if self.top1:  # one run: the graph seeds each sample's top-1 output itself
+            if target is None or (target.kind, target.values) != ("top", (1,)):
+                raise InputError("this model was compiled with seed top1: it explains each sample's top-1 output "
+                                 "only (compile without --seed top1 for other targets or seeds)")
+            result = self.run(feeds)
+            chosen = result["relevance_target"]
+            return self._explanation(feeds, targets._one_hot(self._seed_shape(feeds), chosen, self._dtype), chosen,
+                                     result)
         if seed is None:
             seed = self.seed_for(feeds, target)
         return self._explanation(feeds, seed, target)
@@ -80,6 +97,8 @@ class Session:
         """The seed :meth:`explain` uses for ``target`` on input ``x`` (one extra run where the target
         depends on the prediction)."""
         feeds, target = self._feeds(x), targets.parse(target)
+        if self.top1:
+            return self.explain(feeds, target).seed
         if target.kind == "top" and target.values[0] != 1:
             raise InputError(f"target {target}: use explain_topk(x, {target.values[0]}) for several ranks")
         return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self.sigmoid,
@@ -89,17 +108,21 @@ class Session:
         """Explanations of each sample's ``k`` highest outputs, rank 1 first (``k + 1`` runs); the
         explained classes are in each :attr:`Explanation.target` ([N] per rank)."""
         feeds = self._feeds(x)
+        if self.top1 and int(k) == 1:
+            return [self.explain(feeds)]
+        if self.top1:
+            raise InputError(f"this model was compiled with seed top1: it explains the top-1 output only, not top{k}")
         shape = self._seed_shape(feeds)
         classes, seeds = targets.topk(shape, self._scores(feeds), int(k), self._dtype)
         return [self._explanation(feeds, s, classes[:, i]) for i, s in enumerate(seeds)]
 
-    def _explanation(self, feeds, seed, target) -> Explanation:
-        result = self.run(feeds, seed)
+    def _explanation(self, feeds, seed, target, result=None) -> Explanation:
+        result = self.run(feeds, seed) if result is None else result
         relevance = [result[n] for n in self.relevance_outputs]
         layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith("relevance_in/")}
         if not layers:  # compiled with --layerwise sums: per-sample sums instead
             layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith("relevance_sum_in/")}
-        if target is not None and getattr(target, "kind", None) in ("index", "top"):
+        if getattr(target, "kind", None) in ("index", "top"):
             target = self._chosen(seed)
         return Explanation(result[self.scores_output], relevance[0] if len(relevance) == 1 else relevance,
                            layers, target, seed)
@@ -113,7 +136,8 @@ class Session:
 
     def _scores(self, feeds) -> np.ndarray:
         """The scores the targets refer to (one run with a zero seed)."""
-        return self.run(feeds, np.zeros(self._seed_shape(feeds), self._dtype))[self.scores_output]
+        seed = None if self.top1 else np.zeros(self._seed_shape(feeds), self._dtype)
+        return self.run(feeds, seed)[self.scores_output]
 
     @staticmethod
     def _chosen(seed) -> np.ndarray:

@@ -575,3 +575,29 @@ def test_compile_cache_keys_on_lrpc_code_and_survives_unsearchable_folders(tmp_p
     assert cli.main(argv) == 0 and len(calls) == 3
     err = capsys.readouterr().err
     assert "lrpc: warning: compile cache" in err and "Permission denied" in err
+
+
+def test_explain_top1_is_one_run_per_batch(tmp_path, capsys, monkeypatch):
+    """The default target compiles the in-graph top-1 seed: one onnxruntime run per batch (a class index:
+    also one; a prediction-dependent dense target: two)."""
+    from lrpc.runtime import Session
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    pngs = [_digit_png(src, i) for i in range(3)]
+    runs = []
+    real = Session.run
+    monkeypatch.setattr(Session, "run", lambda self, *a, **k: runs.append(1) or real(self, *a, **k))
+    assert cli.main(["explain", str(DIGITS), "--images", str(src), "-o", str(tmp_path / "out")]) == 0
+    assert len(runs) == 1
+    for png in pngs:
+        _, expected = _oracle(_read_png(png), None, low=0.0, high=1.0)
+        np.testing.assert_allclose(np.load(tmp_path / "out" / f"{png.stem}.npy"), expected, rtol=1e-5, atol=1e-6)
+    runs.clear()
+    assert cli.main(["explain", str(DIGITS), "--images", str(src), "--target", "3", "-o", str(tmp_path / "o3")]) == 0
+    assert len(runs) == 1
+    compiled = tmp_path / "top1.lrp.onnx"
+    assert cli.main(["compile", str(DIGITS), "--seed", "top1", "-o", str(compiled)]) == 0
+    capsys.readouterr()
+    _one_line(cli.main(["explain", str(compiled), "--image", str(pngs[0]), "--target", "3", "-o", str(tmp_path / "h.png")]),
+              capsys, "compiled with seed top1")

@@ -315,3 +315,38 @@ def test_shipped_unet_class_target_conserves_the_predicted_pixels():
     predicted = (e.output > 0.5).sum(axis=(1, 2, 3))
     assert np.all(predicted > 5)
     np.testing.assert_allclose(e.relevance.sum(axis=(1, 2, 3), dtype=np.float64), predicted, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ in-graph top-1 seed
+
+@pytest.mark.parametrize("model_file, samples", [("digits_cnn.onnx", "digits_samples.npz"),
+                                                  ("digits_unet.onnx", "digits_seg_samples.npz")])
+def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
+    """compile(seed="top1"): one run with only the model's inputs gives the relevance of the fed top-1 seed
+    (bit for bit: same graph below the seed) and names the chosen index, a maximum of the scores (the
+    U-Net's sigmoid saturates to 1.0 at many pixels: there the logits decide)."""
+    import onnxruntime as ort
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    x = np.load(root / "models" / samples)["images"]
+    own = lrpc.compile(root / "models" / model_file, "epsilon-gamma-box", seed="top1")
+    fed = lrpc.compile(root / "models" / model_file, "epsilon-gamma-box")
+    assert [i.name for i in own.graph.input] == ["input"] and own.graph.output[-1].name == "relevance_target"
+    sess = ort.InferenceSession(own.SerializeToString(), providers=["CPUExecutionProvider"])
+    scores, relevance, chosen = sess.run(None, {"input": x})
+    flat = scores.reshape(len(x), -1)  # the arg-max is taken on the explained logits: a maximum of the
+    assert np.array_equal(flat[np.arange(len(x)), chosen], flat.max(axis=1))  # (monotone) scores, ties aside
+    seed = np.zeros((len(x), scores[0].size), np.float32)
+    seed[np.arange(len(x)), chosen] = 1
+    want = ort.InferenceSession(fed.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x, "relevance_seed": seed.reshape(scores.shape)})[1]
+    np.testing.assert_array_equal(relevance, want)
+    s = lrpc.Session(own, providers=["CPUExecutionProvider"])
+    e = s.explain(x)
+    assert np.array_equal(e.target, chosen) and np.array_equal(e.relevance, want) and e.seed.sum() == len(x)
+    assert len(s.explain_topk(x, 1)) == 1
+    for call, message in ((lambda: s.explain(x, 3), "top-1 output only"), (lambda: s.explain_topk(x, 2), "not top2"),
+                          (lambda: s.run({"input": x}, seed), "takes no seed")):
+        with pytest.raises(InputError, match=message):
+            call()
