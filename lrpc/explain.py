@@ -241,6 +241,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     each heatmap is a row of K panels (rank 1 first; a tensor batch gives one row per sample) and the .npy
     holds [N, K, ...] instead of [N, ...].
     ``batch_size``: images run together in directory mode (1 where the model's batch dim is static 1).
+    In directory mode an unreadable image is skipped with a warning and the others are explained; the run
+    then ends with an :class:`InputError` saying how many were skipped (``lrpc explain`` exits 2).
     ``cache``: compile through the on-disk cache. ``progress``: a progress bar on stderr (default: when
     stderr is a terminal). ``options``: lrpc.Options fields; ``low``/``high`` left as None default to the
     range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std)."""
@@ -288,19 +290,31 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                          f"any size: use --npy with {fixed} samples")
     bar = _Progress(len(sources), progress if images is not None and len(sources) > 1 else False)
     try:
-        written = []
+        written, skipped = [], []
         for start in range(0, len(sources), per_run):
             chunk = list(range(start, min(start + per_run, len(sources))))
             shown = [None] * len(chunk)
             if npy is not None:
                 feeds = load_tensors(sources[0], session)
             else:
-                loaded = [load_image(sources[i], hw, spec.channels, mean, std, layout, grayscale, spec.dtype) for i in chunk]
-                feeds = {session.inputs[0]: np.concatenate([x for x, _ in loaded])}
-                shown = [pic for _, pic in loaded]
+                loaded = []
+                for i in chunk:
+                    try:
+                        loaded.append((i, load_image(sources[i], hw, spec.channels, mean, std, layout, grayscale,
+                                                     spec.dtype)))
+                    except InputError as err:  # directory mode: the other images are still explained
+                        if images is None:
+                            raise
+                        skipped.append(sources[i])
+                        bar.note(f"lrpc: warning: {err}; skipped")
+                if not loaded:
+                    continue
+                chunk = [i for i, _ in loaded]
+                feeds = {session.inputs[0]: np.concatenate([x for _, (x, _) in loaded])}
+                shown = [pic for _, (_, pic) in loaded]
             chunk_goal = goal
             if goal.kind == "index" and len(goal.values) > 1 and npy is None:  # one class per image
-                chunk_goal = targets.Target("index", goal.values[start:start + len(chunk)])
+                chunk_goal = targets.Target("index", tuple(goal.values[i] for i in chunk))
             if goal.kind == "top" and goal.values[0] > 1:
                 ranks = session.explain_topk(feeds, goal.values[0])
                 relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
@@ -331,6 +345,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 prefix = "top1 " if top1 else ""
                 what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
                 bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
+        if skipped:
+            raise InputError(f"{len(skipped)} of {len(sources)} images could not be read (warnings above); "
+                             f"the other {len(sources) - len(skipped)} were explained")
         return written
     finally:
         bar.close()
@@ -357,6 +374,11 @@ class _Progress:
         rate = self.done / max(time.perf_counter() - self.started, 1e-9)
         filled = int(30 * self.done / max(self.total, 1))
         self.stream.write(f"\r[{'#' * filled}{'.' * (30 - filled)}] {self.done}/{self.total} ({rate:.1f}/s)")
+        self.stream.flush()
+
+    def note(self, message: str) -> None:
+        """A line on stderr that does not land on the bar's line."""
+        self.stream.write(("\n" if self.show and self.done else "") + message + "\n")
         self.stream.flush()
 
     def close(self) -> None:

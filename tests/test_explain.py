@@ -601,3 +601,21 @@ def test_explain_top1_is_one_run_per_batch(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     _one_line(cli.main(["explain", str(compiled), "--image", str(pngs[0]), "--target", "3", "-o", str(tmp_path / "h.png")]),
               capsys, "compiled with seed top1")
+
+
+def test_explain_directory_skips_unreadable_images_then_fails(tmp_path, capsys):
+    src = tmp_path / "imgs"
+    src.mkdir()
+    good = [_digit_png(src, i, f"d{i}.png") for i in (0, 2, 3)]
+    (src / "d1.png").write_bytes(b"not a png")  # second in file name order
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--batch-size", "2", "--target", "5,6,7,8", "-o",
+                     str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 2 and "d1.png: cannot read image" in err[0] and err[0].endswith("; skipped")
+    assert err[1] == "lrpc: error: 1 of 4 images could not be read (warnings above); the other 3 were explained"
+    assert sorted(p.name for p in out.glob("*.npy")) == ["d0.npy", "d2.npy", "d3.npy"]
+    for png, c in zip(good, (5, 7, 8)):  # the class list follows the file name order, the skipped one included
+        _, expected = _oracle(_read_png(png), c, low=0.0, high=1.0)
+        np.testing.assert_allclose(np.load(out / f"{png.stem}.npy"), expected, rtol=1e-5, atol=1e-6)
