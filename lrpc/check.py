@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 
 from . import composites
+from .emit import input_relevance_names, layer_sums
 from .errors import InputError, UnsupportedError
 from .model_io import load_model
 
@@ -122,13 +123,13 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
 
     seed_t = _top1_seed(sess, probe[0])
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, "relevance_seed": seed_t})))
-    rel = [v for k, v in outs.items() if k == "relevance" or k.startswith("relevance_") and "/" not in k]
+    rel = [outs[k] for k in input_relevance_names(outs)]
     bad = int(sum((~np.isfinite(r)).sum() for r in rel))
     report.checks.append(Check("finite", bad == 0, bad, 0, f"{bad} non-finite relevance values" if bad else "all relevance values finite"))
 
     csess = session(conserving)
     couts = dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, "relevance_seed": seed_t})))
-    total = float(sum(np.sum(v, dtype=np.float64) for k, v in couts.items() if k == "relevance" or (k.startswith("relevance_") and "/" not in k)))
+    total = float(sum(np.sum(couts[k], dtype=np.float64) for k in input_relevance_names(couts)))
     seed_sum = float(np.sum(seed_t, dtype=np.float64))
     cons = abs(total - seed_sum) / max(abs(seed_sum), 1e-30)
     report.layers = _layer_rows(conserving, couts, conservation_tol)
@@ -141,14 +142,8 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
 
 
 def _layer_rows(model: onnx.ModelProto, outs: dict, tol: float) -> list:
-    meta = {p.key: p.value for p in model.metadata_props}
-    rows = []
-    for layer in json.loads(meta.get("lrpc.layers", "[]")):
-        s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
-        s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
-        ratio = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
-        rows.append({**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "breaks": bool(abs(ratio - 1) > tol)})
-    return rows
+    return [{**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "breaks": bool(abs(ratio - 1) > tol)}
+            for layer, s_in, s_out, ratio in layer_sums(model, outs)]
 
 
 def _rel_err(a, b) -> float:

@@ -236,11 +236,11 @@ def _inspect(args) -> int:
 
     inputs = _read_inputs(args.inputs)
     if inputs is None and args.image:
-        from .explain import load_image, model_input
+        from .explain import IMAGENET_MEAN, IMAGENET_STD, load_image, model_input
         from .model_io import load_model
 
         spec = model_input(load_model(args.model))
-        mean, std = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)) if args.preset == "imagenet" else (None, None)
+        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.preset == "imagenet" else (None, None)
         tensor, _ = load_image(args.image, spec.size, spec.channels, mean, std)
         inputs = {spec.name: tensor}
     result = inspect(args.model, args.rules, _options(args), inputs, args.target, args.tol, args.output,

@@ -159,6 +159,28 @@ def _top1_seed(b: Builder, explained):
     return seed, b.op("Squeeze", [best, b.ints([1])], dtype=np.int64)
 
 
+def input_relevance_names(outputs) -> list[str]:
+    """The outputs holding input relevance: ``relevance`` or ``relevance_<input>`` (not the per-layer
+    ``relevance_*/<node>`` outputs, nor ``relevance_target`` of a top1-seeded graph)."""
+    return [n for n in outputs if n == "relevance" or (n.startswith("relevance_") and "/" not in n
+                                                       and n != "relevance_target")]
+
+
+def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, float, float]]:
+    """Per layer of a ``layerwise`` model's ``lrpc.layers`` (execution order): (row, Σ in, Σ out, in/out),
+    the sums over the batch of what the layer sends down and receives (in/out is 1 for 0/0)."""
+    import json
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    rows = []
+    for layer in json.loads(meta.get("lrpc.layers", "[]")):
+        s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
+        s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
+        ratio = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
+        rows.append((layer, s_in, s_out, ratio))
+    return rows
+
+
 ROUTES_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat", "Split",
                  "Slice", "Pad", "MaxPool"}  # each input element's relevance comes from outputs of the same value
 

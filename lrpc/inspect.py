@@ -7,13 +7,13 @@ in/out ratio; the first layer (from the output) whose in/out ratio leaves 1 by m
 marked, and a warning names the usual remedies when the input relevance sum misses the seed sum."""
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, replace
 
 import numpy as np
 
 from . import composites, targets
 from .check import random_inputs
+from .emit import layer_sums
 from .model_io import load_model
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
@@ -81,12 +81,8 @@ def _layer_table(model, rules, options, feeds, target, output, tol, seed=None):
     outs = session.run(feeds, seed)
     seed_sum = float(np.sum(seed, dtype=np.float64))
     layers = []
-    meta = {p.key: p.value for p in compiled.metadata_props}
-    for layer in json.loads(meta.get("lrpc.layers", "[]")):
+    for layer, s_in, _, local in layer_sums(compiled, outs):
         r = outs[f"relevance_in/{layer['name']}"].astype(np.float64)
-        s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
-        s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
-        local = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
         layers.append({**layer, "sum": s_in, "range": float(r.max() - r.min()) if r.size else 0.0,
                        "ratio_to_seed": s_in / seed_sum if seed_sum else float("nan"),
                        "in_over_out": local, "breaks": bool(abs(local - 1.0) > tol)})

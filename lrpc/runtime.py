@@ -10,7 +10,7 @@ import onnx
 import onnxruntime as ort
 
 from . import targets
-from .emit import SEED
+from .emit import SEED, input_relevance_names
 from .errors import InputError
 from .model_io import load_model
 
@@ -49,8 +49,7 @@ class Session:
         outs = self.session.get_outputs()
         self.inputs = [i.name for i in ins if i.name != SEED]
         self.outputs = [o.name for o in outs]
-        self.relevance_outputs = [n for n in self.outputs if n == "relevance" or
-                                  (n.startswith("relevance_") and "/" not in n and n != "relevance_target")]
+        self.relevance_outputs = input_relevance_names(self.outputs)
         seed_info = next((i for i in ins if i.name == SEED), None) or \
             next(o for o in outs if o.name == meta.get("lrpc.output", self.outputs[0]))
         self.seed_shape = seed_info.shape
@@ -87,7 +86,7 @@ class Session:
                                  "only (compile without --seed top1 for other targets or seeds)")
             result = self.run(feeds)
             chosen = result["relevance_target"]
-            return self._explanation(feeds, targets._one_hot(self._seed_shape(feeds), chosen, self._dtype), chosen,
+            return self._explanation(feeds, targets.one_hot(self._seed_shape(feeds), chosen, self._dtype), chosen,
                                      result)
         if seed is None:
             seed = self.seed_for(feeds, target)

@@ -117,7 +117,7 @@ def seed(target: Target, shape: list[int], scores, sigmoid: bool = False, channe
                              f"--target {target} or Session.explain_topk")
         return topk(shape, scores(), 1, dtype)[1][0]
     if target.kind == "index":
-        return _one_hot(shape, np.broadcast_to(_per_sample(target.values, batch), (batch,)), dtype)
+        return one_hot(shape, np.broadcast_to(_per_sample(target.values, batch), (batch,)), dtype)
     if len(shape) < 3:
         raise InputError(f"--target {target}: a dense target needs an output [N, C, H, W, ...]; the explained "
                          f"output has shape {shape} (use a class index or topK)")
@@ -194,7 +194,7 @@ def topk(shape: list[int], scores: np.ndarray, k: int, dtype=np.float32) -> tupl
     if k > size:
         raise InputError(f"--target top{k}: the output has only {size} entries per sample")
     classes = np.argsort(-flat, axis=1, kind="stable")[:, :k]
-    return classes, [_one_hot(shape, classes[:, i], dtype) for i in range(k)]
+    return classes, [one_hot(shape, classes[:, i], dtype) for i in range(k)]
 
 
 def _per_sample(values, batch: int) -> np.ndarray:
@@ -204,7 +204,8 @@ def _per_sample(values, batch: int) -> np.ndarray:
     return v if v.size == batch else np.full(batch, v[0])
 
 
-def _one_hot(shape, classes, dtype) -> np.ndarray:
+def one_hot(shape, classes, dtype) -> np.ndarray:
+    """Seed of ``shape`` [N, ...]: 1 at flat index ``classes[n]`` of each sample n."""
     batch, size = int(shape[0]), int(np.prod(shape[1:]))
     classes = np.asarray(classes, np.int64)
     if classes.min() < 0 or classes.max() >= size:

@@ -228,26 +228,17 @@ def _refused(model, *words):
     return msg
 
 
-def test_refuses_non_constant_scales():
+@pytest.mark.parametrize("what, inputs, dtype", [("scales", ["x", "", "s"], TensorProto.FLOAT),
+                                                  ("sizes", ["x", "", "", "s"], TensorProto.INT64)])
+def test_refuses_non_constant_scales_or_sizes(what, inputs, dtype):
     graph = helper.make_graph(
-        [helper.make_node("Resize", ["x", "", "s"], ["y"], mode="nearest", name="resize")], "g",
+        [helper.make_node("Resize", inputs, ["y"], mode="nearest", name="resize")], "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4]),
-         helper.make_tensor_value_info("s", TensorProto.FLOAT, [4])],
+         helper.make_tensor_value_info("s", dtype, [4])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, "H", "W"])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    _refused(model, "scales", "not a constant")
-
-
-def test_refuses_non_constant_sizes():
-    graph = helper.make_graph(
-        [helper.make_node("Resize", ["x", "", "", "z"], ["y"], mode="nearest", name="resize")], "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 4]),
-         helper.make_tensor_value_info("z", TensorProto.INT64, [4])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2, "H", "W"])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    _refused(model, "sizes", "not a constant")
+    _refused(model, what, "not a constant")
 
 
 def test_refuses_batch_or_channel_resize():
