@@ -26,6 +26,28 @@ class Context:
         self.canon, self.b, self._rules, self._nonneg = canon, builder, rules, nonneg
         self.options = options
         self.cache: dict = {}  # derived tensors shared between propagators (e.g. flipped weights)
+        self.factors: dict = {}  # relevance tensor name -> (x, c) where it was built as x ⊙ c
+
+    def product(self, x, c):
+        """``x ⊙ c``, remembered as such: a consumer may use the factors instead (see
+        :meth:`factors_of`); a product nobody reads is dropped at the end of emission."""
+        r = self.b.mul(x, c)
+        self.factors[r.name] = (x, c, r)
+        return r
+
+    def factors_of(self, r):
+        """(x, c) when the relevance tensor ``r`` is ``x ⊙ c`` (a linear rule's output, a residual sum's
+        share), else None. Rules that divide by a function of ``x`` use them to skip masks and passes."""
+        f = self.factors.get(r.name) if r is not None else None
+        return f[:2] if f is not None else None
+
+    def drop_unread_products(self):
+        for x, c, r in self.factors.values():
+            if not r.outputs and r.inputs:
+                node = r.inputs[0]
+                node.inputs.clear()
+                node.outputs.clear()
+                self.b.graph.nodes.remove(node)
 
     def rule(self, node):
         return self._rules[node.name]
@@ -99,7 +121,12 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     def relevance(t):
         if t.name not in total:
             parts = incoming.get(t.name)
-            total[t.name] = builder.sum(parts) if parts else None
+            factors = [ctx.factors_of(r) for r in parts or []]
+            if len(factors) > 1 and all(f is not None and f[0] is factors[0][0] for f in factors):
+                # x ⊙ c1 + x ⊙ c2 = x ⊙ (c1 + c2): one Mul (the per-part products go unread)
+                total[t.name] = ctx.product(factors[0][0], builder.sum([f[1] for f in factors]))
+            else:
+                total[t.name] = builder.sum(parts) if parts else None
         return total[t.name]
 
     for node in reversed(nodes):
@@ -133,6 +160,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         out = gs.Variable(name, dtype=r.dtype or dtype, shape=shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
+    ctx.drop_unread_products()
     meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules), "lrpc.seed": seed}
     if layerwise:
         import json

@@ -234,7 +234,9 @@ def test_forward_unchanged_and_relevance_finite(name, case):
     seed = c.one_hot_top1()
     for composite in FINITE_COMPOSITES:
         opts = BOX if composite == "epsilon-gamma-box" else {}
-        got = c.run(c.compile(composite, **opts), seed)
+        model = c.compile(composite, **opts)
+        assert not _unread_backward_nodes(model), f"{composite}: backward nodes nobody reads"
+        got = c.run(model, seed)
         for out in c.output_names:
             want = c.outputs[out]
             err = np.max(np.abs(got[out] - want)) / np.max(np.abs(want))
@@ -243,6 +245,13 @@ def test_forward_unchanged_and_relevance_finite(name, case):
         assert r.shape == c.arch.x.shape
         assert np.isfinite(r).all(), f"{composite}: {(~np.isfinite(r)).sum()} non-finite relevance values"
         assert np.abs(r).sum() > 0, f"{composite}: relevance is identically zero"
+
+
+def _unread_backward_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes the compiler added whose outputs no node and no graph output reads (onnxruntime would still
+    run them): e.g. a product x ⊙ c that a consumer replaced by its factors."""
+    read = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
+    return [n.name for n in model.graph.node if n.name.startswith("lrp/") and not any(o in read for o in n.output)]
 
 
 # ------------------------------------------------------------------------------------------------ (3)

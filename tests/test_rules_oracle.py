@@ -16,7 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
 import lrpc
-from oracles import Layer, conv_nd, conv_transpose_nd, gemm, matmul, relevance
+from oracles import Layer, conv_nd, conv_transpose_nd, gemm, matmul, relevance, safe_div, stab
 
 ONNX_TYPE = {np.float64: TensorProto.DOUBLE, np.float32: TensorProto.FLOAT}
 
@@ -363,3 +363,67 @@ def test_rank3_matmul_add_bias_is_part_of_the_layer(tmp_path):
     got = run_model(compiled, {"x": x, "relevance_seed": R}, dtype)["relevance"]
     want = relevance(Layer(matmul, w, (3, 10), b), "epsilon", x, R, eps=0.05)
     assert_close(got, want, dtype, "rank-3 MatMul + Add")
+
+
+def _on_residual_branch(case: Case, relu_in: bool, dtype) -> onnx.ModelProto:
+    """``y = layer(x') + s`` with a second input ``s`` (a residual sum: norm rule), ``x' = Relu(x)`` or ``x``:
+    the relevance reaching the layer is ``z ⊙ c`` with its own output ``z``."""
+    m = onnx.ModelProto()
+    m.CopyFrom(case.model)
+    g = m.graph
+    last = next(n for n in g.node if "y" in n.output)
+    last.output[list(last.output).index("y")] = "zl"
+    y_info = g.output[0]
+    s_info = helper.make_tensor_value_info("s", y_info.type.tensor_type.elem_type,
+                                           [d.dim_value for d in y_info.type.tensor_type.shape.dim])
+    g.input.append(s_info)
+    g.node.append(helper.make_node("Add", ["zl", "s"], ["y"], name="residual"))
+    if relu_in:
+        for n in g.node:
+            n.input[:] = ["xr" if i == "x" else i for i in n.input]
+        g.node.insert(0, helper.make_node("Relu", ["x"], ["xr"], name="relu"))
+    return m
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("zero_bias", [False, True], ids=["bias", "zero_bias"])
+@pytest.mark.parametrize("relu_in", [True, False], ids=["relu_in", "any_in"])
+@pytest.mark.parametrize("rule_id", ["epsilon", "gamma", "gamma0", "gamma_stab_clip"])
+@pytest.mark.parametrize("kind", ["conv2d_s2_asym", "conv_s1_grouped_dilated", "convT_s2_outpad", "gemm_transB",
+                                  "matmul_add", "matmul_3d"])
+def test_rule_on_residual_branch(kind, rule_id, relu_in, zero_bias, dtype, tmp_path):
+    """A layer whose output is one branch of a residual sum receives ``R_z = z ⊙ R / stab(z + s)``: epsilon
+    and gamma then fold their masks and sign tests into ``z`` (relevance/linear.py, ``_on_own_output``).
+    Against the dense oracle, with inputs of both signs and with a Relu in front (gamma's fast case), outputs
+    of both signs (random seed relevance), biases kept or left out of the denominators."""
+    name = {"epsilon": "epsilon", "gamma": "gamma", "gamma0": "gamma", "gamma_stab_clip": "gamma"}[rule_id]
+    gamma = {"gamma": 0.5, "gamma0": 0.0, "gamma_stab_clip": 0.5}.get(rule_id)
+    params = {"epsilon": 0.05} if name == "epsilon" else {"gamma": gamma}
+    stabilizer = "clip" if rule_id == "gamma_stab_clip" else "sign"
+    eps = 0.05 if name == "epsilon" else 1e-3
+    case = make_case(kind, dtype)
+    model = _on_residual_branch(case, relu_in, dtype)
+    where = {"op": case.op} if case.op != "MatMul" else {"name": "layer"}
+    spec = tmp_path / "rules.json"
+    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{**where, "rule": name, "params": params}]}))
+    compiled = lrpc.compile(model, str(spec), stabilizer_eps=1e-3, zero_bias=zero_bias, stabilizer=stabilizer)
+    ops = {n.op_type for n in compiled.graph.node}
+    fast = stabilizer == "sign" and (not zero_bias or case.layer.bias_out is None)
+    if fast:  # the folded form is what runs (the test would otherwise only see the generic emitter)
+        assert ("Abs" if name == "epsilon" else "LeakyRelu") in ops or (name == "gamma" and not relu_in)
+
+    rng = np.random.default_rng(3)
+    x = case.x.astype(dtype)
+    xr = np.maximum(x, 0) if relu_in else x
+    z = case.layer.forward(xr)
+    s = _normal(rng, z.shape, dtype)
+    R = rng.normal(size=z.shape).astype(dtype)
+    out = run_model(compiled, {"x": x, "s": s.astype(dtype), "relevance_seed": R}, dtype)
+    assert_close(out["y"], z + s, dtype, "forward output")
+    c = safe_div(np.asarray(R, np.float64), stab(z + s, 1e-3, stabilizer))  # norm rule on the sum
+    kw = {"eps": eps, "zero_bias": zero_bias, "stabilizer": stabilizer}
+    if gamma is not None:
+        kw["gamma"] = gamma
+    want = relevance(case.layer, name, xr, z * c, **kw)
+    assert_close(out["relevance_x"], want, dtype, f"{kind} {rule_id} on a residual branch")
+    assert_close(out["relevance_s"], s * c, dtype, "the other branch")

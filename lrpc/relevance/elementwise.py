@@ -27,4 +27,4 @@ def residual_sum(ctx, node, R_out):
     rank = len(z.shape) if z.shape is not None else None
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
     c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
-    return [None if is_const(x) else unbroadcast(ctx.b, ctx.b.mul(x, c), x, z) for x in node.inputs]
+    return [None if is_const(x) else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x in node.inputs]

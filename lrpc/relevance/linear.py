@@ -206,6 +206,9 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     skipped: their message is identically zero."""
     b = ctx.b
     variants = _Variants(ctx, view, rule)
+    fast = _on_own_output(ctx, view, rule, R, variants)
+    if fast is not None:
+        return fast
     rank = len(view.z.shape) if view.z.shape is not None else None
     gamma = float(rule.params.get("gamma", 0.0))
     groups = []
@@ -275,7 +278,7 @@ def emit_rule(ctx, view: View, rule: Rule, R):
         for basis, uses in per_weight.items():
             scale = uses[0][0]  # into the (constant-folded) weight
             adj = view.adjoint(c, variants.weight(basis, scale))
-            out.append(b.mul(linear_combination(b, [(a / scale, t) for a, t in uses]), adj))
+            out.append(ctx.product(linear_combination(b, [(a / scale, t) for a, t in uses]), adj))
         return b.sum(out)
     by_input: dict[str, list] = {}
     for (inp, basis), parts in messages.items():
@@ -288,8 +291,45 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     for inp, adjs in by_input.items():
         total = b.sum(adjs)
         factor = variants.input(inp, numerator=True)
-        out.append(total if factor is None else b.mul(factor, total))
+        out.append(total if factor is None else ctx.product(factor, total))
     return b.sum(out)
+
+
+def _on_own_output(ctx, view: View, rule: Rule, R, variants):
+    """Epsilon and gamma when the relevance arriving is ``R = z ⊙ c`` with the layer's own output ``z`` (a
+    branch of a residual sum under the norm rule): the masks and sign tests fold into ``z``.
+
+    epsilon: ``R / stab(z) = c ⊙ |z| / (|z| + eps)``.
+    gamma (input >= 0): with ``u = γ(W+x + b+) >= 0``, ``z↑ = z + u`` (used where z > 0) and
+    ``z↓ = (1+γ)z - u`` (where z < 0), so both stabilized denominators are ``±D`` with
+    ``D = A + u + eps`` and ``A = LeakyRelu(z, -(1+γ))`` (z where z >= 0, -(1+γ)z below). Then
+    ``c↑ = Relu(z) ⊙ q``, ``c↓ = Relu(-z) ⊙ q`` with ``q = c / D``, and since W↑ = W + γW+ and
+    W↓ = (1+γ)W - γW+: ``W↑ᵀc↑ + W↓ᵀc↓ = Wᵀ(q ⊙ A) + γW+ᵀ(q ⊙ z)``: no masks, one forward, two adjoints.
+    None where this does not apply (other rules or stabilizers, eps = 0, biases left out of the
+    denominators, a possibly negative input for gamma)."""
+    factors = ctx.factors_of(R)
+    if (factors is None or factors[0] is not view.z or rule.stabilizer != "sign" or rule.eps <= 0
+            or (rule.zero_bias and view.bias is not None) or rule.name not in ("epsilon", "gamma")):
+        return None
+    b, z, c, eps = ctx.b, view.z, factors[1], rule.eps
+    if rule.name == "epsilon":
+        A = b.op("Abs", [z])
+        q = b.op("Div", [c, b.add(A, b.const(eps))])
+        return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
+    if not ctx.nonneg(view.x):
+        return None
+    g = float(rule.params["gamma"])
+    A = b.op("LeakyRelu", [z], {"alpha": -(1.0 + g)})
+    if g == 0.0:
+        q = b.op("Div", [c, b.add(A, b.const(eps))])
+        return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
+    plus = variants.bias("b+")
+    shift = eps + (g * const_value(plus).astype(np.float64) if plus is not None else 0.0)
+    shape = const_value(view.bias).shape if view.bias is not None else view.bias_shape()
+    u = view.forward(view.x, variants.weight("W+", g), b.const(np.broadcast_to(shift, shape).astype(b.dtype)))
+    q = b.op("Div", [c, b.add(u, A)])
+    adj = b.sum([view.adjoint(b.mul(q, A), view.w), view.adjoint(b.mul(q, z), variants.weight("W+", g))])
+    return ctx.product(view.x, adj)
 
 
 def _keys(groups, variants, decompose) -> set:
