@@ -175,7 +175,7 @@ def _top1_seed(b: Builder, explained):
     """(seed, target): one-hot at each sample's arg-max of ``explained`` (flattened per sample; first
     index on ties, as numpy), and that index [N]. Works for dynamic dims too. The arg-max is taken on the
     explained tensor (logits before a final Softmax/Sigmoid), so where a sigmoid saturates several outputs
-    to 1.0 the logits decide; Session's top-1 with a fed seed reads the graph output instead."""
+    to 1.0 the logits decide (Session's switch for seed-input models does the same)."""
     flat = b.op("Flatten", [explained], {"axis": 1})
     best = b.op("ArgMax", [flat], {"axis": 1, "keepdims": 1, "select_last_index": 0}, dtype=np.int64)
     size = b.op("Gather", [b.shape_of(flat), b.const(np.int64(1), dtype=np.int64)], {"axis": 0}, dtype=np.int64)

@@ -43,10 +43,13 @@ class Session:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         providers = [("CUDAExecutionProvider", {"use_tf32": str(int(tf32))}) if p == "CUDAExecutionProvider" else p
                      for p in providers]
-        self.session = ort.InferenceSession(model.SerializeToString(), options, providers=providers)
+        # seed-input models get a switch for top-1 targets (the graph then seeds itself: one run, not two)
+        self._switch = not self.top1 and meta.get("lrpc.explained") is not None
+        data = _with_top1_switch(model, meta["lrpc.explained"]) if self._switch else model.SerializeToString()
+        self.session = ort.InferenceSession(data, options, providers=providers)
         self.providers = self.session.get_providers()
-        ins = self.session.get_inputs()
-        outs = self.session.get_outputs()
+        ins = [i if i.name != _FED else _Renamed(i, SEED) for i in self.session.get_inputs() if i.name != _SWITCH]
+        outs = [o for o in self.session.get_outputs() if not (self._switch and o.name == _TARGET)]
         self.inputs = [i.name for i in ins if i.name != SEED]
         self.outputs = [o.name for o in outs]
         self.relevance_outputs = input_relevance_names(self.outputs)
@@ -66,8 +69,21 @@ class Session:
             raise InputError("this model makes its own seed (compiled with seed top1): it takes no seed")
         if not self.top1 and seed is None:
             raise InputError(f"a seed is needed ('{SEED}')")
-        values = self.session.run(None, feeds if self.top1 else {**feeds, SEED: np.asarray(seed, self._dtype)})
+        if self.top1:
+            values = self.session.run(self.outputs, feeds)
+        elif self._switch:
+            values = self.session.run(self.outputs, {**feeds, _FED: np.asarray(seed, self._dtype), _SWITCH: np.array(False)})
+        else:
+            values = self.session.run(self.outputs, {**feeds, SEED: np.asarray(seed, self._dtype)})
         return dict(zip(self.outputs, values))
+
+    def _run_top1(self, feeds) -> dict[str, np.ndarray]:
+        """One run seeding each sample's top-1 output in the graph (``relevance_target`` holds the index)."""
+        if self.top1:
+            return self.run(feeds)
+        fed = np.zeros(self._seed_shape(feeds), self._dtype)
+        values = self.session.run(self.outputs + [_TARGET], {**feeds, _FED: fed, _SWITCH: np.array(True)})
+        return dict(zip(self.outputs + [_TARGET], values))
 
     def explain(self, x, target=None, seed: np.ndarray | None = None) -> Explanation:
         """Explain one target per sample; returns an :class:`Explanation` (output, relevance, layers, target,
@@ -75,17 +91,19 @@ class Session:
 
         ``x``: the input array (or a dict of inputs). ``target``: see :mod:`lrpc.targets` — a class index,
         one per sample, None/"top1" for each sample's top-1 class, or a dense target ("pixel:Y,X",
-        "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Targets that depend on the prediction cost one extra
-        run (with a zero seed) to read the scores. ``seed``: an explicit seed tensor instead, shaped like
+        "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Top-1 is one run (the graph seeds each sample's arg-max
+        of the explained logits itself, see :func:`_with_top1_switch`); other targets that depend on the
+        prediction cost one extra run (with a zero seed) to read the scores. ``seed``: an explicit seed tensor instead, shaped like
         the explained output (e.g. one-hot × logit, or a weighted mask of output pixels)."""
         feeds = self._feeds(x)
         target = targets.parse(target) if seed is None else None
-        if self.top1:  # one run: the graph seeds each sample's top-1 output itself
-            if target is None or (target.kind, target.values) != ("top", (1,)):
-                raise InputError("this model was compiled with seed top1: it explains each sample's top-1 output "
-                                 "only (compile without --seed top1 for other targets or seeds)")
-            result = self.run(feeds)
-            chosen = result["relevance_target"]
+        is_top1 = target is not None and (target.kind, target.values) == ("top", (1,))
+        if self.top1 and not is_top1:
+            raise InputError("this model was compiled with seed top1: it explains each sample's top-1 output "
+                             "only (compile without --seed top1 for other targets or seeds)")
+        if is_top1 and (self.top1 or self._switch):  # one run: the graph seeds each sample's top-1 output itself
+            result = self._run_top1(feeds)
+            chosen = result[_TARGET]
             return self._explanation(feeds, targets.one_hot(self._seed_shape(feeds), chosen, self._dtype), chosen,
                                      result)
         if seed is None:
@@ -142,6 +160,60 @@ class Session:
     def _chosen(seed) -> np.ndarray:
         flat = np.asarray(seed).reshape(np.shape(seed)[0], -1)
         return flat.argmax(axis=1)
+
+
+_FED, _SWITCH, _TARGET = "lrpc/seed_fed", "lrpc/top1", "relevance_target"
+
+
+class _Renamed(NamedTuple):
+    """An onnxruntime input description under another name (the seed, fed through the top-1 switch)."""
+
+    info: object
+    name: str
+
+    def __getattr__(self, item):
+        return getattr(self.info, item)
+
+
+def _with_top1_switch(model: onnx.ModelProto, explained: str) -> bytes:
+    """``model`` serialized with a switch: the seed input is renamed ``lrpc/seed_fed`` and
+    ``relevance_seed = Where(lrpc/top1, one-hot at each sample's arg-max of the explained tensor, fed seed)``;
+    output ``relevance_target`` holds that arg-max (flat index per sample, first on ties, as
+    ``compile(seed="top1")``). ``model`` itself is left as it was."""
+    from onnx import TensorProto, helper
+
+    g = model.graph
+    seed_in = next(i for i in g.input if i.name == SEED)
+    elem = seed_in.type.tensor_type.elem_type
+    k = lambda name, value: helper.make_node("Constant", [], [name], value=helper.make_tensor(  # noqa: E731
+        name, TensorProto.INT64, [len(value)] if isinstance(value, list) else [], value if isinstance(value, list) else [value]))
+    t = lambda name: f"lrpc/top1/{name}"  # noqa: E731
+    nodes = [
+        helper.make_node("Flatten", [explained], [t("flat")], axis=1),
+        helper.make_node("ArgMax", [t("flat")], [t("best")], axis=1, keepdims=1, select_last_index=0),
+        helper.make_node("Shape", [t("flat")], [t("dims")]),
+        k(t("one"), 1), k(t("zero"), 0), k(t("axis1"), [1]),
+        helper.make_node("Gather", [t("dims"), t("one")], [t("size")], axis=0),
+        helper.make_node("Range", [t("zero"), t("size"), t("one")], [t("index")]),
+        helper.make_node("Equal", [t("index"), t("best")], [t("hot")]),
+        helper.make_node("Cast", [t("hot")], [t("hotf")], to=elem),
+        helper.make_node("Shape", [explained], [t("shape")]),
+        helper.make_node("Reshape", [t("hotf"), t("shape")], [t("seed")]),
+        helper.make_node("Where", [_SWITCH, t("seed"), _FED], [SEED]),
+        helper.make_node("Squeeze", [t("best"), t("axis1")], [_TARGET]),
+    ]
+    n_nodes, n_inputs, n_outputs = len(g.node), len(g.input), len(g.output)
+    seed_in.name = _FED
+    g.input.append(helper.make_tensor_value_info(_SWITCH, TensorProto.BOOL, []))
+    g.output.append(helper.make_tensor_value_info(_TARGET, TensorProto.INT64, None))
+    g.node.extend(nodes)
+    try:
+        return model.SerializeToString()
+    finally:  # the caller's model is left as it was
+        del g.node[n_nodes:]
+        del g.input[n_inputs:]
+        del g.output[n_outputs:]
+        seed_in.name = SEED
 
 
 def _behind_sigmoid(graph: onnx.GraphProto, name: str) -> bool:

@@ -345,6 +345,28 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
     s = lrpc.Session(own, providers=["CPUExecutionProvider"])
     e = s.explain(x)
     assert np.array_equal(e.target, chosen) and np.array_equal(e.relevance, want) and e.seed.sum() == len(x)
+    # a seed-input model in a Session: the same, in one run, through a switch added to what onnxruntime runs
+    before = fed.SerializeToString()
+    session = lrpc.Session(fed, providers=["CPUExecutionProvider"])
+    assert fed.SerializeToString() == before  # the caller's model is left as it was
+    runs = []
+    real = session.session
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run(self, *args, **kwargs):
+            runs.append(1)
+            return real.run(*args, **kwargs)
+
+    session.session = Counting()
+    e = session.explain(x)
+    assert len(runs) == 1 and np.array_equal(e.target, chosen) and np.array_equal(e.relevance, want)
+    assert np.array_equal(e.seed.reshape(len(x), -1), seed)
+    fed_run = session.run({"input": x}, seed.reshape(scores.shape))  # a fed seed goes through unchanged
+    assert "relevance_target" not in fed_run and np.array_equal(fed_run["relevance"], want)
+    assert session.inputs == ["input"] and len(runs) == 2
     assert len(s.explain_topk(x, 1)) == 1
     for call, message in ((lambda: s.explain(x, 3), "top-1 output only"), (lambda: s.explain_topk(x, 2), "not top2"),
                           (lambda: s.run({"input": x}, seed), "takes no seed")):
