@@ -13,11 +13,21 @@ from .model_io import load_model
 from .passes import canonize as _canonize
 
 
+class Owned:
+    """A ModelProto handed over to :func:`compile` by a caller that read it and will not use it again
+    (lrpc explain): the export may then build in it and reuse its weights instead of copying them."""
+
+    def __init__(self, proto: onnx.ModelProto):
+        self.proto = proto
+
+
 def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool]:
     """``(ModelProto, owned)``: owned when lrpc read or copied it (the export may then reuse its weights);
     a caller's ModelProto is never modified."""
-    owned = isinstance(model, (str, os.PathLike))
-    if owned:
+    owned = isinstance(model, (str, os.PathLike, Owned))
+    if isinstance(model, Owned):
+        model = model.proto
+    elif owned:
         model = load_model(model)
     elif not isinstance(model, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")

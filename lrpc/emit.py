@@ -42,8 +42,9 @@ class Context:
         return f[:2] if f is not None else None
 
     def drop_unread_products(self):
+        outputs = {id(t) for t in self.b.graph.outputs}
         for x, c, r in self.factors.values():
-            if not r.outputs and r.inputs:
+            if not r.outputs and r.inputs and id(r) not in outputs:
                 node = r.inputs[0]
                 node.inputs.clear()
                 node.outputs.clear()

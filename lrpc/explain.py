@@ -99,7 +99,9 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
             h, w = size
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
-        make = lambda: compiler.compile(proto, rules, output=output, input_shapes=shapes or None, seed=seed,  # noqa: E731
+        # a model read here is handed over: the compiled graph is built in it (no copy of its weights)
+        source = compiler.Owned(proto) if isinstance(model, (str, os.PathLike)) else proto
+        make = lambda: compiler.compile(source, rules, output=output, input_shapes=shapes or None, seed=seed,  # noqa: E731
                                         **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache

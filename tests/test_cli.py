@@ -387,6 +387,22 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
     assert model.SerializeToString() == before
     inits = lambda m: {t.name: t.SerializeToString() for t in m.graph.initializer}  # noqa: E731
     assert inits(from_path) == inits(from_proto)
+    # a ModelProto handed over (lrpc explain reads the file itself, then hands it over): built in it too
+    handed = onnx.load(str(path))
+    from lrpc import compiler, explain
+
+    assert api.compile(compiler.Owned(handed), "epsilon-plus") is handed
+    assert inits(handed) == inits(from_proto) and list(handed.graph.node) == list(from_proto.graph.node)
+    seen = []
+    real = compiler.compile
+    compiler.compile = lambda m, *a, **k: seen.append(m) or real(m, *a, **k)
+    try:
+        explain.prepare(path, "epsilon-plus")
+        explain.prepare(model, "epsilon-plus")
+    finally:
+        compiler.compile = real
+    assert isinstance(seen[0], compiler.Owned) and seen[1] is model
+    assert model.SerializeToString() == before
     assert inits(from_path)["w"] == numpy_helper.from_array(w, "w").SerializeToString()  # kept as it was
     assert "w2" not in inits(from_path)  # replaced by the BatchNorm-folded weight
     for field in ("node", "input", "output", "value_info"):
