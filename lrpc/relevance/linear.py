@@ -480,10 +480,18 @@ class _Variants:
         view, b = self.view, self.b
         biases = list(biases) + ([(-mix[("x", "W")], view.bias)] if ("x", "W") in mix and view.bias is not None else [])
         fresh = [k for k in mix if k != ("x", "W") and ("f", *k) not in self._cache]
-        shifted = bool(shift) and (bool(fresh) or _offset(b, biases) is not None)
-        if shifted:
+        for k in mix:  # forwards already built bring their own bias: take it back out
+            if k != ("x", "W") and k not in fresh and self._cache[("f", *k)][2] is not None:
+                _, scale, f_bias = self._cache[("f", *k)]
+                biases.append((-mix[k] / scale, f_bias))
+        if shift:
             shape = const_value(view.bias).shape if view.bias is not None else view.bias_shape()
-            biases.append((1.0, b.const(np.full(shape, shift, b.dtype))))
+            with_shift = biases + [(1.0, b.const(np.full(shape, shift, b.dtype)))]
+        # the shift is free where a fresh forward takes it in its bias, where an offset is added anyway, or
+        # where it cancels the offset (alpha-beta's z- = z - (W+x + b+ + eps) - eps needs no Add at all)
+        shifted = bool(shift) and (bool(fresh) or _offset(b, biases) is not None or _offset(b, with_shift) is None)
+        if shifted:
+            biases = with_shift
         parts = []
         for (inp, basis), a in mix.items():
             if inp == "x" and basis == "W":
@@ -496,10 +504,8 @@ class _Variants:
                 self._cache[key] = (view.forward(self.input(inp), self.weight(basis, a), own), a, own)
                 parts.append((1.0, self._cache[key][0]))
                 continue
-            f, scale, f_bias = self._cache[key]
+            f, scale, _ = self._cache[key]
             parts.append((a / scale, f))
-            if f_bias is not None:
-                biases.append((-a / scale, f_bias))
         z = linear_combination(b, parts)
         offset = _offset(b, biases)
         return (z if offset is None else b.add(z, view.bias_for_output(offset))), shifted
