@@ -492,21 +492,21 @@ class _Variants:
         shifted = bool(shift) and (bool(fresh) or _offset(b, biases) is not None or _offset(b, with_shift) is None)
         if shifted:
             biases = with_shift
-        parts = []
+        parts = []  # (coefficient, tensor, computed from the activations)
         for (inp, basis), a in mix.items():
             if inp == "x" and basis == "W":
-                parts.append((a, view.z))
+                parts.append((a, view.z, True))
                 continue
             key = ("f", inp, basis)
             if key not in self._cache:
                 own = _offset(b, biases) if (inp, basis) == fresh[0] else None
                 biases = [] if own is not None else biases
                 self._cache[key] = (view.forward(self.input(inp), self.weight(basis, a), own), a, own)
-                parts.append((1.0, self._cache[key][0]))
-                continue
             f, scale, _ = self._cache[key]
-            parts.append((a / scale, f))
-        z = linear_combination(b, parts)
+            parts.append((a / scale, f, inp not in ("low", "high")))
+        # forwards of constants (z-box bounds) first: onnxruntime folds their sum, one Add meets the activations
+        parts.sort(key=lambda p: p[2])
+        z = linear_combination(b, [p[:2] for p in parts])
         offset = _offset(b, biases)
         return (z if offset is None else b.add(z, view.bias_for_output(offset))), shifted
 
