@@ -382,6 +382,46 @@ class OptionAResNet(nn.Module):
         return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
 
 
+class SqueezeExcite(nn.Module):
+    """torchvision's SqueezeExcitation: global average pool, 1x1 conv, activation, 1x1 conv, gate, x * gate."""
+
+    def __init__(self, c, squeeze, act: type, gate: type):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.gate = nn.Conv2d(c, squeeze, 1), act(), nn.Conv2d(squeeze, c, 1), gate()
+
+    def forward(self, x):
+        return x * self.gate(self.fc2(self.act(self.fc1(F.adaptive_avg_pool2d(x, 1)))))
+
+
+class MBConv(nn.Module):
+    """EfficientNet / MobileNetV3 inverted residual: expand 1x1, depthwise kxk, squeeze-and-excitation, project 1x1."""
+
+    def __init__(self, cin, cout, stride, act: type, gate: type, k=3):
+        super().__init__()
+        hid = cin * 3
+        self.use_res = stride == 1 and cin == cout
+        self.block = nn.Sequential(_cbr(cin, hid, 1, act=act), _cbr(hid, hid, k, stride, g=hid, act=act),
+                                   SqueezeExcite(hid, max(2, cin // 2), act, gate), _cbr(hid, cout, 1, act=None))
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_res else self.block(x)
+
+
+class GatedNet(nn.Module):
+    """EfficientNet-B0 style (SiLU = x * sigmoid(x) in ONNX, SE gates by Sigmoid) or MobileNetV3 style (HardSwish,
+    ReLU inside the SE, gates by HardSigmoid): products of two computed tensors whose one side is a gate."""
+
+    def __init__(self, act: type, se_act: type, gate: type):
+        super().__init__()
+        self.features = nn.Sequential(_cbr(3, 8, 3, 2, act=act), MBConv(8, 8, 1, se_act, gate),
+                                      MBConv(8, 12, 2, se_act, gate, k=5), MBConv(12, 12, 1, se_act, gate),
+                                      _cbr(12, 16, 1, act=act))
+        self.classifier = nn.Sequential(nn.Dropout(0.2), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -399,6 +439,8 @@ TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "alexnet_lrn": (AlexNetLRN, CNN_SHAPE),
     "alexnet_lrn_decomposed": (lambda: AlexNetLRN(onnx_lrn=False), CNN_SHAPE),
     "resnet_cifar_option_a": (OptionAResNet, CNN_SHAPE),
+    "efficientnet": (lambda: GatedNet(nn.SiLU, nn.SiLU, nn.Sigmoid), CNN_SHAPE),
+    "mobilenet_v3": (lambda: GatedNet(nn.Hardswish, nn.ReLU, nn.Hardsigmoid), CNN_SHAPE),
     "mlp": (mlp, (2, 16)),
 }
 

@@ -72,6 +72,7 @@ BIAS_ONLY_UNITS = {
     "mobilenet_v2": "depthwise 3x3 (9 inputs) and 1x1 convs on ReLU6 maps: ΣR off by 0.1",
     "shufflenet": "grouped 1x1 (4 inputs) and depthwise convs on ReLU maps: ΣR off by 2e-2",
     "sum3_residual": "1x1 conv branch on a 6-channel ReLU map: ΣR off by 3e-4",
+    "mobilenet_v3": "depthwise and 1x1 convs on ReLU maps inside the blocks: ΣR off by 1.0 (bias-free: 1.4e-7)",
 }
 # float32 round-off: where the relevance map cancels (Σ|R| ≫ |ΣR|) its sum is only good to ~1e-7 Σ|R| (VGG:
 # Σ|R| ≈ 1.2e4 for Σ seed = 1, ΣR off by 4e-4 in float32, 7e-6 in float64): allowed on top of the tolerance.
@@ -87,6 +88,9 @@ NO_GRAD_X_INPUT = {
     "densenet": "standalone BatchNorm (after pool/Concat) gets pass; LRP-0 of y = s·x + t would give s·x·R/y ≠ R",
     "mobilenet_v2": "ReLU6 = Clip gets pass: where x > 6 the gradient is 0 but relevance passes",
     "alexnet_lrn": "LRN gets pass (zennit); LRP-0 of the LRN Jacobian is not the identity",
+    "efficientnet": "SiLU (x·sigmoid(x)) and the squeeze-and-excitation gates: the gate gets no relevance, the "
+                    "gradient flows through it",
+    "mobilenet_v3": "HardSwish and the HardSigmoid gates: as efficientnet",
 }
 GRAD_X_INPUT = [n for n in ALL if n not in NO_GRAD_X_INPUT]
 
@@ -190,6 +194,8 @@ FEATURES = {
                    ("Transpose", {"perm": [0, 2, 1, 3, 4]}), ("Slice", {}), ("ReduceMean", {})],
     "alexnet_lrn": [("LRN", {}), ("Shape", {}), ("Reshape", {})],
     "mlp": [("Gemm", {})],
+    "efficientnet": [("Sigmoid", {}), ("Mul", {}), ("GlobalAveragePool", {}), ("Conv", {"group": _depthwise})],
+    "mobilenet_v3": [("HardSigmoid", {}), ("HardSwish", {}), ("Mul", {}), ("Conv", {"group": _depthwise})],
     "mlp_matmul_add": [("MatMul", {}), ("Add", {})],
     "sum3_residual": [("Sum", {})],
     "conv_bias_add": [("Add", {})],

@@ -174,6 +174,9 @@ def view_of(ctx, node) -> View:
         dtype = ctx.b.dtype
         shape = [-1] + [1] * (rank - 2)
         return ScaleView(ctx, node, ins[0], ctx.b.const(scale.reshape(shape), dtype), ctx.b.const(shift.reshape(shape), dtype))
+    if op == "Mul" and not any(is_const(t) for t in ins):  # a gated product: the gate is the (input-dependent) scale
+        gate = gate_operand(node)
+        return ScaleView(ctx, node, next(t for t in ins if t is not gate), gate, None)
     # Mul / Add with one constant operand
     x = next(t for t in ins if not is_const(t))
     c = next(t for t in ins if is_const(t))
@@ -182,10 +185,33 @@ def view_of(ctx, node) -> View:
     return ScaleView(ctx, node, x, ctx.b.const(np.ones([1] * max(len(const_value(c).shape), 1))), c)
 
 
+GATES = ("Sigmoid", "HardSigmoid")
+LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Transpose")
+
+
+def gate_operand(node):
+    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output (through layout ops), as in
+    SiLU/Swish exported as ``x * sigmoid(x)`` and squeeze-and-excitation blocks. UnsupportedError unless exactly
+    one operand is one."""
+    def is_gate(t) -> bool:
+        while t.inputs and t.inputs[0].op in LAYOUT:
+            t = t.inputs[0].inputs[0]
+        return bool(t.inputs) and t.inputs[0].op in GATES
+
+    gates = [t for t in node.inputs if is_gate(t)]
+    if len(node.inputs) != 2 or len(gates) != 1 or node.inputs[0] is node.inputs[1]:
+        raise UnsupportedError(f"{where(node)}: Mul of two computed tensors has an LRP rule only as a gated product "
+                               f"(one operand a Sigmoid/HardSigmoid gate); here {len(gates)} operand(s) are gates")
+    return gates[0]
+
+
 @register("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add")
 def propagate(ctx, node, R_out):
-    if node.op in ("Mul", "Add") and sum(not is_const(t) for t in node.inputs) != 1:
-        raise UnsupportedError(f"{where(node)}: {node.op} of two non-constant tensors has no LRP rule")
+    """A linear layer under its rule. A gated product ``y = x * g`` (:func:`gate_operand`) is the element-wise
+    linear map of ``x`` scaled by the gate's values: its rule (pass by default, category scale) sends
+    relevance to ``x`` only; the gate's branch gets none (signal-take-all)."""
+    if node.op == "Add" and sum(not is_const(t) for t in node.inputs) != 1:
+        raise UnsupportedError(f"{where(node)}: Add of two non-constant tensors has no LRP rule")
     view = view_of(ctx, node)
     rule = ctx.rule(node)
     R = R_out[0]

@@ -1,0 +1,120 @@
+"""Gated products ``y = x * g`` (SiLU exported as ``x * sigmoid(x)``, squeeze-and-excitation blocks): the gate is an
+input-dependent scale of ``x``. Oracle: the same network with the gate frozen to its values for the batch (a Mul
+by a constant, which lrpc already explains) gives the same relevance, for every composite and for a rule file
+that puts epsilon on the Mul; bias-free conservation holds; a product of two non-gates (or two gates) is refused."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
+
+N, C, H = 2, 6, 6
+
+
+def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bool = False, freeze: dict | None = None):
+    """x -> Conv -> SiLU (h * Sigmoid(h)) -> SE (GAP, 1x1 Conv, Relu, 1x1 Conv, gate, Mul) -> Conv -> GAP -> Gemm.
+    ``freeze``: {gate tensor name: values}: those gates become constants (the oracle network)."""
+    rng = np.random.default_rng(0)
+    w = lambda *s: (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    inits = {"w1": w(C, 4, 3, 3), "b1": (0.1 * rng.standard_normal(C)).astype(np.float32),
+             "w2": w(3, C, 1, 1), "b2": (0.1 * rng.standard_normal(3)).astype(np.float32),
+             "w3": w(C, 3, 1, 1), "b3": (0.1 * rng.standard_normal(C)).astype(np.float32),
+             "w4": w(5, C, 3, 3), "w5": w(10, 5), "flat_shape": np.array([N, C, 1, 1], np.int64)}
+    freeze = freeze or {}
+    g = lambda name: name if name not in freeze else f"{name}_frozen"  # noqa: E731
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
+             helper.make_node("Sigmoid", ["h"], ["silu_gate"], name="silu_sigmoid"),
+             helper.make_node("Mul", ["h", g("silu_gate")], ["a"], name="silu_mul"),
+             helper.make_node("GlobalAveragePool", ["a"], ["p"], name="se_pool"),
+             helper.make_node("Conv", ["p", "w2", "b2"], ["f"], name="se_fc1"),
+             helper.make_node("Relu", ["f"], ["r"], name="se_relu"),
+             helper.make_node("Conv", ["r", "w3", "b3"], ["e"], name="se_fc2"),
+             helper.make_node(gate_op, ["e"], ["se_gate0"], name="se_gate")]
+    if via_reshape:  # the gate moved through layout ops before the product
+        nodes += [helper.make_node("Flatten", ["se_gate0"], ["se_flat"], name="se_flatten"),
+                  helper.make_node("Reshape", ["se_flat", "flat_shape"], ["se_gate1"], name="se_reshape")]
+    gate = "se_gate1" if via_reshape else "se_gate0"
+    pair = [g(gate), "a"] if gate_first else ["a", g(gate)]
+    nodes += [helper.make_node("Mul", pair, ["s"], name="se_mul"),
+              helper.make_node("Conv", ["s", "w4"], ["c"], pads=[1, 1, 1, 1], name="conv2"),
+              helper.make_node("Relu", ["c"], ["cr"], name="relu2"),
+              helper.make_node("GlobalAveragePool", ["cr"], ["q"], name="pool"),
+              helper.make_node("Flatten", ["q"], ["fl"], name="flatten"),
+              helper.make_node("Gemm", ["fl", "w5"], ["y"], transB=1, name="fc")]
+    for name, value in freeze.items():
+        inits[f"{name}_frozen"] = value
+    graph = helper.make_graph(nodes, "gated", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [N, 4, H, H])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [N, 10])],
+                              [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _gate_values(model, x, names):
+    m = onnx.ModelProto.FromString(model.SerializeToString())
+    for n in names:
+        m.graph.output.append(helper.make_tensor_value_info(n, TensorProto.FLOAT, None))
+    sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip(names, sess.run(names, {"x": x})))
+
+
+def _relevance(model, x, seed, rules, **options):
+    compiled = lrpc.compile(model, rules, **options)
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(["y", "relevance"], {"x": x, "relevance_seed": seed})
+
+
+@pytest.mark.parametrize("gate_op, gate_first, via_reshape", [("Sigmoid", False, False), ("HardSigmoid", True, False),
+                                                               ("Sigmoid", False, True)],
+                         ids=["sigmoid", "hardsigmoid-first", "sigmoid-reshaped"])
+@pytest.mark.parametrize("rules", ["epsilon-gamma-box", "epsilon", "epsilon-alpha2-beta1", "epsilon-plus-flat",
+                                   "mul-epsilon"])
+def test_gated_product_equals_frozen_gate(gate_op, gate_first, via_reshape, rules, tmp_path):
+    model = _network(gate_op, gate_first, via_reshape)
+    x = np.random.default_rng(1).standard_normal((N, 4, H, H)).astype(np.float32)
+    gate = "se_gate1" if via_reshape else "se_gate0"
+    frozen = _network(gate_op, gate_first, via_reshape, freeze=_gate_values(model, x, ["silu_gate", gate]))
+    seed = np.eye(10, dtype=np.float32)[[3, 7]]
+    options = {"low": -3.0, "high": 3.0} if rules == "epsilon-gamma-box" else {}
+    if rules == "mul-epsilon":  # a rule file puts epsilon (large) on every Mul: the gate is the layer's scale
+        spec = tmp_path / "rules.json"
+        spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Mul", "rule": "epsilon",
+                                                                        "params": {"epsilon": 0.5}}]}))
+        rules = str(spec)
+    y, got = _relevance(model, x, seed, rules, **options)
+    y_frozen, want = _relevance(frozen, x, seed, rules, **options)
+    np.testing.assert_allclose(y, y_frozen, rtol=1e-6, atol=1e-7)
+    assert np.abs(want).sum() > 0 and np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_gated_product_conserves_without_biases():
+    model = _network()
+    for t in model.graph.initializer:
+        if t.name.startswith("b"):
+            t.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(t)), t.name))
+    x = np.random.default_rng(2).standard_normal((N, 4, H, H)).astype(np.float32)
+    seed = np.eye(10, dtype=np.float32)[[1, 2]]
+    _, r = _relevance(model, x, seed, "epsilon", zero_bias=True, epsilon=1e-9, stabilizer_eps=1e-9)
+    np.testing.assert_allclose(r.reshape(N, -1).sum(1, dtype=np.float64), [1.0, 1.0], rtol=1e-4)
+
+
+@pytest.mark.parametrize("pair, gates", [(["h", "h2"], 0), (["silu_gate", "g2"], 2)])
+def test_product_without_exactly_one_gate_is_refused(pair, gates):
+    model = _network()
+    g = model.graph
+    g.node.extend([helper.make_node("Relu", ["h"], ["h2"], name="relu_h"),
+                   helper.make_node("Sigmoid", ["h2"], ["g2"], name="sig_h2"),
+                   helper.make_node("Mul", pair, ["m"], name="odd_mul"),
+                   helper.make_node("ReduceMean", ["m"], ["mm"], axes=[1, 2, 3], keepdims=0, name="odd_mean"),
+                   helper.make_node("Unsqueeze", ["mm", "one"], ["mu"], name="odd_unsqueeze"),
+                   helper.make_node("Add", ["y", "mu"], ["y2"], name="odd_add")])
+    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    g.output[0].name = "y2"
+    with pytest.raises(lrpc.UnsupportedError, match=rf"odd_mul.*Mul.*gated product.*{gates} operand"):
+        lrpc.compile(model, "epsilon")
