@@ -1,4 +1,5 @@
-"""Gated products ``y = x * g`` (SiLU exported as ``x * sigmoid(x)``, squeeze-and-excitation blocks): the gate is an
+"""Gated products ``y = x * g`` (SiLU exported as ``x * sigmoid(x)``, squeeze-and-excitation blocks, hard sigmoids
+written as ``relu6(x + 3) / 6``): the gate is an
 input-dependent scale of ``x``. Oracle: the same network with the gate frozen to its values for the batch (a Mul
 by a constant, which lrpc already explains) gives the same relevance, for every composite and for a rule file
 that puts epsilon on the Mul; bias-free conservation holds; a product of two non-gates (or two gates) is refused."""
@@ -25,7 +26,8 @@ def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bo
     inits = {"w1": w(C, 4, 3, 3), "b1": (0.1 * rng.standard_normal(C)).astype(np.float32),
              "w2": w(3, C, 1, 1), "b2": (0.1 * rng.standard_normal(3)).astype(np.float32),
              "w3": w(C, 3, 1, 1), "b3": (0.1 * rng.standard_normal(C)).astype(np.float32),
-             "w4": w(5, C, 3, 3), "w5": w(10, 5), "flat_shape": np.array([N, C, 1, 1], np.int64)}
+             "w4": w(5, C, 3, 3), "w5": w(10, 5), "flat_shape": np.array([N, C, 1, 1], np.int64),
+             "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
     freeze = freeze or {}
     g = lambda name: name if name not in freeze else f"{name}_frozen"  # noqa: E731
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
@@ -35,7 +37,10 @@ def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bo
              helper.make_node("Conv", ["p", "w2", "b2"], ["f"], name="se_fc1"),
              helper.make_node("Relu", ["f"], ["r"], name="se_relu"),
              helper.make_node("Conv", ["r", "w3", "b3"], ["e"], name="se_fc2"),
-             helper.make_node(gate_op, ["e"], ["se_gate0"], name="se_gate")]
+             *([helper.make_node(gate_op, ["e"], ["se_gate0"], name="se_gate")] if gate_op != "relu6" else
+               [helper.make_node("Add", ["e", "three"], ["e3"], name="se_add3"),  # hard sigmoid relu6(e + 3) / 6
+                helper.make_node("Clip", ["e3", "zero", "six"], ["e6"], name="se_relu6"),
+                helper.make_node("Div", ["e6", "six"], ["se_gate0"], name="se_div6")])]
     if via_reshape:  # the gate moved through layout ops before the product
         nodes += [helper.make_node("Flatten", ["se_gate0"], ["se_flat"], name="se_flatten"),
                   helper.make_node("Reshape", ["se_flat", "flat_shape"], ["se_gate1"], name="se_reshape")]
@@ -70,8 +75,8 @@ def _relevance(model, x, seed, rules, **options):
 
 
 @pytest.mark.parametrize("gate_op, gate_first, via_reshape", [("Sigmoid", False, False), ("HardSigmoid", True, False),
-                                                               ("Sigmoid", False, True)],
-                         ids=["sigmoid", "hardsigmoid-first", "sigmoid-reshaped"])
+                                                               ("Sigmoid", False, True), ("relu6", False, False)],
+                         ids=["sigmoid", "hardsigmoid-first", "sigmoid-reshaped", "relu6-div6"])
 @pytest.mark.parametrize("rules", ["epsilon-gamma-box", "epsilon", "epsilon-alpha2-beta1", "epsilon-plus-flat",
                                    "mul-epsilon"])
 def test_gated_product_equals_frozen_gate(gate_op, gate_first, via_reshape, rules, tmp_path):
@@ -104,17 +109,20 @@ def test_gated_product_conserves_without_biases():
     np.testing.assert_allclose(r.reshape(N, -1).sum(1, dtype=np.float64), [1.0, 1.0], rtol=1e-4)
 
 
-@pytest.mark.parametrize("pair, gates", [(["h", "h2"], 0), (["silu_gate", "g2"], 2)])
+@pytest.mark.parametrize("pair, gates", [(["h", "h2"], 0), (["silu_gate", "g2"], 2), (["h", "hc"], 0)],
+                         ids=["relu", "two-gates", "clip-below-zero"])
 def test_product_without_exactly_one_gate_is_refused(pair, gates):
     model = _network()
     g = model.graph
     g.node.extend([helper.make_node("Relu", ["h"], ["h2"], name="relu_h"),
                    helper.make_node("Sigmoid", ["h2"], ["g2"], name="sig_h2"),
+                   helper.make_node("Clip", ["h", "minus_one", "six"], ["hc"], name="clip_h"),  # min < 0: no gate
                    helper.make_node("Mul", pair, ["m"], name="odd_mul"),
                    helper.make_node("ReduceMean", ["m"], ["mm"], axes=[1, 2, 3], keepdims=0, name="odd_mean"),
                    helper.make_node("Unsqueeze", ["mm", "one"], ["mu"], name="odd_unsqueeze"),
                    helper.make_node("Add", ["y", "mu"], ["y2"], name="odd_add")])
-    g.initializer.append(numpy_helper.from_array(np.array([1], np.int64), "one"))
+    g.initializer.extend([numpy_helper.from_array(np.array([1], np.int64), "one"),
+                          numpy_helper.from_array(np.array(-1.0, np.float32), "minus_one")])
     g.output[0].name = "y2"
     with pytest.raises(lrpc.UnsupportedError, match=rf"odd_mul.*Mul.*gated product.*{gates} operand"):
         lrpc.compile(model, "epsilon")

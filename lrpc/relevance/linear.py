@@ -190,18 +190,29 @@ LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "T
 
 
 def gate_operand(node):
-    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output (through layout ops), as in
-    SiLU/Swish exported as ``x * sigmoid(x)`` and squeeze-and-excitation blocks. UnsupportedError unless exactly
-    one operand is one."""
+    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output, or a hard sigmoid written as
+    ``Clip(., min >= 0, finite max)`` (``relu6(x + 3) / 6``), possibly scaled by a positive constant and moved by
+    layout ops; as in SiLU/Swish exported as ``x * sigmoid(x)``, hand-written hard-swish and squeeze-and-excitation
+    blocks. UnsupportedError unless exactly one operand is one."""
+    def const_scale(n) -> bool:  # Mul / Div by a positive constant
+        consts = [i for i in n.inputs if is_const(i)]
+        return (n.op in ("Mul", "Div") and len(consts) == 1 and (n.op == "Mul" or n.inputs[1] is consts[0])
+                and bool(np.all(const_value(consts[0]) > 0)))
+
+    def bounded_clip(n) -> bool:
+        lo, hi = (n.inputs[i] if len(n.inputs) > i and n.inputs[i].name else None for i in (1, 2))
+        return (n.op == "Clip" and lo is not None and hi is not None and is_const(lo) and is_const(hi)
+                and bool(np.all(const_value(lo) >= 0)) and bool(np.all(np.isfinite(const_value(hi)))))
+
     def is_gate(t) -> bool:
-        while t.inputs and t.inputs[0].op in LAYOUT:
-            t = t.inputs[0].inputs[0]
-        return bool(t.inputs) and t.inputs[0].op in GATES
+        while t.inputs and (t.inputs[0].op in LAYOUT or const_scale(t.inputs[0])):
+            t = next(i for i in t.inputs[0].inputs if not is_const(i))
+        return bool(t.inputs) and (t.inputs[0].op in GATES or bounded_clip(t.inputs[0]))
 
     gates = [t for t in node.inputs if is_gate(t)]
     if len(node.inputs) != 2 or len(gates) != 1 or node.inputs[0] is node.inputs[1]:
         raise UnsupportedError(f"{where(node)}: Mul of two computed tensors has an LRP rule only as a gated product "
-                               f"(one operand a Sigmoid/HardSigmoid gate); here {len(gates)} operand(s) are gates")
+                               f"(one operand a Sigmoid/HardSigmoid/bounded-Clip gate); here {len(gates)} operand(s) are gates")
     return gates[0]
 
 
