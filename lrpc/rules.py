@@ -79,7 +79,10 @@ def alpha_beta(alpha: float = 2.0, beta: float = 1.0, **kw) -> Rule:
 
 
 def gamma(gamma: float = 0.25, **kw) -> Rule:
-    """Generalized (sign-aware) gamma; equals classic LRP-γ for x ≥ 0 and z > 0."""
+    """Generalized (sign-aware) gamma; equals classic LRP-γ for x ≥ 0 and z > 0. γ ≥ 0: the denominators
+    z↑ = z + γz⁺ and z↓ = z + γz⁻ then keep the sign of z, which the emitter relies on."""
+    if not gamma >= 0:
+        raise ValueError(f"gamma needs gamma >= 0 (got gamma={gamma})")
     up = Group((Term("x+", "Wup", "bup"), Term("x-", "Wdown")), mask="z>0", above_z=True)
     down = Group((Term("x+", "Wdown", "bdown"), Term("x-", "Wup")), mask="z<0", below_z=True)
     return Rule("gamma", (up, down), params={"gamma": gamma}, **kw)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from typing import NamedTuple
 
 import numpy as np
@@ -43,8 +44,11 @@ class Session:
             providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
         providers = [("CUDAExecutionProvider", {"use_tf32": str(int(tf32))}) if p == "CUDAExecutionProvider" else p
                      for p in providers]
-        # seed-input models get a switch for top-1 targets (the graph then seeds itself: one run, not two)
-        self._switch = not self.top1 and meta.get("lrpc.explained") is not None
+        # seed-input models get a switch for top-1 targets (the graph then seeds itself: one run, not two),
+        # where the explained tensor is still in the graph (a post-processed file may have renamed it)
+        explained = meta.get("lrpc.explained")
+        self._switch = not self.top1 and explained is not None and (
+            any(explained in n.output for n in model.graph.node) or any(i.name == explained for i in model.graph.input))
         data = _with_top1_switch(model, meta["lrpc.explained"]) if self._switch else model.SerializeToString()
         self.session = ort.InferenceSession(data, options, providers=providers)
         self.providers = self.session.get_providers()
@@ -114,18 +118,19 @@ class Session:
         """The seed :meth:`explain` uses for ``target`` on input ``x`` (one extra run where the target
         depends on the prediction)."""
         feeds, target = self._feeds(x), targets.parse(target)
-        if self.top1:
-            return self.explain(feeds, target).seed
+        if self.top1 or (self._switch and (target.kind, target.values) == ("top", (1,))):
+            return self.explain(feeds, target).seed  # (the same arg-max explain takes: of the explained logits)
         if target.kind == "top" and target.values[0] != 1:
             raise InputError(f"target {target}: use explain_topk(x, {target.values[0]}) for several ranks")
         return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self.sigmoid,
                             self.channels_last, self._dtype)
 
     def explain_topk(self, x, k: int) -> list[Explanation]:
-        """Explanations of each sample's ``k`` highest outputs, rank 1 first (``k + 1`` runs); the
-        explained classes are in each :attr:`Explanation.target` ([N] per rank)."""
+        """Explanations of each sample's ``k`` highest outputs, rank 1 first (``k + 1`` runs, ranked on the
+        graph output; ``k = 1``: one run, as :meth:`explain`); the explained classes are in each
+        :attr:`Explanation.target` ([N] per rank)."""
         feeds = self._feeds(x)
-        if self.top1 and int(k) == 1:
+        if (self.top1 or self._switch) and int(k) == 1:
             return [self.explain(feeds)]
         if self.top1:
             raise InputError(f"this model was compiled with seed top1: it explains the top-1 output only, not top{k}")
@@ -163,6 +168,7 @@ class Session:
 
 
 _FED, _SWITCH, _TARGET = "lrpc/seed_fed", "lrpc/top1", "relevance_target"
+_SWITCH_LOCK = threading.Lock()
 
 
 class _Renamed(NamedTuple):
@@ -179,7 +185,9 @@ def _with_top1_switch(model: onnx.ModelProto, explained: str) -> bytes:
     """``model`` serialized with a switch: the seed input is renamed ``lrpc/seed_fed`` and
     ``relevance_seed = Where(lrpc/top1, one-hot at each sample's arg-max of the explained tensor, fed seed)``;
     output ``relevance_target`` holds that arg-max (flat index per sample, first on ties, as
-    ``compile(seed="top1")``). ``model`` itself is left as it was."""
+    ``compile(seed="top1")``). ``model`` is edited for the time of serializing it and then left as it was (under a
+    lock: Sessions built from one ModelProto in several threads at once do not see each other's edits; other
+    readers of the proto in that moment would)."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -202,18 +210,19 @@ def _with_top1_switch(model: onnx.ModelProto, explained: str) -> bytes:
         helper.make_node("Where", [_SWITCH, t("seed"), _FED], [SEED]),
         helper.make_node("Squeeze", [t("best"), t("axis1")], [_TARGET]),
     ]
-    n_nodes, n_inputs, n_outputs = len(g.node), len(g.input), len(g.output)
-    seed_in.name = _FED
-    g.input.append(helper.make_tensor_value_info(_SWITCH, TensorProto.BOOL, []))
-    g.output.append(helper.make_tensor_value_info(_TARGET, TensorProto.INT64, None))
-    g.node.extend(nodes)
-    try:
-        return model.SerializeToString()
-    finally:  # the caller's model is left as it was
-        del g.node[n_nodes:]
-        del g.input[n_inputs:]
-        del g.output[n_outputs:]
-        seed_in.name = SEED
+    with _SWITCH_LOCK:
+        n_nodes, n_inputs, n_outputs = len(g.node), len(g.input), len(g.output)
+        seed_in.name = _FED
+        g.input.append(helper.make_tensor_value_info(_SWITCH, TensorProto.BOOL, []))
+        g.output.append(helper.make_tensor_value_info(_TARGET, TensorProto.INT64, None))
+        g.node.extend(nodes)
+        try:
+            return model.SerializeToString()
+        finally:  # the caller's model is left as it was
+            del g.node[n_nodes:]
+            del g.input[n_inputs:]
+            del g.output[n_outputs:]
+            seed_in.name = SEED
 
 
 def _behind_sigmoid(graph: onnx.GraphProto, name: str) -> bool:

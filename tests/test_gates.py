@@ -18,7 +18,8 @@ import lrpc
 N, C, H = 2, 6, 6
 
 
-def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bool = False, freeze: dict | None = None):
+def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bool = False, freeze: dict | None = None,
+             relu6: bool = False):
     """x -> Conv -> SiLU (h * Sigmoid(h)) -> SE (GAP, 1x1 Conv, Relu, 1x1 Conv, gate, Mul) -> Conv -> GAP -> Gemm.
     ``freeze``: {gate tensor name: values}: those gates become constants (the oracle network)."""
     rng = np.random.default_rng(0)
@@ -30,9 +31,11 @@ def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bo
              "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
     freeze = freeze or {}
     g = lambda name: name if name not in freeze else f"{name}_frozen"  # noqa: E731
-    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"),
-             helper.make_node("Sigmoid", ["h"], ["silu_gate"], name="silu_sigmoid"),
-             helper.make_node("Mul", ["h", g("silu_gate")], ["a"], name="silu_mul"),
+    # the activation: SiLU (h * Sigmoid(h), a gated product itself) or ReLU6 (a Clip: the SE gate must win)
+    act = ([helper.make_node("Clip", ["h", "zero", "six"], ["a"], name="relu6")] if relu6 else
+           [helper.make_node("Sigmoid", ["h"], ["silu_gate"], name="silu_sigmoid"),
+            helper.make_node("Mul", ["h", g("silu_gate")], ["a"], name="silu_mul")])
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["h"], pads=[1, 1, 1, 1], name="conv1"), *act,
              helper.make_node("GlobalAveragePool", ["a"], ["p"], name="se_pool"),
              helper.make_node("Conv", ["p", "w2", "b2"], ["f"], name="se_fc1"),
              helper.make_node("Relu", ["f"], ["r"], name="se_relu"),
@@ -74,23 +77,27 @@ def _relevance(model, x, seed, rules, **options):
     return sess.run(["y", "relevance"], {"x": x, "relevance_seed": seed})
 
 
-@pytest.mark.parametrize("gate_op, gate_first, via_reshape", [("Sigmoid", False, False), ("HardSigmoid", True, False),
-                                                               ("Sigmoid", False, True), ("relu6", False, False)],
-                         ids=["sigmoid", "hardsigmoid-first", "sigmoid-reshaped", "relu6-div6"])
+@pytest.mark.parametrize("gate_op, gate_first, via_reshape, relu6", [
+    ("Sigmoid", False, False, False), ("HardSigmoid", True, False, False), ("Sigmoid", False, True, False),
+    ("relu6", False, False, False), ("Sigmoid", False, False, True)],
+    ids=["sigmoid", "hardsigmoid-first", "sigmoid-reshaped", "relu6-div6", "relu6-activation-times-sigmoid"])
 @pytest.mark.parametrize("rules", ["epsilon-gamma-box", "epsilon", "epsilon-alpha2-beta1", "epsilon-plus-flat",
-                                   "mul-epsilon"])
-def test_gated_product_equals_frozen_gate(gate_op, gate_first, via_reshape, rules, tmp_path):
-    model = _network(gate_op, gate_first, via_reshape)
+                                   "mul-epsilon", "mul-flat"])
+def test_gated_product_equals_frozen_gate(gate_op, gate_first, via_reshape, relu6, rules, tmp_path):
+    model = _network(gate_op, gate_first, via_reshape, relu6=relu6)
     x = np.random.default_rng(1).standard_normal((N, 4, H, H)).astype(np.float32)
     gate = "se_gate1" if via_reshape else "se_gate0"
-    frozen = _network(gate_op, gate_first, via_reshape, freeze=_gate_values(model, x, ["silu_gate", gate]))
+    gates = [gate] if relu6 else ["silu_gate", gate]
+    frozen = _network(gate_op, gate_first, via_reshape, freeze=_gate_values(model, x, gates), relu6=relu6)
     seed = np.eye(10, dtype=np.float32)[[3, 7]]
     options = {"low": -3.0, "high": 3.0} if rules == "epsilon-gamma-box" else {}
-    if rules == "mul-epsilon":  # a rule file puts epsilon (large) on every Mul: the gate is the layer's scale
+    if rules.startswith("mul-"):  # a rule file puts epsilon (large) or flat on every Mul: the gate is its scale
+        rule = {"rule": "epsilon", "params": {"epsilon": 0.5}} if rules == "mul-epsilon" else {"rule": "flat"}
         spec = tmp_path / "rules.json"
-        spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Mul", "rule": "epsilon",
-                                                                        "params": {"epsilon": 0.5}}]}))
+        spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Mul", **rule}]}))
         rules = str(spec)
+        if rule["rule"] == "flat":  # flat on a gate whose batch is symbolic (the frozen one is a constant)
+            model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
     y, got = _relevance(model, x, seed, rules, **options)
     y_frozen, want = _relevance(frozen, x, seed, rules, **options)
     np.testing.assert_allclose(y, y_frozen, rtol=1e-6, atol=1e-7)
@@ -109,14 +116,16 @@ def test_gated_product_conserves_without_biases():
     np.testing.assert_allclose(r.reshape(N, -1).sum(1, dtype=np.float64), [1.0, 1.0], rtol=1e-4)
 
 
-@pytest.mark.parametrize("pair, gates", [(["h", "h2"], 0), (["silu_gate", "g2"], 2), (["h", "hc"], 0)],
-                         ids=["relu", "two-gates", "clip-below-zero"])
+@pytest.mark.parametrize("pair, gates", [(["h", "h2"], 0), (["silu_gate", "g2"], 2), (["h", "hc"], 0),
+                                         (["h", "h6"], 0)],
+                         ids=["relu", "two-gates", "clip-below-zero", "relu6-times-unbounded"])
 def test_product_without_exactly_one_gate_is_refused(pair, gates):
     model = _network()
     g = model.graph
     g.node.extend([helper.make_node("Relu", ["h"], ["h2"], name="relu_h"),
                    helper.make_node("Sigmoid", ["h2"], ["g2"], name="sig_h2"),
                    helper.make_node("Clip", ["h", "minus_one", "six"], ["hc"], name="clip_h"),  # min < 0: no gate
+                   helper.make_node("Clip", ["h", "zero", "six"], ["h6"], name="relu6_h"),  # range [0, 6]: no gate
                    helper.make_node("Mul", pair, ["m"], name="odd_mul"),
                    helper.make_node("ReduceMean", ["m"], ["mm"], axes=[1, 2, 3], keepdims=0, name="odd_mean"),
                    helper.make_node("Unsqueeze", ["mm", "one"], ["mu"], name="odd_unsqueeze"),

@@ -410,7 +410,8 @@ def test_rule_on_residual_branch(kind, rule_id, relu_in, zero_bias, dtype, tmp_p
     ops = {n.op_type for n in compiled.graph.node}
     fast = stabilizer == "sign" and (not zero_bias or case.layer.bias_out is None)
     if fast:  # the folded form is what runs (the test would otherwise only see the generic emitter)
-        assert ("Abs" if name == "epsilon" else "LeakyRelu") in ops or (name == "gamma" and not relu_in)
+        folded = "LeakyRelu" if name == "gamma" and gamma != 0 else "Abs"  # (gamma 0 is epsilon)
+        assert folded in ops or (folded == "LeakyRelu" and not relu_in)  # gamma's fold needs an input >= 0
 
     rng = np.random.default_rng(3)
     x = case.x.astype(dtype)
@@ -427,3 +428,15 @@ def test_rule_on_residual_branch(kind, rule_id, relu_in, zero_bias, dtype, tmp_p
     want = relevance(case.layer, name, xr, z * c, **kw)
     assert_close(out["relevance_x"], want, dtype, f"{kind} {rule_id} on a residual branch")
     assert_close(out["relevance_s"], s * c, dtype, "the other branch")
+
+
+def test_negative_gamma_is_refused(tmp_path):
+    """The emitter relies on z↑ = z + γz⁺ and z↓ = z + γz⁻ keeping the sign of z: γ < 0 is an input error (rule file
+    or option), not a silently different rule."""
+    case = make_case("conv2d_s2_asym", np.float32)
+    spec = tmp_path / "rules.json"
+    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Conv", "rule": "gamma", "params": {"gamma": -0.5}}]}))
+    with pytest.raises(lrpc.InputError, match=r"gamma >= 0 \(got gamma=-0.5\)"):
+        lrpc.compile(case.model, str(spec))
+    with pytest.raises(lrpc.InputError, match=r"gamma >= 0"):
+        lrpc.compile(case.model, "epsilon-gamma-box", gamma=-0.5)

@@ -345,6 +345,11 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
     s = lrpc.Session(own, providers=["CPUExecutionProvider"])
     e = s.explain(x)
     assert np.array_equal(e.target, chosen) and np.array_equal(e.relevance, want) and e.seed.sum() == len(x)
+    assert len(s.explain_topk(x, 1)) == 1
+    for call, message in ((lambda: s.explain(x, 3), "top-1 output only"), (lambda: s.explain_topk(x, 2), "not top2"),
+                          (lambda: s.run({"input": x}, seed), "takes no seed")):
+        with pytest.raises(InputError, match=message):
+            call()
     # a seed-input model in a Session: the same, in one run, through a switch added to what onnxruntime runs
     before = fed.SerializeToString()
     session = lrpc.Session(fed, providers=["CPUExecutionProvider"])
@@ -367,8 +372,23 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
     fed_run = session.run({"input": x}, seed.reshape(scores.shape))  # a fed seed goes through unchanged
     assert "relevance_target" not in fed_run and np.array_equal(fed_run["relevance"], want)
     assert session.inputs == ["input"] and len(runs) == 2
-    assert len(s.explain_topk(x, 1)) == 1
-    for call, message in ((lambda: s.explain(x, 3), "top-1 output only"), (lambda: s.explain_topk(x, 2), "not top2"),
-                          (lambda: s.run({"input": x}, seed), "takes no seed")):
-        with pytest.raises(InputError, match=message):
-            call()
+    # seed_for and explain_topk(x, 1) take the same arg-max as explain, in one run each
+    assert np.array_equal(session.seed_for(x, "top1"), e.seed) and len(runs) == 3
+    [top] = session.explain_topk(x, 1)
+    assert np.array_equal(top.target, chosen) and np.array_equal(top.relevance, want) and len(runs) == 4
+
+
+def test_session_without_the_explained_tensor_runs_unswitched():
+    """A compiled file whose explained tensor was renamed afterwards (graph tools do) still loads: the top-1
+    switch needs that tensor, so top-1 falls back to reading the scores (two runs)."""
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    x = np.load(root / "models" / "digits_samples.npz")["images"][:3]
+    compiled = lrpc.compile(root / "models" / "digits_cnn.onnx", "epsilon")
+    want = lrpc.Session(compiled, providers=["CPUExecutionProvider"]).explain(x)
+    for p in compiled.metadata_props:
+        if p.key == "lrpc.explained":
+            p.value = "renamed_by_a_tool"
+    e = lrpc.Session(compiled, providers=["CPUExecutionProvider"]).explain(x)
+    assert np.array_equal(e.target, want.target) and np.allclose(e.relevance, want.relevance, rtol=1e-6, atol=1e-9)

@@ -190,29 +190,43 @@ LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "T
 
 
 def gate_operand(node):
-    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output, or a hard sigmoid written as
-    ``Clip(., min >= 0, finite max)`` (``relu6(x + 3) / 6``), possibly scaled by a positive constant and moved by
-    layout ops; as in SiLU/Swish exported as ``x * sigmoid(x)``, hand-written hard-swish and squeeze-and-excitation
-    blocks. UnsupportedError unless exactly one operand is one."""
-    def const_scale(n) -> bool:  # Mul / Div by a positive constant
+    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output, or a hard sigmoid written
+    as a Clip whose range, times the positive constants applied after it, lies in [0, 1] (``relu6(x + 3) / 6``);
+    possibly moved by layout ops. As in SiLU/Swish exported as ``x * sigmoid(x)``, hand-written hard-swish and
+    squeeze-and-excitation blocks. Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
+    activation times an SE gate). UnsupportedError unless that leaves exactly one."""
+    def scale_of(n):  # Mul / Div by a positive constant: its factor, else None
         consts = [i for i in n.inputs if is_const(i)]
-        return (n.op in ("Mul", "Div") and len(consts) == 1 and (n.op == "Mul" or n.inputs[1] is consts[0])
-                and bool(np.all(const_value(consts[0]) > 0)))
+        if n.op not in ("Mul", "Div") or len(consts) != 1 or (n.op == "Div" and n.inputs[1] is not consts[0]):
+            return None
+        k = const_value(consts[0])
+        if k.size != 1 or not float(k.reshape(-1)[0]) > 0:
+            return None
+        return float(k.reshape(-1)[0]) if n.op == "Mul" else 1.0 / float(k.reshape(-1)[0])
 
-    def bounded_clip(n) -> bool:
-        lo, hi = (n.inputs[i] if len(n.inputs) > i and n.inputs[i].name else None for i in (1, 2))
-        return (n.op == "Clip" and lo is not None and hi is not None and is_const(lo) and is_const(hi)
-                and bool(np.all(const_value(lo) >= 0)) and bool(np.all(np.isfinite(const_value(hi)))))
-
-    def is_gate(t) -> bool:
-        while t.inputs and (t.inputs[0].op in LAYOUT or const_scale(t.inputs[0])):
+    def kind(t) -> int:  # 2: Sigmoid/HardSigmoid gate, 1: Clip gate, 0: no gate
+        factor = 1.0
+        while t.inputs and (t.inputs[0].op in LAYOUT or scale_of(t.inputs[0]) is not None):
+            factor *= scale_of(t.inputs[0]) or 1.0
             t = next(i for i in t.inputs[0].inputs if not is_const(i))
-        return bool(t.inputs) and (t.inputs[0].op in GATES or bounded_clip(t.inputs[0]))
+        n = t.inputs[0] if t.inputs else None
+        if n is None:
+            return 0
+        if n.op in GATES:
+            return 2 if factor <= 1.0 + 1e-6 else 0
+        lo, hi = (n.inputs[i] if len(n.inputs) > i and n.inputs[i].name else None for i in (1, 2))
+        if n.op == "Clip" and lo is not None and hi is not None and is_const(lo) and is_const(hi):
+            if np.all(const_value(lo) >= 0) and np.all(const_value(hi) * factor <= 1.0 + 1e-6):
+                return 1
+        return 0
 
-    gates = [t for t in node.inputs if is_gate(t)]
-    if len(node.inputs) != 2 or len(gates) != 1 or node.inputs[0] is node.inputs[1]:
+    kinds = [kind(t) for t in node.inputs] if len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1] else []
+    best = max(kinds, default=0)
+    gates = [t for t, k in zip(node.inputs, kinds) if k == best and best > 0]
+    if len(gates) != 1:
         raise UnsupportedError(f"{where(node)}: Mul of two computed tensors has an LRP rule only as a gated product "
-                               f"(one operand a Sigmoid/HardSigmoid/bounded-Clip gate); here {len(gates)} operand(s) are gates")
+                               f"(one operand a Sigmoid/HardSigmoid gate, or a Clip with range in [0, 1]); "
+                               f"here {len(gates)} operand(s) are gates")
     return gates[0]
 
 
@@ -349,22 +363,21 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
             or (rule.zero_bias and view.bias is not None) or rule.name not in ("epsilon", "gamma")):
         return None
     b, z, c, eps = ctx.b, view.z, factors[1], rule.eps
-    if rule.name == "epsilon":
+    g = float(rule.params.get("gamma", 0.0))
+    if rule.name == "epsilon" or g == 0.0:  # (gamma 0 is epsilon, for inputs of either sign)
         A = b.op("Abs", [z])
         q = b.op("Div", [c, b.add(A, b.const(eps))])
         return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
-    if not ctx.nonneg(view.x):
+    if not ctx.nonneg(view.x) or g < 0:
         return None
-    g = float(rule.params["gamma"])
     A = b.op("LeakyRelu", [z], {"alpha": -(1.0 + g)})
-    if g == 0.0:
-        q = b.op("Div", [c, b.add(A, b.const(eps))])
-        return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
     plus = variants.bias("b+")
     shift = eps + (g * const_value(plus).astype(np.float64) if plus is not None else 0.0)
     shape = const_value(view.bias).shape if view.bias is not None else view.bias_shape()
     u = view.forward(view.x, variants.weight("W+", g), b.const(np.broadcast_to(shift, shape).astype(b.dtype)))
-    q = b.op("Div", [c, b.add(u, A)])
+    # D >= eps in exact arithmetic (u >= eps, A >= 0); Max keeps it so where a runtime's convolution
+    # (Winograd, TF32) rounds u below that near z = 0
+    q = b.op("Div", [c, b.op("Max", [b.add(u, A), b.const(eps)])])
     adj = b.sum([view.adjoint(b.mul(q, A), view.w), view.adjoint(b.mul(q, z), variants.weight("W+", g))])
     return ctx.product(view.x, adj)
 
@@ -500,8 +513,8 @@ class _Variants:
             "Wup": lambda: b.add(p, b.mul(pos(), b.const(g))),
             "Wdown": lambda: b.add(p, b.mul(neg(), b.const(g))),
             "W2": lambda: b.mul(p, p),
-            "ones": lambda: b.op("ConstantOfShape", [b.ints(list(p.shape))],
-                                 {"value": _one(b.dtype)}),
+            "ones": lambda: (b.op("ConstantOfShape", [b.ints(list(p.shape))], {"value": _one(b.dtype)}) if is_const(p)
+                             else b.ones_like(p)),  # (a gate's shape may be symbolic)
         }
         if name not in makers:
             raise ValueError(f"unknown weight variant {name}")
