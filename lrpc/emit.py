@@ -109,11 +109,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ctx = Context(canon, builder, rules, _nonneg(graph), ruleset.options)
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
-    if seed == "top1":
-        start, target = _top1_seed(builder, explained)
-    else:
-        start, target = gs.Variable(SEED, dtype=dtype, shape=explained.shape), None
-        graph.inputs.append(start)
+    start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
+    if seed == "input":
+        graph.inputs.append(start)  # (top1: nodes made after the export produce it, see seed_in_graph)
     incoming: dict[str, list] = {explained.name: [start]}
     extra: list = []  # layerwise outputs (name, tensor, shape)
     layer_table: list = []
@@ -155,8 +153,6 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         out = gs.Variable(name, dtype=dtype, shape=t.shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
-    if target is not None:
-        extra.insert(0, ("relevance_target", target, [explained.shape[0]]))
     for name, r, shape in extra:
         out = gs.Variable(name, dtype=r.dtype or dtype, shape=shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
@@ -169,30 +165,61 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         meta["lrpc.layers"] = json.dumps(list(reversed(layer_table)))  # execution order
     model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
+    if seed == "top1":
+        batch = [explained.shape[0]] if explained.shape else None
+        seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch)
     return model
 
 
-def _top1_seed(b: Builder, explained):
-    """(seed, target): one-hot at each sample's arg-max of ``explained`` (flattened per sample; first
-    index on ties, as numpy), and that index [N]. Works for dynamic dims too. The arg-max is taken on the
-    explained tensor (logits before a final Softmax/Sigmoid), so where a sigmoid saturates several outputs
-    to 1.0 the logits decide (Session's switch for seed-input models does the same)."""
-    flat = b.op("Flatten", [explained], {"axis": 1})
-    best = b.op("ArgMax", [flat], {"axis": 1, "keepdims": 1, "select_last_index": 0}, dtype=np.int64)
-    size = b.op("Gather", [b.shape_of(flat), b.const(np.int64(1), dtype=np.int64)], {"axis": 0}, dtype=np.int64)
-    index = b.op("Range", [b.const(np.int64(0), dtype=np.int64), size, b.const(np.int64(1), dtype=np.int64)],
-                 dtype=np.int64)
-    hot = b.op("Equal", [index, best], dtype=bool)  # [M] against [N, 1]: [N, M]
-    seed = b.op("Reshape", [b.op("Cast", [hot], {"to": onnx.helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype))}),
-                            b.shape_of(explained)])
-    return seed, b.op("Squeeze", [best, b.ints([1])], dtype=np.int64)
+TARGET = "relevance_target"
+
+
+def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
+    """ONNX nodes making ``seed`` (element type ``elem``, shaped like ``explained``) one-hot at each sample's
+    arg-max of ``explained`` (flattened per sample; first index on ties, as numpy) and ``relevance_target``
+    that index (int64 [N]); dynamic dims work. The arg-max is taken on the explained tensor (logits before a
+    final Softmax/Sigmoid), so where a sigmoid saturates several outputs to 1.0 the logits decide. Used by
+    ``compile(seed="top1")`` and by Session's top-1 switch for seed-input models."""
+    from onnx import TensorProto, helper
+
+    t = lambda name: prefix + name  # noqa: E731
+    ints = lambda name, value, dims: helper.make_node(  # noqa: E731
+        "Constant", [], [t(name)], value=helper.make_tensor(t(name), TensorProto.INT64, dims, value))
+    return [
+        helper.make_node("Flatten", [explained], [t("flat")], axis=1),
+        helper.make_node("ArgMax", [t("flat")], [t("best")], axis=1, keepdims=1, select_last_index=0),
+        helper.make_node("Shape", [t("flat")], [t("dims")]),
+        ints("one", [1], []), ints("zero", [0], []), ints("axis1", [1], [1]),
+        helper.make_node("Gather", [t("dims"), t("one")], [t("size")], axis=0),
+        helper.make_node("Range", [t("zero"), t("size"), t("one")], [t("index")]),
+        helper.make_node("Equal", [t("index"), t("best")], [t("hot")]),  # [M] against [N, 1]: [N, M]
+        helper.make_node("Cast", [t("hot")], [t("hotf")], to=elem),
+        helper.make_node("Shape", [explained], [t("shape")]),
+        helper.make_node("Reshape", [t("hotf"), t("shape")], [seed]),
+        helper.make_node("Squeeze", [t("best"), t("axis1")], [TARGET]),
+    ]
+
+
+def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list | None = None) -> None:
+    """Make ``relevance_seed`` in ``model`` (:func:`top1_nodes`, placed right after ``explained`` is made) and
+    add the output ``relevance_target`` after the input-relevance outputs."""
+    g = model.graph
+    nodes = list(g.node)
+    at = next(i for i, n in enumerate(nodes) if explained in n.output) + 1
+    del g.node[:]
+    g.node.extend(nodes[:at] + top1_nodes(explained, elem, SEED, "lrp/top1/") + nodes[at:])
+    outputs = list(g.output)
+    at = max(i for i, o in enumerate(outputs) if o.name in input_relevance_names([o.name])) + 1
+    del g.output[:]
+    g.output.extend(outputs[:at] + [onnx.helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, batch)]
+                    + outputs[at:])
 
 
 def input_relevance_names(outputs) -> list[str]:
     """The outputs holding input relevance: ``relevance`` or ``relevance_<input>`` (not the per-layer
     ``relevance_*/<node>`` outputs, nor ``relevance_target`` of a top1-seeded graph)."""
     return [n for n in outputs if n == "relevance" or (n.startswith("relevance_") and "/" not in n
-                                                       and n != "relevance_target")]
+                                                       and n != TARGET)]
 
 
 def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, float, float]]:

@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 
 from . import targets
-from .emit import SEED, input_relevance_names
+from .emit import SEED, TARGET, input_relevance_names, top1_nodes
 from .errors import InputError
 from .model_io import load_model
 
@@ -52,12 +52,13 @@ class Session:
         data = _with_top1_switch(model, meta["lrpc.explained"]) if self._switch else model.SerializeToString()
         self.session = ort.InferenceSession(data, options, providers=providers)
         self.providers = self.session.get_providers()
-        ins = [i if i.name != _FED else _Renamed(i, SEED) for i in self.session.get_inputs() if i.name != _SWITCH]
-        outs = [o for o in self.session.get_outputs() if not (self._switch and o.name == _TARGET)]
-        self.inputs = [i.name for i in ins if i.name != SEED]
+        self._seed_input = _FED if self._switch else SEED  # (what the seed is fed as)
+        ins = self.session.get_inputs()
+        outs = [o for o in self.session.get_outputs() if not (self._switch and o.name == TARGET)]
+        self.inputs = [i.name for i in ins if i.name not in (self._seed_input, _SWITCH)]
         self.outputs = [o.name for o in outs]
         self.relevance_outputs = input_relevance_names(self.outputs)
-        seed_info = next((i for i in ins if i.name == SEED), None) or \
+        seed_info = next((i for i in ins if i.name == self._seed_input), None) or \
             next(o for o in outs if o.name == meta.get("lrpc.output", self.outputs[0]))
         self.seed_shape = seed_info.shape
         self._dtype = np.float64 if seed_info.type == "tensor(double)" else np.float32
@@ -73,21 +74,20 @@ class Session:
             raise InputError("this model makes its own seed (compiled with seed top1): it takes no seed")
         if not self.top1 and seed is None:
             raise InputError(f"a seed is needed ('{SEED}')")
-        if self.top1:
-            values = self.session.run(self.outputs, feeds)
-        elif self._switch:
-            values = self.session.run(self.outputs, {**feeds, _FED: np.asarray(seed, self._dtype), _SWITCH: np.array(False)})
-        else:
-            values = self.session.run(self.outputs, {**feeds, SEED: np.asarray(seed, self._dtype)})
-        return dict(zip(self.outputs, values))
+        return self._run(self.outputs, feeds, seed, top1=False)
+
+    def _run(self, names, feeds, seed, top1: bool) -> dict[str, np.ndarray]:
+        if not self.top1:
+            feeds = {**feeds, self._seed_input: np.asarray(seed, self._dtype)}
+            if self._switch:
+                feeds[_SWITCH] = np.array(top1)
+        return dict(zip(names, self.session.run(names, feeds)))
 
     def _run_top1(self, feeds) -> dict[str, np.ndarray]:
         """One run seeding each sample's top-1 output in the graph (``relevance_target`` holds the index)."""
         if self.top1:
             return self.run(feeds)
-        fed = np.zeros(self._seed_shape(feeds), self._dtype)
-        values = self.session.run(self.outputs + [_TARGET], {**feeds, _FED: fed, _SWITCH: np.array(True)})
-        return dict(zip(self.outputs + [_TARGET], values))
+        return self._run(self.outputs + [TARGET], feeds, np.zeros(self._seed_shape(feeds), self._dtype), top1=True)
 
     def explain(self, x, target=None, seed: np.ndarray | None = None) -> Explanation:
         """Explain one target per sample; returns an :class:`Explanation` (output, relevance, layers, target,
@@ -107,7 +107,7 @@ class Session:
                              "only (compile without --seed top1 for other targets or seeds)")
         if is_top1 and (self.top1 or self._switch):  # one run: the graph seeds each sample's top-1 output itself
             result = self._run_top1(feeds)
-            chosen = result[_TARGET]
+            chosen = result[TARGET]
             return self._explanation(feeds, targets.one_hot(self._seed_shape(feeds), chosen, self._dtype), chosen,
                                      result)
         if seed is None:
@@ -167,18 +167,8 @@ class Session:
         return flat.argmax(axis=1)
 
 
-_FED, _SWITCH, _TARGET = "lrpc/seed_fed", "lrpc/top1", "relevance_target"
+_FED, _SWITCH = "lrpc/seed_fed", "lrpc/top1"
 _SWITCH_LOCK = threading.Lock()
-
-
-class _Renamed(NamedTuple):
-    """An onnxruntime input description under another name (the seed, fed through the top-1 switch)."""
-
-    info: object
-    name: str
-
-    def __getattr__(self, item):
-        return getattr(self.info, item)
 
 
 def _with_top1_switch(model: onnx.ModelProto, explained: str) -> bytes:
@@ -192,29 +182,13 @@ def _with_top1_switch(model: onnx.ModelProto, explained: str) -> bytes:
 
     g = model.graph
     seed_in = next(i for i in g.input if i.name == SEED)
-    elem = seed_in.type.tensor_type.elem_type
-    k = lambda name, value: helper.make_node("Constant", [], [name], value=helper.make_tensor(  # noqa: E731
-        name, TensorProto.INT64, [len(value)] if isinstance(value, list) else [], value if isinstance(value, list) else [value]))
-    t = lambda name: f"lrpc/top1/{name}"  # noqa: E731
-    nodes = [
-        helper.make_node("Flatten", [explained], [t("flat")], axis=1),
-        helper.make_node("ArgMax", [t("flat")], [t("best")], axis=1, keepdims=1, select_last_index=0),
-        helper.make_node("Shape", [t("flat")], [t("dims")]),
-        k(t("one"), 1), k(t("zero"), 0), k(t("axis1"), [1]),
-        helper.make_node("Gather", [t("dims"), t("one")], [t("size")], axis=0),
-        helper.make_node("Range", [t("zero"), t("size"), t("one")], [t("index")]),
-        helper.make_node("Equal", [t("index"), t("best")], [t("hot")]),
-        helper.make_node("Cast", [t("hot")], [t("hotf")], to=elem),
-        helper.make_node("Shape", [explained], [t("shape")]),
-        helper.make_node("Reshape", [t("hotf"), t("shape")], [t("seed")]),
-        helper.make_node("Where", [_SWITCH, t("seed"), _FED], [SEED]),
-        helper.make_node("Squeeze", [t("best"), t("axis1")], [_TARGET]),
-    ]
+    nodes = top1_nodes(explained, seed_in.type.tensor_type.elem_type, "lrpc/top1/seed", "lrpc/top1/") + [
+        helper.make_node("Where", [_SWITCH, "lrpc/top1/seed", _FED], [SEED])]
     with _SWITCH_LOCK:
         n_nodes, n_inputs, n_outputs = len(g.node), len(g.input), len(g.output)
         seed_in.name = _FED
         g.input.append(helper.make_tensor_value_info(_SWITCH, TensorProto.BOOL, []))
-        g.output.append(helper.make_tensor_value_info(_TARGET, TensorProto.INT64, None))
+        g.output.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, None))
         g.node.extend(nodes)
         try:
             return model.SerializeToString()
