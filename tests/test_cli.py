@@ -183,6 +183,10 @@ def test_rule_file_errors(tmp_path):
     bad.write_text('{"rules": [{"op": "Conv", "rule": "gamma", "params": {"gama": 1}}]}')
     code, _, err = lrpc("compile", DIGITS, "--rules", bad, "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="takes no parameter(s) gama")
+    bad.write_text('{"rules": [{"op": "Conv", "rule": "gamma", "params": {"gamma": -0.5}}]}')
+    code, _, err = lrpc("compile", DIGITS, "--rules", bad, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="rules[0]: gamma needs gamma >= 0 (got gamma=-0.5)")
+    assert not (tmp_path / "o.onnx").exists()
     code, _, err = lrpc("compile", DIGITS, "--rules", tmp_path / "missing.toml", "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="rule file not found")
 

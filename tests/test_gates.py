@@ -119,7 +119,7 @@ def test_gated_product_conserves_without_biases():
 @pytest.mark.parametrize("pair, gates", [(["h", "h2"], 0), (["silu_gate", "g2"], 2), (["h", "hc"], 0),
                                          (["h", "h6"], 0)],
                          ids=["relu", "two-gates", "clip-below-zero", "relu6-times-unbounded"])
-def test_product_without_exactly_one_gate_is_refused(pair, gates):
+def test_product_without_exactly_one_gate_is_refused(pair, gates, tmp_path, capsys):
     model = _network()
     g = model.graph
     g.node.extend([helper.make_node("Relu", ["h"], ["h2"], name="relu_h"),
@@ -135,3 +135,13 @@ def test_product_without_exactly_one_gate_is_refused(pair, gates):
     g.output[0].name = "y2"
     with pytest.raises(lrpc.UnsupportedError, match=rf"odd_mul.*Mul.*gated product.*{gates} operand"):
         lrpc.compile(model, "epsilon")
+    # the command line: one line naming the node and op, exit code 2, no output written
+    from lrpc import cli
+
+    path, out = tmp_path / "odd.onnx", tmp_path / "odd.lrp.onnx"
+    onnx.save(model, str(path))
+    capsys.readouterr()
+    assert cli.main(["compile", str(path), "-o", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("lrpc: error: ") and "'odd_mul' (Mul)" in err[0]
+    assert f"{gates} operand(s) are gates" in err[0] and not out.exists()

@@ -38,6 +38,11 @@ class View:
         """Shape of a bias that ``forward`` takes (one value per output channel / feature)."""
         return [1]
 
+    def constant_bias(self, value):
+        """``value`` (a number or an array) as a constant bias ``forward`` takes: the layer's bias shape."""
+        shape = const_value(self.bias).shape if self.bias is not None else self.bias_shape()
+        return self.b.const(np.broadcast_to(np.asarray(value, np.float64), shape).astype(self.b.dtype))
+
     def unbroadcast(self, r):
         return r
 
@@ -206,8 +211,11 @@ def gate_operand(node):
 
     def kind(t) -> int:  # 2: Sigmoid/HardSigmoid gate, 1: Clip gate, 0: no gate
         factor = 1.0
-        while t.inputs and (t.inputs[0].op in LAYOUT or scale_of(t.inputs[0]) is not None):
-            factor *= scale_of(t.inputs[0]) or 1.0
+        while t.inputs:
+            k = 1.0 if t.inputs[0].op in LAYOUT else scale_of(t.inputs[0])
+            if k is None:
+                break
+            factor *= k
             t = next(i for i in t.inputs[0].inputs if not is_const(i))
         n = t.inputs[0] if t.inputs else None
         if n is None:
@@ -373,8 +381,7 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     A = b.op("LeakyRelu", [z], {"alpha": -(1.0 + g)})
     plus = variants.bias("b+")
     shift = eps + (g * const_value(plus).astype(np.float64) if plus is not None else 0.0)
-    shape = const_value(view.bias).shape if view.bias is not None else view.bias_shape()
-    u = view.forward(view.x, variants.weight("W+", g), b.const(np.broadcast_to(shift, shape).astype(b.dtype)))
+    u = view.forward(view.x, variants.weight("W+", g), view.constant_bias(shift))
     # D >= eps in exact arithmetic (u >= eps, A >= 0); Max keeps it so where a runtime's convolution
     # (Winograd, TF32) rounds u below that near z = 0
     q = b.op("Div", [c, b.op("Max", [b.add(u, A), b.const(eps)])])
@@ -535,8 +542,7 @@ class _Variants:
                 _, scale, f_bias = self._cache[("f", *k)]
                 biases.append((-mix[k] / scale, f_bias))
         if shift:
-            shape = const_value(view.bias).shape if view.bias is not None else view.bias_shape()
-            with_shift = biases + [(1.0, b.const(np.full(shape, shift, b.dtype)))]
+            with_shift = biases + [(1.0, view.constant_bias(shift))]
         # the shift is free where a fresh forward takes it in its bias, where an offset is added anyway, or
         # where it cancels the offset (alpha-beta's z- = z - (W+x + b+ + eps) - eps needs no Add at all)
         shifted = bool(shift) and (bool(fresh) or _offset(b, biases) is not None or _offset(b, with_shift) is None)
