@@ -3,17 +3,20 @@
     python benchmarks/bench_lrp.py                       # ResNet-50 and VGG16, batch 1 and 8, 2 threads
     python benchmarks/bench_lrp.py --models resnet50 --batches 1 --composites epsilon --no-zennit
     python benchmarks/bench_lrp.py --device cuda         # CUDAExecutionProvider (skips without one)
+    python benchmarks/bench_lrp.py --device cuda --cuda-graph   # ... each batch captured as a CUDA graph
 
 Models are torchvision architectures with seeded random weights, exported offline (legacy exporter) to
-a cache folder. Forward and LRP runs alternate, so drift hits both; medians are reported. Peak memory is
-the peak RSS of a child process that creates the session and runs it once (it includes the interpreter).
-Needs the test extras (torch, torchvision, zennit)."""
+a cache folder. Forward and LRP runs alternate, so drift hits both; medians are reported. Memory (--memory):
+on the CPU the peak RSS of a child process that creates the session and runs it once; on CUDA the GPU memory
+that child's session holds after the run. On CUDA both graphs run through IO binding with inputs and outputs in
+GPU memory (compute only); column "lrp+io ms" is the compiled graph fed and read as numpy (host copies
+included), and zennit runs on the same GPU (TF32 off on both sides). Needs the test extras (torch,
+torchvision, zennit)."""
 from __future__ import annotations
 
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -44,18 +47,47 @@ def export(name: str, cache: Path) -> Path:
     return path
 
 
-def session(model, threads: int, device: str):
+def session(model, threads: int, device: str, cuda_graph: int = 0):
+    """An onnxruntime session of ``model`` (path or ModelProto) with lrpc.Session's options (both sides of every
+    ratio). ``cuda_graph``: a batch size to pin the inputs to and capture the run as one CUDA graph
+    (onnxruntime's ``enable_cuda_graph``; needs static shapes)."""
+    import onnx
+
+    from lrpc.runtime import inference_session
+
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if device == "cuda" else ["CPUExecutionProvider"]
+    if cuda_graph:
+        model = onnx.load(str(model)) if isinstance(model, (str, Path)) else model
+        for value in list(model.graph.input) + list(model.graph.output):
+            dims = value.type.tensor_type.shape.dim
+            if dims and not dims[0].HasField("dim_value"):
+                dims[0].dim_value = cuda_graph
+    data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
+    # TF32 off: the same float32 arithmetic as the CPU (lrpc.Session's default)
+    return inference_session(data, providers, threads, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None)
+
+
+def runner(sess, feeds: dict, device: str, cuda_graph: bool = False):
+    """A callable running ``sess`` once on ``feeds``. CPU: a plain run. CUDA: IO binding with the inputs already in
+    GPU memory and the outputs left there (what a GPU pipeline pays: no host copies); with ``cuda_graph`` the
+    outputs are preallocated (a captured graph replays on fixed addresses)."""
     import onnxruntime as ort
 
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads
-    so.inter_op_num_threads = 1
-    # TF32 off: the same float32 arithmetic as the CPU (lrpc.Session's default)
-    providers = ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if device == "cuda"
-                 else ["CPUExecutionProvider"])
-    data = model if isinstance(model, (str, Path)) else model.SerializeToString()
-    s = ort.InferenceSession(str(data) if isinstance(data, Path) else data, so, providers=providers)
-    return s
+    from lrpc.runtime import bind
+
+    if device == "cpu":
+        return lambda: sess.run(None, feeds)
+    names = [o.name for o in sess.get_outputs()]
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feeds.items()}
+    if not cuda_graph:
+        binding = bind(sess, values, names, "cuda")
+        return lambda: sess.run_with_iobinding(binding)
+    shapes = dict(zip(names, sess.run(None, feeds)))  # (before the capture: a plain run for the output shapes)
+    binding = bind(sess, values, [], "cuda")
+    outs = [ort.OrtValue.ortvalue_from_shape_and_type(shapes[n].shape, shapes[n].dtype, "cuda", 0) for n in names]
+    for name, out in zip(names, outs):
+        binding.bind_ortvalue_output(name, out)
+    return lambda: (values, outs, sess.run_with_iobinding(binding))
 
 
 def timed(fn) -> float:
@@ -64,21 +96,42 @@ def timed(fn) -> float:
     return time.perf_counter() - t
 
 
-def peak_rss_mb(model_path: Path, feeds_path: Path, threads: int, device: str) -> float:
+def peak_memory_mb(snippet: str, device: str) -> float:
+    """Memory of a child process that runs ``snippet`` once (``np``, ``bench_lrp`` and ``lrpc`` importable). CPU:
+    its peak resident memory (VmHWM; includes the interpreter; ``getrusage``'s ru_maxrss would not do: Linux
+    carries it over from the parent through fork and exec). CUDA: GPU memory in use after the run minus before
+    it (onnxruntime's arena, weights and workspaces; torch's cached blocks for zennit; torch.cuda.mem_get_info)."""
     code = f"""
-import numpy as np, resource, sys
+import numpy as np, sys
 sys.path.insert(0, {str(Path(__file__).parent)!r})
-from bench_lrp import session
-s = session({str(model_path)!r}, {threads}, {device!r})
-feeds = dict(np.load({str(feeds_path)!r}))
-s.run(None, feeds)
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+sys.path.insert(0, {str(Path(__file__).parents[1])!r})
+import bench_lrp
+gpu = {device!r} == "cuda"
+if gpu:
+    import torch
+    free, total = torch.cuda.mem_get_info()
+{snippet}
+if gpu:
+    print((free - torch.cuda.mem_get_info()[0]) / 2**20)
+else:
+    print(next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM")) / 1024)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 
-def zennit_time(name: str, composite: str, x: np.ndarray, threads: int, repeats: int) -> float | None:
+def onnxruntime_memory_mb(model_path: Path, feeds_path: Path, threads: int, device: str) -> float:
+    # (the session stays referenced until the memory is read: a collected session frees its arena)
+    return peak_memory_mb(f"s = bench_lrp.session({str(model_path)!r}, {threads}, {device!r})\n"
+                          f"s.run(None, dict(np.load({str(feeds_path)!r})))", device)
+
+
+def zennit_memory_mb(name: str, composite: str, feeds_path: Path, threads: int, device: str) -> float:
+    return peak_memory_mb(f"bench_lrp.zennit_time({name!r}, {composite!r}, np.load({str(feeds_path)!r})['input'], "
+                          f"{threads}, 0, {device!r})", device)
+
+
+def zennit_time(name: str, composite: str, x: np.ndarray, threads: int, repeats: int, device: str = "cpu") -> float | None:
     import torch
     import torchvision
     from zennit import composites as zc
@@ -89,18 +142,21 @@ def zennit_time(name: str, composite: str, x: np.ndarray, threads: int, repeats:
         return None
     torch.set_num_threads(threads)
     torch.manual_seed(0)
-    model = getattr(torchvision.models, name)(weights=None).eval()
+    model = getattr(torchvision.models, name)(weights=None).eval().to(device)
     canonizers = [ResNetCanonizer()] if name.startswith("resnet") else [VGGCanonizer()]
     kwargs = {"low": -3.0, "high": 3.0} if composite == "epsilon-gamma-box" else {}
     comp = getattr(zc, ZENNIT[composite])(canonizers=canonizers, **kwargs)
-    xt = torch.from_numpy(x)
-    seed = torch.zeros(x.shape[0], 1000)
+    xt = torch.from_numpy(x).to(device)
+    seed = torch.zeros(x.shape[0], 1000, device=device)
     seed[:, 3] = 1
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    if device == "cuda":  # TF32 off, as on the onnxruntime side
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     times = []
     with Gradient(model=model, composite=comp) as attributor:
         for _ in range(repeats + 1):
-            times.append(timed(lambda: attributor(xt, seed)))
-    return statistics.median(times[1:])
+            times.append(timed(lambda: (attributor(xt, seed), sync())))
+    return statistics.median(times[1:]) if repeats else times[0]
 
 
 def main() -> int:
@@ -114,6 +170,8 @@ def main() -> int:
     ap.add_argument("--no-zennit", action="store_true")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS in child processes")
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--cuda-graph", action="store_true",
+                    help="CUDA: pin each batch size and replay both graphs as captured CUDA graphs")
     ap.add_argument("--cache", default=os.environ.get("LRPC_BENCH_CACHE", "/tmp/lrpc-bench"))
     ap.add_argument("--json", help="write the rows to this file")
     args = ap.parse_args()
@@ -128,8 +186,11 @@ def main() -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
-    header = f"{'model':9s} {'composite':21s} {'batch':>5s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} {'zennit ms':>9s} {'zennit/lrp':>10s} {'compile s':>9s} {'size x':>6s} {'mem x':>6s}"
-    print(f"onnxruntime {ort.__version__}, {args.threads} threads, device {args.device}")
+    header = f"{'model':9s} {'composite':21s} {'batch':>5s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} {'zennit ms':>9s} {'zennit/lrp':>10s} {'compile s':>9s} {'size x':>6s} {'mem x':>6s} {'lrp/fwd MiB':12s} {'zen MiB':>7s}"
+    if args.device == "cuda" and not args.cuda_graph:
+        header += f" {'lrp+io ms':>8s}"
+    print(f"onnxruntime {ort.__version__}, {args.threads} threads, device {args.device}"
+          + (", CUDA graphs" if args.cuda_graph else ""))
     print(header)
     for name in args.models.split(","):
         path = export(name, cache)
@@ -151,28 +212,45 @@ def main() -> int:
                 seed = np.zeros((batch, 1000), np.float32)
                 seed[:, 3] = 1
                 feeds = {"input": x, "relevance_seed": seed}
-                fwd.run(None, {"input": x})
-                lrp.run(None, feeds)
-                tf, tl = [], []
+                graph = batch if args.cuda_graph else 0
+                f_sess = session(path, args.threads, args.device, graph) if graph else fwd
+                l_sess = session(lrp_path, args.threads, args.device, graph) if graph else lrp
+                run_f = runner(f_sess, {"input": x}, args.device, bool(graph))
+                run_l = runner(l_sess, feeds, args.device, bool(graph))
+                run_host = lambda: l_sess.run(None, feeds)  # noqa: E731 (numpy in, numpy out)
+                for warm in (run_f, run_l, run_f, run_l):
+                    warm()
+                tf, tl, th = [], [], []
                 for _ in range(args.repeats):  # alternate, so drift hits both
-                    tf.append(timed(lambda: fwd.run(None, {"input": x})))
-                    tl.append(timed(lambda: lrp.run(None, feeds)))
+                    tf.append(timed(run_f))
+                    tl.append(timed(run_l))
+                    if args.device == "cuda" and not graph:
+                        th.append(timed(run_host))
                 f_ms, l_ms = statistics.median(tf) * 1e3, statistics.median(tl) * 1e3
-                z = None if args.no_zennit else zennit_time(name, composite, x, args.threads, args.zennit_repeats)
-                mem = None
+                h_ms = statistics.median(th) * 1e3 if th else None
+                z = None if args.no_zennit else zennit_time(name, composite, x, args.threads, args.zennit_repeats,
+                                                             args.device)
+                mem, mem_mb = None, (None, None, None)
                 if args.memory:
                     fp, lp = cache / "feeds_fwd.npz", cache / "feeds_lrp.npz"
                     np.savez(fp, input=x)
                     np.savez(lp, **feeds)
-                    mem = peak_rss_mb(lrp_path, lp, args.threads, args.device) / peak_rss_mb(path, fp, args.threads, args.device)
+                    mem_mb = (onnxruntime_memory_mb(lrp_path, lp, args.threads, args.device),
+                              onnxruntime_memory_mb(path, fp, args.threads, args.device),
+                              None if z is None else zennit_memory_mb(name, composite, fp, args.threads, args.device))
+                    mem = mem_mb[0] / mem_mb[1]
                 row = {"model": name, "composite": composite, "batch": batch, "forward_ms": f_ms, "lrp_ms": l_ms,
                        "lrp_over_forward": l_ms / f_ms, "zennit_ms": None if z is None else z * 1e3,
                        "zennit_over_lrp": None if z is None else z * 1e3 / l_ms, "compile_s": compile_s,
-                       "size_ratio": size_ratio, "peak_rss_ratio": mem}
+                       "size_ratio": size_ratio, "peak_memory_ratio": mem,
+                       "lrp_memory_mib": mem_mb[0], "forward_memory_mib": mem_mb[1], "zennit_memory_mib": mem_mb[2], "lrp_host_io_ms": h_ms,
+                       "device": args.device, "cuda_graph": bool(graph)}
                 rows.append(row)
-                zs = f"{row['zennit_ms']:9.0f} {row['zennit_over_lrp']:10.1f}" if z is not None else f"{'-':>9s} {'-':>10s}"
-                ms = f"{mem:6.2f}" if mem is not None else f"{'-':>6s}"
-                print(f"{name:9s} {composite:21s} {batch:5d} {f_ms:8.1f} {l_ms:8.1f} {l_ms / f_ms:7.2f} {zs} {compile_s:9.2f} {size_ratio:6.3f} {ms}", flush=True)
+                zs = f"{row['zennit_ms']:9.1f} {row['zennit_over_lrp']:10.1f}" if z is not None else f"{'-':>9s} {'-':>10s}"
+                ms = (f"{mem:6.2f} {mem_mb[0]:6.0f}/{mem_mb[1]:<5.0f}" + (f" {mem_mb[2]:7.0f}" if mem_mb[2] else f" {'-':>7s}")
+                      if mem is not None else f"{'-':>6s} {'':12s} {'':7s}")
+                hs = f" {h_ms:8.1f}" if h_ms is not None else ""
+                print(f"{name:9s} {composite:21s} {batch:5d} {f_ms:8.2f} {l_ms:8.2f} {l_ms / f_ms:7.2f} {zs} {compile_s:9.2f} {size_ratio:6.3f} {ms}{hs}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

@@ -60,6 +60,25 @@ def test_cuda_resnet18(tmp_path, composite, tol):
 def test_tf32_is_opt_in():
     compiled = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon")
     session = lrpc.Session(compiled, providers=["CUDAExecutionProvider"], tf32=True)
-    assert session.session.get_provider_options()["CUDAExecutionProvider"]["use_tf32"] == "1"
+    options = session.session.get_provider_options()["CUDAExecutionProvider"]
+    assert options["use_tf32"] == "1" and options["arena_extend_strategy"] == "kSameAsRequested"
     assert lrpc.Session(compiled, providers=["CUDAExecutionProvider"]).session.get_provider_options()[
         "CUDAExecutionProvider"]["use_tf32"] == "0"
+
+
+def test_io_binding_keeps_outputs_on_the_gpu():
+    """run_on_device: inputs already in GPU memory, outputs left there; equal to the CPU run. explain() takes a
+    GPU OrtValue as input and returns host arrays equal to the numpy-fed run."""
+    compiled = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon-gamma-box", low=0.0, high=1.0)
+    x = np.random.default_rng(1).standard_normal((16, 1, 8, 8)).astype(np.float32)
+    seed = np.eye(10, dtype=np.float32)[np.arange(16) % 10]
+    gpu = lrpc.Session(compiled, providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    cpu = lrpc.Session(compiled, providers=["CPUExecutionProvider"])
+    assert gpu.device == "cuda" and cpu.device == "cpu"
+    x_gpu = ort.OrtValue.ortvalue_from_numpy(x, "cuda", 0)
+    out = gpu.run_on_device({"input": x_gpu}, ort.OrtValue.ortvalue_from_numpy(seed, "cuda", 0))
+    assert {v.device_name() for v in out.values()} == {"cuda"}
+    want = cpu.run({"input": x}, seed)
+    for name, value in out.items():
+        np.testing.assert_allclose(value.numpy(), want[name], rtol=1e-4, atol=1e-6)
+    np.testing.assert_array_equal(gpu.explain(x_gpu).relevance, gpu.explain(x).relevance)
