@@ -1,5 +1,5 @@
 """Where a (compiled) graph spends its time in onnxruntime: per op type, summed over nodes, and which execution
-provider ran each, from onnxruntime's own profiler.
+provider ran each, from onnxruntime's own profiler, in a session with lrpc.Session's options.
 
     python benchmarks/profile_ops.py /tmp/lrpc-bench/resnet50.epsilon-gamma-box.lrp.onnx --batch 8
     python benchmarks/profile_ops.py model.lrp.onnx --device cuda --runs 20
@@ -16,7 +16,8 @@ import os
 import tempfile
 
 import numpy as np
-import onnxruntime as ort
+
+from lrpc.runtime import NUMPY_TYPES, inference_session
 
 
 def main() -> None:
@@ -28,20 +29,17 @@ def main() -> None:
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--top", type=int, default=25)
     args = ap.parse_args()
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = args.threads, 1
-    so.enable_profiling = True
-    so.profile_file_prefix = os.path.join(tempfile.mkdtemp(), "profile")
-    providers = ([("CUDAExecutionProvider", {"use_tf32": "0"}), "CPUExecutionProvider"] if args.device == "cuda"
-                 else ["CPUExecutionProvider"])
-    session = ort.InferenceSession(args.model, so, providers=providers)
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
+    session = inference_session(args.model, providers, args.threads, profile=os.path.join(tempfile.mkdtemp(), "profile"))
     rng = np.random.default_rng(0)
     feeds = {}
     for i in session.get_inputs():
         shape = [args.batch if not isinstance(d, int) else d for d in i.shape]
-        feeds[i.name] = rng.standard_normal(shape).astype(np.float32)
+        if i.type not in ("tensor(float)", "tensor(double)", "tensor(float16)"):
+            raise SystemExit(f"input {i.name!r} is {i.type}: this script feeds random floats only")
+        feeds[i.name] = rng.standard_normal(shape).astype(NUMPY_TYPES[i.type])
         if i.name == "relevance_seed":
-            feeds[i.name] = np.zeros(shape, np.float32)
+            feeds[i.name] = np.zeros(shape, NUMPY_TYPES[i.type])
             feeds[i.name].reshape(shape[0], -1)[:, 3] = 1
     session.run(None, feeds)  # warm-up (excluded below)
     for _ in range(args.runs):

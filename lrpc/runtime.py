@@ -44,6 +44,7 @@ class Session:
         self.session = inference_session(data, providers, threads, tf32)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
+        self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
         self._seed_input = _FED if self._switch else SEED  # (what the seed is fed as)
         ins = self.session.get_inputs()
         outs = [o for o in self.session.get_outputs() if not (self._switch and o.name == TARGET)]
@@ -53,7 +54,8 @@ class Session:
         seed_info = next((i for i in ins if i.name == self._seed_input), None) or \
             next(o for o in outs if o.name == meta.get("lrpc.output", self.outputs[0]))
         self.seed_shape = seed_info.shape
-        self._dtype = np.float64 if seed_info.type == "tensor(double)" else np.float32
+        self._dtype = NUMPY_TYPES.get(seed_info.type, np.float32)
+        self._specs = {i.name: i for i in ins}
         # targets are read off the output that was explained (the first one for models compiled before
         # lrpc recorded it); sigmoid scores are foreground above 0.5 (logits: above 0)
         self.scores_output = meta.get("lrpc.output") if meta.get("lrpc.output") in self.outputs else self.outputs[0]
@@ -89,17 +91,30 @@ class Session:
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
-            feeds = {**feeds, self._seed_input: seed if isinstance(seed, ort.OrtValue) else np.asarray(seed, self._dtype)}
+            feeds = {**feeds, self._seed_input: seed}
             if self._switch:
                 feeds[_SWITCH] = np.array(top1)
-        binding = bind(self.session, feeds, names, self.device)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as e:  # onnxruntime's refusals (input dtype or shape, out of memory): one line
-            if not (isinstance(e, RuntimeError) or type(e).__module__.startswith("onnxruntime")):
-                raise
-            raise InputError(f"onnxruntime could not run the graph on these inputs: {' '.join(str(e).split())}") from e
+        feeds = {name: self._checked(name, value) for name, value in feeds.items()}
+        binding = bind(self.session, feeds, names, self.device, self._device_id)
+        self.session.run_with_iobinding(binding)
         return dict(zip(names, binding.copy_outputs_to_cpu() if host else binding.get_outputs()))
+
+    def _checked(self, name: str, value):
+        """``value`` as the input ``name`` takes it (lists and scalars converted to its dtype), or a one-line
+        InputError naming the input when its dtype, rank or a fixed dimension differs."""
+        spec = self._specs[name]
+        if isinstance(value, ort.OrtValue):
+            dtype, shape = value.data_type(), list(value.shape())
+        else:
+            if not isinstance(value, np.ndarray):
+                value = np.asarray(value, NUMPY_TYPES.get(spec.type))
+            dtype, shape = f"tensor({_ONNX.get(value.dtype.type, value.dtype.name)})", list(value.shape)
+        fixed = [isinstance(d, int) for d in spec.shape]
+        if dtype != spec.type or len(shape) != len(spec.shape) or any(
+                f and d != s for f, d, s in zip(fixed, spec.shape, shape)):
+            what = "the seed" if name == self._seed_input else f"input '{name}'"
+            raise InputError(f"{what}: got {dtype[7:-1]} {shape}, the model takes {spec.type[7:-1]} {spec.shape}")
+        return value
 
     def _run_top1(self, feeds) -> dict[str, np.ndarray]:
         """One run seeding each sample's top-1 output in the graph (``relevance_target`` holds the index)."""
@@ -189,7 +204,7 @@ class Session:
 
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
-                      cuda_options: dict | None = None) -> ort.InferenceSession:
+                      cuda_options: dict | None = None, profile: str | None = None) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -200,9 +215,11 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     session peaked at 3.4 GB instead of 2.0 GB, at equal speed (time ratio 0.95–1.04 on the CPU, 0.997–1.005 on
     an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
     equal speed). ``tf32``: CUDA float32 convolutions/matmuls in TF32. ``cuda_options``: more CUDA provider
-    options."""
+    options. ``profile``: a file prefix for onnxruntime's profiler (off by default)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    if profile:
+        options.enable_profiling, options.profile_file_prefix = True, profile
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -214,20 +231,30 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     return ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options, providers=providers)
 
 
-def bind(session: ort.InferenceSession, feeds: dict, names: list[str], device: str) -> ort.IOBinding:
+def bind(session: ort.InferenceSession, feeds: dict, names: list[str], device: str,
+         device_id: int = 0) -> ort.IOBinding:
     """An IO binding of ``session``: ``feeds`` (numpy arrays or ``OrtValue`` s) as inputs, outputs ``names``
-    allocated by onnxruntime on ``device`` ("cpu" or "cuda")."""
+    allocated by onnxruntime on ``device`` ("cpu" or "cuda") number ``device_id``. The binding keeps its inputs
+    alive (numpy arrays are read in place; a CPU OrtValue may view a numpy array)."""
     binding = session.io_binding()
-    binding.keep = []  # numpy inputs are read in place: they must outlive the run
+    binding.keep = []
     for name, value in feeds.items():
         if isinstance(value, ort.OrtValue):
+            binding.keep.append(value)
             binding.bind_ortvalue_input(name, value)
         else:
-            binding.keep.append(np.ascontiguousarray(value))
+            binding.keep.append(np.asarray(value, order="C"))  # (0-d stays 0-d)
             binding.bind_cpu_input(name, binding.keep[-1])
     for name in names:
-        binding.bind_output(name, device)
+        binding.bind_output(name, device, device_id)
     return binding
+
+
+NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
+          "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
+          "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+_ONNX = {v: k[7:-1] for k, v in NUMPY_TYPES.items()}  # numpy scalar type -> onnxruntime's name
 
 
 _FED, _SWITCH = "lrpc/seed_fed", "lrpc/top1"

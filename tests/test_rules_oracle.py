@@ -430,6 +430,44 @@ def test_rule_on_residual_branch(kind, rule_id, relu_in, zero_bias, dtype, tmp_p
     assert_close(out["relevance_s"], s * c, dtype, "the other branch")
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("zero_bias", [False, True], ids=["bias", "zero_bias"])
+@pytest.mark.parametrize("rule_id", ["epsilon", "gamma0", "gamma"])
+@pytest.mark.parametrize("kind", ["conv2d_s2_asym", "conv_s1_grouped_dilated", "convT_s2_outpad", "gemm_transB",
+                                  "matmul_add", "matmul_3d"])
+def test_rule_behind_relu(kind, rule_id, zero_bias, dtype, tmp_path):
+    """``y = Relu(layer(x)) + s``: the layer receives ``R_z = Relu(z) ⊙ c`` (zero where z <= 0: the emitter
+    drops the z < 0 masks and sign tests there). Against the dense oracle, inputs of both signs, biases kept or
+    left out of the denominators. (Folding epsilon's quotient into ``c ⊙ Relu(z) / (Relu(z) + eps)`` gave
+    bit-identical relevance at equal speed and no measurable memory change in onnxruntime: not kept.)"""
+    name, gamma = ("epsilon", None) if rule_id == "epsilon" else ("gamma", 0.0 if rule_id == "gamma0" else 0.5)
+    params = {"epsilon": 0.05} if name == "epsilon" else {"gamma": gamma}
+    eps = 0.05 if name == "epsilon" else 1e-3
+    case = make_case(kind, dtype)
+    model = _on_residual_branch(case, False, dtype)
+    add = next(n for n in model.graph.node if n.name == "residual")
+    add.input[0] = "zr"
+    model.graph.node.insert(len(model.graph.node) - 1, helper.make_node("Relu", ["zl"], ["zr"], name="relu_out"))
+    where = {"op": case.op} if case.op != "MatMul" else {"name": "layer"}
+    spec = tmp_path / "rules.json"
+    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{**where, "rule": name, "params": params}]}))
+    compiled = lrpc.compile(model, str(spec), stabilizer_eps=1e-3, zero_bias=zero_bias)
+
+    rng = np.random.default_rng(4)
+    x = case.x.astype(dtype)
+    z = case.layer.forward(x)
+    s = _normal(rng, z.shape, dtype)
+    R = rng.normal(size=z.shape).astype(dtype)
+    out = run_model(compiled, {"x": x, "s": s.astype(dtype), "relevance_seed": R}, dtype)
+    r = np.maximum(z, 0)
+    assert_close(out["y"], r + s, dtype, "forward output")
+    c = safe_div(np.asarray(R, np.float64), stab(r + s, 1e-3, "sign"))
+    kw = {"eps": eps, "zero_bias": zero_bias, "stabilizer": "sign"}
+    if gamma is not None:
+        kw["gamma"] = gamma
+    assert_close(out["relevance_x"], relevance(case.layer, name, x, r * c, **kw), dtype, f"{kind} {rule_id} behind a ReLU")
+
+
 def test_negative_gamma_is_refused(tmp_path):
     """The emitter relies on z↑ = z + γz⁺ and z↓ = z + γz⁻ keeping the sign of z: γ < 0 is an input error (rule file
     or option), not a silently different rule."""

@@ -44,16 +44,22 @@ def test_ortvalue_and_strided_inputs_explain_the_same(digits):
     got = session.explain(ort.OrtValue.ortvalue_from_numpy(x), 3)
     np.testing.assert_array_equal(got.relevance, want.relevance)
     np.testing.assert_array_equal(got.output, want.output)
-    # a non-contiguous view is copied to a contiguous input that lives through the run
-    flipped = np.ascontiguousarray(x[..., ::-1])
-    np.testing.assert_array_equal(session.explain(x[..., ::-1], 3).relevance, session.explain(flipped, 3).relevance)
+    # lists are converted to the input's dtype (seed too), as onnxruntime's plain run does
+    seed = np.eye(10, dtype=np.float32)[np.arange(len(x)) % 10]
+    np.testing.assert_array_equal(session.run({"input": x.tolist()}, seed.tolist())["relevance"],
+                                  session.run({"input": x}, seed)["relevance"])
     top = session.explain(ort.OrtValue.ortvalue_from_numpy(x))  # top-1 through the switch, OrtValue input
     np.testing.assert_array_equal(top.relevance, session.explain(x).relevance)
 
 
 @pytest.mark.parametrize("call,message", [
-    (lambda s, x: s.explain(x.astype(np.float64), 3), "could not run the graph on these inputs: .*tensor\\(double\\)"),
-    (lambda s, x: s.explain(x[:, :, :5], 3), "could not run the graph on these inputs: .*index: 2 Got: 5 Expected: 8"),
+    (lambda s, x: s.explain(x.astype(np.float64), 3),
+     "input 'input': got double \\[16, 1, 8, 8\\], the model takes float \\['batch', 1, 8, 8\\]"),
+    (lambda s, x: s.explain(x[:, :, :5], 3), "input 'input': got float \\[16, 1, 5, 8\\], the model takes"),
+    (lambda s, x: s.explain(x[0], 3), "input 'input': got float \\[1, 8, 8\\], the model takes"),
+    (lambda s, x: s.run({"input": x}, np.zeros((len(x), 5), np.float32)), "the seed: got float \\[16, 5\\]"),
+    (lambda s, x: s.run_on_device({"input": ort.OrtValue.ortvalue_from_numpy(x.astype(np.float64))},
+                                  np.zeros((len(x), 10), np.float32)), "input 'input': got double"),
     (lambda s, x: s.explain({"image": x}, 3), "inputs \\['image'\\] given, the model takes \\['input'\\]"),
     (lambda s, x: s.run_on_device({"input": x}, np.zeros((len(x), 10), np.float32), outputs=["logits"]),
      "no output 'logits'"),
@@ -64,3 +70,50 @@ def test_refused_inputs_are_one_line_input_errors(digits, call, message):
     with pytest.raises(InputError, match=message) as info:
         call(session, x)
     assert "\n" not in str(info.value)
+
+
+def test_float16_model_explains_like_its_float32_twin():
+    """A float16 graph gets a float16 seed (not float32) and its relevance matches the float32 graph's to float16
+    precision (oracle: the same weights in float32)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((6, 4))
+
+    def model(dtype, elem):
+        g = helper.make_graph([helper.make_node("MatMul", ["a", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                               helper.make_node("MatMul", ["r", "V"], ["out"])], "g",
+                              [helper.make_tensor_value_info("a", elem, ["N", 6])],
+                              [helper.make_tensor_value_info("out", elem, ["N", 3])],
+                              [numpy_helper.from_array(w.astype(dtype), "W"),
+                               numpy_helper.from_array(w.T[:, :3].astype(dtype), "V")])
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+    a = rng.standard_normal((5, 6))
+    cpu = ["CPUExecutionProvider"]
+    half = lrpc.Session(lrpc.compile(model(np.float16, TensorProto.FLOAT16), "epsilon"), providers=cpu)
+    full = lrpc.Session(lrpc.compile(model(np.float32, TensorProto.FLOAT), "epsilon"), providers=cpu)
+    r16, r32 = half.explain(a.astype(np.float16), 1), full.explain(a.astype(np.float32), 1)
+    assert r16.relevance.dtype == np.float16 and r16.seed.dtype == np.float16
+    np.testing.assert_allclose(r16.relevance.astype(np.float32), r32.relevance, rtol=2e-2,
+                               atol=2e-2 * abs(r32.relevance).max())
+
+
+def test_bind_keeps_scalars_scalar_and_inputs_alive():
+    from onnx import TensorProto, helper
+
+    from lrpc.runtime import bind
+
+    g = helper.make_graph([helper.make_node("Identity", ["s"], ["o"])], "g",
+                          [helper.make_tensor_value_info("s", TensorProto.FLOAT, [])],
+                          [helper.make_tensor_value_info("o", TensorProto.FLOAT, [])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    value = ort.OrtValue.ortvalue_from_numpy(np.array(2.5, np.float32))
+    binding = bind(session, {"s": np.float32(2.5)}, ["o"], "cpu")
+    session.run_with_iobinding(binding)
+    assert binding.copy_outputs_to_cpu()[0].shape == ()
+    binding = bind(session, {"s": value}, ["o"], "cpu")
+    del value  # the binding holds it
+    session.run_with_iobinding(binding)
+    assert binding.copy_outputs_to_cpu()[0] == np.float32(2.5)

@@ -1,0 +1,48 @@
+"""The benchmark's measuring helpers measure what they say (benchmarks/bench_lrp.py; the timings themselves are
+not tested here)."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import bench_lrp  # noqa: E402
+
+
+def test_child_memory_is_the_childs_own_peak():
+    """The peak of a child that allocates 400 MB is ~400 MB above an idle child's, also while this process holds
+    more than that (``ru_maxrss`` carried the parent's peak into the child: every ratio read 1.00)."""
+    held = np.ones(80_000_000)  # 640 MB in the parent
+    idle = bench_lrp.peak_memory_mb("pass", "cpu")
+    busy = bench_lrp.peak_memory_mb("a = np.ones(50_000_000)", "cpu")
+    assert 350 < busy - idle < 450, (idle, busy)
+    assert idle < held.nbytes / 2**20
+    del held
+
+
+def test_benchmark_sessions_run_with_lrpc_options(tmp_path):
+    import lrpc
+
+    compiled = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon")
+    path = tmp_path / "d.lrp.onnx"
+    path.write_bytes(compiled.SerializeToString())
+    session = bench_lrp.session(path, 1, "cpu")
+    assert not session.get_session_options().enable_mem_pattern
+    x = np.load(ROOT / "models" / "digits_samples.npz")["images"]
+    seed = np.eye(10, dtype=np.float32)[np.arange(len(x)) % 10]
+    run = bench_lrp.runner(session, {"input": x, "relevance_seed": seed}, "cpu")
+    want = lrpc.Session(compiled, providers=["CPUExecutionProvider"]).run({"input": x}, seed)["relevance"]
+    got = dict(zip([o.name for o in session.get_outputs()], run()))["relevance"]
+    np.testing.assert_array_equal(got, want)
+    mib = bench_lrp.onnxruntime_memory_mb(path, _npz(tmp_path, input=x, relevance_seed=seed), 1, "cpu")
+    assert 30 < mib < 1000  # an interpreter with numpy and onnxruntime loaded, a tiny model
+
+
+def _npz(tmp_path, **arrays):
+    path = tmp_path / "feeds.npz"
+    np.savez(path, **arrays)
+    return path
