@@ -38,7 +38,7 @@ def test_bound_run_equals_plain_onnxruntime(digits):
     np.testing.assert_array_equal(on_device["relevance"].numpy(), want["relevance"])
 
 
-def test_ortvalue_and_strided_inputs_explain_the_same(digits):
+def test_ortvalue_list_and_dlpack_inputs_explain_the_same(digits):
     _, session, x = digits
     want = session.explain(x, 3)
     got = session.explain(ort.OrtValue.ortvalue_from_numpy(x), 3)
@@ -50,6 +50,10 @@ def test_ortvalue_and_strided_inputs_explain_the_same(digits):
                                   session.run({"input": x}, seed)["relevance"])
     top = session.explain(ort.OrtValue.ortvalue_from_numpy(x))  # top-1 through the switch, OrtValue input
     np.testing.assert_array_equal(top.relevance, session.explain(x).relevance)
+    torch = pytest.importorskip("torch")
+    if hasattr(ort.OrtValue, "from_dlpack"):  # a framework's tensor handed over without a copy
+        tensor = torch.from_numpy(x.copy())
+        np.testing.assert_array_equal(session.explain(ort.OrtValue.from_dlpack(tensor), 3).relevance, want.relevance)
 
 
 @pytest.mark.parametrize("call,message", [
