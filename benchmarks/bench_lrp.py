@@ -79,15 +79,12 @@ def runner(sess, feeds: dict, device: str, cuda_graph: bool = False):
         return lambda: sess.run(None, feeds)
     names = [o.name for o in sess.get_outputs()]
     values = {k: ort.OrtValue.ortvalue_from_numpy(v, "cuda", 0) for k, v in feeds.items()}
-    if not cuda_graph:
-        binding = bind(sess, values, names, "cuda")
-        return lambda: sess.run_with_iobinding(binding)
-    shapes = dict(zip(names, sess.run(None, feeds)))  # (before the capture: a plain run for the output shapes)
-    binding = bind(sess, values, [], "cuda")
-    outs = [ort.OrtValue.ortvalue_from_shape_and_type(shapes[n].shape, shapes[n].dtype, "cuda", 0) for n in names]
-    for name, out in zip(names, outs):
-        binding.bind_ortvalue_output(name, out)
-    return lambda: (values, outs, sess.run_with_iobinding(binding))
+    binding = bind(sess, values, [] if cuda_graph else names, "cuda")
+    if cuda_graph:  # (before the capture: a plain run for the output shapes)
+        for name, y in zip(names, sess.run(None, feeds)):
+            binding.keep.append(ort.OrtValue.ortvalue_from_shape_and_type(y.shape, y.dtype, "cuda", 0))
+            binding.bind_ortvalue_output(name, binding.keep[-1])
+    return lambda: sess.run_with_iobinding(binding)
 
 
 def timed(fn) -> float:

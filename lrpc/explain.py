@@ -175,6 +175,8 @@ def load_tensors(path, session) -> dict:
     """Feeds from a ``.npy`` (the first model input) or ``.npz`` (one array: the first input; several:
     one per model input, by name). Float arrays are cast to the input's float type (numpy's default
     float64 into a float32 model); ranks and static dims are checked against the model."""
+    from .runtime import NUMPY_TYPES, fits
+
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
@@ -193,14 +195,14 @@ def load_tensors(path, session) -> dict:
     feeds = {}
     for name in session.inputs:
         a, spec = np.asarray(arrays[name]), specs[name]
-        dims = spec.shape
-        if a.ndim != len(dims) or any(isinstance(d, int) and d != n for d, n in zip(dims, a.shape)):
-            shown = ",".join(str(d) if isinstance(d, int) else "?" for d in dims)
+        if not fits(spec, a.shape):
+            shown = ",".join(str(d) if isinstance(d, int) else "?" for d in spec.shape)
             raise InputError(f"{p}: array for input '{name}' has shape {list(a.shape)}, the model expects [{shown}]")
         if a.ndim and a.shape[0] == 0:
             raise InputError(f"{p}: array for input '{name}' holds no samples")
-        want = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16}.get(spec.type)
-        if want is not None and np.issubdtype(a.dtype, np.number) and a.dtype != want:
+        want = NUMPY_TYPES.get(spec.type)
+        floating = want is not None and np.issubdtype(want, np.floating)
+        if floating and np.issubdtype(a.dtype, np.number) and a.dtype != want:
             a = a.astype(want)
         feeds[name] = a
     return feeds

@@ -64,10 +64,7 @@ class Session:
 
     def run(self, feeds: dict, seed: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """All outputs by name, for explicit inputs and an explicit seed (none for a top1-compiled model)."""
-        if self.top1 and seed is not None:
-            raise InputError("this model makes its own seed (compiled with seed top1): it takes no seed")
-        if not self.top1 and seed is None:
-            raise InputError(f"a seed is needed ('{SEED}')")
+        self._check_seed_given(seed)
         return self._run(self.outputs, feeds, seed, top1=False)
 
     def run_on_device(self, feeds: dict, seed=None, outputs: list[str] | None = None) -> dict[str, ort.OrtValue]:
@@ -76,14 +73,17 @@ class Session:
         pipeline whose data lives on the GPU pays no host round trip. ``feeds`` and ``seed`` may be numpy arrays
         or ``OrtValue`` s on any device (e.g. ``OrtValue.ortvalue_from_numpy(x, "cuda", 0)``, or
         ``OrtValue.from_dlpack`` of a framework's GPU tensor); ``outputs``: the names to compute (default all)."""
-        if self.top1 and seed is not None:
-            raise InputError("this model makes its own seed (compiled with seed top1): it takes no seed")
-        if not self.top1 and seed is None:
-            raise InputError(f"a seed is needed ('{SEED}')")
+        self._check_seed_given(seed)
         unknown = [n for n in outputs or () if n not in self.outputs]
         if unknown:
             raise InputError(f"no output {unknown[0]!r}; the model's outputs: {self.outputs}")
         return self._run(outputs or self.outputs, feeds, seed, top1=False, host=False)
+
+    def _check_seed_given(self, seed) -> None:
+        if self.top1 and seed is not None:
+            raise InputError("this model makes its own seed (compiled with seed top1): it takes no seed")
+        if not self.top1 and seed is None:
+            raise InputError(f"a seed is needed ('{SEED}')")
 
     def _run(self, names, feeds, seed, top1: bool, host: bool = True) -> dict:
         """One IO-bound run: inputs bound where they are (numpy arrays are read in place on the CPU and copied
@@ -104,14 +104,13 @@ class Session:
         InputError naming the input when its dtype, rank or a fixed dimension differs."""
         spec = self._specs[name]
         if isinstance(value, ort.OrtValue):
-            dtype, shape = value.data_type(), list(value.shape())
+            dtype = value.data_type()
         else:
             if not isinstance(value, np.ndarray):
                 value = np.asarray(value, NUMPY_TYPES.get(spec.type))
-            dtype, shape = f"tensor({_ONNX.get(value.dtype.type, value.dtype.name)})", list(value.shape)
-        fixed = [isinstance(d, int) for d in spec.shape]
-        if dtype != spec.type or len(shape) != len(spec.shape) or any(
-                f and d != s for f, d, s in zip(fixed, spec.shape, shape)):
+            dtype = f"tensor({_ONNX.get(value.dtype.type, value.dtype.name)})"
+        shape = _shape(value)
+        if dtype != spec.type or not fits(spec, shape):
             what = "the seed" if name == self._seed_input else f"input '{name}'"
             raise InputError(f"{what}: got {dtype[7:-1]} {shape}, the model takes {spec.type[7:-1]} {spec.shape}")
         return value
@@ -188,8 +187,7 @@ class Session:
         return {self.inputs[0]: x if isinstance(x, ort.OrtValue) else np.asarray(x)}
 
     def _seed_shape(self, feeds) -> list[int]:
-        first = next(iter(feeds.values()))
-        batch = (first.shape() if isinstance(first, ort.OrtValue) else first.shape)[0]
+        batch = _shape(next(iter(feeds.values())))[0]
         return [batch if not isinstance(d, int) else d for d in self.seed_shape]
 
     def _scores(self, feeds) -> np.ndarray:
@@ -250,10 +248,20 @@ def bind(session: ort.InferenceSession, feeds: dict, names: list[str], device: s
     return binding
 
 
+def fits(spec, shape) -> bool:
+    """Whether ``shape`` has the rank and the fixed dimensions of onnxruntime input ``spec``."""
+    return len(shape) == len(spec.shape) and all(not isinstance(d, int) or d == n for d, n in zip(spec.shape, shape))
+
+
+def _shape(value) -> list[int]:
+    return list(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
+
+
+# onnxruntime's type names -> numpy types
 NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
-          "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16, "tensor(int8)": np.int8,
-          "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16, "tensor(uint32)": np.uint32,
-          "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
+               "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+               "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
+               "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
 _ONNX = {v: k[7:-1] for k, v in NUMPY_TYPES.items()}  # numpy scalar type -> onnxruntime's name
 
 
