@@ -82,3 +82,23 @@ def test_io_binding_keeps_outputs_on_the_gpu():
     for name, value in out.items():
         np.testing.assert_allclose(value.numpy(), want[name], rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(gpu.explain(x_gpu).relevance, gpu.explain(x).relevance)
+
+
+def test_winner_maxpool_backward_stays_on_the_gpu(tmp_path):
+    """The winner-mode backward of disjoint 2x2 windows is MaxUnpool in the compiled file (fast on the CPU);
+    onnxruntime's CUDA EP has no MaxUnpool kernel, so CUDA sessions get it rewritten as a scatter that runs there."""
+    import json
+
+    from lrpc.runtime import inference_session
+
+    compiled = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon-gamma-box")
+    assert any(n.op_type == "MaxUnpool" for n in compiled.graph.node)
+    session = inference_session(compiled.SerializeToString(), ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                profile=str(tmp_path / "profile"))
+    x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
+    session.run(None, {"input": x, "relevance_seed": np.eye(10, dtype=np.float32)[[3, 5]]})
+    events = json.load(open(session.end_profiling()))
+    placed = {(e["args"]["op_name"], e["args"].get("provider")) for e in events
+              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+    assert ("ScatterElements", "CUDAExecutionProvider") in placed
+    assert not {op for op, p in placed if p != "CUDAExecutionProvider"} & {"MaxUnpool", "ScatterElements", "ConstantOfShape"}

@@ -36,7 +36,13 @@ CONFIGS = {
     "same-lower": ([1, 2, 6, 6], dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER"), [1, 1, 0, 0]),
     "1d-k3s2-pad1": ([2, 3, 9], dict(kernel_shape=[3], strides=[2], pads=[1, 1]), [1, 1]),
     "1d-ceil-dil": ([1, 2, 10], dict(kernel_shape=[2], strides=[3], dilations=[2], ceil_mode=1), [0, 0]),
+    # disjoint windows (winner mode lowers them to MaxUnpool): with padding, gaps between windows, dilation, 1-D
+    "k2s2-pad1": ([2, 2, 6, 6], dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]), [1, 1, 1, 1]),
+    "k2s3-gaps": ([1, 2, 7, 8], dict(kernel_shape=[2, 2], strides=[3, 3]), [0, 0, 0, 0]),
+    "k2s3-dil2": ([1, 2, 8, 8], dict(kernel_shape=[2, 2], strides=[3, 3], dilations=[2, 2]), [0, 0, 0, 0]),
+    "1d-k2s2": ([2, 3, 8], dict(kernel_shape=[2], strides=[2]), [0, 0]),
 }
+DISJOINT = {"k2s2", "k2s2-ceil-pad-drop", "k2s2-pad1", "k2s3-gaps", "k2s3-dil2", "1d-k2s2"}  # the rest overlap or overhang
 
 
 def out_size(n, k, s, d, pb, pe, ceil):
@@ -117,6 +123,14 @@ def test_matches_loop_reference(name, mode):
         np.testing.assert_allclose(r, r_ref, rtol=1e-6, atol=1e-6, err_msg=f"{name}/{kind}/{mode}")
         # conservation: every window hands all of its relevance to input cells (none to padding)
         assert abs(r.astype(np.float64).sum() - seed.astype(np.float64).sum()) <= 1e-5 * max(1.0, np.abs(seed).sum())
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_winner_lowering(name):
+    """Disjoint windows take MaxUnpool, the rest ScatterElements with add (the oracle tests above cover both)."""
+    shape, attrs, _ = CONFIGS[name]
+    ops = {n.op_type for n in lrpc.compile(pool_model(shape, attrs), "epsilon").graph.node}
+    assert ("MaxUnpool" in ops, "ScatterElements" in ops) == ((True, False) if name in DISJOINT else (False, True))
 
 
 def test_split_differs_from_winner_only_on_ties():
@@ -234,3 +248,54 @@ def test_split_dynamic_batch():
         seed = rng.standard_normal([n, 2, 4, 4]).astype(np.float32)
         np.testing.assert_allclose(relevance(compiled, x, seed)["relevance"], reference(x, seed, attrs, pads, "split")[1],
                                    rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", sorted(DISJOINT))
+def test_scatter_unpools_for_cuda(name, tmp_path):
+    """CUDA sessions get MaxUnpool rewritten as zeros + ScatterElements (no CUDA MaxUnpool kernel in onnxruntime):
+    the rewritten graph gives the same relevance bit for bit on tied inputs; bytes and paths without MaxUnpool
+    are passed through untouched."""
+    from lrpc.runtime import _without_unpool, scatter_unpools
+
+    shape, attrs, _ = CONFIGS[name]
+    compiled = lrpc.compile(pool_model(shape, attrs), "epsilon")
+    data = compiled.SerializeToString()
+    rewritten = onnx.load_from_string(_without_unpool(data))
+    ops = [n.op_type for n in rewritten.graph.node]
+    assert "MaxUnpool" not in ops and "ScatterElements" in ops
+    path = tmp_path / "m.onnx"
+    path.write_bytes(data)
+    assert onnx.load_from_string(_without_unpool(path)) == rewritten
+    rng = np.random.default_rng(4)
+    model = pool_model(shape, attrs)
+    for kind, x in tied_inputs(shape, rng).items():
+        y = run_onnx(model, {"x": x})["y"]
+        seed = rng.standard_normal(y.shape).astype(np.float32)
+        np.testing.assert_array_equal(relevance(rewritten, x, seed)["relevance"],
+                                      relevance(compiled, x, seed)["relevance"], err_msg=kind)
+    assert not scatter_unpools(rewritten)  # nothing left to rewrite
+    plain = lrpc.compile(pool_model(*CONFIGS["k3s2-overlap"][:2]), "epsilon").SerializeToString()
+    assert _without_unpool(plain) is plain
+    path.write_bytes(plain)
+    assert _without_unpool(path) is path
+
+
+@pytest.mark.parametrize("dtype,lowering", [(np.float16, "MaxUnpool"), (np.float64, "ScatterElements")])
+def test_winner_disjoint_other_float_types(dtype, lowering):
+    """float16 graphs keep MaxUnpool; float64 graphs take the scatter (onnxruntime's CPU MaxUnpool has no double
+    kernel). Integer inputs and a seed exact in float16: the loop reference must match exactly."""
+    shape, attrs, pads = CONFIGS["k2s2"]
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    graph = helper.make_graph([helper.make_node("MaxPool", ["x"], ["y"], name="pool", **attrs)], "pool",
+                              [helper.make_tensor_value_info("x", elem, shape)],
+                              [helper.make_tensor_value_info("y", elem, [2, 3, 3, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    compiled = lrpc.compile(model, "epsilon")
+    assert lowering in {n.op_type for n in compiled.graph.node}
+    rng = np.random.default_rng(5)
+    for kind, x in tied_inputs(shape, rng).items():
+        seed = rng.integers(-4, 5, [2, 3, 3, 3]).astype(dtype)
+        r = relevance(compiled, x.astype(dtype), seed)["relevance"]
+        assert r.dtype == dtype
+        np.testing.assert_array_equal(r, reference(x, seed, attrs, pads, "winner")[1].astype(dtype), err_msg=kind)

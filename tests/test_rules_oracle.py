@@ -478,3 +478,16 @@ def test_negative_gamma_is_refused(tmp_path):
         lrpc.compile(case.model, str(spec))
     with pytest.raises(lrpc.InputError, match=r"gamma >= 0"):
         lrpc.compile(case.model, "epsilon-gamma-box", gamma=-0.5)
+
+
+@pytest.mark.parametrize("composite", ["epsilon", "epsilon-gamma-box"])
+def test_backward_reads_the_forward_relu(composite):
+    """Denominators behind a ReLU (Relu(z) + eps) read the forward's own Relu output instead of a second Relu of z
+    (the relevance itself is checked by test_rule_behind_relu and the zennit parity tests)."""
+    import collections
+
+    from pathlib import Path
+
+    compiled = lrpc.compile(Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx", composite)
+    relus = collections.Counter(n.input[0] for n in compiled.graph.node if n.op_type == "Relu")
+    assert relus and max(relus.values()) == 1, relus

@@ -456,7 +456,7 @@ class _Variants:
         if name == "x":
             return x
         if name == "x+":
-            return x if nonneg else self._memo("x+", lambda: b.op("Relu", [x]))
+            return x if nonneg else self._memo("x+", lambda: b.relu(x))
         if name == "x-":
             return None if nonneg else self._memo("x-", lambda: b.op("Min", [x, b.const(0.0)]))
         if name == "ones":

@@ -28,7 +28,7 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
         if known in ("nonpos", "negative"):
             den = b.op("Min", [z, b.const(-eps)]) if shifted else b.add(b.op("Min", [z, b.const(0.0)]), b.const(-eps))
         else:  # (Relu, not Max(z, 0): onnxruntime keeps Relu in its blocked NCHWc layout and fuses it into the Conv)
-            den = b.op("Max", [z, b.const(eps)]) if shifted else b.add(b.op("Relu", [z]), b.const(eps))
+            den = b.op("Max", [z, b.const(eps)]) if shifted else b.add(b.relu(z), b.const(eps))
         return b.op("Div", [R, den])
     nonneg = indicator(b, "GreaterOrEqual", z)  # sign0(z) = 2 * nonneg - 1 (zero counts as positive)
     if rule.stabilizer == "clip":
