@@ -313,8 +313,12 @@ class Builder:
     def reshape_like(self, x, like):
         return self.op("Reshape", [x, self.shape_of(like)])
 
+    def zeros(self, shape):
+        """Zeros of the builder's dtype, of the shape held by the int64 tensor ``shape``."""
+        return self.op("ConstantOfShape", [shape], {"value": onnx.numpy_helper.from_array(np.zeros(1, self.dtype))})
+
     def zeros_like(self, x):
-        return self.op("ConstantOfShape", [self.shape_of(x)], {"value": onnx.numpy_helper.from_array(np.zeros(1, self.dtype))})
+        return self.zeros(self.shape_of(x))
 
     def ones_like(self, x):
         return self.op("Expand", [self.const(1.0), self.shape_of(x)])

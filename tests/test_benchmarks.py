@@ -46,3 +46,22 @@ def _npz(tmp_path, **arrays):
     path = tmp_path / "feeds.npz"
     np.savez(path, **arrays)
     return path
+
+
+def test_profile_floor_line(tmp_path):
+    """``profile_ops.py --forward``: the compiled graph's kernel time and its convolutions' alone, in forwards. The
+    convolutions are part of the total, and the compiled graph contains every node of the forward and more."""
+    import os
+    import re
+    import subprocess
+
+    import lrpc
+
+    path = tmp_path / "d.lrp.onnx"
+    path.write_bytes(lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon-gamma-box").SerializeToString())
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_ops.py"), str(path), "--forward",
+                          str(ROOT / "models" / "digits_cnn.onnx"), "--batch", "64", "--runs", "5", "--threads", "1"],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    total, conv = map(float, re.search(r"kernel time\): ([\d.]+); its convolutions alone: ([\d.]+)", out).groups())
+    assert 0 < conv <= total and total > 1.0, out
+    assert "Conv" in out and "nodes not on CPUExecutionProvider: 0" in out
