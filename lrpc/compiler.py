@@ -21,9 +21,9 @@ class Owned:
         self.proto = proto
 
 
-def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool]:
-    """``(ModelProto, owned)``: owned when lrpc read or copied it (the export may then reuse its weights);
-    a caller's ModelProto is never modified."""
+def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool, dict]:
+    """``(ModelProto, owned, signs)``: owned when lrpc read or copied it (the export may then reuse its
+    weights); a caller's ModelProto is never modified. ``signs``: see :func:`_check_weights`."""
     owned = isinstance(model, (str, os.PathLike, Owned))
     if isinstance(model, Owned):
         model = model.proto
@@ -33,8 +33,7 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto,
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     if input_shapes:
         model, owned = _with_input_shapes(model, input_shapes), True
-    _check_weights(model)
-    return model, owned
+    return model, owned, _check_weights(model)
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -54,8 +53,11 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
-def _check_weights(model: onnx.ModelProto) -> None:
-    """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user."""
+def _check_weights(model: onnx.ModelProto) -> dict:
+    """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user.
+    Returns ``{name: (TensorProto, all values >= 0)}`` for the float initializers, read in the same pass: the
+    emitter's sign analysis looks weights up there instead of reading them again (each read of a weight's
+    bytes copies them: 0.6 s for VGG16's 528 MB on a 2-core machine)."""
     import numpy as np
     from onnx import numpy_helper
 
@@ -63,6 +65,7 @@ def _check_weights(model: onnx.ModelProto) -> None:
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, node)
+    signs = {}
     for init in model.graph.initializer:
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             continue
@@ -73,12 +76,14 @@ def _check_weights(model: onnx.ModelProto) -> None:
             user = users.get(init.name)
             at = f" used by node '{user.name}' ({user.op_type})" if user is not None else ""
             raise InputError(f"weight '{init.name}'{at} holds {bad} NaN/Inf value(s)")
+        signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
+    return signs
 
 
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
     """Canonical forward model (BN folded, pools as depthwise convs, …); outputs numerically unchanged.
     ``input_shapes``: {input name: dims} to fix dynamic dims (e.g. spatial ones)."""
-    proto, owned = _as_model(model, input_shapes)
+    proto, owned, _ = _as_model(model, input_shapes)
     canon = _canonize(proto, output, owned)
     result = export_model(canon)
     _check(result)
@@ -104,8 +109,9 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    proto, owned = _as_model(model, input_shapes)
+    proto, owned, signs = _as_model(model, input_shapes)
     canon = _canonize(proto, output, owned)
+    canon.weight_signs = signs
     result = emit(canon, ruleset, layerwise, seed)
     _check(result)
     return result

@@ -106,7 +106,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes if category(canon, n)]
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
-    ctx = Context(canon, builder, rules, _nonneg(graph), ruleset.options)
+    ctx = Context(canon, builder, rules, _nonneg(graph, canon.weight_signs), ruleset.options)
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
     start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
@@ -293,12 +293,12 @@ def _on_path(graph: gs.Graph, explained, depends: set[str]) -> list:
             if any(t.name in need for t in n.outputs) and any(t.name in depends for t in node_inputs(n))]
 
 
-def _nonneg(graph: gs.Graph) -> set[str]:
-    """Tensors statically known to be >= 0 (their x- terms vanish)."""
+def _nonneg(graph: gs.Graph, weight_signs: dict) -> set[str]:
+    """Tensors statically known to be >= 0 (their x- terms vanish); ``weight_signs``: see const_nonneg."""
     pos: set[str] = set()
 
     def ok(t) -> bool:
-        return t.name in pos or (is_const(t) and const_nonneg(t))
+        return t.name in pos or (is_const(t) and const_nonneg(t, weight_signs))
 
     for node in graph.nodes:
         data = [t for t in node.inputs if t.name and not (is_const(t) and np.dtype(t.dtype).kind in "iu")]

@@ -26,6 +26,7 @@ class Canonical:
     explained: str | None = None  # name of the tensor whose relevance is seeded
     metadata: dict[str, str] = field(default_factory=dict)
     source: onnx.ModelProto | None = None  # the imported model when lrpc owns it (export reuses its weights)
+    weight_signs: dict = field(default_factory=dict)  # initializer name -> (TensorProto, all >= 0), see const_nonneg
 
     @property
     def opset(self) -> int:
@@ -209,13 +210,18 @@ def const_value(t) -> np.ndarray:
     return np.asarray(t.values)
 
 
-def const_nonneg(t) -> bool:
-    """All values of constant ``t`` are >= 0. A weight that graphsurgeon still holds lazily is read
-    without being loaded into the graph (loading copies it twice and makes the export convert it back:
-    seconds for VGG16's 500 MB)."""
+def const_nonneg(t, known: dict | None = None) -> bool:
+    """All values of constant ``t`` are >= 0. A weight that graphsurgeon still holds lazily is looked up in
+    ``known`` ({name: (TensorProto, nonneg)}, the load-time scan) when it is that very TensorProto (so
+    unchanged since the scan), else read without being loaded into the graph (loading copies it twice and
+    makes the export convert it back: seconds for VGG16's 500 MB)."""
     from onnx_graphsurgeon.ir.tensor import LazyValues
 
     lazy = getattr(t, "_values", None)
+    if isinstance(lazy, LazyValues):
+        proto, nonneg = (known or {}).get(lazy.tensor.name, (None, None))
+        if proto is lazy.tensor:
+            return nonneg
     values = onnx.numpy_helper.to_array(lazy.tensor) if isinstance(lazy, LazyValues) else const_value(t)
     return values.size == 0 or bool(values.min() >= 0)  # (NaN: False)
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import onnx
 
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -56,13 +56,100 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
         del tensor.external_data[:]
 
 
+MAX_FILE_BYTES = 2**31 - 1  # protobuf's limit on a serialized message
+
+
 def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
     """Write ``model`` atomically (temp file + rename); refuse to overwrite any path in ``protect``."""
-    write_atomic(lambda: model.SerializeToString(), path, protect)  # serializing raises ValueError past 2 GB
+    write_atomic(lambda: serialized_pieces(model), path, protect)
+
+
+def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
+    """The bytes of ``model.SerializeToString()``, exactly, as pieces to write one after the other: the model and
+    its graph serialized without the weights, split where the graph and the initializers go (fields are
+    serialized in field-number order), and each initializer serialized on its own. Serializing a whole model
+    at once makes one buffer of the file's size and copies it into a bytes object: for VGG16 (553 MB) measured
+    2.0-2.7 s on a 2-core machine, the pieces 1.3 s, and the peak memory of `lrpc compile` 1.70 -> 1.50 GB.
+    A model or graph with fields this protobuf build does not know is serialized whole. UnsupportedError past
+    2 GB (the limit of a protobuf file; SerializeToString itself would raise ValueError)."""
+    from google.protobuf.unknown_fields import UnknownFieldSet
+
+    graph = model.graph
+    if not model.HasField("graph") or len(UnknownFieldSet(model)) or len(UnknownFieldSet(graph)):
+        return [model.SerializeToString()]
+    model_head, model_tail = _split_before(_without(model, "graph").SerializeToString(), 7)
+    graph_head, graph_tail = _split_before(_without(graph, "initializer").SerializeToString(), 5)
+    body = [graph_head]
+    for init in graph.initializer:
+        tensor = init.SerializeToString()
+        body += [_key_and_length(5, len(tensor)), tensor]
+    body.append(graph_tail)
+    pieces = [model_head, _key_and_length(7, sum(map(len, body))), *body, model_tail]
+    if sum(map(len, pieces)) > MAX_FILE_BYTES:
+        raise UnsupportedError(f"the model to write is {sum(map(len, pieces)) / 2**30:.2f} GB: an ONNX file holds at most 2 GB")
+    return pieces
+
+
+def _without(message, name: str):
+    """A copy of ``message`` without its field ``name`` (that field is not read, so not copied)."""
+    copy = type(message)()
+    for field, value in message.ListFields():
+        if field.name == name:
+            continue
+        if field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED:
+            getattr(copy, field.name).extend(value)
+        elif field.type == field.TYPE_MESSAGE:
+            getattr(copy, field.name).CopyFrom(value)
+        else:
+            setattr(copy, field.name, value)
+    return copy
+
+
+def _split_before(data: bytes, number: int) -> tuple[bytes, bytes]:
+    """``data`` (a serialized message) split before its first field numbered above ``number``."""
+    pos = 0
+    while pos < len(data):
+        key, end = _varint(data, pos)
+        if key >> 3 > number:
+            break
+        wire = key & 7
+        if wire == 0:
+            end = _varint(data, end)[1]
+        elif wire == 2:
+            length, end = _varint(data, end)
+            end += length
+        elif wire in (1, 5):
+            end += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+        pos = end
+    return data[:pos], data[pos:]
+
+
+def _varint(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        byte = data[pos]
+        value |= (byte & 0x7F) << shift
+        pos, shift = pos + 1, shift + 7
+        if byte < 0x80:
+            return value, pos
+
+
+def _key_and_length(number: int, length: int) -> bytes:
+    """The key of length-delimited field ``number`` and ``length``, as varints."""
+    out = bytearray()
+    for value in (number << 3 | 2, length):
+        while value >= 0x80:
+            out.append(value & 0x7F | 0x80)
+            value >>= 7
+        out.append(value)
+    return bytes(out)
 
 
 def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
-    """Write ``data`` (bytes, str, or a callable making them once the path is checked) to ``path`` through
+    """Write ``data`` (bytes, str, a list of bytes pieces, or a callable making one of those once the path is
+    checked) to ``path`` through
     a temp file + rename, with the permissions a plain ``open`` would give (umask applied); refuse to
     overwrite any path in ``protect``; errors name the path."""
     p = Path(path)
@@ -77,13 +164,15 @@ def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike]
         data = data()
     if isinstance(data, str):
         data = data.encode()
+    pieces = data if isinstance(data, list) else [data]
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     except OSError as e:
         raise InputError(f"{p}: cannot write ({e.strerror or type(e).__name__})") from None
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            for piece in pieces:
+                f.write(piece)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files

@@ -420,3 +420,66 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
     for a, b in zip(run(from_path), run(from_proto)):
         np.testing.assert_array_equal(a, b)
     assert inits(api.canonize(path)) == inits(api.canonize(model))
+
+
+def _rich_model() -> onnx.ModelProto:
+    """A model using most fields of ModelProto and GraphProto (around the graph and its initializers)."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
+    b.doc_string = "a bias"
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([1.5], np.float32), "s"),
+                                       numpy_helper.from_array(np.array([2], np.int64), "s_i"), [4])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 3, 3])], [w, b],
+                              doc_string="graph doc", value_info=[helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1])],
+                              sparse_initializer=[sparse])
+    func = helper.make_function("local", "f", ["a"], ["o"], [helper.make_node("Relu", ["a"], ["o"])],
+                                [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[func], producer_name="p", producer_version="1", doc_string="model doc",
+                              model_version=7, domain="d")
+    helper.set_model_props(model, {"k": "v"})
+    return model
+
+
+@pytest.mark.parametrize("case", ["rich", "no initializers", "no graph", "unknown field", "digits compiled"])
+def test_saved_bytes_are_serialize_to_string(case, tmp_path):
+    """save_model writes the model piece by piece (its weights one at a time, not one buffer of the whole
+    file): the file must hold exactly the bytes of SerializeToString."""
+    from lrpc.model_io import save_model, serialized_pieces
+
+    import lrpc as lib
+
+    if case == "digits compiled":
+        model = lib.compile(DIGITS, "epsilon-gamma-box")
+    else:
+        model = _rich_model()
+        if case == "no initializers":
+            del model.graph.initializer[:]
+        elif case == "no graph":
+            model.ClearField("graph")
+        elif case == "unknown field":  # (field 99 of ModelProto: unknown to this protobuf build, kept as is)
+            model = onnx.ModelProto.FromString(model.SerializeToString() + b"\x98\x06\x05")
+    pieces = serialized_pieces(model)
+    assert b"".join(pieces) == model.SerializeToString()
+    assert len(pieces) == (1 if case in ("no graph", "unknown field") else 5 + 2 * len(model.graph.initializer))
+    save_model(model, tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_model_past_the_file_limit_is_refused(tmp_path, monkeypatch):
+    """A model past protobuf's 2 GB limit (here: a limit lowered below the digits CNN's size) is a clear error,
+    and nothing is written."""
+    import lrpc.model_io as io
+    from lrpc.errors import UnsupportedError
+
+    model = onnx.load(str(DIGITS))
+    monkeypatch.setattr(io, "MAX_FILE_BYTES", model.ByteSize() - 1)
+    with pytest.raises(UnsupportedError, match="an ONNX file holds at most 2 GB"):
+        io.save_model(model, tmp_path / "big.onnx")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(io, "MAX_FILE_BYTES", model.ByteSize())
+    io.save_model(model, tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx").read_bytes() == model.SerializeToString()
