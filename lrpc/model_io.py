@@ -12,6 +12,12 @@ from .errors import InputError, UnsupportedError
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     """Read and check an ONNX model file; every failure is an :class:`InputError` naming the file."""
+    return read_model(path)[0]
+
+
+def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bytes | None]:
+    """:func:`load_model` and the file's bytes when it is a binary protobuf file (None for text formats):
+    :func:`raw_weights` finds the weights in them without copying."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -20,7 +26,9 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
     if p.stat().st_size == 0:
         raise InputError(f"{p}: empty file")
     try:
-        model = onnx.load_model(str(p), load_external_data=False)
+        data = p.read_bytes()
+        fmt = onnx.serialization.registry.get_format_from_file_extension(p.suffix) or "protobuf"
+        model = onnx.serialization.registry.get(fmt).deserialize_proto(data, onnx.ModelProto())
     except Exception as e:  # protobuf raises DecodeError / RuntimeWarning subclasses
         raise InputError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if not model.graph.node and not model.graph.output:
@@ -32,7 +40,25 @@ def load_model(path: str | os.PathLike) -> onnx.ModelProto:
         check_structure(model)
     except Exception as e:
         raise InputError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
-    return model
+    return model, (data if fmt == "protobuf" else None)
+
+
+def raw_weights(data: bytes) -> list[tuple[str, memoryview | None]]:
+    """``(name, raw_data bytes)`` of the main graph's initializers in a serialized ModelProto, in their order, the
+    bytes as views into ``data`` (reading ``TensorProto.raw_data`` copies them: 0.6 s for VGG16's 528 MB on a
+    2-core machine); None for a tensor without raw_data in the file (external data, typed fields). A field
+    given twice counts as protobuf counts it: the last one."""
+    view, out = memoryview(data), []
+    graphs = [span for number, wire, span in _fields(view, 0, len(view)) if (number, wire) == (7, 2)]
+    for graph in graphs:  # ModelProto.graph (protobuf merges repeated occurrences)
+        for number, wire, tensor in _fields(view, *graph):
+            if (number, wire) != (5, 2):  # GraphProto.initializer
+                continue
+            fields = {n: value for n, w, value in _fields(view, *tensor) if (n, w) in ((8, 2), (9, 2), (13, 2), (14, 0))}
+            name = bytes(view[slice(*fields[8])]).decode() if 8 in fields else ""
+            external = 13 in fields or fields.get(14) == onnx.TensorProto.EXTERNAL
+            out.append((name, view[slice(*fields[9])] if 9 in fields and not external else None))
+    return out
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
@@ -107,23 +133,33 @@ def _without(message, name: str):
 
 def _split_before(data: bytes, number: int) -> tuple[bytes, bytes]:
     """``data`` (a serialized message) split before its first field numbered above ``number``."""
-    pos = 0
-    while pos < len(data):
-        key, end = _varint(data, pos)
-        if key >> 3 > number:
+    pos = len(data)
+    for field, _, span in _fields(data, 0, len(data), starts=True):
+        if field > number:
+            pos = span
             break
+    return data[:pos], data[pos:]
+
+
+def _fields(data, start: int, end: int, starts: bool = False):
+    """``(number, wire type, value)`` of each field of the message serialized in ``data[start:end]``: the value
+    of a varint, the ``(start, end)`` of a length-delimited field's bytes, None for fixed-width fields; with
+    ``starts``, the offset where the field begins instead of its value."""
+    pos = start
+    while pos < end:
+        key, at = _varint(data, pos)
         wire = key & 7
         if wire == 0:
-            end = _varint(data, end)[1]
+            value, at = _varint(data, at)
         elif wire == 2:
-            length, end = _varint(data, end)
-            end += length
+            length, at = _varint(data, at)
+            value, at = (at, at + length), at + length
         elif wire in (1, 5):
-            end += 8 if wire == 1 else 4
+            value, at = None, at + (8 if wire == 1 else 4)
         else:
             raise ValueError(f"unexpected protobuf wire type {wire}")
-        pos = end
-    return data[:pos], data[pos:]
+        yield key >> 3, wire, (pos if starts else value)
+        pos = at
 
 
 def _varint(data: bytes, pos: int) -> tuple[int, int]:

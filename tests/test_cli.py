@@ -483,3 +483,54 @@ def test_model_past_the_file_limit_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(io, "MAX_FILE_BYTES", model.ByteSize())
     io.save_model(model, tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_raw_weights_are_the_initializers_bytes(tmp_path):
+    """raw_weights finds each initializer's bytes in the file as stored (every float width and an integer
+    tensor, around doc strings and a sparse initializer); a tensor kept in external data is left out (its bytes
+    are not in the file)."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from lrpc.model_io import raw_weights, read_model
+
+    model = _rich_model()
+    rng = np.random.default_rng(4)
+    for dtype in (np.float16, np.float64, np.int64):
+        model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(6) * 9).astype(dtype), f"t_{dtype.__name__}"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "empty"))
+    onnx.save(model, tmp_path / "m.onnx")
+    _, data = read_model(tmp_path / "m.onnx")
+    raw = raw_weights(data)
+    assert [name for name, _ in raw] == [i.name for i in model.graph.initializer]
+    for init, (_, stored) in zip(model.graph.initializer, raw):
+        assert bytes(stored) == numpy_helper.to_array(init).tobytes()
+    big = numpy_helper.from_array(rng.standard_normal(4096).astype(np.float32), "big")
+    model.graph.initializer.append(big)
+    convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
+    onnx.save(model, tmp_path / "ext.onnx")
+    loaded, data = read_model(tmp_path / "ext.onnx")
+    stored = dict(raw_weights(data))
+    assert stored["big"] is None and bytes(stored["w"]) == numpy_helper.to_array(model.graph.initializer[0]).tobytes()
+    import lrpc as lib
+    from lrpc.errors import InputError
+
+    assert lib.compile(tmp_path / "ext.onnx", "epsilon") is not None
+    stored = np.fromfile(tmp_path / "w.bin", np.float32)
+    assert stored.size == 4096  # ("big" alone is past the threshold)
+    stored[7] = np.nan  # the scan reads the external tensor from the ModelProto: its NaN is found
+    stored.tofile(tmp_path / "w.bin")
+    with pytest.raises(InputError, match="weight 'big' holds 1 NaN/Inf value"):
+        lib.compile(tmp_path / "ext.onnx", "epsilon")
+
+
+def test_nan_weights_refused_in_a_model_proto():
+    """The NaN/Inf scan of a ModelProto handed to lrpc.compile (no file bytes: weights read from the proto)."""
+    import lrpc as lib
+    from lrpc.errors import InputError
+
+    model = _rich_model()
+    values = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    values[1, 1, 2, 2] = -np.inf
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w"))
+    with pytest.raises(InputError, match="weight 'w' used by node 'conv' \\(Conv\\) holds 1 NaN/Inf value"):
+        lib.compile(model, "epsilon")
