@@ -47,17 +47,21 @@ def raw_weights(data: bytes) -> list[tuple[str, memoryview | None]]:
     """``(name, raw_data bytes)`` of the main graph's initializers in a serialized ModelProto, in their order, the
     bytes as views into ``data`` (reading ``TensorProto.raw_data`` copies them: 0.6 s for VGG16's 528 MB on a
     2-core machine); None for a tensor without raw_data in the file (external data, typed fields). A field
-    given twice counts as protobuf counts it: the last one."""
+    given twice counts as protobuf counts it: the last one. [] for a file with (unknown) group fields, which
+    this reader does not walk: the weights are then read from the ModelProto."""
     view, out = memoryview(data), []
-    graphs = [span for number, wire, span in _fields(view, 0, len(view)) if (number, wire) == (7, 2)]
-    for graph in graphs:  # ModelProto.graph (protobuf merges repeated occurrences)
-        for number, wire, tensor in _fields(view, *graph):
-            if (number, wire) != (5, 2):  # GraphProto.initializer
-                continue
-            fields = {n: value for n, w, value in _fields(view, *tensor) if (n, w) in ((8, 2), (9, 2), (13, 2), (14, 0))}
-            name = bytes(view[slice(*fields[8])]).decode() if 8 in fields else ""
-            external = 13 in fields or fields.get(14) == onnx.TensorProto.EXTERNAL
-            out.append((name, view[slice(*fields[9])] if 9 in fields and not external else None))
+    try:
+        graphs = [span for number, wire, span in _fields(view, 0, len(view)) if (number, wire) == (7, 2)]
+        for graph in graphs:  # ModelProto.graph (protobuf merges repeated occurrences)
+            for number, wire, tensor in _fields(view, *graph):
+                if (number, wire) != (5, 2):  # GraphProto.initializer
+                    continue
+                fields = {n: v for n, w, v in _fields(view, *tensor) if (n, w) in ((8, 2), (9, 2), (13, 2), (14, 0))}
+                name = bytes(view[slice(*fields[8])]).decode() if 8 in fields else ""
+                external = 13 in fields or fields.get(14) == onnx.TensorProto.EXTERNAL
+                out.append((name, view[slice(*fields[9])] if 9 in fields and not external else None))
+    except ValueError:
+        return []
     return out
 
 

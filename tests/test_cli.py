@@ -534,3 +534,23 @@ def test_nan_weights_refused_in_a_model_proto():
     model.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w"))
     with pytest.raises(InputError, match="weight 'w' used by node 'conv' \\(Conv\\) holds 1 NaN/Inf value"):
         lib.compile(model, "epsilon")
+
+
+@pytest.mark.parametrize("where", ["model", "tensor"])
+def test_unknown_group_fields_fall_back_to_the_proto(where, tmp_path):
+    """An (unknown) group field, which protobuf parses and raw_weights does not walk: the weights are read from
+    the ModelProto instead, and the compile gives the same graph as from the clean file."""
+    import lrpc as lib
+    from lrpc.model_io import raw_weights
+
+    group = bytes([0x9B, 0x06, 0x9C, 0x06])  # field 99: start group, end group
+    model = onnx.load(str(DIGITS))
+    if where == "tensor":
+        model.graph.initializer[0].ParseFromString(model.graph.initializer[0].SerializeToString() + group)
+        data = model.SerializeToString()
+    else:
+        data = model.SerializeToString() + group
+    (tmp_path / "g.onnx").write_bytes(data)
+    assert raw_weights(data) == []
+    got, want = lib.compile(tmp_path / "g.onnx", "epsilon"), lib.compile(DIGITS, "epsilon")
+    assert [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node]
