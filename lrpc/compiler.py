@@ -57,8 +57,9 @@ def _check_weights(model: onnx.ModelProto, raw: list) -> dict:
     """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user.
     ``raw``: the initializers' bytes as stored in the file read (:func:`lrpc.model_io.raw_weights`), looked at
     in place where they match the model's initializers one to one (names, sizes); others are read from the
-    ModelProto, which copies them (0.6 s for VGG16's 528 MB on a 2-core machine). Returns ``{name: (TensorProto, all values >= 0)}`` for the float initializers: the emitter's
-    sign analysis looks weights up there instead of reading them again."""
+    ModelProto, which copies them (0.6 s for VGG16's 528 MB on a 2-core machine). Returns ``{name:
+    (TensorProto, all values >= 0)}`` for the float initializers: the emitter's sign analysis looks weights up
+    there instead of reading them again."""
     import sys
 
     import numpy as np

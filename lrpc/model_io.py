@@ -51,12 +51,12 @@ def raw_weights(data: bytes) -> list[tuple[str, memoryview | None]]:
     this reader does not walk: the weights are then read from the ModelProto."""
     view, out = memoryview(data), []
     try:
-        graphs = [span for number, wire, span in _fields(view, 0, len(view)) if (number, wire) == (7, 2)]
+        graphs = [span for number, wire, span, _ in _fields(view, 0, len(view)) if (number, wire) == (7, 2)]
         for graph in graphs:  # ModelProto.graph (protobuf merges repeated occurrences)
-            for number, wire, tensor in _fields(view, *graph):
+            for number, wire, tensor, _ in _fields(view, *graph):
                 if (number, wire) != (5, 2):  # GraphProto.initializer
                     continue
-                fields = {n: v for n, w, v in _fields(view, *tensor) if (n, w) in ((8, 2), (9, 2), (13, 2), (14, 0))}
+                fields = {n: v for n, w, v, _ in _fields(view, *tensor) if (n, w) in ((8, 2), (9, 2), (13, 2), (14, 0))}
                 name = bytes(view[slice(*fields[8])]).decode() if 8 in fields else ""
                 external = 13 in fields or fields.get(14) == onnx.TensorProto.EXTERNAL
                 out.append((name, view[slice(*fields[9])] if 9 in fields and not external else None))
@@ -115,8 +115,9 @@ def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
         body += [_key_and_length(5, len(tensor)), tensor]
     body.append(graph_tail)
     pieces = [model_head, _key_and_length(7, sum(map(len, body))), *body, model_tail]
-    if sum(map(len, pieces)) > MAX_FILE_BYTES:
-        raise UnsupportedError(f"the model to write is {sum(map(len, pieces)) / 2**30:.2f} GB: an ONNX file holds at most 2 GB")
+    size = sum(map(len, pieces))
+    if size > MAX_FILE_BYTES:
+        raise UnsupportedError(f"the model to write is {size / 2**30:.2f} GB: an ONNX file holds at most 2 GB")
     return pieces
 
 
@@ -137,18 +138,14 @@ def _without(message, name: str):
 
 def _split_before(data: bytes, number: int) -> tuple[bytes, bytes]:
     """``data`` (a serialized message) split before its first field numbered above ``number``."""
-    pos = len(data)
-    for field, _, span in _fields(data, 0, len(data), starts=True):
-        if field > number:
-            pos = span
-            break
+    pos = next((start for field, _, _, start in _fields(data, 0, len(data)) if field > number), len(data))
     return data[:pos], data[pos:]
 
 
-def _fields(data, start: int, end: int, starts: bool = False):
-    """``(number, wire type, value)`` of each field of the message serialized in ``data[start:end]``: the value
-    of a varint, the ``(start, end)`` of a length-delimited field's bytes, None for fixed-width fields; with
-    ``starts``, the offset where the field begins instead of its value."""
+def _fields(data, start: int, end: int):
+    """``(number, wire type, value, offset)`` of each field of the message serialized in ``data[start:end]``: the
+    value of a varint, the ``(start, end)`` of a length-delimited field's bytes, None for fixed-width fields; the
+    offset where the field begins."""
     pos = start
     while pos < end:
         key, at = _varint(data, pos)
@@ -162,7 +159,7 @@ def _fields(data, start: int, end: int, starts: bool = False):
             value, at = None, at + (8 if wire == 1 else 4)
         else:
             raise ValueError(f"unexpected protobuf wire type {wire}")
-        yield key >> 3, wire, (pos if starts else value)
+        yield key >> 3, wire, value, pos
         pos = at
 
 

@@ -554,3 +554,15 @@ def test_unknown_group_fields_fall_back_to_the_proto(where, tmp_path):
     assert raw_weights(data) == []
     got, want = lib.compile(tmp_path / "g.onnx", "epsilon"), lib.compile(DIGITS, "epsilon")
     assert [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node]
+
+
+def test_cli_past_the_file_limit_is_one_line(tmp_path, monkeypatch, capsys):
+    """The CLI's side of the 2 GB refusal (limit lowered in-process): one line naming the limit, exit code 2,
+    no output file."""
+    import lrpc.model_io as io
+    from lrpc.cli import main
+
+    monkeypatch.setattr(io, "MAX_FILE_BYTES", 1000)
+    code = main(["compile", str(DIGITS), "-o", str(tmp_path / "o.onnx")])
+    one_line_error(code, capsys.readouterr().err, contains="an ONNX file holds at most 2 GB")
+    assert not list(tmp_path.iterdir())
