@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
 def _run(args) -> int:
     from dataclasses import asdict
 
-    from .compiler import canonize, compile
+    from .compiler import canonize_for_save, compile_for_save
     from .model_io import save_model
 
     if args.command == "rules":
@@ -209,11 +209,11 @@ def _run(args) -> int:
     if out.exists() and src.exists() and out.resolve() == src.resolve():
         raise InputError(f"{out}: refusing to overwrite the input model")
     if args.command == "canonize":
-        model = canonize(args.model, output=args.output, input_shapes=dict(args.input_shape))
+        model, verbatim = canonize_for_save(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
-        model = compile(args.model, args.rules, output=args.output, layerwise=args.layerwise,
-                        input_shapes=dict(args.input_shape), seed=args.seed, **asdict(_options(args)))
-    save_model(model, args.out, protect=[args.model])
+        model, verbatim = compile_for_save(args.model, args.rules, output=args.output, layerwise=args.layerwise,
+                                           input_shapes=dict(args.input_shape), seed=args.seed, **asdict(_options(args)))
+    save_model(model, args.out, protect=[args.model], verbatim=verbatim)
     print(f"wrote {args.out}")
     return 0
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import onnx
 
@@ -43,12 +44,18 @@ def read_model(path: str | os.PathLike) -> tuple[onnx.ModelProto, bytes | None]:
     return model, (data if fmt == "protobuf" else None)
 
 
-def raw_weights(data: bytes) -> list[tuple[str, memoryview | None]]:
-    """``(name, raw_data bytes)`` of the main graph's initializers in a serialized ModelProto, in their order, the
-    bytes as views into ``data`` (reading ``TensorProto.raw_data`` copies them: 0.6 s for VGG16's 528 MB on a
-    2-core machine); None for a tensor without raw_data in the file (external data, typed fields). A field
-    given twice counts as protobuf counts it: the last one. [] for a file with (unknown) group fields, which
-    this reader does not walk: the weights are then read from the ModelProto."""
+class StoredTensor(NamedTuple):
+    """One initializer as the file lrpc read holds it: views into the file's bytes, no copies."""
+    name: str
+    raw: memoryview | None  # its raw_data; None for external data or typed fields
+    whole: memoryview | None  # the serialized TensorProto; None for external data (loading it changes the proto)
+
+
+def raw_weights(data: bytes) -> list[StoredTensor]:
+    """The main graph's initializers in a serialized ModelProto, in their order (:class:`StoredTensor`: reading
+    ``TensorProto.raw_data`` copies the bytes: 0.6 s for VGG16's 528 MB on a 2-core machine). A field given twice
+    counts as protobuf counts it: the last one. [] for a file with (unknown) group fields, which this reader does
+    not walk: the weights are then read from the ModelProto."""
     view, out = memoryview(data), []
     try:
         graphs = [span for number, wire, span, _ in _fields(view, 0, len(view)) if (number, wire) == (7, 2)]
@@ -59,10 +66,34 @@ def raw_weights(data: bytes) -> list[tuple[str, memoryview | None]]:
                 fields = {n: v for n, w, v, _ in _fields(view, *tensor) if (n, w) in ((8, 2), (9, 2), (13, 2), (14, 0))}
                 name = bytes(view[slice(*fields[8])]).decode() if 8 in fields else ""
                 external = 13 in fields or fields.get(14) == onnx.TensorProto.EXTERNAL
-                out.append((name, view[slice(*fields[9])] if 9 in fields and not external else None))
+                raw = view[slice(*fields[9])] if 9 in fields and not external else None
+                out.append(StoredTensor(name, raw, None if external else view[slice(*tensor)]))
     except ValueError:
         return []
     return out
+
+
+class Verbatim(NamedTuple):
+    """A loaded initializer whose serialization is ``whole``, the file's bytes it was parsed from."""
+    tensor: onnx.TensorProto
+    whole: memoryview
+    name: str
+    dims: list
+    data_type: int
+
+
+def verbatim_bytes(init: onnx.TensorProto, verbatim: dict | None):
+    """The file's bytes of ``init`` when it is a tensor in ``verbatim`` (``{id(TensorProto): Verbatim}``, made at
+    load time) that is still as loaded, else None. lrpc never writes into a loaded TensorProto (a pass that changes a
+    weight makes a new tensor, and the export keeps only tensors graphsurgeon never loaded: see
+    :func:`lrpc.graph.export_model`), so being that very object is being unchanged; name, dims and type are
+    compared as well, which costs nothing (reading ``raw_data`` or ``ByteSize()`` would cost as much as
+    serializing it)."""
+    entry = verbatim.get(id(init)) if verbatim else None
+    if (entry is None or entry.tensor is not init or init.name != entry.name or list(init.dims) != entry.dims
+            or init.data_type != entry.data_type or init.data_location != onnx.TensorProto.DEFAULT):
+        return None
+    return entry.whole
 
 
 def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
@@ -89,19 +120,23 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
 MAX_FILE_BYTES = 2**31 - 1  # protobuf's limit on a serialized message
 
 
-def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
-    """Write ``model`` atomically (temp file + rename); refuse to overwrite any path in ``protect``."""
-    write_atomic(lambda: serialized_pieces(model), path, protect)
+def save_model(model: onnx.ModelProto, path: str | os.PathLike, protect: list[str | os.PathLike] = (),
+               verbatim: dict | None = None) -> None:
+    """Write ``model`` atomically (temp file + rename); refuse to overwrite any path in ``protect``.
+    ``verbatim``: see :func:`serialized_pieces`."""
+    write_atomic(lambda: serialized_pieces(model, verbatim), path, protect)
 
 
-def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
+def serialized_pieces(model: onnx.ModelProto, verbatim: dict | None = None) -> list:
     """The bytes of ``model.SerializeToString()``, exactly, as pieces to write one after the other: the model and
     its graph serialized without the weights, split where the graph and the initializers go (fields are
     serialized in field-number order), and each initializer serialized on its own. Serializing a whole model
     at once makes one buffer of the file's size and copies it into a bytes object: for VGG16 (553 MB) measured
     2.0-2.7 s on a 2-core machine, the pieces 1.3 s, and the peak memory of `lrpc compile` 1.70 -> 1.50 GB.
-    A model or graph with fields this protobuf build does not know is serialized whole. UnsupportedError past
-    2 GB (the limit of a protobuf file; SerializeToString itself would raise ValueError)."""
+    Initializers still as read from a file (``verbatim``, see :func:`verbatim_bytes`) are not serialized: the
+    file's bytes they were parsed from are written instead (views, no copy: VGG16's serialize 1.1-1.4 s -> 0.01 s;
+    the same message, and the same bytes for a file protobuf wrote). A model or graph with fields this protobuf
+    build does not know is serialized whole. UnsupportedError past 2 GB (the limit of a protobuf file; SerializeToString itself would raise ValueError)."""
     from google.protobuf.unknown_fields import UnknownFieldSet
 
     graph = model.graph
@@ -111,7 +146,8 @@ def serialized_pieces(model: onnx.ModelProto) -> list[bytes]:
     graph_head, graph_tail = _split_before(_without(graph, "initializer").SerializeToString(), 5)
     body = [graph_head]
     for init in graph.initializer:
-        tensor = init.SerializeToString()
+        tensor = verbatim_bytes(init, verbatim)
+        tensor = init.SerializeToString() if tensor is None else tensor
         body += [_key_and_length(5, len(tensor)), tensor]
     body.append(graph_tail)
     pieces = [model_head, _key_and_length(7, sum(map(len, body))), *body, model_tail]

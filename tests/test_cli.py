@@ -360,13 +360,9 @@ def lrpc_default_relevance(x, seed, tmp_path):
         None, {"input": x, "relevance_seed": seed})[1]
 
 
-def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
-    """A model read from a file is lrpc's own: the export reuses its big weights instead of copying them
-    (lrpc/graph.py export_model). The result must equal compiling the same ModelProto (which is never
-    modified): same nodes, inputs, outputs, metadata and initializers (by content), and BatchNorm-folded
-    weights must replace, not join, the originals."""
-    import lrpc as api
-
+def _big_model() -> onnx.ModelProto:
+    """Conv (weight big enough to be kept in place), ReLU, Conv + BatchNorm (its weight folded: replaced), ReLU,
+    Gemm."""
     rng = np.random.default_rng(0)
     w = rng.standard_normal((64, 3, 5, 5)).astype(np.float32)  # 4800 values: big enough to be kept in place
     w2 = rng.standard_normal((16, 64, 3, 3)).astype(np.float32)  # folded with the BatchNorm: replaced
@@ -384,6 +380,19 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
                                numpy_helper.from_array(g, "g"), *bn])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
+    return model
+
+
+def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
+    """A model read from a file is lrpc's own: the export reuses its big weights instead of copying them
+    (lrpc/graph.py export_model). The result must equal compiling the same ModelProto (which is never
+    modified): same nodes, inputs, outputs, metadata and initializers (by content), and BatchNorm-folded
+    weights must replace, not join, the originals."""
+    import lrpc as api
+
+    model = _big_model()
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    rng = np.random.default_rng(1)
     path = tmp_path / "big.onnx"
     onnx.save(model, str(path))
     before = model.SerializeToString()
@@ -501,16 +510,16 @@ def test_raw_weights_are_the_initializers_bytes(tmp_path):
     onnx.save(model, tmp_path / "m.onnx")
     _, data = read_model(tmp_path / "m.onnx")
     raw = raw_weights(data)
-    assert [name for name, _ in raw] == [i.name for i in model.graph.initializer]
-    for init, (_, stored) in zip(model.graph.initializer, raw):
-        assert bytes(stored) == numpy_helper.to_array(init).tobytes()
+    assert [t.name for t in raw] == [i.name for i in model.graph.initializer]
+    for init, (_, stored, whole) in zip(model.graph.initializer, raw):
+        assert bytes(stored) == numpy_helper.to_array(init).tobytes() and bytes(whole) == init.SerializeToString()
     big = numpy_helper.from_array(rng.standard_normal(4096).astype(np.float32), "big")
     model.graph.initializer.append(big)
     convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
     onnx.save(model, tmp_path / "ext.onnx")
     loaded, data = read_model(tmp_path / "ext.onnx")
-    stored = dict(raw_weights(data))
-    assert stored["big"] is None and bytes(stored["w"]) == numpy_helper.to_array(model.graph.initializer[0]).tobytes()
+    stored = {t.name: t.raw for t in raw_weights(data)}
+    assert stored["big"] is None and {t.name: t.whole for t in raw_weights(data)}["big"] is None and bytes(stored["w"]) == numpy_helper.to_array(model.graph.initializer[0]).tobytes()
     import lrpc as lib
     from lrpc.errors import InputError
 
@@ -521,6 +530,85 @@ def test_raw_weights_are_the_initializers_bytes(tmp_path):
     stored.tofile(tmp_path / "w.bin")
     with pytest.raises(InputError, match="weight 'big' holds 1 NaN/Inf value"):
         lib.compile(tmp_path / "ext.onnx", "epsilon")
+
+
+@pytest.mark.parametrize("command", ["compile", "canonize"])
+def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
+    """The weights the result holds as read from the file are written as the file's bytes (views into them, not
+    serialized again); a weight a pass changed (w2, folded with the BatchNorm) and small ones are serialized. The
+    input was written by protobuf: the output holds the model's SerializeToString exactly, from the CLI too."""
+    from lrpc import compiler
+    from lrpc.model_io import serialized_pieces
+
+    path = tmp_path / "big.onnx"
+    onnx.save(_big_model(), str(path))
+    if command == "compile":
+        model, verbatim = compiler.compile_for_save(path, "epsilon-gamma-box")
+    else:
+        model, verbatim = compiler.canonize_for_save(path)
+    pieces = serialized_pieces(model, verbatim)
+    views = [onnx.TensorProto.FromString(p) for p in pieces if isinstance(p, memoryview)]
+    assert [t.name for t in views] == ["w"] and "w2" not in {t.name for t in model.graph.initializer}
+    assert views[0] == next(t for t in onnx.load(str(path)).graph.initializer if t.name == "w")
+    assert b"".join(pieces) == model.SerializeToString()
+    code, _, err = lrpc(command, path, "-o", tmp_path / "out.onnx", *(["--rules", "epsilon-gamma-box"] if command == "compile" else []))
+    assert code == 0, err
+    assert (tmp_path / "out.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path):
+    """A file that stores weight w with its fields in another order than protobuf writes them, in a second
+    ModelProto.graph field (protobuf merges the two): the same model. The output keeps w's bytes as stored, so
+    its bytes differ from SerializeToString's, and it parses to the very same model, from the CLI too."""
+    from lrpc import compiler
+    from lrpc.model_io import _key_and_length, serialized_pieces
+
+    model = _big_model()
+    w = model.graph.initializer[0]
+    assert w.name == "w"
+    reordered = (_key_and_length(9, len(w.raw_data)) + w.raw_data + bytes([2 << 3, TensorProto.FLOAT])
+                 + b"".join(bytes([1 << 3, d]) for d in w.dims) + _key_and_length(8, 1) + b"w")  # (dims < 128)
+    assert onnx.TensorProto.FromString(reordered) == w and reordered != w.SerializeToString()
+    del model.graph.initializer[0]
+    entry = _key_and_length(5, len(reordered)) + reordered
+    data = model.SerializeToString() + _key_and_length(7, len(entry)) + entry
+    model.graph.initializer.append(w)
+    assert onnx.ModelProto.FromString(data) == model
+    path = tmp_path / "odd.onnx"
+    path.write_bytes(data)
+    got, verbatim = compiler.compile_for_save(path, "epsilon")
+    pieces = serialized_pieces(got, verbatim)
+    assert [bytes(p) for p in pieces if isinstance(p, memoryview)] == [reordered]
+    assert b"".join(pieces) != got.SerializeToString()
+    assert onnx.ModelProto.FromString(b"".join(pieces)) == got
+    want = compiler.compile(model, "epsilon")  # (a ModelProto's initializers come in the export's order)
+    assert list(got.graph.node) == list(want.graph.node)
+    assert {t.name: t for t in got.graph.initializer} == {t.name: t for t in want.graph.initializer}
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "out.onnx", "--rules", "epsilon")
+    assert code == 0, err
+    assert onnx.load(str(tmp_path / "out.onnx")) == got
+
+
+def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
+    """The verbatim bytes stand for a tensor only while it is the very object loaded, with its name, dims and
+    type: one renamed or reshaped in place is serialized again (lrpc itself never writes into a loaded tensor)."""
+    from lrpc import compiler
+    from lrpc.model_io import serialized_pieces, verbatim_bytes
+
+    path = tmp_path / "big.onnx"
+    onnx.save(_big_model(), str(path))
+    for change in ("name", "dims", "type", "none"):
+        model, verbatim = compiler.compile_for_save(path, "epsilon")
+        w = next(t for t in model.graph.initializer if t.name == "w")
+        assert verbatim_bytes(w, verbatim) is not None and verbatim_bytes(onnx.TensorProto(), verbatim) is None
+        if change == "name":
+            w.name = "w_renamed"
+        elif change == "dims":
+            w.dims[0], w.dims[1] = w.dims[1], w.dims[0]
+        elif change == "type":
+            w.data_type = TensorProto.INT32
+        assert (verbatim_bytes(w, verbatim) is None) == (change != "none")
+        assert b"".join(serialized_pieces(model, verbatim)) == model.SerializeToString()
 
 
 def test_nan_weights_refused_in_a_model_proto():
