@@ -21,9 +21,10 @@ class Owned:
         self.proto = proto
 
 
-def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool, dict, dict]:
+def _as_model(model, input_shapes: dict | None = None, verbatim: bool = False) -> tuple[onnx.ModelProto, bool, dict, dict]:
     """``(ModelProto, owned, signs, verbatim)``: owned when lrpc read or copied it (the export may then reuse its
-    weights); a caller's ModelProto is never modified. ``signs``, ``verbatim``: see :func:`_check_weights`."""
+    weights); a caller's ModelProto is never modified. ``signs``, ``verbatim`` (only when asked for: it keeps the
+    file's bytes in memory): see :func:`_check_weights`."""
     owned, data = isinstance(model, (str, os.PathLike, Owned)), None
     if isinstance(model, Owned):
         model = model.proto
@@ -33,7 +34,7 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto,
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     if input_shapes:
         model, owned = _with_input_shapes(model, input_shapes), True
-    return model, owned, *_check_weights(model, raw_weights(data) if data is not None else [])
+    return model, owned, *_check_weights(model, raw_weights(data) if data is not None else [], verbatim)
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -53,14 +54,15 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
-def _check_weights(model: onnx.ModelProto, raw: list) -> tuple[dict, dict]:
+def _check_weights(model: onnx.ModelProto, raw: list, verbatim: bool = False) -> tuple[dict, dict]:
     """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user.
     ``raw``: the initializers' bytes as stored in the file read (:func:`lrpc.model_io.raw_weights`), looked at
     in place where they match the model's initializers one to one (names, sizes); others are read from the
     ModelProto, which copies them (0.6 s for VGG16's 528 MB on a 2-core machine). Returns ``signs``, ``{name:
     (TensorProto, all values >= 0)}`` for the float initializers: the emitter's sign analysis looks weights up
-    there instead of reading them again; and ``verbatim``, ``{id(TensorProto): Verbatim}`` for the initializers
-    matched in the file: :func:`lrpc.model_io.save_model` writes those still unchanged as the file's bytes."""
+    there instead of reading them again; and, when ``verbatim``, ``{id(TensorProto): Verbatim}`` for the
+    initializers matched in the file: :func:`lrpc.model_io.save_model` writes those still unchanged as the file's
+    bytes (else {})."""
     import sys
 
     import numpy as np
@@ -70,15 +72,15 @@ def _check_weights(model: onnx.ModelProto, raw: list) -> tuple[dict, dict]:
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, node)
-    signs, verbatim = {}, {}
+    signs, stored_as = {}, {}
     inits = model.graph.initializer
     if len(raw) != len(inits):
         raw = [StoredTensor(None, None, None)] * len(inits)
     for init, (name, stored, whole) in zip(inits, raw):
         if name != init.name:
             stored = whole = None
-        if whole is not None:
-            verbatim[id(init)] = Verbatim(init, whole, init.name, list(init.dims), init.data_type)
+        if verbatim and whole is not None:
+            stored_as[id(init)] = Verbatim(init, whole, init.name, list(init.dims), init.data_type)
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             continue
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
@@ -94,7 +96,7 @@ def _check_weights(model: onnx.ModelProto, raw: list) -> tuple[dict, dict]:
             at = f" used by node '{user.name}' ({user.op_type})" if user is not None else ""
             raise InputError(f"weight '{init.name}'{at} holds {bad} NaN/Inf value(s)")
         signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
-    return signs, verbatim
+    return signs, stored_as
 
 
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
@@ -104,12 +106,12 @@ def canonize(model, output: str | None = None, input_shapes: dict | None = None)
 
 
 def canonize_for_save(model, output: str | None = None, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, dict]:
-    """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model`."""
-    proto, owned, _, verbatim = _as_model(model, input_shapes)
+    """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model` (see :func:`compile_for_save`)."""
+    proto, owned, _, verbatim = _as_model(model, input_shapes, verbatim=True)
     canon = _canonize(proto, output, owned)
     result = export_model(canon)
     _check(result)
-    return result, verbatim
+    return result, _still_held(result, verbatim)
 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
@@ -130,8 +132,10 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
                      layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
                      **options) -> tuple[onnx.ModelProto, dict]:
     """:func:`compile` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model`: the weights of the file
-    read that the result holds unchanged are written as the file's bytes (VGG16: 1.1-1.4 s of serializing saved).
-    They keep the file's bytes in memory until the write, as long as the proto's copy of them."""
+    read that the result holds as loaded are written as the file's bytes (VGG16: 1.1-1.4 s of serializing saved).
+    They keep the file's bytes in memory until the write (when the result holds any). Valid while the result's
+    tensors are not changed in place: save right away (a tensor renamed, reshaped or retyped is noticed, new
+    values written into its data are not)."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
     else:
@@ -140,12 +144,19 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    proto, owned, signs, verbatim = _as_model(model, input_shapes)
+    proto, owned, signs, verbatim = _as_model(model, input_shapes, verbatim=True)
     canon = _canonize(proto, output, owned)
     canon.weight_signs = signs
     result = emit(canon, ruleset, layerwise, seed)
     _check(result)
-    return result, verbatim
+    return result, _still_held(result, verbatim)
+
+
+def _still_held(model: onnx.ModelProto, verbatim: dict) -> dict:
+    """The entries of ``verbatim`` for tensors ``model`` holds: the others (weights a pass replaced, a model whose
+    opset was converted) would keep the file's bytes and the tensors read in memory for nothing."""
+    held = {id(t) for t in model.graph.initializer}
+    return {k: v for k, v in verbatim.items() if k in held}
 
 
 def _check(model: onnx.ModelProto) -> None:

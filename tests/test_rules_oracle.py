@@ -123,6 +123,10 @@ def make_case(kind: str, dtype, seed: int = 0) -> Case:
                           strides=[1, 2])
     if kind == "conv_s1_grouped_dilated":  # stride 1: adjoint lowered as a Conv with flipped weights
         return _conv_case(dtype, rng, (2, 4, 7, 6), (6, 2, 3, 2), group=2, dilations=[2, 1], pads=[2, 0, 1, 1])
+    if kind == "conv_s1_1xk":  # one group, kernel 1 on one axis: flipped (Transpose, then reversed) on the other only
+        return _conv_case(dtype, rng, (2, 3, 5, 6), (4, 3, 1, 3), pads=[0, 1, 0, 0])
+    if kind == "conv_s1_pointwise":  # 1x1, two groups: the flip is the group-wise in/out swap alone
+        return _conv_case(dtype, rng, (2, 4, 5, 5), (6, 2, 1, 1), group=2)
     if kind == "conv_s1_bigpad":  # pads wider than the kernel: falls back to ConvTranspose
         return _conv_case(dtype, rng, (2, 3, 5, 5), (4, 3, 2, 2), pads=[2, 2, 3, 1])
     if kind == "conv1d":
@@ -136,7 +140,8 @@ def make_case(kind: str, dtype, seed: int = 0) -> Case:
     return _dense_cases(kind, dtype, rng)
 
 
-OPS = ["conv2d_s2_asym", "conv_depthwise", "conv_grouped_dilated", "conv_s1_grouped_dilated", "conv_s1_bigpad", "conv1d", "convT_s2_outpad", "convT_grouped",
+OPS = ["conv2d_s2_asym", "conv_depthwise", "conv_grouped_dilated", "conv_s1_grouped_dilated", "conv_s1_1xk",
+       "conv_s1_pointwise", "conv_s1_bigpad", "conv1d", "convT_s2_outpad", "convT_grouped",
        "gemm_transB", "gemm_alpha_beta", "matmul", "matmul_add", "matmul_3d"]
 
 # (id, rule name, rule-file params, compile options, oracle keyword arguments)

@@ -71,17 +71,24 @@ class ConvView(View):
         return self.b.op("ConvTranspose", [c, w], {**a, "output_padding": op})
 
     def _flipped(self, w):
-        """[Cout, Cin/g, *k] -> [Cin, Cout/g, *k] per group, spatially reversed (constant-folded)."""
+        """[Cout, Cin/g, *k] -> [Cin, Cout/g, *k] per group, spatially reversed (constant-folded at session start).
+        As few ops as the layer allows (one group: no Reshapes; a 1x1 kernel: no reversal): onnxruntime's constant
+        folding keeps every intermediate until it ends, and those set the peak memory of a session's start."""
         if w.name not in self.ctx.cache:
             b, g = self.b, int(self.node.attrs.get("group", 1))
             shape = list(self.w.shape)  # (graphsurgeon knows shapes without loading values)
             cout, cin_g, ks = shape[0], shape[1], shape[2:]
             n = len(ks)
-            t = b.op("Reshape", [w, b.ints([g, cout // g, cin_g, *ks])])
-            t = b.op("Transpose", [t], {"perm": [0, 2, 1, *range(3, 3 + n)]})
-            t = b.op("Reshape", [t, b.ints([g * cin_g, cout // g, *ks])])
-            axes = list(range(2, 2 + n))
-            t = b.op("Slice", [t, b.ints([-1] * n), b.ints([-(2 ** 62)] * n), b.ints(axes), b.ints([-1] * n)])
+            if g == 1:
+                t = b.op("Transpose", [w], {"perm": [1, 0, *range(2, 2 + n)]})
+            else:
+                t = b.op("Reshape", [w, b.ints([g, cout // g, cin_g, *ks])])
+                t = b.op("Transpose", [t], {"perm": [0, 2, 1, *range(3, 3 + n)]})
+                t = b.op("Reshape", [t, b.ints([g * cin_g, cout // g, *ks])])
+            axes = [2 + i for i in range(n) if ks[i] != 1]
+            if axes:
+                k = len(axes)
+                t = b.op("Slice", [t, b.ints([-1] * k), b.ints([-(2 ** 62)] * k), b.ints(axes), b.ints([-1] * k)])
             self.ctx.cache[w.name] = t
         return self.ctx.cache[w.name]
 
