@@ -212,7 +212,8 @@ def _run(args) -> int:
         model, verbatim = canonize_for_save(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
         model, verbatim = compile_for_save(args.model, args.rules, output=args.output, layerwise=args.layerwise,
-                                           input_shapes=dict(args.input_shape), seed=args.seed, **asdict(_options(args)))
+                                           input_shapes=dict(args.input_shape), seed=args.seed,
+                                           **asdict(_options(args)))
     save_model(model, args.out, protect=[args.model], verbatim=verbatim)
     print(f"wrote {args.out}")
     return 0

@@ -21,7 +21,8 @@ class Owned:
         self.proto = proto
 
 
-def _as_model(model, input_shapes: dict | None = None, verbatim: bool = False) -> tuple[onnx.ModelProto, bool, dict, dict]:
+def _as_model(model, input_shapes: dict | None = None,
+              verbatim: bool = False) -> tuple[onnx.ModelProto, bool, dict, dict]:
     """``(ModelProto, owned, signs, verbatim)``: owned when lrpc read or copied it (the export may then reuse its
     weights); a caller's ModelProto is never modified. ``signs``, ``verbatim`` (only when asked for: it keeps the
     file's bytes in memory): see :func:`_check_weights`."""
@@ -105,8 +106,10 @@ def canonize(model, output: str | None = None, input_shapes: dict | None = None)
     return canonize_for_save(model, output, input_shapes)[0]
 
 
-def canonize_for_save(model, output: str | None = None, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, dict]:
-    """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model` (see :func:`compile_for_save`)."""
+def canonize_for_save(model, output: str | None = None,
+                      input_shapes: dict | None = None) -> tuple[onnx.ModelProto, dict]:
+    """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model` (see
+    :func:`compile_for_save`)."""
     proto, owned, _, verbatim = _as_model(model, input_shapes, verbatim=True)
     canon = _canonize(proto, output, owned)
     result = export_model(canon)
