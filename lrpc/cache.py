@@ -74,7 +74,8 @@ def _external_files(p: Path) -> list[Path]:
 
 def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
     """The cached compilation of the model file ``path`` under ``settings`` (a JSON-able dict of everything
-    else compile depends on), or ``make()``'s result, stored for next time. Notes go to stderr."""
+    else compile depends on), or the model ``make()`` returns with its ``verbatim`` weights
+    (:func:`lrpc.compiler.compile_for_save`), stored for next time. Notes go to stderr."""
     model_key = key(path, rules, settings)
     folder = cache_dir()
     entry = folder / f"{model_key[:32]}.lrp.onnx"
@@ -82,7 +83,7 @@ def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
         hit = entry.is_file()
     except OSError as e:  # e.g. a folder we may not search
         _warn(folder, e)
-        return make()
+        return make()[0]
     if hit:
         try:
             model = load_model(entry)
@@ -90,10 +91,10 @@ def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
             return model
         except Exception:  # a damaged or unreadable entry is recompiled and replaced
             pass
-    model = make()
+    model, verbatim = make()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(model, entry)
+        save_model(model, entry, verbatim=verbatim)
     except Exception as e:
         _warn(folder, e)
     return model

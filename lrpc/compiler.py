@@ -15,10 +15,13 @@ from .passes import canonize as _canonize
 
 class Owned:
     """A ModelProto handed over to :func:`compile` by a caller that read it and will not use it again
-    (lrpc explain): the export may then build in it and reuse its weights instead of copying them."""
+    (lrpc explain): the export may then build in it and reuse its weights instead of copying them. ``data``: the
+    file's bytes it was parsed from (:func:`lrpc.model_io.read_model`), if any: the weight scan then reads the
+    weights there instead of copying them out of the proto, and :func:`compile_for_save` can write unchanged
+    weights from them. Both are taken over by the compile (``data`` is dropped from here)."""
 
-    def __init__(self, proto: onnx.ModelProto):
-        self.proto = proto
+    def __init__(self, proto: onnx.ModelProto, data: bytes | None = None):
+        self.proto, self.data = proto, data
 
 
 def _as_model(model, input_shapes: dict | None = None,
@@ -28,7 +31,8 @@ def _as_model(model, input_shapes: dict | None = None,
     file's bytes in memory): see :func:`_check_weights`."""
     owned, data = isinstance(model, (str, os.PathLike, Owned)), None
     if isinstance(model, Owned):
-        model = model.proto
+        handed, model, data = model, model.proto, model.data
+        handed.data = None
     elif owned:
         model, data = read_model(model)
     elif not isinstance(model, onnx.ModelProto):

@@ -27,7 +27,7 @@ from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
 from .imaging import _pil_image, grid, heatmap, overlay
-from .model_io import load_model
+from .model_io import read_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,7 +86,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
 
     if layout not in ("nchw", "nhwc"):
         raise InputError(f"--layout must be nchw or nhwc, got '{layout}'")
-    proto = load_model(model) if isinstance(model, (str, os.PathLike)) else model
+    proto, data = read_model(model) if isinstance(model, (str, os.PathLike)) else (model, None)
     if not isinstance(proto, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     spec = model_input(proto, layout)
@@ -99,18 +99,20 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
             h, w = size
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
-        # a model read here is handed over: the compiled graph is built in it (no copy of its weights)
-        source = compiler.Owned(proto) if isinstance(model, (str, os.PathLike)) else proto
-        make = lambda: compiler.compile(source, rules, output=output, input_shapes=shapes or None, seed=seed,  # noqa: E731
-                                        **options)
+        # a model read here is handed over with the file's bytes: the compiled graph is built in it (no copy of
+        # its weights), the weight scan reads the bytes, and a cache entry is written with the unchanged weights'
+        source, data = (compiler.Owned(proto, data) if isinstance(model, (str, os.PathLike)) else proto), None
+        kwargs = dict(output=output, input_shapes=shapes or None, seed=seed, **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache
 
             settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed}
+            make = lambda: compiler.compile_for_save(source, rules, **kwargs)  # noqa: E731
             proto = compile_cache.compiled(model, rules, settings, make)
         else:
-            proto = make()
+            proto = compiler.compile(source, rules, **kwargs)
         spec = model_input(proto, layout)
+    data = None  # (the session below does not need the file's bytes)
     return Session(proto, providers=providers, channels_last=layout == "nhwc"), spec
 
 

@@ -558,12 +558,10 @@ def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
     assert (tmp_path / "out.onnx").read_bytes() == model.SerializeToString()
 
 
-def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path):
-    """A file that stores weight w with its fields in another order than protobuf writes them, in a second
-    ModelProto.graph field (protobuf merges the two): the same model. The output keeps w's bytes as stored, so
-    its bytes differ from SerializeToString's, and it parses to the very same model, from the CLI too."""
-    from lrpc import compiler
-    from lrpc.model_io import _key_and_length, serialized_pieces
+def _odd_file(path) -> tuple[onnx.ModelProto, bytes]:
+    """_big_model written to ``path`` with weight w's fields in another order than protobuf writes them, in a second
+    ModelProto.graph field (protobuf merges the two): (the model, w's bytes as stored)."""
+    from lrpc.model_io import _key_and_length
 
     model = _big_model()
     w = model.graph.initializer[0]
@@ -576,8 +574,19 @@ def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path
     data = model.SerializeToString() + _key_and_length(7, len(entry)) + entry
     model.graph.initializer.append(w)
     assert onnx.ModelProto.FromString(data) == model
-    path = tmp_path / "odd.onnx"
     path.write_bytes(data)
+    return model, reordered
+
+
+def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path):
+    """A file that stores weight w with its fields in another order than protobuf writes them, in a second
+    ModelProto.graph field (protobuf merges the two): the same model. The output keeps w's bytes as stored, so
+    its bytes differ from SerializeToString's, and it parses to the very same model, from the CLI too."""
+    from lrpc import compiler
+    from lrpc.model_io import serialized_pieces
+
+    path = tmp_path / "odd.onnx"
+    model, reordered = _odd_file(path)
     got, verbatim = compiler.compile_for_save(path, "epsilon")
     pieces = serialized_pieces(got, verbatim)
     assert [bytes(p) for p in pieces if isinstance(p, memoryview)] == [reordered]
@@ -590,6 +599,32 @@ def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path
     assert code == 0, err
     written = (tmp_path / "out.onnx").read_bytes()
     assert reordered in written and onnx.ModelProto.FromString(written) == got  # (the CLI writes verbatim)
+
+
+def test_explain_hands_the_files_bytes_over(tmp_path):
+    """lrpc explain reads the file and hands model and bytes over to the compile: the weight scan reads the bytes
+    (no weight copied out of the proto) and a compile-cache entry keeps the unchanged weights as stored, with the
+    graph of a plain compile."""
+    from onnx import numpy_helper as nh
+
+    from lrpc import explain
+
+    path = tmp_path / "odd.onnx"
+    model, reordered = _odd_file(path)
+    reads = []
+    real = nh.to_array
+    try:
+        nh.to_array = lambda t, *a, **k: reads.append(t.name) or real(t, *a, **k)
+        explain.prepare(path, "epsilon", cache=True)
+    finally:
+        nh.to_array = real
+    assert "w" not in reads, reads
+    entries = list(Path(os.environ["LRPC_CACHE_DIR"]).glob("*.lrp.onnx"))
+    assert len(entries) == 1 and reordered in entries[0].read_bytes()
+    import lrpc as lib
+
+    want = lib.compile(model, "epsilon")
+    assert onnx.load(str(entries[0])).graph.node == want.graph.node
 
 
 def test_a_weight_changed_in_place_is_serialized_again(tmp_path):

@@ -498,11 +498,12 @@ def test_backward_reads_the_forward_relu(composite):
     assert relus and max(relus.values()) == 1, relus
 
 
-@pytest.mark.parametrize("source", ["proto", "file"])
+@pytest.mark.parametrize("source", ["proto", "file", "handed"])
 def test_weights_are_read_once_and_their_signs_reused(source, monkeypatch, tmp_path):
     """The load-time NaN/Inf scan also records each weight's sign, and the sign analysis uses it instead of reading
     the weight again (every read copies the bytes: 0.6 s for VGG16); from a file the scan reads the weights in
-    the file's bytes, and no weight is copied out of the ModelProto at all. Here a Conv with non-negative weights on a
+    the file's bytes, and no weight is copied out of the ModelProto at all (so too for a ModelProto handed over with
+    the bytes it was read from, as lrpc explain does). Here a Conv with non-negative weights on a
     ReLU output makes the next layer's input non-negative, so alpha-beta drops its x- terms there: the facts
     from the scan give the same graph as a fresh read, fewer nodes than no sign facts, and the same relevance."""
     import collections
@@ -530,17 +531,21 @@ def test_weights_are_read_once_and_their_signs_reused(source, monkeypatch, tmp_p
         return real(t, *args, **kwargs)
 
     monkeypatch.setattr(nh, "to_array", counting)
-    if source == "file":
+    if source != "proto":
         onnx.save(model, tmp_path / "m.onnx")
         model = tmp_path / "m.onnx"
+    from lrpc.compiler import Owned
+    from lrpc.model_io import read_model
+
+    src = (lambda: Owned(*read_model(model))) if source == "handed" else (lambda: model)  # (a handed one is used up)
     once = 1 if source == "proto" else 0
-    scanned = lrpc.compile(model, "epsilon-alpha2-beta1")
+    scanned = lrpc.compile(src(), "epsilon-alpha2-beta1")
     assert reads["w1"] == once and reads["w2"] == once, reads
     monkeypatch.setattr(lrpc.emit, "const_nonneg", lambda t, known=None: const_nonneg(t))
-    reread = lrpc.compile(model, "epsilon-alpha2-beta1")
+    reread = lrpc.compile(src(), "epsilon-alpha2-beta1")
     assert reads["w1"] == 2 * once + 1  # (the fresh read: the lookup was what spared it)
     monkeypatch.setattr(lrpc.emit, "const_nonneg", lambda t, known=None: False)
-    blind = lrpc.compile(model, "epsilon-alpha2-beta1")
+    blind = lrpc.compile(src(), "epsilon-alpha2-beta1")
     ops = lambda m: [n.op_type for n in m.graph.node]  # noqa: E731
     assert ops(scanned) == ops(reread) and len(ops(blind)) > len(ops(scanned))
     x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
