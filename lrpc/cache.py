@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from .model_io import load_model, save_model
+from .model_io import raw_weights, read_model, save_model, verbatim_map
 
 
 def cache_dir() -> Path:
@@ -72,10 +72,10 @@ def _external_files(p: Path) -> list[Path]:
     return [p.parent / n for n in names if n]
 
 
-def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
-    """The cached compilation of the model file ``path`` under ``settings`` (a JSON-able dict of everything
-    else compile depends on), or the model ``make()`` returns with its ``verbatim`` weights
-    (:func:`lrpc.compiler.compile_for_save`), stored for next time. Notes go to stderr."""
+def compiled(path, rules, settings: dict, make) -> tuple[onnx.ModelProto, dict]:
+    """``(model, verbatim)``: the cached compilation of the model file ``path`` under ``settings`` (a JSON-able dict
+    of everything else compile depends on), or what ``make()`` returns (:func:`lrpc.compiler.compile_for_save`),
+    stored for next time with its verbatim weights. Notes go to stderr."""
     model_key = key(path, rules, settings)
     folder = cache_dir()
     entry = folder / f"{model_key[:32]}.lrp.onnx"
@@ -83,12 +83,12 @@ def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
         hit = entry.is_file()
     except OSError as e:  # e.g. a folder we may not search
         _warn(folder, e)
-        return make()[0]
+        return make()
     if hit:
         try:
-            model = load_model(entry)
+            model, data = read_model(entry)
             print(f"lrpc: compiled model from the cache: {entry}", file=sys.stderr)
-            return model
+            return model, verbatim_map(model, raw_weights(data)) if data is not None else {}
         except Exception:  # a damaged or unreadable entry is recompiled and replaced
             pass
     model, verbatim = make()
@@ -97,7 +97,7 @@ def compiled(path, rules, settings: dict, make) -> onnx.ModelProto:
         save_model(model, entry, verbatim=verbatim)
     except Exception as e:
         _warn(folder, e)
-    return model
+    return model, verbatim
 
 
 def _warn(folder: Path, e: BaseException) -> None:

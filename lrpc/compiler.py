@@ -9,7 +9,7 @@ from . import composites
 from .emit import emit
 from .errors import InputError
 from .graph import check_structure, export_model
-from .model_io import StoredTensor, Verbatim, raw_weights, read_model
+from .model_io import StoredTensor, raw_weights, read_model, verbatim_map
 from .passes import canonize as _canonize
 
 
@@ -77,15 +77,14 @@ def _check_weights(model: onnx.ModelProto, raw: list, verbatim: bool = False) ->
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, node)
-    signs, stored_as = {}, {}
+    signs = {}
     inits = model.graph.initializer
+    stored_as = verbatim_map(model, raw) if verbatim else {}
     if len(raw) != len(inits):
         raw = [StoredTensor(None, None, None)] * len(inits)
-    for init, (name, stored, whole) in zip(inits, raw):
+    for init, (name, stored, _) in zip(inits, raw):
         if name != init.name:
-            stored = whole = None
-        if verbatim and whole is not None:
-            stored_as[id(init)] = Verbatim(init, whole, init.name, list(init.dims), init.data_type)
+            stored = None
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             continue
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)

@@ -27,7 +27,7 @@ from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
 from .imaging import _pil_image, grid, heatmap, overlay
-from .model_io import read_model
+from .model_io import raw_weights, read_model, verbatim_map
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -100,20 +100,22 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
             h, w = size
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
         # a model read here is handed over with the file's bytes: the compiled graph is built in it (no copy of
-        # its weights), the weight scan reads the bytes, and a cache entry is written with the unchanged weights'
+        # its weights), the weight scan reads the bytes, and a cache entry and the session get the unchanged
+        # weights as the file's bytes
         source, data = (compiler.Owned(proto, data) if isinstance(model, (str, os.PathLike)) else proto), None
-        kwargs = dict(output=output, input_shapes=shapes or None, seed=seed, **options)
+        make = lambda: compiler.compile_for_save(source, rules, output=output, input_shapes=shapes or None,  # noqa: E731
+                                                 seed=seed, **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache
 
             settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed}
-            make = lambda: compiler.compile_for_save(source, rules, **kwargs)  # noqa: E731
-            proto = compile_cache.compiled(model, rules, settings, make)
+            proto, verbatim = compile_cache.compiled(model, rules, settings, make)
         else:
-            proto = compiler.compile(source, rules, **kwargs)
+            proto, verbatim = make()
         spec = model_input(proto, layout)
-    data = None  # (the session below does not need the file's bytes)
-    return Session(proto, providers=providers, channels_last=layout == "nhwc"), spec
+    else:  # a compiled file: its weights go to the session as the file's bytes
+        verbatim, data = (verbatim_map(proto, raw_weights(data)) if data is not None else None), None
+    return Session(proto, providers=providers, channels_last=layout == "nhwc", verbatim=verbatim), spec
 
 
 def load_image(path, size, channels: int | None = 3, mean=None, std=None, layout: str = "nchw",

@@ -407,13 +407,13 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
     assert api.compile(compiler.Owned(handed), "epsilon-plus") is handed
     assert inits(handed) == inits(from_proto) and list(handed.graph.node) == list(from_proto.graph.node)
     seen = []
-    real = compiler.compile
-    compiler.compile = lambda m, *a, **k: seen.append(m) or real(m, *a, **k)
+    real = compiler.compile_for_save
+    compiler.compile_for_save = lambda m, *a, **k: seen.append(m) or real(m, *a, **k)
     try:
         explain.prepare(path, "epsilon-plus")
         explain.prepare(model, "epsilon-plus")
     finally:
-        compiler.compile = real
+        compiler.compile_for_save = real
     assert isinstance(seen[0], compiler.Owned) and seen[1] is model
     assert model.SerializeToString() == before
     assert inits(from_path)["w"] == numpy_helper.from_array(w, "w").SerializeToString()  # kept as it was
@@ -625,6 +625,32 @@ def test_explain_hands_the_files_bytes_over(tmp_path):
 
     want = lib.compile(model, "epsilon")
     assert onnx.load(str(entries[0])).graph.node == want.graph.node
+
+
+@pytest.mark.parametrize("seed", ["input", "top1"])
+def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
+    """lrpc.Session of a compiled file, and lrpc explain of a plain one, hand onnxruntime the weights still as read as
+    the file's bytes (not serialized again; with and without the top-1 switch a seed-input model gets), and the
+    sessions compute what a session of the same model serialized by protobuf computes."""
+    import lrpc as lib
+    from lrpc import explain, runtime
+
+    given = []
+    real = runtime.inference_session
+    monkeypatch.setattr(runtime, "inference_session", lambda data, *a, **k: given.append(data) or real(data, *a, **k))
+    path = tmp_path / "odd.onnx"
+    _, reordered = _odd_file(path)
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "odd.lrp.onnx", "--rules", "epsilon", "--seed", seed)
+    assert code == 0, err
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    sessions = {"file": lib.Session(tmp_path / "odd.lrp.onnx"), "explain": explain.prepare(path, "epsilon", seed=seed)[0],
+                "proto": lib.Session(onnx.load(str(tmp_path / "odd.lrp.onnx")))}
+    assert [reordered in data for data in given] == [True, True, False]
+    want = sessions["proto"].explain({"x": x})  # (top-1: the switch, or a top1-seeded graph)
+    assert np.abs(want.relevance).sum() > 0
+    for name in ("file", "explain"):
+        got = sessions[name].explain({"x": x})
+        np.testing.assert_array_equal(got.relevance, want.relevance, err_msg=name)
 
 
 def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
