@@ -113,6 +113,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         else:
             proto, verbatim = make()
         spec = model_input(proto, layout)
+        source = make = None  # (on a cache hit nothing took the file's bytes out of source: drop them here)
     else:  # a compiled file: its weights go to the session as the file's bytes
         verbatim, data = (verbatim_map(proto, raw_weights(data)) if data is not None else None), None
     return Session(proto, providers=providers, channels_last=layout == "nhwc", verbatim=verbatim), spec

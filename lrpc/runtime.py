@@ -23,8 +23,8 @@ class Session:
     :attr:`providers` for the ones the session actually got (a CUDA request can fall back to CPU).
     ``tf32``: let CUDA run float32 convolutions/matmuls in TF32 (faster, ~1e-3 relative error); off by
     default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
-    [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``verbatim``: weights of ``model``
-    still as read from a file, handed to onnxruntime as the file's bytes (:func:`lrpc.compiler.compile_for_save`;
+    [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``verbatim`` (with a ModelProto):
+    weights of ``model`` still as read from a file, handed to onnxruntime as the file's bytes (:func:`lrpc.compiler.compile_for_save`;
     a path is read that way itself; the dict is emptied once used): VGG16's session starts ~2 s sooner than with the
     model serialized again."""
 
@@ -45,10 +45,12 @@ class Session:
         explained = meta.get("lrpc.explained")
         self._switch = not self.top1 and explained is not None and (
             any(explained in n.output for n in model.graph.node) or any(i.name == explained for i in model.graph.input))
-        data = (_with_top1_switch(model, meta["lrpc.explained"], verbatim) if self._switch
-                else serialized(model, verbatim))
-        if verbatim:
-            verbatim.clear()  # (used up: its views keep the file's bytes in memory)
+        try:
+            data = (_with_top1_switch(model, meta["lrpc.explained"], verbatim) if self._switch
+                    else serialized(model, verbatim))
+        finally:
+            if verbatim:
+                verbatim.clear()  # (used up: its views keep the file's bytes in memory)
         self.session = inference_session(data, providers, threads, tf32)
         del data
         self.providers = self.session.get_providers()

@@ -643,12 +643,20 @@ def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
     code, _, err = lrpc("compile", path, "-o", tmp_path / "odd.lrp.onnx", "--rules", "epsilon", "--seed", seed)
     assert code == 0, err
     x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
-    sessions = {"file": lib.Session(tmp_path / "odd.lrp.onnx"), "explain": explain.prepare(path, "epsilon", seed=seed)[0],
-                "proto": lib.Session(onnx.load(str(tmp_path / "odd.lrp.onnx")))}
-    assert [reordered in data for data in given] == [True, True, False]
+    compiled = tmp_path / "odd.lrp.onnx"
+    from lrpc.compiler import compile_for_save
+
+    model, verbatim = compile_for_save(path, "epsilon", seed=seed)
+    sessions = {"file": lib.Session(compiled), "explain": explain.prepare(path, "epsilon", seed=seed)[0],
+                "explain compiled": explain.prepare(compiled)[0],
+                "explain cached": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],  # (written)
+                "explain cache hit": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],
+                "verbatim": lib.Session(model, verbatim=verbatim), "proto": lib.Session(onnx.load(str(compiled)))}
+    assert [reordered in data for data in given] == [True] * 6 + [False]
+    assert verbatim == {}  # (used up: the file's bytes are not kept)
     want = sessions["proto"].explain({"x": x})  # (top-1: the switch, or a top1-seeded graph)
     assert np.abs(want.relevance).sum() > 0
-    for name in ("file", "explain"):
+    for name in set(sessions) - {"proto"}:
         got = sessions[name].explain({"x": x})
         np.testing.assert_array_equal(got.relevance, want.relevance, err_msg=name)
 
