@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from .model_io import raw_weights, read_model, save_model, verbatim_map
+from .model_io import read_model, save_model, verbatim_map
 
 
 def cache_dir() -> Path:
@@ -88,7 +88,7 @@ def compiled(path, rules, settings: dict, make) -> tuple[onnx.ModelProto, dict]:
         try:
             model, data = read_model(entry)
             print(f"lrpc: compiled model from the cache: {entry}", file=sys.stderr)
-            return model, verbatim_map(model, raw_weights(data)) if data is not None else {}
+            return model, verbatim_map(model, data)
         except Exception:  # a damaged or unreadable entry is recompiled and replaced
             pass
     model, verbatim = make()

@@ -9,7 +9,7 @@ from . import composites
 from .emit import emit
 from .errors import InputError
 from .graph import check_structure, export_model
-from .model_io import StoredTensor, raw_weights, read_model, verbatim_map
+from .model_io import StoredTensor, raw_weights, read_model, verbatim_of
 from .passes import canonize as _canonize
 
 
@@ -27,8 +27,9 @@ class Owned:
 def _as_model(model, input_shapes: dict | None = None,
               verbatim: bool = False) -> tuple[onnx.ModelProto, bool, dict, dict]:
     """``(ModelProto, owned, signs, verbatim)``: owned when lrpc read or copied it (the export may then reuse its
-    weights); a caller's ModelProto is never modified. ``signs``, ``verbatim`` (only when asked for: it keeps the
-    file's bytes in memory): see :func:`_check_weights`."""
+    weights); a caller's ModelProto is never modified. ``signs``: see :func:`_check_weights`; ``verbatim``: the
+    initializers as stored in the file read (:func:`lrpc.model_io.verbatim_map`), only when asked for (it keeps
+    the file's bytes in memory; {} otherwise)."""
     owned, data = isinstance(model, (str, os.PathLike, Owned)), None
     if isinstance(model, Owned):
         handed, model, data = model, model.proto, model.data
@@ -39,7 +40,8 @@ def _as_model(model, input_shapes: dict | None = None,
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     if input_shapes:
         model, owned = _with_input_shapes(model, input_shapes), True
-    return model, owned, *_check_weights(model, raw_weights(data) if data is not None else [], verbatim)
+    raw = raw_weights(data) if data is not None else []
+    return model, owned, _check_weights(model, raw), verbatim_of(model, raw) if verbatim else {}
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -59,15 +61,13 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
-def _check_weights(model: onnx.ModelProto, raw: list, verbatim: bool = False) -> tuple[dict, dict]:
+def _check_weights(model: onnx.ModelProto, raw: list) -> dict:
     """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user.
     ``raw``: the initializers' bytes as stored in the file read (:func:`lrpc.model_io.raw_weights`), looked at
     in place where they match the model's initializers one to one (names, sizes); others are read from the
-    ModelProto, which copies them (0.6 s for VGG16's 528 MB on a 2-core machine). Returns ``signs``, ``{name:
+    ModelProto, which copies them (0.6 s for VGG16's 528 MB on a 2-core machine). Returns ``{name:
     (TensorProto, all values >= 0)}`` for the float initializers: the emitter's sign analysis looks weights up
-    there instead of reading them again; and, when ``verbatim``, ``{id(TensorProto): Verbatim}`` for the
-    initializers matched in the file: :func:`lrpc.model_io.save_model` writes those still unchanged as the file's
-    bytes (else {})."""
+    there instead of reading them again."""
     import sys
 
     import numpy as np
@@ -79,7 +79,6 @@ def _check_weights(model: onnx.ModelProto, raw: list, verbatim: bool = False) ->
             users.setdefault(name, node)
     signs = {}
     inits = model.graph.initializer
-    stored_as = verbatim_map(model, raw) if verbatim else {}
     if len(raw) != len(inits):
         raw = [StoredTensor(None, None, None)] * len(inits)
     for init, (name, stored, _) in zip(inits, raw):
@@ -100,7 +99,7 @@ def _check_weights(model: onnx.ModelProto, raw: list, verbatim: bool = False) ->
             at = f" used by node '{user.name}' ({user.op_type})" if user is not None else ""
             raise InputError(f"weight '{init.name}'{at} holds {bad} NaN/Inf value(s)")
         signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
-    return signs, stored_as
+    return signs
 
 
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:

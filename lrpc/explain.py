@@ -27,7 +27,7 @@ from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
 from .imaging import _pil_image, grid, heatmap, overlay
-from .model_io import raw_weights, read_model, verbatim_map
+from .model_io import read_model, verbatim_map
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -115,7 +115,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         spec = model_input(proto, layout)
         source = make = None  # (on a cache hit nothing took the file's bytes out of source: drop them here)
     else:  # a compiled file: its weights go to the session as the file's bytes
-        verbatim, data = (verbatim_map(proto, raw_weights(data)) if data is not None else None), None
+        verbatim, data = verbatim_map(proto, data), None
     return Session(proto, providers=providers, channels_last=layout == "nhwc", verbatim=verbatim), spec
 
 

@@ -82,9 +82,15 @@ class Verbatim(NamedTuple):
     data_type: int
 
 
-def verbatim_map(model: onnx.ModelProto, stored: list) -> dict:
-    """``{id(TensorProto): Verbatim}`` for the initializers of ``model`` that ``stored`` (:func:`raw_weights` of the
-    file ``model`` was parsed from) holds one to one, by position and name; {} when they do not line up."""
+def verbatim_map(model: onnx.ModelProto, data: bytes | None) -> dict:
+    """``{id(TensorProto): Verbatim}`` for the initializers of ``model`` found in ``data``, the bytes of the file
+    ``model`` was parsed from (:func:`read_model`; None: {}). See :func:`verbatim_of`."""
+    return verbatim_of(model, raw_weights(data)) if data is not None else {}
+
+
+def verbatim_of(model: onnx.ModelProto, stored: list) -> dict:
+    """:func:`verbatim_map` from the file's initializers already walked (:func:`raw_weights`): those it holds one
+    to one with ``model``'s, by position and name; {} when they do not line up."""
     inits = model.graph.initializer
     if len(stored) != len(inits):
         return {}

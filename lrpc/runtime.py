@@ -13,7 +13,7 @@ import onnxruntime as ort
 from . import targets
 from .emit import SEED, TARGET, input_relevance_names, top1_nodes
 from .errors import InputError
-from .model_io import raw_weights, read_model, serialized, verbatim_map
+from .model_io import read_model, serialized, verbatim_map
 
 
 class Session:
@@ -24,16 +24,15 @@ class Session:
     ``tf32``: let CUDA run float32 convolutions/matmuls in TF32 (faster, ~1e-3 relative error); off by
     default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
     [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``verbatim`` (with a ModelProto):
-    weights of ``model`` still as read from a file, handed to onnxruntime as the file's bytes (:func:`lrpc.compiler.compile_for_save`;
-    a path is read that way itself; the dict is emptied once used): VGG16's session starts ~2 s sooner than with the
-    model serialized again."""
+    weights of ``model`` still as read from a file, handed to onnxruntime as the file's bytes
+    (:func:`lrpc.compiler.compile_for_save`; a path is read that way itself; the dict is emptied once used): VGG16's
+    session starts ~2 s sooner than with the model serialized again."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
                  channels_last: bool = False, verbatim: dict | None = None):
         if isinstance(model, (str, os.PathLike)):
             model, data = read_model(model)
-            verbatim = verbatim_map(model, raw_weights(data)) if data is not None else None
-            del data
+            verbatim, data = verbatim_map(model, data), None
         if not isinstance(model, onnx.ModelProto):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         meta = {p.key: p.value for p in model.metadata_props}
