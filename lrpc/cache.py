@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from .model_io import read_model, save_model, verbatim_map
+from .model_io import read_model, save_model
 
 
 def cache_dir() -> Path:
@@ -86,9 +86,9 @@ def compiled(path, rules, settings: dict, make) -> tuple[onnx.ModelProto, dict]:
         return make()
     if hit:
         try:
-            model, data = read_model(entry)
+            model, verbatim = read_model(entry)
             print(f"lrpc: compiled model from the cache: {entry}", file=sys.stderr)
-            return model, verbatim_map(model, data)
+            return model, verbatim
         except Exception:  # a damaged or unreadable entry is recompiled and replaced
             pass
     model, verbatim = make()

@@ -2,51 +2,55 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import onnx
 
 from . import composites
 from .emit import emit
 from .errors import InputError
-from .graph import check_structure, export_model
-from .model_io import StoredTensor, raw_weights, read_model, verbatim_of
+from .graph import MIN_OPSET, check_structure, export_model
+from .model_io import read_model, restore
 from .passes import canonize as _canonize
+from .passes.normalize_opset import opset_of
 
 
 class Owned:
     """A ModelProto handed over to :func:`compile` by a caller that read it and will not use it again
-    (lrpc explain): the export may then build in it and reuse its weights instead of copying them. ``data``: the
-    file's bytes it was parsed from (:func:`lrpc.model_io.read_model`), if any: the weight scan then reads the
-    weights there instead of copying them out of the proto, and :func:`compile_for_save` can write unchanged
-    weights from them. Both are taken over by the compile (``data`` is dropped from here)."""
+    (lrpc explain): the export may then build in it and reuse its weights instead of copying them. ``verbatim``:
+    its initializers as the file read stores them (:func:`lrpc.model_io.read_model`; its big weights may be
+    deferred: read there, never copied into the proto): the weight scan reads them there, and
+    :func:`compile_for_save` can write unchanged weights as those bytes. Both are taken over by the compile
+    (``verbatim`` is dropped from here)."""
 
-    def __init__(self, proto: onnx.ModelProto, data: bytes | None = None):
-        self.proto, self.data = proto, data
+    def __init__(self, proto: onnx.ModelProto, verbatim: dict | None = None):
+        self.proto, self.verbatim = proto, verbatim
 
 
-def _as_model(model, input_shapes: dict | None = None,
-              verbatim: bool = False) -> tuple[onnx.ModelProto, bool, dict, dict]:
+def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool, dict, dict]:
     """``(ModelProto, owned, signs, verbatim)``: owned when lrpc read or copied it (the export may then reuse its
     weights); a caller's ModelProto is never modified. ``signs``: see :func:`_check_weights`; ``verbatim``: the
-    initializers as stored in the file read (:func:`lrpc.model_io.verbatim_map`), only when asked for (it keeps
-    the file's bytes in memory; {} otherwise)."""
-    owned, data = isinstance(model, (str, os.PathLike, Owned)), None
+    initializers as stored in the file read (:func:`lrpc.model_io.read_model`: big weights deferred, {} for a
+    caller's ModelProto)."""
+    owned, verbatim = isinstance(model, (str, os.PathLike, Owned)), {}
     if isinstance(model, Owned):
-        handed, model, data = model, model.proto, model.data
-        handed.data = None
+        handed, model, verbatim = model, model.proto, model.verbatim or {}
+        handed.verbatim = None
     elif owned:
-        model, data = read_model(model)
+        model, verbatim = read_model(model)
     elif not isinstance(model, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     if input_shapes:
-        model, owned = _with_input_shapes(model, input_shapes), True
-    raw = raw_weights(data) if data is not None else []
-    return model, owned, _check_weights(model, raw), verbatim_of(model, raw) if verbatim else {}
+        model = _with_input_shapes(model if owned else onnx.ModelProto.FromString(model.SerializeToString()),
+                                   input_shapes)
+        owned = True
+    if opset_of(model) < MIN_OPSET:  # the version converter serializes every tensor: with its data
+        restore(model, verbatim)
+    return model, owned, _check_weights(model, verbatim), verbatim
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
-    """Copy of ``model`` with the given graph inputs' dims fixed (a dim given as -1 or None stays as is)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
+    """``model`` with the given graph inputs' dims fixed (a dim given as -1 or None stays as is), in place."""
     inputs = {i.name: i for i in model.graph.input}
     for name, dims in shapes.items():
         if name not in inputs:
@@ -61,15 +65,12 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
-def _check_weights(model: onnx.ModelProto, raw: list) -> dict:
+def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
     """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user.
-    ``raw``: the initializers' bytes as stored in the file read (:func:`lrpc.model_io.raw_weights`), looked at
-    in place where they match the model's initializers one to one (names, sizes); others are read from the
-    ModelProto, which copies them (0.6 s for VGG16's 528 MB on a 2-core machine). Returns ``{name:
-    (TensorProto, all values >= 0)}`` for the float initializers: the emitter's sign analysis looks weights up
-    there instead of reading them again."""
-    import sys
-
+    ``verbatim``: the initializers as stored in the file read (:func:`lrpc.model_io.read_model`), looked at in place
+    (deferred weights have no data elsewhere); others are read from the ModelProto, which copies them (0.6 s for
+    VGG16's 528 MB on a 2-core machine). Returns ``{name: (TensorProto, all values >= 0)}`` for the float
+    initializers: the emitter's sign analysis looks weights up there instead of reading them again."""
     import numpy as np
     from onnx import helper, numpy_helper
 
@@ -78,16 +79,13 @@ def _check_weights(model: onnx.ModelProto, raw: list) -> dict:
         for name in node.input:
             users.setdefault(name, node)
     signs = {}
-    inits = model.graph.initializer
-    if len(raw) != len(inits):
-        raw = [StoredTensor(None, None, None)] * len(inits)
-    for init, (name, stored, _) in zip(inits, raw):
-        if name != init.name:
-            stored = None
+    for init in model.graph.initializer:
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             continue
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
         count = int(np.prod(init.dims, dtype=np.int64))
+        entry = verbatim.get(id(init))
+        stored = entry.raw if entry is not None and entry.tensor is init else None
         if stored is not None and sys.byteorder == "little" and len(stored) == count * dtype.itemsize:
             values = np.frombuffer(stored, dtype, count)
         else:
@@ -105,15 +103,15 @@ def _check_weights(model: onnx.ModelProto, raw: list) -> dict:
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
     """Canonical forward model (BN folded, pools as depthwise convs, …); outputs numerically unchanged.
     ``input_shapes``: {input name: dims} to fix dynamic dims (e.g. spatial ones)."""
-    return canonize_for_save(model, output, input_shapes)[0]
+    return restore(*canonize_for_save(model, output, input_shapes))
 
 
 def canonize_for_save(model, output: str | None = None,
                       input_shapes: dict | None = None) -> tuple[onnx.ModelProto, dict]:
     """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model` (see
     :func:`compile_for_save`)."""
-    proto, owned, _, verbatim = _as_model(model, input_shapes, verbatim=True)
-    canon = _canonize(proto, output, owned)
+    proto, owned, _, verbatim = _as_model(model, input_shapes)
+    canon = _canonize(proto, output, owned, verbatim)
     result = export_model(canon)
     _check(result)
     return result, _still_held(result, verbatim)
@@ -130,7 +128,7 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
     ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
     sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
-    return compile_for_save(model, rules, output, layerwise, input_shapes, seed, **options)[0]
+    return restore(*compile_for_save(model, rules, output, layerwise, input_shapes, seed, **options))
 
 
 def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
@@ -138,9 +136,12 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
                      **options) -> tuple[onnx.ModelProto, dict]:
     """:func:`compile` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model`: the weights of the file
     read that the result holds as loaded are written as the file's bytes (VGG16: 1.1-1.4 s of serializing saved).
-    They keep the file's bytes in memory until the write (when the result holds any). Valid while the result's
-    tensors are not changed in place: save right away (a tensor renamed, reshaped or retyped is noticed, new
-    values written into its data are not)."""
+    They keep the file's bytes in memory until the write (when the result holds any). A model read from a path
+    has its big weights deferred (:func:`lrpc.model_io.read_model`): the result's TensorProtos of those hold no
+    data, and the result is a model only together with ``verbatim`` (save it with it, serialize it with
+    :func:`lrpc.model_io.serialized`, or :func:`lrpc.model_io.restore` it: :func:`compile` does). Valid while the
+    result's tensors are not changed in place: save right away (a tensor renamed, reshaped or retyped is noticed,
+    new values written into its data are not)."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
     else:
@@ -149,8 +150,8 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    proto, owned, signs, verbatim = _as_model(model, input_shapes, verbatim=True)
-    canon = _canonize(proto, output, owned)
+    proto, owned, signs, verbatim = _as_model(model, input_shapes)
+    canon = _canonize(proto, output, owned, verbatim)
     canon.weight_signs = signs
     result = emit(canon, ruleset, layerwise, seed)
     _check(result)

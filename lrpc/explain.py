@@ -27,7 +27,7 @@ from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
 from .imaging import _pil_image, grid, heatmap, overlay
-from .model_io import read_model, verbatim_map
+from .model_io import read_model
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -86,7 +86,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
 
     if layout not in ("nchw", "nhwc"):
         raise InputError(f"--layout must be nchw or nhwc, got '{layout}'")
-    proto, data = read_model(model) if isinstance(model, (str, os.PathLike)) else (model, None)
+    proto, verbatim = read_model(model) if isinstance(model, (str, os.PathLike)) else (model, {})
     if not isinstance(proto, onnx.ModelProto):
         raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
     spec = model_input(proto, layout)
@@ -99,10 +99,11 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
             h, w = size
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
-        # a model read here is handed over with the file's bytes: the compiled graph is built in it (no copy of
-        # its weights), the weight scan reads the bytes, and a cache entry and the session get the unchanged
-        # weights as the file's bytes
-        source, data = (compiler.Owned(proto, data) if isinstance(model, (str, os.PathLike)) else proto), None
+        # a model read here is handed over with the file's bytes (its big weights were never copied out of them):
+        # the compiled graph is built in it, the weight scan reads the bytes, and a cache entry and the session get
+        # the unchanged weights as the file's bytes
+        source = compiler.Owned(proto, verbatim) if isinstance(model, (str, os.PathLike)) else proto
+        verbatim = None
         make = lambda: compiler.compile_for_save(source, rules, output=output, input_shapes=shapes or None,  # noqa: E731
                                                  seed=seed, **options)
         if cache and isinstance(model, (str, os.PathLike)):
@@ -114,8 +115,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
             proto, verbatim = make()
         spec = model_input(proto, layout)
         source = make = None  # (on a cache hit nothing took the file's bytes out of source: drop them here)
-    else:  # a compiled file: its weights go to the session as the file's bytes
-        verbatim, data = verbatim_map(proto, data), None
+    # (a compiled file: its weights go to the session as the file's bytes)
     return Session(proto, providers=providers, channels_last=layout == "nhwc", verbatim=verbatim), spec
 
 

@@ -10,6 +10,7 @@ import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import UnsupportedError, where
+from .model_io import deferred, is_big, restore_tensor
 
 ORIGIN_KEY = "lrpc.origin"  # metadata_props key keeping the original op type of rewritten nodes
 MIN_OPSET = 17
@@ -33,9 +34,42 @@ class Canonical:
         return int(self.graph.opset)
 
 
-def import_model(model: onnx.ModelProto) -> Canonical:
-    """Turn a ModelProto (opset already normalized) into a :class:`Canonical` with shapes inferred."""
+class DeferredValues(LazyValues):
+    """The values of a weight read without its data (:func:`lrpc.model_io.read_model`): ``load`` reads them in the
+    file's bytes; ``held`` is the TensorProto without data (lrpc's export keeps it, and the file's bytes are
+    written for it); ``tensor``, what graphsurgeon's exporter takes (constant folding, a constant exported
+    anew), is that TensorProto given its data first."""
+
+    def __init__(self, tensor: onnx.TensorProto, raw: memoryview):  # (LazyValues' own would read .tensor)
+        self.held, self.raw = tensor, raw
+        self.shape = list(tensor.dims)
+        self.dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
+        self.nbytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def tensor(self) -> onnx.TensorProto:
+        return restore_tensor(self.held, self.raw)
+
+    def load(self) -> np.ndarray:
+        return np.frombuffer(self.raw, self.dtype.newbyteorder("<")).reshape(self.shape).astype(self.dtype)
+
+
+def _proto_of(lazy: LazyValues) -> onnx.TensorProto:
+    """The TensorProto behind ``lazy``, as it is (a deferred weight's without its data)."""
+    return lazy.held if isinstance(lazy, DeferredValues) else lazy.tensor
+
+
+def import_model(model: onnx.ModelProto, verbatim: dict | None = None) -> Canonical:
+    """Turn a ModelProto (opset already normalized) into a :class:`Canonical` with shapes inferred. ``verbatim``:
+    the model's initializers as read (:func:`lrpc.model_io.read_model`): the deferred ones become
+    :class:`DeferredValues`."""
     graph = gs.import_onnx(model)
+    if verbatim:
+        for t in graph.tensors().values():
+            lazy = getattr(t, "_values", None)
+            raw = deferred(lazy.tensor, verbatim) if type(lazy) is LazyValues else None
+            if raw is not None:
+                t._values = DeferredValues(lazy.tensor, raw)
     _apply_shapes(graph, inferred_shapes(structure_of_model(model)), only_missing=False)
     meta = {p.key: p.value for p in model.metadata_props}
     origin = json.loads(meta.pop(ORIGIN_KEY, "{}"))
@@ -84,8 +118,8 @@ def _keep_source_weights(canon: Canonical) -> list:
     kept = []
     for t in canon.graph.tensors().values():
         values = getattr(t, "_values", None)
-        if isinstance(t, gs.Constant) and isinstance(values, LazyValues) and values.tensor.name == t.name \
-                and t.name in names and _is_big(values.tensor.data_type, values.tensor.dims):
+        if isinstance(t, gs.Constant) and isinstance(values, LazyValues) and _proto_of(values).name == t.name \
+                and t.name in names and is_big(_proto_of(values).data_type, _proto_of(values).dims):
             kept.append(t)
     return kept
 
@@ -113,8 +147,8 @@ def _into_source(source: onnx.ModelProto, model: onnx.ModelProto, kept: set) -> 
 
 
 # Shape inference and the checker serialize the whole model; on VGG16 (550 MB) that dominated compile
-# time. They only need the structure: big float weights are replaced by typed graph inputs of their shape.
-BIG = 4096  # elements; smaller tensors (shape constants, biases) keep their values for data propagation
+# time. They only need the structure: big float weights (model_io.is_big) are replaced by typed graph inputs of
+# their shape; smaller tensors (shape constants, biases) keep their values for data propagation.
 
 
 def structure_of_model(model: onnx.ModelProto) -> onnx.ModelProto:
@@ -129,7 +163,7 @@ def structure_of_model(model: onnx.ModelProto) -> onnx.ModelProto:
     sg.output.extend(g.output)
     declared = {i.name for i in g.input}
     for init in g.initializer:
-        if _is_big(init.data_type, init.dims):
+        if is_big(init.data_type, init.dims):
             if init.name not in declared:
                 sg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
         else:
@@ -146,7 +180,7 @@ def structure_of_graph(graph: gs.Graph) -> onnx.ModelProto:
     inits = []
     for c in consts.values():
         dtype = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(c.dtype))
-        if _is_big(dtype, c.shape):
+        if is_big(dtype, c.shape):
             inputs.append(onnx.helper.make_tensor_value_info(c.name, dtype, list(c.shape)))
         else:
             inits.append(X.export_tensor_proto(c))
@@ -157,11 +191,6 @@ def structure_of_graph(graph: gs.Graph) -> onnx.ModelProto:
     model = onnx.helper.make_model(g, opset_imports=list(update_import_domains(graph)))
     model.ir_version = IR_FOR_OPSET.get(int(graph.opset), onnx.IR_VERSION)
     return model
-
-
-def _is_big(data_type: int, dims) -> bool:
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    return data_type in floats and int(np.prod(list(dims) or [1])) > BIG
 
 
 def inferred_shapes(structure: onnx.ModelProto) -> dict:
@@ -215,14 +244,13 @@ def const_nonneg(t, known: dict | None = None) -> bool:
     ``known`` ({name: (TensorProto, nonneg)}, the load-time scan) when it is that very TensorProto (so
     unchanged since the scan), else read without being loaded into the graph (loading copies it twice and
     makes the export convert it back: seconds for VGG16's 500 MB)."""
-    from onnx_graphsurgeon.ir.tensor import LazyValues
-
     lazy = getattr(t, "_values", None)
     if isinstance(lazy, LazyValues):
-        proto, nonneg = (known or {}).get(lazy.tensor.name, (None, None))
-        if proto is lazy.tensor:
+        proto, nonneg = (known or {}).get(_proto_of(lazy).name, (None, None))
+        if proto is _proto_of(lazy):
             return nonneg
-    values = onnx.numpy_helper.to_array(lazy.tensor) if isinstance(lazy, LazyValues) else const_value(t)
+    values = (lazy.load() if isinstance(lazy, DeferredValues) else onnx.numpy_helper.to_array(lazy.tensor)
+              if isinstance(lazy, LazyValues) else const_value(t))
     return values.size == 0 or bool(values.min() >= 0)  # (NaN: False)
 
 

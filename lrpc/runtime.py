@@ -13,7 +13,7 @@ import onnxruntime as ort
 from . import targets
 from .emit import SEED, TARGET, input_relevance_names, top1_nodes
 from .errors import InputError
-from .model_io import read_model, serialized, verbatim_map
+from .model_io import read_model, serialized
 
 
 class Session:
@@ -31,8 +31,7 @@ class Session:
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
                  channels_last: bool = False, verbatim: dict | None = None):
         if isinstance(model, (str, os.PathLike)):
-            model, data = read_model(model)
-            verbatim, data = verbatim_map(model, data), None
+            model, verbatim = read_model(model)
         if not isinstance(model, onnx.ModelProto):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         meta = {p.key: p.value for p in model.metadata_props}

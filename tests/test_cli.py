@@ -500,7 +500,7 @@ def test_raw_weights_are_the_initializers_bytes(tmp_path):
     are not in the file)."""
     from onnx.external_data_helper import convert_model_to_external_data
 
-    from lrpc.model_io import raw_weights, read_model
+    from lrpc.model_io import raw_weights
 
     model = _rich_model()
     rng = np.random.default_rng(4)
@@ -508,16 +508,18 @@ def test_raw_weights_are_the_initializers_bytes(tmp_path):
         model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(6) * 9).astype(dtype), f"t_{dtype.__name__}"))
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "empty"))
     onnx.save(model, tmp_path / "m.onnx")
-    _, data = read_model(tmp_path / "m.onnx")
+    data = (tmp_path / "m.onnx").read_bytes()
     raw = raw_weights(data)
     assert [t.name for t in raw] == [i.name for i in model.graph.initializer]
-    for init, (_, stored, whole) in zip(model.graph.initializer, raw):
-        assert bytes(stored) == numpy_helper.to_array(init).tobytes() and bytes(whole) == init.SerializeToString()
+    for init, t in zip(model.graph.initializer, raw):
+        assert bytes(t.raw) == numpy_helper.to_array(init).tobytes() and bytes(t.whole) == init.SerializeToString()
+        assert bytes(data[slice(*t.field)]).endswith(bytes(t.whole))  # the graph's field: key, length, tensor
+        assert [bytes(data[a:b]).endswith(bytes(t.raw)) for a, b in t.raw_fields] == [True]
     big = numpy_helper.from_array(rng.standard_normal(4096).astype(np.float32), "big")
     model.graph.initializer.append(big)
     convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
     onnx.save(model, tmp_path / "ext.onnx")
-    loaded, data = read_model(tmp_path / "ext.onnx")
+    data = (tmp_path / "ext.onnx").read_bytes()
     stored = {t.name: t.raw for t in raw_weights(data)}
     assert stored["big"] is None and {t.name: t.whole for t in raw_weights(data)}["big"] is None
     assert bytes(stored["w"]) == numpy_helper.to_array(model.graph.initializer[0]).tobytes()
@@ -539,7 +541,7 @@ def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
     serialized again); a weight a pass changed (w2, folded with the BatchNorm) and small ones are serialized. The
     input was written by protobuf: the output holds the model's SerializeToString exactly, from the CLI too."""
     from lrpc import compiler
-    from lrpc.model_io import serialized_pieces
+    from lrpc.model_io import restore, serialized_pieces
 
     path = tmp_path / "big.onnx"
     onnx.save(_big_model(), str(path))
@@ -551,7 +553,10 @@ def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
     views = [onnx.TensorProto.FromString(p) for p in pieces if isinstance(p, memoryview)]
     assert [t.name for t in views] == ["w"] and "w2" not in {t.name for t in model.graph.initializer}
     assert views[0] == next(t for t in onnx.load(str(path)).graph.initializer if t.name == "w")
-    assert b"".join(pieces) == model.SerializeToString()
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    assert not w.HasField("raw_data")  # read without its data (deferred): never copied out of the file's bytes
+    assert b"".join(pieces) == restore(model, verbatim).SerializeToString() and w.HasField("raw_data")
+    assert b"".join(serialized_pieces(model, verbatim)) == model.SerializeToString()  # (restored: still verbatim)
     rules = ["--rules", "epsilon-gamma-box"] if command == "compile" else []
     code, _, err = lrpc(command, path, "-o", tmp_path / "out.onnx", *rules)
     assert code == 0, err
@@ -666,7 +671,7 @@ def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
     type: one renamed, reshaped or retyped in place is serialized again (lrpc itself never writes into a loaded
     tensor), and so is a new tensor of the same name and shape put in its place."""
     from lrpc import compiler
-    from lrpc.model_io import serialized_pieces, verbatim_bytes
+    from lrpc.model_io import restore, serialized_pieces, verbatim_bytes
 
     path = tmp_path / "big.onnx"
     onnx.save(_big_model(), str(path))
@@ -682,13 +687,16 @@ def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
             w.data_type = TensorProto.INT32
         elif change == "replaced":
             at = next(i for i, t in enumerate(model.graph.initializer) if t is w)
-            new = numpy_helper.from_array(-numpy_helper.to_array(w), "w")
+            new = numpy_helper.from_array(-numpy_helper.to_array(restore(model, verbatim) and w), "w")
             model.graph.initializer.insert(at, new)
             del model.graph.initializer[at + 1]
             w = model.graph.initializer[at]
             assert numpy_helper.to_array(w).tobytes() == numpy_helper.to_array(new).tobytes()
+        assert not w.HasField("raw_data") or change == "replaced"  # (read without its data: deferred)
         assert (verbatim_bytes(w, verbatim) is None) == (change != "none")
-        assert b"".join(serialized_pieces(model, verbatim)) == model.SerializeToString()
+        assert w.HasField("raw_data") == (change != "none")  # a changed deferred weight gets its data back
+        pieces = b"".join(serialized_pieces(model, verbatim))
+        assert pieces == restore(model, verbatim).SerializeToString()
 
 
 def test_nan_weights_refused_in_a_model_proto():

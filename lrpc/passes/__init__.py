@@ -10,11 +10,13 @@ from . import maxpool_ceil, resize_to_matmul
 PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum)
 
 
-def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False) -> Canonical:
+def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False,
+             verbatim: dict | None = None) -> Canonical:
     """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor.
-    ``owned``: ``model`` is lrpc's own (read from a file): the export may reuse its weights in place."""
+    ``owned``: ``model`` is lrpc's own (read from a file): the export may reuse its weights in place.
+    ``verbatim``: its weights as read (:func:`lrpc.model_io.read_model`; deferred ones are read there)."""
     normal = normalize_opset.run(model)
-    canon = import_model(normal)
+    canon = import_model(normal, verbatim if normal is model else None)
     if owned or normal is not model:  # a converted opset is a fresh model too
         canon.source = normal
     while any(n.op == "Shape" for n in canon.graph.nodes) and cleanup.run(canon):

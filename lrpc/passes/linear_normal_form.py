@@ -61,11 +61,17 @@ def _gemm(graph, node) -> bool:
         return False
     if not is_const(w) or is_const(a):
         raise UnsupportedError(f"{where(node)}: Gemm needs a constant weight as second input B")
-    wv = const_value(w).astype(np.float64)
-    if attrs.get("transB", 0) == 0:
-        wv = wv.T
-    wv = wv * float(attrs.get("alpha", 1.0))
-    n_out = wv.shape[0]
+    # a weight already in the normal form (transB, alpha 1) stays the very constant (not read: a weight read
+    # without its data is then written as the file's bytes)
+    as_is = attrs.get("transB", 0) == 1 and attrs.get("alpha", 1.0) == 1.0 and w.shape is not None and len(w.shape) == 2
+    if as_is:
+        n_out = int(w.shape[0])
+    else:
+        wv = const_value(w).astype(np.float64)
+        if attrs.get("transB", 0) == 0:
+            wv = wv.T
+        wv = wv * float(attrs.get("alpha", 1.0))
+        n_out = wv.shape[0]
     bias = np.zeros(n_out)
     if len(node.inputs) > 2 and node.inputs[2].name:
         if not is_const(node.inputs[2]):
@@ -79,9 +85,9 @@ def _gemm(graph, node) -> bool:
         t = gs.Variable(f"{node.name}/At", dtype=a.dtype)
         graph.nodes.append(gs.Node("Transpose", f"{node.name}/transA", {"perm": [1, 0]}, [a], [t]))
         node.inputs[0] = t
-    dtype = const_value(w).dtype
-    node.inputs = [node.inputs[0], gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.astype(dtype))),
-                   gs.Constant(f"{node.name}/B", bias.astype(dtype))]
+    dtype = np.dtype(w.dtype)
+    weight = w if as_is else gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.astype(dtype)))
+    node.inputs = [node.inputs[0], weight, gs.Constant(f"{node.name}/B", bias.astype(dtype))]
     node.attrs = {"transB": 1}
     return True
 

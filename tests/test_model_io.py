@@ -1,0 +1,146 @@
+"""Reading a model without copying its big weights (lrpc.model_io.read_model, defer): which tensors are deferred,
+that every way a model leaves lrpc gives them their data (or the file's bytes), and that compiling a file read
+that way gives what compiling the fully parsed ModelProto gives (oracle: protobuf's own parse)."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from onnx.external_data_helper import set_external_data
+
+import lrpc
+from lrpc import compiler
+from lrpc.graph import DeferredValues, import_model
+from lrpc.model_io import deferred, load_model, read_model, restore, serialized, serialized_pieces, verbatim_bytes
+
+RNG = np.random.default_rng(11)
+
+
+def _tensors_model(tmp_path) -> onnx.ModelProto:
+    """A Conv model carrying initializers (used by Identity nodes) of every kind a file can hold: big float32/64/16 as raw data
+    (deferred), big int64 and bfloat16 as raw data, a small float32, a big float32 in typed fields, a big
+    float32 in external data (none of those deferred)."""
+    w = numpy_helper.from_array(RNG.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    extra = [numpy_helper.from_array(RNG.standard_normal(5000).astype(t), f"big_{t.__name__}")
+             for t in (np.float32, np.float64, np.float16)]
+    extra.append(numpy_helper.from_array(RNG.integers(-9, 9, 5000).astype(np.int64), "big_int64"))
+    extra.append(helper.make_tensor("big_bfloat16", TensorProto.BFLOAT16, [5000],
+                                    RNG.integers(0, 2**16, 5000, dtype=np.uint16).tobytes(), raw=True))
+    extra.append(numpy_helper.from_array(RNG.standard_normal(100).astype(np.float32), "small"))
+    extra.append(helper.make_tensor("typed", TensorProto.FLOAT, [5000], RNG.standard_normal(5000).tolist()))
+    ext = numpy_helper.from_array(RNG.standard_normal(5000).astype(np.float32), "external")
+    set_external_data(ext, "ext.bin")  # (onnx.save writes its raw data there)
+    uses = [helper.make_node("Identity", [t.name], [t.name + "_used"]) for t in [*extra, ext]]  # (graph tensors)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"]), *uses], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 3, 3])],
+                              [w, *extra, ext])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    return onnx.load(str(tmp_path / "m.onnx"))  # (protobuf's parse: the oracle)
+
+
+def test_only_big_float_raw_weights_are_deferred(tmp_path):
+    want = _tensors_model(tmp_path)
+    model, verbatim = read_model(tmp_path / "m.onnx")
+    left_out = {t.name for t in model.graph.initializer if deferred(t, verbatim) is not None}
+    assert left_out == {"big_float32", "big_float64", "big_float16"}
+    assert all(not t.HasField("raw_data") for t in model.graph.initializer if t.name in left_out)
+    for t in model.graph.initializer:
+        if t.name in left_out:  # the file's bytes of its data
+            assert bytes(deferred(t, verbatim)) == next(u for u in want.graph.initializer if u.name == t.name).raw_data
+    assert model != want and restore(model, verbatim) == want
+    assert all(deferred(t, verbatim) is None for t in model.graph.initializer)
+    assert all(verbatim_bytes(t, verbatim) is not None for t in model.graph.initializer if t.name in left_out)
+    assert load_model(tmp_path / "m.onnx") == want
+    full, _ = read_model(tmp_path / "m.onnx", defer=False)
+    assert full == want
+
+
+def test_deferred_values_read_the_files_bytes(tmp_path):
+    """graphsurgeon constants of deferred weights load from the file's bytes (every float width); what
+    graphsurgeon's exporter takes (``tensor``) is the TensorProto given its data, still written verbatim."""
+    want = {t.name: numpy_helper.to_array(t) for t in _tensors_model(tmp_path).graph.initializer if t.name != "external"}
+    model, verbatim = read_model(tmp_path / "m.onnx")
+    consts = import_model(model, verbatim).graph.tensors()
+    lazy = {n: consts[n]._values for n in want if n in consts}
+    assert {n for n, v in lazy.items() if isinstance(v, DeferredValues)} == {"big_float32", "big_float64", "big_float16"}
+    for name, values in lazy.items():
+        got = values.load()
+        assert got.dtype == want[name].dtype and got.flags.writeable and got.tobytes() == want[name].tobytes()
+    proto = lazy["big_float16"].tensor
+    assert proto.HasField("raw_data") and numpy_helper.to_array(proto).tobytes() == want["big_float16"].tobytes()
+    assert verbatim_bytes(proto, verbatim) is not None
+
+
+def test_a_deferred_weight_serialized_without_the_files_bytes_is_refused(tmp_path):
+    onnx.save(_model_with_folded_weight(), str(tmp_path / "m.onnx"))
+    model, verbatim = compiler.compile_for_save(tmp_path / "m.onnx", "epsilon")
+    with pytest.raises(RuntimeError, match="read without its data"):
+        serialized_pieces(model)
+    assert onnx.ModelProto.FromString(serialized(model, verbatim)) == restore(model, verbatim)
+
+
+def _model_with_folded_weight(opset: int = 17) -> onnx.ModelProto:
+    """Dense layers whose big weights meet the compiler in three ways: used as read (w1, Gemm), through a Transpose that
+    constant folding computes (w2: graphsurgeon exports the deferred tensor to onnxruntime), and folded into a
+    Conv + BatchNormalization (w3: read as values and replaced)."""
+    w1 = RNG.standard_normal((96, 64)).astype(np.float32)  # 6144 values, in the form the compiler keeps
+    w2 = RNG.standard_normal((80, 96)).astype(np.float32)  # stored transposed: Transpose folds to [96, 80]
+    w3 = RNG.standard_normal((80, 80, 1, 1)).astype(np.float32)
+    bn = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+          (("s", RNG.random(80) + 0.5), ("b", RNG.standard_normal(80)), ("m", RNG.standard_normal(80)), ("v", RNG.random(80) + 0.5))]
+    shape = numpy_helper.from_array(np.array([-1, 80, 1, 1], np.int64), "shape")
+    nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
+             helper.make_node("Transpose", ["w2"], ["w2t"], perm=[1, 0]), helper.make_node("MatMul", ["r", "w2t"], ["h2"]),
+             helper.make_node("Relu", ["h2"], ["r2"]), helper.make_node("Reshape", ["r2", "shape"], ["img"]),
+             helper.make_node("Conv", ["img", "w3"], ["c"]),
+             helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
+    graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 80, 1, 1])],
+                              [numpy_helper.from_array(w, n) for n, w in (("w1", w1), ("w2", w2), ("w3", w3))] + bn + [shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8 if opset >= 17 else 7
+    return model
+
+
+def _run(model_bytes, x, seed):
+    sess = ort.InferenceSession(model_bytes, providers=["CPUExecutionProvider"])
+    return sess.run(None, {"x": x, "relevance_seed": seed})
+
+
+@pytest.mark.parametrize("case", ["as read", "old opset", "input shapes"])
+def test_a_file_read_with_deferred_weights_compiles_as_its_full_parse(case, tmp_path):
+    """Compiling the file (big weights deferred) equals compiling protobuf's parse of it: the same nodes and
+    initializers, and the same logits and relevance in onnxruntime, from lrpc.compile (restored), from
+    compile_for_save's model written with its verbatim weights, and from a Session on the saved file. An old
+    opset is converted (the converter gets every tensor with its data); fixed input shapes edit the model read."""
+    model = _model_with_folded_weight(13 if case == "old opset" else 17)
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path))
+    shapes = {"x": [2, 64]} if case == "input shapes" else None
+    want = lrpc.compile(onnx.load(str(path)), "epsilon-alpha2-beta1", input_shapes=shapes)
+    assert "Transpose" not in {n.op_type for n in want.graph.node[:3]} and "BatchNormalization" not in {
+        n.op_type for n in want.graph.node}  # (folded: the cases below go through both)
+    got = lrpc.compile(path, "epsilon-alpha2-beta1", input_shapes=shapes)
+    assert list(got.graph.node) == list(want.graph.node)
+    assert {t.name: t for t in got.graph.initializer} == {t.name: t for t in want.graph.initializer}
+    saved, verbatim = compiler.compile_for_save(path, "epsilon-alpha2-beta1", input_shapes=shapes)
+    kept = [t.name for t in saved.graph.initializer if deferred(t, verbatim) is not None]
+    assert kept == ([] if case == "old opset" else ["w1"])  # (w2 and w3 became new tensors)
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    seed = np.zeros((2, 80, 1, 1), np.float32)
+    seed[:, 5] = 1
+    expected = _run(want.SerializeToString(), x, seed)
+    for result in (_run(serialized(saved, verbatim), x, seed), _run(got.SerializeToString(), x, seed)):
+        for a, b in zip(result, expected):
+            np.testing.assert_array_equal(a, b)
+    lrpc.model_io.save_model(saved, tmp_path / "out.onnx", verbatim=verbatim)
+    assert onnx.load(str(tmp_path / "out.onnx")) == got
+    session = lrpc.Session(tmp_path / "out.onnx", providers=["CPUExecutionProvider"])
+    outputs = session.run({"x": x}, seed)
+    for name, value in zip([o.name for o in want.graph.output], expected):
+        np.testing.assert_array_equal(outputs[name], value)
