@@ -405,11 +405,35 @@ def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike]
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
-        os.replace(tmp, p)
+        _replace(tmp, p)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _replace(tmp: str, path: Path) -> None:
+    """``os.replace(tmp, path)``; onto an existing file on Linux as an atomic exchange of the two names (renameat2
+    RENAME_EXCHANGE) and the old file's removal. ext4 writes a file's data out before a rename over another file
+    (its ``auto_da_alloc`` guard for programs that do not fsync): replacing a 553 MB output cost 1.2-2.1 s more
+    than writing a new one. Either way a reader of ``path`` sees the old file or the whole new one; after a power
+    loss the new one is as safe as a newly written file (lrpc does not fsync its outputs). Where the exchange is
+    not to be had (another system, a file system without it), ``os.replace``."""
+    if sys.platform.startswith("linux") and path.exists() and not path.is_symlink() and _exchange(tmp, path):
+        os.unlink(tmp)  # (the old file, under the temporary name now)
+        return
+    os.replace(tmp, path)
+
+
+def _exchange(a: str, b: Path) -> bool:
+    try:
+        import ctypes
+
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # (no renameat2 in this C library)
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
 
 
 def _first_line(e: BaseException) -> str:

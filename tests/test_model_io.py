@@ -3,6 +3,8 @@ that every way a model leaves lrpc gives them their data (or the file's bytes), 
 that way gives what compiling the fully parsed ModelProto gives (oracle: protobuf's own parse)."""
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -144,3 +146,34 @@ def test_a_file_read_with_deferred_weights_compiles_as_its_full_parse(case, tmp_
     outputs = session.run({"x": x}, seed)
     for name, value in zip([o.name for o in want.graph.output], expected):
         np.testing.assert_array_equal(outputs[name], value)
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_an_existing_output_is_replaced_whole(exchange, tmp_path, monkeypatch):
+    """write_atomic onto an existing file: by exchanging the names (Linux) or by os.replace (elsewhere, or where
+    the file system has no exchange): the new bytes, a plain open()'s permissions, no file left beside it, and a
+    hard link of the old file keeps the old bytes (the old file is replaced, not written into)."""
+    import os
+
+    import lrpc.model_io as io
+
+    if not exchange:
+        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
+    out = tmp_path / "out.onnx"
+    out.write_bytes(b"old" * 1000)
+    os.link(out, tmp_path / "link")
+    called = []
+    real = io._exchange
+    monkeypatch.setattr(io, "_exchange", lambda a, b: called.append(b) or real(a, b))
+    io.write_atomic([b"new ", memoryview(b"bytes")], out)
+    assert out.read_bytes() == b"new bytes" and (tmp_path / "link").read_bytes() == b"old" * 1000
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out.onnx"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert called == ([out] if sys.platform.startswith("linux") else [])
+    if exchange and sys.platform.startswith("linux"):
+        assert real(str(tmp_path / "link"), out)  # (this file system exchanges: the path above was taken)
+        assert out.read_bytes() == b"old" * 1000
+    io.write_atomic(b"fresh", tmp_path / "new.onnx")  # (no file there: a plain rename)
+    assert (tmp_path / "new.onnx").read_bytes() == b"fresh"
