@@ -9,7 +9,7 @@ import onnx
 from . import composites
 from .emit import emit
 from .errors import InputError
-from .graph import MIN_OPSET, check_structure, export_model
+from .graph import MIN_OPSET, check_structure, export_model, release_deferred
 from .model_io import read_model, restore
 from .passes import canonize as _canonize
 from .passes.normalize_opset import opset_of
@@ -113,6 +113,7 @@ def canonize_for_save(model, output: str | None = None,
     proto, owned, _, verbatim = _as_model(model, input_shapes)
     canon = _canonize(proto, output, owned, verbatim)
     result = export_model(canon)
+    release_deferred(canon)
     _check(result)
     return result, _still_held(result, verbatim)
 
@@ -154,6 +155,7 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
     canon = _canonize(proto, output, owned, verbatim)
     canon.weight_signs = signs
     result = emit(canon, ruleset, layerwise, seed)
+    release_deferred(canon)
     _check(result)
     return result, _still_held(result, verbatim)
 

@@ -28,6 +28,7 @@ class Canonical:
     metadata: dict[str, str] = field(default_factory=dict)
     source: onnx.ModelProto | None = None  # the imported model when lrpc owns it (export reuses its weights)
     weight_signs: dict = field(default_factory=dict)  # initializer name -> (TensorProto, all >= 0), see const_nonneg
+    deferred: list = field(default_factory=list)  # the DeferredValues made at import (see release_deferred)
 
     @property
     def opset(self) -> int:
@@ -54,6 +55,27 @@ class DeferredValues(LazyValues):
         return np.frombuffer(self.raw, self.dtype.newbyteorder("<")).reshape(self.shape).astype(self.dtype)
 
 
+def _constants(graph: gs.Graph):
+    """The constants of ``graph`` and of its nodes' subgraphs (If/Loop/Scan bodies, which read the outer graph's
+    weights too)."""
+    for t in graph.tensors().values():
+        if isinstance(t, gs.Constant):
+            yield t
+    for node in graph.nodes:
+        for sub in node.subgraphs():
+            yield from _constants(sub)
+
+
+def release_deferred(canon: Canonical) -> None:
+    """Drop the views into the file's bytes held by the :class:`DeferredValues` made at import, also those of
+    constants the passes have since replaced (a graph is full of reference cycles: it would keep the file mapped
+    until Python's cycle collector runs); their TensorProtos are what the exported model holds. For the end of a
+    compile."""
+    for values in canon.deferred:
+        values.raw = None
+    canon.deferred = []
+
+
 def _proto_of(lazy: LazyValues) -> onnx.TensorProto:
     """The TensorProto behind ``lazy``, as it is (a deferred weight's without its data)."""
     return lazy.held if isinstance(lazy, DeferredValues) else lazy.tensor
@@ -64,16 +86,18 @@ def import_model(model: onnx.ModelProto, verbatim: dict | None = None) -> Canoni
     the model's initializers as read (:func:`lrpc.model_io.read_model`): the deferred ones become
     :class:`DeferredValues`."""
     graph = gs.import_onnx(model)
+    made = []
     if verbatim:
-        for t in graph.tensors().values():
-            lazy = getattr(t, "_values", None)
+        for t in _constants(graph):
+            lazy = t._values
             raw = deferred(lazy.tensor, verbatim) if type(lazy) is LazyValues else None
             if raw is not None:
                 t._values = DeferredValues(lazy.tensor, raw)
+                made.append(t._values)
     _apply_shapes(graph, inferred_shapes(structure_of_model(model)), only_missing=False)
     meta = {p.key: p.value for p in model.metadata_props}
     origin = json.loads(meta.pop(ORIGIN_KEY, "{}"))
-    return Canonical(graph=graph, origin=origin, metadata=meta)
+    return Canonical(graph=graph, origin=origin, metadata=meta, deferred=made)
 
 
 def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> onnx.ModelProto:

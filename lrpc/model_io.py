@@ -1,6 +1,7 @@
 """Loading and saving ONNX models: validation, external data confinement, atomic writes."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import tempfile
@@ -165,7 +166,12 @@ def is_big(data_type: int, dims) -> bool:
 def _deferrable(init: onnx.TensorProto, raw: memoryview) -> bool:
     size = _DEFERRABLE.get(init.data_type)
     return (size is not None and is_big(init.data_type, init.dims) and init.data_location == onnx.TensorProto.DEFAULT
-            and len(raw) == size * int(np.prod(list(init.dims), dtype=np.int64)))
+            and len(raw) == size * int(np.prod(list(init.dims), dtype=np.int64)) and not _typed(init))
+
+
+def _typed(init: onnx.TensorProto) -> bool:
+    """``init`` holds values in a typed field (the float types' ones)."""
+    return bool(len(init.float_data) or len(init.double_data) or len(init.int32_data))
 
 
 def deferred(init: onnx.TensorProto, verbatim: dict | None) -> memoryview | None:
@@ -243,8 +249,7 @@ def _must_hold_data(init: onnx.TensorProto) -> None:
     """A deferred weight about to be serialized without its data (its ``verbatim`` was not handed over) would
     make a model no runtime loads: say so here."""
     if (not init.HasField("raw_data") and init.data_type in _DEFERRABLE and is_big(init.data_type, init.dims)
-            and init.data_location == onnx.TensorProto.DEFAULT
-            and not (len(init.float_data) or len(init.double_data) or len(init.int32_data))):
+            and init.data_location == onnx.TensorProto.DEFAULT and not _typed(init)):
         raise RuntimeError(f"lrpc: weight '{init.name}' was read without its data and is serialized without the "
                            "file's bytes it was read from (please report)")
 
@@ -420,7 +425,8 @@ def _replace(tmp: str, path: Path) -> None:
     loss the new one is as safe as a newly written file (lrpc does not fsync its outputs). Where the exchange is
     not to be had (another system, a file system without it), ``os.replace``."""
     if sys.platform.startswith("linux") and path.exists() and not path.is_symlink() and _exchange(tmp, path):
-        os.unlink(tmp)  # (the old file, under the temporary name now)
+        with contextlib.suppress(OSError):  # (the new file is in place: this only removes the old one)
+            os.unlink(tmp)
         return
     os.replace(tmp, path)
 

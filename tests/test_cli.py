@@ -658,7 +658,8 @@ def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
                 "explain cache hit": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],
                 "verbatim": lib.Session(model, verbatim=verbatim), "proto": lib.Session(onnx.load(str(compiled)))}
     assert [reordered in data for data in given] == [True] * 6 + [False]
-    assert verbatim == {}  # (used up: the file's bytes are not kept)
+    assert verbatim  # (left as given: the caller's model and its file's bytes stay usable, e.g. a second Session)
+    sessions["verbatim again"] = lib.Session(model, verbatim=verbatim)
     want = sessions["proto"].explain({"x": x})  # (top-1: the switch, or a top1-seeded graph)
     assert np.abs(want.relevance).sum() > 0
     for name in set(sessions) - {"proto"}:

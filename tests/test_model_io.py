@@ -177,3 +177,75 @@ def test_an_existing_output_is_replaced_whole(exchange, tmp_path, monkeypatch):
         assert out.read_bytes() == b"old" * 1000
     io.write_atomic(b"fresh", tmp_path / "new.onnx")  # (no file there: a plain rename)
     assert (tmp_path / "new.onnx").read_bytes() == b"fresh"
+
+
+@pytest.mark.parametrize("condition", ["input", "constant"])
+def test_a_deferred_weight_read_in_a_subgraph_keeps_its_data(condition, tmp_path):
+    """A big weight of the main graph that only an If branch reads (graphsurgeon keeps it in the branch's graph;
+    with a constant condition constant folding inlines the branch, whose output is then a Gemm's weight; with a
+    fed condition the branch's output is summed into the logits): compiled from the file, the model runs and
+    computes what the compile of protobuf's parse computes, also written with its verbatim weights."""
+    u = RNG.standard_normal((96, 64)).astype(np.float32)
+
+    def branch(op, name):
+        return helper.make_graph([helper.make_node(op, ["u"], [name])], name, [],
+                                 [helper.make_tensor_value_info(name, TensorProto.FLOAT, [96, 64])])
+
+    nodes = [helper.make_node("If", ["c"], ["w"], then_branch=branch("Identity", "t"), else_branch=branch("Neg", "e")),
+             helper.make_node("Gemm", ["x", "v"], ["h"], transB=1)]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])]
+    inits = [numpy_helper.from_array(u, "u"), numpy_helper.from_array(RNG.standard_normal((96, 64)).astype(np.float32), "v")]
+    feeds = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
+    if condition == "input":
+        inputs.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
+        nodes += [helper.make_node("ReduceSum", ["w"], ["s"], keepdims=0), helper.make_node("Add", ["h", "s"], ["y"])]
+        feeds["c"] = np.array(False)
+    else:
+        inits.append(numpy_helper.from_array(np.array(False), "c"))
+        nodes += [helper.make_node("Gemm", ["x", "w"], ["g"], transB=1), helper.make_node("Add", ["g", "h"], ["y"])]
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 96])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "if.onnx"
+    onnx.save(model, str(path))
+    want = _session(lrpc.compile(onnx.load(str(path)), "epsilon"))
+    feeds["relevance_seed"] = np.ones((2, 96), np.float32)
+    saved, verbatim = compiler.compile_for_save(path, "epsilon")
+    runs = [_session(lrpc.compile(path, "epsilon")),
+            ort.InferenceSession(serialized(saved, verbatim), providers=["CPUExecutionProvider"])]
+    for session in runs:
+        for a, b in zip(session.run(None, feeds), want.run(None, feeds)):
+            np.testing.assert_array_equal(a, b)
+
+
+def _session(model):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
+    """The compile's graph (full of reference cycles) does not keep the file mapped until the cycle collector
+    runs: with the collector off, no mapping of the file is left once lrpc.compile / compile_for_save's result
+    is dropped, or once a Session of the file exists."""
+    import gc
+
+    path = tmp_path / "mapped.onnx"
+    onnx.save(_model_with_folded_weight(), str(path))
+
+    def mapped() -> bool:
+        return str(path) in open("/proc/self/maps").read()
+
+    gc.collect()
+    gc.disable()
+    try:
+        model, verbatim = compiler.compile_for_save(path, "epsilon")
+        assert mapped()  # (the result's deferred weights are the file's bytes)
+        model = verbatim = None
+        assert not mapped()
+        model = lrpc.compile(path, "epsilon")
+        assert not mapped() and all(t.HasField("raw_data") for t in model.graph.initializer if len(t.dims) > 1)
+        lrpc.model_io.save_model(model, tmp_path / "c.onnx")
+        session = lrpc.Session(tmp_path / "c.onnx", providers=["CPUExecutionProvider"])
+        assert session.outputs and str(tmp_path / "c.onnx") not in open("/proc/self/maps").read()
+    finally:
+        gc.enable()
