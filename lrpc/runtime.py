@@ -2,6 +2,7 @@
 :class:`Explanation` (output, relevance, per-layer relevance, target); the providers that ran are reported."""
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import NamedTuple
@@ -13,7 +14,7 @@ import onnxruntime as ort
 from . import targets
 from .emit import SEED, TARGET, input_relevance_names, top1_nodes
 from .errors import InputError
-from .model_io import read_model, serialized
+from .model_io import for_runtime, read_model, serialized
 
 
 class Session:
@@ -43,10 +44,22 @@ class Session:
         explained = meta.get("lrpc.explained")
         self._switch = not self.top1 and explained is not None and (
             any(explained in n.output for n in model.graph.node) or any(i.name == explained for i in model.graph.input))
-        data = _with_top1_switch(model, meta["lrpc.explained"], verbatim) if self._switch else serialized(model, verbatim)
-        verbatim = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
-        self.session = inference_session(data, providers, threads, tf32)
-        del data
+        def serialize(whole: bool):
+            with _with_top1_switch(model, meta["lrpc.explained"]) if self._switch else contextlib.nullcontext():
+                return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
+
+        data, source = serialize(whole=False)
+        try:
+            self.session = inference_session(data, providers, threads, tf32, source and source.path.parent)
+        except Exception:
+            if source is None:
+                raise
+            self.session = None
+        if source is not None and (self.session is None or not source.unchanged()):
+            # weights to be read from a file that changed since lrpc read it, or that onnxruntime could not read
+            # there: the bytes lrpc read
+            self.session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
+        verbatim = data = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
         self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
@@ -207,7 +220,8 @@ class Session:
 
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
-                      cuda_options: dict | None = None, profile: str | None = None) -> ort.InferenceSession:
+                      external_folder=None, cuda_options: dict | None = None,
+                      profile: str | None = None) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -218,9 +232,12 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     session peaked at 3.4 GB instead of 2.0 GB, at equal speed (time ratio 0.95–1.04 on the CPU, 0.997–1.005 on
     an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
     equal speed). ``tf32``: CUDA float32 convolutions/matmuls in TF32. ``cuda_options``: more CUDA provider
-    options. ``profile``: a file prefix for onnxruntime's profiler (off by default)."""
+    options. ``profile``: a file prefix for onnxruntime's profiler (off by default). ``external_folder``: where
+    the external data of a model given as bytes lie (:func:`lrpc.model_io.for_runtime`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    if external_folder is not None:
+        options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     if profile:
         options.enable_profiling, options.profile_file_prefix = True, profile
     if threads:
@@ -329,13 +346,14 @@ _FED, _SWITCH = "lrpc/seed_fed", "lrpc/top1"
 _SWITCH_LOCK = threading.Lock()
 
 
-def _with_top1_switch(model: onnx.ModelProto, explained: str, verbatim: dict | None = None) -> bytes:
-    """``model`` serialized with a switch: the seed input is renamed ``lrpc/seed_fed`` and
-    ``relevance_seed = Where(lrpc/top1, one-hot at each sample's arg-max of the explained tensor, fed seed)``;
-    output ``relevance_target`` holds that arg-max (flat index per sample, first on ties, as
-    ``compile(seed="top1")``). ``model`` is edited for the time of serializing it and then left as it was (under a
-    lock: Sessions built from one ModelProto in several threads at once do not see each other's edits; other
-    readers of the proto in that moment would)."""
+@contextlib.contextmanager
+def _with_top1_switch(model: onnx.ModelProto, explained: str):
+    """``model`` with a switch, for the time of the ``with`` block (to serialize it): the seed input is renamed
+    ``lrpc/seed_fed`` and ``relevance_seed = Where(lrpc/top1, one-hot at each sample's arg-max of the explained
+    tensor, fed seed)``; output ``relevance_target`` holds that arg-max (flat index per sample, first on ties, as
+    ``compile(seed="top1")``). ``model`` is left as it was afterwards (the block runs under a lock: Sessions built
+    from one ModelProto in several threads at once do not see each other's edits; other readers of the proto in
+    that moment would)."""
     from onnx import TensorProto, helper
 
     g = model.graph
@@ -349,7 +367,7 @@ def _with_top1_switch(model: onnx.ModelProto, explained: str, verbatim: dict | N
         g.output.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, None))
         g.node.extend(nodes)
         try:
-            return serialized(model, verbatim)
+            yield model
         finally:  # the caller's model is left as it was
             del g.node[n_nodes:]
             del g.input[n_inputs:]

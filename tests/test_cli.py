@@ -635,16 +635,31 @@ def test_explain_hands_the_files_bytes_over(tmp_path):
 @pytest.mark.parametrize("seed", ["input", "top1"])
 def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
     """lrpc.Session of a compiled file, and lrpc explain of a plain one, hand onnxruntime the weights still as read as
-    the file's bytes (not serialized again; with and without the top-1 switch a seed-input model gets), and the
-    sessions compute what a session of the same model serialized by protobuf computes."""
+    the file's bytes (not serialized again; with and without the top-1 switch a seed-input model gets) — a big weight
+    read without its data (a file lrpc wrote: one graph field) as a reference to its place in that file, which
+    onnxruntime reads itself — and the sessions compute what a session of the same model serialized by protobuf
+    computes."""
     import lrpc as lib
     from lrpc import explain, runtime
 
     given = []
     real = runtime.inference_session
-    monkeypatch.setattr(runtime, "inference_session", lambda data, *a, **k: given.append(data) or real(data, *a, **k))
+    monkeypatch.setattr(runtime, "inference_session",
+                        lambda data, *a, **k: given.append((data, a[3] if len(a) > 3 else None)) or real(data, *a, **k))
     path = tmp_path / "odd.onnx"
-    _, reordered = _odd_file(path)
+    model, reordered = _odd_file(path)
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w")).tobytes()
+
+    def how(data, folder) -> str:
+        if reordered in data:
+            return "bytes"
+        info = {e.key: e.value for e in next(t for t in onnx.load_from_string(data).graph.initializer
+                                             if t.name == "w").external_data}
+        if folder is None or not info:
+            return "serialized"
+        start = int(info["offset"])
+        assert (Path(folder) / info["location"]).read_bytes()[start:start + int(info["length"])] == w
+        return "file"
     code, _, err = lrpc("compile", path, "-o", tmp_path / "odd.lrp.onnx", "--rules", "epsilon", "--seed", seed)
     assert code == 0, err
     x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
@@ -657,7 +672,7 @@ def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
                 "explain cached": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],  # (written)
                 "explain cache hit": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],
                 "verbatim": lib.Session(model, verbatim=verbatim), "proto": lib.Session(onnx.load(str(compiled)))}
-    assert [reordered in data for data in given] == [True] * 6 + [False]
+    assert [how(*g) for g in given] == ["file", "bytes", "file", "bytes", "file", "bytes", "serialized"]
     assert verbatim  # (left as given: the caller's model and its file's bytes stay usable, e.g. a second Session)
     sessions["verbatim again"] = lib.Session(model, verbatim=verbatim)
     want = sessions["proto"].explain({"x": x})  # (top-1: the switch, or a top1-seeded graph)

@@ -3,6 +3,7 @@ that every way a model leaves lrpc gives them their data (or the file's bytes), 
 that way gives what compiling the fully parsed ModelProto gives (oracle: protobuf's own parse)."""
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
@@ -249,3 +250,53 @@ def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
         assert session.outputs and str(tmp_path / "c.onnx") not in open("/proc/self/maps").read()
     finally:
         gc.enable()
+
+
+@pytest.mark.parametrize("case", ["as read", "file replaced", "replaced while starting", "runtime refuses"])
+def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, monkeypatch):
+    """lrpc.Session of a compiled file hands onnxruntime its big weights as references into that file (a small
+    model; onnxruntime reads them there). If the path names another file by then (replaced before or while the
+    session starts), or onnxruntime cannot read them there, the session is made from the bytes lrpc read: it
+    always computes what the file held when it was read (oracle: a session of protobuf's parse of it)."""
+    from lrpc import runtime
+
+    def compiled(seed: int, name: str):
+        model = _model_with_folded_weight()
+        rng = np.random.default_rng(seed)
+        for t in model.graph.initializer:
+            if t.name == "w1":
+                t.CopyFrom(numpy_helper.from_array(rng.standard_normal((96, 64)).astype(np.float32), "w1"))
+        onnx.save(model, str(tmp_path / f"{name}.onnx"))
+        lrpc.model_io.save_model(lrpc.compile(tmp_path / f"{name}.onnx", "epsilon"), tmp_path / f"{name}.lrp.onnx")
+        return tmp_path / f"{name}.lrp.onnx"
+
+    path, other = compiled(1, "a"), compiled(2, "b")
+    x = RNG.standard_normal((2, 64)).astype(np.float32)
+    seed = np.zeros((2, 80, 1, 1), np.float32)
+    seed[:, 7] = 1
+    want = lrpc.Session(onnx.load(str(path)), providers=["CPUExecutionProvider"]).run({"x": x}, seed)
+    model, verbatim = read_model(path)
+    given, real = [], runtime.inference_session
+
+    def spy(data, providers, threads, tf32, folder=None, **kw):
+        given.append((len(data), folder))
+        if folder is not None and case == "runtime refuses":
+            raise RuntimeError("cannot read the external data")
+        session = real(data, providers, threads, tf32, folder, **kw)
+        if folder is not None and case == "replaced while starting":
+            os.replace(other, path)
+        return session
+
+    monkeypatch.setattr(runtime, "inference_session", spy)
+    if case == "file replaced":
+        os.replace(other, path)
+    got = lrpc.Session(model, providers=["CPUExecutionProvider"], verbatim=verbatim).run({"x": x}, seed)
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
+    small = given[0][0] < path.stat().st_size // 4 if case != "file replaced" else None
+    assert [folder for _, folder in given] == {
+        "as read": [path.parent], "file replaced": [None], "replaced while starting": [path.parent, None],
+        "runtime refuses": [path.parent, None]}[case]
+    assert small in (True, None)  # (the weights were not in the model handed over)
+    assert [size > path.stat().st_size // 2 for size, folder in given if folder is None] == [True] * sum(
+        folder is None for _, folder in given)
