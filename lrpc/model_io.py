@@ -85,14 +85,17 @@ def _mapped(p: Path):
     import mmap
 
     with open(p, "rb") as f:
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), Source(p.resolve(), _identity(os.fstat(f.fileno())))
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        at = int(np.frombuffer(mapped, np.uint8).ctypes.data)
+        return mapped, Source(p.resolve(), _identity(os.fstat(f.fileno())), at)
 
 
 class Source(NamedTuple):
-    """The file a model was read from (:func:`read_model`): its resolved path and what identifies the very file
-    that was read (device, inode, size, modification time)."""
+    """The file a model was read from (:func:`read_model`): its resolved path, what identifies the very file that
+    was read (device, inode, size, modification time), and where lrpc's map of it starts."""
     path: Path
     identity: tuple
+    mapped_at: int
 
     def unchanged(self) -> bool:
         """The path still names the file that was read."""
@@ -100,6 +103,18 @@ class Source(NamedTuple):
             return _identity(os.stat(self.path)) == self.identity
         except OSError:
             return False
+
+    def mapped_elsewhere(self) -> bool:
+        """Something else in this process maps the file (onnxruntime keeps the external data it does not copy
+        mapped for the life of the session, which would then depend on the file); True when this cannot be
+        told (no /proc)."""
+        try:
+            lines = Path("/proc/self/maps").read_text().splitlines()
+        except OSError:
+            return True
+        inode = str(self.identity[1])
+        return any(len(f) > 4 and f[4] == inode and int(f[0].split("-")[0], 16) != self.mapped_at
+                   for f in (line.split(maxsplit=5) for line in lines))
 
 
 def _identity(st: os.stat_result) -> tuple:
@@ -246,16 +261,25 @@ def for_runtime(model: onnx.ModelProto, verbatim: dict | None) -> tuple[bytes, S
     :func:`lrpc.runtime.inference_session`), so that onnxruntime reads them from the file once instead of parsing
     them out of a model-sized buffer (VGG16: session start 3.0 -> 1.6 s, peak 3.0 -> 1.9 GB). ``source`` is None
     (and the bytes are :func:`serialized`'s) when the model has no deferred weight, or they do not all come from
-    one file that is still the one read."""
+    one file that is still the one read, or its name is not UTF-8. The caller checks after the session starts
+    that the file is still the one read and that the session does not map it (:class:`Source`)."""
     sources = {}
     for init in model.graph.initializer:
         if deferred(init, verbatim) is not None:
             entry = verbatim[id(init)]
             sources[entry.source] = sources.get(entry.source, 0) + 1
     source = next(iter(sources)) if len(sources) == 1 else None
-    if source is None or not source.unchanged():
+    if source is None or not source.unchanged() or not _utf8(source.path.name):
         return serialized(model, verbatim), None
     return b"".join(serialized_pieces(model, verbatim, external=True)), source
+
+
+def _utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:  # (a file name that is not UTF-8: a protobuf string cannot hold it)
+        return False
 
 
 def _external_reference(init: onnx.TensorProto, entry: Verbatim) -> bytes:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 import threading
 from typing import NamedTuple
 
@@ -48,16 +49,18 @@ class Session:
             with _with_top1_switch(model, meta["lrpc.explained"]) if self._switch else contextlib.nullcontext():
                 return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
 
-        data, source = serialize(whole=False)
+        data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
         try:
-            self.session = inference_session(data, providers, threads, tf32, source and source.path.parent)
+            self.session = inference_session(data, providers, threads, tf32,
+                                             external_folder=source and source.path.parent)
         except Exception:
             if source is None:
                 raise
             self.session = None
-        if source is not None and (self.session is None or not source.unchanged()):
-            # weights to be read from a file that changed since lrpc read it, or that onnxruntime could not read
-            # there: the bytes lrpc read
+        if source is not None and (self.session is None or not source.unchanged() or source.mapped_elsewhere()):
+            # weights to be read from a file that changed since lrpc read it, that onnxruntime could not read there,
+            # or that the session would keep mapped (and so depend on): the bytes lrpc read
+            self.session = None
             self.session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
         verbatim = data = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
         self.providers = self.session.get_providers()
@@ -220,8 +223,8 @@ class Session:
 
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
-                      external_folder=None, cuda_options: dict | None = None,
-                      profile: str | None = None) -> ort.InferenceSession:
+                      cuda_options: dict | None = None, profile: str | None = None,
+                      external_folder=None) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -343,6 +346,11 @@ _ONNX = {v: k[7:-1] for k, v in NUMPY_TYPES.items()}  # numpy scalar type -> onn
 
 
 _FED, _SWITCH = "lrpc/seed_fed", "lrpc/top1"
+# onnxruntime looks up the external data of a model given as bytes in a folder given by a session option from 1.21
+# on (older versions take the option silently and look in the working directory); on Linux only, where a session
+# that would keep the file mapped can be told (Source.mapped_elsewhere)
+_READS_EXTERNAL_FOLDER = sys.platform.startswith("linux") and tuple(
+    int(p) for p in ort.__version__.split(".")[:2] if p.isdigit()) >= (1, 21)
 _SWITCH_LOCK = threading.Lock()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ from onnx.external_data_helper import set_external_data
 
 import lrpc
 from lrpc import compiler
+from lrpc.runtime import _READS_EXTERNAL_FOLDER
 from lrpc.graph import DeferredValues, import_model
 from lrpc.model_io import deferred, load_model, read_model, restore, serialized, serialized_pieces, verbatim_bytes
 
@@ -253,6 +255,7 @@ def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
         gc.enable()
 
 
+@pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
 @pytest.mark.parametrize("case", ["as read", "file replaced", "replaced while starting", "runtime refuses"])
 def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, monkeypatch):
     """lrpc.Session of a compiled file hands onnxruntime its big weights as references into that file (a small
@@ -279,11 +282,12 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     model, verbatim = read_model(path)
     given, real = [], runtime.inference_session
 
-    def spy(data, providers, threads, tf32, folder=None, **kw):
+    def spy(data, providers, threads, tf32, external_folder=None, **kw):
+        folder = external_folder
         given.append((len(data), folder))
         if folder is not None and case == "runtime refuses":
             raise RuntimeError("cannot read the external data")
-        session = real(data, providers, threads, tf32, folder, **kw)
+        session = real(data, providers, threads, tf32, external_folder=folder, **kw)
         if folder is not None and case == "replaced while starting":
             os.replace(other, path)
         return session
@@ -301,3 +305,34 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     assert small in (True, None)  # (the weights were not in the model handed over)
     assert [size > path.stat().st_size // 2 for size, folder in given if folder is None] == [True] * sum(
         folder is None for _, folder in given)
+
+
+@pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
+def test_a_session_that_would_keep_the_file_mapped_is_made_from_the_bytes(tmp_path, monkeypatch):
+    """onnxruntime keeps external data it does not copy (here a big constant of an Add) mapped for the session's
+    life: such a session is made again from the bytes lrpc read, so that it never depends on the file (rewritten in
+    place afterwards, same size, the session computes what it did)."""
+    from lrpc import runtime
+
+    b = RNG.standard_normal((1, 5000)).astype(np.float32)
+    nodes = [helper.make_node("Add", ["x", "b"], ["y"]), helper.make_node("Mul", ["relevance_seed", "x"], ["r"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 5000])
+                                           for n in ("x", "relevance_seed")],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 5000]) for n in ("y", "r")],
+                              [numpy_helper.from_array(b, "b")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path = tmp_path / "add.onnx"
+    onnx.save(model, str(path))
+    folders, real = [], runtime.inference_session
+    monkeypatch.setattr(runtime, "inference_session",
+                        lambda data, *a, **k: folders.append(k.get("external_folder")) or real(data, *a, **k))
+    session = lrpc.Session(path, providers=["CPUExecutionProvider"])
+    assert folders == [path.parent, None]  # (the hand-over, then the bytes)
+    assert str(path) not in Path("/proc/self/maps").read_text()
+    x = RNG.standard_normal((1, 5000)).astype(np.float32)
+    with open(path, "r+b") as f:  # rewritten in place: same size, other weights
+        data = f.read()
+        f.seek(0)
+        f.write(data.replace(b.tobytes(), (-b).tobytes()))
+    np.testing.assert_array_equal(session.run({"x": x}, np.ones_like(x))["y"], x + b)
