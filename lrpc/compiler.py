@@ -8,7 +8,7 @@ import onnx
 
 from . import composites
 from .emit import emit
-from .errors import InputError
+from .errors import InputError, UnsupportedError
 from .graph import MIN_OPSET, check_structure, export_model, release_deferred
 from .model_io import read_model, restore
 from .passes import canonize as _canonize
@@ -44,9 +44,28 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto,
         model = _with_input_shapes(model if owned else onnx.ModelProto.FromString(model.SerializeToString()),
                                    input_shapes)
         owned = True
+    _refuse_unsupported_floats(model)
     if opset_of(model) < MIN_OPSET:  # the version converter serializes every tensor: with its data
         restore(model, verbatim)
     return model, owned, _check_weights(model, verbatim), verbatim
+
+
+def _refuse_unsupported_floats(model: onnx.ModelProto) -> None:
+    """bfloat16 and the 8/4-bit float types have no numpy type (the passes read weights as numpy arrays) and no
+    LRP rule here: one UnsupportedError naming the first tensor and its user, not a failure deep in a pass."""
+    names = {getattr(onnx.TensorProto, t): t.lower() for t in ("BFLOAT16", "FLOAT8E4M3FN", "FLOAT8E4M3FNUZ",
+                                                               "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT4E2M1")
+             if hasattr(onnx.TensorProto, t)}
+    g = model.graph
+    typed = [(t.name, t.data_type) for t in g.initializer] + [
+        (v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.output)]
+    bad = next(((name, names[t]) for name, t in typed if t in names), None)
+    if bad is not None:
+        user = next((n for n in g.node if bad[0] in n.input), None)
+        at = ("" if user is None else f" used by node '{user.name}' ({user.op_type})" if user.name
+              else f" used by a {user.op_type} node")
+        raise UnsupportedError(f"tensor '{bad[0]}'{at} is {bad[1]}: lrpc compiles float32, float64 and float16 "
+                               "models (convert the model's weights and inputs first)")
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -94,7 +113,8 @@ def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
         if not np.isfinite(values.sum(dtype=np.float64)) and not np.all(np.isfinite(values)):
             bad = int((~np.isfinite(values)).sum())
             user = users.get(init.name)
-            at = f" used by node '{user.name}' ({user.op_type})" if user is not None else ""
+            at = ("" if user is None else f" used by node '{user.name}' ({user.op_type})" if user.name
+              else f" used by a {user.op_type} node")
             raise InputError(f"weight '{init.name}'{at} holds {bad} NaN/Inf value(s)")
         signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
     return signs

@@ -761,3 +761,25 @@ def test_cli_past_the_file_limit_is_one_line(tmp_path, monkeypatch, capsys):
     code = main(["compile", str(DIGITS), "-o", str(tmp_path / "o.onnx")])
     one_line_error(code, capsys.readouterr().err, contains="an ONNX file holds at most 2 GB")
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("where", ["weight", "input"])
+def test_bfloat16_models_are_refused_in_one_line(where, tmp_path):
+    """bfloat16 (no numpy type, no rule here) is refused up front, naming the tensor and its user, exit code 2 —
+    not an internal error from a pass; the input file is left as it was."""
+    bf16 = TensorProto.BFLOAT16
+    w = helper.make_tensor("w", bf16 if where == "weight" else TensorProto.FLOAT, [4, 3],
+                           np.zeros(12, np.uint16 if where == "weight" else np.float32).tobytes(), raw=True)
+    x_type = bf16 if where == "input" else TensorProto.FLOAT
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT, name="cast") if where == "input" else
+             helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Gemm", ["xf", "w"] if where == "input" else ["x", "wf"], ["y"], transB=1, name="gemm")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", x_type, [1, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])], [w])
+    path = tmp_path / "bf16.onnx"
+    save_graph(graph, path)
+    before = digest(path)
+    code, _, err = lrpc("compile", path, "-o", tmp_path / "out.onnx")
+    name = "w" if where == "weight" else "x"
+    one_line_error(code, err, 2, f"tensor '{name}' used by node 'cast' (Cast) is bfloat16")
+    assert digest(path) == before and not (tmp_path / "out.onnx").exists()
