@@ -61,11 +61,16 @@ def _refuse_unsupported_floats(model: onnx.ModelProto) -> None:
         (v.name, v.type.tensor_type.elem_type) for v in list(g.input) + list(g.output)]
     bad = next(((name, names[t]) for name, t in typed if t in names), None)
     if bad is not None:
-        user = next((n for n in g.node if bad[0] in n.input), None)
-        at = ("" if user is None else f" used by node '{user.name}' ({user.op_type})" if user.name
-              else f" used by a {user.op_type} node")
+        at = _used_by(next((n for n in g.node if bad[0] in n.input), None))
         raise UnsupportedError(f"tensor '{bad[0]}'{at} is {bad[1]}: lrpc compiles float32, float64 and float16 "
                                "models (convert the model's weights and inputs first)")
+
+
+def _used_by(node) -> str:
+    """" used by node 'name' (Op)" for an error message about a tensor ("" without a user)."""
+    if node is None:
+        return ""
+    return f" used by node '{node.name}' ({node.op_type})" if node.name else f" used by a {node.op_type} node"
 
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
@@ -112,10 +117,7 @@ def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
         # a float64 sum of finite float32/16 values cannot overflow: one pass, no temporary array
         if not np.isfinite(values.sum(dtype=np.float64)) and not np.all(np.isfinite(values)):
             bad = int((~np.isfinite(values)).sum())
-            user = users.get(init.name)
-            at = ("" if user is None else f" used by node '{user.name}' ({user.op_type})" if user.name
-              else f" used by a {user.op_type} node")
-            raise InputError(f"weight '{init.name}'{at} holds {bad} NaN/Inf value(s)")
+            raise InputError(f"weight '{init.name}'{_used_by(users.get(init.name))} holds {bad} NaN/Inf value(s)")
         signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
     return signs
 

@@ -142,8 +142,8 @@ def _keep_source_weights(canon: Canonical) -> list:
     kept = []
     for t in canon.graph.tensors().values():
         values = getattr(t, "_values", None)
-        if isinstance(t, gs.Constant) and isinstance(values, LazyValues) and _proto_of(values).name == t.name \
-                and t.name in names and is_big(_proto_of(values).data_type, _proto_of(values).dims):
+        proto = _proto_of(values) if isinstance(t, gs.Constant) and isinstance(values, LazyValues) else None
+        if proto is not None and proto.name == t.name and t.name in names and is_big(proto.data_type, proto.dims):
             kept.append(t)
     return kept
 
@@ -273,8 +273,7 @@ def const_nonneg(t, known: dict | None = None) -> bool:
         proto, nonneg = (known or {}).get(_proto_of(lazy).name, (None, None))
         if proto is _proto_of(lazy):
             return nonneg
-    values = (lazy.load() if isinstance(lazy, DeferredValues) else onnx.numpy_helper.to_array(lazy.tensor)
-              if isinstance(lazy, LazyValues) else const_value(t))
+    values = lazy.load() if isinstance(lazy, LazyValues) else const_value(t)
     return values.size == 0 or bool(values.min() >= 0)  # (NaN: False)
 
 

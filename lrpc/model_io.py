@@ -263,12 +263,8 @@ def for_runtime(model: onnx.ModelProto, verbatim: dict | None) -> tuple[bytes, S
     (and the bytes are :func:`serialized`'s) when the model has no deferred weight, or they do not all come from
     one file that is still the one read, or its name is not UTF-8. The caller checks after the session starts
     that the file is still the one read and that the session does not map it (:class:`Source`)."""
-    sources = {}
-    for init in model.graph.initializer:
-        if deferred(init, verbatim) is not None:
-            entry = verbatim[id(init)]
-            sources[entry.source] = sources.get(entry.source, 0) + 1
-    source = next(iter(sources)) if len(sources) == 1 else None
+    sources = {verbatim[id(init)].source for init in model.graph.initializer if deferred(init, verbatim) is not None}
+    source = sources.pop() if len(sources) == 1 else None
     if source is None or not source.unchanged() or not _utf8(source.path.name):
         return serialized(model, verbatim), None
     return b"".join(serialized_pieces(model, verbatim, external=True)), source

@@ -60,7 +60,7 @@ class Session:
         if source is not None and (self.session is None or not source.unchanged() or source.mapped_elsewhere()):
             # weights to be read from a file that changed since lrpc read it, that onnxruntime could not read there,
             # or that the session would keep mapped (and so depend on): the bytes lrpc read
-            self.session = None
+            self.session = None  # (the first session goes before the second starts)
             self.session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
         verbatim = data = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
         self.providers = self.session.get_providers()
