@@ -10,6 +10,7 @@ from . import composites
 from .errors import InputError, UnsupportedError, where
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import propagator
+from .schedule import order_for_runtime
 
 SEED = "relevance_seed"
 POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
@@ -83,7 +84,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ``seed="input"``: the seed is the graph input ``relevance_seed``; ``seed="top1"``: it is made in the
     graph, one-hot at each sample's highest explained output, which the output ``relevance_target``
     (int64 [N], flat index per sample) names: logits and relevance in one run, with only the model's
-    own inputs to feed."""
+    own inputs to feed. The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
     if seed not in ("input", "top1"):
@@ -168,6 +169,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     if seed == "top1":
         batch = [explained.shape[0]] if explained.shape else None
         seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch)
+    order_for_runtime(model.graph, SEED)
     return model
 
 
@@ -185,7 +187,7 @@ def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
     t = lambda name: prefix + name  # noqa: E731
     ints = lambda name, value, dims: helper.make_node(  # noqa: E731
         "Constant", [], [t(name)], value=helper.make_tensor(t(name), TensorProto.INT64, dims, value))
-    return [
+    nodes = [
         helper.make_node("Flatten", [explained], [t("flat")], axis=1),
         helper.make_node("ArgMax", [t("flat")], [t("best")], axis=1, keepdims=1, select_last_index=0),
         helper.make_node("Shape", [t("flat")], [t("dims")]),
@@ -198,6 +200,9 @@ def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
         helper.make_node("Reshape", [t("hotf"), t("shape")], [seed]),
         helper.make_node("Squeeze", [t("best"), t("axis1")], [TARGET]),
     ]
+    for n in nodes:  # named, as every node lrpc makes (profiles and error messages name nodes)
+        n.name = prefix + n.output[0].rsplit("/", 1)[-1]
+    return nodes
 
 
 def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list | None = None) -> None:
