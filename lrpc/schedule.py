@@ -12,11 +12,13 @@ onnxruntime's profiled order; the benchmark's peak RSS went 1422 → 1068 MiB wi
 node, first the input that carries relevance (depends on the seed), then the others latest-emitted first, which
 keeps the emission order's schedule. An input that another input of the same node depends on is planned last
 among them (the index forces that: the walk reaches it through the other one), so the planned entry orders never
-contradict a data edge; both are constraints between positions, and the new order is a topological sort of them
-(ties kept in the planned walk's order). Runtimes that run nodes in file order lose nothing: the result is a
-valid order of the same graph. Nodes onnxruntime's optimizers create (fused or NCHWc convolutions, layout
-reorders) get the highest indices and are entered first, which the plan cannot foresee: there the schedule holds
-less closely (README, Performance)."""
+contradict a data edge. Nodes onnxruntime's optimizers create (fused or NCHWc convolutions, layout reorders) get
+the highest indices and are entered first, so its walk strays from the plan; wherever it then enters a node,
+that node's relevance inputs still come before its other inputs: every node's relevance-carrying inputs are
+placed after its other inputs (measured: ResNet-50 alpha-beta at batch 8 2133 → 1776 MiB against the plan's
+constraints alone). All are constraints between positions (a node that carries relevance is never read by one
+that does not, so they never form a cycle), and the new order is a topological sort of them, ties in the
+planned walk's order: runtimes that run nodes in file order get that schedule too (README, Performance)."""
 from __future__ import annotations
 
 import heapq
@@ -51,6 +53,11 @@ def schedule(nodes: list, seed: str) -> list[int]:
         for j in made_by:
             after[j].append(k)
             indegree[k] += 1
+    for k, made_by in enumerate(ins):  # at every node, whatever else has run: the relevance before the rest
+        for lo in (j for j in made_by if not carries[j]):
+            for hi in (j for j in made_by if carries[j]):
+                after[lo].append(hi)
+                indegree[hi] += 1
     for popped in entered:  # entered first -> higher index (never against a data edge: see runtime_walk)
         for i, hi in enumerate(popped):
             for lo in popped[i + 1:]:
@@ -125,9 +132,10 @@ def _reads(node) -> list[str]:
 
 
 def _depends_on(nodes: list, seed: str) -> list[bool]:
+    """Per node, whether it makes the seed or reads something made from it."""
     reached, out = {seed}, []
     for n in nodes:
-        hit = any(x in reached for x in _reads(n))
+        hit = seed in n.output or any(x in reached for x in _reads(n))
         if hit:
             reached.update(n.output)
         out.append(hit)

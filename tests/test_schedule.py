@@ -105,6 +105,14 @@ def test_onnxruntime_runs_the_order_lrpc_predicts_and_keeps_the_emission_schedul
         assert ran == predicted, label  # lrpc's model of onnxruntime's order is onnxruntime's order
         peaks[label] = peak_alive(m, ran, size)
     in_file_order = peak_alive(plain, [n.name for n in plain.graph.node], size)
+    carries, at = {SEED}, {}
+    for i, n in enumerate(model.graph.node):
+        at.update({o: i for o in n.output})
+        if carries.intersection(n.input):
+            carries.update(n.output)
+    for n in model.graph.node:  # where onnxruntime's optimizers make its walk stray, relevance still comes first
+        made = [(at[x], x in carries) for x in n.input if x in at]
+        assert max((i for i, c in made if not c), default=-1) < min((i for i, c in made if c), default=1 << 30)
     # onnxruntime ran the unscheduled graph keeping far more alive than its emission order needs; the scheduled
     # one runs (within a few %) that emission order's schedule
     assert peaks["emitted"] > 1.3 * in_file_order, (peaks, in_file_order)
