@@ -66,6 +66,40 @@ def peak_alive(model: onnx.ModelProto, order: list[str], size: dict[str, int]) -
     return peak
 
 
+def relevance_inputs_come_last(model: onnx.ModelProto) -> None:
+    """At every node, the inputs made from the seed are made after the others (onnxruntime's walk enters the
+    relevance first wherever its optimizers make it stray from lrpc's plan)."""
+    carries, at = {SEED}, {}
+    for i, n in enumerate(model.graph.node):
+        at.update({o: i for o in n.output if o})
+        if SEED in n.output or carries.intersection(n.input):
+            carries.update(o for o in n.output if o)
+    for n in model.graph.node:
+        made = [(at[x], x in carries) for x in n.input if x in at]
+        assert max((i for i, c in made if not c), default=-1) < min((i for i, c in made if c), default=1 << 30), n.name
+
+
+def same_outputs(plain: onnx.ModelProto, model: onnx.ModelProto, feeds: dict) -> None:
+    """Both orders give the same outputs (the same kernels on the same data; float32 round-off allowed for
+    fusions an onnxruntime version might choose differently by order)."""
+    assert [o.name for o in plain.graph.output] == [o.name for o in model.graph.output]
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = 1
+    got = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
+           for m in (plain, model)]
+    for a, b in zip(*got):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6 * float(np.max(np.abs(b), initial=0)))
+
+
+def runs_as_predicted(model: onnx.ModelProto, feeds: dict, tmp_path) -> list[str]:
+    """onnxruntime's profiled order, asserted equal to lrpc's model of it (runtime_walk); returned."""
+    ran = profiled_order(model, feeds, tmp_path)
+    nodes = list(model.graph.node)
+    assert len({n.name for n in nodes}) == len(nodes)  # the profile names nodes
+    assert ran == [nodes[k].name for k in runtime_walk(nodes)[0] if nodes[k].op_type != "Constant"]
+    return ran
+
+
 @pytest.fixture(scope="module")
 def resnet18(zoo_onnx):
     path = zoo_onnx("resnet18", "legacy")
@@ -75,7 +109,7 @@ def resnet18(zoo_onnx):
 
 def compiled(path, rules: str, seed: str, scheduled: bool, monkeypatch) -> onnx.ModelProto:
     if not scheduled:
-        monkeypatch.setattr(lrpc.emit, "order_for_runtime", lambda graph, seed: False)
+        monkeypatch.setattr(lrpc.emit, "order_for_runtime", lambda graph, seed: None)
     model = lrpc.compile(str(path), rules, seed=seed)
     monkeypatch.undo()
     return model
@@ -99,31 +133,14 @@ def test_onnxruntime_runs_the_order_lrpc_predicts_and_keeps_the_emission_schedul
     onnx.checker.check_model(model)  # still topologically sorted
     peaks, size = {}, tensor_bytes(plain, feeds_for(plain, x))
     for label, m in (("emitted", plain), ("scheduled", model)):
-        ran = profiled_order(m, feeds_for(m, x), tmp_path)
-        nodes = list(m.graph.node)
-        predicted = [nodes[k].name for k in runtime_walk(nodes)[0] if nodes[k].op_type != "Constant"]
-        assert ran == predicted, label  # lrpc's model of onnxruntime's order is onnxruntime's order
-        peaks[label] = peak_alive(m, ran, size)
+        peaks[label] = peak_alive(m, runs_as_predicted(m, feeds_for(m, x), tmp_path), size)
     in_file_order = peak_alive(plain, [n.name for n in plain.graph.node], size)
-    carries, at = {SEED}, {}
-    for i, n in enumerate(model.graph.node):
-        at.update({o: i for o in n.output})
-        if carries.intersection(n.input):
-            carries.update(n.output)
-    for n in model.graph.node:  # where onnxruntime's optimizers make its walk stray, relevance still comes first
-        made = [(at[x], x in carries) for x in n.input if x in at]
-        assert max((i for i, c in made if not c), default=-1) < min((i for i, c in made if c), default=1 << 30)
+    relevance_inputs_come_last(model)
     # onnxruntime ran the unscheduled graph keeping far more alive than its emission order needs; the scheduled
     # one runs (within a few %) that emission order's schedule
     assert peaks["emitted"] > 1.3 * in_file_order, (peaks, in_file_order)
     assert peaks["scheduled"] <= 1.02 * in_file_order, (peaks, in_file_order)
-    feeds = feeds_for(model, x)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    got = [ort.InferenceSession(m.SerializeToString(), so, providers=["CPUExecutionProvider"]).run(None, feeds)
-           for m in (plain, model)]
-    for a, b in zip(*got):  # the same kernels on the same data: the same numbers
-        np.testing.assert_array_equal(a, b)
+    same_outputs(plain, model, feeds_for(model, x))
 
 
 def test_schedule_prefers_the_relevance_then_the_latest_input():
@@ -147,3 +164,53 @@ def test_schedule_prefers_the_relevance_then_the_latest_input():
     assert ran == ["fwd", "chain0", "chain1", "stab0", "stab1", "div"]
     made = {o: i for i, n in enumerate(reordered) for o in n.output}
     assert all(made[x] < i for i, n in enumerate(reordered) for x in n.input if x in made)  # topological
+
+
+def two_input_model() -> onnx.ModelProto:
+    h = onnx.helper
+    rng = np.random.default_rng(0)
+    w1 = onnx.numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "W1")
+    w2 = onnx.numpy_helper.from_array(rng.standard_normal((4 * 6 * 6, 5)).astype(np.float32), "W2")
+    nodes = [h.make_node("Conv", ["a", "W1"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             h.make_node("Conv", ["b", "W1"], ["c2"], pads=[1, 1, 1, 1], name="convb"),
+             h.make_node("Add", ["c", "c2"], ["s"], name="add"),
+             h.make_node("Relu", ["s"], ["r"], name="relu"),
+             h.make_node("Flatten", ["r"], ["f"], name="flat"),
+             h.make_node("MatMul", ["f", "W2"], ["y"], name="fc")]
+    g = h.make_graph(nodes, "g", [h.make_tensor_value_info(n, onnx.TensorProto.FLOAT, [2, 3, 6, 6]) for n in "ab"],
+                     [h.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 5])], [w1, w2])
+    return h.make_model(g, opset_imports=[h.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("layerwise", [None, "full"])
+@pytest.mark.parametrize("seed", ["input", "top1"])
+def test_two_inputs_and_layerwise_outputs_keep_their_numbers_and_order(layerwise, seed, monkeypatch, tmp_path):
+    source = two_input_model()
+    rng = np.random.default_rng(1)
+    feeds = {n: rng.standard_normal((2, 3, 6, 6)).astype(np.float32) for n in "ab"}
+    models = []
+    for scheduled in (False, True):
+        if not scheduled:
+            monkeypatch.setattr(lrpc.emit, "order_for_runtime", lambda graph, seed: None)
+        models.append(lrpc.compile(source, "epsilon-gamma-box", layerwise=layerwise, seed=seed))
+        monkeypatch.undo()
+    plain, model = models
+    if seed == "input":
+        feeds[SEED] = np.eye(5, dtype=np.float32)[[1, 3]]
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.name for n in model.graph.node] != [n.name for n in plain.graph.node]
+    relevance_inputs_come_last(model)
+    runs_as_predicted(model, feeds, tmp_path)
+    same_outputs(plain, model, feeds)
+
+
+def test_empty_optional_names_carry_nothing():
+    """An empty optional output of a relevance node and an empty optional input elsewhere are no tensor: the
+    Clip below reads nothing made from the seed, so it is placed with the forward."""
+    h = onnx.helper
+    nodes = [h.make_node("Relu", ["x"], ["z"], name="fwd"),
+             h.make_node("Dropout", [SEED], ["r", ""], name="chain"),
+             h.make_node("Clip", ["z", "", "hi"], ["s"], name="clip"),
+             h.make_node("Div", ["r", "s"], ["out"], name="div")]
+    order = [nodes[k].name for k in schedule(nodes, SEED)]
+    assert order.index("clip") < order.index("chain")  # the relevance input of div comes last
