@@ -38,7 +38,9 @@ class Session:
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         meta = {p.key: p.value for p in model.metadata_props}
         self.top1 = meta.get("lrpc.seed") == "top1"  # compiled with seed="top1": the graph makes its seed
-        if SEED not in {i.name for i in model.graph.input} and not self.top1:
+        with _SWITCH_LOCK:  # (another Session from this proto may have renamed the seed input for a moment)
+            input_names = {i.name for i in model.graph.input}
+        if SEED not in input_names and not self.top1:
             raise InputError(f"model has no '{SEED}' input: compile it first (lrpc compile / lrpc.compile)")
         # seed-input models get a switch for top-1 targets (the graph then seeds itself: one run, not two),
         # where the explained tensor is still in the graph (a post-processed file may have renamed it)
@@ -50,18 +52,22 @@ class Session:
                 return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
 
         data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
+        first_error = None
         try:
             self.session = inference_session(data, providers, threads, tf32,
                                              external_folder=source and source.path.parent)
-        except Exception:
+        except Exception as e:
             if source is None:
                 raise
-            self.session = None
+            self.session, first_error = None, e
         if source is not None and (self.session is None or not source.unchanged() or source.mapped_elsewhere()):
             # weights to be read from a file that changed since lrpc read it, that onnxruntime could not read there,
             # or that the session would keep mapped (and so depend on): the bytes lrpc read
             self.session = None  # (the first session goes before the second starts)
-            self.session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
+            try:
+                self.session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
+            except Exception as e:  # the first failure stays attached (--debug shows both)
+                raise e from first_error
         verbatim = data = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated

@@ -308,6 +308,23 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
 
 
 @pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
+def test_when_both_session_starts_fail_the_first_error_stays_attached(tmp_path, monkeypatch):
+    from lrpc import runtime
+
+    model = _model_with_folded_weight()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    lrpc.model_io.save_model(lrpc.compile(tmp_path / "m.onnx", "epsilon"), tmp_path / "m.lrp.onnx")
+
+    def refuse(data, providers, threads, tf32, external_folder=None, **kw):
+        raise RuntimeError("by reference" if external_folder is not None else "from the bytes")
+
+    monkeypatch.setattr(runtime, "inference_session", refuse)
+    with pytest.raises(RuntimeError, match="from the bytes") as caught:
+        lrpc.Session(tmp_path / "m.lrp.onnx", providers=["CPUExecutionProvider"])
+    assert str(caught.value.__cause__) == "by reference"
+
+
+@pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
 def test_a_session_that_would_keep_the_file_mapped_is_made_from_the_bytes(tmp_path, monkeypatch):
     """onnxruntime keeps external data it does not copy (here a big constant of an Add) mapped for the session's
     life: such a session is made again from the bytes lrpc read, so that it never depends on the file (rewritten in

@@ -121,3 +121,33 @@ def test_bind_keeps_scalars_scalar_and_inputs_alive():
     del value  # the binding holds it
     session.run_with_iobinding(binding)
     assert binding.copy_outputs_to_cpu()[0] == np.float32(2.5)
+
+
+def test_a_session_waits_while_another_one_has_the_seed_input_renamed(digits):
+    """Sessions built at once in several threads from one ModelProto: while one holds the top-1 switch (seed input
+    renamed for a moment), another one's check for the seed input waits instead of reading the renamed proto."""
+    import threading
+
+    from lrpc.emit import SEED
+    from lrpc.runtime import _with_top1_switch
+
+    compiled = digits[0]
+    explained = {p.key: p.value for p in compiled.metadata_props}["lrpc.explained"]
+    made, errors = [], []
+
+    def build():
+        try:
+            made.append(lrpc.Session(compiled, providers=["CPUExecutionProvider"]))
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    with _with_top1_switch(compiled, explained):
+        assert SEED not in {i.name for i in compiled.graph.input}  # what a reader would see now
+        other = threading.Thread(target=build)
+        other.start()
+        other.join(timeout=2.0)  # (without the lock it fails within ~0.1 s)
+        assert other.is_alive() and not errors  # waiting for the switch, not failing on the renamed input
+    other.join()
+    assert not errors and len(made) == 1
+    x = digits[2][:2]
+    np.testing.assert_allclose(made[0].explain(x).relevance, digits[1].explain(x).relevance, rtol=1e-6, atol=1e-7)
