@@ -371,10 +371,10 @@ def _with_top1_switch(model: onnx.ModelProto, explained: str):
     from onnx import TensorProto, helper
 
     g = model.graph
-    seed_in = next(i for i in g.input if i.name == SEED)
-    nodes = top1_nodes(explained, seed_in.type.tensor_type.elem_type, "lrpc/top1/seed", "lrpc/top1/") + [
-        helper.make_node("Where", [_SWITCH, "lrpc/top1/seed", _FED], [SEED], name="lrpc/top1/switch")]
-    with _SWITCH_LOCK:
+    with _SWITCH_LOCK:  # (the seed input is looked up here too: another thread's switch may have it renamed)
+        seed_in = next(i for i in g.input if i.name == SEED)
+        nodes = top1_nodes(explained, seed_in.type.tensor_type.elem_type, "lrpc/top1/seed", "lrpc/top1/") + [
+            helper.make_node("Where", [_SWITCH, "lrpc/top1/seed", _FED], [SEED], name="lrpc/top1/switch")]
         n_nodes, n_inputs, n_outputs = len(g.node), len(g.input), len(g.output)
         seed_in.name = _FED
         g.input.append(helper.make_tensor_value_info(_SWITCH, TensorProto.BOOL, []))

@@ -40,8 +40,9 @@ def order_for_runtime(graph: onnx.GraphProto, seed: str) -> None:
 def schedule(nodes: list, seed: str) -> list[int]:
     """The new order of ``nodes`` (indices into the list, which must be topologically ordered). Linear in the
     number of nodes and edges (times a log for the sort)."""
-    n, ins = len(nodes), _input_nodes(nodes)
-    carries = _depends_on(nodes, seed)
+    reads = [_reads(node) for node in nodes]
+    n, ins = len(nodes), _input_nodes(nodes, reads)
+    carries = _depends_on(nodes, reads, seed)
     walk, entered = runtime_walk(nodes, lambda k: (carries[k], k), ins)
     after: list[list[int]] = [[] for _ in range(n)]  # after[a]: what is placed after a; ids >= n: barriers
     indegree = [0] * n
@@ -113,10 +114,11 @@ def runtime_walk(nodes: list, key=None, ins: list | None = None) -> tuple[list[i
     return order, entered
 
 
-def _input_nodes(nodes: list) -> list[list[int]]:
+def _input_nodes(nodes: list, reads: list | None = None) -> list[list[int]]:
     """Per node, the (distinct) nodes making its inputs, outer-scope reads of its subgraphs included."""
     made = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    return [sorted({made[x] for x in _reads(n) if x in made}) for n in nodes]
+    reads = [_reads(n) for n in nodes] if reads is None else reads
+    return [sorted({made[x] for x in names if x in made}) for names in reads]
 
 
 def _reads(node) -> list[str]:
@@ -128,11 +130,11 @@ def _reads(node) -> list[str]:
     return names
 
 
-def _depends_on(nodes: list, seed: str) -> list[bool]:
+def _depends_on(nodes: list, reads: list, seed: str) -> list[bool]:
     """Per node, whether it makes the seed or reads something made from it."""
     reached, out = {seed}, []
-    for n in nodes:
-        hit = seed in n.output or any(x in reached for x in _reads(n))
+    for n, names in zip(nodes, reads):
+        hit = seed in n.output or any(x in reached for x in names)
         if hit:
             reached.update(x for x in n.output if x)
         out.append(hit)

@@ -129,7 +129,7 @@ def test_a_session_waits_while_another_one_has_the_seed_input_renamed(digits):
     import threading
 
     from lrpc.emit import SEED
-    from lrpc.runtime import _with_top1_switch
+    from lrpc.runtime import _FED, _with_top1_switch
 
     compiled = digits[0]
     explained = {p.key: p.value for p in compiled.metadata_props}["lrpc.explained"]
@@ -141,13 +141,21 @@ def test_a_session_waits_while_another_one_has_the_seed_input_renamed(digits):
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    with _with_top1_switch(compiled, explained):
-        assert SEED not in {i.name for i in compiled.graph.input}  # what a reader would see now
-        other = threading.Thread(target=build)
-        other.start()
-        other.join(timeout=2.0)  # (without the lock it fails within ~0.1 s)
-        assert other.is_alive() and not errors  # waiting for the switch, not failing on the renamed input
-    other.join()
-    assert not errors and len(made) == 1
+    def switch():  # the switch's own look-up of the seed input
+        try:
+            with _with_top1_switch(compiled, explained):
+                made.append(_FED in {i.name for i in compiled.graph.input})
+        except Exception as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    for target in (build, switch):
+        with _with_top1_switch(compiled, explained):
+            assert SEED not in {i.name for i in compiled.graph.input}  # what a reader would see now
+            other = threading.Thread(target=target)
+            other.start()
+            other.join(timeout=2.0)  # (without the lock it fails within ~0.1 s)
+            assert other.is_alive() and not errors  # waiting for the switch, not failing on the renamed input
+        other.join()
+    assert not errors and len(made) == 2 and made[1] is True  # (the switch found the seed input and renamed it)
     x = digits[2][:2]
     np.testing.assert_allclose(made[0].explain(x).relevance, digits[1].explain(x).relevance, rtol=1e-6, atol=1e-7)

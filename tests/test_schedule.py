@@ -107,10 +107,11 @@ def resnet18(zoo_onnx):
     return path, x
 
 
-def compiled(path, rules: str, seed: str, scheduled: bool, monkeypatch) -> onnx.ModelProto:
+def compiled(source, rules: str, scheduled: bool, monkeypatch, **kw) -> onnx.ModelProto:
+    """``lrpc.compile(source, rules, **kw)``, with or without the node order (the emission order)."""
     if not scheduled:
         monkeypatch.setattr(lrpc.emit, "order_for_runtime", lambda graph, seed: None)
-    model = lrpc.compile(str(path), rules, seed=seed)
+    model = lrpc.compile(source, rules, **kw)
     monkeypatch.undo()
     return model
 
@@ -127,8 +128,7 @@ def feeds_for(model: onnx.ModelProto, x: np.ndarray) -> dict:
 def test_onnxruntime_runs_the_order_lrpc_predicts_and_keeps_the_emission_schedule(resnet18, rules, seed,
                                                                                    monkeypatch, tmp_path):
     path, x = resnet18
-    plain = compiled(path, rules, seed, False, monkeypatch)
-    model = compiled(path, rules, seed, True, monkeypatch)
+    plain, model = (compiled(str(path), rules, scheduled, monkeypatch, seed=seed) for scheduled in (False, True))
     assert sorted(n.name for n in model.graph.node) == sorted(n.name for n in plain.graph.node)
     onnx.checker.check_model(model)  # still topologically sorted
     peaks, size = {}, tensor_bytes(plain, feeds_for(plain, x))
@@ -188,13 +188,8 @@ def test_two_inputs_and_layerwise_outputs_keep_their_numbers_and_order(layerwise
     source = two_input_model()
     rng = np.random.default_rng(1)
     feeds = {n: rng.standard_normal((2, 3, 6, 6)).astype(np.float32) for n in "ab"}
-    models = []
-    for scheduled in (False, True):
-        if not scheduled:
-            monkeypatch.setattr(lrpc.emit, "order_for_runtime", lambda graph, seed: None)
-        models.append(lrpc.compile(source, "epsilon-gamma-box", layerwise=layerwise, seed=seed))
-        monkeypatch.undo()
-    plain, model = models
+    plain, model = (compiled(source, "epsilon-gamma-box", scheduled, monkeypatch, layerwise=layerwise, seed=seed)
+                    for scheduled in (False, True))
     if seed == "input":
         feeds[SEED] = np.eye(5, dtype=np.float32)[[1, 3]]
     onnx.checker.check_model(model, full_check=True)
