@@ -14,7 +14,7 @@ import onnx
 from . import composites
 from .emit import input_relevance_names, layer_sums
 from .errors import InputError, UnsupportedError
-from .model_io import load_model
+from .model_io import file_identity, read_model, still_the_file
 
 
 @dataclass
@@ -86,37 +86,41 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
 def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
               inputs: dict | None = None, rtol: float = 1e-4, conservation_tol: float = 1e-3,
               output: str | None = None, seed: int = 0, input_shapes: dict | None = None) -> Report:
-    """Run every check; unusable input raises :class:`InputError`, failing checks go into the report."""
-    import onnxruntime as ort
+    """Run every check; unusable input raises :class:`InputError`, failing checks go into the report.
 
-    from .compiler import _with_input_shapes
-    from .compiler import compile as compile_model
+    The model file is read as ``lrpc compile`` and :class:`lrpc.Session` read it (its big weights are never copied
+    out of the file: onnxruntime reads them there), compiled twice (as asked; with zero biases and per-layer sums
+    for conservation) and run in one onnxruntime session at a time (the original, the compiled graph, the
+    conserving one, compiled only then): VGG16 in 6.4 s at 2.6 GB peak RSS instead of 21 s and 6.3 GB (README)."""
+    from .compiler import _with_input_shapes, compile_for_save
+    from .runtime import start_session
 
     start = time.perf_counter()
     options = options or composites.Options()
-    original = load_model(path)
+    identity = file_identity(path)
+    original, verbatim = read_model(path)
     if input_shapes:
         original = _with_input_shapes(original, input_shapes)
     composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
     report = Report(model=str(path), rules=rules)
     feeds = inputs if inputs is not None else random_inputs(original, seed)
 
-    def session(m):
-        return ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    def session(model_and_weights):
+        return start_session(*model_and_weights, providers=["CPUExecutionProvider"])
 
     try:
-        compiled = compile_model(original, rules, output=output, **asdict(options))
-        conserving = compile_model(original, rules, output=output, layerwise="sums",
-                                   **{**asdict(options), "zero_bias": True})
+        compiled = compile_for_save(path, rules, output=output, input_shapes=input_shapes, **asdict(options))
     except UnsupportedError as e:
         report.checks.append(Check("supported", False, message=str(e)))
         report.seconds = time.perf_counter() - start
         return report
     report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
 
-    ref = session(original).run(None, feeds)
+    ref = session((original, verbatim)).run(None, feeds)
     names = [o.name for o in original.graph.output]
+    original = verbatim = None  # (one session and one read of the file at a time: the peak is the biggest one's)
     sess = session(compiled)
+    compiled = None
     probe = sess.run(names, {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
     err = max(_rel_err(a, b) for a, b in zip(probe, ref))
     report.checks.append(Check("forward", err <= rtol, err, rtol, f"max relative error of the outputs {err:.2e} (tolerance {rtol:g})"))
@@ -126,8 +130,18 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     rel = [outs[k] for k in input_relevance_names(outs)]
     bad = int(sum((~np.isfinite(r)).sum() for r in rel))
     report.checks.append(Check("finite", bad == 0, bad, 0, f"{bad} non-finite relevance values" if bad else "all relevance values finite"))
+    sess = outs = rel = None
 
-    csess = session(conserving)
+    try:  # (the same ops as the first compile's: only the biases and the per-layer outputs differ)
+        conserving, held = compile_for_save(path, rules, output=output, layerwise="sums", input_shapes=input_shapes,
+                                            **{**asdict(options), "zero_bias": True})
+    except UnsupportedError as e:
+        report.checks.append(Check("conservation", False, message=f"the compile with zero biases failed: {e}"))
+        report.seconds = time.perf_counter() - start
+        return report
+    still_the_file(path, identity, "lrpc check")
+    csess = session((conserving, held))
+    held = None
     couts = dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, "relevance_seed": seed_t})))
     total = float(sum(np.sum(couts[k], dtype=np.float64) for k in input_relevance_names(couts)))
     seed_sum = float(np.sum(seed_t, dtype=np.float64))

@@ -238,9 +238,9 @@ def _inspect(args) -> int:
     inputs = _read_inputs(args.inputs)
     if inputs is None and args.image:
         from .explain import IMAGENET_MEAN, IMAGENET_STD, load_image, model_input
-        from .model_io import load_model
+        from .model_io import read_model
 
-        spec = model_input(load_model(args.model))
+        spec = model_input(read_model(args.model)[0])  # (its inputs: the weights stay in the file)
         mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.preset == "imagenet" else (None, None)
         tensor, _ = load_image(args.image, spec.size, spec.channels, mean, std)
         inputs = {spec.name: tensor}

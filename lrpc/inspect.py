@@ -14,7 +14,7 @@ import numpy as np
 from . import composites, targets
 from .check import random_inputs
 from .emit import layer_sums
-from .model_io import load_model
+from .model_io import file_identity, read_model, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
             "epsilon-gamma-box and --stabilizer clip or norm-scale where denominators near 0 explode; units that only "
@@ -36,19 +36,22 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
     from .compiler import _with_input_shapes
 
     options = options or composites.Options()
-    model = load_model(path)
+    identity = file_identity(path)
+    model = read_model(path)[0]  # (its graph inputs: the compiles read the file themselves)
     if input_shapes:
         model = _with_input_shapes(model, input_shapes)
     feeds = inputs if inputs is not None else random_inputs(model, seed)
+    model = None
     target = targets.parse(target)
-    layers, seed_sum, input_sum, seed = _layer_table(model, rules, options, feeds, target, output, tol)
+    compile_args = (path, rules, output, input_shapes)
+    layers, seed_sum, input_sum, seed = _layer_table(compile_args, options, feeds, target, tol)
     first_break = _first_break(layers)
     miss = abs(input_sum - seed_sum) / max(abs(seed_sum), 1e-30)
     warning, bias, culprit = None, None, first_break
     if miss > tol:
         if not options.zero_bias:
             free = replace(options, zero_bias=True)
-            free_layers, _, free_sum, _ = _layer_table(model, rules, free, feeds, target, output, tol, seed)
+            free_layers, _, free_sum, _ = _layer_table(compile_args, free, feeds, target, tol, seed)
             culprit = _first_break(free_layers)
             bias = {"input_sum": free_sum, "absorbed": free_sum - input_sum, "first_break": culprit}
             miss = abs(free_sum - seed_sum) / max(abs(seed_sum), 1e-30)
@@ -58,6 +61,7 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
             biases = "" if bias is None else f"; with --zero-bias {bias['input_sum']:.6g}, so not (only) biases"
             warning = (f"input relevance sums to {input_sum:.6g}, the seed to {seed_sum:.6g}{biases}: "
                        f"{100 * miss:.2f}% not conserved{where}. Usual remedies: {REMEDIES}")
+    still_the_file(path, identity, "lrpc inspect")
     explained = str(target) if target.kind not in ("index", "top") else \
         np.asarray(seed).reshape(len(seed), -1).argmax(axis=1).tolist()
     return {"model": str(path), "rules": rules, "target": explained, "seed_sum": seed_sum,
@@ -68,14 +72,19 @@ def _first_break(layers: list) -> str | None:
     return next((row["name"] for row in reversed(layers) if row["breaks"]), None)
 
 
-def _layer_table(model, rules, options, feeds, target, output, tol, seed=None):
+def _layer_table(compile_args, options, feeds, target, tol, seed=None):
     """(rows, seed sum, input relevance sum, seed) of one compiled run with --layerwise full; the seed is
-    made from ``target`` (see :mod:`lrpc.targets`) unless given."""
-    from .compiler import compile as compile_model
+    made from ``target`` (see :mod:`lrpc.targets`) unless given. ``compile_args``: (path, rules, output, input
+    shapes): the model is read as ``lrpc compile`` reads it (its big weights stay in the file, where onnxruntime
+    reads them)."""
+    from .compiler import compile_for_save
     from .runtime import Session
 
-    compiled = compile_model(model, rules, output=output, layerwise="full", **asdict(options))
-    session = Session(compiled, providers=["CPUExecutionProvider"])
+    path, rules, output, input_shapes = compile_args
+    compiled, held = compile_for_save(path, rules, output=output, layerwise="full", input_shapes=input_shapes,
+                                      **asdict(options))
+    session = Session(compiled, providers=["CPUExecutionProvider"], verbatim=held)
+    held = None
     if seed is None:
         seed = session.seed_for(feeds, target)
     outs = session.run(feeds, seed)

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import tempfile
+import weakref
 from pathlib import Path
 from typing import NamedTuple
 
@@ -87,15 +89,31 @@ def _mapped(p: Path):
     with open(p, "rb") as f:
         mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         at = int(np.frombuffer(mapped, np.uint8).ctypes.data)
-        return mapped, Source(p.resolve(), _identity(os.fstat(f.fileno())), at)
+        _OWN_MAPS[at] = weakref.ref(mapped, functools.partial(_forget, at))
+        return mapped, Source(p.resolve(), _identity(os.fstat(f.fileno())))
+
+
+# the maps lrpc made (:func:`_mapped`) by start address, for Source.mapped_elsewhere: a weak reference to the map,
+# dead from the moment the map is being unmapped (its reference count is 0 then), so that an address counts as
+# lrpc's only while lrpc's map is there (the entry itself goes when the map has gone)
+_OWN_MAPS: dict[int, weakref.ref] = {}
+
+
+def _forget(at: int, ref: weakref.ref) -> None:
+    if _OWN_MAPS.get(at) is ref:  # (not a newer map at the same address)
+        _OWN_MAPS.pop(at, None)
+
+
+def _lrpcs_map(at: int) -> bool:
+    ref = _OWN_MAPS.get(at)
+    return ref is not None and ref() is not None
 
 
 class Source(NamedTuple):
-    """The file a model was read from (:func:`read_model`): its resolved path, what identifies the very file that
-    was read (device, inode, size, modification time), and where lrpc's map of it starts."""
+    """The file a model was read from (:func:`read_model`): its resolved path and what identifies the very file
+    that was read (device, inode, size, modification time)."""
     path: Path
     identity: tuple
-    mapped_at: int
 
     def unchanged(self) -> bool:
         """The path still names the file that was read."""
@@ -106,15 +124,32 @@ class Source(NamedTuple):
 
     def mapped_elsewhere(self) -> bool:
         """Something else in this process maps the file (onnxruntime keeps the external data it does not copy
-        mapped for the life of the session, which would then depend on the file); True when this cannot be
-        told (no /proc)."""
+        mapped for the life of the session, which would then depend on the file); lrpc's own live maps of it do
+        not count (``lrpc check`` reads a model once for each of its compiles). True when this cannot be told (no
+        /proc)."""
         try:
             lines = Path("/proc/self/maps").read_text().splitlines()
         except OSError:
             return True
         inode = str(self.identity[1])
-        return any(len(f) > 4 and f[4] == inode and int(f[0].split("-")[0], 16) != self.mapped_at
+        return any(len(f) > 4 and f[4] == inode and not _lrpcs_map(int(f[0].split("-")[0], 16))
                    for f in (line.split(maxsplit=5) for line in lines))
+
+
+def file_identity(path: str | os.PathLike) -> tuple | None:
+    """What identifies the file ``path`` names now (device, inode, size, modification time); None for none."""
+    try:
+        return _identity(os.stat(path))
+    except OSError:
+        return None
+
+
+def still_the_file(path: str | os.PathLike, identity: tuple | None, tool: str) -> None:
+    """For tools that read a model file more than once (``lrpc check``, ``lrpc inspect``: once per compile): an
+    InputError when ``path`` no longer names the file it named when ``identity`` was taken (their results would
+    mix two models)."""
+    if file_identity(path) != identity:
+        raise InputError(f"{path}: the file changed while {tool} read it (it is read once per compile): run it again")
 
 
 def _identity(st: os.stat_result) -> tuple:

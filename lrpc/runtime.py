@@ -47,28 +47,9 @@ class Session:
         explained = meta.get("lrpc.explained")
         self._switch = not self.top1 and explained is not None and (
             any(explained in n.output for n in model.graph.node) or any(i.name == explained for i in model.graph.input))
-        def serialize(whole: bool):
-            with _with_top1_switch(model, meta["lrpc.explained"]) if self._switch else contextlib.nullcontext():
-                return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
-
-        data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
-        first_error = None
-        try:
-            self.session = inference_session(data, providers, threads, tf32,
-                                             external_folder=source and source.path.parent)
-        except Exception as e:
-            if source is None:
-                raise
-            self.session, first_error = None, e
-        if source is not None and (self.session is None or not source.unchanged() or source.mapped_elsewhere()):
-            # weights to be read from a file that changed since lrpc read it, that onnxruntime could not read there,
-            # or that the session would keep mapped (and so depend on): the bytes lrpc read
-            self.session = None  # (the first session goes before the second starts)
-            try:
-                self.session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
-            except Exception as e:  # the first failure stays attached (--debug shows both)
-                raise e from first_error
-        verbatim = data = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
+        switch = (lambda: _with_top1_switch(model, meta["lrpc.explained"])) if self._switch else contextlib.nullcontext
+        self.session = start_session(model, verbatim, providers, threads, tf32, switch)
+        verbatim = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
         self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
@@ -226,6 +207,37 @@ class Session:
     def _chosen(seed) -> np.ndarray:
         flat = np.asarray(seed).reshape(np.shape(seed)[0], -1)
         return flat.argmax(axis=1)
+
+
+def start_session(model: onnx.ModelProto, verbatim: dict | None, providers: list | None = None,
+                  threads: int | None = None, tf32: bool = False, prepare=contextlib.nullcontext) -> ort.InferenceSession:
+    """:func:`inference_session` of ``model``, a ModelProto whose weights may still be those of the file it was read
+    from (``verbatim``: :func:`lrpc.model_io.read_model`, :func:`lrpc.compiler.compile_for_save`; big ones deferred,
+    never copied into the proto): onnxruntime reads those in that file as external data (:func:`for_runtime`), not
+    out of the model serialized again; when the file changed since lrpc read it, onnxruntime could not read it
+    there, or the session would keep it mapped (and so depend on it), the session is started again from the bytes
+    lrpc read, with the first failure attached to a second one. ``prepare``: a context manager (factory) held
+    while ``model`` is serialized (:class:`Session`: the top-1 switch)."""
+    def serialize(whole: bool):
+        with prepare():
+            return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
+
+    data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
+    session, first_error = None, None
+    try:
+        session = inference_session(data, providers, threads, tf32, external_folder=source and source.path.parent)
+    except Exception as e:
+        if source is None:
+            raise
+        first_error = e
+    data = None
+    if source is not None and (session is None or not source.unchanged() or source.mapped_elsewhere()):
+        session = None  # (the first session goes before the second starts)
+        try:
+            session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
+        except Exception as e:  # the first failure stays attached (--debug shows both)
+            raise e from first_error
+    return session
 
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
