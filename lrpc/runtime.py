@@ -166,17 +166,24 @@ class Session:
                             self.channels_last, self._dtype)
 
     def explain_topk(self, x, k: int) -> list[Explanation]:
-        """Explanations of each sample's ``k`` highest outputs, rank 1 first (``k + 1`` runs, ranked on the
-        graph output; ``k = 1``: one run, as :meth:`explain`); the explained classes are in each
-        :attr:`Explanation.target` ([N] per rank)."""
+        """Explanations of each sample's ``k`` highest outputs, rank 1 first, ranked on the graph output; the
+        explained classes are in each :attr:`Explanation.target` ([N] per rank). ``k`` runs: the first run is the
+        graph's own top-1 (:func:`_with_top1_switch`), which gives the scores and the explanation of rank 1 at once
+        (its arg-max is taken on the explained tensor, e.g. the logits before a stripped softmax: where the scores
+        tie and it picks another class than the ranking, rank 1 is run again with its seed: ``k + 1`` runs, as
+        without the switch)."""
         feeds = self._feeds(x)
         if (self.top1 or self._switch) and int(k) == 1:
             return [self.explain(feeds)]
         if self.top1:
             raise InputError(f"this model was compiled with seed top1: it explains the top-1 output only, not top{k}")
         shape = self._seed_shape(feeds)
-        classes, seeds = targets.topk(shape, self._scores(feeds), int(k), self._dtype)
-        return [self._explanation(feeds, s, classes[:, i]) for i, s in enumerate(seeds)]
+        first = self._run_top1(feeds) if self._switch else None
+        scores = first[self.scores_output] if first is not None else self._scores(feeds)
+        classes, seeds = targets.topk(shape, scores, int(k), self._dtype)
+        if first is not None and not np.array_equal(first[TARGET], classes[:, 0]):
+            first = None
+        return [self._explanation(feeds, s, classes[:, i], first if i == 0 else None) for i, s in enumerate(seeds)]
 
     def _explanation(self, feeds, seed, target, result=None) -> Explanation:
         result = self.run(feeds, seed) if result is None else result

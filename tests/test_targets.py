@@ -257,6 +257,58 @@ def test_topk_ranks_match_torch_and_single_targets():
         s.explain_topk(X, 11)
 
 
+def _counted(session) -> list:
+    """The runs of ``session`` from now on (one entry per onnxruntime run)."""
+    runs, real = [], session.session
+
+    class Counting:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def run_with_iobinding(self, *args, **kwargs):
+            runs.append(1)
+            return real.run_with_iobinding(*args, **kwargs)
+
+        def run(self, *args, **kwargs):
+            runs.append(1)
+            return real.run(*args, **kwargs)
+
+    session.session = Counting()
+    return runs
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_topk_takes_k_runs_with_the_graphs_own_top1(tie, monkeypatch):
+    """explain_topk reads the scores and explains rank 1 in one run (the graph's top-1 switch): k runs in all,
+    the same explanations as explicit seeds (oracle: explain with each rank's class). Where the ranking's rank 1
+    is not the class the graph picked (tied scores: the switch's arg-max is taken on the logits), rank 1 is run
+    again with its seed (simulated: the ranking is shifted), k + 1 runs."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10), torch.nn.Softmax(dim=1)).eval()
+    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
+    if tie:
+        real_topk = lrpc.targets.topk
+
+        def shifted(shape, scores, k, dtype=np.float32):
+            classes, _ = real_topk(shape, scores, k + 1, dtype)
+            classes = classes[:, 1:]  # (rank 1 is now another class than the graph's arg-max)
+            return classes, [lrpc.targets.one_hot(shape, classes[:, i], dtype) for i in range(k)]
+
+        monkeypatch.setattr(lrpc.targets, "topk", shifted)
+    with torch.no_grad():
+        want = torch.topk(net(torch.from_numpy(X)), 5, dim=1).indices.numpy()[:, int(tie):int(tie) + 4]
+    runs = _counted(s)
+    ranks = s.explain_topk(X, 4)
+    assert len(runs) == 4 + int(tie)
+    assert np.array_equal(np.stack([e.target for e in ranks], axis=1), want)
+    for i, e in enumerate(ranks):
+        single = s.explain(X, want[:, i])
+        np.testing.assert_array_equal(e.relevance, single.relevance)
+        np.testing.assert_array_equal(e.output, single.output)
+        np.testing.assert_array_equal(e.seed, single.seed)
+
+
 @pytest.mark.parametrize("mode", ["full", "sums"])
 def test_layers_dict(mode):
     torch.manual_seed(3)
@@ -354,22 +406,7 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
     before = fed.SerializeToString()
     session = lrpc.Session(fed, providers=["CPUExecutionProvider"])
     assert fed.SerializeToString() == before  # the caller's model is left as it was
-    runs = []
-    real = session.session
-
-    class Counting:
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        def run_with_iobinding(self, *args, **kwargs):
-            runs.append(1)
-            return real.run_with_iobinding(*args, **kwargs)
-
-        def run(self, *args, **kwargs):
-            runs.append(1)
-            return real.run(*args, **kwargs)
-
-    session.session = Counting()
+    runs = _counted(session)
     e = session.explain(x)
     assert len(runs) == 1 and np.array_equal(e.target, chosen) and np.array_equal(e.relevance, want)
     assert np.array_equal(e.seed.reshape(len(x), -1), seed)
