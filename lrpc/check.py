@@ -105,8 +105,8 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     report = Report(model=str(path), rules=rules)
     feeds = inputs if inputs is not None else random_inputs(original, seed)
 
-    def session(model_and_weights):
-        return start_session(*model_and_weights, providers=["CPUExecutionProvider"])
+    def session(model, weights):
+        return start_session(model, weights, ["CPUExecutionProvider"])
 
     try:
         compiled = compile_for_save(path, rules, output=output, input_shapes=input_shapes, **asdict(options))
@@ -116,10 +116,10 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         return report
     report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
 
-    ref = session((original, verbatim)).run(None, feeds)
+    ref = session(original, verbatim).run(None, feeds)
     names = [o.name for o in original.graph.output]
     original = verbatim = None  # (one session and one read of the file at a time: the peak is the biggest one's)
-    sess = session(compiled)
+    sess = session(*compiled)
     compiled = None
     probe = sess.run(names, {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
     err = max(_rel_err(a, b) for a, b in zip(probe, ref))
@@ -140,7 +140,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         report.seconds = time.perf_counter() - start
         return report
     still_the_file(path, identity, "lrpc check")
-    csess = session((conserving, held))
+    csess = session(conserving, held)
     held = None
     couts = dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, "relevance_seed": seed_t})))
     total = float(sum(np.sum(couts[k], dtype=np.float64) for k in input_relevance_names(couts)))

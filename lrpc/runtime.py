@@ -279,7 +279,6 @@ def inference_session(model, providers: list | None = None, threads: int | None 
         model = _without_unpool(model)
     providers = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in providers]
     session = ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options, providers=providers)
-    model = None
     release_freed_memory()
     return session
 

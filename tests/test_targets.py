@@ -239,22 +239,14 @@ def test_mask_file_errors(tmp_path):
 
 # ------------------------------------------------------------------------------------------ top-k, layers
 
-def test_topk_ranks_match_torch_and_single_targets():
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
-                              torch.nn.Linear(16, 10)).eval()
-    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        want = torch.topk(net(torch.from_numpy(X)), 4, dim=1).indices.numpy()
-    ranks = s.explain_topk(X, 4)
+def _assert_ranks_are_single_explanations(s, ranks, want):
+    """Each rank's classes are ``want[:, rank]`` and its explanation is explain's with those classes, bit for bit."""
     assert np.array_equal(np.stack([e.target for e in ranks], axis=1), want)
     for i, e in enumerate(ranks):
-        np.testing.assert_array_equal(e.relevance, s.explain(X, want[:, i]).relevance)
-    assert np.array_equal(s.explain(X).target, want[:, 0])
-    with pytest.raises(InputError, match="explain_topk"):
-        s.explain(X, "top3")
-    with pytest.raises(InputError, match="only 10 entries"):
-        s.explain_topk(X, 11)
+        single = s.explain(X, want[:, i])
+        np.testing.assert_array_equal(e.relevance, single.relevance)
+        np.testing.assert_array_equal(e.output, single.output)
+        np.testing.assert_array_equal(e.seed, single.seed)
 
 
 def _counted(session) -> list:
@@ -277,36 +269,46 @@ def _counted(session) -> list:
     return runs
 
 
-@pytest.mark.parametrize("tie", [False, True])
-def test_topk_takes_k_runs_with_the_graphs_own_top1(tie, monkeypatch):
-    """explain_topk reads the scores and explains rank 1 in one run (the graph's top-1 switch): k runs in all,
-    the same explanations as explicit seeds (oracle: explain with each rank's class). Where the ranking's rank 1
-    is not the class the graph picked (tied scores: the switch's arg-max is taken on the logits), rank 1 is run
-    again with its seed (simulated: the ranking is shifted), k + 1 runs."""
+def test_topk_ranks_match_torch_and_single_targets():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
+                              torch.nn.Linear(16, 10)).eval()
+    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        want = torch.topk(net(torch.from_numpy(X)), 4, dim=1).indices.numpy()
+    runs = _counted(s)
+    ranks = s.explain_topk(X, 4)
+    assert len(runs) == 4  # (the graph's own top-1 run gives the scores and rank 1 at once)
+    _assert_ranks_are_single_explanations(s, ranks, want)
+    assert np.array_equal(s.explain(X).target, want[:, 0])
+    with pytest.raises(InputError, match="explain_topk"):
+        s.explain(X, "top3")
+    with pytest.raises(InputError, match="only 10 entries"):
+        s.explain_topk(X, 11)
+
+
+def test_topk_runs_rank_one_again_where_the_ranking_disagrees_with_the_graphs_top1(monkeypatch):
+    """Where the ranking's rank 1 (on the graph output) is not the class the graph's top-1 run picked (tied scores:
+    its arg-max is taken on the logits), rank 1 is run again with its seed: k + 1 runs, the same explanations as
+    explicit seeds (oracle: explain with each rank's class; the tie is simulated by shifting the ranking)."""
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
                               torch.nn.Linear(16, 10), torch.nn.Softmax(dim=1)).eval()
     s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
-    if tie:
-        real_topk = lrpc.targets.topk
+    real_topk = lrpc.targets.topk
 
-        def shifted(shape, scores, k, dtype=np.float32):
-            classes, _ = real_topk(shape, scores, k + 1, dtype)
-            classes = classes[:, 1:]  # (rank 1 is now another class than the graph's arg-max)
-            return classes, [lrpc.targets.one_hot(shape, classes[:, i], dtype) for i in range(k)]
+    def shifted(shape, scores, k, dtype=np.float32):
+        classes, _ = real_topk(shape, scores, k + 1, dtype)
+        classes = classes[:, 1:]  # (rank 1 is now another class than the graph's arg-max)
+        return classes, [lrpc.targets.one_hot(shape, classes[:, i], dtype) for i in range(k)]
 
-        monkeypatch.setattr(lrpc.targets, "topk", shifted)
+    monkeypatch.setattr(lrpc.targets, "topk", shifted)
     with torch.no_grad():
-        want = torch.topk(net(torch.from_numpy(X)), 5, dim=1).indices.numpy()[:, int(tie):int(tie) + 4]
+        want = torch.topk(net(torch.from_numpy(X)), 5, dim=1).indices.numpy()[:, 1:]
     runs = _counted(s)
     ranks = s.explain_topk(X, 4)
-    assert len(runs) == 4 + int(tie)
-    assert np.array_equal(np.stack([e.target for e in ranks], axis=1), want)
-    for i, e in enumerate(ranks):
-        single = s.explain(X, want[:, i])
-        np.testing.assert_array_equal(e.relevance, single.relevance)
-        np.testing.assert_array_equal(e.output, single.output)
-        np.testing.assert_array_equal(e.seed, single.seed)
+    assert len(runs) == 5
+    _assert_ranks_are_single_explanations(s, ranks, want)
 
 
 @pytest.mark.parametrize("mode", ["full", "sums"])
