@@ -420,7 +420,7 @@ def test_check_and_inspect_read_weights_in_the_file_one_session_at_a_time(tool, 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="replaces a file lrpc has mapped")
 @pytest.mark.parametrize("tool", ["check", "inspect"])
-def test_check_and_inspect_refuse_a_file_replaced_while_they_read_it(tool, tmp_path, monkeypatch):
+def test_check_and_inspect_refuse_a_file_replaced_while_they_read_it(tool, tmp_path, monkeypatch, capsys):
     """They read the file once per compile: a file replaced in between is one clear error, not a report that mixes
     two models."""
     from lrpc import runtime
@@ -441,3 +441,9 @@ def test_check_and_inspect_refuse_a_file_replaced_while_they_read_it(tool, tmp_p
     monkeypatch.setattr(runtime, "inference_session", replace_then_start)
     with pytest.raises(InputError, match="the file changed while lrpc .* read it"):
         run_check(path, "epsilon") if tool == "check" else inspect(path, "epsilon")
+    onnx.save(_model_with_folded_weight(), str(other))  # the command line: one line, exit code 2, no traceback
+    from lrpc.cli import main
+
+    assert main([tool, str(path), "--rules", "epsilon"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"lrpc: error: {path}: the file changed while lrpc {tool} read it") and "Traceback" not in err
