@@ -116,9 +116,11 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         return report
     report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
 
-    ref = session(original, verbatim).run(None, feeds)
+    first = session(original, verbatim)
+    feeds = _conformed(first, feeds, given=inputs is not None)
+    ref = first.run(None, feeds)
     names = [o.name for o in original.graph.output]
-    original = verbatim = None  # (one session and one read of the file at a time: the peak is the biggest one's)
+    original = verbatim = first = None  # (one session and one read of the file at a time: the peak is the biggest one's)
     sess = session(*compiled)
     compiled = None
     probe = sess.run(names, {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
@@ -173,14 +175,31 @@ def _seed_shape(sess, feeds):
     return [d if isinstance(d, int) else batch for d in shape]
 
 
+def _conformed(sess, feeds: dict, given: bool) -> dict:
+    """``feeds`` checked against the session's inputs: one InputError naming the array (``--inputs``) or input."""
+    from .runtime import conform
+
+    specs = {i.name: i for i in sess.get_inputs()}
+    if sorted(feeds) != sorted(specs):
+        raise InputError(f"--inputs: arrays {sorted(feeds)} given, the model takes {sorted(specs)}")
+    what = "--inputs array '{}'" if given else "input '{}'"
+    return {name: conform(specs[name], value, what.format(name)) for name, value in feeds.items()}
+
+
+def _seed_dtype(sess):
+    from .runtime import NUMPY_TYPES
+
+    return NUMPY_TYPES[next(i.type for i in sess.get_inputs() if i.name == "relevance_seed")]
+
+
 def _zero_seed(sess, feeds):
-    return np.zeros(_seed_shape(sess, feeds), np.float32)
+    return np.zeros(_seed_shape(sess, feeds), _seed_dtype(sess))
 
 
 def _top1_seed(sess, first_output):
     """One-hot of each sample's largest value of the first output (any output shape)."""
     shape = _seed_shape(sess, {"x": first_output})
-    seed = np.zeros((shape[0], int(np.prod(shape[1:]))), np.float32)
+    seed = np.zeros((shape[0], int(np.prod(shape[1:]))), _seed_dtype(sess))
     flat = np.asarray(first_output).reshape(shape[0], -1)
     if flat.shape[1] == seed.shape[1]:
         seed[np.arange(shape[0]), flat.argmax(axis=1)] = 1.0

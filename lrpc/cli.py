@@ -194,7 +194,7 @@ def _run(args) -> int:
     from dataclasses import asdict
 
     from .compiler import canonize_for_save, compile_for_save
-    from .model_io import save_model
+    from .model_io import refuse_inputs, save_model
 
     if args.command == "rules":
         print(composites.describe())
@@ -205,18 +205,32 @@ def _run(args) -> int:
         return _check(args)
     if args.command == "explain":
         return _explain(args)
-    out, src = Path(args.out), Path(args.model)
-    if out.exists() and src.exists() and out.resolve() == src.resolve():
-        raise InputError(f"{out}: refusing to overwrite the input model")
+    refuse_inputs(args.out, _read_files(args))  # (before the work; the model's external data is known after it)
     if args.command == "canonize":
         model, verbatim = canonize_for_save(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
         model, verbatim = compile_for_save(args.model, args.rules, output=args.output, layerwise=args.layerwise,
                                            input_shapes=dict(args.input_shape), seed=args.seed,
                                            **asdict(_options(args)))
-    save_model(model, args.out, protect=[args.model], verbatim=verbatim)
+    save_model(model, args.out, protect=_read_files(args), verbatim=verbatim)
     print(f"wrote {args.out}")
     return 0
+
+
+def _read_files(args) -> list[tuple[str, str]]:
+    """(path, what) of each file the command reads, which none of its outputs may overwrite: the model, its
+    external data (known once the model was read), a rule file, an --inputs archive, an --image."""
+    from .model_io import external_data_files
+
+    files = [(args.model, "the model")]
+    files += [(f, "the model's external data") for f in sorted(external_data_files(args.model))]
+    rules = getattr(args, "rules", None)
+    if rules and Path(rules).is_file():
+        files.append((rules, "the rule file"))
+    for name, what in (("inputs", "the --inputs archive"), ("image", "the image")):
+        if getattr(args, name, None):
+            files.append((getattr(args, name), what))
+    return files
 
 
 def _read_inputs(path):
@@ -250,7 +264,7 @@ def _inspect(args) -> int:
     if result["warning"]:
         print(f"lrpc: warning: {result['warning']}", file=sys.stderr)
     if args.json:
-        write_atomic(json.dumps(result, indent=1), args.json, protect=[args.model])
+        write_atomic(json.dumps(result, indent=1), args.json, protect=_read_files(args))
     return 0
 
 
@@ -268,7 +282,7 @@ def _check(args) -> int:
     print(report_text)
     for path, text in ((args.json, report.to_json), (args.junit, report.to_junit)):
         if path:
-            write_atomic(text, path, protect=[args.model])
+            write_atomic(text, path, protect=_read_files(args))
     return 0 if report.passed else 1
 
 

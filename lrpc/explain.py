@@ -14,6 +14,7 @@ it, scaled to [0, 1] and normalized per channel with ``(x - mean) / std``. The m
 """
 from __future__ import annotations
 
+import io
 import os
 import sys
 import time
@@ -27,7 +28,7 @@ from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
 from .imaging import _pil_image, grid, heatmap, overlay
-from .model_io import read_model
+from .model_io import external_data_files, read_model, refuse_inputs, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -273,7 +274,12 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
             raise InputError(f"{image}: no such file" if not sources[0].exists() else f"{image}: not a file")
     else:
         sources = image_files(images)
-    paths = _outputs(out, sources, many=images is not None, protect=[goal.path] if goal.path else [])
+    read = [(s, "a source") for s in sources] + [(goal.path, "the target file")]
+    if isinstance(model, (str, os.PathLike)):
+        read.append((model, "the model"))
+    if isinstance(rules, (str, os.PathLike)) and Path(rules).is_file():
+        read.append((rules, "the rule file"))
+    paths = _outputs(out, many=images is not None, names=sources, protect=read)
     if goal.kind == "index" and len(goal.values) > 1 and images is not None and len(goal.values) != len(sources):
         raise InputError(f"--target: {len(goal.values)} class indices for {len(sources)} images (give one, or "
                          f"one per image in file name order)")
@@ -285,6 +291,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     top1 = goal.kind == "top" and goal.values[0] == 1  # then the graph seeds itself: one run per batch
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
                             cache=cache, seed="top1" if top1 else "input", **options)
+    if isinstance(model, (str, os.PathLike)):  # (its external data files are known once it was read)
+        read += [(f, "the model's external data") for f in sorted(external_data_files(model))]
     if npy is None:
         if len(spec.dims) != 4:
             raise InputError(f"model input '{spec.name}' has rank {len(spec.dims)}; images need rank 4 "
@@ -344,12 +352,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 if with_overlay and shown[j] is not None:
                     maps = [overlay(shown[j], m, overlay_alpha) for m in maps]
                 pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
-                np.save(npy_out, rel if k > 1 else rel[:, 0])
-                try:
-                    pic.save(png)
-                except Exception as err:
-                    first = str(err).splitlines()[0] if str(err) else type(err).__name__
-                    raise InputError(f"{png}: cannot write image: {first}") from None
+                array = io.BytesIO()
+                np.save(array, rel if k > 1 else rel[:, 0])
+                write_atomic([array.getbuffer()], npy_out, read)
+                write_atomic(lambda: [_encoded(pic, png)], png, read)
                 written += [png, npy_out]
                 prefix = "top1 " if top1 else ""
                 what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
@@ -401,8 +407,20 @@ def _arr(v, default):
     return np.atleast_1d(np.asarray(default if v is None else v, dtype=np.float64))
 
 
-def _outputs(out, sources: list[Path], many: bool, protect=()) -> list[tuple[Path, Path]]:
-    """(heatmap path, relevance .npy path) per source; refuses to overwrite any source or ``protect`` path."""
+def _encoded(pic, path: Path) -> bytes:
+    """``pic`` (a PIL image) in the format of ``path``'s suffix."""
+    buffer = io.BytesIO()
+    try:
+        pic.save(buffer, format=_pil_image().registered_extensions()[path.suffix.lower()])
+    except Exception as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise InputError(f"{path}: cannot write image: {first}") from None
+    return buffer.getvalue()
+
+
+def _outputs(out, many: bool, names: list[Path], protect=()) -> list[tuple[Path, Path]]:
+    """(heatmap path, relevance .npy path) per source (``names``: the sources' paths); refuses to overwrite any of
+    ``protect`` (:func:`lrpc.model_io.refuse_inputs`)."""
     o = Path(out)
     if many or o.is_dir() or str(out).endswith(("/", os.sep)):
         if o.exists() and not o.is_dir():
@@ -410,18 +428,16 @@ def _outputs(out, sources: list[Path], many: bool, protect=()) -> list[tuple[Pat
         if not o.parent.exists():
             raise InputError(f"{o.parent}: output folder does not exist")
         o.mkdir(exist_ok=True)
-        stems = [s.stem for s in sources]
-        names = [s.stem if stems.count(s.stem) == 1 else s.name for s in sources]
-        pairs = [(o / f"{n}.png", o / f"{n}.npy") for n in names]
+        stems = [s.stem for s in names]
+        pairs = [(o / f"{s.stem if stems.count(s.stem) == 1 else s.name}.png",
+                  o / f"{s.stem if stems.count(s.stem) == 1 else s.name}.npy") for s in names]
     else:
         if o.suffix.lower() not in IMAGE_SUFFIXES:
             raise InputError(f"{o}: the output needs an image suffix ({', '.join(IMAGE_SUFFIXES)}), e.g. heat.png")
         if not o.parent.exists():
             raise InputError(f"{o.parent}: output folder does not exist")
         pairs = [(o, o.with_suffix(".npy"))]
-    inputs = {s.resolve() for s in sources} | {Path(q).resolve() for q in protect}
     for pair in pairs:
         for p in pair:
-            if p.resolve() in inputs:
-                raise InputError(f"{p}: refusing to overwrite an input file")
+            refuse_inputs(p, protect)
     return pairs

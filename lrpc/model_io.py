@@ -359,10 +359,21 @@ def _must_hold_data(init: onnx.TensorProto) -> None:
                            "file's bytes it was read from (please report)")
 
 
+_EXTERNAL_FILES: dict[Path, frozenset] = {}
+
+
+def external_data_files(path: str | os.PathLike) -> frozenset:
+    """The external data files the model at ``path`` referred to when lrpc last read it (empty if none or never
+    read): inputs too, which an output must not overwrite."""
+    return _EXTERNAL_FILES.get(Path(path).resolve(), frozenset())
+
+
 def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
     """Load external tensors, refusing any location outside the model's folder."""
     from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
 
+    files = set()
+    _EXTERNAL_FILES.pop(path.resolve(), None)
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
@@ -372,6 +383,8 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
             raise InputError(f"{path}: external data of tensor '{tensor.name}' points outside the model's folder: {location}")
         if not target.is_file():
             raise InputError(f"{path}: external data file of tensor '{tensor.name}' is missing: {location}")
+        files.add(target)
+        _EXTERNAL_FILES[path.resolve()] = frozenset(files)
         try:
             load_external_data_for_tensor(tensor, str(base))
         except Exception as e:
@@ -489,17 +502,21 @@ def _key_and_length(number: int, length: int) -> bytes:
     return bytes(out)
 
 
-def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike] = ()) -> None:
+def write_atomic(data, path: str | os.PathLike, protect=()) -> None:
     """Write ``data`` (bytes, str, a list of bytes pieces, or a callable making one of those once the path is
-    checked) to ``path`` through
-    a temp file + rename, with the permissions a plain ``open`` would give (umask applied); refuse to
-    overwrite any path in ``protect``; errors name the path."""
+    checked) to ``path`` through a temp file + rename, with the permissions a plain ``open`` would give (umask
+    applied); refuse to overwrite any of ``protect`` (:func:`refuse_inputs`); errors name the path.
+
+    A symbolic link at ``path`` stays: the file it points to is replaced. A path that is not a regular file
+    (``/dev/null``, ``/dev/stdout``, a FIFO) is written in place: there is nothing to replace, and a rename would
+    put a regular file where the device was."""
     p = Path(path)
-    for q in protect:
-        if Path(q).exists() and p.exists() and p.resolve() == Path(q).resolve():
-            raise InputError(f"{p}: refusing to overwrite the input model")
+    refuse_inputs(p, protect)
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an output file path")
+    special = p.exists() and not p.is_file()
+    if p.is_symlink() and not special:  # (a dangling link: its target is created)
+        p = Path(os.path.realpath(p))
     if not p.parent.exists():
         raise InputError(f"{p.parent}: output folder does not exist")
     if callable(data):
@@ -508,6 +525,11 @@ def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike]
         data = data.encode()
     pieces = data if isinstance(data, list) else [data]
     try:
+        if special:
+            with open(p, "wb") as f:
+                for piece in pieces:
+                    f.write(piece)
+            return
         fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     except OSError as e:
         raise InputError(f"{p}: cannot write ({e.strerror or type(e).__name__})") from None
@@ -519,10 +541,26 @@ def write_atomic(data, path: str | os.PathLike, protect: list[str | os.PathLike]
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600 files
         _replace(tmp, p)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise InputError(f"{p}: cannot write ({e.strerror or type(e).__name__})") from None
     except BaseException:
-        if os.path.exists(tmp):
+        with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def refuse_inputs(path: str | os.PathLike, protect) -> None:
+    """InputError if ``path`` is one of the files in ``protect`` (through any symbolic or hard link): entries are
+    paths or ``(path, what)`` pairs, ``what`` naming the file in the message (default "the model")."""
+    p = Path(path)
+    if not p.exists():
+        return
+    for entry in protect:
+        q, what = entry if isinstance(entry, tuple) else (entry, "the model")
+        if q is not None and Path(q).exists() and os.path.samefile(p, q):
+            raise InputError(f"{p}: refusing to overwrite an input file ({what})")
 
 
 def _replace(tmp: str, path: Path) -> None:

@@ -108,20 +108,7 @@ class Session:
         return dict(zip(names, binding.copy_outputs_to_cpu() if host else binding.get_outputs()))
 
     def _checked(self, name: str, value):
-        """``value`` as the input ``name`` takes it (lists and scalars converted to its dtype), or a one-line
-        InputError naming the input when its dtype, rank or a fixed dimension differs."""
-        spec = self._specs[name]
-        if isinstance(value, ort.OrtValue):
-            dtype = value.data_type()
-        else:
-            if not isinstance(value, np.ndarray):
-                value = np.asarray(value, NUMPY_TYPES.get(spec.type))
-            dtype = f"tensor({_ONNX.get(value.dtype.type, value.dtype.name)})"
-        shape = _shape(value)
-        if dtype != spec.type or not fits(spec, shape):
-            what = "the seed" if name == self._seed_input else f"input '{name}'"
-            raise InputError(f"{what}: got {dtype[7:-1]} {shape}, the model takes {spec.type[7:-1]} {spec.shape}")
-        return value
+        return conform(self._specs[name], value, "the seed" if name == self._seed_input else f"input '{name}'")
 
     def _run_top1(self, feeds) -> dict[str, np.ndarray]:
         """One run seeding each sample's top-1 output in the graph (``relevance_target`` holds the index)."""
@@ -197,9 +184,8 @@ class Session:
                            layers, target, seed)
 
     def _feeds(self, x) -> dict:
-        if isinstance(x, dict):
-            return x
-        return {self.inputs[0]: x if isinstance(x, ort.OrtValue) else np.asarray(x)}
+        feeds = x if isinstance(x, dict) else {self.inputs[0]: x}
+        return {n: self._checked(n, v) if n in self._specs else v for n, v in feeds.items()}
 
     def _seed_shape(self, feeds) -> list[int]:
         batch = _shape(next(iter(feeds.values())))[0]
@@ -378,6 +364,26 @@ def bind(session: ort.InferenceSession, feeds: dict, names: list[str], device: s
 def fits(spec, shape) -> bool:
     """Whether ``shape`` has the rank and the fixed dimensions of onnxruntime input ``spec``."""
     return len(shape) == len(spec.shape) and all(not isinstance(d, int) or d == n for d, n in zip(spec.shape, shape))
+
+
+def conform(spec, value, what: str):
+    """``value`` as onnxruntime input ``spec`` (a NodeArg) takes it (lists and scalars converted to its dtype), or a
+    one-line InputError naming ``what`` when its dtype, rank or a fixed dimension differs or it holds no sample."""
+    if isinstance(value, ort.OrtValue):
+        dtype = value.data_type()
+    else:
+        if not isinstance(value, np.ndarray):
+            try:
+                value = np.asarray(value, NUMPY_TYPES.get(spec.type))
+            except (TypeError, ValueError) as e:
+                raise InputError(f"{what}: cannot be read as {spec.type[7:-1]} ({str(e).splitlines()[0]})") from None
+        dtype = f"tensor({_ONNX.get(value.dtype.type, value.dtype.name)})"
+    shape = _shape(value)
+    if dtype != spec.type or not fits(spec, shape):
+        raise InputError(f"{what}: got {dtype[7:-1]} {shape}, the model takes {spec.type[7:-1]} {spec.shape}")
+    if shape and shape[0] == 0:
+        raise InputError(f"{what}: an empty batch (no sample)")
+    return value
 
 
 def _shape(value) -> list[int]:

@@ -17,7 +17,7 @@ Hand-built graph forms (:data:`ONNX_BUILDERS`): MatMul+Add MLP, 3-input Sum, Con
 Caffe2 Scale (Mul/Add of Unsqueeze'd 1-d constants), weights made by constant subgraphs, Flatten vs Reshape
 (also to ``Shape`` of another tensor),
 NHWC input (tf2onnx Transpose, ReduceMean over H, W), a Pad node before Conv, a Pad of the channel axis in a
-shortcut, MaxPool with pads + ceil_mode,
+shortcut, a strided Slice with its axes listed high to low, MaxPool with pads + ceil_mode,
 two outputs, and old or new opsets (9 / IR 4, 9 / IR 3 with the weights listed as graph inputs, 11, 21).
 """
 from __future__ import annotations
@@ -760,6 +760,25 @@ def pad_channels_shortcut(seed=24) -> Arch:
     return Arch("pad_channels_shortcut", m, example_input((2, 3, 8, 8)), twin)
 
 
+def slice_axes_descending(seed=25) -> Arch:
+    """A strided Slice whose axes are listed high to low (``axes=[3, 2]``, a step of 2 on the second): valid ONNX,
+    ``h[:, :, 0:8:2, 1:7]``."""
+    g = _G(seed)
+    c1, w1, b1 = g.conv("input", 3, 4)
+    h = g.node("Relu", [c1])
+    t = g.node("Slice", [h] + [g.init(np.array(v, np.int64), n) for v, n in
+                               (([1, 0], "starts"), ([7, 8], "ends"), ([3, 2], "axes"), ([1, 2], "steps"))])
+    c2, w2, b2 = g.conv(t, 4, 8)
+    y, head = _head(g, g.node("Relu", [c2]), 8)
+
+    def twin(x):
+        h = F.relu(_tconv(x, w1, b1))
+        return head(F.relu(_tconv(h[:, :, 0:8:2, 1:7], w2, b2)))
+
+    m = g.model([_vi("input", X8)], [_vi("logits", [N, 10])])
+    return Arch("slice_axes_descending", m, example_input((2, 3, 8, 8)), twin)
+
+
 def maxpool_ceil(seed=18) -> Arch:
     """MaxPool with pads and ceil_mode: 3/2 pad 1 on 8x8 (ceil adds a 5th window) and 2/2 pad 1 on 5x5 (ceil's
     4th window would start in the end padding: onnxruntime and torch drop it, ONNX shape inference before
@@ -882,6 +901,7 @@ ONNX_BUILDERS: dict[str, Callable[[], Arch]] = {
     "nhwc_transpose": nhwc_input,
     "pad_node_conv": pad_node_conv,
     "pad_channels_shortcut": pad_channels_shortcut,
+    "slice_axes_descending": slice_axes_descending,
     "maxpool_pads_ceil": maxpool_ceil,
     "two_outputs-aux": lambda: two_outputs("aux"),
     "two_outputs-probs": lambda: two_outputs("probs"),

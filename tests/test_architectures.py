@@ -208,6 +208,7 @@ FEATURES = {
     "nhwc_transpose": [("Transpose", {"perm": [0, 3, 1, 2]}), ("ReduceMean", {}), ("MatMul", {})],
     "pad_node_conv": [("Pad", {})],
     "pad_channels_shortcut": [("Pad", {}), ("Sum", {})],
+    "slice_axes_descending": [("Slice", {})],
     "maxpool_pads_ceil": [("MaxPool", {"ceil_mode": 1, "pads": [1, 1, 1, 1]})],
     "opset9_ir4": [("BatchNormalization", {}), ("Dropout", {}), ("Softmax", {})],
     "opset9_ir3_weights_as_inputs": [("BatchNormalization", {}), ("Dropout", {})],

@@ -94,3 +94,41 @@ def test_layerwise_sums_match_full_relevance():
     np.testing.assert_allclose(f["relevance_in//body/body.0/Conv"], f["relevance"], rtol=1e-6)
     layers = json.loads({p.key: p.value for p in sums.metadata_props}["lrpc.layers"])
     assert layers[0] == {"name": "/body/body.0/Conv", "op": "Conv", "rule": "zbox(low=0.0, high=1.0)"}
+
+
+def _dense(path, dtype, elem):
+    """input [N, 6] -> MatMul -> Relu -> MatMul -> [N, 3] in ``dtype``."""
+    from onnx import helper, numpy_helper
+
+    w = np.random.default_rng(1).standard_normal((6, 8))  # (check's seeded input switches on 4 of the 8 units)
+    g = helper.make_graph([helper.make_node("MatMul", ["input", "W"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
+                           helper.make_node("MatMul", ["r", "V"], ["out"])], "g",
+                          [helper.make_tensor_value_info("input", elem, ["N", 6])],
+                          [helper.make_tensor_value_info("out", elem, ["N", 3])],
+                          [numpy_helper.from_array(w.astype(dtype), "W"), numpy_helper.from_array(w.T[:, :3].astype(dtype), "V")])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
+    return path
+
+
+def test_check_float16_and_float64_models(tmp_path):
+    """Inputs and seeds in the model's own float type (a float32 seed was refused by onnxruntime: exit code 3)."""
+    from onnx import TensorProto
+
+    for dtype, elem in ((np.float16, TensorProto.FLOAT16), (np.float64, TensorProto.DOUBLE)):
+        code, out, err = lrpc_cli("check", _dense(tmp_path / f"{elem}.onnx", dtype, elem), "--rules", "epsilon",
+                                  "--conservation-tol", "1e-2")
+        assert code == 0, out + err
+        assert "PASS  conservation" in out
+
+
+def test_check_inputs_that_do_not_fit_the_model_exit_2(tmp_path):
+    """A wrong array name, dtype, shape or an empty batch in --inputs: one line naming the array, exit code 2."""
+    x = np.load(ROOT / "models" / "digits_samples.npz")["images"][:2]
+    cases = {"name": ({"image": x}, "arrays ['image'] given, the model takes ['input']"),
+             "dtype": ({"input": x.astype(np.float64)}, "--inputs array 'input': got double [2, 1, 8, 8]"),
+             "shape": ({"input": x[:, :, :4]}, "--inputs array 'input': got float [2, 1, 4, 8]"),
+             "empty": ({"input": x[:0]}, "--inputs array 'input': an empty batch")}
+    for case, (arrays, message) in cases.items():
+        np.savez(tmp_path / f"{case}.npz", **arrays)
+        code, _, err = lrpc_cli("check", DIGITS, "--inputs", tmp_path / f"{case}.npz")
+        assert code == 2 and len(err.strip().splitlines()) == 1 and message in err, (case, err)

@@ -1,6 +1,7 @@
 """CLI and error paths: one line on stderr, the right exit code, no traceback, input never modified."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
@@ -783,3 +784,71 @@ def test_bfloat16_models_are_refused_in_one_line(where, tmp_path):
     name = "w" if where == "weight" else "x"
     one_line_error(code, err, 2, f"tensor '{name}' used by node 'cast' (Cast) is bfloat16")
     assert digest(path) == before and not (tmp_path / "out.onnx").exists()
+
+
+def _digits_inputs(path) -> Path:
+    np.savez(path, input=np.zeros((1, 1, 8, 8), np.float32))
+    return path
+
+
+@pytest.mark.parametrize("case", ["external data", "rule file", "inputs archive", "report onto rules", "symlink"])
+def test_no_output_overwrites_an_input_file(tmp_path, case):
+    """Every file a command reads is protected, not just the model: its external data, a rule file, an --inputs
+    archive (through any link); refused in one line, exit code 2, the file unchanged."""
+    model = tmp_path / "m.onnx"
+    model.write_bytes(DIGITS.read_bytes())
+    rules = tmp_path / "r.json"
+    rules.write_text('{"composite": "epsilon"}')
+    inputs = _digits_inputs(tmp_path / "x.npz")
+    if case == "external data":
+        (tmp_path / "ext").mkdir()
+        model = with_external_data(tmp_path / "ext")
+        target, argv = tmp_path / "ext" / "weights.bin", ["compile", model, "-o", tmp_path / "ext" / "weights.bin"]
+    elif case == "rule file":
+        target, argv = rules, ["compile", model, "--rules", rules, "-o", rules]
+    elif case == "inputs archive":
+        target, argv = inputs, ["check", model, "--inputs", inputs, "--json", inputs]
+    elif case == "report onto rules":
+        target, argv = rules, ["check", model, "--rules", rules, "--junit", rules]
+    else:
+        (tmp_path / "link.onnx").symlink_to(model)
+        target, argv = model, ["canonize", model, "-o", tmp_path / "link.onnx"]
+    before = digest(target)
+    code, _, err = lrpc(*argv)
+    one_line_error(code, err, contains="refusing to overwrite an input file")
+    assert digest(target) == before
+
+
+def test_output_through_a_symlink_replaces_its_target(tmp_path):
+    """A symbolic link at the output path stays a link; the file it points to gets the output."""
+    (tmp_path / "real.onnx").write_bytes(b"old")
+    (tmp_path / "link.onnx").symlink_to(tmp_path / "real.onnx")
+    code, _, err = lrpc("compile", DIGITS, "-o", tmp_path / "link.onnx")
+    assert code == 0, err
+    assert (tmp_path / "link.onnx").is_symlink()
+    onnx.checker.check_model(onnx.load(str(tmp_path / "real.onnx")))
+
+
+def test_output_onto_a_fifo_is_written_in_place(tmp_path):
+    """A path that is not a regular file (a FIFO here; /dev/null, /dev/stdout alike) is written into, not
+    replaced by a regular file."""
+    import stat
+    import threading
+
+    from lrpc.model_io import write_atomic
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_bytes()), daemon=True)
+    reader.start()
+    try:
+        write_atomic(b'{"ok": 1}', fifo)
+    finally:
+        if reader.is_alive() and stat.S_ISFIFO(os.stat(fifo).st_mode):
+            reader.join(5)
+        if reader.is_alive():  # (the pipe was replaced: let the reader's open return)
+            with contextlib.suppress(OSError):
+                os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert got == [b'{"ok": 1}']
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)

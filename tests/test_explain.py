@@ -620,3 +620,18 @@ def test_explain_directory_skips_unreadable_images_then_fails(tmp_path, capsys):
     for png, c in zip(good, (5, 7, 8)):  # the class list follows the file name order, the skipped one included
         _, expected = _oracle(_read_png(png), c, low=0.0, high=1.0)
         np.testing.assert_allclose(np.load(out / f"{png.stem}.npy"), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_explain_never_overwrites_the_model_and_write_errors_are_input_errors(tmp_path, capsys):
+    """The model file is an input too (whatever its name), and an output that cannot be written (its .npy path is
+    a folder) is one line with exit code 2, no traceback."""
+    model = tmp_path / "m.npy"
+    model.write_bytes(DIGITS.read_bytes())
+    png = _digit_png(tmp_path, 0)
+    before = model.read_bytes()
+    _one_line(cli.main(["explain", str(model), "--image", str(png), "-o", str(tmp_path / "m.png")]), capsys,
+              "refusing to overwrite an input file (the model)")
+    assert model.read_bytes() == before
+    (tmp_path / "h.npy").mkdir()
+    _one_line(cli.main(["explain", str(DIGITS), "--image", str(png), "-o", str(tmp_path / "h.png")]), capsys,
+              "is a directory")

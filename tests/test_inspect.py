@@ -136,5 +136,5 @@ def test_json_report_paths_are_checked(tmp_path):
     model.write_bytes(DIGITS.read_bytes())
     for command in ("inspect", "check"):
         code, _, err = cli(command, model, "--json", model)
-        assert code == 2 and "refusing to overwrite the input model" in err, err
+        assert code == 2 and "refusing to overwrite an input file (the model)" in err, err
         assert model.read_bytes() == DIGITS.read_bytes()

@@ -68,6 +68,9 @@ def test_ortvalue_list_and_dlpack_inputs_explain_the_same(digits):
     (lambda s, x: s.run_on_device({"input": x}, np.zeros((len(x), 10), np.float32), outputs=["logits"]),
      "no output 'logits'"),
     (lambda s, x: s.run_on_device({"input": x}), "a seed is needed"),
+    (lambda s, x: s.explain(None, 3), "input 'input': got float \\[\\], the model takes"),
+    (lambda s, x: s.explain(x[:0], 3), "input 'input': an empty batch"),
+    (lambda s, x: s.explain([["a"]], 3), "input 'input': cannot be read as float"),
 ])
 def test_refused_inputs_are_one_line_input_errors(digits, call, message):
     _, session, x = digits
@@ -210,3 +213,9 @@ def test_a_session_start_hands_the_memory_it_freed_back(tmp_path):
 
     released, kept = resident_kib("on"), resident_kib("off")
     assert released < kept - 48 * 1024, (released, kept)
+
+
+def test_lists_are_read_in_the_models_dtype(digits):
+    """A nested list is converted to the input's dtype (float32 here), not to numpy's default float64."""
+    _, session, x = digits
+    np.testing.assert_array_equal(session.explain(x[:2].tolist(), 3).relevance, session.explain(x[:2], 3).relevance)

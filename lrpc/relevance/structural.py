@@ -85,7 +85,7 @@ def slice_(ctx, node, R_out):
             r = b.op("Pad", [r, b.ints(pads)], {"mode": "constant"})
             r = b.op("Reshape", [r, b.ints([0] * ax + [m * step] + [int(d) for d in cur[ax + 1:]])])
             r = b.op("Slice", [r, b.ints([0]), b.ints([(m - 1) * step + 1]), b.ints([ax])])
-        cur[ax] = n
+        cur[ax] = (m - 1) * step + 1  # (the relevance is padded to the input's size at the end)
         before[ax], after[ax] = st, n - st - ((m - 1) * step + 1)
     return [b.op("Pad", [r, b.ints(before + after)], {"mode": "constant"})] + [None] * (len(node.inputs) - 1)
 
