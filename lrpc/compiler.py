@@ -1,15 +1,16 @@
 """The pipeline, top to bottom: load -> canonize passes -> emit relevance -> check -> (save)."""
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
 import onnx
 
 from . import composites
-from .emit import emit
-from .errors import InputError, UnsupportedError
-from .graph import MIN_OPSET, check_structure, export_model, release_deferred
+from .emit import SEED, TARGET, emit
+from .errors import InputError, LrpcError, UnsupportedError
+from .graph import MIN_OPSET, check_structure, export_model, release_deferred, structure_of_model
 from .model_io import read_model, restore
 from .passes import canonize as _canonize
 from .passes.normalize_opset import opset_of
@@ -45,6 +46,11 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto,
                                    input_shapes)
         owned = True
     _refuse_unsupported_floats(model)
+    if not model.graph.output:
+        raise InputError("the model's graph has no outputs: nothing to explain")
+    if opset_of(model) > onnx.defs.onnx_opset_version():
+        raise UnsupportedError(f"the model's opset {opset_of(model)} is newer than the newest this onnx package "
+                               f"knows ({onnx.defs.onnx_opset_version()})")
     if opset_of(model) < MIN_OPSET:  # the version converter serializes every tensor: with its data
         restore(model, verbatim)
     return model, owned, _check_weights(model, verbatim), verbatim
@@ -75,6 +81,8 @@ def _used_by(node) -> str:
 
 def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     """``model`` with the given graph inputs' dims fixed (a dim given as -1 or None stays as is), in place."""
+    if not isinstance(shapes, dict):
+        raise InputError(f"input_shapes: expected {{input name: dims}}, got {shapes!r}")
     inputs = {i.name: i for i in model.graph.input}
     for name, dims in shapes.items():
         if name not in inputs:
@@ -82,10 +90,15 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
         shape = inputs[name].type.tensor_type.shape
         if len(shape.dim) != len(dims):
             raise InputError(f"--input-shape {name}: {len(dims)} dims given, the input has rank {len(shape.dim)}")
-        for d, v in zip(shape.dim, dims):
-            if v is not None and v >= 0:
-                d.Clear()
-                d.dim_value = int(v)
+        for i, (d, v) in enumerate(zip(shape.dim, dims)):
+            if v is None or v == -1:
+                continue
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
+                raise InputError(f"--input-shape {name}: dim {i} must be a positive size or -1 (keep it), got {v}")
+            if d.HasField("dim_value") and d.dim_value != v:
+                raise InputError(f"--input-shape {name}: dim {i} is {d.dim_value} in the model, {v} given")
+            d.Clear()
+            d.dim_value = int(v)
     return model
 
 
@@ -133,10 +146,11 @@ def canonize_for_save(model, output: str | None = None,
     """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model` (see
     :func:`compile_for_save`)."""
     proto, owned, _, verbatim = _as_model(model, input_shapes)
-    canon = _canonize(proto, output, owned, verbatim)
-    result = export_model(canon)
-    release_deferred(canon)
-    _check(result)
+    with _blaming_the_input(proto):
+        canon = _canonize(proto, output, owned, verbatim)
+        result = export_model(canon)
+        release_deferred(canon)
+        _check(result)
     return result, _still_held(result, verbatim)
 
 
@@ -174,12 +188,56 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
     proto, owned, signs, verbatim = _as_model(model, input_shapes)
-    canon = _canonize(proto, output, owned, verbatim)
-    canon.weight_signs = signs
-    result = emit(canon, ruleset, layerwise, seed)
-    release_deferred(canon)
-    _check(result)
+    _refuse_reserved_names(proto)
+    with _blaming_the_input(proto):
+        canon = _canonize(proto, output, owned, verbatim)
+        canon.weight_signs = signs
+        result = emit(canon, ruleset, layerwise, seed)
+        release_deferred(canon)
+        _check(result)
     return result, _still_held(result, verbatim)
+
+
+@contextlib.contextmanager
+def _blaming_the_input(model: onnx.ModelProto):
+    """An unexpected failure while compiling ``model`` becomes an InputError saying what is wrong with ``model``
+    where strict ONNX shape inference finds it invalid (an attribute out of range, weights of the wrong size: the
+    model would not run anyway); otherwise it stays an internal error. The check runs only then, on the model's
+    structure taken before the compile (which may build in ``model``)."""
+    structure = structure_of_model(model)
+    try:
+        yield
+    except LrpcError:
+        raise
+    except Exception:
+        try:
+            onnx.shape_inference.infer_shapes(structure, check_type=True, strict_mode=True, data_prop=True)
+        except Exception as e:
+            raise InputError(f"invalid model: {_first_line(e)}") from None
+        raise
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an error's text, without onnx's "[ShapeInferenceError] Inference error(s): " framing."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    for frame in ("[ShapeInferenceError] Inference error(s): ", "[TypeInferenceError] Inference error(s): "):
+        text = text.replace(frame, "")
+    return text
+
+
+def _refuse_reserved_names(model: onnx.ModelProto) -> None:
+    """A tensor named like an input or output lrpc adds (``relevance_seed``, ``relevance``, …) would clash with it;
+    a model lrpc already compiled has them all."""
+    g = model.graph
+    if any(p.key == "lrpc.rules" for p in model.metadata_props):
+        raise InputError(f"the model was compiled by lrpc already: compile the original")
+    reserved = {SEED, TARGET, "relevance"} | {f"relevance_{i.name}" for i in g.input}
+    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", "lrpc/")
+    names = [i.name for i in g.input] + [o.name for o in g.output] + [t.name for t in g.initializer] + [
+        out for n in g.node for out in n.output]
+    clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)
+    if clash is not None:
+        raise InputError(f"tensor '{clash}': the name is taken by lrpc's relevance inputs and outputs (rename it)")
 
 
 def _still_held(model: onnx.ModelProto, verbatim: dict) -> dict:

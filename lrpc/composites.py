@@ -16,6 +16,7 @@ from . import rules as R
 from .errors import InputError
 
 BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass"}
+CATEGORIES = ("conv", "dense", *BASE)
 
 
 @dataclass(frozen=True)
@@ -101,6 +102,9 @@ def get_composite(name: str) -> Composite:
 def load_ruleset(spec: str, options: Options | None = None) -> RuleSet:
     """``spec`` is a composite name or a path to a JSON/TOML rule file."""
     options = options or Options()
+    if not isinstance(spec, (str, Path)):
+        raise InputError(f"rules: expected a composite name, a rule file's path or a RuleSet, got {spec!r}")
+    spec = str(spec)
     if not spec.endswith((".json", ".toml")):
         return _validated(RuleSet(get_composite(spec), options))
     p = Path(spec)
@@ -112,7 +116,14 @@ def load_ruleset(spec: str, options: Options | None = None) -> RuleSet:
         raise InputError(f"{p}: cannot parse rule file: {str(e).splitlines()[0]}") from None
     if not isinstance(data, dict):
         raise InputError(f"{p}: a rule file is a table with 'composite' and 'rules'")
+    extra = set(data) - {"composite", "rules"}
+    if extra:
+        raise InputError(f"{p}: unknown key(s) {', '.join(sorted(extra))} (a rule file has 'composite' and 'rules')")
+    if not isinstance(data.get("composite", ""), str):
+        raise InputError(f"{p}: 'composite' must be a composite's name (got {data['composite']!r})")
     composite = get_composite(data.get("composite", "epsilon"))
+    if not isinstance(data.get("rules", []), list):
+        raise InputError(f"{p}: 'rules' must be a list of tables (got {data['rules']!r})")
     user = []
     for i, entry in enumerate(data.get("rules", [])):
         if not isinstance(entry, dict) or "rule" not in entry:
@@ -120,6 +131,13 @@ def load_ruleset(spec: str, options: Options | None = None) -> RuleSet:
         extra = set(entry) - {"rule", "op", "name", "category", "params"}
         if extra:
             raise InputError(f"{p}: rules[{i}] has unknown key(s) {', '.join(sorted(extra))}")
+        bad = next((k for k in ("rule", "op", "name", "category") if k in entry and not isinstance(entry[k], str)), None)
+        if bad is not None:
+            raise InputError(f"{p}: rules[{i}]: '{bad}' must be a string (got {entry[bad]!r})")
+        if entry.get("category", CATEGORIES[0]) not in CATEGORIES:
+            raise InputError(f"{p}: rules[{i}]: unknown category '{entry['category']}' (known: {', '.join(CATEGORIES)})")
+        if not isinstance(entry.get("params", {}), dict):
+            raise InputError(f"{p}: rules[{i}]: 'params' must be a table of parameters (got {entry['params']!r})")
         u = UserRule(entry["rule"], entry.get("op"), entry.get("name"), entry.get("category"), dict(entry.get("params", {})))
         try:
             options.rule(u.rule, u.params)
@@ -132,6 +150,8 @@ def load_ruleset(spec: str, options: Options | None = None) -> RuleSet:
 def _validated(ruleset: RuleSet) -> RuleSet:
     """Build every rule the composite can hand out once, so bad parameters fail before compiling."""
     comp = ruleset.composite
+    if ruleset.options.maxpool not in ("winner", "split"):
+        raise InputError(f"maxpool must be 'winner' or 'split' (got {ruleset.options.maxpool!r})")
     names = set(comp.layers.values()) | set(BASE.values()) | ({comp.first[1]} if comp.first else set())
     for name in sorted(names):
         try:

@@ -60,6 +60,7 @@ def _read(path, defer: bool) -> tuple[onnx.ModelProto, dict]:
         raise InputError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p}: not an ONNX model (no graph found)")
+    _names_are_text(model, p)
     verbatim = _verbatim_of(model, stored, source)
     if stripped and sum(deferred(i, verbatim) is not None for i in model.graph.initializer) != stripped:  # (not seen)
         model, stripped = onnx.load_model_from_string(bytes(data)), 0
@@ -77,6 +78,18 @@ def _read(path, defer: bool) -> tuple[onnx.ModelProto, dict]:
     except Exception as e:
         raise InputError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
     return model, verbatim
+
+
+def _names_are_text(model: onnx.ModelProto, p: Path) -> None:
+    """InputError where a name in the graph is not valid UTF-8: protobuf parses such a file and hands the name out
+    as bytes, which fail later, anywhere."""
+    g = model.graph
+    for i, n in enumerate(g.node):
+        if not all(isinstance(t, str) for t in (n.name, n.op_type, n.domain, *n.input, *n.output)):
+            raise InputError(f"{p}: not a valid ONNX model: node {i} ({n.op_type!r}) has a name that is not UTF-8 text")
+    for v in (*g.input, *g.output, *g.initializer, *g.value_info):
+        if not isinstance(v.name, str):
+            raise InputError(f"{p}: not a valid ONNX model: the tensor name {v.name!r} is not UTF-8 text")
 
 
 def _mapped(p: Path):

@@ -15,7 +15,11 @@ Variants:
 """
 from __future__ import annotations
 
+import math
+import numbers
 from dataclasses import dataclass, field, replace
+
+import numpy as np
 
 STABILIZERS = ("sign", "clip", "norm-scale")
 DEFAULT_EPS = 1e-6
@@ -139,10 +143,48 @@ def make_rule(name: str, params: dict | None = None, *, eps: float = DEFAULT_EPS
     unknown = set(params) - set(names)
     if unknown:
         raise ValueError(f"rule '{name}' takes no parameter(s) {', '.join(sorted(unknown))}")
+    eps = number("the stabilizer's eps", eps, minimum=0.0)
+    if not isinstance(zero_bias, bool):
+        raise ValueError(f"zero_bias must be true or false (got {zero_bias!r})")
+    for key in ("epsilon", "gamma", "alpha", "beta"):  # (the rules check their own ranges: gamma >= 0, …)
+        if key in params:
+            params[key] = number(key, params[key], minimum=0.0 if key == "epsilon" else None)
+    if name == "zbox":
+        params["low"], params["high"] = bounds(params.get("low", 0.0), params.get("high", 1.0))
     common = {"stabilizer": stabilizer, "zero_bias": zero_bias}
     if name != "epsilon":
         common["eps"] = eps
     return factory(**params, **common)
+
+
+def number(what: str, value, minimum: float | None = None) -> float:
+    """``value`` as a float: a finite real number (not a bool), at least ``minimum``; ValueError otherwise."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{what} must be a finite number (got {value!r})")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{what} must be at least {minimum:g} (got {value!r})")
+    return float(value)
+
+
+def bounds(low, high):
+    """z-box bounds as given (numbers or nested lists of them), checked: finite, and low <= high wherever they
+    meet (they broadcast against each other and the input)."""
+    arrays = []
+    for what, v in (("low", low), ("high", high)):
+        try:
+            a = np.asarray(v, dtype=np.float64)
+        except (TypeError, ValueError):
+            a = None
+        if a is None or a.size == 0 or isinstance(v, bool) or not np.all(np.isfinite(a)):
+            raise ValueError(f"zbox {what} must be finite numbers: a number or a (nested) list (got {v!r})")
+        arrays.append(a)
+    try:
+        above = np.any(arrays[0] > arrays[1])
+    except ValueError:  # shapes that do not broadcast: the compile names the layer
+        above = False
+    if above:
+        raise ValueError(f"zbox low must not exceed high (low={low!r}, high={high!r})")
+    return low, high
 
 
 def with_options(rule: Rule, **changes) -> Rule:

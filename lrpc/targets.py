@@ -58,6 +58,13 @@ class Target:
 
 def parse(target) -> Target:
     """A :class:`Target` from text, an int, a sequence of ints, None (top1) or a Target."""
+    parsed = _parse(target)
+    if any(abs(v) >= 2**62 for v in parsed.values):
+        raise InputError(f"target {target}: {max(parsed.values, key=abs)} is out of range")
+    return parsed
+
+
+def _parse(target) -> Target:
     if isinstance(target, Target):
         return target
     if target is None:

@@ -852,3 +852,100 @@ def test_output_onto_a_fifo_is_written_in_place(tmp_path):
                 os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert got == [b'{"ok": 1}']
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--low", "nan"], "zbox low must be finite numbers"),
+    (["--rules", "epsilon-alpha2-beta1", "--alpha", "nan"], "alpha must be a finite number (got nan)"),
+    (["--gamma", "inf"], "gamma must be a finite number (got inf)"),
+    (["--epsilon", "inf"], "epsilon must be a finite number (got inf)"),
+    (["--stabilizer-eps", "inf"], "the stabilizer's eps must be a finite number (got inf)"),
+    (["--low", "2", "--high", "1"], "zbox low must not exceed high"),
+    (["--input-shape", "input=1,2,8,8"], "--input-shape input: dim 1 is 1 in the model, 2 given"),
+    (["--input-shape", "input=0,1,8,8"], "--input-shape input: dim 0 must be a positive size or -1"),
+])
+def test_rule_values_and_shapes_that_cannot_work_are_refused(tmp_path, flags, message):
+    """Non-finite or contradictory parameters (they made every relevance NaN, exit code 0) and input shapes that
+    contradict the model's fixed dims (the written model did not load): one line, exit code 2, nothing written."""
+    code, _, err = lrpc("compile", DIGITS, *flags, "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains=message)
+    assert not (tmp_path / "o.onnx").exists()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('{"rules": 5}', "'rules' must be a list of tables (got 5)"),
+    ('{"rulez": []}', "unknown key(s) rulez"),
+    ('{"composite": ["a"]}', "'composite' must be a composite's name"),
+    ('{"rules": [{"rule": "epsilon", "params": 5}]}', "rules[0]: 'params' must be a table"),
+    ('{"rules": [{"rule": "epsilon", "params": {"epsilon": "x"}}]}', "rules[0]: epsilon must be a finite number"),
+    ('{"rules": [{"rule": "epsilon", "params": {"epsilon": true}}]}', "rules[0]: epsilon must be a finite number"),
+    ('{"rules": [{"rule": "epsilon", "params": {"epsilon": -1}}]}', "rules[0]: epsilon must be at least 0"),
+    ('{"rules": [{"rule": "zbox", "params": {"low": {}}}]}', "rules[0]: zbox low must be finite numbers"),
+    ('{"rules": [{"rule": "epsilon", "name": 5}]}', "rules[0]: 'name' must be a string (got 5)"),
+    ('{"rules": [{"rule": "epsilon", "category": "convv"}]}', "rules[0]: unknown category 'convv'"),
+])
+def test_rule_files_of_the_wrong_shape_are_one_line(tmp_path, text, message):
+    (tmp_path / "r.json").write_text(text)
+    code, _, err = lrpc("compile", DIGITS, "--rules", tmp_path / "r.json", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains=message)
+
+
+def _invalid(path, case):
+    """Models that parse and pass onnx's structural checker, but are wrong: each case one defect."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])
+    conv = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1])
+    def out(name="out", rank=4):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, [f"d{i}" for i in range(rank)])
+
+    nodes, outs, opset = [conv], [out(rank=2 if case == "flatten axis" else 4)], 17
+    if case == "flatten axis":
+        nodes.append(helper.make_node("Flatten", ["y"], ["out"], name="fl", axis=9))
+    elif case == "transpose perm":
+        nodes.append(helper.make_node("Transpose", ["y"], ["out"], name="tr", perm=[0, 0, 1, 2]))
+    elif case == "conv groups":
+        nodes = [helper.make_node("Conv", ["x", "w"], ["out"], name="conv", pads=[1, 1, 1, 1], group=2)]
+    elif case == "no outputs":
+        nodes.append(helper.make_node("Relu", ["y"], ["out"], name="act"))
+        outs = []
+    elif case == "opset 99":
+        nodes.append(helper.make_node("Relu", ["y"], ["out"], name="act"))
+        opset = 99
+    elif case in ("a name taken", "not UTF-8"):
+        nodes.append(helper.make_node("Relu", ["y"], ["relevance" if case == "a name taken" else "out"], name="act@"))
+        outs = [out("relevance" if case == "a name taken" else "out")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, [w]), opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    data = model.SerializeToString()
+    if case == "not UTF-8":
+        data = data.replace(b"act@", b"act\xfc")
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize("case,message", [
+    ("flatten axis", "invalid model: (op_type:Flatten, node name: fl)"),
+    ("transpose perm", "invalid model: (op_type:Transpose, node name: tr)"),
+    ("conv groups", "node 'conv' (Conv): weight [3, 2, 3, 3] with group=2 does not fit the input's 2 channels"),
+    ("no outputs", "the model's graph has no outputs"),
+    ("opset 99", "the model's opset 99 is newer than the newest this onnx package knows"),
+    ("a name taken", "tensor 'relevance': the name is taken by lrpc's relevance inputs and outputs"),
+    ("not UTF-8", "not a valid ONNX model: node 1 ('Relu') has a name that is not UTF-8 text"),
+])
+def test_models_that_are_wrong_are_input_errors(tmp_path, case, message):
+    """Defects of the input model were internal errors (exit code 3, "please report") or went through: now one line
+    saying what is wrong, exit code 2."""
+    code, _, err = lrpc("compile", _invalid(tmp_path / "m.onnx", case), "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains=message)
+
+
+def test_a_compiled_model_is_not_compiled_again(tmp_path):
+    assert lrpc("compile", DIGITS, "-o", tmp_path / "c.onnx")[0] == 0
+    code, _, err = lrpc("compile", tmp_path / "c.onnx", "-o", tmp_path / "cc.onnx")
+    one_line_error(code, err, contains="the model was compiled by lrpc already: compile the original")
+
+
+def test_a_class_index_out_of_range_is_one_line(tmp_path):
+    code, _, err = lrpc("inspect", DIGITS, "--target", "99999999999999999999")
+    one_line_error(code, err, contains="99999999999999999999 is out of range")

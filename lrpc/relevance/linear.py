@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import UnsupportedError, where
+from ..errors import InputError, UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
 from . import register
@@ -168,10 +168,9 @@ def view_of(ctx, node) -> View:
     def bias(i):  # a zero bias is no bias: the forward output can then be reused as is
         return ins[i] if len(ins) > i and is_const(ins[i]) and np.any(const_value(ins[i])) else None
 
-    if op == "Conv":
-        return ConvView(ctx, node, ins[0], ins[1], bias(2))
-    if op == "ConvTranspose":
-        return ConvTransposeView(ctx, node, ins[0], ins[1], bias(2))
+    if op in ("Conv", "ConvTranspose"):
+        _check_groups(node)
+        return (ConvView if op == "Conv" else ConvTransposeView)(ctx, node, ins[0], ins[1], bias(2))
     if op == "Gemm":
         return GemmView(ctx, node, ins[0], ins[1], bias(2))
     if op == "MatMul":
@@ -195,6 +194,17 @@ def view_of(ctx, node) -> View:
     if op == "Mul":
         return ScaleView(ctx, node, x, c, None)
     return ScaleView(ctx, node, x, ctx.b.const(np.ones([1] * max(len(const_value(c).shape), 1))), c)
+
+
+def _check_groups(node) -> None:
+    """InputError where a (transposed) convolution's weight and ``group`` do not fit its input's channels."""
+    x, w, g = node.inputs[0], node.inputs[1], int(node.attrs.get("group", 1))
+    if x.shape is None or w.shape is None or len(x.shape) < 2 or not isinstance(x.shape[1], int):
+        return
+    c, (cout, per_group) = x.shape[1], w.shape[:2]
+    fits = (c == per_group * g and cout % g == 0) if node.op == "Conv" else (c == cout and c % g == 0)
+    if not fits:
+        raise InputError(f"{where(node)}: weight {list(w.shape)} with group={g} does not fit the input's {c} channels")
 
 
 GATES = ("Sigmoid", "HardSigmoid")
