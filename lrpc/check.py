@@ -79,6 +79,9 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
             raise InputError(f"input '{inp.name}' has dynamic non-batch dims {dims}: pass --inputs file.npz")
         shape = [dims[0] or 1] + dims[1:] if dims else []
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
+        if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
+            kind = "a string" if dtype == object else dtype.name
+            raise InputError(f"input '{inp.name}' is {kind} input: lrpc makes random numeric inputs only; pass --inputs file.npz")
         feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
     return feeds
 

@@ -5,11 +5,12 @@ import argparse
 import json
 import sys
 import traceback
+import warnings
 
 from . import composites
 from pathlib import Path
 
-from .errors import InputError, LrpcError
+from .errors import InputError, LrpcError, one_line
 
 
 def _bound(text: str):
@@ -173,7 +174,10 @@ def _join_negative_lists(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_join_negative_lists(list(sys.argv[1:] if argv is None else argv)))
     try:
-        return _run(args)
+        with warnings.catch_warnings():
+            if not args.debug:  # (numpy's, Pillow's: lrpc says what is wrong in its one line)
+                warnings.simplefilter("ignore")
+            return _run(args)
     except LrpcError as e:
         if args.debug:
             traceback.print_exc()
@@ -185,8 +189,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in lrpc: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        first = str(e).splitlines()[0] if str(e) else ""
-        print(f"lrpc: internal error: {type(e).__name__}: {first} (rerun with --debug for details)", file=sys.stderr)
+        print(f"lrpc: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for details)", file=sys.stderr)
         return 3
 
 
@@ -318,6 +321,8 @@ def _explain(args) -> int:
         mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
     if (mean is None) != (std is None):
         raise InputError("--mean and --std go together")
+    if std is not None and not all(v > 0 for v in std) or mean is not None and not all(abs(v) < float("inf") for v in mean):
+        raise InputError(f"--mean/--std: finite means and positive standard deviations expected, got {args.mean} / {args.std}")
     options = asdict(_options(args))
     run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=args.target, rules=args.rules,
         output=args.output, input_shapes=dict(args.input_shape), size=size, mean=mean, std=std,

@@ -9,7 +9,7 @@ import onnx
 
 from . import composites
 from .emit import SEED, TARGET, emit
-from .errors import InputError, LrpcError, UnsupportedError
+from .errors import InputError, LrpcError, UnsupportedError, one_line
 from .graph import MIN_OPSET, check_structure, export_model, release_deferred, structure_of_model
 from .model_io import read_model, restore
 from .passes import canonize as _canonize
@@ -128,7 +128,9 @@ def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
         else:
             values = numpy_helper.to_array(init)
         # a float64 sum of finite float32/16 values cannot overflow: one pass, no temporary array
-        if not np.isfinite(values.sum(dtype=np.float64)) and not np.all(np.isfinite(values)):
+        with np.errstate(invalid="ignore", over="ignore"):  # (+inf and -inf sum to NaN, quietly)
+            total = values.sum(dtype=np.float64)
+        if not np.isfinite(total) and not np.all(np.isfinite(values)):
             bad = int((~np.isfinite(values)).sum())
             raise InputError(f"weight '{init.name}'{_used_by(users.get(init.name))} holds {bad} NaN/Inf value(s)")
         signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
@@ -213,16 +215,8 @@ def _blaming_the_input(model: onnx.ModelProto):
         try:
             onnx.shape_inference.infer_shapes(structure, check_type=True, strict_mode=True, data_prop=True)
         except Exception as e:
-            raise InputError(f"invalid model: {_first_line(e)}") from None
+            raise InputError(f"invalid model: {one_line(e)}") from None
         raise
-
-
-def _first_line(e: BaseException) -> str:
-    """The first line of an error's text, without onnx's "[ShapeInferenceError] Inference error(s): " framing."""
-    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    for frame in ("[ShapeInferenceError] Inference error(s): ", "[TypeInferenceError] Inference error(s): "):
-        text = text.replace(frame, "")
-    return text
 
 
 def _refuse_reserved_names(model: onnx.ModelProto) -> None:

@@ -25,3 +25,12 @@ class CheckFailed(LrpcError):
 def where(node) -> str:
     """Describe a graph node for an error message: ``node 'name' (OpType)``."""
     return f"node '{node.name}' ({node.op})"
+
+
+def one_line(e: BaseException, limit: int = 400) -> str:
+    """An exception's text as one line for an error message: line breaks and runs of spaces joined (onnx's checker
+    breaks its messages in the middle), onnx's "Inference error(s):" framing dropped, at most ``limit`` characters."""
+    text = " ".join(str(e).split()) or type(e).__name__
+    for frame in ("[ShapeInferenceError] Inference error(s): ", "[TypeInferenceError] Inference error(s): "):
+        text = text.replace(frame, "")
+    return text if len(text) <= limit else text[: limit - 1] + "…"

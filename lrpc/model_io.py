@@ -13,7 +13,7 @@ from typing import NamedTuple
 import numpy as np
 import onnx
 
-from .errors import InputError, UnsupportedError
+from .errors import InputError, UnsupportedError, one_line
 
 
 def load_model(path: str | os.PathLike) -> onnx.ModelProto:
@@ -57,7 +57,7 @@ def _read(path, defer: bool) -> tuple[onnx.ModelProto, dict]:
             data = bytes(data)
         model = onnx.serialization.registry.get(fmt).deserialize_proto(text if stripped else data, onnx.ModelProto())
     except Exception as e:  # protobuf raises DecodeError / RuntimeWarning subclasses
-        raise InputError(f"{p}: not an ONNX model ({type(e).__name__}: {_first_line(e)})") from None
+        raise InputError(f"{p}: not an ONNX model ({type(e).__name__}: {one_line(e)})") from None
     if not model.graph.node and not model.graph.output:
         raise InputError(f"{p}: not an ONNX model (no graph found)")
     _names_are_text(model, p)
@@ -76,7 +76,7 @@ def _read(path, defer: bool) -> tuple[onnx.ModelProto, dict]:
 
         check_structure(model)
     except Exception as e:
-        raise InputError(f"{p}: invalid ONNX model: {_first_line(e)}") from None
+        raise InputError(f"{p}: invalid ONNX model: {one_line(e)}") from None
     return model, verbatim
 
 
@@ -401,7 +401,7 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
         try:
             load_external_data_for_tensor(tensor, str(base))
         except Exception as e:
-            raise InputError(f"{path}: cannot read external data of tensor '{tensor.name}': {_first_line(e)}") from None
+            raise InputError(f"{path}: cannot read external data of tensor '{tensor.name}': {one_line(e)}") from None
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
 
@@ -599,8 +599,3 @@ def _exchange(a: str, b: Path) -> bool:
         return False
     at_fdcwd, rename_exchange = -100, 2
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(str(b)), rename_exchange) == 0
-
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__

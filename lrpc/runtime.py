@@ -250,6 +250,7 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     the external data of a model given as bytes lie (:func:`lrpc.model_io.for_runtime`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    options.log_severity_level = 4  # (a failing run raises with the message: not also logged in red on stderr)
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     if profile:

@@ -313,13 +313,49 @@ def test_dynamic_spatial_dims_ask_for_input_shape(tmp_path):
     assert code == 2 and "expected NAME=d0,d1" in err
 
 
-def test_nan_weights_refused(tmp_path):
+@pytest.mark.parametrize("bad", [(np.nan, np.inf), (np.inf, -np.inf)])
+def test_nan_weights_refused(tmp_path, bad):
+    """(+inf and -inf: the scan's sum is NaN, which numpy warned about on a second and third stderr line)"""
     w = np.random.default_rng(0).standard_normal((3, 2, 3, 3)).astype(np.float32)
-    w[0, 0, 0, 0] = np.nan
-    w[1, 0, 0, 0] = np.inf
+    w[0, 0, 0, 0], w[1, 0, 0, 0] = bad
     path = tiny_model(tmp_path / "nan.onnx", weight_values=w)
     code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="weight 'w' used by node 'conv' (Conv) holds 2 NaN/Inf value(s)")
+
+
+def test_batchnorm_with_negative_variance_is_refused(tmp_path):
+    """sqrt of a negative variance made NaN weights in the compiled model (written, exit code 0)."""
+    rng = np.random.default_rng(0)
+    stats = [numpy_helper.from_array(v.astype(np.float32), n) for v, n in
+             ((np.ones(3), "g"), (np.zeros(3), "b"), (np.zeros(3), "m"), (np.array([1.0, -2.0, 1.0]), "v"))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["y", "g", "b", "m", "v"], ["out"], name="bn")]
+    graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
+                              [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w"), *stats])
+    save_graph(graph, tmp_path / "bn.onnx")
+    code, _, err = lrpc("compile", tmp_path / "bn.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="node 'bn' (BatchNormalization): variance + epsilon is not positive in 1 channel(s)")
+    assert not (tmp_path / "o.onnx").exists()
+
+
+def test_a_cycle_is_named_in_one_line(tmp_path):
+    """onnx's checker breaks this message over three lines; the node's name and op type are on the third."""
+    nodes = [helper.make_node("Add", ["x", "c"], ["a"], name="add1"), helper.make_node("Relu", ["a"], ["c"], name="r")]
+    graph = helper.make_graph(nodes, "cycle", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+                              [helper.make_tensor_value_info("c", TensorProto.FLOAT, [1, 4])])
+    save_graph(graph, tmp_path / "cycle.onnx")
+    code, _, err = lrpc("compile", tmp_path / "cycle.onnx", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="input 'c' of node: name: add1 OpType: Add is not output of any previous nodes")
+
+
+def test_a_string_input_needs_given_inputs(tmp_path):
+    nodes = [helper.make_node("Identity", ["x"], ["out"], name="id")]
+    graph = helper.make_graph(nodes, "s", [helper.make_tensor_value_info("x", TensorProto.STRING, [1])],
+                              [helper.make_tensor_value_info("out", TensorProto.STRING, [1])])
+    save_graph(graph, tmp_path / "s.onnx")
+    code, _, err = lrpc("check", tmp_path / "s.onnx")
+    one_line_error(code, err, contains="input 'x' is a string input: lrpc makes random numeric inputs only; pass --inputs")
 
 
 def test_control_flow_on_path_is_unsupported(tmp_path):

@@ -635,3 +635,9 @@ def test_explain_never_overwrites_the_model_and_write_errors_are_input_errors(tm
     (tmp_path / "h.npy").mkdir()
     _one_line(cli.main(["explain", str(DIGITS), "--image", str(png), "-o", str(tmp_path / "h.png")]), capsys,
               "is a directory")
+
+
+def test_explain_refuses_a_zero_standard_deviation(tmp_path, capsys):
+    png = _digit_png(tmp_path, 0)
+    _one_line(cli.main(["explain", str(DIGITS), "--image", str(png), "--mean", "0.5", "--std", "0", "-o",
+                        str(tmp_path / "h.png")]), capsys, "positive standard deviations expected")

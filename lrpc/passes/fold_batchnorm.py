@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import InputError, where
 from ..graph import Canonical, const_value, is_const, only_consumer, producer, rewire_output, scale_out_channels, add_bias
 
 
@@ -28,7 +29,11 @@ def run(canon: Canonical) -> bool:
 def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     """BN as ``y = scale * x + shift`` per channel, computed in float64."""
     gamma, beta, mean, var = (const_value(t).astype(np.float64) for t in bn.inputs[1:5])
-    scale = gamma / np.sqrt(var + float(bn.attrs.get("epsilon", 1e-5)))
+    spread = var + float(bn.attrs.get("epsilon", 1e-5))
+    if not np.all(spread > 0):
+        raise InputError(f"{where(bn)}: variance + epsilon is not positive in {int(np.sum(~(spread > 0)))} "
+                         f"channel(s): not a valid BatchNormalization")
+    scale = gamma / np.sqrt(spread)
     return scale, beta - mean * scale
 
 

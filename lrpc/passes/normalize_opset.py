@@ -4,7 +4,7 @@ from __future__ import annotations
 import onnx
 from onnx import version_converter
 
-from ..errors import InputError
+from ..errors import InputError, one_line
 from ..graph import MIN_OPSET
 
 
@@ -20,6 +20,6 @@ def run(model: onnx.ModelProto) -> onnx.ModelProto:
     try:
         converted = version_converter.convert_version(model, MIN_OPSET)
     except Exception as e:
-        raise InputError(f"cannot upgrade the model from opset {version} to {MIN_OPSET}: {str(e).splitlines()[0]}") from None
+        raise InputError(f"cannot upgrade the model from opset {version} to {MIN_OPSET}: {one_line(e)}") from None
     converted.ir_version = max(converted.ir_version, 8)
     return converted
