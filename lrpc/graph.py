@@ -87,6 +87,13 @@ def import_model(model: onnx.ModelProto, verbatim: dict | None = None) -> Canoni
     :class:`DeferredValues`."""
     graph = gs.import_onnx(model)
     made = []
+    # graphsurgeon's export names a lazily held tensor in place: a Constant node's value (unnamed, named as its
+    # output once folded) would be renamed in the caller's model. Those values (small) get copies.
+    for t in (v for n in graph.nodes for v in n.attrs.values() if isinstance(v, gs.Constant)):
+        if type(t._values) is LazyValues:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(t._values.tensor)
+            t._values = LazyValues(copy)
     if verbatim:
         for t in _constants(graph):
             lazy = t._values

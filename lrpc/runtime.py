@@ -99,6 +99,10 @@ class Session:
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
+            first, dims = self.inputs[0], self._specs[self._seed_input].shape
+            x, s = _shape(feeds[first]), _shape(seed)
+            if dims and not isinstance(dims[0], int) and x and s and x[0] != s[0]:
+                raise InputError(f"the seed holds {s[0]} samples, input '{first}' {x[0]}")
             feeds = {**feeds, self._seed_input: seed}
             if self._switch:
                 feeds[_SWITCH] = np.array(top1)
@@ -159,6 +163,8 @@ class Session:
         (its arg-max is taken on the explained tensor, e.g. the logits before a stripped softmax: where the scores
         tie and it picks another class than the ranking, rank 1 is run again with its seed: ``k + 1`` runs, as
         without the switch)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InputError(f"top-k: k must be a whole number of at least 1, got {k!r}")
         feeds = self._feeds(x)
         if (self.top1 or self._switch) and int(k) == 1:
             return [self.explain(feeds)]

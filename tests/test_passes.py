@@ -668,3 +668,16 @@ def test_digits_cnn():
     # documented: 15 of the 16 samples are classified right, sample 12 is not
     right = probs.argmax(1) == data["labels"]
     assert right.sum() == 15 and not right[12]
+
+
+def test_a_callers_model_proto_is_left_as_it_was():
+    """lrpc.compile / lrpc.canonize of a caller's ModelProto leave it byte for byte as it was: graphsurgeon's export
+    named the value tensor of each Constant node (the U-Net has four) in the caller's model."""
+    import lrpc
+
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "digits_unet.onnx"))
+    assert any(n.op_type == "Constant" for n in model.graph.node)
+    before = model.SerializeToString()
+    lrpc.compile(model, "epsilon")
+    lrpc.canonize(model)
+    assert model.SerializeToString() == before

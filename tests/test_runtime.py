@@ -71,6 +71,9 @@ def test_ortvalue_list_and_dlpack_inputs_explain_the_same(digits):
     (lambda s, x: s.explain(None, 3), "input 'input': got float \\[\\], the model takes"),
     (lambda s, x: s.explain(x[:0], 3), "input 'input': an empty batch"),
     (lambda s, x: s.explain([["a"]], 3), "input 'input': cannot be read as float"),
+    (lambda s, x: s.run({"input": x}, np.zeros((3, 10), np.float32)), "the seed holds 3 samples, input 'input' 16"),
+    (lambda s, x: s.explain_topk(x, 0), "top-k: k must be a whole number of at least 1, got 0"),
+    (lambda s, x: s.explain_topk(x, -1), "top-k: k must be a whole number of at least 1, got -1"),
 ])
 def test_refused_inputs_are_one_line_input_errors(digits, call, message):
     _, session, x = digits
