@@ -44,8 +44,16 @@ def _nonneg_float(text: str) -> float:
     return v
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad flags are one line on stderr as every other error (argparse prints its usage text first), exit code 2."""
+
+    def error(self, message):
+        print(f"lrpc: error: {' '.join(message.split())} (see '{self.prog} --help')", file=sys.stderr)
+        sys.exit(2)
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lrpc", description="Compile ONNX models into forward + LRP relevance graphs.")
+    p = _Parser(prog="lrpc", description="Compile ONNX models into forward + LRP relevance graphs.")
     p.add_argument("--debug", action="store_true", help="show Python tracebacks")
     sub = p.add_subparsers(dest="command", required=True)
 

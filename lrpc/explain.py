@@ -427,7 +427,10 @@ def _outputs(out, many: bool, names: list[Path], protect=()) -> list[tuple[Path,
             raise InputError(f"{o}: exists and is not a directory (directory mode writes <stem>.png per image)")
         if not o.parent.exists():
             raise InputError(f"{o.parent}: output folder does not exist")
-        o.mkdir(exist_ok=True)
+        try:
+            o.mkdir(exist_ok=True)
+        except OSError as e:
+            raise InputError(f"{o}: cannot make the output directory ({e.strerror or type(e).__name__})") from None
         stems = [s.stem for s in names]
         pairs = [(o / f"{s.stem if stems.count(s.stem) == 1 else s.name}.png",
                   o / f"{s.stem if stems.count(s.stem) == 1 else s.name}.npy") for s in names]

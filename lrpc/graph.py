@@ -391,9 +391,16 @@ class Builder:
         return self.op("ReduceSum", [x, self.ints(axes)], {"keepdims": keepdims})
 
     def reduce_mean(self, x, axes, keepdims: int = 1):
+        return self._reduce("ReduceMean", x, axes, keepdims)
+
+    def reduce_max(self, x, axes, keepdims: int = 1):
+        return self._reduce("ReduceMax", x, axes, keepdims)
+
+    def _reduce(self, op: str, x, axes, keepdims: int):
+        """ReduceMean/ReduceMax: axes as an input from opset 18 on, an attribute before."""
         if int(self.graph.opset) >= 18:
-            return self.op("ReduceMean", [x, self.ints(axes)], {"keepdims": keepdims})
-        return self.op("ReduceMean", [x], {"axes": list(axes), "keepdims": keepdims})
+            return self.op(op, [x, self.ints(axes)], {"keepdims": keepdims})
+        return self.op(op, [x], {"axes": list(axes), "keepdims": keepdims})
 
 
 # --- linear-layer helpers shared by the canonization passes -------------------------------------

@@ -552,3 +552,19 @@ def test_weights_are_read_once_and_their_signs_reused(source, monkeypatch, tmp_p
     feeds = {"x": x, "relevance_seed": rng.standard_normal((2, 5, 6, 6)).astype(np.float32)}
     got = [run_model(m, feeds, np.float32)["relevance"] for m in (scanned, blind)]
     np.testing.assert_allclose(got[0], got[1], rtol=1e-4, atol=1e-5 * float(np.abs(got[1]).max()))
+
+
+def test_norm_scale_is_scale_invariant_past_float32_squares(tmp_path):
+    """norm-scale makes eps relative to the root mean square of z, so a bias-free layer's relevance does not change
+    when its input is scaled, also where z² overflows float32 (|z| ≥ ~1e19: relevance was all 0). Oracle: the
+    same input at scale 1."""
+    case = make_case("gemm_transB", np.float32)
+    b = next(t for t in case.model.graph.initializer if t.name == "B")
+    b.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(b)), "B"))  # (a bias-free layer)
+    model = compile_rule(case, "epsilon", {"epsilon": 0.5}, {"stabilizer": "norm-scale"}, tmp_path)
+    R = np.random.default_rng(5).normal(size=case.layer.forward(case.x).shape).astype(np.float32)
+    want = run_model(model, {"x": case.x.astype(np.float32), "relevance_seed": R}, np.float32)["relevance"]
+    assert np.abs(want).max() > 0
+    for scale in (1e20, 1e-20):
+        got = run_model(model, {"x": (case.x * scale).astype(np.float32), "relevance_seed": R}, np.float32)["relevance"]
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())

@@ -4,6 +4,8 @@ Signs and masks are built with Cast(compare) and arithmetic, not ``Where``: onnx
 with a broadcast operand measured 5-50x slower than Cast + Mul on activation-sized tensors."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..rules import Rule
 
 
@@ -38,7 +40,11 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
         if rule.stabilizer == "norm-scale":
             if rank is None:
                 raise ValueError("norm-scale stabilizer needs the rank of the denominator")
-            rms = b.op("Sqrt", [b.reduce_mean(b.mul(z, z), list(range(1, rank)))])
+            # the root mean square of z / max|z|, times max|z|: z² itself overflows float32 from |z| ~ 1e19
+            # (the tiny floor keeps an all-zero z at 0 / tiny = 0, not 0 / 0)
+            top = b.op("Max", [b.reduce_max(b.op("Abs", [z]), list(range(1, rank))), b.const(float(np.finfo(b.dtype).tiny))])
+            unit = b.op("Div", [z, top])
+            rms = b.mul(b.op("Sqrt", [b.reduce_mean(b.mul(unit, unit), list(range(1, rank)))]), top)
             e = b.mul(rms, b.const(eps))
             den = b.add(z, b.mul(e, b.add(b.mul(nonneg, b.const(2.0)), b.const(-1.0))))
         elif eps == 0:
