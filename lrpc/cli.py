@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import traceback
@@ -241,6 +242,11 @@ def _read_files(args) -> list[tuple[str, str]]:
     for name, what in (("inputs", "the --inputs archive"), ("image", "the image")):
         if getattr(args, name, None):
             files.append((getattr(args, name), what))
+    if getattr(args, "target", None):
+        from .targets import parse
+
+        with contextlib.suppress(LrpcError):  # (a bad target is reported where it is used)
+            files.append((parse(args.target).path, "the target file"))
     return files
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
 import os
 import sys
 
@@ -93,7 +94,7 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
         for i, (d, v) in enumerate(zip(shape.dim, dims)):
             if v is None or v == -1:
                 continue
-            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v < 2**31:
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or not 1 <= v < 2**31:
                 raise InputError(f"--input-shape {name}: dim {i} must be a positive size or -1 (keep it), got {v}")
             if d.HasField("dim_value") and d.dim_value != v:
                 raise InputError(f"--input-shape {name}: dim {i} is {d.dim_value} in the model, {v} given")
@@ -220,16 +221,17 @@ def _blaming_the_input(model: onnx.ModelProto):
 
 
 def _refuse_reserved_names(model: onnx.ModelProto) -> None:
-    """A tensor named like an input or output lrpc adds (``relevance_seed``, ``relevance``, …) would clash with it;
-    a model lrpc already compiled has them all."""
+    """A tensor named like one lrpc adds (``relevance_seed``, ``relevance``, its ``lrp/…`` intermediates, …) would
+    clash with it, and a graph output named ``relevance…`` would be read as input relevance; a model lrpc already
+    compiled has them all."""
     g = model.graph
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
-        raise InputError(f"the model was compiled by lrpc already: compile the original")
-    reserved = {SEED, TARGET, "relevance"} | {f"relevance_{i.name}" for i in g.input}
-    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", "lrpc/")
-    names = [i.name for i in g.input] + [o.name for o in g.output] + [t.name for t in g.initializer] + [
-        out for n in g.node for out in n.output]
+        raise InputError("the model was compiled by lrpc already: compile the original")
+    reserved = {SEED, TARGET, "relevance"} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
+    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", "lrpc/", "lrp/")
+    names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)
+    clash = clash or next((o.name for o in g.output if o.name.startswith("relevance")), None)
     if clash is not None:
         raise InputError(f"tensor '{clash}': the name is taken by lrpc's relevance inputs and outputs (rename it)")
 

@@ -28,7 +28,7 @@ from . import compiler, targets
 from .emit import SEED
 from .errors import InputError
 from .imaging import _pil_image, grid, heatmap, overlay
-from .model_io import external_data_files, read_model, refuse_inputs, write_atomic
+from .model_io import external_data_files, protected, read_model, refuse_inputs, write_atomic
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -279,7 +279,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         read.append((model, "the model"))
     if isinstance(rules, (str, os.PathLike)) and Path(rules).is_file():
         read.append((rules, "the rule file"))
-    paths = _outputs(out, many=images is not None, names=sources, protect=read)
+    paths = _outputs(out, many=images is not None, names=sources, protect=protected(read))
     if goal.kind == "index" and len(goal.values) > 1 and images is not None and len(goal.values) != len(sources):
         raise InputError(f"--target: {len(goal.values)} class indices for {len(sources)} images (give one, or "
                          f"one per image in file name order)")
@@ -293,6 +293,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                             cache=cache, seed="top1" if top1 else "input", **options)
     if isinstance(model, (str, os.PathLike)):  # (its external data files are known once it was read)
         read += [(f, "the model's external data") for f in sorted(external_data_files(model))]
+    read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
     if npy is None:
         if len(spec.dims) != 4:
             raise InputError(f"model input '{spec.name}' has rank {len(spec.dims)}; images need rank 4 "

@@ -520,15 +520,17 @@ def write_atomic(data, path: str | os.PathLike, protect=()) -> None:
     checked) to ``path`` through a temp file + rename, with the permissions a plain ``open`` would give (umask
     applied); refuse to overwrite any of ``protect`` (:func:`refuse_inputs`); errors name the path.
 
-    A symbolic link at ``path`` stays: the file it points to is replaced. A path that is not a regular file
-    (``/dev/null``, ``/dev/stdout``, a FIFO) is written in place: there is nothing to replace, and a rename would
-    put a regular file where the device was."""
+    A symbolic link at ``path`` stays: the file it points to is replaced. A path naming one of this process's open
+    files (``/dev/stdout``, ``/dev/fd/N``, ``/proc/self/fd/N``) is written to that descriptor, where it stands (a
+    redirected stdout keeps what was printed before); another path that is not a regular file (``/dev/null``, a
+    FIFO) is written into: there is nothing to replace, and a rename would put a regular file where it was."""
     p = Path(path)
     refuse_inputs(p, protect)
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an output file path")
-    special = p.exists() and not p.is_file()
-    if p.is_symlink() and not special:  # (a dangling link: its target is created)
+    descriptor = _descriptor(p)
+    special = descriptor is None and p.exists() and not p.is_file()
+    if p.is_symlink() and descriptor is None and not special:  # (a dangling link: its target is created)
         p = Path(os.path.realpath(p))
     if not p.parent.exists():
         raise InputError(f"{p.parent}: output folder does not exist")
@@ -538,6 +540,15 @@ def write_atomic(data, path: str | os.PathLike, protect=()) -> None:
         data = data.encode()
     pieces = data if isinstance(data, list) else [data]
     try:
+        if descriptor is not None:
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            for piece in pieces:
+                view = memoryview(piece).cast("B")
+                while view:
+                    view = view[os.write(descriptor, view):]
+            return
         if special:
             with open(p, "wb") as f:
                 for piece in pieces:
@@ -564,16 +575,49 @@ def write_atomic(data, path: str | os.PathLike, protect=()) -> None:
         raise
 
 
-def refuse_inputs(path: str | os.PathLike, protect) -> None:
-    """InputError if ``path`` is one of the files in ``protect`` (through any symbolic or hard link): entries are
-    paths or ``(path, what)`` pairs, ``what`` naming the file in the message (default "the model")."""
-    p = Path(path)
-    if not p.exists():
-        return
+def _descriptor(p: Path) -> int | None:
+    """The open file descriptor of this process that ``p`` names (``/dev/stdout``, ``/dev/fd/N``,
+    ``/proc/self/fd/N``, ``/proc/<this pid>/fd/N``), else None."""
+    text = str(p)
+    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
+    if text in named:
+        return named[text]
+    parts = text.split("/")
+    if len(parts) == 4 and parts[:3] == ["", "dev", "fd"] and parts[3].isdigit():
+        return int(parts[3])
+    if (len(parts) == 5 and parts[:2] == ["", "proc"] and parts[2] in ("self", str(os.getpid()))
+            and parts[3] == "fd" and parts[4].isdigit()):
+        return int(parts[4])
+    return None
+
+
+def protected(protect) -> dict:
+    """``protect`` (paths or ``(path, what)`` pairs) as ``{(device, inode): (path, what)}`` of the files that
+    exist, for :func:`refuse_inputs` (one stat per file, however many outputs are checked against them)."""
+    if isinstance(protect, dict):
+        return protect
+    out = {}
     for entry in protect:
         q, what = entry if isinstance(entry, tuple) else (entry, "the model")
-        if q is not None and Path(q).exists() and os.path.samefile(p, q):
-            raise InputError(f"{p}: refusing to overwrite an input file ({what})")
+        if q is None:
+            continue
+        with contextlib.suppress(OSError):
+            st = os.stat(q)
+            out.setdefault((st.st_dev, st.st_ino), (q, what))
+    return out
+
+
+def refuse_inputs(path: str | os.PathLike, protect) -> None:
+    """InputError if ``path`` is one of the files in ``protect`` (through any symbolic or hard link): a
+    :func:`protected` dict, or paths and ``(path, what)`` pairs, ``what`` naming the file in the message
+    (default "the model")."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    hit = protected(protect).get((st.st_dev, st.st_ino))
+    if hit is not None:
+        raise InputError(f"{Path(path)}: refusing to overwrite an input file ({hit[1]})")
 
 
 def _replace(tmp: str, path: Path) -> None:

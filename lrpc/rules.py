@@ -159,8 +159,12 @@ def make_rule(name: str, params: dict | None = None, *, eps: float = DEFAULT_EPS
 
 def number(what: str, value, minimum: float | None = None) -> float:
     """``value`` as a float: a finite real number (not a bool), at least ``minimum``; ValueError otherwise."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise ValueError(f"{what} must be a finite number (got {value!r})")
+    try:
+        finite = not isinstance(value, bool) and isinstance(value, numbers.Real) and math.isfinite(value)
+    except OverflowError:  # (an int past float's range)
+        finite = False
+    if not finite:
+        raise ValueError(f"{what} must be a finite number (got {str(value)[:40]})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be at least {minimum:g} (got {value!r})")
     return float(value)
@@ -173,11 +177,15 @@ def bounds(low, high):
     for what, v in (("low", low), ("high", high)):
         try:
             a = np.asarray(v, dtype=np.float64)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             a = None
         if a is None or a.size == 0 or isinstance(v, bool) or not np.all(np.isfinite(a)):
             raise ValueError(f"zbox {what} must be finite numbers: a number or a (nested) list (got {v!r})")
         arrays.append(a)
+    # as the emitter reads them: a 1-d list of several values is one per channel, against another bound given
+    # as one sample's shape [C, *spatial]
+    rank = max(a.ndim for a in arrays)
+    arrays = [a.reshape(-1, *[1] * (rank - 1)) if a.ndim == 1 and a.size > 1 else a for a in arrays]
     try:
         above = np.any(arrays[0] > arrays[1])
     except ValueError:  # shapes that do not broadcast: the compile names the layer

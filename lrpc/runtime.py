@@ -101,7 +101,8 @@ class Session:
         if not self.top1:
             first, dims = self.inputs[0], self._specs[self._seed_input].shape
             x, s = _shape(feeds[first]), _shape(seed)
-            if dims and not isinstance(dims[0], int) and x and s and x[0] != s[0]:
+            same = dims and isinstance(dims[0], str) and self._specs[first].shape[:1] == dims[:1]  # (one batch dim)
+            if same and x and s and x[0] != s[0]:
                 raise InputError(f"the seed holds {s[0]} samples, input '{first}' {x[0]}")
             feeds = {**feeds, self._seed_input: seed}
             if self._switch:

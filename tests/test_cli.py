@@ -951,6 +951,14 @@ def _invalid(path, case):
     elif case == "opset 99":
         nodes.append(helper.make_node("Relu", ["y"], ["out"], name="act"))
         opset = 99
+    elif case in ("an output named relevance_score", "an lrp/ tensor"):
+        name = "relevance_score" if case == "an output named relevance_score" else "lrp/Add_7"
+        nodes.append(helper.make_node("Relu", ["y"], [name], name="act"))
+        nodes.append(helper.make_node("Relu", [name], ["out"], name="act2"))
+        outs = [out(name if case == "an output named relevance_score" else "out")]
+    elif case == "relevance_x inside":  # (one input: its relevance output is 'relevance', no clash)
+        nodes.append(helper.make_node("Relu", ["y"], ["relevance_x"], name="act"))
+        nodes.append(helper.make_node("Relu", ["relevance_x"], ["out"], name="act2"))
     elif case in ("a name taken", "not UTF-8"):
         nodes.append(helper.make_node("Relu", ["y"], ["relevance" if case == "a name taken" else "out"], name="act@"))
         outs = [out("relevance" if case == "a name taken" else "out")]
@@ -970,6 +978,8 @@ def _invalid(path, case):
     ("no outputs", "the model's graph has no outputs"),
     ("opset 99", "the model's opset 99 is newer than the newest this onnx package knows"),
     ("a name taken", "tensor 'relevance': the name is taken by lrpc's relevance inputs and outputs"),
+    ("an output named relevance_score", "tensor 'relevance_score': the name is taken by lrpc's relevance"),
+    ("an lrp/ tensor", "tensor 'lrp/Add_7': the name is taken by lrpc's relevance"),
     ("not UTF-8", "not a valid ONNX model: node 1 ('Relu') has a name that is not UTF-8 text"),
 ])
 def test_models_that_are_wrong_are_input_errors(tmp_path, case, message):
@@ -988,3 +998,37 @@ def test_a_compiled_model_is_not_compiled_again(tmp_path):
 def test_a_class_index_out_of_range_is_one_line(tmp_path):
     code, _, err = lrpc("inspect", DIGITS, "--target", "99999999999999999999")
     one_line_error(code, err, contains="99999999999999999999 is out of range")
+
+
+def test_a_tensor_named_like_another_inputs_relevance_is_fine_with_one_input(tmp_path):
+    """relevance_<input> is an output name only where a model has several inputs."""
+    code, _, err = lrpc("compile", _invalid(tmp_path / "m.onnx", "relevance_x inside"), "-o", tmp_path / "o.onnx")
+    assert code == 0, err
+
+
+def test_json_to_a_redirected_stdout_appends_in_place(tmp_path):
+    """--json /dev/stdout with stdout redirected into a file (>>): the report goes where stdout writes, after what
+    was printed; the file is not replaced (a rename through /dev/stdout's link replaced it with the report alone)."""
+    log = tmp_path / "log.txt"
+    log.write_text("old\n")
+    with open(log, "a") as out:
+        proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "check", str(DIGITS), "--rules", "epsilon", "--quiet",
+                               "--json", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = log.read_text()
+    assert text.startswith("old\nPASS  supported") and '"passed": true' in text
+
+
+def test_inspect_never_overwrites_its_mask_file(tmp_path):
+    mask = tmp_path / "mask.npy"
+    np.save(mask, np.ones((16, 16), np.float32))
+    before = digest(mask)
+    code, _, err = lrpc("inspect", ROOT / "models" / "digits_unet.onnx", "--target", f"mask:{mask}", "--json", mask)
+    one_line_error(code, err, contains="refusing to overwrite an input file (the target file)")
+    assert digest(mask) == before
+
+
+def test_huge_integer_parameters_are_one_line(tmp_path):
+    (tmp_path / "r.json").write_text('{"rules": [{"rule": "epsilon", "params": {"epsilon": 1' + "0" * 400 + '}}]}')
+    code, _, err = lrpc("compile", DIGITS, "--rules", tmp_path / "r.json", "-o", tmp_path / "o.onnx")
+    one_line_error(code, err, contains="epsilon must be a finite number")

@@ -681,3 +681,10 @@ def test_a_callers_model_proto_is_left_as_it_was():
     lrpc.compile(model, "epsilon")
     lrpc.canonize(model)
     assert model.SerializeToString() == before
+
+
+def test_input_shapes_take_numpy_integers():
+    model = onnx.load(str(Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"))
+    compiled = lrpc.compile(model, "epsilon", input_shapes={"input": np.array([2, 1, 8, 8])})
+    dims = [d.dim_value for d in compiled.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == [2, 1, 8, 8]

@@ -568,3 +568,15 @@ def test_norm_scale_is_scale_invariant_past_float32_squares(tmp_path):
     for scale in (1e20, 1e-20):
         got = run_model(model, {"x": (case.x * scale).astype(np.float32), "relevance_seed": R}, np.float32)["relevance"]
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_zbox_bounds_are_compared_as_the_emitter_reads_them():
+    """low/high given one per channel against one sample's shape: compared per channel (numpy broadcasting lined
+    the 3 channel values up with the last axis and refused a valid pair); a low above high is refused."""
+    from lrpc.rules import make_rule
+
+    high = np.ones((3, 2, 3))
+    high[2] = 6.0
+    make_rule("zbox", {"low": [0.0, 0.0, 5.0], "high": high.tolist()})
+    with pytest.raises(ValueError, match="low must not exceed high"):
+        make_rule("zbox", {"low": [0.0, 2.0, 5.0], "high": high.tolist()})

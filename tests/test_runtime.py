@@ -222,3 +222,23 @@ def test_lists_are_read_in_the_models_dtype(digits):
     """A nested list is converted to the input's dtype (float32 here), not to numpy's default float64."""
     _, session, x = digits
     np.testing.assert_array_equal(session.explain(x[:2].tolist(), 3).relevance, session.explain(x[:2], 3).relevance)
+
+
+def test_a_seed_without_the_inputs_batch_dim_is_not_checked_against_it():
+    """The seed's leading dim is compared with the input's only where both are the same batch dim: an explained
+    output flattened over the batch ([M] from x[N, 4]) takes a seed of M values."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["h"], transB=1),
+                           helper.make_node("Reshape", ["h", "flat"], ["out"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["M"])],
+                          [numpy_helper.from_array(w, "W"), numpy_helper.from_array(np.array([-1], np.int64), "flat")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = lrpc.Session(lrpc.compile(model, "epsilon", epsilon=0.0), providers=["CPUExecutionProvider"])
+    x = np.ones((2, 4), np.float32)
+    seed = np.zeros(6, np.float32)
+    seed[4] = 1.0  # sample 1, output 1
+    rel = session.run({"x": x}, seed)["relevance"]
+    np.testing.assert_allclose(rel, np.array([[0, 0, 0, 0], x[1] * w[1] / (x[1] @ w[1])]), rtol=1e-6)  # (LRP-0)
