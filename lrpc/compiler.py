@@ -222,7 +222,7 @@ def _blaming_the_input(model: onnx.ModelProto):
 
 def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     """A tensor named like one lrpc adds (``relevance_seed``, ``relevance``, its ``lrp/…`` intermediates, …) would
-    clash with it, and a graph output named ``relevance…`` would be read as input relevance; a model lrpc already
+    clash with it, and a graph output named ``relevance_…`` would be read as input relevance; a model lrpc already
     compiled has them all."""
     g = model.graph
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
@@ -231,7 +231,7 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", "lrpc/", "lrp/")
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)
-    clash = clash or next((o.name for o in g.output if o.name.startswith("relevance")), None)
+    clash = clash or next((o.name for o in g.output if o.name.startswith("relevance_")), None)
     if clash is not None:
         raise InputError(f"tensor '{clash}': the name is taken by lrpc's relevance inputs and outputs (rename it)")
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
+import select
 import sys
 import tempfile
 import weakref
@@ -547,7 +549,10 @@ def write_atomic(data, path: str | os.PathLike, protect=()) -> None:
             for piece in pieces:
                 view = memoryview(piece).cast("B")
                 while view:
-                    view = view[os.write(descriptor, view):]
+                    try:
+                        view = view[os.write(descriptor, view):]
+                    except BlockingIOError:  # (a non-blocking pipe that is full: wait until it takes more)
+                        select.select([], [descriptor], [])
             return
         if special:
             with open(p, "wb") as f:
@@ -576,18 +581,24 @@ def write_atomic(data, path: str | os.PathLike, protect=()) -> None:
 
 
 def _descriptor(p: Path) -> int | None:
-    """The open file descriptor of this process that ``p`` names (``/dev/stdout``, ``/dev/fd/N``,
-    ``/proc/self/fd/N``, ``/proc/<this pid>/fd/N``), else None."""
-    text = str(p)
-    named = {"/dev/stdin": 0, "/dev/stdout": 1, "/dev/stderr": 2}
-    if text in named:
-        return named[text]
-    parts = text.split("/")
-    if len(parts) == 4 and parts[:3] == ["", "dev", "fd"] and parts[3].isdigit():
-        return int(parts[3])
-    if (len(parts) == 5 and parts[:2] == ["", "proc"] and parts[2] in ("self", str(os.getpid()))
-            and parts[3] == "fd" and parts[4].isdigit()):
-        return int(parts[4])
+    """The open file descriptor of this process that ``p`` names, else None: ``/dev/fd/N``, ``/proc/self/fd/N``
+    (``thread-self``, this process's pid), or any path to the very file stdout or stderr is (``/dev/stdout``, a
+    link to it, the log file stdout is redirected into)."""
+    m = re.fullmatch(r"/(?:dev/fd|proc/(?:self|thread-self|(\d{1,9}))/fd)/(\d{1,9})", os.path.normpath(str(p)),
+                     flags=re.ASCII)
+    if m and (m.group(1) is None or int(m.group(1)) == os.getpid()):
+        candidates = [int(m.group(2))]
+    else:
+        candidates = [1, 2]
+    try:
+        st = os.stat(p)
+    except (OSError, ValueError):
+        return None
+    for fd in candidates:
+        with contextlib.suppress(OSError):
+            open_file = os.fstat(fd)
+            if (open_file.st_dev, open_file.st_ino) == (st.st_dev, st.st_ino):
+                return fd
     return None
 
 

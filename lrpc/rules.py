@@ -164,10 +164,19 @@ def number(what: str, value, minimum: float | None = None) -> float:
     except OverflowError:  # (an int past float's range)
         finite = False
     if not finite:
-        raise ValueError(f"{what} must be a finite number (got {str(value)[:40]})")
+        raise ValueError(f"{what} must be a finite number (got {_shown(value)})")
     if minimum is not None and value < minimum:
         raise ValueError(f"{what} must be at least {minimum:g} (got {value!r})")
     return float(value)
+
+
+def _shown(value) -> str:
+    """``repr(value)`` for a message, at most 40 characters (an int of thousands of digits has no repr)."""
+    try:
+        text = repr(value)
+    except ValueError:
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def bounds(low, high):
@@ -180,7 +189,7 @@ def bounds(low, high):
         except (TypeError, ValueError, OverflowError):
             a = None
         if a is None or a.size == 0 or isinstance(v, bool) or not np.all(np.isfinite(a)):
-            raise ValueError(f"zbox {what} must be finite numbers: a number or a (nested) list (got {v!r})")
+            raise ValueError(f"zbox {what} must be finite numbers: a number or a (nested) list (got {_shown(v)})")
         arrays.append(a)
     # as the emitter reads them: a 1-d list of several values is one per channel, against another bound given
     # as one sample's shape [C, *spatial]
@@ -191,7 +200,7 @@ def bounds(low, high):
     except ValueError:  # shapes that do not broadcast: the compile names the layer
         above = False
     if above:
-        raise ValueError(f"zbox low must not exceed high (low={low!r}, high={high!r})")
+        raise ValueError(f"zbox low must not exceed high (low={_shown(low)}, high={_shown(high)})")
     return low, high
 
 

@@ -99,10 +99,12 @@ class Session:
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
+            # a dynamic leading dim of the seed is the batch (exporters name it differently from the input's) unless
+            # the seed has rank 1 under an input of higher rank: an output flattened over the batch ([M] from [N, 4])
             first, dims = self.inputs[0], self._specs[self._seed_input].shape
             x, s = _shape(feeds[first]), _shape(seed)
-            same = dims and isinstance(dims[0], str) and self._specs[first].shape[:1] == dims[:1]  # (one batch dim)
-            if same and x and s and x[0] != s[0]:
+            batched = dims and not isinstance(dims[0], int) and (len(s) > 1 or len(s) == len(x))
+            if batched and x and s and x[0] != s[0]:
                 raise InputError(f"the seed holds {s[0]} samples, input '{first}' {x[0]}")
             feeds = {**feeds, self._seed_input: seed}
             if self._switch:

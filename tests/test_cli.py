@@ -1006,14 +1006,17 @@ def test_a_tensor_named_like_another_inputs_relevance_is_fine_with_one_input(tmp
     assert code == 0, err
 
 
-def test_json_to_a_redirected_stdout_appends_in_place(tmp_path):
-    """--json /dev/stdout with stdout redirected into a file (>>): the report goes where stdout writes, after what
-    was printed; the file is not replaced (a rename through /dev/stdout's link replaced it with the report alone)."""
+@pytest.mark.parametrize("spelling", ["/dev/stdout", "/dev/../dev/stdout", "/dev/fd/1", "/proc/self/fd/1", "log"])
+def test_json_to_a_redirected_stdout_appends_in_place(tmp_path, spelling):
+    """--json /dev/stdout (however spelled, or the log file itself) with stdout redirected into a file (>>): the
+    report goes where stdout writes, after what was printed; the file is not replaced (a rename through
+    /dev/stdout's link replaced it with the report alone)."""
     log = tmp_path / "log.txt"
     log.write_text("old\n")
     with open(log, "a") as out:
         proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "check", str(DIGITS), "--rules", "epsilon", "--quiet",
-                               "--json", "/dev/stdout"], stdout=out, stderr=subprocess.PIPE, text=True)
+                               "--json", str(log) if spelling == "log" else spelling],
+                              stdout=out, stderr=subprocess.PIPE, text=True)
     assert proc.returncode == 0, proc.stderr
     text = log.read_text()
     assert text.startswith("old\nPASS  supported") and '"passed": true' in text
@@ -1028,7 +1031,43 @@ def test_inspect_never_overwrites_its_mask_file(tmp_path):
     assert digest(mask) == before
 
 
+def test_an_integer_without_a_repr_is_named_in_the_message():
+    from lrpc.rules import make_rule
+
+    with pytest.raises(ValueError, match="epsilon must be a finite number \\(got an integer of 16610 bits\\)"):
+        make_rule("epsilon", {"epsilon": 10**5000})
+
+
 def test_huge_integer_parameters_are_one_line(tmp_path):
     (tmp_path / "r.json").write_text('{"rules": [{"rule": "epsilon", "params": {"epsilon": 1' + "0" * 400 + '}}]}')
     code, _, err = lrpc("compile", DIGITS, "--rules", tmp_path / "r.json", "-o", tmp_path / "o.onnx")
     one_line_error(code, err, contains="epsilon must be a finite number")
+
+
+def test_output_to_a_full_non_blocking_pipe_waits_for_the_reader():
+    """A descriptor inherited in non-blocking mode (a pipe to a slow reader) takes the output as it drains, instead
+    of failing with "Resource temporarily unavailable" once the pipe is full."""
+    import threading
+    import time
+
+    from lrpc.model_io import write_atomic
+
+    read_end, write_end = os.pipe()
+    os.set_blocking(write_end, False)
+    data = bytes(range(256)) * 4096  # 1 MiB, 16 pipe buffers
+    got = bytearray()
+
+    def drain():
+        while len(got) < len(data):
+            time.sleep(0.001)
+            got.extend(os.read(read_end, 65536))
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    try:
+        write_atomic([data], f"/dev/fd/{write_end}")
+        reader.join(30)
+    finally:
+        os.close(write_end)
+        os.close(read_end)
+    assert bytes(got) == data

@@ -242,3 +242,20 @@ def test_a_seed_without_the_inputs_batch_dim_is_not_checked_against_it():
     seed[4] = 1.0  # sample 1, output 1
     rel = session.run({"x": x}, seed)["relevance"]
     np.testing.assert_allclose(rel, np.array([[0, 0, 0, 0], x[1] * w[1] / (x[1] @ w[1])]), rtol=1e-6)  # (LRP-0)
+
+
+def test_a_seed_batch_is_checked_under_differently_named_batch_dims():
+    """tf2onnx / torch list-form dynamic axes name the input's and the output's batch dims differently: a seed of
+    another batch than the input's is still one InputError (not onnxruntime's error, nor broadcast)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
+    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["out"], transB=1)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["unk__1", 4])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["unk__2", 3])],
+                          [numpy_helper.from_array(w, "W")])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    session = lrpc.Session(lrpc.compile(model, "epsilon"), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        with pytest.raises(InputError, match=f"the seed holds {batch} samples, input 'x' 2"):
+            session.run({"x": np.ones((2, 4), np.float32)}, np.ones((batch, 3), np.float32))
