@@ -584,8 +584,10 @@ def _descriptor(p: Path) -> int | None:
     """The open file descriptor of this process that ``p`` names, else None: ``/dev/fd/N``, ``/proc/self/fd/N``
     (``thread-self``, this process's pid), or any path to the very file stdout or stderr is (``/dev/stdout``, a
     link to it, the log file stdout is redirected into)."""
-    m = re.fullmatch(r"/(?:dev/fd|proc/(?:self|thread-self|(\d{1,9}))/fd)/(\d{1,9})", os.path.normpath(str(p)),
-                     flags=re.ASCII)
+    text = os.path.normpath(str(p))
+    m = re.fullmatch(r"/(?:dev/fd|proc/(?:self|thread-self|(\d{1,9}))/fd)/(\d{1,9})", text, flags=re.ASCII)
+    if text in ("/dev/stdin", "/dev/stdout", "/dev/stderr"):
+        return ("/dev/stdin", "/dev/stdout", "/dev/stderr").index(text)
     if m and (m.group(1) is None or int(m.group(1)) == os.getpid()):
         candidates = [int(m.group(2))]
     else:

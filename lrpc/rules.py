@@ -174,8 +174,8 @@ def _shown(value) -> str:
     """``repr(value)`` for a message, at most 40 characters (an int of thousands of digits has no repr)."""
     try:
         text = repr(value)
-    except ValueError:
-        return f"an integer of {value.bit_length()} bits"
+    except ValueError:  # (an int past Python's digit limit for text, or a list holding one)
+        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__} of huge integers"
     return text if len(text) <= 40 else text[:37] + "..."
 
 

@@ -14,7 +14,7 @@ import onnxruntime as ort
 
 from . import targets
 from .emit import SEED, TARGET, input_relevance_names, top1_nodes
-from .errors import InputError
+from .errors import InputError, one_line
 from .model_io import for_runtime, read_model, serialized
 
 
@@ -99,19 +99,23 @@ class Session:
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
-            # a dynamic leading dim of the seed is the batch (exporters name it differently from the input's) unless
-            # the seed has rank 1 under an input of higher rank: an output flattened over the batch ([M] from [N, 4])
-            first, dims = self.inputs[0], self._specs[self._seed_input].shape
-            x, s = _shape(feeds[first]), _shape(seed)
-            batched = dims and not isinstance(dims[0], int) and (len(s) > 1 or len(s) == len(x))
-            if batched and x and s and x[0] != s[0]:
-                raise InputError(f"the seed holds {s[0]} samples, input '{first}' {x[0]}")
+            # the seed's leading dim is the batch of an input whose leading dim has the same name (an output may be
+            # flattened over the batch, [N*HW, C], or its dims named apart by the exporter: then onnxruntime judges)
+            dims, s = self._specs[self._seed_input].shape, _shape(seed)
+            same = [n for n in self.inputs if dims and isinstance(dims[0], str) and self._specs[n].shape[:1] == dims[:1]]
+            x = _shape(feeds[same[0]]) if same else None
+            if x and s and x[0] != s[0]:
+                raise InputError(f"the seed holds {s[0]} samples, input '{same[0]}' {x[0]}")
             feeds = {**feeds, self._seed_input: seed}
             if self._switch:
                 feeds[_SWITCH] = np.array(top1)
         feeds = {name: self._checked(name, value) for name, value in feeds.items()}
         binding = bind(self.session, feeds, names, self.device, self._device_id)
-        self.session.run_with_iobinding(binding)
+        try:
+            self.session.run_with_iobinding(binding)
+        except (RuntimeError, _ORT_ERRORS.InvalidArgument, _ORT_ERRORS.Fail, _ORT_ERRORS.RuntimeException) as e:
+            # (inputs that fit the declared shapes but not each other, e.g. a seed of another batch than the input's)
+            raise InputError(f"onnxruntime refused the inputs: {one_line(e)}") from None
         return dict(zip(names, binding.copy_outputs_to_cpu() if host else binding.get_outputs()))
 
     def _checked(self, name: str, value):
@@ -409,6 +413,7 @@ _ONNX = {v: k[7:-1] for k, v in NUMPY_TYPES.items()}  # numpy scalar type -> onn
 
 
 _FED, _SWITCH = "lrpc/seed_fed", "lrpc/top1"
+_ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
 # onnxruntime looks up the external data of a model given as bytes in a folder given by a session option from 1.21
 # on (older versions take the option silently and look in the working directory); on Linux only, where a session
 # that would keep the file mapped can be told (Source.mapped_elsewhere)

@@ -1036,6 +1036,8 @@ def test_an_integer_without_a_repr_is_named_in_the_message():
 
     with pytest.raises(ValueError, match="epsilon must be a finite number \\(got an integer of 16610 bits\\)"):
         make_rule("epsilon", {"epsilon": 10**5000})
+    with pytest.raises(ValueError, match="zbox low must be finite numbers.*got a list of huge integers"):
+        make_rule("zbox", {"low": [0, 10**5000]})
 
 
 def test_huge_integer_parameters_are_one_line(tmp_path):

@@ -466,3 +466,13 @@ def test_an_output_is_checked_against_the_inputs_in_one_stat(tmp_path, monkeypat
     assert len(calls) == 1
     with pytest.raises(io.InputError, match="refusing to overwrite an input file \\(a source\\)"):
         io.refuse_inputs(sources[7], read)
+
+
+def test_the_standard_streams_are_their_descriptors_however_spelled():
+    """/dev/stdin, /dev/stdout, /dev/stderr name descriptors 0, 1, 2 (not the file a link resolves to, which a write
+    would replace), also as //dev/stdout or /dev/../dev/stdout; /dev/fd/N takes ASCII digits only."""
+    from lrpc.model_io import _descriptor
+
+    assert [_descriptor(Path(p)) for p in ("/dev/stdin", "/dev/stdout", "/dev/stderr")] == [0, 1, 2]
+    assert _descriptor(Path("/dev/../dev/stdout")) == 1 and _descriptor(Path("//dev/stdout")) == 1
+    assert _descriptor(Path("/dev/fd/\uff11")) is None

@@ -244,18 +244,40 @@ def test_a_seed_without_the_inputs_batch_dim_is_not_checked_against_it():
     np.testing.assert_allclose(rel, np.array([[0, 0, 0, 0], x[1] * w[1] / (x[1] @ w[1])]), rtol=1e-6)  # (LRP-0)
 
 
-def test_a_seed_batch_is_checked_under_differently_named_batch_dims():
-    """tf2onnx / torch list-form dynamic axes name the input's and the output's batch dims differently: a seed of
-    another batch than the input's is still one InputError (not onnxruntime's error, nor broadcast)."""
+def _dense(inputs, out_dims, reshape=None):
+    """Gemm (3 -> 6 features... see the callers) built on the fly: ``inputs`` [(name, dims)], the last one feeds the
+    Gemm (after an Add of the first where there are two); ``reshape``: the output reshaped to it."""
     from onnx import TensorProto, helper, numpy_helper
 
-    w = np.random.default_rng(0).standard_normal((3, 4)).astype(np.float32)
-    g = helper.make_graph([helper.make_node("Gemm", ["x", "W"], ["out"], transB=1)], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["unk__1", 4])],
-                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["unk__2", 3])],
-                          [numpy_helper.from_array(w, "W")])
+    w = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    nodes, x = [], inputs[-1][0]
+    if len(inputs) == 2:
+        nodes.append(helper.make_node("Add", [inputs[1][0], inputs[0][0]], ["xb"]))
+        x = "xb"
+    nodes.append(helper.make_node("Gemm", [x, "W"], ["h" if reshape else "out"], transB=1))
+    inits = [numpy_helper.from_array(w, "W")]
+    if reshape:
+        nodes.append(helper.make_node("Reshape", ["h", "shape"], ["out"]))
+        inits.append(numpy_helper.from_array(np.array(reshape, np.int64), "shape"))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in inputs],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, out_dims)], inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    session = lrpc.Session(lrpc.compile(model, "epsilon"), providers=["CPUExecutionProvider"])
-    for batch in (1, 3):
-        with pytest.raises(InputError, match=f"the seed holds {batch} samples, input 'x' 2"):
-            session.run({"x": np.ones((2, 4), np.float32)}, np.ones((batch, 3), np.float32))
+    return lrpc.Session(lrpc.compile(model, "epsilon"), providers=["CPUExecutionProvider"])
+
+
+def test_seed_batches_are_checked_only_against_the_same_batch_dim():
+    """Same batch dim name: a seed of another batch is one InputError naming both. Dims named apart by the exporter
+    (tf2onnx's unk__1 / unk__2): onnxruntime judges, and its refusal is an InputError too. An output flattened over
+    the batch ([N*2, 3] from [N, 8]) and a first input that is not batched take their seeds as they are."""
+    x = np.ones((2, 8), np.float32)
+    same = _dense([("x", ["N", 8])], ["N", 6])
+    with pytest.raises(InputError, match="the seed holds 3 samples, input 'x' 2"):
+        same.run({"x": x}, np.ones((3, 6), np.float32))
+    apart = _dense([("x", ["unk__1", 8])], ["unk__2", 6])
+    with pytest.raises(InputError, match="onnxruntime refused the inputs"):
+        apart.run({"x": x}, np.ones((3, 6), np.float32))
+    flat = _dense([("x", ["N", 8])], ["M", 3], reshape=[-1, 3])
+    assert flat.run({"x": x}, np.ones((4, 3), np.float32))["relevance"].shape == (2, 8)
+    bias_first = _dense([("b", [8]), ("x", ["N", 8])], ["N", 6])
+    assert bias_first.run({"b": np.ones(8, np.float32), "x": np.ones((3, 8), np.float32)},
+                          np.ones((3, 6), np.float32))["relevance_x"].shape == (3, 8)
