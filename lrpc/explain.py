@@ -26,7 +26,7 @@ import onnx
 
 from . import compiler, targets
 from .emit import SEED
-from .errors import InputError
+from .errors import InputError, one_line
 from .imaging import _pil_image, grid, heatmap, overlay
 from .model_io import external_data_files, protected, read_model, refuse_inputs, write_atomic
 
@@ -279,7 +279,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         read.append((model, "the model"))
     if isinstance(rules, (str, os.PathLike)) and Path(rules).is_file():
         read.append((rules, "the rule file"))
-    paths = _outputs(out, many=images is not None, names=sources, protect=protected(read))
+    paths = _outputs(out, sources, many=images is not None, protect=protected(read))
     if goal.kind == "index" and len(goal.values) > 1 and images is not None and len(goal.values) != len(sources):
         raise InputError(f"--target: {len(goal.values)} class indices for {len(sources)} images (give one, or "
                          f"one per image in file name order)")
@@ -414,14 +414,13 @@ def _encoded(pic, path: Path) -> bytes:
     try:
         pic.save(buffer, format=_pil_image().registered_extensions()[path.suffix.lower()])
     except Exception as err:
-        first = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise InputError(f"{path}: cannot write image: {first}") from None
+        raise InputError(f"{path}: cannot write image: {one_line(err)}") from None
     return buffer.getvalue()
 
 
-def _outputs(out, many: bool, names: list[Path], protect=()) -> list[tuple[Path, Path]]:
-    """(heatmap path, relevance .npy path) per source (``names``: the sources' paths); refuses to overwrite any of
-    ``protect`` (:func:`lrpc.model_io.refuse_inputs`)."""
+def _outputs(out, sources: list[Path], many: bool, protect=()) -> list[tuple[Path, Path]]:
+    """(heatmap path, relevance .npy path) per source; refuses to overwrite any of ``protect``
+    (:func:`lrpc.model_io.refuse_inputs`)."""
     o = Path(out)
     if many or o.is_dir() or str(out).endswith(("/", os.sep)):
         if o.exists() and not o.is_dir():
@@ -432,9 +431,9 @@ def _outputs(out, many: bool, names: list[Path], protect=()) -> list[tuple[Path,
             o.mkdir(exist_ok=True)
         except OSError as e:
             raise InputError(f"{o}: cannot make the output directory ({e.strerror or type(e).__name__})") from None
-        stems = [s.stem for s in names]
-        pairs = [(o / f"{s.stem if stems.count(s.stem) == 1 else s.name}.png",
-                  o / f"{s.stem if stems.count(s.stem) == 1 else s.name}.npy") for s in names]
+        stems = [s.stem for s in sources]
+        names = [s.stem if stems.count(s.stem) == 1 else s.name for s in sources]
+        pairs = [(o / f"{n}.png", o / f"{n}.npy") for n in names]
     else:
         if o.suffix.lower() not in IMAGE_SUFFIXES:
             raise InputError(f"{o}: the output needs an image suffix ({', '.join(IMAGE_SUFFIXES)}), e.g. heat.png")

@@ -399,13 +399,14 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
         if not target.is_file():
             raise InputError(f"{path}: external data file of tensor '{tensor.name}' is missing: {location}")
         files.add(target)
-        _EXTERNAL_FILES[path.resolve()] = frozenset(files)
         try:
             load_external_data_for_tensor(tensor, str(base))
         except Exception as e:
             raise InputError(f"{path}: cannot read external data of tensor '{tensor.name}': {one_line(e)}") from None
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
+    if files:
+        _EXTERNAL_FILES[path.resolve()] = frozenset(files)
 
 
 MAX_FILE_BYTES = 2**31 - 1  # protobuf's limit on a serialized message

@@ -150,7 +150,7 @@ def make_rule(name: str, params: dict | None = None, *, eps: float = DEFAULT_EPS
         if key in params:
             params[key] = number(key, params[key], minimum=0.0 if key == "epsilon" else None)
     if name == "zbox":
-        params["low"], params["high"] = bounds(params.get("low", 0.0), params.get("high", 1.0))
+        check_bounds(params.get("low", 0.0), params.get("high", 1.0))
     common = {"stabilizer": stabilizer, "zero_bias": zero_bias}
     if name != "epsilon":
         common["eps"] = eps
@@ -179,8 +179,8 @@ def _shown(value) -> str:
     return text if len(text) <= 40 else text[:37] + "..."
 
 
-def bounds(low, high):
-    """z-box bounds as given (numbers or nested lists of them), checked: finite, and low <= high wherever they
+def check_bounds(low, high) -> None:
+    """ValueError unless the z-box bounds (numbers or nested lists of them) are finite, and low <= high wherever they
     meet (they broadcast against each other and the input)."""
     arrays = []
     for what, v in (("low", low), ("high", high)):
@@ -201,7 +201,6 @@ def bounds(low, high):
         above = False
     if above:
         raise ValueError(f"zbox low must not exceed high (low={_shown(low)}, high={_shown(high)})")
-    return low, high
 
 
 def with_options(rule: Rule, **changes) -> Rule:

@@ -73,7 +73,7 @@ class Session:
     def run(self, feeds: dict, seed: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """All outputs by name, for explicit inputs and an explicit seed (none for a top1-compiled model)."""
         self._check_seed_given(seed)
-        return self._run(self.outputs, feeds, seed, top1=False)
+        return self._run(self.outputs, self._feeds(feeds), seed, top1=False)
 
     def run_on_device(self, feeds: dict, seed=None, outputs: list[str] | None = None) -> dict[str, ort.OrtValue]:
         """As :meth:`run`, but through onnxruntime's IO binding, and the outputs stay where the session runs:
@@ -85,7 +85,7 @@ class Session:
         unknown = [n for n in outputs or () if n not in self.outputs]
         if unknown:
             raise InputError(f"no output {unknown[0]!r}; the model's outputs: {self.outputs}")
-        return self._run(outputs or self.outputs, feeds, seed, top1=False, host=False)
+        return self._run(outputs or self.outputs, self._feeds(feeds), seed, top1=False, host=False)
 
     def _check_seed_given(self, seed) -> None:
         if self.top1 and seed is not None:
@@ -94,11 +94,13 @@ class Session:
             raise InputError(f"a seed is needed ('{SEED}')")
 
     def _run(self, names, feeds, seed, top1: bool, host: bool = True) -> dict:
-        """One IO-bound run: inputs bound where they are (numpy arrays are read in place on the CPU and copied
-        once to a CUDA device), outputs allocated on the session's device; ``host``: copied back as numpy."""
+        """One IO-bound run of ``feeds`` (checked by :meth:`_feeds`): inputs bound where they are (numpy arrays are
+        read in place on the CPU and copied once to a CUDA device), outputs allocated on the session's device;
+        ``host``: copied back as numpy."""
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
+            seed = self._checked(self._seed_input, seed)
             # the seed's leading dim is the batch of an input whose leading dim has the same name (an output may be
             # flattened over the batch, [N*HW, C], or its dims named apart by the exporter: then onnxruntime judges)
             dims, s = self._specs[self._seed_input].shape, _shape(seed)
@@ -109,7 +111,6 @@ class Session:
             feeds = {**feeds, self._seed_input: seed}
             if self._switch:
                 feeds[_SWITCH] = np.array(top1)
-        feeds = {name: self._checked(name, value) for name, value in feeds.items()}
         binding = bind(self.session, feeds, names, self.device, self._device_id)
         try:
             self.session.run_with_iobinding(binding)
@@ -197,6 +198,7 @@ class Session:
                            layers, target, seed)
 
     def _feeds(self, x) -> dict:
+        """``x`` (one input's value, or {name: value}) with each value checked and converted (:func:`conform`)."""
         feeds = x if isinstance(x, dict) else {self.inputs[0]: x}
         return {n: self._checked(n, v) if n in self._specs else v for n, v in feeds.items()}
 
