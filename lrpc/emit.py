@@ -15,6 +15,8 @@ from .schedule import order_for_runtime
 SEED = "relevance_seed"
 POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
+NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")  # (and the bias Adds
+# passes/norm_affine.py could not fold into them: their origin names the normalization)
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
 KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
               "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN"}
@@ -68,6 +70,8 @@ def category(canon: Canonical, node) -> str | None:
         return "avgpool"
     if canon.origin.get(node.name) in RESIZES:
         return "resize"
+    if node.op in NORMALIZATIONS or canon.origin.get(node.name) in NORMALIZATIONS:
+        return "normalization"
     return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
             "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool"}.get(node.op)
 
