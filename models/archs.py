@@ -550,9 +550,9 @@ def _sigma_detached(m: nn.Module, inputs, out):
     x = inputs[0]
     rank = x.dim()
     w = b = None
-    if isinstance(m, nn.LayerNorm):
+    if isinstance(m, nn.LayerNorm) and type(m).__name__ != "LayerNorm2d":
         grouped, dims, w, b = x, tuple(range(rank - len(m.normalized_shape), rank)), m.weight, m.bias
-    elif isinstance(m, ChannelsFirstLayerNorm):
+    elif isinstance(m, (ChannelsFirstLayerNorm, nn.LayerNorm)):  # (torchvision's and timm's LayerNorm2d: over axis 1)
         grouped, dims = x, (1,)
         w, b = (v.reshape(-1, *[1] * (rank - 2)) for v in (m.weight, m.bias))
     else:  # GroupNorm / InstanceNorm: statistics per sample and group (instance: each channel its own group)

@@ -6,7 +6,6 @@ scale and bias where they vary only along the normalized axes."""
 from __future__ import annotations
 
 import numpy as np
-import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
@@ -117,9 +116,9 @@ def _rewrite(graph: gs.Graph, div, x, axes: list[int], eps: float, mean) -> None
     k = rank - len(axes)
     perm = [i for i in range(rank) if i not in axes] + axes
     name = div.name + "/layernorm"
+    # (stash_type stays 1: onnxruntime and onnx's reference compute float64 statistics in float64 with it, and the
+    # spec has no float64 stash type)
     attrs = {"axis": k, "epsilon": eps}
-    if dtype != np.float32:  # statistics in the model's own precision (stash_type 1 is float32)
-        attrs["stash_type"] = onnx.helper.np_dtype_to_tensor_dtype(dtype)
     params = [gs.Constant(f"{name}/scale", scale.astype(dtype)), gs.Constant(f"{name}/bias", bias.astype(dtype))]
     if perm == list(range(rank)):
         graph.nodes.append(gs.Node("LayerNormalization", name, attrs, [x, *params], [out]))

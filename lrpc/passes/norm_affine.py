@@ -1,7 +1,7 @@
 """The element-wise affine after a normalization joins it: a constant Mul/Add that alone reads the output of a
 LayerNormalization / InstanceNormalization / GroupNormalization folds into its scale and bias where the op can hold
-its values (LayerNormalization: constant across the axes it does not normalize; the others: one value per channel,
-GroupNormalization-18: per group). A constant bias Add it cannot fold (GroupNorm exported as Reshape ->
+its values (LayerNormalization: constant across the axes it does not normalize; the others: one value per channel).
+A constant bias Add it cannot fold (GroupNorm exported as Reshape ->
 InstanceNormalization -> Reshape -> Mul -> Add: a per-channel affine after per-group statistics) is marked as the
 normalization's (``canon.origin`` = its op type), reached through data movement and constant Muls: it then takes the
 normalization rule (epsilon: the bias keeps its share) instead of the scale category's pass."""
@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx_graphsurgeon as gs
 
+from ..errors import UnsupportedError, where
 from ..graph import Canonical, channel_vector, const_value, is_const, only_consumer
 
 NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
@@ -20,6 +21,10 @@ def run(canon: Canonical) -> bool:
     graph = canon.graph
     changed = False
     for node in list(graph.nodes):
+        if node.op == "GroupNormalization" and canon.opset < 21:  # (onnx's checker refuses the deprecated version 18)
+            raise UnsupportedError(f"{where(node)}: GroupNormalization below opset 21 (version 18, deprecated: one scale "
+                                   "per group) is not supported; export at opset 21, or below 18 (Reshape, "
+                                   "InstanceNormalization)")
         if node.op in NORMALIZATIONS and node.outputs:
             while fold_following(graph, node):
                 changed = True
@@ -50,9 +55,6 @@ def fold_following(graph: gs.Graph, node) -> bool:
         scale, bias = (np.broadcast_to(v.astype(np.float64), part.shape) for v in (scale, bias))
     else:
         part = channel_vector(c, rank, x.shape[1], axis=1) if isinstance(x.shape[1], (int, np.integer)) else None
-        if part is not None and scale.size != part.size:  # GroupNormalization-18: one scale per group
-            groups = part.reshape(scale.size, -1)
-            part = groups[:, 0] if np.all(groups == groups[:, :1]) else None
         if part is None:
             return False
         scale, bias = scale.astype(np.float64), bias.astype(np.float64)

@@ -74,9 +74,7 @@ def norm_view(ctx, node) -> NormView:
     channels = x.shape[1] if rank > 2 else None
     if not isinstance(channels, (int, np.integer)):
         raise UnsupportedError(f"{where(node)}: {node.op} needs a rank >= 3 input with a static channel dim (got {x.shape})")
-    groups = int(node.attrs["num_groups"]) if node.op == "GroupNormalization" else None
-    if groups is not None and scale.size == groups != channels:  # GroupNormalization-18: one scale and bias per group
-        scale, bias = (np.repeat(v.reshape(-1), channels // groups) for v in (scale, bias))
+    groups = int(node.attrs["num_groups"]) if node.op == "GroupNormalization" else None  # (version 21: see norm_affine)
     shape = [channels] + [1] * (rank - 2)
     w = b.const(scale.reshape(shape).astype(b.dtype))
     bias = b.const(bias.reshape(shape).astype(b.dtype)) if np.any(bias) else None
