@@ -1,10 +1,10 @@
 """The element-wise affine after a normalization joins it: a constant Mul/Add that alone reads the output of a
 LayerNormalization / InstanceNormalization / GroupNormalization folds into its scale and bias where the op can hold
 its values (LayerNormalization: constant across the axes it does not normalize; the others: one value per channel).
-A constant bias Add it cannot fold (GroupNorm exported as Reshape ->
-InstanceNormalization -> Reshape -> Mul -> Add: a per-channel affine after per-group statistics) is marked as the
-normalization's (``canon.origin`` = its op type), reached through data movement and constant Muls: it then takes the
-normalization rule (epsilon: the bias keeps its share) instead of the scale category's pass."""
+A constant bias Add it cannot fold (GroupNorm exported as Reshape -> InstanceNormalization -> Reshape -> Mul -> Add:
+a per-channel affine after per-group statistics), reached through data movement and constant Muls, is marked as the
+normalization's (``canon.origin`` = its op type): it then takes the normalization rule (epsilon: the bias keeps its
+share) instead of the scale category's pass."""
 from __future__ import annotations
 
 import numpy as np
@@ -13,7 +13,7 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedError, where
 from ..graph import Canonical, channel_vector, const_value, is_const, only_consumer
 
-NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
+NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")  # (canonical: version 21 of the last)
 MOVES = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 

@@ -10,10 +10,10 @@ import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const
+from ..passes.norm_affine import NORMALIZATIONS
 from . import register
 from .linear import View, emit_rule
 
-NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
 RULES = ("epsilon", "norm", "pass")  # the others need the positive part of the (centring) matrix, which w does not give
 
 
@@ -74,7 +74,7 @@ def norm_view(ctx, node) -> NormView:
     channels = x.shape[1] if rank > 2 else None
     if not isinstance(channels, (int, np.integer)):
         raise UnsupportedError(f"{where(node)}: {node.op} needs a rank >= 3 input with a static channel dim (got {x.shape})")
-    groups = int(node.attrs["num_groups"]) if node.op == "GroupNormalization" else None  # (version 21: see norm_affine)
+    groups = int(node.attrs["num_groups"]) if node.op == "GroupNormalization" else None
     shape = [channels] + [1] * (rank - 2)
     w = b.const(scale.reshape(shape).astype(b.dtype))
     bias = b.const(bias.reshape(shape).astype(b.dtype)) if np.any(bias) else None
