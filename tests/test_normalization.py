@@ -81,7 +81,8 @@ def _groupnorm_export(groups, scale, bias, eps=EPS, dtype=np.float64):
     """GroupNorm as both torch exporters write it below opset 21: Reshape [N, G, -1] -> InstanceNormalization (ones,
     zeros) -> Reshape back -> Mul (per channel) -> Add (per channel)."""
     c = SHAPE[1]
-    nodes = [_node("Reshape", ["x", "grouped"], ["xg"]), _node("InstanceNormalization", ["xg", "ones", "zeros"], ["ng"], epsilon=eps),
+    nodes = [_node("Reshape", ["x", "grouped"], ["xg"]),
+             _node("InstanceNormalization", ["xg", "ones", "zeros"], ["ng"], epsilon=eps),
              _node("Reshape", ["ng", "back"], ["n"]), _node("Mul", ["n", "w"], ["wn"]), _node("Add", ["wn", "b"], ["y"])]
     inits = {"grouped": np.array([0, groups, -1], np.int64), "back": np.array([0, *SHAPE[1:]], np.int64),
              "ones": np.ones(groups, dtype), "zeros": np.zeros(groups, dtype),
