@@ -247,6 +247,34 @@ def test_groupnorm_export_form_dense(rule_eps, zero_bias):
     assert err <= 1e-8, f"relative L2 {err:.2e}"
 
 
+def test_layernorm_into_a_residual_sum_dense():
+    """y = x + LayerNorm(x): the Sum's norm rule hands the LayerNorm R_n = n ⊙ R / stab(y), a product with the
+    layer's own output (the emitter's shortcut R_n / stab(n) = c ⊙ |n| / (|n| + eps)); the skip gets x ⊙ R / stab(y)."""
+    scale, bias = _params(SHAPE[-1])
+    model = _graph([_node("LayerNormalization", ["x", "s", "b"], ["n"], axis=-1, epsilon=1e-3), _node("Add", ["x", "n"])],
+                   {"s": scale, "b": bias})
+    x, R = RNG.standard_normal(SHAPE) * 2.0 + 0.5, RNG.standard_normal(SHAPE)
+    labels = _labels("layer", SHAPE[1:], 2)  # (sample axes: the last one normalized)
+    for eps in (0.0, 0.1):
+        got = _run(lrpc.compile(model, "epsilon", epsilon=eps, stabilizer_eps=eps), {"x": x, "relevance_seed": R},
+                   reference=True)
+        n, _ = dense_rule(x, labels, scale, bias, EPS, R, eps=0.0)
+        y = x + n
+        c = R / (y + eps * np.where(y >= 0, 1.0, -1.0))
+        want = x * c + dense_rule(x, labels, scale, bias, EPS, n * c, eps=eps)[1]
+        assert rel_l2(got["relevance"], want) <= 1e-8, (eps, rel_l2(got["relevance"], want))
+
+
+def test_norm_rule_is_epsilon_without_the_bias(tmp_path):
+    """Rule ``norm`` on a normalization: epsilon with the bias left out of the denominator (zero_bias)."""
+    scale, bias = _params(SHAPE[-1])
+    model = _graph([_node("LayerNormalization", ["x", "s", "b"], axis=-1)], {"s": scale, "b": bias})
+    feeds = {"x": RNG.standard_normal(SHAPE), "relevance_seed": RNG.standard_normal(SHAPE)}
+    got = _run(lrpc.compile(model, _rule_file(tmp_path, "norm"), stabilizer_eps=0.1), feeds, reference=True)
+    want = _run(lrpc.compile(model, "epsilon", epsilon=0.1, zero_bias=True), feeds, reference=True)
+    assert rel_l2(got["relevance"], want["relevance"]) <= 1e-12
+
+
 # ------------------------------------------------------------------------------------------------ conservation
 
 def test_conservation_and_bias_share():
