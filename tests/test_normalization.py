@@ -523,6 +523,23 @@ def test_groupnormalization_18_is_refused():
         lrpc.compile(model, "epsilon")
 
 
+def test_command_line_error_is_one_line(tmp_path):
+    """On the command line: exit code 2, one line naming node and op."""
+    import subprocess
+    import sys
+
+    scale, bias = _params(SHAPE[-1])
+    model = _graph([_node("LayerNormalization", ["x", "s", "b"], axis=-1)], {"b": bias},
+                   extra_inputs=[helper.make_tensor_value_info("s", TensorProto.DOUBLE, [SHAPE[-1]])])
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "compile", str(tmp_path / "m.onnx"), "-o",
+                           str(tmp_path / "out.onnx")], capture_output=True, text=True)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("lrpc: error: ") and "node 'LayerNormalization_y' (LayerNormalization)" in lines[0]
+    assert not (tmp_path / "out.onnx").exists()
+
+
 def test_layernorm_over_the_batch_axis_is_refused():
     model = _graph([_node("LayerNormalization", ["x", "s", "b"], axis=0)], {"s": np.ones(SHAPE[1:]), "b": np.zeros(SHAPE[1:])})
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
