@@ -2,7 +2,9 @@
 
 Layer categories (decided by the emitter from the canonical graph):
 ``conv`` (Conv, ConvTranspose), ``dense`` (Gemm, MatMul), ``avgpool`` (a Conv made from an average pool),
-``resize`` (a Resize/Upsample lowered to MatMuls), ``sum`` (residual Sum), ``scale`` (element-wise affine: standalone BatchNormalization, Mul/Add by a constant).
+``resize`` (a Resize/Upsample lowered to MatMuls), ``sum`` (residual Sum), ``scale`` (element-wise affine: standalone BatchNormalization, Mul/Add by a constant),
+``normalization`` (LayerNormalization, InstanceNormalization, GroupNormalization, and a bias Add after one that could
+not fold into it; epsilon: AttnLRP's rule, the standard deviation held constant).
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from pathlib import Path
 from . import rules as R
 from .errors import InputError
 
-BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass"}
+BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass", "normalization": "epsilon"}
 CATEGORIES = ("conv", "dense", *BASE)
 
 
@@ -184,8 +186,11 @@ def describe() -> str:
     lines = ["Composites (--rules NAME):"]
     for c in COMPOSITES.values():
         lines.append(f"  {c.name:28s} {c.doc}")
-    lines.append("  every composite: norm on residual sums and average pools, pass on activations,")
-    lines.append("  standalone BatchNorm and element-wise affine layers")
+    lines.append("  every composite: norm on residual sums and average pools, epsilon on normalization layers")
+    lines.append("  (LayerNorm, InstanceNorm, GroupNorm; the standard deviation held constant, as AttnLRP), pass on")
+    lines.append("  activations, standalone BatchNorm and element-wise affine layers")
+    lines.append("")
+    lines.append(f"Layer categories (for rule files): {', '.join(CATEGORIES)}")
     lines.append("")
     lines.append("Rules (for rule files) and their parameters:")
     for name, (_, names) in R.RULES.items():

@@ -9,6 +9,7 @@ import onnx_graphsurgeon as gs
 from . import composites
 from .errors import InputError, UnsupportedError, where
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
+from .passes.norm_affine import NORMALIZATIONS
 from .relevance import propagator
 from .schedule import order_for_runtime
 
@@ -68,6 +69,8 @@ def category(canon: Canonical, node) -> str | None:
         return "avgpool"
     if canon.origin.get(node.name) in RESIZES:
         return "resize"
+    if node.op in NORMALIZATIONS or canon.origin.get(node.name) in NORMALIZATIONS:  # (origin: a bias Add that
+        return "normalization"  # passes/norm_affine.py could not fold into its normalization)
     return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
             "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool"}.get(node.op)
 

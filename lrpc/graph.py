@@ -224,8 +224,18 @@ def structure_of_graph(graph: gs.Graph) -> onnx.ModelProto:
     return model
 
 
+# onnx's shape inference (1.23) leaves the output of these untyped, and with it every tensor after them; their
+# output has their first input's type and shape, as an Identity's
+SHAPE_AS_INPUT = ("GroupNormalization",)
+
+
 def inferred_shapes(structure: onnx.ModelProto) -> dict:
-    """name -> (numpy dtype, dims) from ONNX shape inference (data propagation on); {} if it fails."""
+    """name -> (numpy dtype, dims) from ONNX shape inference (data propagation on); {} if it fails. ``structure`` (a
+    copy: :func:`structure_of_model`) has its nodes of :data:`SHAPE_AS_INPUT` made Identities for it."""
+    for node in structure.graph.node:
+        if node.op_type in SHAPE_AS_INPUT:
+            node.op_type, node.domain = "Identity", ""
+            del node.input[1:], node.output[1:], node.attribute[:]
     try:
         inferred = onnx.shape_inference.infer_shapes(structure, data_prop=True)
     except Exception:

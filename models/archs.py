@@ -10,8 +10,11 @@ VGG (with/without BatchNorm), ResNet basic block and bottleneck (downsampling sh
 (BN-ReLU-Conv, Concat, BatchNorm after Concat/pool), Inception (parallel branches, Concat, MaxPool/AvgPool
 with pads), SqueezeNet (Fire modules, GlobalAveragePool), MobileNetV2 (depthwise, ReLU6 = Clip, linear
 bottleneck + residual Add), ShuffleNet v1/v2 (grouped convs, channel shuffle Reshape/Transpose/Reshape,
-Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), MLP (Gemm).
-:func:`torch_arch` builds, exports and wraps one of them.
+Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), MLP (Gemm),
+normalization layers: a tiny ConvNeXt (channels-last LayerNorm via permute, Linear as MatMul on NHWC, layer scale,
+LayerNorm2d), GroupNorm + InstanceNorm (affine), a hand-written channels-first LayerNorm.
+:func:`torch_arch` builds, exports (either exporter) and wraps one of them; its twin holds the standard deviation of
+normalization layers constant (:func:`sigma_detached`), as AttnLRP's LayerNorm rule does.
 
 Hand-built graph forms (:data:`ONNX_BUILDERS`): MatMul+Add MLP, 3-input Sum, Conv bias as a separate Add,
 Caffe2 Scale (Mul/Add of Unsqueeze'd 1-d constants), weights made by constant subgraphs, Flatten vs Reshape
@@ -426,6 +429,143 @@ def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
 
+def _affine(norm: nn.Module) -> nn.Module:
+    """A normalization's affine parameters drawn at random (not torch's ones and zeros)."""
+    with torch.no_grad():
+        norm.weight.copy_((0.5 + torch.rand(norm.weight.shape)) * torch.where(torch.rand(norm.weight.shape) < 0.2, -1, 1))
+        norm.bias.copy_(0.3 * torch.randn(norm.bias.shape))
+    return norm
+
+
+class LayerNorm2d(nn.Module):
+    """torchvision's / timm's LayerNorm2d: NCHW permuted to NHWC, LayerNorm over C, permuted back."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.ln = _affine(nn.LayerNorm(c, eps=eps))
+
+    def forward(self, x):
+        return self.ln(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+
+
+class ChannelsFirstLayerNorm(nn.Module):
+    """The original ConvNeXt code's LayerNorm over axis 1 of NCHW, written out (ReduceMean, Sub, Pow, ReduceMean, Add,
+    Sqrt, Div, Mul, Add in ONNX, with either exporter)."""
+
+    def __init__(self, c: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight, self.bias, self.eps = nn.Parameter(torch.ones(c)), nn.Parameter(torch.zeros(c)), eps
+        _affine(self)
+
+    def forward(self, x):
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ConvNeXtBlock(nn.Module):
+    """7x7 depthwise conv, NHWC LayerNorm, Linear 4C (MatMul on NHWC), ReLU (for GELU), Linear C, layer scale (a
+    per-channel Mul), back to NCHW, residual add."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.dw = nn.Conv2d(c, c, 7, padding=3, groups=c)
+        self.norm = _affine(nn.LayerNorm(c, eps=1e-6))
+        self.pw1, self.act, self.pw2 = nn.Linear(c, 4 * c), nn.ReLU(), nn.Linear(4 * c, c)
+        self.gamma = nn.Parameter(0.5 + torch.rand(c))
+
+    def forward(self, x):
+        y = self.norm(self.dw(x).permute(0, 2, 3, 1))
+        return x + (self.pw2(self.act(self.pw1(y))) * self.gamma).permute(0, 3, 1, 2)
+
+
+class ConvNeXtLike(nn.Module):
+    """torchvision ConvNeXt's layout, tiny: 4x4/4 stem + LayerNorm2d, block, LayerNorm2d + 2x2/2 downsampling conv,
+    block, global average pool, LayerNorm2d, Flatten, Linear. (The pool is a mean over H, W: torchvision's
+    AdaptiveAvgPool2d(1) before the LayerNorm2d's permute makes the dynamo exporter emit an ``as_strided`` Gather
+    with indices computed from the batch size, which lrpc cannot explain.)"""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 4, 4), LayerNorm2d(8))
+        self.stage1 = ConvNeXtBlock(8)
+        self.down = nn.Sequential(LayerNorm2d(8), nn.Conv2d(8, 16, 2, 2))
+        self.stage2 = ConvNeXtBlock(16)
+        self.head = nn.Sequential(LayerNorm2d(16), nn.Flatten(1), nn.Linear(16, 10))
+
+    def forward(self, x):
+        return self.head(self.stage2(self.down(self.stage1(self.stem(x)))).mean((2, 3), keepdim=True))
+
+
+class GroupInstanceNet(nn.Module):
+    """Conv-GroupNorm-ReLU, strided Conv-InstanceNorm(affine)-ReLU (style-transfer nets), residual Conv-GroupNorm + x,
+    ReLU, global pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.n1 = nn.Conv2d(3, 8, 3, padding=1), _affine(nn.GroupNorm(2, 8))
+        self.c2, self.n2 = nn.Conv2d(8, 8, 3, 2, 1), _affine(nn.InstanceNorm2d(8, affine=True))
+        self.c3, self.n3 = nn.Conv2d(8, 8, 3, padding=1), _affine(nn.GroupNorm(4, 8))
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = F.relu(self.n2(self.c2(F.relu(self.n1(self.c1(x))))))
+        x = F.relu(x + self.n3(self.c3(x)))
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ChannelsFirstLayerNormNet(nn.Module):
+    """Conv, hand-written channels-first LayerNorm, ReLU (twice, the second conv strided), global pool, Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), ChannelsFirstLayerNorm(8), nn.ReLU(),
+                                      nn.Conv2d(8, 8, 3, 2, 1), ChannelsFirstLayerNorm(8), nn.ReLU())
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
+
+
+NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.instancenorm._InstanceNorm, ChannelsFirstLayerNorm)
+
+
+def sigma_detached(model: nn.Module):
+    """``model`` with the standard deviation of its normalization layers held constant (a copy; ``model`` itself where
+    it has none): LRP-0 with AttnLRP's LayerNorm rule is gradient × input of this twin."""
+    if not any(isinstance(m, NORMS) for m in model.modules()):
+        return model
+    import copy
+
+    twin = copy.deepcopy(model)
+    for m in twin.modules():
+        if isinstance(m, NORMS):
+            m.register_forward_hook(_sigma_detached)  # (its output replaces the module's)
+    return twin
+
+
+def _sigma_detached(m: nn.Module, inputs, out):
+    """``w ⊙ (x - mean(x)) / sg(sigma) + b`` of normalization module ``m`` (sg: no gradient)."""
+    x = inputs[0]
+    rank = x.dim()
+    w = b = None
+    if isinstance(m, nn.LayerNorm) and type(m).__name__ != "LayerNorm2d":
+        grouped, dims, w, b = x, tuple(range(rank - len(m.normalized_shape), rank)), m.weight, m.bias
+    elif isinstance(m, (ChannelsFirstLayerNorm, nn.LayerNorm)):  # (torchvision's and timm's LayerNorm2d: over axis 1)
+        grouped, dims = x, (1,)
+        w, b = (v.reshape(-1, *[1] * (rank - 2)) for v in (m.weight, m.bias))
+    else:  # GroupNorm / InstanceNorm: statistics per sample and group (instance: each channel its own group)
+        groups = m.num_groups if isinstance(m, nn.GroupNorm) else x.shape[1]
+        grouped, dims = x.reshape(x.shape[0], groups, -1), (2,)
+        if m.affine:
+            w, b = (v.reshape(-1, *[1] * (rank - 2)) for v in (m.weight, m.bias))
+    mean = grouped.mean(dims, keepdim=True)
+    sigma = torch.sqrt(((grouped - mean) ** 2).mean(dims, keepdim=True) + m.eps).detach()
+    y = ((grouped - mean) / sigma).reshape(x.shape)
+    return y if w is None else y * w + b
+
+
 TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "vgg": (lambda: VGG(bn=False), CNN_SHAPE),
     "vgg_bn": (lambda: VGG(bn=True), CNN_SHAPE),
@@ -442,6 +582,9 @@ TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "efficientnet": (lambda: GatedNet(nn.SiLU, nn.SiLU, nn.Sigmoid), CNN_SHAPE),
     "mobilenet_v3": (lambda: GatedNet(nn.Hardswish, nn.ReLU, nn.Hardsigmoid), CNN_SHAPE),
     "mlp": (mlp, (2, 16)),
+    "convnext_like": (ConvNeXtLike, CNN_SHAPE),
+    "group_instance_norm": (GroupInstanceNet, CNN_SHAPE),
+    "layernorm_channels_first": (ChannelsFirstLayerNormNet, CNN_SHAPE),
 }
 
 
@@ -457,25 +600,39 @@ def build_torch(name: str, seed: int = 0) -> nn.Module:
     return model.float().eval()
 
 
-def export(model: nn.Module, path, input_shape, opset: int = OPSET, constant_folding: bool = True) -> Path:
-    """TorchScript export (``dynamo=False``) with input ``input`` and output ``logits``, batch dim dynamic."""
+def export(model: nn.Module, path, input_shape, opset: int = OPSET, constant_folding: bool = True,
+           dynamo: bool = False) -> Path:
+    """Export with input ``input`` and output ``logits``, batch dim dynamic: TorchScript (``dynamo=False``) or the
+    torch.export-based exporter (``dynamo=True``; ``opset=None``: its default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(tuple(input_shape))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (torch.zeros(tuple(input_shape)),), str(path), dynamo=False, opset_version=opset,
-                          do_constant_folding=constant_folding, input_names=["input"], output_names=["logits"],
-                          dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+        if dynamo:
+            import contextlib
+            import io
+
+            with contextlib.redirect_stdout(io.StringIO()):  # (its progress lines)
+                prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
+                                         output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+            prog.save(str(path), external_data=False)
+        else:
+            torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
+                              do_constant_folding=constant_folding, input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     return path
 
 
-def torch_arch(name: str, tmp_dir, seed: int = 0, opset: int = OPSET, constant_folding: bool = True) -> Arch:
-    """Build, export and wrap torch family ``name`` (see :data:`TORCH_BUILDERS`)."""
+def torch_arch(name: str, tmp_dir, seed: int = 0, opset: int | None = OPSET, constant_folding: bool = True,
+               dynamo: bool = False) -> Arch:
+    """Build, export and wrap torch family ``name`` (see :data:`TORCH_BUILDERS`). The twin holds the standard
+    deviation of normalization layers constant (:func:`sigma_detached`)."""
     model = build_torch(name, seed)
     shape = TORCH_BUILDERS[name][1]
-    tag = f"{name}-op{opset}" + ("" if constant_folding else "-nofold")
-    path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding)
-    return Arch(tag, str(path), example_input(shape), model)
+    tag = f"{name}-" + ("dynamo" if dynamo else "") + (f"op{opset}" if opset else "") + ("" if constant_folding else "-nofold")
+    path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding, dynamo)
+    return Arch(tag, str(path), example_input(shape), sigma_detached(model))
 
 
 # --------------------------------------------------------------------------------------------- hand-built ONNX

@@ -32,7 +32,11 @@ UNSUPPORTED = ("alexnet_lrn_decomposed",)  # see the xfail test at the end
 TORCH_MODELS = [n for n in archs.TORCH_BUILDERS if n not in UNSUPPORTED]
 ONNX_MODELS = list(archs.ONNX_BUILDERS)
 OPSET11_EXPORT = "inception-op11"  # the inception torch export at opset 11 (upgraded by lrpc)
-ALL = TORCH_MODELS + ["vgg_bn-nofold", "resnet_basic-nofold", OPSET11_EXPORT] + ONNX_MODELS
+# the normalization families through the other export forms: dynamo at its default opset (20) and at 21
+# (GroupNormalization nodes), the legacy exporter at opset 16 (LayerNorm written out)
+NORM_EXPORTS = ["convnext_like-dynamo", "group_instance_norm-dynamo", "layernorm_channels_first-dynamo",
+                "group_instance_norm-dynamo21", "convnext_like-op16"]
+ALL = TORCH_MODELS + ["vgg_bn-nofold", "resnet_basic-nofold", OPSET11_EXPORT] + NORM_EXPORTS + ONNX_MODELS
 
 FINITE_COMPOSITES = ("epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1")
 BOX = {"low": -3.0, "high": 3.0}
@@ -52,6 +56,10 @@ GRAD_TOL = 1e-4
 #   Pad: data movement, relevance routed one to one (Pad drops only pad cells' relevance, 0 by the first point).
 # * MaxPool (winner-take-all, also with pads / ceil_mode): each output's relevance goes to one input cell, never
 #   to a pad cell (pads are -inf).
+# * LayerNormalization / InstanceNormalization / GroupNormalization (epsilon with the standard deviation held
+#   constant, bias left out of the denominator): Σ_i x_i (v_i - mean v) = Σ_i (x_i - μ) v_i = Σ_j w_j n_j R_j / (w_j n_j)
+#   = R summed, n the normalized x; the bias Add after a GroupNorm export (Reshape, InstanceNormalization, Reshape,
+#   Mul, Add) is epsilon on a sum with a constant: zero_bias leaves the constant out, it conserves too.
 # * pass: ReLU, ReLU6 = Clip (MobileNetV2), LRN (AlexNet), standalone BatchNormalization (DenseNet: BN after a
 #   pool / Concat cannot fold), constant Mul/Add that did not fold: the input gets the output's relevance
 #   unchanged, so they conserve too (they break the gradient identity (4), not conservation).
@@ -83,6 +91,8 @@ LAYER_TOL = 1e-4
 # winner-take-all MaxPool, with every affine map either a linear layer (Conv/Gemm/MatMul with BN, bias Adds and
 # Scale Mul/Adds folded in) or a bias-free positive rescaling that the pass rule explains exactly (the
 # count_include_pad=0 border correction: pass on y = m ⊙ z equals LRP-0 on it, since m z R / (m z) = R).
+# Normalization layers (LayerNorm, InstanceNorm, GroupNorm; AttnLRP's rule, the standard deviation held constant) are
+# linear layers then: LRP-0 on them is gradient × input of the torch twin with sigma detached (archs.sigma_detached).
 # It does NOT hold where the pass rule is not LRP-0 of the layer:
 NO_GRAD_X_INPUT = {
     "densenet": "standalone BatchNorm (after pool/Concat) gets pass; LRP-0 of y = s·x + t would give s·x·R/y ≠ R",
@@ -112,6 +122,11 @@ def _build(name: str, tmp) -> archs.Arch:
         return archs.torch_arch("inception", tmp, opset=11)
     if name.endswith("-nofold"):  # BatchNormalization kept in the export: lrpc folds it
         return archs.torch_arch(name[: -len("-nofold")], tmp, constant_folding=False)
+    base, _, form = name.rpartition("-")
+    if form.startswith("dynamo"):
+        return archs.torch_arch(base, tmp, opset=int(form[len("dynamo"):] or 0) or None, dynamo=True)
+    if form.startswith("op"):
+        return archs.torch_arch(base, tmp, opset=int(form[2:]))
     return archs.torch_arch(name, tmp)
 
 
@@ -214,9 +229,21 @@ FEATURES = {
     "opset9_ir3_weights_as_inputs": [("BatchNormalization", {}), ("Dropout", {})],
     "opset11": [("Clip", {}), ("Pad", {}), ("Squeeze", {"axes": [2, 3]}), ("ReduceMean", {"axes": [2, 3]})],
     "opset21_ir10": [("AveragePool", {}), ("Softmax", {})],
+    "convnext_like": [("Transpose", {"perm": [0, 2, 3, 1]}), ("LayerNormalization", {"axis": -1}), ("MatMul", {}),
+                      ("Mul", {}), ("Conv", {"group": _depthwise})],
+    "convnext_like-dynamo": [("Transpose", {"perm": [0, 2, 3, 1]}), ("LayerNormalization", {"axis": -1}), ("MatMul", {})],
+    "convnext_like-op16": [("ReduceMean", {"axes": [-1]}), ("Pow", {}), ("Sqrt", {}), ("Div", {}), ("MatMul", {})],
+    "group_instance_norm": [("Reshape", {}), ("InstanceNormalization", {}), ("Mul", {}), ("Add", {})],
+    "group_instance_norm-dynamo": [("Reshape", {}), ("InstanceNormalization", {}), ("Mul", {}), ("Add", {})],
+    "group_instance_norm-dynamo21": [("GroupNormalization", {"num_groups": 2}), ("InstanceNormalization", {})],
+    "layernorm_channels_first": [("ReduceMean", {"axes": [1]}), ("Pow", {}), ("Sqrt", {}), ("Div", {})],
+    "layernorm_channels_first-dynamo": [("ReduceMean", {}), ("Pow", {}), ("Sqrt", {}), ("Div", {})],
 }
 OPSETS = {"inception-op11": (11, 6), "opset9_ir4": (9, 4), "opset9_ir3_weights_as_inputs": (9, 3), "opset11": (11, 6),
-          "opset21_ir10": (21, 10), "nhwc_transpose": (18, 8)}  # (opset, IR version); all others: (17, 8)
+          "opset21_ir10": (21, 10), "nhwc_transpose": (18, 8), "convnext_like-op16": (16, 8),
+          "convnext_like-dynamo": (20, 10), "group_instance_norm-dynamo": (20, 10),
+          "layernorm_channels_first-dynamo": (20, 10),
+          "group_instance_norm-dynamo21": (21, 10)}  # (opset, IR version); all others: (17, 8)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -265,7 +292,7 @@ def _unread_backward_nodes(model: onnx.ModelProto) -> list[str]:
 
 def bias_free(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of ``model`` with every additive constant of an affine layer set to 0: Conv/ConvTranspose/Gemm biases,
-    BatchNormalization beta and mean (BN becomes a pure scale), constant operands of Add/Sum (also when computed
+    BatchNormalization beta and mean (BN becomes a pure scale), normalization biases, constant operands of Add/Sum (also when computed
     from initializers, e.g. Unsqueeze of a 1-d shift). Integer tensors (shapes, axes) are left alone."""
     m = onnx.ModelProto.FromString(model.SerializeToString())
     g = m.graph
@@ -281,6 +308,8 @@ def bias_free(model: onnx.ModelProto) -> onnx.ModelProto:
             targets.append(n.input[2])
         elif n.op_type == "BatchNormalization":
             targets += [n.input[2], n.input[3]]
+        elif n.op_type in ("LayerNormalization", "InstanceNormalization", "GroupNormalization") and len(n.input) > 2:
+            targets.append(n.input[2])
         elif n.op_type in ("Add", "Sum"):
             targets += [i for i in n.input if i not in live]
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)

@@ -20,4 +20,4 @@ def propagator(op: str):
     return PROPAGATORS.get(op)
 
 
-from . import elementwise, linear, pooling, structural  # noqa: E402,F401  (fill the registry)
+from . import elementwise, linear, normalization, pooling, structural  # noqa: E402,F401  (fill the registry)
