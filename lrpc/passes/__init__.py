@@ -5,9 +5,10 @@ import onnx
 
 from ..graph import Canonical, import_model, refresh_shapes, toposort
 from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, normalize_opset, residual_sum, strip_softmax
-from . import maxpool_ceil, resize_to_matmul
+from . import activation_regions, maxpool_ceil, resize_to_matmul
 
-PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum)
+PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum,
+            activation_regions)
 
 
 def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False,
