@@ -79,14 +79,13 @@ def inputs_of(canon: Canonical, node, tensors: dict) -> list:
 
 def category(canon: Canonical, node) -> str | None:
     """The composite category of a node (see composites.py), None for nodes without a rule."""
-    if node.name in canon.activations:
-        return None
     if canon.origin.get(node.name) in POOLS:
         return "avgpool"
     if canon.origin.get(node.name) in RESIZES:
         return "resize"
     return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Einsum": "dense", "Sum": "sum",
-            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool", "ReduceSum": "sum"}.get(node.op)
+            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool",
+            "ReduceSum": "sum"}.get(op_of(canon, node))
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
@@ -272,7 +271,7 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     quiet: set[str] = set()
 
     def consumer_ok(c, t) -> bool:
-        if op_of(ctx.canon, c) == "Relu" or op_of(ctx.canon, c) in ROUTES_VALUES:
+        if c.op == "Relu" or c.op in ROUTES_VALUES:  # (an activation region's output node is neither: see its pass)
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
         if rule is None or not ctx.nonneg(t):

@@ -49,6 +49,7 @@ FORMS = {
     "elu_where": (lambda x: torch.where(x > 0, x, torch.exp(x) - 1), {"legacy17": "Where", "dynamo18": "Exp"}),
     "selu": (F.selu, {"legacy17": "Selu", "dynamo18": "Selu"}),
     "relu_squared": (lambda x: x * F.relu(x), {"legacy17": "Relu", "dynamo18": "Relu"}),
+    "sine": (torch.sin, {"legacy17": "Sin"}),  # (SIREN; one op, but one lrpc has no rule of its own for)
 }
 ONE_OP = {("gelu_erf", "dynamo20"), ("gelu_tanh", "dynamo20"), ("mish", "dynamo18"), ("softplus", "legacy17"),
           ("selu", "legacy17"), ("selu", "dynamo18")}  # exported as one ONNX op (an activation already): no region
@@ -273,3 +274,100 @@ def test_torchvision_gated_models(name, how):
     got, want, y, logits = lrp0_and_oracle(net, model, x, twin)
     np.testing.assert_allclose(y, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
     assert np.abs(want).sum() > 0 and rel_l2(got, want) < 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ per-sample gates
+
+class ScalarGate(nn.Module):
+    """Conv -> ReLU -> h * g(h), g one value per sample ([N, 1, 1, 1], or [N, 1] on flattened features) computed
+    from h by reductions / linear layers, squashed or not -> Conv -> ReLU -> mean -> Linear."""
+
+    def __init__(self, kind: str, detach: bool = False):
+        super().__init__()
+        self.kind, self.detach = kind, detach
+        self.c1, self.c2, self.head = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 4, 3), nn.Linear(4, 5)
+        self.fc1, self.fc6 = nn.Linear(1, 1), nn.Linear(6, 1)
+        self.flat = nn.Linear(96, 5)
+
+    def gate(self, h):
+        if self.kind == "mean-linear-sigmoid":
+            return torch.sigmoid(self.fc1(h.mean((1, 2, 3)).unsqueeze(1))).view(-1, 1, 1, 1)
+        if self.kind == "pool-linear-hardsigmoid":
+            return F.hardsigmoid(self.fc6(h.mean((2, 3)))).view(-1, 1, 1, 1)
+        if self.kind == "sum-sigmoid":
+            return torch.sigmoid(h.sum((1, 2, 3), keepdim=True) * 0.01)
+        return h.mean((1, 2, 3), keepdim=True)  # "mean": no squashing gate
+
+    def forward(self, x):
+        h = F.relu(self.c1(x))
+        if self.kind == "flat-linear-sigmoid":  # [N, 96] * [N, 1]
+            f = h[:, :, ::2, ::2].flatten(1)
+            g = torch.sigmoid(self.fc6(f[:, :6]))
+            return self.flat(f * (g.detach() if self.detach else g))
+        g = self.gate(h)
+        h = h * (g.detach() if self.detach else g)
+        return self.head(F.relu(self.c2(h)).mean((2, 3)))
+
+
+@pytest.mark.parametrize("how", ["legacy17", "dynamo18"])
+@pytest.mark.parametrize("kind", ["mean-linear-sigmoid", "pool-linear-hardsigmoid", "sum-sigmoid",
+                                  "flat-linear-sigmoid"])
+def test_per_sample_scalar_gate(kind, how):
+    """The gate branch gets no relevance (as a squeeze-and-excitation gate): LRP-0 = x * x.grad with sg(gate)."""
+    torch.manual_seed(0)
+    net, twin = ScalarGate(kind).eval(), ScalarGate(kind, detach=True).eval()
+    twin.load_state_dict(net.state_dict())
+    model = export(net, torch.from_numpy(X), how)
+    got, want, y, logits = lrp0_and_oracle(net, model, X, twin)
+    np.testing.assert_allclose(y, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    assert np.abs(want).sum() > 0 and rel_l2(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("how", ["legacy17", "dynamo18"])
+def test_per_sample_scalar_without_gate_refused(how):
+    model = export(ScalarGate("mean").eval(), torch.from_numpy(X), how)
+    with pytest.raises(lrpc.UnsupportedError, match=r"\(Mul\): Mul of two computed tensors has an LRP rule only as a "
+                                                    r"gated product .* 0 operand\(s\) are gates") as e:
+        lrpc.compile(model, "epsilon")
+    assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ the pass's guards
+
+def _hand_built(nodes, inits, outputs, x_shape=("batch", 2, 3, 3)):
+    from onnx import TensorProto, helper, numpy_helper
+
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x_shape))],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs],
+                              [numpy_helper.from_array(np.asarray(v, np.float32), k) for k, v in inits.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_pass_guards():
+    from onnx import helper
+
+    from lrpc.passes import activation_regions
+
+    mk = helper.make_node
+    silu = [mk("Sigmoid", ["x"], ["s"], name="sig"), mk("Mul", ["x", "s"], ["y"], name="mul")]
+    # a SiLU of x: one region, and a second run changes nothing
+    canon = canonize(_hand_built(silu, {}, ["y"]))
+    assert canon.activations == {"mul": "x"} and not activation_regions.run(canon)
+    # its sigmoid also a graph output: no region (the Mul is a gated product again)
+    assert canonize(_hand_built(silu, {}, ["y", "s"])).activations == {}
+    # a constant that widens the tensor (x [N, 1, 3, 3] + c [1, 2, 1, 1]): the product is of differently shaped
+    # tensors, no element-wise function of x; the Sigmoid is a gate
+    wide = [mk("Add", ["x", "c"], ["a"], name="add"), mk("Sigmoid", ["a"], ["s"], name="sig"),
+            mk("Mul", ["x", "s"], ["y"], name="mul")]
+    model = _hand_built(wide, {"c": np.ones((1, 2, 1, 1))}, ["y"], x_shape=("batch", 1, 3, 3))
+    assert canonize(model).activations == {}
+    x = np.random.default_rng(0).standard_normal((2, 1, 3, 3)).astype(np.float32)
+    seed = np.random.default_rng(1).standard_normal((2, 2, 3, 3)).astype(np.float32)
+    r = run_onnx(lrpc.compile(model, "epsilon"), {"x": x, "relevance_seed": seed})["relevance"]
+    np.testing.assert_allclose(r, seed.sum(1, keepdims=True), rtol=1e-6)  # the gated product's pass rule
+    # x * x: one region (an element-wise function of x); x * x from two different tensors: none
+    square = [mk("Mul", ["x", "x"], ["y"], name="sq")]
+    assert canonize(_hand_built(square, {}, ["y"])).activations == {"sq": "x"}
+    two = [mk("Relu", ["x"], ["r"], name="relu"), mk("Neg", ["x"], ["n"], name="neg"),
+           mk("MaxPool", ["n"], ["p"], kernel_shape=[1, 1], name="pool"), mk("Mul", ["r", "p"], ["y"], name="mul")]
+    assert canonize(_hand_built(two, {}, ["y"])).activations == {"neg": "x"}

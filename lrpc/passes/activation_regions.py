@@ -14,17 +14,16 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import Canonical, is_const
+from ..relevance import propagator  # (the registry says which single ops have a rule of their own)
 
 UNARY = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Exp", "Log", "Softplus",
          "Softsign", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Sqrt",
-         "Reciprocal", "Sin", "Cos", "Sign", "Identity", "Not"}
+         "Reciprocal", "Sin", "Cos", "Sign", "Identity", "Not", "IsNaN", "IsInf"}
 MERGING = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Greater", "Less", "GreaterOrEqual",
            "LessOrEqual", "Equal", "And", "Or"}
 
 
 def run(canon: Canonical) -> bool:
-    from ..relevance import propagator  # (the registry says which single ops have a rule of their own)
-
     graph = canon.graph
     order = {id(n): i for i, n in enumerate(graph.nodes)}
     root: dict[str, str] = {}  # output of an element-wise node -> the one tensor it is a function of
@@ -39,6 +38,7 @@ def run(canon: Canonical) -> bool:
     # the ops that need a region: merges (x * f(x), also x * x) and single ops without a rule of their own
     cores = [name for name, n in members.items()
              if sum(not is_const(t) for t in n.inputs if t.name) > 1 or propagator(n.op) is None]
+    core_set = set(cores)
     outputs = {t.name for t in graph.outputs}
     claimed: set[str] = set()  # outputs of the nodes regions have taken
     found: dict[str, str] = {}
@@ -49,7 +49,7 @@ def run(canon: Canonical) -> bool:
             if name in claimed:
                 continue
             head = members[name]
-            nodes, x = _region(head, members, set(cores), claimed, order)
+            nodes, x = _region(head, members, core_set, claimed, order)
             inner = [n.outputs[0] for n in nodes if n is not head]
             taken = {id(n) for n in nodes}
             if x is None or _kind(x) != "f" or _kind(head.outputs[0]) != "f" or any(
