@@ -371,3 +371,10 @@ def test_pass_guards():
     two = [mk("Relu", ["x"], ["r"], name="relu"), mk("Neg", ["x"], ["n"], name="neg"),
            mk("MaxPool", ["n"], ["p"], kernel_shape=[1, 1], name="pool"), mk("Mul", ["r", "p"], ["y"], name="mul")]
     assert canonize(_hand_built(two, {}, ["y"])).activations == {"neg": "x"}
+    # a NaN guard (Llama exports Where(IsNaN(p), 0, p) after the Softmax): the identity
+    guard = [mk("IsNaN", ["x"], ["nan"], name="isnan"), mk("Where", ["nan", "zero", "x"], ["y"], name="where")]
+    model = _hand_built(guard, {"zero": 0.0}, ["y"])
+    assert canonize(model).activations == {"where": "x"}
+    x = np.random.default_rng(2).standard_normal((2, 2, 3, 3)).astype(np.float32)
+    seed = np.random.default_rng(3).standard_normal((2, 2, 3, 3)).astype(np.float32)
+    np.testing.assert_array_equal(run_onnx(lrpc.compile(model, "epsilon"), {"x": x, "relevance_seed": seed})["relevance"], seed)
