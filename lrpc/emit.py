@@ -83,8 +83,8 @@ def category(canon: Canonical, node) -> str | None:
         return "avgpool"
     if canon.origin.get(node.name) in RESIZES:
         return "resize"
-    return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Einsum": "dense", "Sum": "sum",
-            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool",
+    return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Einsum": "dense",
+            "Sum": "sum", "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool",
             "ReduceSum": "sum"}.get(op_of(canon, node))
 
 
@@ -155,7 +155,8 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
             if r is not None and t.name in depends:
                 incoming.setdefault(t.name, []).append(r)
         if layerwise and (category(canon, node) or node.op == "MaxPool"):
-            sent = [(t, r) for t, r in zip(inputs_of(canon, node, tensors), r_in) if r is not None and t.name in depends]
+            sent = [(t, r) for t, r in zip(inputs_of(canon, node, tensors), r_in)
+                    if r is not None and t.name in depends]
             if layerwise == "full":
                 t, r = sent[0] if sent else (node.inputs[0], builder.zeros_like(node.inputs[0]))
                 extra.append((f"relevance_in/{node.name}", r, t.shape))

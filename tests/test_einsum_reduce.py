@@ -6,9 +6,6 @@ formula table reads) in float64 at 1e-8; LRP-0 = gradient x input of torch netwo
 (1e-4 relative L2); conservation of the parameter-free reductions; refused equations and axes give one line."""
 from __future__ import annotations
 
-import io
-import warnings
-
 import numpy as np
 import onnx
 import pytest
@@ -21,6 +18,7 @@ import lrpc
 from conftest import rel_l2, run_onnx
 from lrpc.composites import Options, RuleSet, UserRule, get_composite
 from oracles import Layer, relevance
+from test_activations import export, lrp0_and_oracle
 
 N = 2
 EPS = 0.3  # large: the stabilizer matters
@@ -116,46 +114,19 @@ class EinsumNet(nn.Module):
         return torch.einsum("...c,dc->...d", h.mean((2, 3)), self.w2)
 
 
-def _export(net, x, dynamo: bool, opset: int = 18) -> onnx.ModelProto:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        if dynamo:
-            return torch.onnx.export(net, (x,), dynamo=True, opset_version=opset, verbose=False,
-                                     input_names=["input"]).model_proto
-        buf = io.BytesIO()
-        torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=opset, input_names=["input"],
-                          dynamic_axes={"input": {0: "batch"}})
-        return onnx.load_from_string(buf.getvalue())
-
-
-def lrp0_and_gradient(net, model, x, twin=None):
-    """(LRP-0 relevance with seed one-hot x logit of each sample's top class, x * x.grad of ``twin`` (default
-    ``net``) for the same classes, forward outputs of the compiled graph and of ``net``)."""
-    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
-    name = model.graph.input[0].name
-    logits = net(torch.from_numpy(x)).detach().numpy()
-    top = logits.argmax(1)
-    seed = np.zeros_like(logits)
-    seed[np.arange(len(x)), top] = logits[np.arange(len(x)), top]
-    out = run_onnx(compiled, {name: x, "relevance_seed": seed})
-    xt = torch.from_numpy(x).requires_grad_(True)
-    (twin or net)(xt)[torch.arange(len(x)), torch.from_numpy(top)].sum().backward()
-    return out["relevance"], (xt * xt.grad).detach().numpy(), out[model.graph.output[0].name], logits
-
-
-@pytest.mark.parametrize("dynamo", [False, True], ids=["legacy", "dynamo"])
-def test_einsum_lrp0_is_gradient_times_input(dynamo):
+@pytest.mark.parametrize("how", ["legacy18", "dynamo18"])
+def test_einsum_lrp0_is_gradient_times_input(how):
     torch.manual_seed(0)
     net = EinsumNet().eval()
     x = torch.randn(N, 3, 6, 6).numpy()
-    model = _export(net, torch.from_numpy(x), dynamo)
+    model = export(net, torch.from_numpy(x), how)
     assert [n.op_type for n in model.graph.node].count("Einsum") == 2
-    got, want, y, logits = lrp0_and_gradient(net, model, x)
+    got, want, y, logits = lrp0_and_oracle(net, model, x, net)
     np.testing.assert_allclose(y, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
     assert rel_l2(got, want) < 1e-4
 
 
-# ------------------------------------------------------------------------------------------------ ReduceSum / ReduceMean
+# ----------------------------------------------------------------------------------------- ReduceSum / ReduceMean
 
 REDUCTIONS = [  # (axes, keepdims)
     ([1], 1), ([1], 0), ([-3], 1), ([1, 2, 3], 0), ([1, 3], 1), ([2], 0),
@@ -241,14 +212,14 @@ class ChannelReduceNet(nn.Module):
         return self.fc((s.mean(1) + m).flatten(1))
 
 
-@pytest.mark.parametrize("dynamo, opset", [(False, 17), (False, 18), (True, 18)], ids=["legacy17", "legacy18", "dynamo18"])
-def test_channel_reductions_lrp0_is_gradient_times_input(dynamo, opset):
+@pytest.mark.parametrize("how", ["legacy17", "legacy18", "dynamo18"])
+def test_channel_reductions_lrp0_is_gradient_times_input(how):
     torch.manual_seed(1)
     net = ChannelReduceNet().eval()
     x = torch.randn(N, 3, 6, 6).numpy()
-    model = _export(net, torch.from_numpy(x), dynamo, opset)
+    model = export(net, torch.from_numpy(x), how)
     ops = [n.op_type for n in model.graph.node]
     assert "ReduceSum" in ops and "ReduceMean" in ops
-    got, want, y, logits = lrp0_and_gradient(net, model, x)
+    got, want, y, logits = lrp0_and_oracle(net, model, x, net)
     np.testing.assert_allclose(y, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
     assert rel_l2(got, want) < 1e-4

@@ -1,9 +1,9 @@
 """ONE generic emitter for every rule on every linear op, through the op's adjoint.
 
 A :class:`View` says how to run a linear op forward with other weights and how to apply its adjoint
-(vector-Jacobian product): Conv <-> ConvTranspose, Gemm/MatMul <-> MatMul with the weight, Einsum <-> Einsum, element-wise
-affine layers (standalone BatchNormalization, Mul/Add by a constant) <-> Mul. Derived weights (W+, W+γW+, …)
-are built in-graph from the one stored initializer, so onnxruntime folds them once at session start and
+(vector-Jacobian product): Conv <-> ConvTranspose, Gemm/MatMul <-> MatMul with the weight, Einsum <-> Einsum,
+element-wise affine layers (standalone BatchNormalization, Mul/Add by a constant) <-> Mul. Derived weights (W+,
+W+γW+, …) are built in-graph from the one stored initializer, so onnxruntime folds them once at session start and
 the file does not grow."""
 from __future__ import annotations
 
@@ -177,7 +177,8 @@ def einsum_terms(node) -> tuple[str, str, str]:
     computed = [t for t in node.inputs if not is_const(t)]
     if len(node.inputs) != 2 or len(computed) != 1:
         raise UnsupportedError(f"{where(node)}: Einsum '{eq}' has an LRP rule only with two operands, one of them "
-                               f"constant (a linear layer); here {len(node.inputs)} operand(s), {len(computed)} computed")
+                               f"constant (a linear layer); here {len(node.inputs)} operand(s), "
+                               f"{len(computed)} computed")
     lhs, _, out = eq.partition("->")
     terms = lhs.split(",")
     if not _:  # implicit output: the subscripts used once, in alphabetical order (after an ellipsis)
@@ -186,7 +187,8 @@ def einsum_terms(node) -> tuple[str, str, str]:
     sx, sw = terms if node.inputs[0] is computed[0] else terms[::-1]
     bad = next((t for t in (sx, sw, out) if len(t.replace("...", "")) != len(set(t.replace("...", "")))), None)
     if bad is not None:
-        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': repeated subscripts in '{bad}' (a diagonal) have no LRP rule")
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': repeated subscripts in '{bad}' (a diagonal) have no "
+                               "LRP rule")
     if "..." in sw:
         raise UnsupportedError(f"{where(node)}: Einsum '{eq}': an ellipsis in the constant operand is not supported")
     lost = [c for c in sx.replace("...", "") if c not in out and c not in sw]
@@ -264,8 +266,9 @@ LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "T
 def gate_operand(node):
     """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output, or a hard sigmoid written
     as a Clip whose range, times the positive constants applied after it, lies in [0, 1] (``relu6(x + 3) / 6``);
-    possibly moved by layout ops. As in SiLU/Swish exported as ``x * sigmoid(x)``, hand-written hard-swish and
-    squeeze-and-excitation blocks. Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
+    possibly moved by layout ops. As in squeeze-and-excitation blocks and per-sample gates (a function of one
+    tensor written as several ops, SiLU's ``x * sigmoid(x)`` too, is an activation instead:
+    passes/activation_regions.py). Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
     activation times an SE gate). UnsupportedError unless that leaves exactly one."""
     def scale_of(n):  # Mul / Div by a positive constant: its factor, else None
         consts = [i for i in n.inputs if is_const(i)]
