@@ -63,6 +63,21 @@ class Context:
         return t.name in self.quiet_below_zero
 
 
+ACTIVATION = "Activation"  # what the output node of an activation written as several ops is explained as
+
+
+def op_of(canon: Canonical, node) -> str:
+    """The op ``node`` is explained as: its type, or :data:`ACTIVATION` for the node making the output of an
+    activation written as several element-wise ops (see passes/activation_regions.py)."""
+    return ACTIVATION if node.name in canon.activations else node.op
+
+
+def inputs_of(canon: Canonical, node, tensors: dict) -> list:
+    """The tensors ``node``'s propagator returns relevance for: its inputs, or an activation region's input."""
+    x = canon.activations.get(node.name)
+    return node.inputs if x is None else [tensors[x]]
+
+
 def category(canon: Canonical, node) -> str | None:
     """The composite category of a node (see composites.py), None for nodes without a rule."""
     if canon.origin.get(node.name) in POOLS:
@@ -71,8 +86,9 @@ def category(canon: Canonical, node) -> str | None:
         return "resize"
     if node.op in NORMALIZATIONS or canon.origin.get(node.name) in NORMALIZATIONS:  # (origin: a bias Add that
         return "normalization"  # passes/norm_affine.py could not fold into its normalization)
-    return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Sum": "sum",
-            "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool"}.get(node.op)
+    return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Einsum": "dense",
+            "Sum": "sum", "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool",
+            "ReduceSum": "sum"}.get(op_of(canon, node))
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
@@ -102,8 +118,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     depends = _depends_on(graph, inputs)
     if explained.name not in depends:
         raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
-    nodes = _on_path(graph, explained, depends)
-    missing = [n for n in nodes if propagator(n.op) is None]
+    inside = _inside_activations(canon, graph, tensors)
+    nodes = [n for n in _on_path(graph, explained, depends) if n.name not in inside]
+    missing = [n for n in nodes if propagator(op_of(canon, n)) is None]
     if missing:
         listed = ", ".join(where(n) for n in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
         raise UnsupportedError(f"no relevance propagator for {listed}")
@@ -136,12 +153,13 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         r_out = [relevance(t) for t in node.outputs]
         if all(r is None for r in r_out):
             continue
-        r_in = propagator(node.op)(ctx, node, r_out)
-        for t, r in zip(node.inputs, r_in):
+        r_in = propagator(op_of(canon, node))(ctx, node, r_out)
+        for t, r in zip(inputs_of(canon, node, tensors), r_in):
             if r is not None and t.name in depends:
                 incoming.setdefault(t.name, []).append(r)
         if layerwise and (category(canon, node) or node.op == "MaxPool"):
-            sent = [(t, r) for t, r in zip(node.inputs, r_in) if r is not None and t.name in depends]
+            sent = [(t, r) for t, r in zip(inputs_of(canon, node, tensors), r_in)
+                    if r is not None and t.name in depends]
             if layerwise == "full":
                 t, r = sent[0] if sent else (node.inputs[0], builder.zeros_like(node.inputs[0]))
                 extra.append((f"relevance_in/{node.name}", r, t.shape))
@@ -257,7 +275,7 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     quiet: set[str] = set()
 
     def consumer_ok(c, t) -> bool:
-        if c.op == "Relu" or c.op in ROUTES_VALUES:
+        if c.op == "Relu" or c.op in ROUTES_VALUES:  # (an activation region's output node is neither: see its pass)
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
         if rule is None or not ctx.nonneg(t):
@@ -272,6 +290,21 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
             if t.name != explained.name and users and all(consumer_ok(c, t) for c in users):
                 quiet.add(t.name)
     return quiet
+
+
+def _inside_activations(canon: Canonical, graph: gs.Graph, tensors: dict) -> set[str]:
+    """Names of the nodes inside activation regions (all but the node making the output): they get no relevance."""
+    made = {t.name: n for n in graph.nodes for t in n.outputs}
+    nodes = {n.name: n for n in graph.nodes}
+    inside: set[str] = set()
+    for head, x in canon.activations.items():
+        todo = [t for t in nodes[head].inputs if t.name in made and t.name != x]
+        while todo:
+            node = made[todo.pop().name]
+            if node.name not in inside:
+                inside.add(node.name)
+                todo += [t for t in node.inputs if t.name in made and t.name != x]
+    return inside
 
 
 def _per_sample_sum(b: Builder, tensors: list):
@@ -315,7 +348,8 @@ def _nonneg(graph: gs.Graph, weight_signs: dict) -> set[str]:
         elif node.op == "Clip":
             lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
             yes = (lo is not None and is_const(lo) and bool(np.all(const_value(lo) >= 0))) or ok(node.inputs[0])
-        elif node.op in KEEPS_SIGN or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Mul", "AveragePool"):
+        elif node.op in KEEPS_SIGN or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Mul",
+                                                  "AveragePool"):
             yes = bool(data) and all(ok(t) for t in data)
         else:
             yes = False

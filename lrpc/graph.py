@@ -29,6 +29,8 @@ class Canonical:
     source: onnx.ModelProto | None = None  # the imported model when lrpc owns it (export reuses its weights)
     weight_signs: dict = field(default_factory=dict)  # initializer name -> (TensorProto, all >= 0), see const_nonneg
     deferred: list = field(default_factory=list)  # the DeferredValues made at import (see release_deferred)
+    # node making an activation written as several ops -> the activation's input (passes/activation_regions.py)
+    activations: dict[str, str] = field(default_factory=dict)
 
     @property
     def opset(self) -> int:

@@ -10,7 +10,8 @@ VGG (with/without BatchNorm), ResNet basic block and bottleneck (downsampling sh
 (BN-ReLU-Conv, Concat, BatchNorm after Concat/pool), Inception (parallel branches, Concat, MaxPool/AvgPool
 with pads), SqueezeNet (Fire modules, GlobalAveragePool), MobileNetV2 (depthwise, ReLU6 = Clip, linear
 bottleneck + residual Add), ShuffleNet v1/v2 (grouped convs, channel shuffle Reshape/Transpose/Reshape,
-Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), MLP (Gemm),
+Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), activations written
+as several ops (GELU Erf/tanh forms, Mish, hard-swish, SiLU), MLP (Gemm),
 normalization layers: a tiny ConvNeXt (channels-last LayerNorm via permute, Linear as MatMul on NHWC, layer scale,
 LayerNorm2d), GroupNorm + InstanceNorm (affine), a hand-written channels-first LayerNorm.
 :func:`torch_arch` builds, exports (either exporter) and wraps one of them; its twin holds the standard deviation of
@@ -425,6 +426,25 @@ class GatedNet(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+class ActivationsNet(nn.Module):
+    """A residual CNN whose activations are written as several ONNX ops by the exporter: GELU (Erf form), GELU
+    (tanh form), Mish (Softplus, Tanh, Mul), hard-swish written out (x * relu6(x + 3) / 6), SiLU (x * Sigmoid(x))."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, 2, 1)
+        self.c1, self.c2 = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2d(8, 12, 3, 2, 1)
+        self.fc = nn.Linear(12, 10)
+
+    def forward(self, x):
+        h = F.gelu(self.stem(x))
+        h = h + F.mish(self.c2(F.gelu(self.c1(h), approximate="tanh")))
+        h = self.c3(h)
+        h = F.silu(h * F.relu6(h + 3) / 6)
+        return self.fc(h.mean((2, 3)))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -581,6 +601,7 @@ TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "resnet_cifar_option_a": (OptionAResNet, CNN_SHAPE),
     "efficientnet": (lambda: GatedNet(nn.SiLU, nn.SiLU, nn.Sigmoid), CNN_SHAPE),
     "mobilenet_v3": (lambda: GatedNet(nn.Hardswish, nn.ReLU, nn.Hardsigmoid), CNN_SHAPE),
+    "activations": (ActivationsNet, CNN_SHAPE),
     "mlp": (mlp, (2, 16)),
     "convnext_like": (ConvNeXtLike, CNN_SHAPE),
     "group_instance_norm": (GroupInstanceNet, CNN_SHAPE),

@@ -101,6 +101,8 @@ NO_GRAD_X_INPUT = {
     "efficientnet": "SiLU (x·sigmoid(x)) and the squeeze-and-excitation gates: the gate gets no relevance, the "
                     "gradient flows through it",
     "mobilenet_v3": "HardSwish and the HardSigmoid gates: as efficientnet",
+    "activations": "GELU, Mish, hard-swish and SiLU written as several ops are one activation each, identity rule "
+                   "(its gradient x input is the detach oracle of tests/test_activations.py)",
 }
 GRAD_X_INPUT = [n for n in ALL if n not in NO_GRAD_X_INPUT]
 
@@ -211,6 +213,7 @@ FEATURES = {
     "mlp": [("Gemm", {})],
     "efficientnet": [("Sigmoid", {}), ("Mul", {}), ("GlobalAveragePool", {}), ("Conv", {"group": _depthwise})],
     "mobilenet_v3": [("HardSigmoid", {}), ("HardSwish", {}), ("Mul", {}), ("Conv", {"group": _depthwise})],
+    "activations": [("Erf", {}), ("Tanh", {}), ("Softplus", {}), ("Clip", {}), ("Sigmoid", {}), ("Add", {})],
     "mlp_matmul_add": [("MatMul", {}), ("Add", {})],
     "sum3_residual": [("Sum", {})],
     "conv_bias_add": [("Add", {})],

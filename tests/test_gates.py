@@ -1,6 +1,6 @@
-"""Gated products ``y = x * g`` (SiLU exported as ``x * sigmoid(x)``, squeeze-and-excitation blocks, hard sigmoids
-written as ``relu6(x + 3) / 6``): the gate is an
-input-dependent scale of ``x``. Oracle: the same network with the gate frozen to its values for the batch (a Mul
+"""Gated products ``y = x * g`` (squeeze-and-excitation blocks, hard sigmoids written as ``relu6(x + 3) / 6``): the
+gate is an input-dependent scale of ``x``. (SiLU exported as ``x * sigmoid(x)`` is one activation of ``x``, not a
+gated product: passes/activation_regions.py, tests/test_activations.py.) Oracle: the same network with the gate frozen to its values for the batch (a Mul
 by a constant, which lrpc already explains) gives the same relevance, for every composite and for a rule file
 that puts epsilon on the Mul; bias-free conservation holds; a product of two non-gates (or two gates) is refused."""
 from __future__ import annotations
@@ -87,7 +87,7 @@ def test_gated_product_equals_frozen_gate(gate_op, gate_first, via_reshape, relu
     model = _network(gate_op, gate_first, via_reshape, relu6=relu6)
     x = np.random.default_rng(1).standard_normal((N, 4, H, H)).astype(np.float32)
     gate = "se_gate1" if via_reshape else "se_gate0"
-    gates = [gate] if relu6 else ["silu_gate", gate]
+    gates = [gate]  # (the SiLU is an activation of h in both networks, whatever rule the Mul gets)
     frozen = _network(gate_op, gate_first, via_reshape, freeze=_gate_values(model, x, gates), relu6=relu6)
     seed = np.eye(10, dtype=np.float32)[[3, 7]]
     options = {"low": -3.0, "high": 3.0} if rules == "epsilon-gamma-box" else {}
@@ -122,10 +122,11 @@ def test_gated_product_conserves_without_biases():
 def test_product_without_exactly_one_gate_is_refused(pair, gates, tmp_path, capsys):
     model = _network()
     g = model.graph
-    g.node.extend([helper.make_node("Relu", ["h"], ["h2"], name="relu_h"),
+    # (the factors next to h are computed from s, not from h: a product of two functions of h is one activation)
+    g.node.extend([helper.make_node("Relu", ["s"], ["h2"], name="relu_h"),
                    helper.make_node("Sigmoid", ["h2"], ["g2"], name="sig_h2"),
-                   helper.make_node("Clip", ["h", "minus_one", "six"], ["hc"], name="clip_h"),  # min < 0: no gate
-                   helper.make_node("Clip", ["h", "zero", "six"], ["h6"], name="relu6_h"),  # range [0, 6]: no gate
+                   helper.make_node("Clip", ["s", "minus_one", "six"], ["hc"], name="clip_h"),  # min < 0: no gate
+                   helper.make_node("Clip", ["s", "zero", "six"], ["h6"], name="relu6_h"),  # range [0, 6]: no gate
                    helper.make_node("Mul", pair, ["m"], name="odd_mul"),
                    helper.make_node("ReduceMean", ["m"], ["mm"], axes=[1, 2, 3], keepdims=0, name="odd_mean"),
                    helper.make_node("Unsqueeze", ["mm", "one"], ["mu"], name="odd_unsqueeze"),

@@ -5,11 +5,12 @@ import onnx
 
 from ..graph import Canonical, import_model, refresh_shapes, toposort
 from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, normalize_opset, residual_sum, strip_softmax
-from . import decomposed_layernorm, maxpool_ceil, norm_affine, resize_to_matmul
+from . import activation_regions, decomposed_layernorm, maxpool_ceil, norm_affine, resize_to_matmul
 
-# (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool)
+# (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
+# last: it records node names, which a later pass could replace)
 PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, decomposed_layernorm, norm_affine, fold_batchnorm, avgpool_to_conv,
-            resize_to_matmul, residual_sum)
+            resize_to_matmul, residual_sum, activation_regions)
 
 
 def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False,

@@ -1,5 +1,5 @@
-"""Element-wise layers: activations pass relevance unchanged; residual sums split it in proportion to
-each branch's contribution (norm rule, ``R_i = x_i * R / stab(Σ x)``)."""
+"""Element-wise layers: activations (one op, or several: passes/activation_regions.py) pass relevance unchanged;
+residual sums split it in proportion to each branch's contribution (norm rule, ``R_i = x_i * R / stab(Σ x)``)."""
 from __future__ import annotations
 
 from ..errors import UnsupportedError, where
@@ -16,6 +16,13 @@ ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu", 
 def pass_through(ctx, node, R_out):
     """Pass: the activation's input gets the relevance of its output, element for element."""
     return [R_out[0]] + [None] * (len(node.inputs) - 1)
+
+
+@register("Activation")
+def activation(ctx, node, R_out):
+    """An activation written as several element-wise ops (passes/activation_regions.py; ``node`` makes its output):
+    identity, the activation's input gets the relevance of its output."""
+    return [R_out[0]]
 
 
 @register("Sum")

@@ -1,9 +1,9 @@
 """ONE generic emitter for every rule on every linear op, through the op's adjoint.
 
 A :class:`View` says how to run a linear op forward with other weights and how to apply its adjoint
-(vector-Jacobian product): Conv <-> ConvTranspose, Gemm/MatMul <-> MatMul with the weight, element-wise
-affine layers (standalone BatchNormalization, Mul/Add by a constant) <-> Mul. Derived weights (W+, W+γW+, …)
-are built in-graph from the one stored initializer, so onnxruntime folds them once at session start and
+(vector-Jacobian product): Conv <-> ConvTranspose, Gemm/MatMul <-> MatMul with the weight, Einsum <-> Einsum,
+element-wise affine layers (standalone BatchNormalization, Mul/Add by a constant) <-> Mul. Derived weights (W+,
+W+γW+, …) are built in-graph from the one stored initializer, so onnxruntime folds them once at session start and
 the file does not grow."""
 from __future__ import annotations
 
@@ -150,6 +150,54 @@ class ScaleView(View):
         return unbroadcast(self.b, r, self.x, self.z)
 
 
+class EinsumView(View):
+    """Einsum of the input with one constant operand (``bchw,oc->bohw``, ``...c,dc->...d``): forward with the
+    layer's equation, adjoint from the output's and the weight's subscripts to the input's."""
+
+    def __init__(self, ctx, node, x, w, terms: tuple[str, str, str], x_first: bool):
+        super().__init__(ctx, node, x, w, None)
+        self.sx, self.sw, self.sz = terms
+        self.x_first = x_first
+
+    def forward(self, x, w, bias):
+        eq = f"{self.sx},{self.sw}->{self.sz}" if self.x_first else f"{self.sw},{self.sx}->{self.sz}"
+        z = self.b.op("Einsum", [x, w] if self.x_first else [w, x], {"equation": eq})
+        return z if bias is None else self.b.add(z, bias)
+
+    def adjoint(self, c, w):
+        return self.b.op("Einsum", [c, w], {"equation": f"{self.sz},{self.sw}->{self.sx}"})
+
+
+def einsum_terms(node) -> tuple[str, str, str]:
+    """(input, weight, output) subscripts of an Einsum of one computed tensor with one constant (a linear layer
+    whose adjoint is again an Einsum); UnsupportedError for the equations that are not (two computed operands,
+    a diagonal, an input index summed away without the weight)."""
+    eq = node.attrs.get("equation", "")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    computed = [t for t in node.inputs if not is_const(t)]
+    if len(node.inputs) != 2 or len(computed) != 1:
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}' has an LRP rule only with two operands, one of them "
+                               f"constant (a linear layer); here {len(node.inputs)} operand(s), "
+                               f"{len(computed)} computed")
+    lhs, _, out = eq.partition("->")
+    terms = lhs.split(",")
+    if not _:  # implicit output: the subscripts used once, in alphabetical order (after an ellipsis)
+        letters = [c for c in lhs if c.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    sx, sw = terms if node.inputs[0] is computed[0] else terms[::-1]
+    bad = next((t for t in (sx, sw, out) if len(t.replace("...", "")) != len(set(t.replace("...", "")))), None)
+    if bad is not None:
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': repeated subscripts in '{bad}' (a diagonal) have no "
+                               "LRP rule")
+    if "..." in sw:
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': an ellipsis in the constant operand is not supported")
+    lost = [c for c in sx.replace("...", "") if c not in out and c not in sw]
+    if lost:
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': index '{lost[0]}' of the input is summed away without "
+                               f"the weight (a sum, not a linear layer with weights)")
+    return sx, sw, out
+
+
 def unbroadcast(b, r, x, z):
     """Sum ``r`` (shaped like ``z``) over the axes along which ``x`` was broadcast to ``z``."""
     if x.shape is None or z.shape is None:
@@ -175,6 +223,10 @@ def view_of(ctx, node) -> View:
         return GemmView(ctx, node, ins[0], ins[1], bias(2))
     if op == "MatMul":
         return MatMulView(ctx, node, ins[0], ins[1], None)
+    if op == "Einsum":
+        sx, sw, sz = einsum_terms(node)
+        x_first = not is_const(ins[0])
+        return EinsumView(ctx, node, *(ins if x_first else ins[::-1]), (sx, sw, sz), x_first)
     if op == "BatchNormalization":
         if not all(is_const(t) for t in ins[1:5]) or len(node.outputs) > 1:
             raise UnsupportedError(f"{where(node)}: BatchNormalization needs constant statistics and inference mode")
@@ -214,8 +266,9 @@ LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "T
 def gate_operand(node):
     """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output, or a hard sigmoid written
     as a Clip whose range, times the positive constants applied after it, lies in [0, 1] (``relu6(x + 3) / 6``);
-    possibly moved by layout ops. As in SiLU/Swish exported as ``x * sigmoid(x)``, hand-written hard-swish and
-    squeeze-and-excitation blocks. Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
+    possibly moved by layout ops. As in squeeze-and-excitation blocks and per-sample gates (a function of one
+    tensor written as several ops, SiLU's ``x * sigmoid(x)`` too, is an activation instead:
+    passes/activation_regions.py). Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
     activation times an SE gate). UnsupportedError unless that leaves exactly one."""
     def scale_of(n):  # Mul / Div by a positive constant: its factor, else None
         consts = [i for i in n.inputs if is_const(i)]
@@ -255,7 +308,7 @@ def gate_operand(node):
     return gates[0]
 
 
-@register("Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add")
+@register("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "BatchNormalization", "Mul", "Add")
 def propagate(ctx, node, R_out):
     """A linear layer under its rule. A gated product ``y = x * g`` (:func:`gate_operand`) is the element-wise
     linear map of ``x`` scaled by the gate's values: its rule (pass by default, category scale) sends

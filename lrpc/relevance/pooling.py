@@ -135,27 +135,32 @@ def _inverse(flat: np.ndarray, size: int) -> np.ndarray:
     return inverse
 
 
-@register("ReduceMean")
-def reduce_mean(ctx, node, R_out):
-    """A mean the avgpool pass leaves as it is (e.g. over H, W of an NHWC tensor, tf2onnx's global pool): norm
-    rule, ``R_in = x * (R / stab(mean)) / K`` broadcast back over the K reduced cells (no mixing across the
-    kept axes)."""
+@register("ReduceMean", "ReduceSum")
+def reduce(ctx, node, R_out):
+    """A sum or mean the avgpool pass leaves as it is (over channels, over all non-batch axes, over H, W of an NHWC
+    tensor: tf2onnx's global pool): norm rule, each summed cell gets its share ``R_i = x_i * R / stab(sum)`` (a
+    mean's cells weigh 1/K: ``x_i / K * R / stab(mean)``, the same), broadcast back over the reduced axes."""
     rule = ctx.rule(node)
     if rule.name not in ("norm", "epsilon"):
-        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a mean (use norm or epsilon)")
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} (use norm or epsilon)")
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
     dims = static_dims(x, node, "input shape")
     rank = len(dims)
     axes = node.attrs.get("axes")
     if len(node.inputs) > 1 and node.inputs[1].name:
         if not is_const(node.inputs[1]):
-            raise UnsupportedError(f"{where(node)}: ReduceMean with non-constant axes")
+            raise UnsupportedError(f"{where(node)}: {node.op} with non-constant axes")
         axes = const_value(node.inputs[1]).reshape(-1).tolist()
+    rest = [None] * (len(node.inputs) - 1)
+    if not axes and node.attrs.get("noop_with_empty_axes", 0):
+        return [R_out[0]] + rest  # the identity
     axes = sorted({int(a) % rank for a in axes}) if axes else list(range(rank))
     if 0 in axes:
-        raise UnsupportedError(f"{where(node)}: ReduceMean over the batch axis has no LRP rule")
-    c = quotient(b, R_out[0], z, rule, rank if node.attrs.get("keepdims", 1) else rank - len(axes))
-    if not node.attrs.get("keepdims", 1):
+        raise UnsupportedError(f"{where(node)}: {node.op} over the batch axis has no LRP rule")
+    keepdims = node.attrs.get("keepdims", 1)
+    c = quotient(b, R_out[0], z, rule, rank if keepdims else rank - len(axes))
+    if not keepdims:
         c = b.op("Unsqueeze", [c, b.ints(axes)])
-    share = b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes]))))
-    return [b.mul(x, share)] + [None] * (len(node.inputs) - 1)
+    if node.op == "ReduceMean":
+        c = b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes]))))
+    return [b.mul(x, c)] + rest
