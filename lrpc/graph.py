@@ -422,6 +422,12 @@ def producer(t):
     return t.inputs[0] if t.inputs else None
 
 
+def is_layer(canon: Canonical, node) -> bool:
+    """``node`` is one of the model's linear layers, not a pool or Resize that a pass lowered to a linear op (those
+    keep their own rule: no BatchNormalization, constant Mul/Add or Pad folds into them)."""
+    return node.op in LINEAR_OPS and canon.origin.get(node.name, node.op) in LINEAR_OPS
+
+
 def only_consumer(graph: gs.Graph, t):
     """The single node reading ``t``, or None if several read it or it is a graph output."""
     if t in graph.outputs or len(t.outputs) != 1:

@@ -10,14 +10,16 @@ VGG (with/without BatchNorm), ResNet basic block and bottleneck (downsampling sh
 (BN-ReLU-Conv, Concat, BatchNorm after Concat/pool), Inception (parallel branches, Concat, MaxPool/AvgPool
 with pads), SqueezeNet (Fire modules, GlobalAveragePool), MobileNetV2 (depthwise, ReLU6 = Clip, linear
 bottleneck + residual Add), ShuffleNet v1/v2 (grouped convs, channel shuffle Reshape/Transpose/Reshape,
-Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), MLP (Gemm),
+Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), BatchNorm followed by
+a per-channel scale and shift (Caffe's BatchNorm + Scale), MLP (Gemm),
 normalization layers: a tiny ConvNeXt (channels-last LayerNorm via permute, Linear as MatMul on NHWC, layer scale,
 LayerNorm2d), GroupNorm + InstanceNorm (affine), a hand-written channels-first LayerNorm.
 :func:`torch_arch` builds, exports (either exporter) and wraps one of them; its twin holds the standard deviation of
 normalization layers constant (:func:`sigma_detached`), as AttnLRP's LayerNorm rule does.
 
 Hand-built graph forms (:data:`ONNX_BUILDERS`): MatMul+Add MLP, 3-input Sum, Conv bias as a separate Add,
-Caffe2 Scale (Mul/Add of Unsqueeze'd 1-d constants), weights made by constant subgraphs, Flatten vs Reshape
+Caffe2 Scale (Mul/Add of Unsqueeze'd 1-d constants), Caffe2 SpatialBN + Scale (BatchNormalization -> Mul/Add of
+[C,1,1] constants, opset 9 and 7), weights made by constant subgraphs, Flatten vs Reshape
 (also to ``Shape`` of another tensor),
 NHWC input (tf2onnx Transpose, ReduceMean over H, W), a Pad node before Conv, a Pad of the channel axis in a
 shortcut, a strided Slice with its axes listed high to low, MaxPool with pads + ceil_mode,
@@ -425,6 +427,37 @@ class GatedNet(nn.Module):
         return self.classifier(torch.flatten(F.adaptive_avg_pool2d(self.features(x), 1), 1))
 
 
+class ConvBNScale(nn.Module):
+    """Conv -> BatchNorm -> ``x * scale[:, None, None] + shift[:, None, None]`` (-> ReLU): BatchNorm written as
+    Caffe's BatchNorm + Scale layers (Caffe2 model-zoo files: SpatialBN, then a per-channel Mul and Add)."""
+
+    def __init__(self, cin, cout, stride=1, relu=True):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.scale = nn.Parameter(0.5 + torch.rand(cout))
+        self.shift = nn.Parameter(0.2 * torch.randn(cout))
+        self.relu = relu
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)) * self.scale[:, None, None] + self.shift[:, None, None]
+        return F.relu(h) if self.relu else h
+
+
+class BNScaleNet(nn.Module):
+    """Stem and a residual block of :class:`ConvBNScale` layers, MaxPool, global average pool, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool = ConvBNScale(3, 8), nn.MaxPool2d(2)
+        self.a, self.b = ConvBNScale(8, 8), ConvBNScale(8, 8, relu=False)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = F.relu(self.b(self.a(x)) + x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -581,6 +614,7 @@ TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "resnet_cifar_option_a": (OptionAResNet, CNN_SHAPE),
     "efficientnet": (lambda: GatedNet(nn.SiLU, nn.SiLU, nn.Sigmoid), CNN_SHAPE),
     "mobilenet_v3": (lambda: GatedNet(nn.Hardswish, nn.ReLU, nn.Hardsigmoid), CNN_SHAPE),
+    "bn_scale": (BNScaleNet, CNN_SHAPE),
     "mlp": (mlp, (2, 16)),
     "convnext_like": (ConvNeXtLike, CNN_SHAPE),
     "group_instance_norm": (GroupInstanceNet, CNN_SHAPE),
@@ -1003,6 +1037,48 @@ def opset9(seed=20, weights_as_inputs: bool = False) -> Arch:
     return Arch(name, m, example_input((2, 3, 8, 8)), twin, squash="softmax")
 
 
+def caffe2_spatialbn(seed=26, opset=9) -> Arch:
+    """Caffe2 model-zoo BatchNorm (Caffe's BatchNorm + Scale layers): Conv (no bias) -> BatchNormalization (scale 1,
+    bias 0: statistics only) -> Mul(s[C,1,1]) -> Add(t[C,1,1]) -> Relu; three such layers with a MaxPool and a
+    residual ``Sum``, GlobalAveragePool, Flatten, Gemm, Softmax. Opset 9 (or 7, BatchNormalization with
+    ``spatial=1``, IR 3 with the weights listed as graph inputs), upgraded by lrpc."""
+    g = _G(seed)
+    layers = []
+
+    def conv_bn_scale(x, cin, cout):
+        y, w, _ = g.conv(x, cin, cout, bias=False)
+        mean, var = g.bias(cout), (0.5 + g.rng.random(cout)).astype(np.float32)
+        stats = [np.ones(cout, np.float32), np.zeros(cout, np.float32), mean, var]
+        bn_attrs = {"spatial": 1} if opset < 9 else {}
+        y = g.node("BatchNormalization", [y] + [g.init(v, "bn") for v in stats], epsilon=1e-5, **bn_attrs)
+        s, t = (0.5 + g.rng.random(cout)).astype(np.float32), (0.3 * g.rng.standard_normal(cout)).astype(np.float32)
+        y = g.node("Add", [g.node("Mul", [y, g.init(s.reshape(-1, 1, 1), "scale")]), g.init(t.reshape(-1, 1, 1), "shift")])
+        layers.append((w, mean, var, s, t))
+        return y
+
+    t = g.node("MaxPool", [g.node("Relu", [conv_bn_scale("input", 3, 8)])], kernel_shape=[2, 2], strides=[2, 2])
+    h = g.node("Relu", [conv_bn_scale(t, 8, 8)])
+    t = g.node("Relu", [g.node("Sum", [conv_bn_scale(h, 8, 8), t])])
+    wf, bf = g.weight(10, 8), g.bias(10)
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [t])], axis=1)
+    g.node("Softmax", [g.node("Gemm", [flat, g.init(wf), g.init(bf, "b")], transB=1)], outputs=["prob"], axis=1)
+
+    def layer(x, i):
+        w, mean, var, s, t = (_t(v) for v in layers[i])
+        h = (_tconv(x, w.numpy()) - mean.reshape(-1, 1, 1)) / torch.sqrt(var.reshape(-1, 1, 1) + 1e-5)
+        return h * s.reshape(-1, 1, 1) + t.reshape(-1, 1, 1)
+
+    def twin(x):
+        h = F.max_pool2d(F.relu(layer(x, 0)), 2)
+        h = F.relu(layer(F.relu(layer(h, 1)), 2) + h)
+        return h.mean((2, 3)) @ _t(wf).T + _t(bf)
+
+    old = opset < 9  # IR 3, as Caffe2's exporter wrote opset 7: every initializer also listed as a graph input
+    weights = [_vi(t.name, list(t.dims), t.data_type) for t in g.inits] if old else []
+    m = g.model([_vi("input", X8)] + weights, [_vi("prob", [N, 10])], opset=opset, ir=3 if old else 4)
+    return Arch(f"caffe2_spatialbn-op{opset}", m, example_input((2, 3, 8, 8)), twin, squash="softmax")
+
+
 def opset11(seed=21) -> Arch:
     """Opset 11 forms: Clip with min as an input (ReLU), Pad with pads as an input, ReduceMean with an axes
     attribute (global pool, keepdims), Squeeze with an axes attribute, Gemm."""
@@ -1050,6 +1126,8 @@ ONNX_BUILDERS: dict[str, Callable[[], Arch]] = {
     "sum3_residual": sum3,
     "conv_bias_add": conv_bias_add,
     "caffe2_scale": caffe2_scale,
+    "caffe2_spatialbn-op9": caffe2_spatialbn,
+    "caffe2_spatialbn-op7": lambda: caffe2_spatialbn(opset=7),
     "const_subgraph_weights": const_subgraph_weights,
     "flatten_head": lambda: flatten_form("flatten"),
     "reshape0_head": lambda: flatten_form("reshape0"),

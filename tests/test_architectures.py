@@ -36,7 +36,8 @@ OPSET11_EXPORT = "inception-op11"  # the inception torch export at opset 11 (upg
 # (GroupNormalization nodes), the legacy exporter at opset 16 (LayerNorm written out)
 NORM_EXPORTS = ["convnext_like-dynamo", "group_instance_norm-dynamo", "layernorm_channels_first-dynamo",
                 "group_instance_norm-dynamo21", "convnext_like-op16"]
-ALL = TORCH_MODELS + ["vgg_bn-nofold", "resnet_basic-nofold", OPSET11_EXPORT] + NORM_EXPORTS + ONNX_MODELS
+ALL = TORCH_MODELS + ["vgg_bn-nofold", "resnet_basic-nofold", "bn_scale-nofold", "bn_scale-dynamo", OPSET11_EXPORT] \
+    + NORM_EXPORTS + ONNX_MODELS
 
 FINITE_COMPOSITES = ("epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1")
 BOX = {"low": -3.0, "high": 3.0}
@@ -209,12 +210,19 @@ FEATURES = {
                    ("Transpose", {"perm": [0, 2, 1, 3, 4]}), ("Slice", {}), ("ReduceMean", {})],
     "alexnet_lrn": [("LRN", {}), ("Shape", {}), ("Reshape", {})],
     "mlp": [("Gemm", {})],
+    # BatchNorm + a per-channel Scale (x * s[:, None, None] + t[:, None, None]): the legacy exporter without constant
+    # folding keeps the BatchNormalization and puts the Mul/Add after it; with folding (and dynamo) BN is in the Conv
+    "bn_scale": [("Conv", {}), ("Mul", {}), ("Add", {})],
+    "bn_scale-nofold": [("BatchNormalization", {}), ("Unsqueeze", {}), ("Mul", {}), ("Add", {})],
+    "bn_scale-dynamo": [("Conv", {}), ("Mul", {}), ("Add", {})],
     "efficientnet": [("Sigmoid", {}), ("Mul", {}), ("GlobalAveragePool", {}), ("Conv", {"group": _depthwise})],
     "mobilenet_v3": [("HardSigmoid", {}), ("HardSwish", {}), ("Mul", {}), ("Conv", {"group": _depthwise})],
     "mlp_matmul_add": [("MatMul", {}), ("Add", {})],
     "sum3_residual": [("Sum", {})],
     "conv_bias_add": [("Add", {})],
     "caffe2_scale": [("Unsqueeze", {}), ("Mul", {}), ("Add", {})],
+    "caffe2_spatialbn-op9": [("BatchNormalization", {}), ("Mul", {}), ("Add", {}), ("Sum", {}), ("Softmax", {})],
+    "caffe2_spatialbn-op7": [("BatchNormalization", {"spatial": 1}), ("Mul", {}), ("Add", {}), ("Sum", {})],
     "const_subgraph_weights": [("Reshape", {}), ("Cast", {}), ("Constant", {}), ("Transpose", {})],
     "flatten_head": [("Flatten", {})],
     "reshape0_head": [("Reshape", {})],
@@ -243,7 +251,8 @@ OPSETS = {"inception-op11": (11, 6), "opset9_ir4": (9, 4), "opset9_ir3_weights_a
           "opset21_ir10": (21, 10), "nhwc_transpose": (18, 8), "convnext_like-op16": (16, 8),
           "convnext_like-dynamo": (20, 10), "group_instance_norm-dynamo": (20, 10),
           "layernorm_channels_first-dynamo": (20, 10),
-          "group_instance_norm-dynamo21": (21, 10)}  # (opset, IR version); all others: (17, 8)
+          "group_instance_norm-dynamo21": (21, 10), "bn_scale-dynamo": (20, 10), "caffe2_spatialbn-op9": (9, 4),
+          "caffe2_spatialbn-op7": (7, 3)}  # (opset, IR version); all others: (17, 8)
 
 
 @pytest.mark.parametrize("name", ALL)

@@ -207,6 +207,61 @@ def test_bn_after_relu_not_folded():
     assert ops(result) == Counter({"Conv": 1, "Relu": 1, "BatchNormalization": 1})
 
 
+# --- the pipeline runs to a fixed point -----------------------------------------------------------
+
+
+def _conv_bn_scale(rng, spatial_bn_first: bool = True):
+    """Conv -> BatchNormalization -> Mul(s[C,1,1]) -> Add(t[C,1,1]) -> Relu (Caffe2's SpatialBN + Scale)."""
+    inits = [init("W", rand(rng, 4, 3, 3, 3)), init("s", rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32)),
+             init("t", rand(rng, 4, 1, 1))] + bn_params(rng, "bn", 4)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             bn_node("c", "b", "bn", eps=1e-5),
+             helper.make_node("Mul", ["b", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "t"], ["a"], name="shift"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    return make_model(nodes, [("x", ["N", 3, 5, 5])], [("y", ["N", 4, 5, 5])], inits)
+
+
+def test_scale_after_batchnorm_folds_once_the_batchnorm_has():
+    """The Mul/Add follow the BN, not the Conv: they fold in the round after the BN fold."""
+    result, canon = canonize(_conv_bn_scale(_rng(18)), batches=(1, 3))
+    assert ops(result) == Counter({"Conv": 1, "Relu": 1})
+    conv = nodes_of(result, "Conv")[0]
+    assert len(conv.input) == 3 and conv.output[0] == "a"
+
+
+def test_nothing_folds_into_a_lowered_pool():
+    """A pool lowered to a depthwise Conv keeps its own rule: a BatchNormalization, a constant Mul/Add or a Pad
+    after or before it stays (the pool is no linear layer of the model)."""
+    rng = _rng(19)
+    inits = [init("W", rand(rng, 4, 3, 3, 3)), init("s", rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32)),
+             init("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))] + bn_params(rng, "bn", 4)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Pad", ["r", "p"], ["rp"], name="pad"),
+             helper.make_node("AveragePool", ["rp"], ["a"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             bn_node("a", "b", "bn", eps=1e-5),
+             helper.make_node("GlobalAveragePool", ["b"], ["g"], name="gap"),
+             helper.make_node("Mul", ["g", "s"], ["y"], name="scale")]
+    model = make_model(nodes, [("x", ["N", 3, 6, 6])], [("y", ["N", 4, 1, 1])], inits)
+    result, canon = canonize(model, batches=(1, 3))
+    assert ops(result) == Counter({"Conv": 3, "Relu": 1, "Pad": 1, "BatchNormalization": 1, "Mul": 1})
+    assert roles(result) == {"pool": "AveragePool", "gap": "GlobalAveragePool"}
+
+
+def test_canonization_that_does_not_settle_is_an_internal_error(monkeypatch):
+    import lrpc.passes as passes
+
+    class Restless:  # a pass that reports a change every time
+        @staticmethod
+        def run(canon):
+            return True
+
+    monkeypatch.setattr(passes, "PIPELINE", passes.PIPELINE + (Restless,))
+    with pytest.raises(RuntimeError, match=f"did not settle after {passes.MAX_ROUNDS} rounds"):
+        canonize_graph(_conv_bn_scale(_rng(18)))
+
+
 # --- pooling -> depthwise Conv --------------------------------------------------------------------
 
 

@@ -7,8 +7,8 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, only_consumer, out_channels,
-                     rewire_output, scale_out_channels, toposort)
+from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, is_layer, only_consumer,
+                     out_channels, rewire_output, scale_out_channels, toposort)
 
 
 def run(canon: Canonical) -> bool:
@@ -23,12 +23,12 @@ def run(canon: Canonical) -> bool:
             changed |= _matmul(canon, node)
         elif node.op in ("Conv", "ConvTranspose"):
             changed |= _conv_attrs(node)
-            changed |= node.op == "Conv" and _fold_pad(graph, node)
+            changed |= node.op == "Conv" and is_layer(canon, node) and _fold_pad(graph, node)
     again = True
     while again:  # fold chains like Conv -> Mul -> Add
         again = False
         for node in list(graph.nodes):
-            if node.op in ("Conv", "ConvTranspose", "Gemm") and node.outputs:
+            if node.op in ("Conv", "ConvTranspose", "Gemm") and node.outputs and is_layer(canon, node):
                 again |= _fold_following(graph, node)
         changed |= again
     graph.cleanup(remove_unused_graph_inputs=False)
