@@ -151,6 +151,7 @@ def canonize_for_save(model, output: str | None = None,
     proto, owned, _, verbatim = _as_model(model, input_shapes)
     with _blaming_the_input(proto):
         canon = _canonize(proto, output, owned, verbatim)
+        canon.graph.cleanup(remove_unused_graph_inputs=False)  # (a copy of the moves behind a softmax: nothing reads it)
         result = export_model(canon)
         release_deferred(canon)
         _check(result)

@@ -50,8 +50,9 @@ class Arch:
     """A model to compile and its oracle.
 
     ``model``: ModelProto or path. ``twin(x)``: float32 torch function giving the explained tensor (logits)
-    for an input tensor, differentiable. ``squash``: the op the ONNX graph applies after the explained tensor
-    to produce its output ("softmax" or None). ``output``: the graph output to explain (None = the first)."""
+    for an input tensor, differentiable, in the graph output's shape and element order. ``squash``: the op the
+    ONNX graph applies after the explained tensor to produce its output ("softmax" or None), over axis
+    ``squash_axis``. ``output``: the graph output to explain (None = the first)."""
 
     name: str
     model: object
@@ -59,6 +60,7 @@ class Arch:
     twin: Callable[[torch.Tensor], torch.Tensor]
     output: str | None = None
     squash: str | None = None
+    squash_axis: int = 1
 
 
 def example_input(shape, seed: int = 1234) -> np.ndarray:
@@ -458,6 +460,42 @@ class BNScaleNet(nn.Module):
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
+class PooledSoftmax(nn.Module):
+    """SqueezeNet-style classifier whose probabilities are ``softmax(dim=1)`` of the pooled [N, C, 1, 1] map (no
+    Flatten): ONNX ``GlobalAveragePool -> Softmax(axis=1)``, which torch's exporter before opset 13 writes as
+    ``Transpose -> Softmax(axis=3) -> Transpose``. ``logits`` is the explained tensor."""
+
+    output, squash_axis = "prob", 1
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2), Fire(8, 4, 4))
+        self.classifier = nn.Sequential(nn.Conv2d(8, 10, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
+
+    def logits(self, x):
+        return self.classifier(self.features(x))
+
+    def forward(self, x):
+        return torch.softmax(self.logits(x), dim=1)
+
+
+class NHWCSoftmax(nn.Module):
+    """Dense classifier giving channels-last probabilities: ``softmax(dim=1)`` of an NCHW map, then
+    ``permute(0, 2, 3, 1)`` ([N, H, W, C] out). ``logits``: the explained tensor, in the output's order."""
+
+    output, squash_axis = "prob", -1
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3, 1, 1))
+
+    def logits(self, x):
+        return self.body(x).permute(0, 2, 3, 1)
+
+    def forward(self, x):
+        return torch.softmax(self.body(x), dim=1).permute(0, 2, 3, 1)
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -615,6 +653,8 @@ TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "efficientnet": (lambda: GatedNet(nn.SiLU, nn.SiLU, nn.Sigmoid), CNN_SHAPE),
     "mobilenet_v3": (lambda: GatedNet(nn.Hardswish, nn.ReLU, nn.Hardsigmoid), CNN_SHAPE),
     "bn_scale": (BNScaleNet, CNN_SHAPE),
+    "pooled_softmax": (PooledSoftmax, CNN_SHAPE),
+    "nhwc_softmax": (NHWCSoftmax, CNN_SHAPE),
     "mlp": (mlp, (2, 16)),
     "convnext_like": (ConvNeXtLike, CNN_SHAPE),
     "group_instance_norm": (GroupInstanceNet, CNN_SHAPE),
@@ -635,8 +675,8 @@ def build_torch(name: str, seed: int = 0) -> nn.Module:
 
 
 def export(model: nn.Module, path, input_shape, opset: int = OPSET, constant_folding: bool = True,
-           dynamo: bool = False) -> Path:
-    """Export with input ``input`` and output ``logits``, batch dim dynamic: TorchScript (``dynamo=False``) or the
+           dynamo: bool = False, output: str = "logits") -> Path:
+    """Export with input ``input`` and output ``output``, batch dim dynamic: TorchScript (``dynamo=False``) or the
     torch.export-based exporter (``dynamo=True``; ``opset=None``: its default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -649,12 +689,12 @@ def export(model: nn.Module, path, input_shape, opset: int = OPSET, constant_fol
 
             with contextlib.redirect_stdout(io.StringIO()):  # (its progress lines)
                 prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
-                                         output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                         output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},))
             prog.save(str(path), external_data=False)
         else:
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
-                              do_constant_folding=constant_folding, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                              do_constant_folding=constant_folding, input_names=["input"], output_names=[output],
+                              dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}})
     return path
 
 
@@ -665,8 +705,12 @@ def torch_arch(name: str, tmp_dir, seed: int = 0, opset: int | None = OPSET, con
     model = build_torch(name, seed)
     shape = TORCH_BUILDERS[name][1]
     tag = f"{name}-" + ("dynamo" if dynamo else "") + (f"op{opset}" if opset else "") + ("" if constant_folding else "-nofold")
-    path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding, dynamo)
-    return Arch(tag, str(path), example_input(shape), sigma_detached(model))
+    path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding, dynamo,
+                  getattr(model, "output", "logits"))
+    twin = sigma_detached(model)
+    if hasattr(model, "logits"):  # a model ending in a softmax: its twin gives the logits
+        return Arch(tag, str(path), example_input(shape), twin.logits, squash="softmax", squash_axis=model.squash_axis)
+    return Arch(tag, str(path), example_input(shape), twin)
 
 
 # --------------------------------------------------------------------------------------------- hand-built ONNX
@@ -1079,6 +1123,23 @@ def caffe2_spatialbn(seed=26, opset=9) -> Arch:
     return Arch(f"caffe2_spatialbn-op{opset}", m, example_input((2, 3, 8, 8)), twin, squash="softmax")
 
 
+def softmax_axis1_opset9(seed=27) -> Arch:
+    """Opset 9 head ``GlobalAveragePool -> Softmax(axis=1)`` on [N, C, 1, 1] (old Softmax flattens every axis from
+    ``axis`` on): onnx's version converter writes it as ``Flatten -> Softmax(axis=-1) -> Reshape(Shape)``."""
+    g = _G(seed)
+    c1, w1, b1 = g.conv("input", 3, 6)
+    t = g.node("MaxPool", [g.node("Relu", [c1])], kernel_shape=[2, 2], strides=[2, 2])
+    c2, w2, b2 = g.conv(t, 6, 10, k=1, pads=[0, 0, 0, 0])
+    g.node("Softmax", [g.node("GlobalAveragePool", [g.node("Relu", [c2])])], outputs=["prob"], axis=1)
+
+    def twin(x):
+        h = F.max_pool2d(F.relu(_tconv(x, w1, b1)), 2)
+        return F.relu(_tconv(h, w2, b2, pads=[0, 0, 0, 0])).mean((2, 3), keepdim=True)
+
+    m = g.model([_vi("input", X8)], [_vi("prob", [N, 10, 1, 1])], opset=9)
+    return Arch("softmax_axis1_opset9", m, example_input((2, 3, 8, 8)), twin, squash="softmax")
+
+
 def opset11(seed=21) -> Arch:
     """Opset 11 forms: Clip with min as an input (ReLU), Pad with pads as an input, ReduceMean with an axes
     attribute (global pool, keepdims), Squeeze with an axes attribute, Gemm."""
@@ -1142,6 +1203,7 @@ ONNX_BUILDERS: dict[str, Callable[[], Arch]] = {
     "two_outputs-probs": lambda: two_outputs("probs"),
     "opset9_ir4": opset9,
     "opset9_ir3_weights_as_inputs": lambda: opset9(weights_as_inputs=True),
+    "softmax_axis1_opset9": softmax_axis1_opset9,
     "opset11": opset11,
     "opset21_ir10": opset21,
 }
