@@ -42,7 +42,9 @@ def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = Fa
 
 
 def _round(canon: Canonical) -> bool:
-    """Run every pass once; whether any changed the graph."""
+    """Run every pass once; whether any changed the graph. The refusals are those of the last round (a node refused
+    early may be rewritten once another pass has changed its inputs)."""
+    canon.refused.clear()
     changed = False
     for p in PIPELINE:
         if p.run(canon):

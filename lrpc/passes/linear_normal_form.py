@@ -1,6 +1,7 @@
 """Linear normal form: every linear layer becomes Conv / ConvTranspose with explicit pads and a bias
 input, Gemm(X, W[out,in], b[out], transB=1, alpha=beta=1), or MatMul(X, W) with X of rank > 2; constant
-Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it."""
+Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it. A layer that cannot take
+that form (a non-constant weight, a product of two computed tensors) stays as it is, refused (see Canonical.refuse)."""
 from __future__ import annotations
 
 import numpy as np
@@ -15,15 +16,18 @@ def run(canon: Canonical) -> bool:
     graph = canon.graph
     changed = False
     for node in list(graph.nodes):
-        if node.op in ("Sub", "Div"):
-            changed |= _sub_div(node)
-        elif node.op == "Gemm":
-            changed |= _gemm(graph, node)
-        elif node.op == "MatMul":
-            changed |= _matmul(canon, node)
-        elif node.op in ("Conv", "ConvTranspose"):
-            changed |= _conv_attrs(node)
-            changed |= node.op == "Conv" and is_layer(canon, node) and _fold_pad(graph, node)
+        try:  # (each refusal is raised before its node is changed, or after changes that keep what it computes)
+            if node.op in ("Sub", "Div"):
+                changed |= _sub_div(node)
+            elif node.op == "Gemm":
+                changed |= _gemm(graph, node)
+            elif node.op == "MatMul":
+                changed |= _matmul(canon, node)
+            elif node.op in ("Conv", "ConvTranspose"):
+                changed |= _conv_attrs(node)
+                changed |= node.op == "Conv" and is_layer(canon, node) and _fold_pad(graph, node)
+        except UnsupportedError as e:
+            canon.refuse(node, e)
     again = True
     while again:  # fold chains like Conv -> Mul -> Add
         again = False
