@@ -43,7 +43,8 @@ def unsupported(nodes: list, refused: dict[str, str]) -> UnsupportedError:
     plain = [where(n) for n in shown if n.name not in refused]
     parts = reasons + ([f"no relevance propagator for {', '.join(plain)}"] if plain else [])
     more = f" and {len(nodes) - LISTED} more" if len(nodes) > LISTED else ""
-    return UnsupportedError("; ".join(parts) + more, [n.name for n in nodes])
+    named = [n.name for n in nodes if n.name in refused] + [n.name for n in nodes if n.name not in refused]
+    return UnsupportedError("; ".join(parts) + more, named)
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:

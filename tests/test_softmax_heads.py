@@ -40,7 +40,8 @@ def arch(tmp_path_factory):
                 cache[name] = archs.ONNX_BUILDERS[name]()
             else:
                 family, _, variant = name.partition("-")
-                kw = {"dynamo": True, "opset": None} if variant == "dynamo" else {"opset": int(variant[2:])} if variant else {}
+                kw = {"opset": int(variant[2:])} if variant.startswith("op") else {}
+                kw = {"dynamo": True, "opset": None} if variant == "dynamo" else kw
                 cache[name] = archs.torch_arch(family, root, **kw)
         return cache[name]
 
@@ -76,7 +77,7 @@ def test_explained_tensor_is_the_logits_in_the_outputs_order(name, arch):
     a = arch(name)
     compiled = lrpc.compile(_proto(a), "epsilon", **LRP0)
     meta = {p.key: p.value for p in compiled.metadata_props}
-    compiled.graph.output.append(onnx.helper.make_tensor_value_info(meta["lrpc.explained"], onnx.TensorProto.FLOAT, None))
+    compiled.graph.output.append(onnx.helper.make_tensor_value_info(meta["lrpc.explained"], 1, None))  # (float)
     out_name = meta["lrpc.output"]
     seed = np.zeros(_run(_proto(a), {"input": a.x})[out_name].shape, np.float32)
     got = _run(compiled, {"input": a.x, "relevance_seed": seed})
@@ -143,8 +144,9 @@ def test_explain_command_on_an_npy_input(name, arch, tmp_path, capsys):
     np.save(tmp_path / "x.npy", a.x)
     session = lrpc.Session(lrpc.compile(_proto(a), "epsilon", **LRP0), providers=["CPUExecutionProvider"])
     for target in ("3", "top1"):
-        code = cli.main(["explain", str(path), "--npy", str(tmp_path / "x.npy"), "--target", target, "--rules", "epsilon",
-                         "--epsilon", "0", "--stabilizer-eps", "0", "--no-cache", "-o", str(tmp_path / "h.png")])
+        code = cli.main(["explain", str(path), "--npy", str(tmp_path / "x.npy"), "--target", target, "--rules",
+                         "epsilon", "--epsilon", "0", "--stabilizer-eps", "0", "--no-cache",
+                         "-o", str(tmp_path / "h.png")])
         assert code == 0, capsys.readouterr().err
         want = session.explain(a.x, target=None if target == "top1" else int(target)).relevance
         np.testing.assert_allclose(np.load(tmp_path / "h.npy"), want, rtol=1e-5, atol=1e-6 * np.abs(want).max())

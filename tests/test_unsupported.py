@@ -158,8 +158,9 @@ REFUSALS = {
     "conv_same_dynamic": (helper.make_node("Conv", ["x", "W"], ["y"], auto_pad="SAME_UPPER", strides=[2, 2], name="n"),
                           [], [_const("W", R.standard_normal((3, 2, 3, 3)).astype(np.float32))], ["N", 2, "H", "W"],
                           ["N", 3, "h", "w"], "auto_pad/output_shape needs static spatial input dims"),
-    "avgpool_same": (helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], auto_pad="SAME_UPPER", name="n"),
-                     [], [], ["N", 2, 4, 4], ["N", 2, 4, 4], "AveragePool auto_pad=SAME_UPPER is not supported"),
+    "avgpool_same": (helper.make_node("AveragePool", ["x"], ["y"], kernel_shape=[3, 3], auto_pad="SAME_UPPER",
+                                      name="n"), [], [], ["N", 2, 4, 4], ["N", 2, 4, 4],
+                     "AveragePool auto_pad=SAME_UPPER is not supported"),
 }
 
 
