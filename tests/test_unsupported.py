@@ -184,3 +184,19 @@ def test_each_pass_refusal_is_listed_with_its_reason(case):
 
     canon = canonize_graph(m)
     assert [n.op for n in canon.graph.nodes] == [node.op_type] and set(canon.refused) == {"n"}
+
+
+def test_check_supported_figure_of_an_error_naming_no_node_is_one(tmp_path):
+    from lrpc.check import run_check
+
+    w = helper.make_tensor("w", TensorProto.BFLOAT16, [3, 4], [0] * 12)
+    nodes = [helper.make_node("Cast", ["w"], ["wf"], to=TensorProto.FLOAT, name="cast"),
+             helper.make_node("Gemm", ["x", "wf"], ["y"], transB=1, name="fc")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3])], [w])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "b.onnx"))
+    report = run_check(str(tmp_path / "b.onnx"), "epsilon")
+    supported = next(c for c in report.checks if c.name == "supported")
+    assert (supported.passed, supported.figure) == (False, 1) and "bfloat16" in supported.message
