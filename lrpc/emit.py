@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import composites
-from .errors import InputError, UnsupportedError, where
+from .errors import InputError, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .passes.norm_affine import NORMALIZATIONS
 from .relevance import propagator
@@ -120,10 +120,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
     inside = _inside_activations(canon, graph, tensors)
     nodes = [n for n in _on_path(graph, explained, depends) if n.name not in inside]
-    missing = [n for n in nodes if propagator(op_of(canon, n)) is None]
+    missing = [n for n in nodes if n.name in canon.refused or propagator(op_of(canon, n)) is None]
     if missing:
-        listed = ", ".join(where(n) for n in missing[:20]) + (f" and {len(missing) - 20} more" if len(missing) > 20 else "")
-        raise UnsupportedError(f"no relevance propagator for {listed}")
+        raise unsupported(missing, canon.refused)
     layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes if category(canon, n)]
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)

@@ -13,7 +13,12 @@ class InputError(LrpcError):
 
 
 class UnsupportedError(InputError):
-    """The model uses something lrpc cannot explain (an op, a dynamic shape, a rule/op pairing)."""
+    """The model uses something lrpc cannot explain (an op, a dynamic shape, a rule/op pairing). ``nodes``: the
+    names of the nodes it is about, where it lists them (:func:`unsupported`)."""
+
+    def __init__(self, message: str, nodes: list[str] | None = None):
+        super().__init__(message)
+        self.nodes = list(nodes or [])
 
 
 class CheckFailed(LrpcError):
@@ -25,6 +30,21 @@ class CheckFailed(LrpcError):
 def where(node) -> str:
     """Describe a graph node for an error message: ``node 'name' (OpType)``."""
     return f"node '{node.name}' ({node.op})"
+
+
+LISTED = 20  # nodes named in one error message
+
+
+def unsupported(nodes: list, refused: dict[str, str]) -> UnsupportedError:
+    """One error naming every node of ``nodes`` (up to :data:`LISTED`): a pass's reason where a pass left the node
+    as it was (``refused``: node name -> one-line reason), else "no relevance propagator for ..."; one line."""
+    shown = nodes[:LISTED]
+    reasons = [refused[n.name] for n in shown if n.name in refused]
+    plain = [where(n) for n in shown if n.name not in refused]
+    parts = reasons + ([f"no relevance propagator for {', '.join(plain)}"] if plain else [])
+    more = f" and {len(nodes) - LISTED} more" if len(nodes) > LISTED else ""
+    named = [n.name for n in nodes if n.name in refused] + [n.name for n in nodes if n.name not in refused]
+    return UnsupportedError("; ".join(parts) + more, named)
 
 
 def one_line(e: BaseException, limit: int = 400) -> str:

@@ -9,7 +9,7 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .errors import UnsupportedError, where
+from .errors import UnsupportedError, one_line, where
 from .model_io import deferred, is_big, restore_tensor
 
 ORIGIN_KEY = "lrpc.origin"  # metadata_props key keeping the original op type of rewritten nodes
@@ -31,10 +31,18 @@ class Canonical:
     deferred: list = field(default_factory=list)  # the DeferredValues made at import (see release_deferred)
     # node making an activation written as several ops -> the activation's input (passes/activation_regions.py)
     activations: dict[str, str] = field(default_factory=dict)
+    refused: dict[str, str] = field(default_factory=dict)  # node name -> why a pass left it as it was (one line)
 
     @property
     def opset(self) -> int:
         return int(self.graph.opset)
+
+    def refuse(self, node, error: Exception) -> None:
+        """Record that a pass cannot bring ``node`` into a form with a rule (the node stays as it was): emission
+        names it, with the others it cannot explain, in one error."""
+        from .errors import one_line
+
+        self.refused[node.name] = one_line(error)
 
 
 class DeferredValues(LazyValues):
@@ -422,6 +430,14 @@ LINEAR_OPS = ("Conv", "ConvTranspose", "Gemm", "MatMul")
 
 def producer(t):
     return t.inputs[0] if t.inputs else None
+
+
+def is_layer(canon: Canonical, node) -> bool:
+    """``node`` is one of the model's linear layers in normal form: not a pool or Resize that a pass lowered to a
+    linear op (those keep their own rule: no BatchNormalization, constant Mul/Add or Pad folds into them), nor a
+    layer a pass refused (a non-constant weight)."""
+    return (node.op in LINEAR_OPS and canon.origin.get(node.name, node.op) in LINEAR_OPS
+            and node.name not in canon.refused)
 
 
 def only_consumer(graph: gs.Graph, t):

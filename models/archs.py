@@ -11,14 +11,16 @@ VGG (with/without BatchNorm), ResNet basic block and bottleneck (downsampling sh
 with pads), SqueezeNet (Fire modules, GlobalAveragePool), MobileNetV2 (depthwise, ReLU6 = Clip, linear
 bottleneck + residual Add), ShuffleNet v1/v2 (grouped convs, channel shuffle Reshape/Transpose/Reshape,
 Split), AlexNet with LocalResponseNorm (as one ONNX LRN node, or as torch's own decomposition), activations written
-as several ops (GELU Erf/tanh forms, Mish, hard-swish, SiLU), MLP (Gemm),
+as several ops (GELU Erf/tanh forms, Mish, hard-swish, SiLU), BatchNorm followed by a per-channel scale and shift
+(Caffe's BatchNorm + Scale), softmax heads behind layout ops, MLP (Gemm),
 normalization layers: a tiny ConvNeXt (channels-last LayerNorm via permute, Linear as MatMul on NHWC, layer scale,
 LayerNorm2d), GroupNorm + InstanceNorm (affine), a hand-written channels-first LayerNorm.
 :func:`torch_arch` builds, exports (either exporter) and wraps one of them; its twin holds the standard deviation of
 normalization layers constant (:func:`sigma_detached`), as AttnLRP's LayerNorm rule does.
 
 Hand-built graph forms (:data:`ONNX_BUILDERS`): MatMul+Add MLP, 3-input Sum, Conv bias as a separate Add,
-Caffe2 Scale (Mul/Add of Unsqueeze'd 1-d constants), weights made by constant subgraphs, Flatten vs Reshape
+Caffe2 Scale (Mul/Add of Unsqueeze'd 1-d constants), Caffe2 SpatialBN + Scale (BatchNormalization -> Mul/Add of
+[C,1,1] constants, opset 9 and 7), weights made by constant subgraphs, Flatten vs Reshape
 (also to ``Shape`` of another tensor),
 NHWC input (tf2onnx Transpose, ReduceMean over H, W), a Pad node before Conv, a Pad of the channel axis in a
 shortcut, a strided Slice with its axes listed high to low, MaxPool with pads + ceil_mode,
@@ -49,8 +51,9 @@ class Arch:
     """A model to compile and its oracle.
 
     ``model``: ModelProto or path. ``twin(x)``: float32 torch function giving the explained tensor (logits)
-    for an input tensor, differentiable. ``squash``: the op the ONNX graph applies after the explained tensor
-    to produce its output ("softmax" or None). ``output``: the graph output to explain (None = the first)."""
+    for an input tensor, differentiable, in the graph output's shape and element order. ``squash``: the op the
+    ONNX graph applies after the explained tensor to produce its output ("softmax" or None), over axis
+    ``squash_axis``. ``output``: the graph output to explain (None = the first)."""
 
     name: str
     model: object
@@ -58,6 +61,7 @@ class Arch:
     twin: Callable[[torch.Tensor], torch.Tensor]
     output: str | None = None
     squash: str | None = None
+    squash_axis: int = 1
 
 
 def example_input(shape, seed: int = 1234) -> np.ndarray:
@@ -445,6 +449,73 @@ class ActivationsNet(nn.Module):
         return self.fc(h.mean((2, 3)))
 
 
+class ConvBNScale(nn.Module):
+    """Conv -> BatchNorm -> ``x * scale[:, None, None] + shift[:, None, None]`` (-> ReLU): BatchNorm written as
+    Caffe's BatchNorm + Scale layers (Caffe2 model-zoo files: SpatialBN, then a per-channel Mul and Add)."""
+
+    def __init__(self, cin, cout, stride=1, relu=True):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout)
+        self.scale = nn.Parameter(0.5 + torch.rand(cout))
+        self.shift = nn.Parameter(0.2 * torch.randn(cout))
+        self.relu = relu
+
+    def forward(self, x):
+        h = self.bn(self.conv(x)) * self.scale[:, None, None] + self.shift[:, None, None]
+        return F.relu(h) if self.relu else h
+
+
+class BNScaleNet(nn.Module):
+    """Stem and a residual block of :class:`ConvBNScale` layers, MaxPool, global average pool, Linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.pool = ConvBNScale(3, 8), nn.MaxPool2d(2)
+        self.a, self.b = ConvBNScale(8, 8), ConvBNScale(8, 8, relu=False)
+        self.fc = nn.Linear(8, 10)
+
+    def forward(self, x):
+        x = self.pool(self.stem(x))
+        x = F.relu(self.b(self.a(x)) + x)
+        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
+
+
+class PooledSoftmax(nn.Module):
+    """SqueezeNet-style classifier whose probabilities are ``softmax(dim=1)`` of the pooled [N, C, 1, 1] map (no
+    Flatten): ONNX ``GlobalAveragePool -> Softmax(axis=1)``, which torch's exporter before opset 13 writes as
+    ``Transpose -> Softmax(axis=3) -> Transpose``. ``logits`` is the explained tensor."""
+
+    output, squash_axis = "prob", 1
+
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(inplace=True), nn.MaxPool2d(2), Fire(8, 4, 4))
+        self.classifier = nn.Sequential(nn.Conv2d(8, 10, 1), nn.ReLU(inplace=True), nn.AdaptiveAvgPool2d(1))
+
+    def logits(self, x):
+        return self.classifier(self.features(x))
+
+    def forward(self, x):
+        return torch.softmax(self.logits(x), dim=1)
+
+
+class NHWCSoftmax(nn.Module):
+    """Dense classifier giving channels-last probabilities: ``softmax(dim=1)`` of an NCHW map, then
+    ``permute(0, 2, 3, 1)`` ([N, H, W, C] out). ``logits``: the explained tensor, in the output's order."""
+
+    output, squash_axis = "prob", -1
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, 1, 1), nn.ReLU(inplace=True), nn.Conv2d(8, 4, 3, 1, 1))
+
+    def logits(self, x):
+        return self.body(x).permute(0, 2, 3, 1)
+
+    def forward(self, x):
+        return torch.softmax(self.body(x), dim=1).permute(0, 2, 3, 1)
+
+
 def mlp() -> nn.Module:
     return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 10))
 
@@ -602,6 +673,9 @@ TORCH_BUILDERS: dict[str, tuple[Callable[[], nn.Module], tuple]] = {
     "efficientnet": (lambda: GatedNet(nn.SiLU, nn.SiLU, nn.Sigmoid), CNN_SHAPE),
     "mobilenet_v3": (lambda: GatedNet(nn.Hardswish, nn.ReLU, nn.Hardsigmoid), CNN_SHAPE),
     "activations": (ActivationsNet, CNN_SHAPE),
+    "bn_scale": (BNScaleNet, CNN_SHAPE),
+    "pooled_softmax": (PooledSoftmax, CNN_SHAPE),
+    "nhwc_softmax": (NHWCSoftmax, CNN_SHAPE),
     "mlp": (mlp, (2, 16)),
     "convnext_like": (ConvNeXtLike, CNN_SHAPE),
     "group_instance_norm": (GroupInstanceNet, CNN_SHAPE),
@@ -622,8 +696,8 @@ def build_torch(name: str, seed: int = 0) -> nn.Module:
 
 
 def export(model: nn.Module, path, input_shape, opset: int = OPSET, constant_folding: bool = True,
-           dynamo: bool = False) -> Path:
-    """Export with input ``input`` and output ``logits``, batch dim dynamic: TorchScript (``dynamo=False``) or the
+           dynamo: bool = False, output: str = "logits") -> Path:
+    """Export with input ``input`` and output ``output``, batch dim dynamic: TorchScript (``dynamo=False``) or the
     torch.export-based exporter (``dynamo=True``; ``opset=None``: its default)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -636,12 +710,12 @@ def export(model: nn.Module, path, input_shape, opset: int = OPSET, constant_fol
 
             with contextlib.redirect_stdout(io.StringIO()):  # (its progress lines)
                 prog = torch.onnx.export(model, (x,), dynamo=True, opset_version=opset, input_names=["input"],
-                                         output_names=["logits"], dynamic_shapes=({0: torch.export.Dim("batch")},))
+                                         output_names=[output], dynamic_shapes=({0: torch.export.Dim("batch")},))
             prog.save(str(path), external_data=False)
         else:
             torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=opset,
-                              do_constant_folding=constant_folding, input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+                              do_constant_folding=constant_folding, input_names=["input"], output_names=[output],
+                              dynamic_axes={"input": {0: "batch"}, output: {0: "batch"}})
     return path
 
 
@@ -652,8 +726,12 @@ def torch_arch(name: str, tmp_dir, seed: int = 0, opset: int | None = OPSET, con
     model = build_torch(name, seed)
     shape = TORCH_BUILDERS[name][1]
     tag = f"{name}-" + ("dynamo" if dynamo else "") + (f"op{opset}" if opset else "") + ("" if constant_folding else "-nofold")
-    path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding, dynamo)
-    return Arch(tag, str(path), example_input(shape), sigma_detached(model))
+    path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding, dynamo,
+                  getattr(model, "output", "logits"))
+    twin = sigma_detached(model)
+    if hasattr(model, "logits"):  # a model ending in a softmax: its twin gives the logits
+        return Arch(tag, str(path), example_input(shape), twin.logits, squash="softmax", squash_axis=model.squash_axis)
+    return Arch(tag, str(path), example_input(shape), twin)
 
 
 # --------------------------------------------------------------------------------------------- hand-built ONNX
@@ -1024,6 +1102,65 @@ def opset9(seed=20, weights_as_inputs: bool = False) -> Arch:
     return Arch(name, m, example_input((2, 3, 8, 8)), twin, squash="softmax")
 
 
+def caffe2_spatialbn(seed=26, opset=9) -> Arch:
+    """Caffe2 model-zoo BatchNorm (Caffe's BatchNorm + Scale layers): Conv (no bias) -> BatchNormalization (scale 1,
+    bias 0: statistics only) -> Mul(s[C,1,1]) -> Add(t[C,1,1]) -> Relu; three such layers with a MaxPool and a
+    residual ``Sum``, GlobalAveragePool, Flatten, Gemm, Softmax. Opset 9 (or 7, BatchNormalization with
+    ``spatial=1``, IR 3 with the weights listed as graph inputs), upgraded by lrpc."""
+    g = _G(seed)
+    layers = []
+
+    def conv_bn_scale(x, cin, cout):
+        y, w, _ = g.conv(x, cin, cout, bias=False)
+        mean, var = g.bias(cout), (0.5 + g.rng.random(cout)).astype(np.float32)
+        stats = [np.ones(cout, np.float32), np.zeros(cout, np.float32), mean, var]
+        bn_attrs = {"spatial": 1} if opset < 9 else {}
+        y = g.node("BatchNormalization", [y] + [g.init(v, "bn") for v in stats], epsilon=1e-5, **bn_attrs)
+        s, t = (0.5 + g.rng.random(cout)).astype(np.float32), (0.3 * g.rng.standard_normal(cout)).astype(np.float32)
+        y = g.node("Add", [g.node("Mul", [y, g.init(s.reshape(-1, 1, 1), "scale")]), g.init(t.reshape(-1, 1, 1), "shift")])
+        layers.append((w, mean, var, s, t))
+        return y
+
+    t = g.node("MaxPool", [g.node("Relu", [conv_bn_scale("input", 3, 8)])], kernel_shape=[2, 2], strides=[2, 2])
+    h = g.node("Relu", [conv_bn_scale(t, 8, 8)])
+    t = g.node("Relu", [g.node("Sum", [conv_bn_scale(h, 8, 8), t])])
+    wf, bf = g.weight(10, 8), g.bias(10)
+    flat = g.node("Flatten", [g.node("GlobalAveragePool", [t])], axis=1)
+    g.node("Softmax", [g.node("Gemm", [flat, g.init(wf), g.init(bf, "b")], transB=1)], outputs=["prob"], axis=1)
+
+    def layer(x, i):
+        w, mean, var, s, t = (_t(v) for v in layers[i])
+        h = (_tconv(x, w.numpy()) - mean.reshape(-1, 1, 1)) / torch.sqrt(var.reshape(-1, 1, 1) + 1e-5)
+        return h * s.reshape(-1, 1, 1) + t.reshape(-1, 1, 1)
+
+    def twin(x):
+        h = F.max_pool2d(F.relu(layer(x, 0)), 2)
+        h = F.relu(layer(F.relu(layer(h, 1)), 2) + h)
+        return h.mean((2, 3)) @ _t(wf).T + _t(bf)
+
+    old = opset < 9  # IR 3, as Caffe2's exporter wrote opset 7: every initializer also listed as a graph input
+    weights = [_vi(t.name, list(t.dims), t.data_type) for t in g.inits] if old else []
+    m = g.model([_vi("input", X8)] + weights, [_vi("prob", [N, 10])], opset=opset, ir=3 if old else 4)
+    return Arch(f"caffe2_spatialbn-op{opset}", m, example_input((2, 3, 8, 8)), twin, squash="softmax")
+
+
+def softmax_axis1_opset9(seed=27) -> Arch:
+    """Opset 9 head ``GlobalAveragePool -> Softmax(axis=1)`` on [N, C, 1, 1] (old Softmax flattens every axis from
+    ``axis`` on): onnx's version converter writes it as ``Flatten -> Softmax(axis=-1) -> Reshape(Shape)``."""
+    g = _G(seed)
+    c1, w1, b1 = g.conv("input", 3, 6)
+    t = g.node("MaxPool", [g.node("Relu", [c1])], kernel_shape=[2, 2], strides=[2, 2])
+    c2, w2, b2 = g.conv(t, 6, 10, k=1, pads=[0, 0, 0, 0])
+    g.node("Softmax", [g.node("GlobalAveragePool", [g.node("Relu", [c2])])], outputs=["prob"], axis=1)
+
+    def twin(x):
+        h = F.max_pool2d(F.relu(_tconv(x, w1, b1)), 2)
+        return F.relu(_tconv(h, w2, b2, pads=[0, 0, 0, 0])).mean((2, 3), keepdim=True)
+
+    m = g.model([_vi("input", X8)], [_vi("prob", [N, 10, 1, 1])], opset=9)
+    return Arch("softmax_axis1_opset9", m, example_input((2, 3, 8, 8)), twin, squash="softmax")
+
+
 def opset11(seed=21) -> Arch:
     """Opset 11 forms: Clip with min as an input (ReLU), Pad with pads as an input, ReduceMean with an axes
     attribute (global pool, keepdims), Squeeze with an axes attribute, Gemm."""
@@ -1071,6 +1208,8 @@ ONNX_BUILDERS: dict[str, Callable[[], Arch]] = {
     "sum3_residual": sum3,
     "conv_bias_add": conv_bias_add,
     "caffe2_scale": caffe2_scale,
+    "caffe2_spatialbn-op9": caffe2_spatialbn,
+    "caffe2_spatialbn-op7": lambda: caffe2_spatialbn(opset=7),
     "const_subgraph_weights": const_subgraph_weights,
     "flatten_head": lambda: flatten_form("flatten"),
     "reshape0_head": lambda: flatten_form("reshape0"),
@@ -1085,6 +1224,7 @@ ONNX_BUILDERS: dict[str, Callable[[], Arch]] = {
     "two_outputs-probs": lambda: two_outputs("probs"),
     "opset9_ir4": opset9,
     "opset9_ir3_weights_as_inputs": lambda: opset9(weights_as_inputs=True),
+    "softmax_axis1_opset9": softmax_axis1_opset9,
     "opset11": opset11,
     "opset21_ir10": opset21,
 }

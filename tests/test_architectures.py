@@ -36,7 +36,12 @@ OPSET11_EXPORT = "inception-op11"  # the inception torch export at opset 11 (upg
 # (GroupNormalization nodes), the legacy exporter at opset 16 (LayerNorm written out)
 NORM_EXPORTS = ["convnext_like-dynamo", "group_instance_norm-dynamo", "layernorm_channels_first-dynamo",
                 "group_instance_norm-dynamo21", "convnext_like-op16"]
-ALL = TORCH_MODELS + ["vgg_bn-nofold", "resnet_basic-nofold", OPSET11_EXPORT] + NORM_EXPORTS + ONNX_MODELS
+# a softmax behind element moves: torch's exporter writes softmax(dim=1) on [N, C, 1, 1] before opset 13 as
+# Transpose -> Softmax -> Transpose, and permute after a softmax over channels fuses into that Transpose
+SOFTMAX_EXPORTS = ["pooled_softmax-op9", "pooled_softmax-op11", "pooled_softmax-dynamo", "nhwc_softmax-op11",
+                   "nhwc_softmax-dynamo"]
+ALL = TORCH_MODELS + ["vgg_bn-nofold", "resnet_basic-nofold", "bn_scale-nofold", "bn_scale-dynamo", OPSET11_EXPORT] \
+    + NORM_EXPORTS + SOFTMAX_EXPORTS + ONNX_MODELS
 
 FINITE_COMPOSITES = ("epsilon-gamma-box", "epsilon-plus", "epsilon-alpha2-beta1")
 BOX = {"low": -3.0, "high": 3.0}
@@ -81,6 +86,8 @@ BIAS_ONLY_UNITS = {
     "shufflenet": "grouped 1x1 (4 inputs) and depthwise convs on ReLU maps: ΣR off by 2e-2",
     "sum3_residual": "1x1 conv branch on a 6-channel ReLU map: ΣR off by 3e-4",
     "mobilenet_v3": "depthwise and 1x1 convs on ReLU maps inside the blocks: ΣR off by 1.0 (bias-free: 1.4e-7)",
+    **{f"pooled_softmax{v}": "Fire 1x1 squeeze/expand convs and the 1x1 classifier on ReLU maps: ΣR off by 0.24"
+       for v in ("", "-op9", "-op11", "-dynamo")},
 }
 # float32 round-off: where the relevance map cancels (Σ|R| ≫ |ΣR|) its sum is only good to ~1e-7 Σ|R| (VGG:
 # Σ|R| ≈ 1.2e4 for Σ seed = 1, ΣR off by 4e-4 in float32, 7e-6 in float64): allowed on top of the tolerance.
@@ -133,10 +140,12 @@ def _build(name: str, tmp) -> archs.Arch:
 
 
 def one_hot_top1(y: np.ndarray) -> np.ndarray:
-    """One-hot seed of each sample's top-1 output (a final Softmax keeps the arg-max of the logits)."""
-    seed = np.zeros_like(y, dtype=np.float32)
-    seed[np.arange(len(y)), y.argmax(axis=1)] = 1.0
-    return seed
+    """One-hot seed of each sample's top-1 output, flat over the sample's entries (a final Softmax keeps the
+    arg-max of the logits)."""
+    flat = y.reshape(len(y), -1)
+    seed = np.zeros(flat.shape, np.float32)
+    seed[np.arange(len(y)), flat.argmax(axis=1)] = 1.0
+    return seed.reshape(y.shape)
 
 
 class Case:
@@ -211,6 +220,19 @@ FEATURES = {
                    ("Transpose", {"perm": [0, 2, 1, 3, 4]}), ("Slice", {}), ("ReduceMean", {})],
     "alexnet_lrn": [("LRN", {}), ("Shape", {}), ("Reshape", {})],
     "mlp": [("Gemm", {})],
+    "pooled_softmax": [("GlobalAveragePool", {}), ("Softmax", {"axis": 1})],
+    "pooled_softmax-op9": [("Transpose", {"perm": [0, 3, 2, 1]}), ("Softmax", {"axis": 3})],
+    "pooled_softmax-op11": [("Transpose", {"perm": [0, 3, 2, 1]}), ("Softmax", {"axis": 3})],
+    "pooled_softmax-dynamo": [("ReduceMean", {}), ("Softmax", {"axis": 1})],
+    "nhwc_softmax": [("Softmax", {"axis": 1}), ("Transpose", {"perm": [0, 2, 3, 1]})],
+    "nhwc_softmax-op11": [("Transpose", {"perm": [0, 3, 2, 1]}), ("Softmax", {"axis": 3}),
+                          ("Transpose", {"perm": [0, 2, 1, 3]})],
+    "nhwc_softmax-dynamo": [("Softmax", {"axis": 1}), ("Transpose", {"perm": [0, 2, 3, 1]})],
+    # BatchNorm + a per-channel Scale (x * s[:, None, None] + t[:, None, None]): the legacy exporter without constant
+    # folding keeps the BatchNormalization and puts the Mul/Add after it; with folding (and dynamo) BN is in the Conv
+    "bn_scale": [("Conv", {}), ("Mul", {}), ("Add", {})],
+    "bn_scale-nofold": [("BatchNormalization", {}), ("Unsqueeze", {}), ("Mul", {}), ("Add", {})],
+    "bn_scale-dynamo": [("Conv", {}), ("Mul", {}), ("Add", {})],
     "efficientnet": [("Sigmoid", {}), ("Mul", {}), ("GlobalAveragePool", {}), ("Conv", {"group": _depthwise})],
     "mobilenet_v3": [("HardSigmoid", {}), ("HardSwish", {}), ("Mul", {}), ("Conv", {"group": _depthwise})],
     "activations": [("Erf", {}), ("Tanh", {}), ("Softplus", {}), ("Clip", {}), ("Sigmoid", {}), ("Add", {})],
@@ -218,6 +240,8 @@ FEATURES = {
     "sum3_residual": [("Sum", {})],
     "conv_bias_add": [("Add", {})],
     "caffe2_scale": [("Unsqueeze", {}), ("Mul", {}), ("Add", {})],
+    "caffe2_spatialbn-op9": [("BatchNormalization", {}), ("Mul", {}), ("Add", {}), ("Sum", {}), ("Softmax", {})],
+    "caffe2_spatialbn-op7": [("BatchNormalization", {"spatial": 1}), ("Mul", {}), ("Add", {}), ("Sum", {})],
     "const_subgraph_weights": [("Reshape", {}), ("Cast", {}), ("Constant", {}), ("Transpose", {})],
     "flatten_head": [("Flatten", {})],
     "reshape0_head": [("Reshape", {})],
@@ -230,6 +254,7 @@ FEATURES = {
     "maxpool_pads_ceil": [("MaxPool", {"ceil_mode": 1, "pads": [1, 1, 1, 1]})],
     "opset9_ir4": [("BatchNormalization", {}), ("Dropout", {}), ("Softmax", {})],
     "opset9_ir3_weights_as_inputs": [("BatchNormalization", {}), ("Dropout", {})],
+    "softmax_axis1_opset9": [("GlobalAveragePool", {}), ("Softmax", {"axis": 1})],
     "opset11": [("Clip", {}), ("Pad", {}), ("Squeeze", {"axes": [2, 3]}), ("ReduceMean", {"axes": [2, 3]})],
     "opset21_ir10": [("AveragePool", {}), ("Softmax", {})],
     "convnext_like": [("Transpose", {"perm": [0, 2, 3, 1]}), ("LayerNormalization", {"axis": -1}), ("MatMul", {}),
@@ -246,7 +271,10 @@ OPSETS = {"inception-op11": (11, 6), "opset9_ir4": (9, 4), "opset9_ir3_weights_a
           "opset21_ir10": (21, 10), "nhwc_transpose": (18, 8), "convnext_like-op16": (16, 8),
           "convnext_like-dynamo": (20, 10), "group_instance_norm-dynamo": (20, 10),
           "layernorm_channels_first-dynamo": (20, 10),
-          "group_instance_norm-dynamo21": (21, 10)}  # (opset, IR version); all others: (17, 8)
+          "group_instance_norm-dynamo21": (21, 10), "bn_scale-dynamo": (20, 10), "caffe2_spatialbn-op9": (9, 4),
+          "caffe2_spatialbn-op7": (7, 3), "pooled_softmax-op9": (9, 4), "pooled_softmax-op11": (11, 6),
+          "pooled_softmax-dynamo": (20, 10), "nhwc_softmax-op11": (11, 6), "nhwc_softmax-dynamo": (20, 10),
+          "softmax_axis1_opset9": (9, 4)}  # (opset, IR version); all others: (17, 8)
 
 
 @pytest.mark.parametrize("name", ALL)
@@ -395,15 +423,17 @@ def test_lrp0_is_gradient_times_input(name, case):
     x = torch.from_numpy(c.arch.x.copy()).requires_grad_(True)
     logits = c.arch.twin(x)
     # the twin computes what the ONNX graph computes (behind its final Softmax)
-    shown = torch.softmax(logits, dim=1) if c.arch.squash == "softmax" else logits
+    shown = torch.softmax(logits, dim=c.arch.squash_axis) if c.arch.squash == "softmax" else logits
     want = c.outputs[c.explained_output]
     assert np.max(np.abs(shown.detach().numpy() - want)) <= 1e-4 * np.max(np.abs(want)), "torch twin ≠ ONNX model"
-    top = logits.argmax(dim=1)
-    picked = logits[torch.arange(len(top)), top]
+    flat = logits.reshape(len(logits), -1)  # (dense outputs: the top entry of the sample's flattened map)
+    top = flat.argmax(dim=1)
+    picked = flat[torch.arange(len(top)), top]
     picked.sum().backward()  # samples are independent: one backward gives every sample's gradient
     grad_x_input = (x.grad * x).detach().numpy()
-    seed = np.zeros(logits.shape, np.float32)
+    seed = np.zeros(flat.shape, np.float32)
     seed[np.arange(len(top)), top.numpy()] = picked.detach().numpy()
+    seed = seed.reshape(logits.shape)
     r = c.run(c.compile("epsilon", epsilon=0.0, stabilizer_eps=0.0), seed)["relevance"]
     errs = [rel_l2(r[i], grad_x_input[i]) for i in range(len(seed))]
     report_line(f"LRP-0 = grad×input  {name:28s} max rel L2 {max(errs):.1e}")

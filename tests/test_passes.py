@@ -207,6 +207,61 @@ def test_bn_after_relu_not_folded():
     assert ops(result) == Counter({"Conv": 1, "Relu": 1, "BatchNormalization": 1})
 
 
+# --- the pipeline runs to a fixed point -----------------------------------------------------------
+
+
+def _conv_bn_scale(rng, spatial_bn_first: bool = True):
+    """Conv -> BatchNormalization -> Mul(s[C,1,1]) -> Add(t[C,1,1]) -> Relu (Caffe2's SpatialBN + Scale)."""
+    inits = [init("W", rand(rng, 4, 3, 3, 3)), init("s", rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32)),
+             init("t", rand(rng, 4, 1, 1))] + bn_params(rng, "bn", 4)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             bn_node("c", "b", "bn", eps=1e-5),
+             helper.make_node("Mul", ["b", "s"], ["m"], name="scale"),
+             helper.make_node("Add", ["m", "t"], ["a"], name="shift"),
+             helper.make_node("Relu", ["a"], ["y"], name="relu")]
+    return make_model(nodes, [("x", ["N", 3, 5, 5])], [("y", ["N", 4, 5, 5])], inits)
+
+
+def test_scale_after_batchnorm_folds_once_the_batchnorm_has():
+    """The Mul/Add follow the BN, not the Conv: they fold in the round after the BN fold."""
+    result, canon = canonize(_conv_bn_scale(_rng(18)), batches=(1, 3))
+    assert ops(result) == Counter({"Conv": 1, "Relu": 1})
+    conv = nodes_of(result, "Conv")[0]
+    assert len(conv.input) == 3 and conv.output[0] == "a"
+
+
+def test_nothing_folds_into_a_lowered_pool():
+    """A pool lowered to a depthwise Conv keeps its own rule: a BatchNormalization, a constant Mul/Add or a Pad
+    after or before it stays (the pool is no linear layer of the model)."""
+    rng = _rng(19)
+    inits = [init("W", rand(rng, 4, 3, 3, 3)), init("s", rng.uniform(0.5, 1.5, (4, 1, 1)).astype(np.float32)),
+             init("p", np.array([0, 0, 1, 1, 0, 0, 1, 1], np.int64))] + bn_params(rng, "bn", 4)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Pad", ["r", "p"], ["rp"], name="pad"),
+             helper.make_node("AveragePool", ["rp"], ["a"], kernel_shape=[2, 2], strides=[2, 2], name="pool"),
+             bn_node("a", "b", "bn", eps=1e-5),
+             helper.make_node("GlobalAveragePool", ["b"], ["g"], name="gap"),
+             helper.make_node("Mul", ["g", "s"], ["y"], name="scale")]
+    model = make_model(nodes, [("x", ["N", 3, 6, 6])], [("y", ["N", 4, 1, 1])], inits)
+    result, canon = canonize(model, batches=(1, 3))
+    assert ops(result) == Counter({"Conv": 3, "Relu": 1, "Pad": 1, "BatchNormalization": 1, "Mul": 1})
+    assert roles(result) == {"pool": "AveragePool", "gap": "GlobalAveragePool"}
+
+
+def test_canonization_that_does_not_settle_is_an_internal_error(monkeypatch):
+    import lrpc.passes as passes
+
+    class Restless:  # a pass that reports a change every time
+        @staticmethod
+        def run(canon):
+            return True
+
+    monkeypatch.setattr(passes, "PIPELINE", passes.PIPELINE + (Restless,))
+    with pytest.raises(RuntimeError, match=f"did not settle after {passes.MAX_ROUNDS} rounds"):
+        canonize_graph(_conv_bn_scale(_rng(18)))
+
+
 # --- pooling -> depthwise Conv --------------------------------------------------------------------
 
 
@@ -579,6 +634,62 @@ def test_final_softmax_stays_and_logits_are_explained(squash):
     assert ops(result) == Counter({"Gemm": 1, squash: 1})
     assert canon.explained == "logits"
     assert [o.name for o in result.graph.output] == ["prob"]
+
+
+@pytest.mark.parametrize("squash", ["Softmax", "LogSoftmax", "Sigmoid"])
+@pytest.mark.parametrize("moves", ["flatten_reshape", "transpose_both", "transpose_after", "identity_after"])
+def test_squasher_behind_element_moves_explains_the_moved_logits(squash, moves):
+    """``Flatten -> Softmax -> Reshape`` (onnx's upgrade of an old Softmax(axis=1) on rank 4), ``Transpose -> Softmax
+    -> Transpose`` (torch before opset 13), ``Softmax -> Transpose`` and an Identity output: the explained tensor is
+    the moves after the squasher applied to its input (output shape and order); the canonical model has no copy."""
+    rng = _rng(64)
+    inits = [init("W", rand(rng, 4, 3, 1, 1)), init("B", rand(rng, 4))]
+    nodes = [helper.make_node("Conv", ["x", "W", "B"], ["z"], name="conv")]
+    attrs = {} if squash == "Sigmoid" else {"axis": -1}
+    if moves == "flatten_reshape":
+        nodes += [helper.make_node("Shape", ["z"], ["zs"], name="shape"),
+                  helper.make_node("Flatten", ["z"], ["zf"], axis=1, name="flatten"),
+                  helper.make_node(squash, ["zf"], ["p"], name="squash", **attrs),
+                  helper.make_node("Reshape", ["p", "zs"], ["y"], name="reshape")]
+        out = ["N", 4, 2, 3]
+    elif moves == "transpose_both":
+        nodes += [helper.make_node("Transpose", ["z"], ["zt"], perm=[0, 3, 2, 1], name="t1"),
+                  helper.make_node(squash, ["zt"], ["p"], name="squash", **attrs),
+                  helper.make_node("Transpose", ["p"], ["y"], perm=[0, 2, 1, 3], name="t2")]
+        out = ["N", 2, 3, 4]
+    else:
+        after = ("Transpose", {"perm": [0, 2, 3, 1]}) if moves == "transpose_after" else ("Identity", {})
+        nodes += [helper.make_node(squash, ["z"], ["p"], name="squash", **({} if squash == "Sigmoid" else {"axis": 1})),
+                  helper.make_node(after[0], ["p"], ["y"], name="move", **after[1])]
+        out = ["N", 2, 3, 4] if moves == "transpose_after" else ["N", 4, 2, 3]
+    model = make_model(nodes, [("x", ["N", 3, 2, 3])], [("y", out)], inits)
+    result, canon = canonize(model, batches=(1, 3))
+    assert not any(n.name.startswith("lrpc/") for n in result.graph.node)
+    assert canon.explained.startswith("lrpc/logits/")
+    explained = canon.graph.tensors()[canon.explained]
+    assert explained.shape[1:] == out[1:]
+    # the explained tensor holds the logits z moved as the output is: run it with the canonical graph's nodes
+    extra = copy.deepcopy(model)
+    conv_z = helper.make_tensor_value_info("z", TensorProto.FLOAT, None)
+    extra.graph.output.append(conv_z)
+    feeds = feeds_for(model, 2)
+    z = ort_run(extra, feeds)[1]
+    want = {"flatten_reshape": z, "transpose_both": z.transpose(0, 2, 3, 1), "transpose_after": z.transpose(0, 2, 3, 1),
+            "identity_after": z}[moves]
+    from lrpc.graph import export_model
+
+    exported = export_model(canon)
+    exported.graph.output.append(helper.make_tensor_value_info(canon.explained, TensorProto.FLOAT, None))
+    assert_close(want, ort_run(exported, feeds)[-1])
+
+
+def test_moves_without_a_squasher_are_explained_as_they_are():
+    rng = _rng(65)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z"], name="conv"),
+             helper.make_node("Transpose", ["z"], ["y"], perm=[0, 2, 3, 1], name="move")]
+    model = make_model(nodes, [("x", ["N", 3, 2, 3])], [("y", ["N", 2, 3, 4])], [init("W", rand(rng, 4, 3, 1, 1))])
+    _, canon = canonize(model)
+    assert canon.explained == "y"
 
 
 def test_explained_without_softmax_is_the_output():

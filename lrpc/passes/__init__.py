@@ -1,4 +1,6 @@
-"""Canonization: the ordered pipeline of passes, each ``run(canon) -> changed`` in a file of its own."""
+"""Canonization: the ordered pipeline of passes, each ``run(canon) -> changed`` in a file of its own, run until
+none changes anything (a fold one pass makes possible, e.g. a Mul after a BatchNormalization that another pass
+folded, happens in the next round)."""
 from __future__ import annotations
 
 import onnx
@@ -11,6 +13,10 @@ from . import activation_regions, decomposed_layernorm, maxpool_ceil, norm_affin
 # last: it records node names, which a later pass could replace)
 PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, decomposed_layernorm, norm_affine, fold_batchnorm, avgpool_to_conv,
             resize_to_matmul, residual_sum, activation_regions)
+# passes after which the shapes below their nodes are stale at once: maxpool_ceil changes a pool's inferred output
+# shape, and the passes after it in the same round read shapes below it
+RESHAPING = (maxpool_ceil,)
+MAX_ROUNDS = 8  # each round that changes something removes or rewrites nodes for good: real models need 2 or 3
 
 
 def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False,
@@ -26,14 +32,25 @@ def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = Fa
         # shape computations (torch's x.size() with a dynamic batch) fold a level further once shapes are refreshed
         toposort(canon.graph)
         canon = refresh_shapes(canon)
+    for _ in range(MAX_ROUNDS):
+        if not _round(canon):
+            break
+        canon = refresh_shapes(canon)  # passes keep the shapes of the tensors they keep; new tensors get theirs here
+    else:
+        raise RuntimeError(f"lrpc's canonization did not settle after {MAX_ROUNDS} rounds of passes (please report)")
+    strip_softmax.run(canon, output)
+    return canon
+
+
+def _round(canon: Canonical) -> bool:
+    """Run every pass once; whether any changed the graph. The refusals are those of the last round (a node refused
+    early may be rewritten once another pass has changed its inputs)."""
+    canon.refused.clear()
     changed = False
-    for p in PIPELINE:  # passes keep the shapes of the tensors they keep; new tensors get theirs below
+    for p in PIPELINE:
         if p.run(canon):
             toposort(canon.graph)
             changed = True
-            if p is maxpool_ceil:  # it changes the pool's inferred output shape, and so every shape below it
-                canon, changed = refresh_shapes(canon), False
-    if changed:
-        canon = refresh_shapes(canon)
-    strip_softmax.run(canon, output)
-    return canon
+            if p in RESHAPING:
+                refresh_shapes(canon)
+    return changed

@@ -20,8 +20,11 @@ def run(canon: Canonical) -> bool:
     changed = False
     for node in list(graph.nodes):
         if node.op in ("AveragePool", "GlobalAveragePool") or (node.op == "ReduceMean" and _spatial_mean(node, canon.opset)):
-            _convert(canon, node)
-            changed = True
+            try:  # (refused before the node is changed)
+                _convert(canon, node)
+                changed = True
+            except UnsupportedError as e:
+                canon.refuse(node, e)
     if changed:
         toposort(graph)
     return changed

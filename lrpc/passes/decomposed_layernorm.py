@@ -18,10 +18,13 @@ def run(canon: Canonical) -> bool:
     changed = False
     for node in list(graph.nodes):
         if node.op in ("Div", "Mul") and len(node.inputs) == 2 and node.outputs:
-            found = _match(node)
-            if found is not None:
-                _rewrite(graph, node, *found)
-                changed = True
+            try:  # (refused before anything is changed; the reason names the pattern's ReduceMean)
+                found = _match(node)
+                if found is not None:
+                    _rewrite(graph, node, *found)
+                    changed = True
+            except UnsupportedError as e:
+                canon.refuse(node, e)
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False)
     return changed

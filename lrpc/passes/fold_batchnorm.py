@@ -1,21 +1,22 @@
 """Fold BatchNormalization into the Conv / ConvTranspose / Gemm right before it (exact for any eps).
 
 Guards (a BN that fails one stays and gets the composite's ``scale`` rule, pass by default):
-the producer is a linear node in normal form, its output feeds only this BN, all BN parameters are
-constants, and the BN is in inference mode (one output)."""
+the producer is a linear layer in normal form (not a pool lowered to a Conv), its output feeds only
+this BN, all BN parameters are constants, and the BN is in inference mode (one output)."""
 from __future__ import annotations
 
 import numpy as np
 
 from ..errors import InputError, where
-from ..graph import Canonical, const_value, is_const, only_consumer, producer, rewire_output, scale_out_channels, add_bias
+from ..graph import (Canonical, add_bias, const_value, is_const, is_layer, only_consumer, producer, rewire_output,
+                     scale_out_channels)
 
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph
     changed = False
     for bn in list(graph.nodes):
-        if bn.op == "BatchNormalization" and _foldable(graph, bn):
+        if bn.op == "BatchNormalization" and _foldable(canon, bn):
             lin = producer(bn.inputs[0])
             scale, shift = bn_affine(bn)
             scale_out_channels(lin, scale)
@@ -37,9 +38,11 @@ def bn_affine(bn) -> tuple[np.ndarray, np.ndarray]:
     return scale, beta - mean * scale
 
 
-def _foldable(graph, bn) -> bool:
+def _foldable(canon, bn) -> bool:
     lin = producer(bn.inputs[0])
-    if lin is None or lin.op not in ("Conv", "ConvTranspose", "Gemm") or only_consumer(graph, bn.inputs[0]) is not bn:
+    if lin is None or lin.op not in ("Conv", "ConvTranspose", "Gemm") or not is_layer(canon, lin):
+        return False
+    if only_consumer(canon.graph, bn.inputs[0]) is not bn:
         return False
     if len(bn.outputs) != 1 or bn.attrs.get("training_mode", 0):
         return False

@@ -1,34 +1,38 @@
 """Linear normal form: every linear layer becomes Conv / ConvTranspose with explicit pads and a bias
 input, Gemm(X, W[out,in], b[out], transB=1, alpha=beta=1), or MatMul(X, W) with X of rank > 2; constant
-Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it."""
+Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it. A layer that cannot take
+that form (a non-constant weight, a product of two computed tensors) stays as it is, refused (see Canonical.refuse)."""
 from __future__ import annotations
 
 import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, only_consumer, out_channels,
-                     rewire_output, scale_out_channels, toposort)
+from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, is_layer, only_consumer,
+                     out_channels, rewire_output, scale_out_channels, toposort)
 
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph
     changed = False
     for node in list(graph.nodes):
-        if node.op in ("Sub", "Div"):
-            changed |= _sub_div(node)
-        elif node.op == "Gemm":
-            changed |= _gemm(graph, node)
-        elif node.op == "MatMul":
-            changed |= _matmul(canon, node)
-        elif node.op in ("Conv", "ConvTranspose"):
-            changed |= _conv_attrs(node)
-            changed |= node.op == "Conv" and _fold_pad(graph, node)
+        try:  # (each refusal is raised before its node is changed, or after changes that keep what it computes)
+            if node.op in ("Sub", "Div"):
+                changed |= _sub_div(node)
+            elif node.op == "Gemm":
+                changed |= _gemm(graph, node)
+            elif node.op == "MatMul":
+                changed |= _matmul(canon, node)
+            elif node.op in ("Conv", "ConvTranspose"):
+                changed |= _conv_attrs(node)
+                changed |= node.op == "Conv" and is_layer(canon, node) and _fold_pad(graph, node)
+        except UnsupportedError as e:
+            canon.refuse(node, e)
     again = True
     while again:  # fold chains like Conv -> Mul -> Add
         again = False
         for node in list(graph.nodes):
-            if node.op in ("Conv", "ConvTranspose", "Gemm") and node.outputs:
+            if node.op in ("Conv", "ConvTranspose", "Gemm") and node.outputs and is_layer(canon, node):
                 again |= _fold_following(graph, node)
         changed |= again
     graph.cleanup(remove_unused_graph_inputs=False)

@@ -30,8 +30,11 @@ def run(canon: Canonical) -> bool:
     changed = False
     for node in list(graph.nodes):
         if node.op == "Resize":
-            _convert(canon, node)
-            changed = True
+            try:  # (refused before the node is changed)
+                _convert(canon, node)
+                changed = True
+            except UnsupportedError as e:
+                canon.refuse(node, e)
     if changed:
         graph.cleanup(remove_unused_graph_inputs=False)
         toposort(graph)
