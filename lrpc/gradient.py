@@ -4,15 +4,18 @@ With LRP-0 (the epsilon rule with epsilon 0 on every linear layer, norm with eps
 seed one-hot × the explained value, the backward of a piecewise-linear model is gradient × input: ``R = x ⊙ ∇F``
 with ``F = Σ s ⊙ explained`` (``s`` the one-hot seed). For a direction ``v = x ⊙ u`` (``u`` standard normal, so
 ``v`` is 0 wherever ``x`` is: no division by ``x``) that is ``⟨∇F, v⟩ = ⟨R, u⟩``, which is compared with the finite
-difference ``(F(x + t v) − F(x)) / t`` (:func:`steps`) of a copy of the forward whose switches are frozen at ``x`` (:func:`make_probe`):
-every ReLU / LeakyReLU / PReLU / ThresholdedReLU keeps the on/off pattern it has at ``x`` and every MaxPool its
-arg-max. That copy is affine and equals ``F`` on the linear region around ``x``, so its difference quotient is the
-directional derivative for any step: only float32 round-off is left. Plain central
-differences ``(F(x + hv) − F(x − hv)) / 2h`` of the model itself cannot do that: a step that stays in one linear
-region is below float32 resolution on any real network (measured, ResNet-18 at 112 px: relative error 2.6e-2 at
-the best step h = 1e-3; kinks crossed above it, round-off ~1e-6 |F| / h below it), too coarse to see a relevance
-1% off."""
+difference ``(F(x + t v) − F(x)) / t`` (:func:`steps`) of a copy of the forward whose switches are frozen at ``x``
+(:func:`make_probe`): every ReLU / LeakyReLU / PReLU / ThresholdedReLU keeps the on/off pattern it has at ``x`` and
+every MaxPool its arg-max. That copy is affine and equals ``F`` on the linear region around ``x``, so its difference
+quotient is the directional derivative for any step: only float32 round-off is left. Plain central differences
+``(F(x + hv) − F(x − hv)) / 2h`` of the model itself cannot do that: a step that stays in one linear region is below
+float32 resolution on any real network (measured, ResNet-18 at 112 px: relative error 2.6e-2 at the best step
+h = 1e-3; kinks crossed above it, round-off ~1e-6 |F| / h below it), too coarse to see a relevance 1% off. The
+probe is built from the compiled LRP-0 graph's forward (the canonical graph, whose outputs the ``forward`` check
+compares with the original model's)."""
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 import onnx
@@ -47,9 +50,9 @@ def float_inputs(model: onnx.ModelProto, skip: str) -> list[str]:
     return [i.name for i in model.graph.input if i.name != skip and i.type.tensor_type.elem_type in floats]
 
 
-def _forward(model: onnx.ModelProto, explained: str, inputs: list[str]) -> tuple[list, set]:
+def _forward(model: onnx.ModelProto, explained: str, inputs: list[str], shapes: bool = False) -> tuple[list, set]:
     """The nodes ``explained`` is computed from (graph order) and the tensors among their outputs that depend on a
-    float input (a Shape's output does not)."""
+    float input (``shapes``: through a Shape or Size too; their outputs are shapes, not values of the input)."""
     need, nodes = {explained}, []
     for n in reversed(model.graph.node):
         if any(o in need for o in n.output):
@@ -58,7 +61,7 @@ def _forward(model: onnx.ModelProto, explained: str, inputs: list[str]) -> tuple
     nodes.reverse()
     moved = set(inputs)
     for n in nodes:
-        if n.op_type not in SHAPES and any(i in moved for i in n.input):
+        if (shapes or n.op_type not in SHAPES) and any(i in moved for i in n.input):
             moved.update(o for o in n.output if o)
     return nodes, moved
 
@@ -119,36 +122,60 @@ def _relu_like(model: onnx.ModelProto, node) -> bool:
     return high is None and low in (None, 0.0)
 
 
+SWITCHES = ("Relu", "LeakyRelu", "PRelu", "ThresholdedRelu")
+
+
+def _switch(model: onnx.ModelProto, node) -> bool:
+    return node.op_type in SWITCHES or (node.op_type == "Clip" and _clip_bounds(model, node)[0] == 0.0)
+
+
+def references(model: onnx.ModelProto, explained: str, inputs: list[str]) -> list[str]:
+    """The tensors at ``x`` that the probe (:func:`make_probe`) reads, in graph order: each switch's input and each
+    MaxPool's arg-max indices (given an output for them where it has none). The compiled model computes them."""
+    nodes, moved = _forward(model, explained, inputs)
+    refs = []
+    for n in nodes:
+        if n.op_type == "MaxPool" and n.input[0] in moved:
+            if len(n.output) < 2 or not n.output[1]:  # (the emitter adds them where relevance reaches the pool)
+                del n.output[1:]
+                n.output.append(f"{PREFIX}{n.name}/indices")
+            refs.append(n.output[1])
+        elif _switch(model, n) and n.input[0] in moved:
+            refs.append(n.input[0])
+    return refs
+
+
 def make_probe(model: onnx.ModelProto, explained: str, inputs: list[str], seed_name: str) -> dict[str, str]:
-    """Turn the compiled ``model`` (in place; its initializers untouched) into the probe: the forward up to
-    ``explained`` for the graph's inputs, and a copy of it for the inputs ``PREFIX + name`` (``inputs``: the float
-    ones) whose switches are frozen at the first copy's values. Outputs: ``explained`` and ``PREFIX + explained``.
-    Returns {input: probe input}."""
+    """Turn the compiled ``model`` (in place; its initializers untouched) into the probe: a copy of the forward up to
+    ``explained`` for the inputs ``PREFIX + name`` (``inputs``: the float ones) whose switches are frozen at ``x``:
+    they read :func:`references` (inputs of the probe under their own names, fed with their values at ``x``). Its
+    other inputs are the model's other inputs (integer ones). Output: ``PREFIX + explained``. Returns
+    {input: probe input}."""
     g = model.graph
     elem = next(i.type.tensor_type.elem_type for i in g.input if i.name == seed_name)
-    nodes, moved = _forward(model, explained, inputs)
+    refs = references(model, explained, inputs)
+    nodes, moved = _forward(model, explained, inputs, shapes=True)
     new = lambda t: PREFIX + t if t in moved else t  # noqa: E731
-    extra: list = []
-    count = [0]
+    kept: list = []
+    numbers = itertools.count()
 
-    def const(value) -> str:
-        count[0] += 1
-        name = f"{PREFIX}const{count[0]}"
-        dtype = helper.tensor_dtype_to_np_dtype(elem)
-        extra.append(helper.make_node("Constant", [], [name], name=name,
-                                      value=numpy_helper.from_array(np.asarray(value, dtype), name)))
+    def const(value, dtype=helper.tensor_dtype_to_np_dtype(elem)) -> str:
+        name = f"{PREFIX}const{next(numbers)}"
+        kept.append(helper.make_node("Constant", [], [name], name=name,
+                                     value=numpy_helper.from_array(np.asarray(value, dtype), name)))
         return name
 
     def node(op, ins, out, **attrs) -> str:
-        extra.append(helper.make_node(op, ins, [out], name=out, **attrs))
+        kept.append(helper.make_node(op, ins, [out], name=out, **attrs))
         return out
 
     for n in nodes:
-        if not any(i in moved for i in n.input) or n.op_type in SHAPES:
+        if not any(i in moved for i in n.input):  # (constants: kept as they are)
+            kept.append(n)
             continue
         x, y = n.input[0], n.output[0]
         attrs = {a.name: helper.get_attribute_value(a) for a in n.attribute}
-        if n.op_type in ("Relu", "LeakyRelu", "PRelu", "ThresholdedRelu") or (n.op_type == "Clip" and _clip_bounds(model, n)[0] == 0.0):
+        if _switch(model, n):  # Where(x > threshold at x, the copy's x, what the copy's x gives when off)
             threshold = const(attrs.get("alpha", 1.0) if n.op_type == "ThresholdedRelu" else 0.0)
             on = node("Greater", [x, threshold], f"{PREFIX}{y}/on")
             if n.op_type == "LeakyRelu":
@@ -158,11 +185,8 @@ def make_probe(model: onnx.ModelProto, explained: str, inputs: list[str], seed_n
             else:
                 off = const(0.0)
             node("Where", [on, new(x), off], new(y))
-        elif n.op_type == "MaxPool":
-            if len(n.output) < 2 or not n.output[1]:  # (the emitter adds the indices where relevance reaches it)
-                del n.output[1:]
-                n.output.append(f"{PREFIX}{n.name}/indices")
-            flat = node("Reshape", [new(x), _ints(extra, f"{PREFIX}{y}/all", [-1])], f"{PREFIX}{y}/flat")
+        elif n.op_type == "MaxPool":  # the copy's x at the arg-max at x (flat indices over the whole tensor)
+            flat = node("Reshape", [new(x), const([-1], np.int64)], f"{PREFIX}{y}/flat")
             node("Gather", [flat, n.output[1]], new(y), axis=0)
         else:
             copy = onnx.NodeProto()
@@ -170,31 +194,43 @@ def make_probe(model: onnx.ModelProto, explained: str, inputs: list[str], seed_n
             copy.name = PREFIX + n.name
             copy.input[:] = [new(i) for i in n.input]
             copy.output[:] = [new(o) for o in n.output]
-            extra.append(copy)
-    keep = list(nodes)
+            kept.append(copy)
     del g.node[:]
-    g.node.extend(keep + extra)
+    g.node.extend(kept)
     probes = {name: PREFIX + name for name in inputs}
-    others = [i for i in g.input if i.name != seed_name]
-    added = []
-    for i in others:
+    ints = {n.output[1] for n in nodes if n.op_type == "MaxPool"}
+    declared = []
+    for i in g.input:
+        if i.name != seed_name and (i.name not in probes or i.name in refs):  # (a switch right on an input reads it)
+            declared.append(_copy(i, i.name))
         if i.name in probes:
-            p = onnx.ValueInfoProto()
-            p.CopyFrom(i)
-            p.name = probes[i.name]
-            added.append(p)
+            declared.append(_copy(i, probes[i.name]))
+    names = {d.name for d in declared}
+    declared += [helper.make_tensor_value_info(r, onnx.TensorProto.INT64 if r in ints else elem, None)
+                 for r in refs if r not in names]
     del g.input[:]
-    g.input.extend(others + added)
+    g.input.extend(declared)
     del g.output[:]
-    g.output.extend([helper.make_tensor_value_info(explained, elem, None),
-                     helper.make_tensor_value_info(PREFIX + explained, elem, None)])
+    g.output.extend([helper.make_tensor_value_info(PREFIX + explained, elem, None)])
     return probes
 
 
-def _ints(extra: list, name: str, values: list[int]) -> str:
-    extra.append(helper.make_node("Constant", [], [name], name=name,
-                                  value=numpy_helper.from_array(np.asarray(values, np.int64), name)))
-    return name
+def expose(model: onnx.ModelProto, names: list[str], seed_name: str) -> None:
+    """``names`` (tensors of the model's float type, or MaxPool indices) as graph outputs too, in place; graph inputs
+    and outputs are left as they are."""
+    g = model.graph
+    elem = next(i.type.tensor_type.elem_type for i in g.input if i.name == seed_name)
+    ints = {n.output[1] for n in g.node if n.op_type == "MaxPool" and len(n.output) > 1}
+    there = {i.name for i in g.input} | {o.name for o in g.output}
+    g.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.INT64 if t in ints else elem, None)
+                    for t in dict.fromkeys(names) if t not in there)
+
+
+def _copy(info: onnx.ValueInfoProto, name: str) -> onnx.ValueInfoProto:
+    copy = onnx.ValueInfoProto()
+    copy.CopyFrom(info)
+    copy.name = name
+    return copy
 
 
 def directions(feeds: dict, inputs: list[str], count: int, seed: int) -> list[dict]:

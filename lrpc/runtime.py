@@ -218,15 +218,14 @@ class Session:
 
 
 def start_session(model: onnx.ModelProto, verbatim: dict | None, providers: list | None = None,
-                  threads: int | None = None, tf32: bool = False, prepare=contextlib.nullcontext,
-                  config: dict | None = None) -> ort.InferenceSession:
+                  threads: int | None = None, tf32: bool = False, prepare=contextlib.nullcontext) -> ort.InferenceSession:
     """:func:`inference_session` of ``model``, a ModelProto whose weights may still be those of the file it was read
     from (``verbatim``: :func:`lrpc.model_io.read_model`, :func:`lrpc.compiler.compile_for_save`; big ones deferred,
     never copied into the proto): onnxruntime reads those in that file as external data (:func:`for_runtime`), not
     out of the model serialized again; when the file changed since lrpc read it, onnxruntime could not read it
     there, or the session would keep it mapped (and so depend on it), the session is started again from the bytes
     lrpc read, with the first failure attached to a second one. ``prepare``: a context manager (factory) held
-    while ``model`` is serialized (:class:`Session`: the top-1 switch). ``config``: session config entries."""
+    while ``model`` is serialized (:class:`Session`: the top-1 switch)."""
     def serialize(whole: bool):
         with prepare():
             return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
@@ -234,8 +233,7 @@ def start_session(model: onnx.ModelProto, verbatim: dict | None, providers: list
     data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
     session, first_error = None, None
     try:
-        session = inference_session(data, providers, threads, tf32, external_folder=source and source.path.parent,
-                                    config=config)
+        session = inference_session(data, providers, threads, tf32, external_folder=source and source.path.parent)
     except Exception as e:
         if source is None:
             raise
@@ -244,7 +242,7 @@ def start_session(model: onnx.ModelProto, verbatim: dict | None, providers: list
     if source is not None and (session is None or not source.unchanged() or source.mapped_elsewhere()):
         session = None  # (the first session goes before the second starts)
         try:
-            session = inference_session(serialize(whole=True)[0], providers, threads, tf32, config=config)
+            session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
         except Exception as e:  # the first failure stays attached (--debug shows both)
             raise e from first_error
     return session
@@ -252,7 +250,7 @@ def start_session(model: onnx.ModelProto, verbatim: dict | None, providers: list
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
                       cuda_options: dict | None = None, profile: str | None = None,
-                      external_folder=None, config: dict | None = None) -> ort.InferenceSession:
+                      external_folder=None) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -264,13 +262,10 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
     equal speed). ``tf32``: CUDA float32 convolutions/matmuls in TF32. ``cuda_options``: more CUDA provider
     options. ``profile``: a file prefix for onnxruntime's profiler (off by default). ``external_folder``: where
-    the external data of a model given as bytes lie (:func:`lrpc.model_io.for_runtime`). ``config``: more session
-    config entries (``{"session.disable_prepacking": "1"}``, …)."""
+    the external data of a model given as bytes lie (:func:`lrpc.model_io.for_runtime`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
     options.log_severity_level = 4  # (a failing run raises with the message: not also logged in red on stderr)
-    for key, value in (config or {}).items():
-        options.add_session_config_entry(key, value)
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
     if profile:

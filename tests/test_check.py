@@ -192,35 +192,50 @@ def test_gradient_green_on_digits_cli():
 
 
 def test_probe_is_the_directional_derivative(tmp_path):
-    """The oracle itself: the probe with frozen switches gives ⟨∇F, v⟩ of torch autograd (float64 twin), 1e-5."""
+    """The oracle itself: the probe with frozen switches gives ⟨∇F, v⟩ of torch autograd (float64 twin), 1e-5 of
+    ‖x ⊙ ∇F‖ (ResNet block, Inception's pools with pads, DenseNet's Concat, MaxPool pads + ceil_mode: float32
+    twin)."""
     import torch
 
     from lrpc import gradient
     from lrpc.compiler import compile_for_save
     from lrpc.model_io import restore
 
-    for name in ("resnet_basic", "inception", "densenet"):
+    for name in ("resnet_basic", "inception", "densenet", "maxpool_pads_ceil"):
         a, path = _arch(name, tmp_path)
         model = restore(*compile_for_save(str(path), gradient.ruleset()))
         explained = {p.key: p.value for p in model.metadata_props}["lrpc.explained"]
+        refs = gradient.references(model, explained, ["input"])
+        gradient.expose(model, refs, "relevance_seed")
+        x = a.x
+        seed = np.zeros(a.twin(torch.from_numpy(x)).shape, np.float32)
+        outs = dict(zip([o.name for o in model.graph.output],
+                        ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+                        .run(None, {"input": x, "relevance_seed": seed})))
+        at_x = {r: outs[r] for r in refs}
         probes = gradient.make_probe(model, explained, ["input"], "relevance_seed")
         sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        x = a.x
-        twin = a.twin.double()
-        xt = torch.from_numpy(x.astype(np.float64)).requires_grad_(True)
+        # (torch modules in float64; a hand-built graph's twin is a float32 function of its weights)
+        double = isinstance(a.twin, torch.nn.Module)
+        twin = a.twin.double() if double else a.twin
+        xt = torch.from_numpy(x.astype(np.float64 if double else np.float32)).requires_grad_(True)
         logits = twin(xt)
         top = logits.argmax(dim=1)
         logits[torch.arange(len(top)), top].sum().backward()
         grad = xt.grad.numpy()
         mask = np.zeros(logits.shape, bool)
         mask[np.arange(len(top)), top.numpy()] = True
-        F = lambda v: float(np.sum(sess.run(None, {"input": x, probes["input"]: v.astype(np.float32)})[1][mask],  # noqa: E731
-                                   dtype=np.float64))
+
+        def F(v):
+            out = sess.run(None, {probes["input"]: v.astype(np.float32), **at_x})[0]
+            return float(np.sum(out[mask], dtype=np.float64))
+
         base = F(x)
+        assert abs(base - float(logits.detach()[mask].sum())) <= 1e-5 * abs(base), (name, base)  # the probe at x is F(x)
         for u in gradient.directions({"input": x}, ["input"], 3, 0):
             u = u["input"]
             want = float(np.sum(grad * x * u))
-            got = (F(x * (1 + 1e3 * u)) - base) / 1e3
+            got = (F(x * (1 + 1e12 * u)) - base) / 1e12
             assert abs(got - want) <= 1e-5 * np.linalg.norm(grad * x), (name, got, want)
 
 
