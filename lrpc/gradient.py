@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import composites
+from .passes.norm_affine import NORMALIZATIONS
 
 PREFIX = "lrpc_check/probe/"
 # op types whose propagator is exactly gradient × input under LRP-0 (positively homogeneous activations pass:
@@ -81,6 +82,9 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
             return f"{at}: a smooth activation gets the pass rule (relevance passes unchanged, the gradient is scaled)"
         if n.op_type == "LRN":
             return f"{at}: LRN gets the pass rule (its Jacobian is not the identity)"
+        if n.op_type in NORMALIZATIONS:
+            return f"{at}: a normalization's rule holds its standard deviation constant (AttnLRP), the gradient " \
+                   "does not"
         if n.op_type not in EXACT:
             return f"{at}: no LRP-0 = gradient identity is known for this op"
         if n.op_type in ("Mul", "Conv", "ConvTranspose", "Gemm", "MatMul") and len(computed) > 1:
