@@ -14,7 +14,7 @@ import onnx
 
 from . import composites, gradient
 from .emit import SEED, input_relevance_names, layer_sums
-from .errors import InputError, UnsupportedError
+from .errors import InputError, UnsupportedError, one_line
 from .model_io import file_identity, read_model, still_the_file
 
 
@@ -63,7 +63,8 @@ class Report:
                 + "\n".join(cases) + "\n</testsuite>\n")
 
     def text(self) -> str:
-        lines = [f"{'SKIP' if c.skipped else 'PASS' if c.passed else 'FAIL'}  {c.name:13s} {c.message}" for c in self.checks]
+        state = lambda c: "SKIP" if c.skipped else "PASS" if c.passed else "FAIL"  # noqa: E731
+        lines = [f"{state(c)}  {c.name:13s} {c.message}" for c in self.checks]
         if self.layers:
             lines.append("")
             lines.append(f"{'layer (execution order)':48s} {'op':14s} {'rule':26s} {'sum in':>10s} {'sum out':>10s} {'in/out':>8s}")
@@ -73,7 +74,8 @@ class Report:
                              f"{row['sum_out']:10.4g} {row['ratio']:8.4f}{mark}")
         ran = [c for c in self.checks if not c.skipped]
         skipped = f", {len(self.checks) - len(ran)} skipped" if len(ran) < len(self.checks) else ""
-        lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({sum(c.passed for c in ran)}/{len(ran)} checks{skipped})")
+        counts = f"{sum(c.passed for c in ran)}/{len(ran)} checks{skipped}"
+        lines.append(f"{'PASSED' if self.passed else 'FAILED'} ({counts})")
         return "\n".join(lines)
 
 
@@ -223,22 +225,25 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     relevance = {name: outs["relevance" if "relevance" in outs else f"relevance_{name}"].astype(np.float64)
                  for name in inputs}
     at_x = {r: outs[r] if r in outs else feeds[r] for r in refs}
-    mask = seed != 0  # F = Σ seed ⊙ explained / explained: the explained values at the seeded positions
+    mask = seed != 0  # F: the sum of the explained values at the seeded positions (the seed is one-hot × explained)
     base = float(np.sum(outs[explained][mask], dtype=np.float64))
     sess = outs = None
-    probes = gradient.make_probe(model, explained, inputs, SEED)
-    psess = session(model, held)
-    model = held = None
-    others = {k: v for k, v in feeds.items() if k not in probes}
     fd, lin = [], []
-    for u in gradient.directions(feeds, inputs, DIRECTIONS, rng_seed):
-        for step in gradient.steps(seed.dtype):  # (the first whose run stays finite)
-            shifted = {probes[n]: (feeds[n] * (1.0 + step * u[n])).astype(feeds[n].dtype) for n in inputs}
-            value = float(np.sum(psess.run(None, {**others, **at_x, **shifted})[0][mask], dtype=np.float64))
-            if np.isfinite(value):
-                break
-        fd.append((value - base) / step)
-        lin.append(sum(float(np.sum(relevance[n] * u[n])) for n in inputs))
+    try:
+        probes = gradient.make_probe(model, explained, inputs, SEED)
+        psess = session(model, held)
+        model = held = None
+        others = {k: v for k, v in feeds.items() if k not in probes}
+        for u in gradient.directions(feeds, inputs, DIRECTIONS, rng_seed):
+            for step in gradient.steps(seed.dtype):  # (the first whose run stays finite)
+                shifted = {probes[n]: (feeds[n] * (1.0 + step * u[n])).astype(feeds[n].dtype) for n in inputs}
+                value = float(np.sum(psess.run(None, {**others, **at_x, **shifted})[0][mask], dtype=np.float64))
+                if np.isfinite(value):
+                    break
+            fd.append((value - base) / step)
+            lin.append(sum(float(np.sum(relevance[n] * u[n])) for n in inputs))
+    except Exception as e:  # (a bug of the probe, not of the model: failed, and said so, not an internal error)
+        return Check("gradient", False, None, tol, f"the probe of the forward failed (please report): {one_line(e)}")
     err = gradient.relative_error(np.array(fd), np.array(lin))
     floor = gradient.ROUNDOFF * float(np.finfo(seed.dtype).eps)  # (float16: 2e-2; float32: 2.4e-6, below any sane tol)
     why = f"; {np.dtype(seed.dtype).name} round-off" if floor > tol else ""

@@ -27,8 +27,8 @@ from .passes.norm_affine import NORMALIZATIONS
 PREFIX = "lrpc_check/probe/"
 # op types whose propagator is exactly gradient × input under LRP-0 (positively homogeneous activations pass:
 # f(z) = z f'(z); linear layers, sums, pools and routing are linear maps with exact adjoints)
-EXACT = {"Conv", "ConvTranspose", "Gemm", "MatMul", "BatchNormalization", "Mul", "Add", "Sum", "ReduceMean",
-         "MaxPool", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Identity", "Dropout", "Reshape",
+EXACT = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "BatchNormalization", "Mul", "Add", "Sum", "ReduceMean",
+         "ReduceSum", "MaxPool", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Identity", "Dropout", "Reshape",
          "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Pad"}
 SMOOTH = {"Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "HardSigmoid", "HardSwish"}
 SHAPES = ("Shape", "Size")  # their outputs are shapes, not values of the input
@@ -87,9 +87,11 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
                    "does not"
         if n.op_type not in EXACT:
             return f"{at}: no LRP-0 = gradient identity is known for this op"
-        if n.op_type in ("Mul", "Conv", "ConvTranspose", "Gemm", "MatMul") and len(computed) > 1:
-            why = "a gated product: the gate gets no relevance, the gradient flows through it" if n.op_type == "Mul" \
-                else "a product of two computed tensors: relevance goes to one factor only"
+        if n.op_type in ("Mul", "Add", "Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum") and len(computed) > 1:
+            why = {"Mul": "a gated product or an activation written out as several ops (x * f(x)): one factor gets "
+                          "no relevance, the gradient flows through both",
+                   "Add": "a merge inside an activation written out as several ops: the identity rule is not the "
+                          "gradient"}.get(n.op_type, "a product of two computed tensors: relevance goes to one factor only")
             return f"{at}: {why}"
         if n.op_type == "Clip" and not _relu_like(model, n):
             return f"{at}: a Clip other than max(x, 0) (ReLU6, ...) gets the pass rule: relevance passes where " \

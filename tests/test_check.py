@@ -239,58 +239,48 @@ def test_probe_is_the_directional_derivative(tmp_path):
             assert abs(got - want) <= 1e-5 * np.linalg.norm(grad * x), (name, got, want)
 
 
-def _patched_check(monkeypatch, path, patch, **kw):
-    """run_check with a bug planted by ``patch(monkeypatch)`` in every compile it runs."""
-    patch(monkeypatch)
-    return _check(path, **kw)
-
-
-def test_gradient_red_where_relevance_is_silently_wrong(monkeypatch):
-    """Bugs that conservation cannot see: gradient must fail while conservation passes."""
+def _bias_dropped(m):
+    """The bias left out of every denominator (as if zero_bias were always on)."""
     from lrpc import rules
+
+    m.setattr(rules.Rule, "bias", lambda self, name: None)
+
+
+def _maxpool_transposed(m):
+    """MaxPool relevance sent to the transposed cell (H and W swapped): every value kept, the sums unchanged."""
     from lrpc.relevance import PROPAGATORS, pooling
 
-    # (1) the bias dropped from every denominator (as if zero_bias were always on): conservation compiles with zero
-    # biases anyway and passes; LRP-0 without its biases is not the gradient
+    def swapped(ctx, node, R_out, real=pooling.maxpool):
+        return [ctx.b.op("Transpose", [real(ctx, node, R_out)[0]], {"perm": [0, 1, 3, 2]})]
+
+    m.setitem(PROPAGATORS, "MaxPool", swapped)
+
+
+def _first_layer_scaled(m):
+    """The relevance of the first layer's input 1% too large."""
+    from lrpc.relevance import PROPAGATORS, linear
+
+    def scaled(ctx, node, R_out, real=linear.propagate):
+        r = real(ctx, node, R_out)
+        return [ctx.b.mul(t, ctx.b.const(1.01)) if t is not None and node.name == "/body/body.0/Conv" else t for t in r]
+
+    m.setitem(PROPAGATORS, "Conv", scaled)
+
+
+@pytest.mark.parametrize("plant, conserves, low, high", [(_bias_dropped, True, 1e-2, None),
+                                                          (_maxpool_transposed, True, 1e-2, None),
+                                                          (_first_layer_scaled, False, 5e-3, 2e-2)])
+def test_gradient_red_where_relevance_is_silently_wrong(plant, conserves, low, high, monkeypatch):
+    """Bugs planted in every compile the check runs: gradient fails. The first two conservation cannot see (the
+    compile with zero biases has none to drop; a permutation keeps the sums); a 1% error it sees at its 1e-3 too."""
     with monkeypatch.context() as m:
-        m.setattr(rules.Rule, "bias", lambda self, name: None)
+        plant(m)
         _, checks = _check(DIGITS, "epsilon-plus")
-    assert checks["conservation"].passed and not checks["gradient"].passed, checks["gradient"].message
-    assert checks["gradient"].figure > 1e-2
-    report_line(f"check gradient, bias dropped from the denominators: {checks['gradient'].figure:.1e} "
+    g = checks["gradient"]
+    assert not g.passed and low < g.figure < (high or np.inf), g.message
+    assert checks["conservation"].passed == conserves, checks["conservation"].message
+    report_line(f"check gradient, {plant.__doc__.split(' (')[0].split(':')[0].rstrip('.')}: {g.figure:.1e} "
                 f"(conservation {checks['conservation'].figure:.1e})")
-
-    # (2) MaxPool relevance sent to the transposed cell (H and W swapped): every value kept, sums unchanged
-    real = pooling.maxpool
-
-    def swapped(ctx, node, R_out):
-        r = real(ctx, node, R_out)[0]
-        return [ctx.b.op("Transpose", [r], {"perm": [0, 1, 3, 2]})]
-
-    with monkeypatch.context() as m:
-        m.setitem(PROPAGATORS, "MaxPool", swapped)
-        _, checks = _check(DIGITS, "epsilon-plus")
-    assert checks["conservation"].passed and not checks["gradient"].passed, checks["gradient"].message
-    assert checks["gradient"].figure > 1e-2
-    report_line(f"check gradient, MaxPool relevance transposed: {checks['gradient'].figure:.1e} "
-                f"(conservation {checks['conservation'].figure:.1e})")
-
-    # (3) relevance 1% too large at the first layer: gradient sees it (conservation does too, at its 1e-3)
-    from lrpc.relevance import linear
-
-    real_linear = linear.propagate
-
-    def scaled(ctx, node, R_out):
-        r = real_linear(ctx, node, R_out)
-        if node.name == "/body/body.0/Conv":
-            r = [ctx.b.mul(t, ctx.b.const(1.01)) if t is not None else None for t in r]
-        return r
-
-    with monkeypatch.context() as m:
-        m.setitem(PROPAGATORS, "Conv", scaled)
-        _, checks = _check(DIGITS, "epsilon-plus")
-    assert not checks["gradient"].passed and 5e-3 < checks["gradient"].figure < 2e-2, checks["gradient"].message
-    report_line(f"check gradient, first layer's relevance x 1.01: {checks['gradient'].figure:.1e}")
 
 
 def _sigmoid_mlp(path):
@@ -419,7 +409,8 @@ def test_finite_covers_every_compile(monkeypatch):
             return ctx.b.mul(r, ctx.b.const(np.nan)) if when(rule) else r
         return emit_rule
 
-    for when, where in ((lambda rule: rule.zero_bias, "in the compile with zero biases (conservation)"),
+    for when, where in ((lambda rule: rule.zero_bias and rule.name != "norm",  # (norm: zero_bias always)
+                         "in the compile with zero biases (conservation)"),
                         (lambda rule: rule.name == "epsilon" and rule.eps == 0, "in the compile LRP-0 (gradient)")):
         with monkeypatch.context() as m:
             m.setattr(linear, "emit_rule", poisoned(when))
@@ -533,14 +524,14 @@ def test_zero_bias_change_leaves_other_compiles_byte_identical(tmp_path, monkeyp
 def _noisy_model(path, with_unsupported: bool):
     """A scalar initializer read by two Unsqueeze nodes that make a Reshape's shape: the sessions that constant
     folding starts warn "UnsqueezeElimination cannot remove node" on stderr (as 117 times for a torchvision Swin
-    export; with the nodes unnamed: onnxruntime warns less about named ones). ``with_unsupported``: an Erf on the
+    export; with the nodes unnamed: onnxruntime warns less about named ones). ``with_unsupported``: a Softmax on the
     explained path, so that compiling fails."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("Unsqueeze", ["n", "ax"], ["u1"]), helper.make_node("Unsqueeze", ["n", "ax"], ["u2"]),
              helper.make_node("Mul", ["u1", "u2"], ["nn"]), helper.make_node("Concat", ["nn", "four"], ["shape"], axis=0),
              helper.make_node("Reshape", ["input", "shape"], ["r"]),
-             helper.make_node("Erf" if with_unsupported else "Relu", ["r"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["out"])]
+             helper.make_node("Softmax" if with_unsupported else "Relu", ["r"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["out"])]
     inits = [numpy_helper.from_array(np.array(1, np.int64), "n"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
              numpy_helper.from_array(np.array([4], np.int64), "four"),
              numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "W")]
@@ -557,7 +548,7 @@ def test_onnxruntime_warnings_off_unless_debug(tmp_path):
                 "explain": ["explain", bad, "--npy", tmp_path / "x.npy", "-o", tmp_path / "h.png"]}
     for name, args in commands.items():
         code, out, err = lrpc_cli(*args)
-        assert code == 2 and len(err.splitlines()) == 1 and "(Erf)" in err, (name, err)
+        assert code == 2 and len(err.splitlines()) == 1 and "(Softmax)" in err, (name, err)
     code, out, err = lrpc_cli("check", bad)  # (the failing check is in the report on stdout)
     assert code == 1 and err == "" and "FAIL  supported" in out, err
     good = _noisy_model(tmp_path / "good.onnx", False)
