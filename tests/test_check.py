@@ -557,3 +557,26 @@ def test_onnxruntime_warnings_off_unless_debug(tmp_path):
     for model in (good, bad):  # --debug keeps them
         code, out, err = lrpc_cli("--debug", "compile", model, "-o", tmp_path / "c.onnx")
         assert "UnsqueezeElimination" in err, err
+
+
+def test_gradient_with_two_float_inputs_and_an_integer_one(tmp_path):
+    """Every float input is perturbed (its own direction, relevance_<name>); an integer input is fed as it is."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(9)
+    w = {k: rng.standard_normal(s).astype(np.float32) for k, s in (("Wa", (4, 6)), ("Wb", (5, 6)), ("V", (3, 6)))}
+    g = helper.make_graph([helper.make_node("MatMul", ["a", "Wa"], ["ha"], name="ma"),
+                           helper.make_node("MatMul", ["b", "Wb"], ["hb"], name="mb"),
+                           helper.make_node("Add", ["ha", "hb"], ["s"], name="merge"),
+                           helper.make_node("Relu", ["s"], ["r"], name="relu"),
+                           helper.make_node("Shape", ["k"], ["ks"], name="kshape"),  # (an integer input, unused)
+                           helper.make_node("Gemm", ["r", "V"], ["out"], name="head", transB=1)], "g",
+                          [helper.make_tensor_value_info("a", TensorProto.FLOAT, ["N", 4]),
+                           helper.make_tensor_value_info("b", TensorProto.FLOAT, ["N", 5]),
+                           helper.make_tensor_value_info("k", TensorProto.INT64, ["N", 2])],
+                          [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
+                          [numpy_helper.from_array(v, k) for k, v in w.items()])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "two.onnx"))
+    report, checks = _check(tmp_path / "two.onnx", "epsilon")
+    g = checks["gradient"]
+    assert report.passed and not g.skipped and g.figure <= 1e-5, report.text()
