@@ -67,13 +67,24 @@ def _parser() -> argparse.ArgumentParser:
                         "output itself (output relevance_target names it): one run, only the model's inputs to feed")
     _rule_flags(c)
 
-    ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation")
+    ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation/gradient",
+                        description="Compile the model, run it on seeded random inputs (or --inputs) and check: "
+                                    "supported (every op has a propagator), forward (outputs unchanged), finite (no "
+                                    "NaN/Inf in the relevance of any compile the check runs), conservation (Σ relevance "
+                                    "= Σ seed with zero biases), gradient (LRP-0 relevance equals gradient × input: "
+                                    "compared with finite differences of the forward with its ReLU/MaxPool switches "
+                                    "frozen; skipped, with the reason, where the model has smooth activations, gates, "
+                                    "ReLU6/Clip or LRN). Exit code 0: all pass (or are skipped), 1: a check fails, "
+                                    "2: unusable input.")
     ch.add_argument("model")
     ch.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
     ch.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ch.add_argument("--rtol", type=_nonneg_float, default=1e-4, help="forward outputs: max relative error (default 1e-4)")
     ch.add_argument("--conservation-tol", type=_nonneg_float, default=1e-3,
                     help="|Σ relevance − Σ seed| / |Σ seed| with zero biases (default 1e-3)")
+    ch.add_argument("--gradient-tol", type=_nonneg_float, default=1e-4,
+                    help="LRP-0 relevance against finite differences of the forward: relative error over 3 random "
+                         "directions (default 1e-4)")
     ch.add_argument("--json", help="write the report as JSON")
     ch.add_argument("--junit", help="write the report as JUnit XML")
     ch.add_argument("--quiet", action="store_true", help="no per-layer table")
@@ -182,6 +193,8 @@ def _join_negative_lists(argv: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_join_negative_lists(list(sys.argv[1:] if argv is None else argv)))
+    if not args.debug and args.command != "rules":
+        _quiet_onnxruntime()
     try:
         with warnings.catch_warnings():
             if not args.debug:  # (numpy's, Pillow's: lrpc says what is wrong in its one line)
@@ -200,6 +213,15 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"lrpc: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for details)", file=sys.stderr)
         return 3
+
+
+def _quiet_onnxruntime() -> None:
+    """onnxruntime's own log lines off (--debug keeps them): the sessions that onnx-graphsurgeon's constant folding
+    starts take no options, and their graph optimizers warn on stderr (a torchvision Swin: 117 coloured
+    "UnsqueezeElimination cannot remove node" lines before lrpc's one-line message). Failures still raise."""
+    import onnxruntime
+
+    onnxruntime.set_default_logger_severity(4)
 
 
 def _run(args) -> int:
@@ -291,9 +313,10 @@ def _check(args) -> int:
 
     inputs = _read_inputs(args.inputs)
     report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,
-                       output=args.output, seed=args.seed, input_shapes=dict(args.input_shape))
+                       output=args.output, seed=args.seed, input_shapes=dict(args.input_shape),
+                       gradient_tol=args.gradient_tol)
     if args.quiet:
-        report_text = "\n".join(line for line in report.text().splitlines() if line[:4] in ("PASS", "FAIL"))
+        report_text = "\n".join(line for line in report.text().splitlines() if line[:4] in ("PASS", "FAIL", "SKIP"))
     else:
         report_text = report.text()
     print(report_text)

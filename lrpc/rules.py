@@ -107,8 +107,10 @@ def wsquare(**kw) -> Rule:
 
 
 def norm(**kw) -> Rule:
-    """Proportional split for parameter-free layers (sums, average pools): epsilon without bias."""
-    return Rule("norm", (Group((Term("x", "W"),), above_z=True),), **kw)
+    """Proportional split for parameter-free layers (sums, average pools): epsilon without bias. It is zero_bias
+    epsilon wherever it meets a layer with a bias (a normalization's, through a rule file): its denominator is ``Wx``
+    computed by a forward of its own, and not known to exceed z."""
+    return Rule("norm", (Group((Term("x", "W"),), above_z=True),), **{**kw, "zero_bias": True})
 
 
 def pass_(**kw) -> Rule:

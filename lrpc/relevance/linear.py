@@ -359,7 +359,7 @@ def emit_rule(ctx, view: View, rule: Rule, R):
         return len({w for _, w in keys}) if shared else len(keys)
 
     def forwards(d) -> int:
-        return len(_keys(groups, variants, d) - {("x", "W")})
+        return len(_keys(groups, variants, d) - {variants.own})
 
     decompose = split if forwards(split) < forwards(plain) else plain
     decompose_adjoint = split if adjoints(split) < adjoints(plain) else plain
@@ -597,18 +597,27 @@ class _Variants:
             raise ValueError(f"unknown weight variant {name}")
         return self._memo(key, makers[name])
 
+    @property
+    def own(self) -> tuple | None:
+        """The (input, weight) pair whose forward is the layer's own output z (less its bias): ``("x", "W")``, or
+        None where biases are left out of the denominators (``zero_bias``) and the layer has one: ``z - b`` is
+        then no stand-in for ``Wx``, since where ``Wx`` is tiny next to ``b`` (GoogLeNet's fc: 5e-12 against 0.03)
+        the difference is float32 rounding noise of ``b``; ``f(x; W)`` is computed by a forward of its own."""
+        return None if self.rule.zero_bias and self.view.bias is not None else ("x", "W")
+
     def denominator(self, mix: dict, biases: list, shift: float = 0.0):
         """``sum a f(input; basis) + sum ± bias`` for ``mix = {(input, basis): a}``, plus ``shift`` where that
         costs no extra pass (returned: whether it was added). The layer's own output ``z = f(x; W) + b``
-        stands in for ``f(x; W)`` (its bias is taken back out of the sum). A fresh forward runs with its
-        first coefficient folded into the weight and, for the first group that needs it, the group's
-        constant offset as its bias: ``z + f(x; γW+, b')`` is then one Conv that onnxruntime fuses with the
-        Add (NCHWc Conv with a sum input). Later groups reuse it and take coefficient and bias back out."""
-        view, b = self.view, self.b
-        biases = list(biases) + ([(-mix[("x", "W")], view.bias)] if ("x", "W") in mix and view.bias is not None else [])
-        fresh = [k for k in mix if k != ("x", "W") and ("f", *k) not in self._cache]
+        stands in for ``f(x; W)`` (its bias is taken back out of the sum; not with zero_bias, see :attr:`own`).
+        A fresh forward runs with its first coefficient folded into the weight and, for the first group that
+        needs it, the group's constant offset as its bias: ``z + f(x; γW+, b')`` is then one Conv that
+        onnxruntime fuses with the Add (NCHWc Conv with a sum input). Later groups reuse it and take coefficient
+        and bias back out."""
+        view, b, own = self.view, self.b, self.own
+        biases = list(biases) + ([(-mix[own], view.bias)] if own in mix and view.bias is not None else [])
+        fresh = [k for k in mix if k != own and ("f", *k) not in self._cache]
         for k in mix:  # forwards already built bring their own bias: take it back out
-            if k != ("x", "W") and k not in fresh and self._cache[("f", *k)][2] is not None:
+            if k != own and k not in fresh and self._cache[("f", *k)][2] is not None:
                 _, scale, f_bias = self._cache[("f", *k)]
                 biases.append((-mix[k] / scale, f_bias))
         if shift:
@@ -620,14 +629,14 @@ class _Variants:
             biases = with_shift
         parts = []  # (coefficient, tensor, computed from the activations)
         for (inp, basis), a in mix.items():
-            if inp == "x" and basis == "W":
+            if (inp, basis) == own:
                 parts.append((a, view.z, True))
                 continue
             key = ("f", inp, basis)
             if key not in self._cache:
-                own = _offset(b, biases) if (inp, basis) == fresh[0] else None
-                biases = [] if own is not None else biases
-                self._cache[key] = (view.forward(self.input(inp), self.weight(basis, a), own), a, own)
+                offset = _offset(b, biases) if (inp, basis) == fresh[0] else None
+                biases = [] if offset is not None else biases
+                self._cache[key] = (view.forward(self.input(inp), self.weight(basis, a), offset), a, offset)
             f, scale, _ = self._cache[key]
             parts.append((a / scale, f, inp not in ("low", "high")))
         # forwards of constants (z-box bounds) first: onnxruntime folds their sum, one Add meets the activations

@@ -25,8 +25,16 @@ class NormView(View):
         super().__init__(ctx, node, x, w, bias)
         self.axes, self.groups, self.inv_sigma = axes, groups, inv_sigma
 
-    def forward(self, x, w, bias):  # (only the rules of RULES reach the emitter: they reuse the layer's output)
-        raise UnsupportedError(f"{where(self.node)}: a normalization layer takes only the rules {', '.join(RULES)}")
+    def forward(self, x, w, bias):
+        """``w ⊙ centre(x) / sigma (+ bias)`` of the layer's own input: the bias-free output that denominators without
+        biases (zero_bias) take. (Only the rules of RULES reach the emitter: they need no other forward.)"""
+        if x is not self.x:
+            raise UnsupportedError(f"{where(self.node)}: a normalization layer takes only the rules {', '.join(RULES)}")
+        b = self.b
+        u = _grouped(b, x, self.groups)
+        u = b.mul(b.op("Sub", [u, b.reduce_mean(u, self.axes)]), self.inv_sigma)
+        u = b.mul(u if self.groups is None else b.op("Reshape", [u, b.shape_of(self.x)]), w)
+        return u if bias is None else b.add(u, bias)
 
     def adjoint(self, c, w):
         b = self.b
