@@ -221,3 +221,30 @@ def test_repvgg_sign_norm_is_bounded_and_conserves(tmp_path):
     assert not run_check(str(path), "epsilon-gamma-box", lrpc.Options(low=-3.0, high=3.0)).passed
     report = run_check(str(path), "epsilon-gamma-box", lrpc.Options(low=-3.0, high=3.0, sum_rule="sign-norm"))
     assert report.passed, report.text()
+
+
+@pytest.mark.parametrize("op,keepdims", [("ReduceSum", 0), ("ReduceSum", 1), ("ReduceMean", 0)])
+def test_sign_norm_on_reductions(op, keepdims, tmp_path):
+    """A ReduceSum over channels (category sum: --sum-rule) and a ReduceMean (category avgpool: a rule file) under
+    sign-norm: each cell's relevance is the formula's (float64, eps = 0, 1e-8), the cells of the sum's sign share R."""
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=SHAPE)
+    axes = numpy_helper.from_array(np.array([1], np.int64), "axes")
+    out_shape = [SHAPE[0], 1, *SHAPE[2:]] if keepdims else [SHAPE[0], *SHAPE[2:]]
+    g = helper.make_graph([helper.make_node(op, ["x", "axes"], ["y"], name="reduce", keepdims=keepdims)], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, SHAPE)],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, out_shape)], [axes])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+    if op == "ReduceSum":
+        compiled = lrpc.compile(model, "epsilon", stabilizer_eps=0.0, sum_rule="sign-norm", layerwise="sums")
+    else:
+        compiled = lrpc.compile(model, _rule_file(tmp_path, {"category": "avgpool", "rule": "sign-norm"}),
+                                stabilizer_eps=0.0, layerwise="sums")
+    R = rng.normal(size=out_shape)
+    out = _run(compiled, {"x": x, "relevance_seed": R})
+    Rk = R if keepdims else R[:, None]
+    z = x.sum(axis=1, keepdims=True)
+    p, n = np.maximum(x, 0).sum(axis=1, keepdims=True), np.minimum(x, 0).sum(axis=1, keepdims=True)
+    want = np.maximum(x, 0) * np.where(z > 0, Rk / p, 0) + np.minimum(x, 0) * np.where(z < 0, Rk / n, 0)
+    np.testing.assert_allclose(out["relevance"], want, rtol=1e-8, atol=1e-12)
+    np.testing.assert_allclose(out["relevance_sum_kept/reduce"], R.reshape(len(R), -1).sum(1), rtol=1e-10)

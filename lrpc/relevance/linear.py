@@ -34,6 +34,11 @@ class View:
         """``bias`` shaped to broadcast over the output (for ``z - b``)."""
         return bias
 
+    def without_bias(self):
+        """``f(x; W)`` by a forward of its own (the output minus the bias would cancel where it is small next to
+        the bias): for the accounts of :func:`emit_rule`."""
+        return self.forward(self.x, self.w, None)
+
     def bias_shape(self) -> list[int]:
         """Shape of a bias that ``forward`` takes (one value per output channel / feature)."""
         return [1]
@@ -454,7 +459,7 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
         q = b.op("Div", [c, b.add(A, b.const(eps))])
         if ctx.audit:  # (R = z ⊙ c vanishes where z = 0: no zero denominators)
             m = b.mul(q, A)
-            ctx.account(view.node, b.mul(m, view.forward(view.x, view.w, None)),
+            ctx.account(view.node, b.mul(m, view.without_bias()),
                         None if view.bias is None else b.mul(m, view.bias_for_output(view.bias)))
         return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
     if not ctx.nonneg(view.x) or g < 0:
@@ -469,7 +474,7 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     if ctx.audit:  # Wᵀ(q⊙A) + γW+ᵀ(q⊙z) passes on <q⊙A, f(x; W)> + <q⊙z, f(x; γW+)>; the biases b↑ = b + γb+ (z > 0)
         # and b↓ = b + γb- (z < 0) take <q⊙A, b> + <q⊙z, γb+>
         m, n = b.mul(q, A), b.mul(q, z)
-        kept = b.add(b.mul(m, view.forward(view.x, view.w, None)), b.mul(n, view.forward(view.x, variants.weight("W+", g), None)))
+        kept = b.add(b.mul(m, view.without_bias()), b.mul(n, view.forward(view.x, variants.weight("W+", g), None)))
         bias = None
         if view.bias is not None:
             bias = b.mul(m, view.bias_for_output(view.bias))
@@ -485,7 +490,8 @@ def _audit_group(view: View, variants, group, terms, biases, c):
     weight as it is: W- = W - W+ would cancel where it is 0), its biases' share (message times biases), and
     ``coef · mask`` where its denominator without stabilizer is not 0 (elsewhere no numerator can carry relevance)."""
     b = view.b
-    n = linear_combination(b, [(t.sign, view.forward(variants.input(t.input), variants.weight(t.weight), None)) for t in terms])
+    n = linear_combination(b, [(t.sign, view.without_bias() if (t.input, t.weight) == ("x", "W") else
+                                    view.forward(variants.input(t.input), variants.weight(t.weight), None)) for t in terms])
     beta = _offset(b, biases)
     beta = None if beta is None else view.bias_for_output(beta)
     passable = b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", n if beta is None else b.add(n, beta))]))

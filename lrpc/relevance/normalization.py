@@ -28,6 +28,9 @@ class NormView(View):
     def forward(self, x, w, bias):  # (only the rules of RULES reach the emitter: they reuse the layer's output)
         raise UnsupportedError(f"{where(self.node)}: a normalization layer takes only the rules {', '.join(RULES)}")
 
+    def without_bias(self):  # (no forward of its own: the layer's output minus its bias)
+        return self.z if self.bias is None else self.b.op("Sub", [self.z, self.bias_for_output(self.bias)])
+
     def adjoint(self, c, w):
         b = self.b
         u = _grouped(b, b.mul(c, w), self.groups)
