@@ -146,14 +146,16 @@ def test_accounts_of_sum_with_constant_and_mean(tmp_path):
     np.testing.assert_allclose(out["relevance_sum_kept/sum"] + out["relevance_sum_bias/sum"] + out["relevance_sum_zero/sum"],
                                per(R), rtol=1e-10)
 
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["r"], name="relu"), nodes[2]], "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), nodes[2]]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],
                           [helper.make_tensor_value_info("m", TensorProto.DOUBLE, shape[:2])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     m.graph.node[1].CopyFrom(helper.make_node("ReduceMean", ["r", "axes"], ["m"], name="mean", keepdims=0))
     m.graph.initializer.append(numpy_helper.from_array(np.array([2, 3], np.int64), "axes"))
     x[1, 2] = -1.0  # an all-zero window: its mean is 0
     R = rng.normal(size=shape[:2])
-    out = run_model(lrpc.compile(m, "epsilon", epsilon=0.0, stabilizer_eps=0.0, layerwise="sums"), {"x": x, "relevance_seed": R}, np.float64)
+    compiled = lrpc.compile(m, "epsilon", epsilon=0.0, stabilizer_eps=0.0, layerwise="sums")
+    out = run_model(compiled, {"x": x, "relevance_seed": R}, np.float64)
     mean = np.maximum(x, 0).mean(axis=(2, 3))
     np.testing.assert_allclose(out["relevance_sum_kept/mean"], (safe_div(R, mean) * mean).sum(1), rtol=1e-10)
     np.testing.assert_allclose(out["relevance_sum_zero/mean"], (R * (mean == 0)).sum(1), rtol=1e-10)

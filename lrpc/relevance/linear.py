@@ -408,7 +408,8 @@ def emit_rule(ctx, view: View, rule: Rule, R):
             messages.setdefault(key, []).append((a * group.coef, c))
     if ctx.audit:
         passable = b.sum([p for _, _, p in audit])
-        ctx.account(view.node, b.sum([k for k, _, _ in audit]) if audit else b.zeros_like(R), b.sum([a for _, a, _ in audit]),
+        kept, bias = (b.sum([a[i] for a in audit]) for i in (0, 1))
+        ctx.account(view.node, kept if kept is not None else b.zeros_like(R), bias,
                     R if passable is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [passable]))))
     if shared:  # messages[key] = [(a_key, c)] with the one c
         per_weight: dict[str, list] = {}
@@ -479,7 +480,8 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
         if view.bias is not None:
             bias = b.mul(m, view.bias_for_output(view.bias))
             if plus is not None:
-                bias = b.add(bias, b.mul(n, view.bias_for_output(view.constant_bias(g * const_value(plus).astype(np.float64)))))
+                up = view.constant_bias(g * const_value(plus).astype(np.float64))
+                bias = b.add(bias, b.mul(n, view.bias_for_output(up)))
         ctx.account(view.node, kept, bias)
     adj = b.sum([view.adjoint(b.mul(q, A), view.w), view.adjoint(b.mul(q, z), variants.weight("W+", g))])
     return ctx.product(view.x, adj)

@@ -189,7 +189,8 @@ def _sign_split(ctx, node, rule, R, axes, keepdims, rank, dims):
         if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
             c = b.mul(c, indicator(b, mask, z))
         if ctx.audit:
-            accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", den)])))))
+            live = b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", den)]))  # (a zero denominator passes none)
+            accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), live)))
         c = c if keepdims else b.op("Unsqueeze", [c, b.ints(axes)])
         shares.append(b.mul(part, c if scale == 1.0 else b.mul(c, b.const(scale))))
     if ctx.audit:
