@@ -1,7 +1,9 @@
 """``lrpc check``: the CI guard. Compiles a model, runs it in onnxruntime on seeded random (or given)
 inputs and verifies: every op supported, forward outputs unchanged, relevance finite (in every compile the check
-runs), relevance conserved with zero biases, per-layer conservation (the first layer that breaks it), and LRP-0
-equal to the gradient (:mod:`lrpc.gradient`; skipped, with the reason, where the rules are not the gradient's)."""
+runs), relevance conserved up to what the rules absorb by design (each layer accounts for its biases' share and for
+the relevance arriving where its denominator is 0; the layers where relevance goes unaccounted or a stabilizer absorbs
+it are named), and LRP-0 equal to the gradient (:mod:`lrpc.gradient`; skipped, with the reason, where the rules are
+not the gradient's)."""
 from __future__ import annotations
 
 import json
@@ -67,11 +69,13 @@ class Report:
         lines = [f"{state(c)}  {c.name:13s} {c.message}" for c in self.checks]
         if self.layers:
             lines.append("")
-            lines.append(f"{'layer (execution order)':48s} {'op':14s} {'rule':26s} {'sum in':>10s} {'sum out':>10s} {'in/out':>8s}")
+            lines.append(f"{'layer (execution order)':48s} {'op':14s} {'rule':26s} {'sum in':>10s} {'sum out':>10s} {'in/out':>8s} "
+                         f"{'biases':>10s} {'zero den':>10s} {'stabilizer':>10s}")
             for row in self.layers:
                 mark = "  <- breaks" if row.get("breaks") else ""
                 lines.append(f"{row['name'][:48]:48s} {row['op'][:14]:14s} {row['rule'][:26]:26s} {row['sum_in']:10.4g} "
-                             f"{row['sum_out']:10.4g} {row['ratio']:8.4f}{mark}")
+                             f"{row['sum_out']:10.4g} {row['ratio']:8.4f} {row['bias']:10.3g} {row['zero']:10.3g} "
+                             f"{row['stabilizer']:10.3g}{mark}")
         ran = [c for c in self.checks if not c.skipped]
         skipped = f", {len(self.checks) - len(ran)} skipped" if len(ran) < len(self.checks) else ""
         counts = f"{sum(c.passed for c in ran)}/{len(ran)} checks{skipped}"
@@ -107,11 +111,10 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     """Run every check; unusable input raises :class:`InputError`, failing checks go into the report.
 
     The model file is read as ``lrpc compile`` and :class:`lrpc.Session` read it (its big weights are never copied
-    out of the file: onnxruntime reads them there), compiled three times (as asked; with zero biases and per-layer
-    sums for conservation; LRP-0 for the gradient, unless that check is skipped) and run in one onnxruntime session
-    at a time (the original, the compiled graph, the conserving one, the LRP-0 one and its probe, each compiled only
-    when its turn comes): VGG16 in 6.4 s at 2.6 GB peak RSS instead of 21 s and 6.3 GB (README, before the gradient
-    check)."""
+    out of the file: onnxruntime reads them there), compiled three times (as asked; again with per-layer sums and
+    accounts for conservation; LRP-0 for the gradient, unless that check is skipped) and run in one onnxruntime
+    session at a time (the original, the compiled graph, the conserving one, the LRP-0 one and its probe, each compiled
+    only when its turn comes)."""
     from .compiler import _with_input_shapes, compile_for_save
     from .runtime import start_session
 
@@ -156,34 +159,29 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     nonfinite = {"as asked": _nonfinite(outs)}
     sess = outs = None
 
-    def conservation(opts: composites.Options, layerwise: str | None) -> tuple:
-        """(compiled model, outputs, |Σ R − Σ seed| / |Σ seed|) of the compile with zero biases under ``opts``."""
-        model, held = compile_for_save(path, rules, output=output, layerwise=layerwise, input_shapes=input_shapes,
-                                       **{**asdict(opts), "zero_bias": True})
+    def conservation(opts: composites.Options) -> tuple:
+        """(compiled model, outputs) of the compile with per-layer sums and accounts under ``opts``."""
+        model, held = compile_for_save(path, rules, output=output, layerwise="sums", input_shapes=input_shapes,
+                                       **asdict(opts))
         still_the_file(path, identity, "lrpc check")
         csess = session(model, held)
         held = None
-        outs = dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, "relevance_seed": seed_t})))
-        total = float(sum(np.sum(outs[k], dtype=np.float64) for k in input_relevance_names(outs)))
-        seed_sum = float(np.sum(seed_t, dtype=np.float64))
-        return model, outs, abs(total - seed_sum) / max(abs(seed_sum), 1e-30)
+        return model, dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, SEED: seed_t})))
 
-    try:  # (the same ops as the first compile's: only the biases and the per-layer outputs differ)
-        conserving, couts, cons = conservation(options, "sums")
+    try:  # (the same ops as the first compile's, plus the per-layer sums and accounts)
+        conserving, couts = conservation(options)
     except UnsupportedError as e:
-        cons_check = Check("conservation", False, message=f"the compile with zero biases failed: {e}")
+        cons_check = Check("conservation", False, message=f"the compile with per-layer sums failed: {e}")
     else:
-        nonfinite["with zero biases (conservation)"] = _nonfinite(couts)
-        report.layers = _layer_rows(conserving, couts, conservation_tol)
+        nonfinite["with per-layer sums (conservation)"] = _nonfinite(couts)
+        report.layers, figure, text = _accounted(conserving, couts, seed_t, conservation_tol)
         conserving = couts = None
+        passed = figure <= conservation_tol  # (NaN fails)
         first = next((r for r in report.layers[::-1] if r["breaks"]), None)
-        where = f"; first break (from the output) at layer '{first['name']}'" if first else ""
-        passed = cons <= conservation_tol  # (NaN fails)
         note = "" if passed else _absorbed(first, options, conservation_tol,
-                                           lambda: conservation(replace(options, stabilizer="norm-scale"), None)[2])
-        cons_check = Check("conservation", passed, cons, conservation_tol,
-                           f"|Σ relevance − Σ seed| / |Σ seed| = {cons:.2e} with zero biases (tolerance "
-                           f"{conservation_tol:g}){where}{note}")
+                                           lambda: _accounted(*conservation(replace(options, stabilizer="norm-scale")),
+                                                              seed_t, conservation_tol)[1])
+        cons_check = Check("conservation", passed, figure, conservation_tol, text + note)
 
     if blocked:
         grad_check = Check("gradient", True, None, gradient_tol, f"skipped: LRP-0 is not the gradient here: {blocked}",
@@ -265,30 +263,75 @@ def _absorbed(first: dict | None, options: composites.Options, tol: float, with_
     """"" or, where an absolute stabilizer outweighs the layer outputs (freshly initialized GoogLeNet, EfficientNet,
     MobileNetV3, MnasNet: fc outputs ~5e-12 from the input against the default eps 1e-6), a note for the failing
     conservation line saying so and naming the flags that fix it. The scale is read off the first layer that breaks
-    (from the output): its in/out ratio r is about |z| / (|z| + eps), so |z| ~ eps r / (1 − r). The explained output
-    itself does not show it: GoogLeNet's logits are their biases (0.03), which zero_bias leaves out. The note is given
-    only where the same compile with ``--stabilizer norm-scale`` (``with_norm_scale()``: its conservation figure,
-    one more compile and run) conserves: bias-only units (a 1x1 conv on an all-zero ReLU patch) absorb relevance too,
-    and no stabilizer fixes those."""
-    if first is None or options.stabilizer == "norm-scale" or not 0 < first["ratio"] < 1:
+    (from the output): the share k of its relevance that its stabilizer leaves is about |z| / (|z| + eps), so
+    |z| ~ eps k / (1 − k). The explained output itself does not show it: GoogLeNet's logits are their biases (0.03).
+    The note is given only where the same compile with ``--stabilizer norm-scale`` (``with_norm_scale()``: its
+    conservation figure, one more compile and run) conserves."""
+    if first is None or options.stabilizer == "norm-scale" or not first["sum_out"]:
         return ""
+    kept = 1.0 - first["stabilizer"] / first["sum_out"]
     eps = options.epsilon if first["rule"].startswith("epsilon") else options.stabilizer_eps
-    if not eps > 0:
+    if not (0 < kept < 1 and eps > 0):
         return ""
     fixed = with_norm_scale()
     if not fixed <= tol:
         return ""
-    scale = eps * first["ratio"] / (1 - first["ratio"])
+    scale = eps * kept / (1 - kept)
     below = 10.0 ** np.floor(np.log10(tol * scale / 10))
-    return (f"; the stabilizer absorbs it: that layer passes on {first['ratio']:.1e} of its relevance, its outputs "
+    return (f"; the stabilizer absorbs it: that layer's stabilizer leaves {kept:.1e} of its relevance, its outputs "
             f"are ~{scale:.0e} next to eps {eps:g} (vanishing activations, e.g. a freshly initialized net); with "
             f"--stabilizer norm-scale (relative to each layer's outputs) it conserves ({fixed:.1e}), or lower "
             f"--epsilon and --stabilizer-eps to {below:.0e}")
 
 
+def _accounted(model: onnx.ModelProto, outs: dict, seed: np.ndarray, tol: float) -> tuple[list, float, str]:
+    """(per-layer rows, figure, message) of a compile with per-layer sums and accounts: Σ relevance = Σ seed − what
+    the layers absorb (biases, zero denominators, stabilizers); what is left over is unaccounted (a wrong adjoint or
+    route). The figure is the larger of the unaccounted and the stabilizers' share, relative to |Σ seed|."""
+    total = float(sum(np.sum(outs[k], dtype=np.float64) for k in input_relevance_names(outs)))
+    size = float(sum(np.sum(np.abs(outs[k]), dtype=np.float64) for k in input_relevance_names(outs)))
+    seed_sum = float(np.sum(seed, dtype=np.float64))
+    scale = max(abs(seed_sum), 1e-30)
+    rows = _layer_rows(model, outs, tol * scale)
+    first = next((r["name"] for r in rows[::-1] if r["breaks"]), None)
+    where = f"; first break (from the output) at layer '{first}'" if first else ""
+    part = {k: sum(r[k] for r in rows) / scale for k in ("bias", "zero", "stabilizer", "absorbed")}
+    unaccounted = abs((total - seed_sum) / scale + part["absorbed"])
+    figure = max(unaccounted, abs(part["stabilizer"]))
+    return rows, figure, (f"|Σ relevance − Σ seed| / |Σ seed| = {abs(total - seed_sum) / scale:.2e}: absorbed by "
+                          f"biases {part['bias']:.2e} and at zero denominators {part['zero']:.2e} (by design), by "
+                          f"stabilizers {part['stabilizer']:.2e}; unaccounted {unaccounted:.2e} (tolerance {tol:g} for "
+                          f"stabilizers and unaccounted){where}{_magnitude(size / scale)}{_bias_driven(part['bias'])}")
+
+
+def _bias_driven(share: float) -> str:
+    """A note where the biases take most of the relevance: the explained output is then mostly their sum, not the
+    input's doing (a freshly initialized net's logits, a dead input path)."""
+    if not abs(share) > 0.5:
+        return ""
+    return (f"; the biases take {share:.0%} of the relevance: the explained output is mostly biases, little of it comes "
+            f"from the input (--zero-bias leaves them out of the denominators)")
+
+
+def _magnitude(ratio: float) -> str:
+    """A note where the relevance is far larger than the seed: sums of it are then good to float32 round-off only."""
+    if not ratio > 1e3:
+        return ""
+    return (f"; Σ|relevance| is {ratio:.2g} × |Σ seed|: the sums above are float32 round-off of it (residual sums of "
+            f"branches of both signs: --sum-rule sign-norm)")
+
+
 def _layer_rows(model: onnx.ModelProto, outs: dict, tol: float) -> list:
-    return [{**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "breaks": bool(abs(ratio - 1) > tol)}
-            for layer, s_in, s_out, ratio in layer_sums(model, outs)]
+    """Per layer: its sums, what it absorbs (``absorbed`` = Σ out − what its rule passes on = ``bias`` + ``zero`` +
+    ``stabilizer``) and whether it breaks: sends down more or less than its rule passes on, or its stabilizer
+    absorbs, by more than ``tol`` (absolute)."""
+    rows = []
+    for layer, s_in, s_out, ratio in layer_sums(model, outs):
+        absorbed = s_out - layer["kept"]
+        stabilizer = absorbed - layer["bias"] - layer["zero"]
+        rows.append({**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "absorbed": absorbed, "stabilizer": stabilizer,
+                     "breaks": bool(abs(s_in - layer["kept"]) > tol or abs(stabilizer) > tol)})
+    return rows
 
 
 def _rel_err(a, b) -> float:

@@ -164,13 +164,16 @@ def _rule_flags(c) -> None:
     c.add_argument("--zero-bias", action="store_true", help="leave biases out of every denominator")
     c.add_argument("--maxpool", choices=["winner", "split"], default="winner",
                    help="MaxPool relevance: to the first arg-max (winner, as torch's gradient) or shared by tied maxima")
+    c.add_argument("--sum-rule", choices=["norm", "sign-norm"], default="norm",
+                   help="rule of residual sums: norm (zennit's, default) or sign-norm (each output's relevance shared "
+                        "by the branches of its sign: stable where branches of both signs nearly cancel, e.g. RepVGG)")
     _debug_flag(c)
 
 
 def _options(args) -> composites.Options:
     return composites.Options(epsilon=args.epsilon, stabilizer_eps=args.stabilizer_eps, stabilizer=args.stabilizer,
                               gamma=args.gamma, alpha=args.alpha, beta=args.beta, low=args.low, high=args.high,
-                              zero_bias=args.zero_bias, maxpool=args.maxpool)
+                              zero_bias=args.zero_bias, maxpool=args.maxpool, sum_rule=args.sum_rule)
 
 
 def _join_negative_lists(argv: list[str]) -> list[str]:

@@ -9,7 +9,7 @@ import sys
 import onnx
 
 from . import composites
-from .emit import SEED, TARGET, emit
+from .emit import AUDIT, SEED, TARGET, emit
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
 from .graph import MIN_OPSET, check_structure, export_model, release_deferred, structure_of_model
 from .model_io import read_model, restore
@@ -167,7 +167,7 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
 
     ``rules``: a composite name, a .json/.toml rule file, or a RuleSet. ``options``: fields of
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
-    zero_bias, maxpool). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit).
+    zero_bias, maxpool, sum_rule). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit).
     ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
     sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
@@ -231,7 +231,8 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
         raise InputError("the model was compiled by lrpc already: compile the original")
     reserved = {SEED, TARGET, "relevance"} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
-    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", "lrpc/", "lrp/")
+    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", *(f"relevance_sum_{k}/" for k in AUDIT),
+                "lrpc/", "lrp/")
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)
     clash = clash or next((o.name for o in g.output if o.name.startswith("relevance_")), None)

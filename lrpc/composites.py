@@ -17,7 +17,9 @@ from pathlib import Path
 from . import rules as R
 from .errors import InputError
 
+# (sum: Options.sum_rule)
 BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass", "normalization": "epsilon"}
+SUM_RULES = ("norm", "sign-norm", "epsilon")  # the rules a residual sum takes
 CATEGORIES = ("conv", "dense", *BASE)
 
 
@@ -60,6 +62,8 @@ class Options:
     high: object = 1.0
     zero_bias: bool = False
     maxpool: str = "winner"  # MaxPool relevance: "winner" (first arg-max, as torch) or "split" (ties share equally)
+    sum_rule: str = "norm"  # rule of residual sums where the composite and rule file name none: "norm" (zennit's) or
+    # "sign-norm" (stable where branches of both signs nearly cancel: RepVGG, pre-activation sums)
 
     def rule(self, name: str, overrides: dict | None = None) -> R.Rule:
         """Build rule ``name`` with parameters from these options, then ``overrides``."""
@@ -154,6 +158,8 @@ def _validated(ruleset: RuleSet) -> RuleSet:
     comp = ruleset.composite
     if ruleset.options.maxpool not in ("winner", "split"):
         raise InputError(f"maxpool must be 'winner' or 'split' (got {ruleset.options.maxpool!r})")
+    if ruleset.options.sum_rule not in SUM_RULES:
+        raise InputError(f"sum_rule must be one of {', '.join(SUM_RULES)} (got {ruleset.options.sum_rule!r})")
     names = set(comp.layers.values()) | set(BASE.values()) | ({comp.first[1]} if comp.first else set())
     for name in sorted(names):
         try:
@@ -177,7 +183,7 @@ def assign_rules(layers: list[tuple[str, tuple, str]], ruleset: RuleSet) -> dict
         elif is_first:
             out[name] = opts.rule(comp.first[1])
         else:
-            out[name] = opts.rule(comp.layers.get(cat) or BASE.get(cat, "pass"))
+            out[name] = opts.rule(comp.layers.get(cat) or (opts.sum_rule if cat == "sum" else BASE.get(cat, "pass")))
     return out
 
 
@@ -188,7 +194,8 @@ def describe() -> str:
         lines.append(f"  {c.name:28s} {c.doc}")
     lines.append("  every composite: norm on residual sums and average pools, epsilon on normalization layers")
     lines.append("  (LayerNorm, InstanceNorm, GroupNorm; the standard deviation held constant, as AttnLRP), pass on")
-    lines.append("  activations, standalone BatchNorm and element-wise affine layers")
+    lines.append("  activations, standalone BatchNorm and element-wise affine layers; --sum-rule sign-norm for residual")
+    lines.append("  sums whose branches have both signs and nearly cancel (RepVGG, pre-activation sums)")
     lines.append("")
     lines.append(f"Layer categories (for rule files): {', '.join(CATEGORIES)}")
     lines.append("")

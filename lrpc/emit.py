@@ -14,6 +14,7 @@ from .relevance import propagator
 from .schedule import order_for_runtime
 
 SEED = "relevance_seed"
+AUDIT = ("kept", "bias", "zero")  # per-layer accounts (layerwise outputs relevance_sum_<kind>/<node>)
 POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
@@ -29,6 +30,15 @@ class Context:
         self.options = options
         self.cache: dict = {}  # derived tensors shared between propagators (e.g. flipped weights)
         self.factors: dict = {}  # relevance tensor name -> (x, c) where it was built as x ⊙ c
+        self.audit = False  # whether rules account for the relevance they absorb (:meth:`account`)
+        self.accounts: dict = {}  # node name -> {kind: tensor} (AUDIT)
+
+    def account(self, node, kept, bias=None, zero=None) -> None:
+        """Record, as tensors shaped like (or broadcasting to) the layer's output, the relevance its rule passes
+        on by its own arithmetic (messages times numerators, computed with forward ops: the adjoints must send exactly
+        that down), the share its biases take, and the relevance arriving where its denominator is 0 (no numerator
+        can carry it). The rest of what arrives is the stabilizer's."""
+        self.accounts[node.name] = {k: t for k, t in zip(AUDIT, (kept, bias, zero)) if t is not None}
 
     def product(self, x, c):
         """``x ⊙ c``, remembered as such: a consumer may use the factors instead (see
@@ -127,6 +137,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph, canon.weight_signs), ruleset.options)
+    ctx.audit = layerwise is not None
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
     start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
@@ -164,6 +175,8 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
                 extra.append((f"relevance_in/{node.name}", r, t.shape))
             extra.append((f"relevance_sum_out/{node.name}", _per_sample_sum(builder, r_out), ["batch"]))
             extra.append((f"relevance_sum_in/{node.name}", _per_sample_sum(builder, [r for _, r in sent]), ["batch"]))
+            for kind, t in ctx.accounts.get(node.name, {}).items():
+                extra.append((f"relevance_sum_{kind}/{node.name}", _per_sample_sum(builder, [t]), ["batch"]))
             layer_table.append({"name": node.name, "op": canon.origin.get(node.name, node.op),
                                 "rule": rules[node.name].describe() if node.name in rules else "route"})
 
@@ -249,7 +262,9 @@ def input_relevance_names(outputs) -> list[str]:
 
 def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, float, float]]:
     """Per layer of a ``layerwise`` model's ``lrpc.layers`` (execution order): (row, Σ in, Σ out, in/out),
-    the sums over the batch of what the layer sends down and receives (in/out is 1 for 0/0)."""
+    the sums over the batch of what the layer sends down and receives (in/out is 1 for 0/0). ``row`` also holds
+    the layer's accounts (:meth:`Context.account`) where the model has them: ``kept`` (what its rule passes on; Σ out
+    for layers that route relevance or pass it unchanged), ``bias``, ``zero`` (0 where not reported)."""
     import json
 
     meta = {p.key: p.value for p in model.metadata_props}
@@ -257,6 +272,9 @@ def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, fl
     for layer in json.loads(meta.get("lrpc.layers", "[]")):
         s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
         s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
+        acc = {k: outs.get(f"relevance_sum_{k}/{layer['name']}") for k in AUDIT}
+        acc = {k: (s_out if k == "kept" else 0.0) if v is None else float(np.sum(v, dtype=np.float64)) for k, v in acc.items()}
+        layer = {**layer, **acc}
         ratio = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
         rows.append((layer, s_in, s_out, ratio))
     return rows

@@ -17,7 +17,8 @@ from .emit import layer_sums
 from .model_io import file_identity, read_model, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
-            "epsilon-gamma-box and --stabilizer clip or norm-scale where denominators near 0 explode; units that only "
+            "epsilon-gamma-box and --stabilizer clip or norm-scale where denominators near 0 explode; --sum-rule "
+            "sign-norm where residual sums whose branches have both signs explode (RepVGG); units that only "
             "their bias switches on receive relevance but pass none down (a property of the rules, also with "
             "--zero-bias: the model's own biases decide which units are on)")
 

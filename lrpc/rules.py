@@ -92,6 +92,16 @@ def gamma(gamma: float = 0.25, **kw) -> Rule:
     return Rule("gamma", (up, down), params={"gamma": gamma}, **kw)
 
 
+def sign_norm(**kw) -> Rule:
+    """Each output's relevance split among the contributions of its own sign: ``x+W+ + x-W- + b+`` where z > 0,
+    ``x+W- + x-W+ + b-`` where z < 0 (generalized gamma as γ → ∞). Conserves (up to biases), keeps each share
+    between 0 and the output's relevance, and, on a sum or an average pool (weights ≥ 0) of non-negative
+    inputs, equals the norm rule: the stable norm rule for sums whose branches have both signs."""
+    up = Group((Term("x+", "W+", "b+"), Term("x-", "W-")), mask="z>0", above_z=True)
+    down = Group((Term("x+", "W-", "b-"), Term("x-", "W+")), mask="z<0", below_z=True)
+    return Rule("sign-norm", (up, down), **kw)
+
+
 def zbox(low=0.0, high=1.0, **kw) -> Rule:
     """low/high: scalar, per-channel list, or a nested list shaped like one input sample."""
     terms = (Term("x", "W"), Term("low", "W+", sign=-1.0), Term("high", "W-", sign=-1.0))
@@ -129,6 +139,7 @@ RULES = {
     "flat": (flat, ()),
     "wsquare": (wsquare, ()),
     "norm": (norm, ()),
+    "sign-norm": (sign_norm, ()),
     "pass": (pass_, ()),
 }
 

@@ -197,6 +197,11 @@ def rule_dense(rule: str, M, b, x, R, *, eps=1e-6, stabilizer="sign", zero_bias=
         cu = np.where(z > 0, 1.0, 0.0) * q(Mu @ xp + Md @ xn + bu)
         cd = np.where(z < 0, 1.0, 0.0) * q(Md @ xp + Mu @ xn + bd)
         return xp * (Mu.T @ cu) + xn * (Md.T @ cu) + xp * (Md.T @ cd) + xn * (Mu.T @ cd)
+    if rule == "sign-norm":  # each output's relevance to the contributions of its sign (γ → ∞ of gamma)
+        z = M @ x + b
+        cp = np.where(z > 0, 1.0, 0.0) * q(Mp @ xp + Mn @ xn + pos(bb))
+        cn = np.where(z < 0, 1.0, 0.0) * q(Mn @ xp + Mp @ xn + neg(bb))
+        return xp * (Mp.T @ cp) + xn * (Mn.T @ cp) + xp * (Mn.T @ cn) + xn * (Mp.T @ cn)
     if rule == "zbox":
         lo, hi = (np.asarray(v, np.float64).reshape(-1) for v in (low, high))
         c = q(M @ x - Mp @ lo - Mn @ hi)

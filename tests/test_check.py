@@ -397,7 +397,7 @@ def test_gradient_skip_reasons_gates_and_lrn(tmp_path):
 
 
 def test_finite_covers_every_compile(monkeypatch):
-    """NaN only in the compile with zero biases (or only in the LRP-0 one): finite fails and names that compile
+    """NaN only in the compile with per-layer sums (or only in the LRP-0 one): finite fails and names that compile
     (before, finite looked at the first compile only, and conservation could read nan while finite passed)."""
     from lrpc.relevance import linear
 
@@ -406,12 +406,12 @@ def test_finite_covers_every_compile(monkeypatch):
     def poisoned(when):
         def emit_rule(ctx, view, rule, R):
             r = real(ctx, view, rule, R)
-            return ctx.b.mul(r, ctx.b.const(np.nan)) if when(rule) else r
+            return ctx.b.mul(r, ctx.b.const(np.nan)) if when(ctx, rule) else r
         return emit_rule
 
-    for when, where in ((lambda rule: rule.zero_bias and rule.name != "norm",  # (norm: zero_bias always)
-                         "in the compile with zero biases (conservation)"),
-                        (lambda rule: rule.name == "epsilon" and rule.eps == 0, "in the compile LRP-0 (gradient)")):
+    for when, where in ((lambda ctx, rule: ctx.audit,  # (the per-layer accounts are made in that compile alone)
+                         "in the compile with per-layer sums (conservation)"),
+                        (lambda ctx, rule: rule.name == "epsilon" and rule.eps == 0, "in the compile LRP-0 (gradient)")):
         with monkeypatch.context() as m:
             m.setattr(linear, "emit_rule", poisoned(when))
             report, checks = _check(DIGITS, "epsilon-plus")
@@ -419,9 +419,10 @@ def test_finite_covers_every_compile(monkeypatch):
         assert "as asked" not in checks["finite"].message and checks["finite"].figure == 64
 
 
-def _scaled_vgg(tmp_path, factor):
+def _scaled_vgg(tmp_path, factor, head_bias: bool = True):
     """archs' VGG as torchvision initializes GoogLeNet: small weights (here scaled by ``factor``), zero biases (BN
-    folded with zero mean) but the classifier's: the logits are that bias plus a part driven by the input ~factor^6."""
+    folded with zero mean) but the classifier's (unless ``head_bias`` is False): the logits are that bias plus a part
+    driven by the input ~factor^6."""
     import torch
 
     from models import archs
@@ -432,18 +433,19 @@ def _scaled_vgg(tmp_path, factor):
         for name, p in params:
             if name.endswith("weight"):
                 p.mul_(factor)
-            elif name != params[-1][0]:
+            elif name != params[-1][0] or not head_bias:
                 p.zero_()
     return archs.export(model, tmp_path / "tiny.onnx", archs.CNN_SHAPE)
 
 
 def test_vanishing_activations_name_the_fix(tmp_path):
-    """Weights scaled by 0.02 (the logits' input-driven part ~1e-12, as a freshly initialized GoogLeNet's fc: 5e-12
-    next to its bias 0.03): the default eps 1e-6 absorbs the relevance, conservation fails and says so, naming
-    --stabilizer norm-scale (verified by the check) and a smaller eps; both make the check pass."""
+    """Weights scaled by 0.02 and no biases (the logits ~1e-12): the default eps 1e-6 absorbs the relevance,
+    conservation fails and says so, naming --stabilizer norm-scale (verified by the check) and a smaller eps; both
+    make the check pass. With the classifier's bias kept (a freshly initialized GoogLeNet's fc: 5e-12 from the input
+    next to its bias 0.03) the bias takes the relevance: conservation holds as accounted, and says so."""
     import re
 
-    path = _scaled_vgg(tmp_path, 0.02)
+    path = _scaled_vgg(tmp_path, 0.02, head_bias=False)
     code, out, err = lrpc_cli("check", path, "--quiet")
     assert code == 1, out + err
     line = next(line for line in out.splitlines() if line.startswith("FAIL  conservation"))
@@ -456,6 +458,9 @@ def test_vanishing_activations_name_the_fix(tmp_path):
     # at that epsilon does not conserve either
     code, out, _ = lrpc_cli("check", DIGITS, "--rules", "epsilon-plus", "--epsilon", "100", "--quiet")
     assert code == 1 and "the stabilizer absorbs it" not in out
+    code, out, err = lrpc_cli("check", _scaled_vgg(tmp_path, 0.02), "--quiet")
+    line = next(line for line in out.splitlines() if line.startswith("PASS  conservation"))
+    assert "absorbed by biases 1.00e+00" in line and "the biases take" in line, line
 
 
 def _tiny_wx_mlp(path):

@@ -156,6 +156,7 @@ RULES = [
     ("alpha1.5beta0.5", "alpha-beta", {"alpha": 1.5, "beta": 0.5}, {"stabilizer_eps": 1e-3},
      {"eps": 1e-3, "alpha": 1.5, "beta": 0.5}),
     ("gamma", "gamma", {"gamma": 0.5}, {"stabilizer_eps": 1e-3}, {"eps": 1e-3, "gamma": 0.5}),
+    ("sign-norm", "sign-norm", {}, {"stabilizer_eps": 1e-3}, {"eps": 1e-3}),
     ("zbox", "zbox", {"low": -1.5, "high": 2.0}, {"stabilizer_eps": 1e-3}, {"eps": 1e-3, "low": -1.5, "high": 2.0}),
     ("zbox_channel", "zbox", "per-channel", {"stabilizer_eps": 1e-3}, {"eps": 1e-3}),
     ("zbox_full", "zbox", "input-shaped", {"stabilizer_eps": 1e-3}, {"eps": 1e-3}),

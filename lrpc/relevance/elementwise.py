@@ -1,12 +1,15 @@
 """Element-wise layers: activations (one op, or several: passes/activation_regions.py) pass relevance unchanged;
-residual sums split it in proportion to each branch's contribution (norm rule, ``R_i = x_i * R / stab(Σ x)``)."""
+residual sums split it in proportion to each branch's contribution (norm rule, ``R_i = x_i * R / stab(Σ x)``), or
+among the branches of the output's sign (sign-norm)."""
 from __future__ import annotations
 
+import numpy as np
+
 from ..errors import UnsupportedError, where
-from ..graph import is_const
+from ..graph import const_value, is_const
 from . import register
 from .linear import unbroadcast
-from .stabilize import quotient
+from .stabilize import indicator, quotient
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign",
                "HardSigmoid", "HardSwish", "Mish", "LRN", "Identity", "Dropout", "Celu", "ThresholdedRelu")
@@ -28,10 +31,56 @@ def activation(ctx, node, R_out):
 @register("Sum")
 def residual_sum(ctx, node, R_out):
     rule = ctx.rule(node)
-    if rule.name not in ("norm", "epsilon"):
-        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum (use norm or epsilon)")
+    if rule.name not in ("norm", "epsilon", "sign-norm"):
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum (use norm, sign-norm or epsilon)")
     z = node.outputs[0]
     rank = len(z.shape) if z.shape is not None else None
+    if rule.name == "sign-norm":
+        return _sign_split(ctx, node, rule, R_out[0], rank)
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
     c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
+    if ctx.audit:  # (a constant operand is a bias)
+        b, consts = ctx.b, [x for x in node.inputs if is_const(x)]
+        ctx.account(node, b.mul(c, b.sum([x for x in node.inputs if not is_const(x)])),
+                    b.mul(c, b.sum(consts)) if consts else None, b.mul(R_out[0], indicator(b, "Equal", z)))
     return [None if is_const(x) else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x in node.inputs]
+
+
+def _sign_split(ctx, node, rule, R, rank):
+    """sign-norm on a sum: where z > 0 the positive parts share R (``R_i = x_i+ R / Σ x_k+``), where z < 0 the
+    negative parts (``R_i = x_i- R / Σ x_k-``); constant operands (biases) take their part of the denominators and
+    keep it. A branch statically >= 0 has no negative part; behind a ReLU (R = 0 where z <= 0) the negative
+    group is left out."""
+    b, z = ctx.b, node.outputs[0]
+
+    def part(x, sign: str):
+        if is_const(x):
+            v = (np.maximum if sign == "+" else np.minimum)(const_value(x), 0.0)
+            return b.const(v.astype(b.dtype)) if np.any(v) else None
+        if ctx.nonneg(x):
+            return x if sign == "+" else None
+        return b.relu(x) if sign == "+" else b.op("Min", [x, b.const(0.0)])
+
+    quiet = ctx.no_relevance_below_zero(z)
+    shares, accounts = [None] * len(node.inputs), []
+    for sign, mask, known in (("+", "Greater", "nonneg"), ("-", "Less", "nonpos")):
+        parts = [part(x, sign) for x in node.inputs]
+        if (sign == "-" and quiet) or all(p is None for p in parts):
+            continue
+        den = b.sum([p for p in parts if p is not None])
+        c = quotient(b, R, den, rule, rank, known)
+        if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
+            c = b.mul(c, indicator(b, mask, z))
+        for i, (x, p) in enumerate(zip(node.inputs, parts)):
+            if p is not None and not is_const(x):
+                shares[i] = b.sum([shares[i], unbroadcast(b, ctx.product(p, c), x, z)])
+        if ctx.audit:
+            accounts.append((mask, c, den, [p for x, p in zip(node.inputs, parts) if p is not None and is_const(x)]))
+    if ctx.audit:
+        kept = b.sum([b.mul(c, b.op("Sub", [den, b.sum(consts)]) if consts else den) for _, c, den, consts in accounts])
+        bias = b.sum([b.mul(c, b.sum(consts)) for _, c, _, consts in accounts if consts])
+        passed = b.sum([b.mul(indicator(b, mask, z), b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", den)])))
+                        for mask, _, den, _ in accounts])
+        ctx.account(node, kept if kept is not None else b.zeros_like(R), bias,
+                    R if passed is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [passed]))))
+    return shares

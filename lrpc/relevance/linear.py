@@ -34,6 +34,11 @@ class View:
         """``bias`` shaped to broadcast over the output (for ``z - b``)."""
         return bias
 
+    def without_bias(self):
+        """``f(x; W)`` by a forward of its own (the output minus the bias would cancel where it is small next to
+        the bias): for the accounts of :func:`emit_rule`."""
+        return self.forward(self.x, self.w, None)
+
     def bias_shape(self) -> list[int]:
         """Shape of a bias that ``forward`` takes (one value per output channel / feature)."""
         return [1]
@@ -364,6 +369,7 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     decompose = split if forwards(split) < forwards(plain) else plain
     decompose_adjoint = split if adjoints(split) < adjoints(plain) else plain
     messages: dict[tuple[str, str], list] = {}  # (input variant, weight) -> [(coefficient, message)]
+    audit: list = []  # per group: (relevance passed on, bias share, where it passes relevance on)
     for group, terms in groups:
         mix: dict[tuple[str, str], float] = {}
         biases = []
@@ -396,8 +402,15 @@ def emit_rule(ctx, view: View, rule: Rule, R):
         c = quotient(b, R, z, rule, rank, known, shifted)
         if group.mask is not None and not (quiet and group.mask == "z>0"):  # masks are built once per layer
             c = b.mul(c, variants.mask(group.mask))
+        if ctx.audit:
+            audit.append(_audit_group(view, variants, group, terms, biases, c))
         for key, a in sent.items():
             messages.setdefault(key, []).append((a * group.coef, c))
+    if ctx.audit:
+        passable = b.sum([p for _, _, p in audit])
+        kept, bias = (b.sum([a[i] for a in audit]) for i in (0, 1))
+        ctx.account(view.node, kept if kept is not None else b.zeros_like(R), bias,
+                    R if passable is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [passable]))))
     if shared:  # messages[key] = [(a_key, c)] with the one c
         per_weight: dict[str, list] = {}
         for (inp, basis), [(a, c)] in messages.items():
@@ -445,6 +458,10 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     if rule.name == "epsilon" or g == 0.0:  # (gamma 0 is epsilon, for inputs of either sign)
         A = b.op("Abs", [z])
         q = b.op("Div", [c, b.add(A, b.const(eps))])
+        if ctx.audit:  # (R = z ⊙ c vanishes where z = 0: no zero denominators)
+            m = b.mul(q, A)
+            ctx.account(view.node, b.mul(m, view.without_bias()),
+                        None if view.bias is None else b.mul(m, view.bias_for_output(view.bias)))
         return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
     if not ctx.nonneg(view.x) or g < 0:
         return None
@@ -455,8 +472,36 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     # D >= eps in exact arithmetic (u >= eps, A >= 0); Max keeps it so where a runtime's convolution
     # (Winograd, TF32) rounds u below that near z = 0
     q = b.op("Div", [c, b.op("Max", [b.add(u, A), b.const(eps)])])
+    if ctx.audit:  # Wᵀ(q⊙A) + γW+ᵀ(q⊙z) passes on <q⊙A, f(x; W)> + <q⊙z, f(x; γW+)>; the biases b↑ = b + γb+ (z > 0)
+        # and b↓ = b + γb- (z < 0) take <q⊙A, b> + <q⊙z, γb+>
+        m, n = b.mul(q, A), b.mul(q, z)
+        kept = b.add(b.mul(m, view.without_bias()), b.mul(n, view.forward(view.x, variants.weight("W+", g), None)))
+        bias = None
+        if view.bias is not None:
+            bias = b.mul(m, view.bias_for_output(view.bias))
+            if plus is not None:
+                up = view.constant_bias(g * const_value(plus).astype(np.float64))
+                bias = b.add(bias, b.mul(n, view.bias_for_output(up)))
+        ctx.account(view.node, kept, bias)
     adj = b.sum([view.adjoint(b.mul(q, A), view.w), view.adjoint(b.mul(q, z), variants.weight("W+", g))])
     return ctx.product(view.x, adj)
+
+
+def _audit_group(view: View, variants, group, terms, biases, c):
+    """What one group passes on (its message times its numerators' sum, each term's forward taken with its variant
+    weight as it is: W- = W - W+ would cancel where it is 0), its biases' share (message times biases), and
+    ``coef · mask`` where its denominator without stabilizer is not 0 (elsewhere no numerator can carry relevance)."""
+    b = view.b
+    n = linear_combination(b, [(t.sign, view.without_bias() if (t.input, t.weight) == ("x", "W") else
+                                    view.forward(variants.input(t.input), variants.weight(t.weight), None)) for t in terms])
+    beta = _offset(b, biases)
+    beta = None if beta is None else view.bias_for_output(beta)
+    passable = b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", n if beta is None else b.add(n, beta))]))
+    if group.mask is not None:
+        passable = b.mul(passable, variants.mask(group.mask))
+    coef = b.const(group.coef)
+    return (b.mul(b.mul(c, n), coef), None if beta is None else b.mul(b.mul(c, beta), coef),
+            passable if group.coef == 1.0 else b.mul(passable, coef))
 
 
 def _keys(groups, variants, decompose) -> set:

@@ -36,6 +36,9 @@ class NormView(View):
         u = b.mul(u if self.groups is None else b.op("Reshape", [u, b.shape_of(self.x)]), w)
         return u if bias is None else b.add(u, bias)
 
+    def without_bias(self):  # (no forward of its own: the layer's output minus its bias)
+        return self.z if self.bias is None else self.b.op("Sub", [self.z, self.bias_for_output(self.bias)])
+
     def adjoint(self, c, w):
         b = self.b
         u = _grouped(b, b.mul(c, w), self.groups)

@@ -20,7 +20,7 @@ from onnx import helper
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from . import register
-from .stabilize import quotient
+from .stabilize import indicator, quotient
 
 
 @register("MaxPool")
@@ -141,8 +141,9 @@ def reduce(ctx, node, R_out):
     tensor: tf2onnx's global pool): norm rule, each summed cell gets its share ``R_i = x_i * R / stab(sum)`` (a
     mean's cells weigh 1/K: ``x_i / K * R / stab(mean)``, the same), broadcast back over the reduced axes."""
     rule = ctx.rule(node)
-    if rule.name not in ("norm", "epsilon"):
-        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} (use norm or epsilon)")
+    if rule.name not in ("norm", "epsilon", "sign-norm"):
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} (use norm, sign-norm or "
+                               f"epsilon)")
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
     dims = static_dims(x, node, "input shape")
     rank = len(dims)
@@ -158,9 +159,41 @@ def reduce(ctx, node, R_out):
     if 0 in axes:
         raise UnsupportedError(f"{where(node)}: {node.op} over the batch axis has no LRP rule")
     keepdims = node.attrs.get("keepdims", 1)
+    if rule.name == "sign-norm":
+        return [_sign_split(ctx, node, rule, R_out[0], axes, keepdims, rank, dims)] + rest
     c = quotient(b, R_out[0], z, rule, rank if keepdims else rank - len(axes))
     if not keepdims:
         c = b.op("Unsqueeze", [c, b.ints(axes)])
+    if ctx.audit:  # (the reduced z, kept or unsqueezed like c: c ⊙ z is what x ⊙ c sums to)
+        ctx.account(node, b.mul(c, z if keepdims else b.op("Unsqueeze", [z, b.ints(axes)])), None,
+                    b.mul(R_out[0], indicator(b, "Equal", z)))
     if node.op == "ReduceMean":
         c = b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes]))))
     return [b.mul(x, c)] + rest
+
+
+def _sign_split(ctx, node, rule, R, axes, keepdims, rank, dims):
+    """sign-norm on a reduction: where the sum (mean) is > 0 its positive cells share R in proportion, where < 0 its
+    negative cells; behind a ReLU (R = 0 where z <= 0) the negative group is left out."""
+    b, x, z = ctx.b, node.inputs[0], node.outputs[0]
+    quiet = ctx.no_relevance_below_zero(z)
+    scale = 1.0 / float(np.prod([dims[a] for a in axes])) if node.op == "ReduceMean" else 1.0
+    shares, accounts = [], []
+    for sign, mask, known in (("+", "Greater", "nonneg"), ("-", "Less", "nonpos")):
+        if sign == "-" and (quiet or ctx.nonneg(x)):
+            continue
+        part = x if sign == "+" and ctx.nonneg(x) else b.relu(x) if sign == "+" else b.op("Min", [x, b.const(0.0)])
+        den = b.reduce_sum(part, axes, keepdims)
+        den = den if scale == 1.0 else b.mul(den, b.const(scale))
+        c = quotient(b, R, den, rule, rank if keepdims else rank - len(axes), known)
+        if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
+            c = b.mul(c, indicator(b, mask, z))
+        if ctx.audit:
+            live = b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", den)]))  # (a zero denominator passes none)
+            accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), live)))
+        c = c if keepdims else b.op("Unsqueeze", [c, b.ints(axes)])
+        shares.append(b.mul(part, c if scale == 1.0 else b.mul(c, b.const(scale))))
+    if ctx.audit:
+        passed = b.sum([p for _, p in accounts])
+        ctx.account(node, b.sum([k for k, _ in accounts]), None, b.mul(R, b.add(b.const(1.0), b.op("Neg", [passed]))))
+    return b.sum(shares)
