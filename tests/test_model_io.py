@@ -387,7 +387,8 @@ def test_lrpcs_own_maps_of_a_file_do_not_count_as_a_sessions(tmp_path, monkeypat
 @pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
 @pytest.mark.parametrize("tool", ["check", "inspect"])
 def test_check_and_inspect_read_weights_in_the_file_one_session_at_a_time(tool, tmp_path, monkeypatch):
-    """``lrpc check`` / ``lrpc inspect`` start their sessions (original, compiled, conserving) as lrpc.Session does:
+    """``lrpc check`` / ``lrpc inspect`` start their sessions (original, compiled, conserving, LRP-0 and its probe) as
+    lrpc.Session does:
     big weights read by onnxruntime in the model's file, never a second copy serialized, one session and as few
     reads of the file as the session needs alive at a time (VGG16: 21 s / 6.3 GB -> 6.4 s / 2.6 GB for check)."""
     import weakref
@@ -411,7 +412,8 @@ def test_check_and_inspect_read_weights_in_the_file_one_session_at_a_time(tool, 
     monkeypatch.setattr(runtime, "inference_session", spy)
     if tool == "check":
         assert run_check(path, "epsilon").passed
-        assert folders == [path.parent] * 3 and maps == [2, 1, 1]  # (original + compiled, compiled, conserving)
+        # (original + compiled, compiled, conserving, LRP-0 for the gradient check, its probe)
+        assert folders == [path.parent] * 5 and maps == [2, 1, 1, 1, 1]
     else:  # (a huge epsilon loses relevance to the stabilizers: the run without biases follows)
         result = inspect(path, "epsilon", lrpc.composites.Options(epsilon=1e3))
         assert result["bias"] is not None and folders == [path.parent] * 2 and maps == [1, 1]
