@@ -13,6 +13,7 @@ from ..errors import InputError, UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
 from . import register
+from .gamma import signed_gamma
 from .stabilize import indicator, quotient
 
 
@@ -341,6 +342,8 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     b = ctx.b
     variants = _Variants(ctx, view, rule)
     fast = _on_own_output(ctx, view, rule, R, variants)
+    if fast is None:
+        fast = signed_gamma(ctx, view, rule, R)
     if fast is not None:
         return fast
     rank = len(view.z.shape) if view.z.shape is not None else None

@@ -1,0 +1,72 @@
+"""Generalized gamma on inputs of either sign in one formula: one extra forward and two adjoints per layer.
+
+The rule (rules.gamma) sends ``x+ ⊙ (Wupᵀc↑ + Wdownᵀc↓) + x- ⊙ (Wdownᵀc↑ + Wupᵀc↓)`` down, with
+``c↑ = [z>0] R / stab(z↑)``, ``c↓ = [z<0] R / stab(z↓)``, ``z↑ = z + γ(P + b+)``, ``z↓ = z + γ(N + b-)`` and
+``P = W+x+ + W-x-`` (the positive contributions), ``N = W-x+ + W+x-``. With ``P + N = Wx`` and
+``P - N = |W||x|``: ``z↑ = (1+γ/2)z + (γ/2)(|W||x| + |b|)`` where z > 0, and ``z↓`` the same with the sign
+of z on the second term where z < 0. So ``stab(z↕) = sign(z) (1+γ/2) D`` with
+
+    D = |z| + k (|W||x| + |b|) + e,   k = γ / (2 + γ),   e = eps / (1 + γ/2)
+
+(clip: ``max(|z| + k(|W||x| + |b|), e)``), never below e. With ``q = R / D`` the messages are
+``c↑ + c↓ = sign(z) q / (1+γ/2)`` and ``c↑ - c↓ = [z≠0] q / (1+γ/2)``, and since ``W± = (W ± |W|)/2``::
+
+    R_in = x ⊙ Wᵀ(sign(z) q) + k |x| ⊙ |W|ᵀ([z≠0] q)
+
+One forward (``|x|`` with ``k|W|``, bias ``k|b| + e``) instead of four and two adjoints instead of four; no
+compares, casts or masks beyond one Sign. Behind a ReLU (no relevance where z <= 0) both messages are ``q``;
+where the relevance arriving is ``z ⊙ c`` (a residual branch) they are ``|z| c / D`` and ``z c / D``. The
+values equal the rule's up to float32 round-off: the γ terms are formed from ``|W||x|`` and ``z - b`` instead
+of from ``W±x±`` (their rounding error stays below ``2ε`` of the denominator, see the README's derivation)."""
+from __future__ import annotations
+
+import numpy as np
+
+from ..graph import const_value
+
+
+def signed_gamma(ctx, view, rule, R):
+    """``R_in`` of the gamma rule by the formula above; None where it does not apply (other rules and
+    stabilizers, γ = 0 or eps = 0, biases left out of the denominators) or where the emitter's own lowering
+    needs no more work (a non-negative input whose relevance vanishes where z <= 0: one forward, one adjoint)."""
+    g = float(rule.params.get("gamma", 0.0))
+    if (rule.name != "gamma" or not g > 0 or rule.stabilizer not in ("sign", "clip") or not rule.eps > 0
+            or (rule.zero_bias and view.bias is not None)):
+        return None
+    nonneg, quiet = ctx.nonneg(view.x), ctx.no_relevance_below_zero(view.z)
+    if nonneg and quiet:
+        return None
+    b, x, z = ctx.b, view.x, view.z
+    k, e = g / (2.0 + g), rule.eps / (1.0 + g / 2.0)
+    ax = x if nonneg else b.op("Abs", [x])
+    aw = _abs_weight(ctx, view, k)
+    offset = k * np.abs(const_value(view.bias).astype(np.float64)) if view.bias is not None else 0.0
+    if rule.stabilizer == "sign":  # e rides in the bias: D is one Conv (fused with the Add) over |x|
+        az = b.op("Abs", [z])
+        den = b.add(az, view.forward(ax, aw, view.constant_bias(offset + e)))
+    else:
+        az = b.op("Abs", [z])
+        bias = view.constant_bias(offset) if view.bias is not None else None
+        den = b.op("Max", [b.add(az, view.forward(ax, aw, bias)), b.const(e)])
+    factors = ctx.factors_of(R)
+    if factors is not None and factors[0] is z:  # R = z ⊙ c: sign(z) R = |z| c, [z≠0] R = z c
+        q = b.op("Div", [factors[1], den])
+        m1, m2 = b.mul(q, az), b.mul(q, z)
+    elif quiet:  # R = 0 wherever z <= 0: sign(z) = [z≠0] = 1 wherever it matters
+        m1 = m2 = b.op("Div", [R, den])
+    else:
+        s = b.op("Sign", [z])
+        m1 = b.mul(b.op("Div", [R, den]), s)
+        m2 = b.mul(m1, s)
+    if nonneg:  # x = |x|: one product
+        return ctx.product(x, b.add(view.adjoint(m1, view.w), view.adjoint(m2, aw)))
+    return b.add(ctx.product(x, view.adjoint(m1, view.w)), b.mul(ax, view.adjoint(m2, aw)))
+
+
+def _abs_weight(ctx, view, k: float):
+    """``k |W|`` (constant-folded at session start for a stored weight), built once per weight."""
+    key = ("k|W|", view.w.name, k)
+    if key not in ctx.cache:
+        b = ctx.b
+        ctx.cache[key] = b.mul(b.op("Abs", [view.w]), b.const(k))
+    return ctx.cache[key]
