@@ -14,7 +14,7 @@ of z on the second term where z < 0. So ``stab(z↕) = sign(z) (1+γ/2) D`` with
     R_in = x ⊙ Wᵀ(sign(z) q) + k |x| ⊙ |W|ᵀ([z≠0] q)
 
 One forward (``|x|`` with ``k|W|``, bias ``k|b| + e``) instead of four and two adjoints instead of four; no
-compares, casts or masks beyond one Sign. Behind a ReLU (no relevance where z <= 0) both messages are ``q``;
+compares, casts or masks beyond one sign(z). Behind a ReLU (no relevance where z <= 0) both messages are ``q``;
 where the relevance arriving is ``z ⊙ c`` (a residual branch) they are ``|z| c / D`` and ``z c / D``. The
 values equal the rule's up to float32 round-off: the γ terms are formed from ``|W||x|`` and ``z - b`` instead
 of from ``W±x±`` (their rounding error stays below ``2ε`` of the denominator, see the README's derivation)."""
@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import const_value
+from .stabilize import sign
 
 
 def signed_gamma(ctx, view, rule, R):
@@ -55,7 +56,7 @@ def signed_gamma(ctx, view, rule, R):
     elif quiet:  # R = 0 wherever z <= 0: sign(z) = [z≠0] = 1 wherever it matters
         m1 = m2 = b.op("Div", [R, den])
     else:
-        s = b.op("Sign", [z])
+        s = sign(b, z)
         m1 = b.mul(b.op("Div", [R, den]), s)
         m2 = b.mul(m1, s)
     if nonneg:  # x = |x|: one product
