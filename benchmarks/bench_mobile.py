@@ -11,11 +11,12 @@ through ShuffleNet's channel shuffle), cached in ``--cache``; each is compiled w
 -3, 3). Every session is ``lrpc.runtime.inference_session`` (lrpc.Session's options) on the CPU. Per model /
 export / batch / thread count the forward and the compiled graph (and, with ``--baseline``, the same model
 compiled by the lrpc package under that folder, in a child process) run in turn, ``--repeats`` times after a
-warm-up, so drift hits all of them alike. Printed per side: the minimum and the median time; LRP ÷ forward as
-the ratio of the minima and as the median [range] of the per-round ratios; and the node counts of the forward
-and the compiled graph. On a machine shared with other jobs the minimum is the least disturbed run: there a
-short forward run right after a long LRP run is often preempted, which inflates the forward's median (measured
-here: MobileNetV3-small forward alone 2.2 ms median, alternated with its LRP graph 7.1 ms median, 2.7 ms min).
+warm-up, so drift hits all of them alike. Printed per side: the least process CPU time and the least wall time of
+a run; LRP ÷ forward from each (and the median [range] of the per-round wall ratios); the node counts of the
+forward and the compiled graph. On a machine shared with other jobs wall times measure the other jobs as much as
+the graph (a short forward run right after a long LRP run is often preempted: MobileNetV3-small's forward alone
+2.2 ms median, alternated with its LRP graph 7.1 ms median, 2.7 ms min): the CPU time of the process is what to
+read there; with one thread it is the graph's own time, with more it adds the worker threads' spin-waiting.
 """
 from __future__ import annotations
 
@@ -100,17 +101,6 @@ def node_count(path: Path) -> int:
     return len(onnx.load(str(path), load_external_data=False).graph.node)
 
 
-def _ms(t: list[float]) -> str:
-    """min (median) in ms: on a shared machine the minimum is the run least disturbed by other processes."""
-    return f"{min(t) * 1e3:7.2f} ({statistics.median(t) * 1e3:7.2f})"
-
-
-def _ratio(a: list[float], b: list[float]) -> str:
-    """min(a) / min(b), then the median and range of the per-round ratios a_i / b_i."""
-    rs = [x / y for x, y in zip(a, b)]
-    return f"{min(a) / min(b):7.2f} {statistics.median(rs):6.2f} [{min(rs):4.1f}–{max(rs):4.1f}]"
-
-
 def header(args) -> str:
     import onnx
     import onnxruntime as ort
@@ -128,8 +118,9 @@ def header(args) -> str:
             f"{torchvision.__version__}, python {platform.python_version()}; lrpc {commit}"
             + (f", baseline {args.baseline}" if args.baseline else "")
             + f"\n# torchvision weights=None, BatchNorm statistics {'as constructed' if args.raw_init else 'calibrated'}; "
-              f"composite {args.composite}, {args.repeats} rounds after a warm-up; ms: min (median); lrp/fwd: ratio of "
-              f"the minima, then the median [range] of the per-round ratios; new/base: ratio of the minima")
+              f"composite {args.composite}; {args.repeats} rounds after a warm-up, the sides in turn; cpu/wall ms: the "
+              f"least process CPU time / wall time of a run over the rounds; ratios of those minima; rounds: median "
+              f"[range] of the per-round wall ratios")
 
 
 def main() -> int:
@@ -152,10 +143,11 @@ def main() -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     print(header(args))
-    cols = (f"{'model':20s} {'export':6s} {'thr':>3s} {'batch':>5s} {'fwd ms':>13s} {'lrp ms':>15s} "
-            f"{'lrp/fwd':>7s} {'rounds':>18s}")
+    sides = ["fwd", "new"] + (["base"] if args.baseline else [])
+    cols = f"{'model':20s} {'export':6s} {'thr':>3s} {'batch':>5s} " + " ".join(f"{k + ' cpu/wall ms':>19s}" for k in sides)
+    cols += f" {'lrp/fwd cpu':>11s} {'wall':>5s} {'rounds':>15s}"
     if args.baseline:
-        cols += f" {'base ms':>15s} {'base/fwd':>8s} {'rounds':>18s} {'new/base':>8s}"
+        cols += f" {'base/fwd cpu':>12s} {'wall':>5s} {'new/base cpu':>12s}"
     cols += f" {'nodes fwd/lrp':>14s}" + (" base" if args.baseline else "")
     print(cols, flush=True)
     for name in args.models.split(","):
@@ -176,19 +168,24 @@ def main() -> int:
                     sessions.update({k: inference_session(str(p), ["CPUExecutionProvider"], threads)
                                      for k, p in graphs.items()})
                     feeds = {k: {"input": x} if k == "fwd" else {"input": x, "relevance_seed": seed} for k in sessions}
-                    times: dict[str, list[float]] = {k: [] for k in sessions}
+                    wall: dict[str, list[float]] = {k: [] for k in sessions}
+                    cpu: dict[str, list[float]] = {k: [] for k in sessions}
                     for r in range(args.repeats + 1):
                         for k, s in sessions.items():
-                            t = time.perf_counter()
+                            t, c = time.perf_counter(), time.process_time()
                             s.run(None, feeds[k])
                             if r:  # (round 0 warms up)
-                                times[k].append(time.perf_counter() - t)
+                                wall[k].append(time.perf_counter() - t)
+                                cpu[k].append(time.process_time() - c)
                     del sessions
-                    row = f"{name:20s} {exporter:6s} {threads:3d} {batch:5d} {_ms(times['fwd'])} {_ms(times['new'])} "
-                    row += _ratio(times["new"], times["fwd"])
+                    row = f"{name:20s} {exporter:6s} {threads:3d} {batch:5d} "
+                    row += " ".join(f"{min(cpu[k]) * 1e3:9.2f}/{min(wall[k]) * 1e3:9.2f}" for k in sides)
+                    rounds = [a / f for a, f in zip(wall["new"], wall["fwd"])]
+                    row += (f" {min(cpu['new']) / min(cpu['fwd']):11.2f} {min(wall['new']) / min(wall['fwd']):5.2f}"
+                            f" {statistics.median(rounds):5.2f} [{min(rounds):3.1f}-{max(rounds):4.1f}]")
                     if args.baseline:
-                        row += f" {_ms(times['base'])} {_ratio(times['base'], times['fwd'])}"
-                        row += f" {min(times['new']) / min(times['base']):8.3f}"
+                        row += (f" {min(cpu['base']) / min(cpu['fwd']):12.2f} {min(wall['base']) / min(wall['fwd']):5.2f}"
+                                f" {min(cpu['new']) / min(cpu['base']):12.3f}")
                     row += f" {node_count(path):6d}/{nodes['new']:<6d}" + (f" {nodes['base']}" if args.baseline else "")
                     print(row, flush=True)
     return 0

@@ -212,3 +212,14 @@ def test_sign_is_exact(dtype):
     graph.outputs = [s]
     got = _run_ort(gs.export_onnx(graph), {"z": values})[0]
     np.testing.assert_array_equal(got, np.sign(values))
+
+
+def test_global_pool_off_the_relevance_path_stays_a_pool():
+    """A squeeze-and-excitation block's pool gets no relevance (the gate takes none): it is a GlobalAveragePool again
+    in the compiled graph (passes/avgpool_to_conv.py made it a Conv), the pool the relevance goes through stays a
+    Conv. The relevance itself is checked against the frozen-gate oracle in tests/test_gates.py."""
+    from test_gates import _network
+
+    compiled = lrpc.compile(_network(), "epsilon-gamma-box")
+    by_name = {n.name: n.op_type for n in compiled.graph.node}
+    assert by_name["se_pool"] == "GlobalAveragePool" and by_name["pool"] == "Conv"
