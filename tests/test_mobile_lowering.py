@@ -21,15 +21,16 @@ from lrpc.relevance import depthwise
 from oracles import relevance
 from test_rules_oracle import _conv_case, assert_close, compile_rule, run_model
 
-# (x shape, kernel, strides, pads, dilations): odd sizes, asymmetric pads, dilation, strides 2 and 3, 1-d to 3-d
+# (x shape, kernel, strides, pads, dilations): odd sizes, asymmetric pads, dilation, strides 2 and 3, 1-d to 3-d;
+# channels a multiple of 8 (the lowering's condition, relevance/depthwise.py)
 DEPTHWISE = {
-    "s2_k3_odd": ((2, 4, 9, 7), (3, 3), [2, 2], [1, 1, 1, 1], None),
-    "s2_k5_asym": ((2, 3, 11, 8), (5, 5), [2, 2], [2, 1, 1, 2], None),
-    "s3_k3_dil2": ((2, 4, 13, 10), (3, 3), [3, 3], [2, 0, 1, 2], [2, 2]),
-    "s2x3_k2x4": ((1, 5, 9, 12), (2, 4), [2, 3], [0, 1, 1, 2], None),
-    "s2_k3_nopad": ((2, 4, 8, 8), (3, 3), [2, 2], [0, 0, 0, 0], None),
-    "s3_1d": ((2, 3, 14), (4,), [3], [1, 2], None),
-    "s2_3d": ((1, 2, 5, 6, 7), (3, 3, 2), [2, 2, 2], [1, 0, 1, 1, 1, 0], [1, 1, 2]),
+    "s2_k3_odd": ((2, 8, 9, 7), (3, 3), [2, 2], [1, 1, 1, 1], None),
+    "s2_k5_asym": ((2, 8, 11, 8), (5, 5), [2, 2], [2, 1, 1, 2], None),
+    "s3_k3_dil2": ((1, 16, 13, 10), (3, 3), [3, 3], [2, 0, 1, 2], [2, 2]),
+    "s2x3_k2x4": ((1, 8, 9, 12), (2, 4), [2, 3], [0, 1, 1, 2], None),
+    "s2_k3_nopad": ((2, 8, 8, 8), (3, 3), [2, 2], [0, 0, 0, 0], None),
+    "s3_1d": ((2, 8, 14), (4,), [3], [1, 2], None),
+    "s2_3d": ((1, 8, 5, 6, 5), (3, 3, 2), [2, 2, 2], [1, 0, 1, 1, 1, 0], [1, 1, 2]),
 }
 
 
@@ -120,12 +121,15 @@ def _is_interleave(model: onnx.ModelProto, node) -> bool:
     return w is not None and set(w.shape[1:]) == {1} and np.all(w == 1)
 
 
-def test_wide_pads_still_match_oracle(tmp_path):
-    """Pads wider than the kernel: the ConvTranspose stays and the relevance is the oracle's."""
-    case = _conv_case(np.float64, np.random.default_rng(0), (2, 3, 7, 7), (3, 1, 2, 2), group=3, strides=[2, 2],
-                      pads=[2, 2, 1, 1])
+@pytest.mark.parametrize("channels, pads", [(8, [2, 2, 1, 1]), (6, [1, 1, 1, 1])], ids=["wide_pads", "6_channels"])
+def test_conv_transpose_kept_matches_oracle(channels, pads, tmp_path):
+    """Pads wider than the kernel, or a channel count onnxruntime's blocked kernels do not take: the ConvTranspose
+    stays (no interleave) and the relevance is the oracle's."""
+    case = _conv_case(np.float64, np.random.default_rng(0), (2, channels, 7, 7), (channels, 1, 2, 2), group=channels,
+                      strides=[2, 2], pads=pads)
     model = compile_rule(case, "epsilon", {"epsilon": 0.05}, {}, tmp_path)
-    assert "ConvTranspose" in [n.op_type for n in model.graph.node]
+    convt = [n for n in model.graph.node if n.op_type == "ConvTranspose"]
+    assert len(convt) == 1 and not _is_interleave(model, convt[0])
     R = np.random.default_rng(2).normal(size=case.layer.forward(case.x).shape)
     out = run_model(model, {"x": case.x, "relevance_seed": R}, np.float64)
     assert_close(out["relevance"], relevance(case.layer, "epsilon", case.x, R, eps=0.05), np.float64, "wide pads")
