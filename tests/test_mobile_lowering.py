@@ -227,3 +227,30 @@ def test_global_pool_off_the_relevance_path_stays_a_pool():
     compiled = lrpc.compile(_network(), "epsilon-gamma-box")
     by_name = {n.name: n.op_type for n in compiled.graph.node}
     assert by_name["se_pool"] == "GlobalAveragePool" and by_name["pool"] == "Conv"
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_gamma_signed_input_elementwise_scale(dtype, tmp_path):
+    """The formula through an element-wise affine layer (Mul by a per-channel constant of both signs): the view's
+    forward and adjoint are products, ``|W|`` the constant's magnitude."""
+    from oracles import Layer
+
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(2, 4, 3, 5)).astype(dtype)
+    s = rng.normal(size=(4, 1, 1)).astype(dtype)
+    t = ONNX[dtype]
+    graph = helper.make_graph([helper.make_node("Mul", ["x", "S"], ["y"], name="scale")], "scale",
+                              [helper.make_tensor_value_info("x", t, list(x.shape))],
+                              [helper.make_tensor_value_info("y", t, list(x.shape))], [numpy_helper.from_array(s, "S")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    spec = tmp_path / "rules.json"
+    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Mul", "rule": "gamma", "params": {"gamma": 0.5}}]}))
+    compiled = lrpc.compile(model, str(spec), stabilizer_eps=1e-3)
+    assert not {"Greater", "Less"} & {n.op_type for n in compiled.graph.node}  # the one-formula lowering ran
+    R = rng.normal(size=x.shape)
+    out = run_model(compiled, {"x": x, "relevance_seed": R.astype(dtype)}, dtype)
+    layer = Layer(lambda X, W: X * W, s.astype(np.float64), x.shape[1:])
+    assert_close(out["relevance"], relevance(layer, "gamma", x, R, eps=1e-3, gamma=0.5), dtype, "Mul gamma")
+
+
+ONNX = {np.float64: TensorProto.DOUBLE, np.float32: TensorProto.FLOAT}
