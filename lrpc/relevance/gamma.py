@@ -16,8 +16,9 @@ of z on the second term where z < 0. So ``stab(z↕) = sign(z) (1+γ/2) D`` with
 One forward (``|x|`` with ``k|W|``, bias ``k|b| + e``) instead of four and two adjoints instead of four; no
 compares, casts or masks beyond one sign(z). Behind a ReLU (no relevance where z <= 0) both messages are ``q``;
 where the relevance arriving is ``z ⊙ c`` (a residual branch) they are ``|z| c / D`` and ``z c / D``. The
-values equal the rule's up to float32 round-off: the γ terms are formed from ``|W||x|`` and ``z - b`` instead
-of from ``W±x±`` (their rounding error stays below ``2ε`` of the denominator, see the README's derivation)."""
+values equal the rule's up to round-off: the γ terms come from ``|W||x|`` and ``z - b`` instead of ``W±x±``;
+where z > 0, ``P + b+ > |N| + |b-|``, so the error of ``|W||x| = P - N`` (at most u(P + |N|), u the unit
+round-off) stays within 2u of ``D`` whatever γ (the same where z < 0)."""
 from __future__ import annotations
 
 import numpy as np
@@ -42,11 +43,10 @@ def signed_gamma(ctx, view, rule, R):
     ax = x if nonneg else b.op("Abs", [x])
     aw = _abs_weight(ctx, view, k)
     offset = k * np.abs(const_value(view.bias).astype(np.float64)) if view.bias is not None else 0.0
-    if rule.stabilizer == "sign":  # e rides in the bias: D is one Conv (fused with the Add) over |x|
-        az = b.op("Abs", [z])
+    az = b.op("Abs", [z])
+    if rule.stabilizer == "sign":  # e rides in the bias: D is |z| plus one Conv over |x|
         den = b.add(az, view.forward(ax, aw, view.constant_bias(offset + e)))
     else:
-        az = b.op("Abs", [z])
         bias = view.constant_bias(offset) if view.bias is not None else None
         den = b.op("Max", [b.add(az, view.forward(ax, aw, bias)), b.const(e)])
     factors = ctx.factors_of(R)
