@@ -17,6 +17,7 @@ forward and the compiled graph. On a machine shared with other jobs wall times m
 the graph (a short forward run right after a long LRP run is often preempted: MobileNetV3-small's forward alone
 2.2 ms median, alternated with its LRP graph 7.1 ms median, 2.7 ms min): the CPU time of the process is what to
 read there; with one thread it is the graph's own time, with more it adds the worker threads' spin-waiting.
+A complete run with a baseline: ``benchmarks/results_mobile_cpu.txt``.
 """
 from __future__ import annotations
 
