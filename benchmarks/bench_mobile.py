@@ -118,7 +118,8 @@ def header(args) -> str:
             f"# onnxruntime {ort.__version__}, onnx {onnx.__version__}, torch {torch.__version__}, torchvision "
             f"{torchvision.__version__}, python {platform.python_version()}; lrpc {commit}"
             + (f", baseline {args.baseline}" if args.baseline else "")
-            + f"\n# torchvision weights=None, BatchNorm statistics {'as constructed' if args.raw_init else 'calibrated'}; "
+            + f"\n# torchvision weights=None, BatchNorm statistics "
+              f"{'as constructed' if args.raw_init else 'calibrated'}; "
               f"composite {args.composite}; {args.repeats} rounds after a warm-up, the sides in turn; cpu/wall ms: the "
               f"least process CPU time / wall time of a run over the rounds; ratios of those minima; rounds: median "
               f"[range] of the per-round wall ratios")
@@ -145,7 +146,8 @@ def main() -> int:
     cache.mkdir(parents=True, exist_ok=True)
     print(header(args))
     sides = ["fwd", "new"] + (["base"] if args.baseline else [])
-    cols = f"{'model':20s} {'export':6s} {'thr':>3s} {'batch':>5s} " + " ".join(f"{k + ' cpu/wall ms':>19s}" for k in sides)
+    cols = f"{'model':20s} {'export':6s} {'thr':>3s} {'batch':>5s} "
+    cols += " ".join(f"{k + ' cpu/wall ms':>19s}" for k in sides)
     cols += f" {'lrp/fwd cpu':>11s} {'wall':>5s} {'rounds':>15s}"
     if args.baseline:
         cols += f" {'base/fwd cpu':>12s} {'wall':>5s} {'new/base cpu':>12s}"
@@ -185,7 +187,8 @@ def main() -> int:
                     row += (f" {min(cpu['new']) / min(cpu['fwd']):11.2f} {min(wall['new']) / min(wall['fwd']):5.2f}"
                             f" {statistics.median(rounds):5.2f} [{min(rounds):3.1f}-{max(rounds):4.1f}]")
                     if args.baseline:
-                        row += (f" {min(cpu['base']) / min(cpu['fwd']):12.2f} {min(wall['base']) / min(wall['fwd']):5.2f}"
+                        row += (f" {min(cpu['base']) / min(cpu['fwd']):12.2f}"
+                                f" {min(wall['base']) / min(wall['fwd']):5.2f}"
                                 f" {min(cpu['new']) / min(cpu['base']):12.3f}")
                     row += f" {node_count(path):6d}/{nodes['new']:<6d}" + (f" {nodes['base']}" if args.baseline else "")
                     print(row, flush=True)

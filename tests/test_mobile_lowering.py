@@ -90,7 +90,8 @@ def test_pads_wider_than_the_kernel_keep_conv_transpose():
 
 
 RULES = [("epsilon", {"epsilon": 0.05}, {"eps": 0.05}), ("gamma", {"gamma": 0.5}, {"eps": 1e-3, "gamma": 0.5}),
-         ("zplus", {}, {"eps": 1e-3}), ("alpha-beta", {"alpha": 2.0, "beta": 1.0}, {"eps": 1e-3, "alpha": 2.0, "beta": 1.0})]
+         ("zplus", {}, {"eps": 1e-3}),
+         ("alpha-beta", {"alpha": 2.0, "beta": 1.0}, {"eps": 1e-3, "alpha": 2.0, "beta": 1.0})]
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
@@ -244,7 +245,8 @@ def test_gamma_signed_input_elementwise_scale(dtype, tmp_path):
                               [helper.make_tensor_value_info("y", t, list(x.shape))], [numpy_helper.from_array(s, "S")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     spec = tmp_path / "rules.json"
-    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Mul", "rule": "gamma", "params": {"gamma": 0.5}}]}))
+    rules = [{"op": "Mul", "rule": "gamma", "params": {"gamma": 0.5}}]
+    spec.write_text(json.dumps({"composite": "epsilon", "rules": rules}))
     compiled = lrpc.compile(model, str(spec), stabilizer_eps=1e-3)
     assert not {"Greater", "Less"} & {n.op_type for n in compiled.graph.node}  # the one-formula lowering ran
     R = rng.normal(size=x.shape)
@@ -254,3 +256,48 @@ def test_gamma_signed_input_elementwise_scale(dtype, tmp_path):
 
 
 ONNX = {np.float64: TensorProto.DOUBLE, np.float32: TensorProto.FLOAT}
+
+
+def test_gamma_signed_input_accounts_on_mobilenet(tmp_path):
+    """``lrpc check`` on torchvision MobileNetV3-small (weights=None, BatchNorm statistics calibrated by
+    models/zoo.randomize; HardSwish: gamma layers with inputs of both signs): the layers' accounts (what the
+    one-formula lowering passes on, its biases' share) leave nothing unaccounted."""
+    import torch
+    import torchvision
+
+    from lrpc.check import run_check
+    from models import zoo
+
+    torch.manual_seed(0)
+    model = zoo.randomize(torchvision.models.mobilenet_v3_small(weights=None), (1, 3, 64, 64))
+    path = tmp_path / "mv3s.onnx"
+    torch.onnx.export(model, (torch.randn(1, 3, 64, 64),), str(path), dynamo=False, input_names=["input"],
+                      output_names=["logits"])
+    report = run_check(str(path), "epsilon-gamma-box", lrpc.Options(low=-3.0, high=3.0))
+    assert report.passed, report.text()
+
+
+def test_gamma_signed_input_accounts_where_z_is_zero(tmp_path):
+    """The relevance arriving where z = 0 is the layer's 'zero denominator' account (both masks drop it): ``lrpc
+    check`` on Conv (gamma, zero bias, inputs 0 over some receptive fields) -> Sigmoid (which passes relevance to
+    z = 0 too: sigmoid(0) = 1/2) -> Gemm finds nothing unaccounted."""
+    from lrpc.check import run_check
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(4, 3, 3, 3)).astype(np.float32)
+    fc = rng.normal(size=(10, 4 * 9 * 8)).astype(np.float32)
+    nodes = [helper.make_node("Conv", ["x", "W"], ["z"], pads=[1, 1, 1, 1], name="conv"),
+             helper.make_node("Sigmoid", ["z"], ["s"], name="sigmoid"),
+             helper.make_node("Flatten", ["s"], ["f"], name="flatten"),
+             helper.make_node("Gemm", ["f", "F"], ["y"], transB=1, name="fc")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 9, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+                              [numpy_helper.from_array(w, "W"), numpy_helper.from_array(fc, "F")])
+    path = tmp_path / "layer.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    spec = tmp_path / "rules.json"
+    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Conv", "rule": "gamma"}]}))
+    x = rng.normal(size=(1, 3, 9, 8)).astype(np.float32)
+    x[0, :, :5] = 0.0  # rows 0-3 of z are exactly 0
+    report = run_check(str(path), str(spec), inputs={"x": x})
+    assert report.passed, report.text()

@@ -49,7 +49,7 @@ def signed_gamma(ctx, view, rule, R):
     else:
         bias = view.constant_bias(offset) if view.bias is not None else None
         den = b.op("Max", [b.add(az, view.forward(ax, aw, bias)), b.const(e)])
-    factors = ctx.factors_of(R)
+    factors, s = ctx.factors_of(R), None
     if factors is not None and factors[0] is z:  # R = z ⊙ c: sign(z) R = |z| c, [z≠0] R = z c
         q = b.op("Div", [factors[1], den])
         m1, m2 = b.mul(q, az), b.mul(q, z)
@@ -59,9 +59,26 @@ def signed_gamma(ctx, view, rule, R):
         s = sign(b, z)
         m1 = b.mul(b.op("Div", [R, den]), s)
         m2 = b.mul(m1, s)
+    if ctx.audit:  # (where z = 0 both masks drop the relevance arriving: R ⊙ (1 - s²))
+        zero = None if s is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [b.mul(s, s)])))
+        _account(ctx, view, m1, m2, ax, aw, offset, zero)
     if nonneg:  # x = |x|: one product
         return ctx.product(x, b.add(view.adjoint(m1, view.w), view.adjoint(m2, aw)))
     return b.add(ctx.product(x, view.adjoint(m1, view.w)), b.mul(ax, view.adjoint(m2, aw)))
+
+
+def _account(ctx, view, m1, m2, ax, aw, offset, zero) -> None:
+    """The layer's accounts (:meth:`lrpc.emit.Context.account`): it passes on ``m1 ⊙ f(x; W) + m2 ⊙ f(|x|; k|W|)``
+    (what the two adjoints send down, summed), its biases take ``m1 ⊙ b + m2 ⊙ k|b|`` (the rule's
+    ``c↑ b↑ + c↓ b↓`` in the scaled messages), and where z = 0 neither mask passes relevance on (``zero``: None
+    where the relevance arriving vanishes there)."""
+    b = ctx.b
+    kept = b.add(b.mul(m1, view.without_bias()), b.mul(m2, view.forward(ax, aw, None)))
+    bias = None
+    if view.bias is not None:
+        bias = b.add(b.mul(m1, view.bias_for_output(view.bias)),
+                     b.mul(m2, view.bias_for_output(view.constant_bias(offset))))
+    ctx.account(view.node, kept, bias, zero)
 
 
 def _abs_weight(ctx, view, k: float):
