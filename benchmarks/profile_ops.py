@@ -9,8 +9,9 @@ Inputs: random normal of each input's shape (batch ``--batch``), a one-hot seed 
 ``relevance_seed``. Prints one line per (op type, provider): total ms per run, share, node count; and a line
 counting the nodes not on the first provider (on CUDA: nodes that fell back to the CPU, with copies around them).
 ``--forward original.onnx`` profiles the original in turn and prints the compiled graph's kernel time, and its
-convolutions' alone, as multiples of the forward's: the second number is the floor for LRP ÷ forward that only
-fewer convolutions could lower (README, Performance)."""
+convolutions' alone (and with the dense layers), as multiples of the forward's: the second number is the floor for
+LRP ÷ forward that only fewer convolutions could lower (README, Performance). ``--stat min`` takes each node's least
+time over the runs instead of the mean (a machine shared with other jobs)."""
 from __future__ import annotations
 
 import argparse
@@ -38,24 +39,29 @@ def feeds_for(session, batch: int) -> dict:
     return feeds
 
 
-def kernel_times(session, runs: int):
+def kernel_times(session, runs: int, stat: str = "mean"):
     """(wall ms per run, {(op, provider): kernel ms per run}, {node: (op, provider)}) from the session's profile,
-    the warm-up run excluded."""
+    the warm-up run excluded. ``stat="min"``: each node's least time over the runs (on a machine shared with other
+    jobs the mean measures them too)."""
     events = json.load(open(session.end_profiling()))
     model_runs = [e for e in events if e.get("name") == "model_run"]
     warm_end = model_runs[0]["ts"] + model_runs[0]["dur"] if model_runs else 0
-    totals, providers_of = collections.Counter(), {}
+    per_node, providers_of = collections.defaultdict(list), {}
     for e in events:
         if e.get("cat") != "Node" or not e["name"].endswith("_kernel_time") or e["ts"] < warm_end:
             continue
-        key = (e["args"]["op_name"], e["args"].get("provider", "?"))
-        totals[key] += e["dur"] / runs / 1e3
-        providers_of[e["name"][: -len("_kernel_time")]] = key
+        node = e["name"][: -len("_kernel_time")]
+        providers_of[node] = (e["args"]["op_name"], e["args"].get("provider", "?"))
+        per_node[node].append(e["dur"] / 1e3)
+    totals = collections.Counter()
+    for node, times in per_node.items():
+        totals[providers_of[node]] += min(times) if stat == "min" else sum(times) / runs
     wall = sum(r["dur"] for r in model_runs[1:]) / max(len(model_runs) - 1, 1) / 1e3
     return wall, totals, providers_of
 
 
 CONVOLUTIONS = ("Conv", "ConvTranspose", "FusedConv")
+DENSE = ("MatMul", "Gemm")
 
 
 def main() -> None:
@@ -68,6 +74,8 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     ap.add_argument("--top", type=int, default=25)
+    ap.add_argument("--stat", choices=["mean", "min"], default="mean",
+                    help="per node: mean kernel time over the runs, or the least (a shared machine)")
     args = ap.parse_args()
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if args.device == "cuda" else ["CPUExecutionProvider"]
     paths = [args.model] + ([args.forward] if args.forward else [])
@@ -77,7 +85,7 @@ def main() -> None:
     for _ in range(args.runs + 1):  # the first run warms up (excluded); the models take turns
         for s, f in zip(sessions, feeds):
             s.run(None, f)
-    (wall, totals, providers_of), *forward = [kernel_times(s, args.runs) for s in sessions]
+    (wall, totals, providers_of), *forward = [kernel_times(s, args.runs, args.stat) for s in sessions]
     counts = collections.Counter(providers_of.values())
     total = sum(totals.values())
     session = sessions[0]
@@ -94,8 +102,10 @@ def main() -> None:
         f_total = sum(f_totals.values())
         conv = sum(ms for (op, _), ms in totals.items() if op in CONVOLUTIONS)
         print(f"forward {args.forward}: {f_wall:.2f} ms per run (wall), {f_total:.2f} ms in kernels")
+        dense = sum(ms for (op, _), ms in totals.items() if op in DENSE)
         print(f"  compiled / forward (kernel time): {total / f_total:.2f}; its convolutions alone: {conv / f_total:.2f} "
-              f"(the floor element-wise work adds to)")
+              f"(the floor element-wise work adds to); with the dense layers (MatMul, Gemm): "
+              f"{(conv + dense) / f_total:.2f}")
 
 
 if __name__ == "__main__":

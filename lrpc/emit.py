@@ -159,9 +159,11 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
                 total[t.name] = builder.sum(parts) if parts else None
         return total[t.name]
 
+    silent = []  # nodes no relevance reaches (e.g. a squeeze-and-excitation branch behind its gate)
     for node in reversed(nodes):
         r_out = [relevance(t) for t in node.outputs]
         if all(r is None for r in r_out):
+            silent.append(node)
             continue
         r_in = propagator(op_of(canon, node))(ctx, node, r_out)
         for t, r in zip(inputs_of(canon, node, tensors), r_in):
@@ -192,6 +194,8 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
     ctx.drop_unread_products()
+    for node in silent:
+        _restore_global_pool(node)
     meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules), "lrpc.seed": seed}
     if layerwise:
         import json
@@ -322,6 +326,26 @@ def _inside_activations(canon: Canonical, graph: gs.Graph, tensors: dict) -> set
                 inside.add(node.name)
                 todo += [t for t in node.inputs if t.name in made and t.name != x]
     return inside
+
+
+def _restore_global_pool(node) -> None:
+    """A global average pool that passes/avgpool_to_conv.py made a depthwise Conv (so that rules apply to it) but
+    that no relevance reaches becomes a GlobalAveragePool again: onnxruntime runs that 3-4x faster than the Conv
+    (one per squeeze-and-excitation block). Only the exact form: kernel = the input's spatial size, no pads,
+    stride 1, weights all 1/K, bias 0."""
+    if node.op != "Conv" or len(node.inputs) < 2 or not is_const(node.inputs[1]):
+        return
+    x, w = node.inputs[0], node.inputs[1]
+    k = list(node.attrs.get("kernel_shape", []))
+    if x.shape is None or list(x.shape[2:]) != k or w.shape is None or list(w.shape[:2]) != [x.shape[1], 1]:
+        return
+    if any(node.attrs.get("pads", [0])) or any(v != 1 for v in node.attrs.get("strides", [1])):
+        return
+    if len(node.inputs) > 2 and (not is_const(node.inputs[2]) or np.any(const_value(node.inputs[2]))):
+        return
+    if not np.all(const_value(w) == np.asarray(1.0 / np.prod(k), const_value(w).dtype)):
+        return
+    node.op, node.attrs, node.inputs = "GlobalAveragePool", {}, [x]
 
 
 def _per_sample_sum(b: Builder, tensors: list):

@@ -12,7 +12,8 @@ import numpy as np
 from ..errors import InputError, UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
-from . import register
+from . import depthwise, register
+from .gamma import signed_gamma
 from .stabilize import indicator, quotient
 
 
@@ -73,6 +74,9 @@ class ConvView(View):
         if all(v == 1 for v in s) and min(flipped_pads) >= 0:
             # stride 1: the adjoint is a Conv with flipped, in/out-swapped weights (faster kernels than ConvTranspose)
             return self.b.op("Conv", [c, self._flipped(w)], {**a, "pads": flipped_pads})
+        dw_pads = depthwise.pads_for(xs, zs, k, s, d, p) if depthwise.is_depthwise(self.node) else None
+        if dw_pads is not None:
+            return depthwise.strided_adjoint(self.b, c, self._flipped(w), a["group"], k, s, d, dw_pads)
         return self.b.op("ConvTranspose", [c, w], {**a, "output_padding": op})
 
     def _flipped(self, w):
@@ -341,6 +345,8 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     b = ctx.b
     variants = _Variants(ctx, view, rule)
     fast = _on_own_output(ctx, view, rule, R, variants)
+    if fast is None:
+        fast = signed_gamma(ctx, view, rule, R)
     if fast is not None:
         return fast
     rank = len(view.z.shape) if view.z.shape is not None else None

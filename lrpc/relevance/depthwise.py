@@ -1,0 +1,48 @@
+"""The adjoint of a strided depthwise convolution as a depthwise Conv (no ConvTranspose over channel groups).
+
+onnxruntime runs a grouped ConvTranspose group by group (a GEMM and a col2im each); its blocked (NCHWc) depthwise
+Conv has no such loop. Measured (onnxruntime 1.32, one thread, MobileNetV3/EfficientNet-B0 shapes, the message made
+and the result read by element-wise ops as in a compiled graph): the ConvTranspose took 1.05-2.3x the interleave
+and depthwise Conv below.
+
+The adjoint ``r[i] = Σ_{o,k: o·s + k·d - p = i} w[k] c[o]`` is a stride-1 correlation of ``u`` (``c`` with s - 1
+zeros between its values, ``u[o·s] = c[o]``) with the reversed kernel, begin pad ``(K-1)d - p_begin`` and end pad
+``H + p_begin - ((H'-1)s + 1)``. The zeros are put in by a ConvTranspose with a 1x1 kernel of ones (measured the
+fastest interleave in onnxruntime 1.32: Pad of a 6-d view, Resize with a mask and DepthToSpace were slower)."""
+from __future__ import annotations
+
+import numpy as np
+
+
+# onnxruntime 1.32 runs a depthwise Conv whose channel count is a multiple of 8 in its blocked layout on this
+# project's machine (an AVX-512 VM; its optimized graph shows it for 8, 16, 24, 56, 64 channels, not for 58);
+# other counts go to its generic grouped Conv
+BLOCK = 8
+
+
+def is_depthwise(node) -> bool:
+    """A Conv whose every group maps one channel to one channel, with a channel count onnxruntime's blocked
+    depthwise kernel takes (a multiple of :data:`BLOCK`). Other counts run the generic grouped Conv, which over
+    the interleaved message measured up to 1.8x the ConvTranspose (ShuffleNet's 58 channels at 56x56)."""
+    w = node.inputs[1]
+    g = int(node.attrs.get("group", 1))
+    return g > 1 and w.shape is not None and w.shape[0] == g and w.shape[1] == 1 and g % BLOCK == 0
+
+
+def pads_for(xs: list[int], zs: list[int], k: list[int], s: list[int], d: list[int], p: list[int]) -> list[int] | None:
+    """Pads of the stride-1 correlation over the interleaved message (begin pads, then end pads); None when one
+    would be negative (pads wider than the kernel): the caller keeps the ConvTranspose then."""
+    n = len(xs)
+    begin = [(k[i] - 1) * d[i] - p[i] for i in range(n)]
+    end = [xs[i] + p[i] - ((zs[i] - 1) * s[i] + 1) for i in range(n)]
+    return begin + end if min(begin + end) >= 0 else None
+
+
+def strided_adjoint(b, c, flipped, channels: int, kernel: list[int], strides: list[int], dilations: list[int],
+                    pads: list[int]):
+    """``Wᵀc`` of a depthwise layer with ``strides`` (not all 1), given its reversed kernel ``flipped`` and the
+    pads from :func:`pads_for`."""
+    n = len(strides)
+    ones = b.const(np.ones([channels, 1] + [1] * n))
+    u = b.op("ConvTranspose", [c, ones], {"kernel_shape": [1] * n, "strides": strides, "group": channels})
+    return b.op("Conv", [u, flipped], {"group": channels, "kernel_shape": kernel, "dilations": dilations, "pads": pads})
