@@ -1,8 +1,9 @@
 """Healthy random weights: every Conv/Linear/BatchNorm of a freshly initialised net gets unit-scale outputs on the
 test input, so LRP oracles test the rules and not the stabilizer.
 
-Why: many constructors initialise for training, not for a forward pass with random weights. GoogLeNet's
-truncated-normal 0.01, EfficientNet's, MobileNetV3's and MnasNet's inits leave explained logits of ~1e-11; an
+Why: many constructors initialise for training, not for a forward pass with random weights. Fresh from the
+constructor (eval mode, 64x64 N(0, 1) input, 10 classes) the logits' RMS is 5e-14 for EfficientNet-B0, 2e-10 for
+MobileNetV3-small, 1e-7 for MnasNet-0.5, 2e-2 for GoogLeNet (truncated-normal 0.01 init), 0.8 for ResNet-18; an
 absolute stabilizer of 1e-6 then absorbs all relevance and every oracle tests epsilon instead of the rule.
 ConvNeXt's layer scales (1e-6) leave its blocks identities.
 
