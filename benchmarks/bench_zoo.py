@@ -113,7 +113,7 @@ def main(argv=None) -> None:
                 try:
                     compiled = lrpc.compile(proto, "epsilon-gamma-box", low=float(xn.min()), high=float(xn.max()))
                 except lrpc.LrpcError as e:
-                    print(f"{row}  not compiled: {e}")
+                    print(f"{row}  not compiled: {str(e)[:150]}")
                     continue
                 from lrpc.runtime import inference_session
 
