@@ -119,7 +119,7 @@ FAMILIES: dict[str, Family] = {
                         "Inception branches, Concat, MaxPool ceil_mode"),
     "inception_v3": Family("torchvision", _tv("inception_v3", aux_logits=False, init_weights=True),
                            "Inception-v3 factorized 1x7/7x1 convs, AvgPool with pads, Concat", (1, 3, 75, 75)),
-    "squeezenet1_0": Family("torchvision", _tv("squeezenet1_0"), "Fire modules (Concat), conv classifier, ceil MaxPool"),
+    "squeezenet1_0": Family("torchvision", _tv("squeezenet1_0"), "Fire modules (Concat), conv head, ceil MaxPool"),
     "squeezenet1_1": Family("torchvision", _tv("squeezenet1_1"), "SqueezeNet 1.1 (3x3 stem, earlier pools)"),
     "mobilenet_v2": Family("torchvision", _tv("mobilenet_v2"), "inverted residuals, depthwise, ReLU6 (Clip)"),
     "mobilenet_v3_small": Family("torchvision", _tv("mobilenet_v3_small"),

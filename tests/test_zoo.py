@@ -77,8 +77,8 @@ UNSUPPORTED = {
     ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also {_LN} (21), Softmax inside attention (9)",
     ("timm/resnest14d", "*"): "split attention: Softmax over the radix axis (rSoftMax, not a final Softmax, 4) and "
                               "ReduceSum of the radix splits (8) have no propagator",
-    ("timm/eca_nfnet_l0", "*"): "Expand (12): the ECA gate is broadcast by y.expand_as(x) before x·gate; Expand has no "
-                                "propagator and the gate is not recognized through it",
+    ("timm/eca_nfnet_l0", "*"): "Expand (12): the ECA gate is broadcast by y.expand_as(x) before x·gate; Expand has "
+                                "no propagator and the gate is not recognized through it",
     ("timm/tf_mobilenetv3_small_minimal_100", "legacy"):
         "BUG (static input): TF 'same' padding computes each Pad's pads from Shape(x); cleanup's fold is skipped when "
         "only Shape nodes of statically shaped tensors are foldable (cleanup._foldable), so after the first level the "
