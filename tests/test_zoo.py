@@ -298,12 +298,13 @@ def test_lrp0_is_gradient_times_input_float64(name, exporter, zoo_case, tmp_path
     x = torch.from_numpy(c.x).double()
     y, grad_x_input, seed = _grad_x_input(model64, x)
     proto = onnx.load(str(families.export(model64, tmp_path / "f64.onnx", x.shape, exporter, dtype=torch.float64)))
-    try:  # the oracle needs the evaluator to run the export itself right (its MaxPool mis-sizes ceil_mode + pads)
-        ok = np.abs(_reference_run(proto, {"input": x.numpy()})["logits"] - y).max() <= 1e-10 * np.abs(y).max()
+    # the oracle needs the evaluator to run the export itself as torch does: its MaxPool mis-sizes ceil_mode with
+    # pads (GoogLeNet), and float attributes are float32 (LeakyReLU's slope 0.1: logits 1.4e-9 off, darknet17)
+    try:
+        err = np.abs(_reference_run(proto, {"input": x.numpy()})["logits"] - y).max() / np.abs(y).max()
+        ok, why = err <= 1e-10, f"its output differs from torch's by {err:.1e}"
     except Exception as e:  # noqa: BLE001  (any failure of the evaluator: no oracle)
         ok, why = False, f"{type(e).__name__}: {str(e)[:120]}"
-    else:
-        why = "its output differs from torch's"
     if not ok:
         pytest.skip(f"onnx ReferenceEvaluator cannot run the float64 export ({why})")
     compiled = lrpc.compile(proto, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
