@@ -8,9 +8,13 @@
 ``run_compiled(model, feeds)`` -> run a compiled ModelProto with onnxruntime (CPU), dict of outputs
 
 Tests may add lines to the end-of-run summary with ``report_line(text)``.
+
+Tests marked ``zoo`` (the zoo beyond its default subset, tests/test_zoo.py) are deselected unless the run asks for
+them: ``--zoo all`` or the environment variable ``LRPC_ZOO=all``.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,6 +36,20 @@ _REPORT: list[str] = []
 
 def report_line(text: str) -> None:
     _REPORT.append(text)
+
+
+def pytest_addoption(parser):
+    parser.addoption("--zoo", choices=("default", "all"), default=None,
+                     help="'all' also runs the tests marked zoo (the whole zoo of tests/test_zoo.py; env LRPC_ZOO)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if (config.getoption("--zoo") or os.environ.get("LRPC_ZOO", "default")) == "all":
+        return
+    skipped = [item for item in items if item.get_closest_marker("zoo")]
+    if skipped:
+        config.hook.pytest_deselected(items=skipped)
+        items[:] = [item for item in items if not item.get_closest_marker("zoo")]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
