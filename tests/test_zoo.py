@@ -60,33 +60,20 @@ DEFAULT = {"resnet18", "densenet121", "mobilenet_v3_small", "googlenet", "timm/d
 _LN = "LayerNormalization"
 _ATTN = "MatMul of two computed tensors (attention Q·Kᵀ and A·V)"
 UNSUPPORTED = {
-    ("convnext", "legacy"): f"{_LN} (10) and GELU as Erf arithmetic (Erf, and x·½(1+erf) a product of two computed "
-                            "tensors)",
-    ("convnext", "dynamo"): f"{_LN} (10) and Gather with a constant index tensor (dynamo's aten.as_strided: the "
-                            "head's LayerNorm2d permute)",
-    ("swin", "legacy"): f"{_ATTN}, refused first; also {_LN} (15), Softmax inside attention (5), GELU as Erf (5)",
-    ("swin", "dynamo"): f"{_ATTN}, refused first; also {_LN} (15), Softmax inside attention (5), Gather of the "
-                        "relative position bias (16)",
-    ("maxvit", "legacy"): f"{_LN} (17), Einsum of two computed tensors (attention, 16), Softmax inside attention (8), "
-                          "GELU as Erf (17)",
-    ("maxvit", "dynamo"): f"{_LN} (17), Einsum of two computed tensors (attention, 16), Softmax inside attention (8)",
-    ("vit", "legacy"): f"{_ATTN}, refused first; also {_LN} (5), Softmax inside attention (2), GELU as Erf (2)",
-    ("vit", "dynamo"): f"{_ATTN}, refused first; also {_LN} (5), Softmax inside attention (2), Gather (class token)",
-    ("timm/convnext_atto", "legacy"): f"{_LN} (17) and GELU as Erf arithmetic (12)",
-    ("timm/convnext_atto", "dynamo"): f"{_LN} (17) and Gather with a constant index tensor (dynamo's aten.as_strided)",
-    ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also {_LN} (21), Softmax inside attention (9)",
-    ("timm/resnest14d", "*"): "split attention: Softmax over the radix axis (rSoftMax, not a final Softmax, 4) and "
-                              "ReduceSum of the radix splits (8) have no propagator",
+    ("convnext", "dynamo"): "Gather with a constant index tensor (dynamo's aten.as_strided: the head's LayerNorm2d permute)",
+    ("swin", "*"): f"{_ATTN}, refused first; also Softmax inside attention (5)"
+                   " and, dynamo, Gather of the relative position bias (16)",
+    ("maxvit", "*"): "Einsum of two computed tensors (attention, 16), Softmax inside attention (8)",
+    ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2) and, dynamo, Gather (class token)",
+    ("timm/convnext_atto", "dynamo"): "Gather with a constant index tensor (dynamo's aten.as_strided)",
+    ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also Softmax inside attention (9)",
+    ("timm/resnest14d", "*"): "split attention: Softmax over the radix axis (rSoftMax, not a final Softmax, 4)",
     ("timm/eca_nfnet_l0", "*"): "Expand (12): the ECA gate is broadcast by y.expand_as(x) before x·gate; Expand has "
                                 "no propagator and the gate is not recognized through it",
     ("timm/tf_mobilenetv3_small_minimal_100", "legacy"):
         "BUG (static input): TF 'same' padding computes each Pad's pads from Shape(x); cleanup's fold is skipped when "
         "only Shape nodes of statically shaped tensors are foldable (cleanup._foldable), so after the first level the "
         "pads stay computed and the GlobalAveragePool's input shape is unknown ('cannot resolve the input shape')",
-    ("timm/hgnetv2_b0", "legacy"):
-        "BUG: F.pad(x, (0, 1, 0, 1)) exports its pads as a constant subgraph (ConstantOfShape, Concat, Reshape, Slice, "
-        "Transpose, Cast); cleanup folds it, but canonize re-infers shapes after cleanup only when Shape nodes exist, "
-        "so every shape below the Pad stays unknown ('cannot resolve the input shape' at the GlobalAveragePool)",
 }
 
 # LRP-0 = gradient × input needs every non-linearity to be ReLU-like (f(x) = x·f'(x): ReLU, LeakyReLU, MaxPool) and
