@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
                         description="Compile the model, run it on seeded random inputs (or --inputs) and check: "
                                     "supported (every op has a propagator), forward (outputs unchanged), finite (no "
                                     "NaN/Inf in the relevance of any compile the check runs), conservation (Σ relevance "
-                                    "= Σ seed with zero biases), gradient (LRP-0 relevance equals gradient × input: "
+                                    "= Σ seed − what the layers' biases, zero denominators and stabilizers absorb; "
+                                    "each layer sends down what its rule passes on; stabilizers absorb at most the "
+                                    "tolerance), gradient (LRP-0 relevance equals gradient × input: "
                                     "compared with finite differences of the forward with its ReLU/MaxPool switches "
                                     "frozen; skipped, with the reason, where the model has smooth activations, gates, "
                                     "ReLU6/Clip or LRN). Exit code 0: all pass (or are skipped), 1: a check fails, "
@@ -81,7 +83,7 @@ def _parser() -> argparse.ArgumentParser:
     ch.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ch.add_argument("--rtol", type=_nonneg_float, default=1e-4, help="forward outputs: max relative error (default 1e-4)")
     ch.add_argument("--conservation-tol", type=_nonneg_float, default=1e-3,
-                    help="|Σ relevance − Σ seed| / |Σ seed| with zero biases (default 1e-3)")
+                    help="relevance left unaccounted or absorbed by stabilizers, relative to |Σ seed| (default 1e-3)")
     ch.add_argument("--gradient-tol", type=_nonneg_float, default=1e-4,
                     help="LRP-0 relevance against finite differences of the forward: relative error over 3 random "
                          "directions (default 1e-4)")
