@@ -292,7 +292,11 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     """Tensors whose relevance is zero wherever their value is <= 0 (then a gamma layer's ``z<0`` group
     carries nothing). Holds behind a ReLU whose output only feeds rules that multiply by a non-negative
     input (R_in = x ⊙ …), sums of such inputs, MaxPool winners and data movement of such tensors."""
-    on_path = {id(n) for n in nodes}
+    tensors = ctx.b.graph.tensors()
+    readers: dict[str, list] = {}  # tensor -> the nodes on the path that get relevance from it (an activation
+    for n in nodes:                # region's output node reads the region's input, not its own inputs)
+        for t in inputs_of(ctx.canon, n, tensors):
+            readers.setdefault(t.name, []).append(n)
     quiet: set[str] = set()
 
     def consumer_ok(c, t) -> bool:
@@ -307,7 +311,7 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
 
     for node in reversed(nodes):
         for t in node.outputs:
-            users = [c for c in t.outputs if id(c) in on_path]
+            users = readers.get(t.name, [])
             if t.name != explained.name and users and all(consumer_ok(c, t) for c in users):
                 quiet.add(t.name)
     return quiet

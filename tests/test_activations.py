@@ -379,3 +379,41 @@ def test_pass_guards():
     seed = np.random.default_rng(3).standard_normal((2, 2, 3, 3)).astype(np.float32)
     got = run_onnx(lrpc.compile(model, "epsilon"), {"x": x, "relevance_seed": seed})["relevance"]
     np.testing.assert_array_equal(got, seed)
+
+
+def test_relevance_through_a_region_is_seen_by_the_sign_analysis(monkeypatch):
+    """A ReLU output ``t`` read by a Conv and by an activation region ``exp(t)·sigmoid(t)`` (0.5 at t = 0): relevance
+    reaches ``t`` where it is 0 through the region, so ``t`` (and the Conv output behind it) must not count as
+    carrying no relevance where ``t <= 0``. Oracle: the same compile with that static analysis switched off."""
+    from onnx import helper, numpy_helper
+
+    from lrpc import emit
+
+    rng = np.random.default_rng(0)
+
+    def w(*s):
+        return (rng.standard_normal(s) / np.sqrt(np.prod(s[1:]))).astype(np.float32)
+
+    inits = {"W0": w(4, 3, 3, 3), "W1": w(4, 4, 3, 3), "b1": (0.3 * rng.standard_normal(4)).astype(np.float32),
+             "Wa": w(4, 4, 3, 3), "Wb": w(4, 4, 3, 3), "Wf": w(5, 4)}
+    N = helper.make_node
+    nodes = [N("Conv", ["x", "W0"], ["c0"], name="conv0", pads=[1] * 4), N("Relu", ["c0"], ["r0"], name="relu0"),
+             N("Conv", ["r0", "W1", "b1"], ["z"], name="conv1", pads=[1] * 4), N("Relu", ["z"], ["t"], name="relu1"),
+             N("Conv", ["t", "Wa"], ["a"], name="conva", pads=[1] * 4),
+             N("Exp", ["t"], ["e"], name="exp"), N("Sigmoid", ["t"], ["s"], name="sig"),
+             N("Mul", ["e", "s"], ["y"], name="act"), N("Conv", ["y", "Wb"], ["bb"], name="convb", pads=[1] * 4),
+             N("Add", ["a", "bb"], ["m"], name="merge"), N("GlobalAveragePool", ["m"], ["p"], name="gap"),
+             N("Flatten", ["p"], ["f"], name="flat"), N("Gemm", ["f", "Wf"], ["o"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [1, 3, 6, 6])],
+                          [helper.make_tensor_value_info("o", 1, [1, 5])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32), "relevance_seed": np.eye(5, dtype=np.float32)[[1]]}
+
+    def relevance():
+        return run_onnx(lrpc.compile(model, "epsilon-gamma-box", low=-3.0, high=3.0), feeds, ["relevance"])["relevance"]
+
+    got = relevance()
+    monkeypatch.setattr(emit, "_quiet_below_zero", lambda *a: set())
+    want = relevance()
+    assert rel_l2(got, want) <= 1e-6, rel_l2(got, want)
