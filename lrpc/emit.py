@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import composites
-from .errors import InputError, unsupported
+from .errors import InputError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .passes.norm_affine import NORMALIZATIONS
 from .relevance import propagator
@@ -73,13 +73,16 @@ class Context:
         return t.name in self.quiet_below_zero
 
 
-ACTIVATION = "Activation"  # what the output node of an activation written as several ops is explained as
+ACTIVATION = "lrpc.activation"  # what the output node of an activation written as several ops is explained as
 
 
 def op_of(canon: Canonical, node) -> str:
-    """The op ``node`` is explained as: its type, or :data:`ACTIVATION` for the node making the output of an
-    activation written as several element-wise ops (see passes/activation_regions.py)."""
-    return ACTIVATION if node.name in canon.activations else node.op
+    """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
+    activation written as several element-wise ops (see passes/activation_regions.py), or ``domain::type`` for an op
+    of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
+    if node.name in canon.activations:
+        return ACTIVATION
+    return op_type(node)
 
 
 def inputs_of(canon: Canonical, node, tensors: dict) -> list:

@@ -27,9 +27,19 @@ class CheckFailed(LrpcError):
     exit_code = 1
 
 
+STANDARD = (None, "", "ai.onnx")  # ONNX's own op domain as graphs spell it (None: onnx-graphsurgeon's default)
+
+
+def op_type(node) -> str:
+    """A node's op type as lrpc names it: ``OpType`` in ONNX's own domain, ``domain::OpType`` in any other (a custom
+    op is never mistaken for a standard one of the same name)."""
+    domain = getattr(node, "domain", None)
+    return node.op if domain in STANDARD else f"{domain}::{node.op}"
+
+
 def where(node) -> str:
-    """Describe a graph node for an error message: ``node 'name' (OpType)``."""
-    return f"node '{node.name}' ({node.op})"
+    """Describe a graph node for an error message: ``node 'name' (OpType)``, ``(domain::OpType)`` outside ONNX's own."""
+    return f"node '{node.name}' ({op_type(node)})"
 
 
 LISTED = 20  # nodes named in one error message

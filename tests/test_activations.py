@@ -417,3 +417,44 @@ def test_relevance_through_a_region_is_seen_by_the_sign_analysis(monkeypatch):
     monkeypatch.setattr(emit, "_quiet_below_zero", lambda *a: set())
     want = relevance()
     assert rel_l2(got, want) <= 1e-6, rel_l2(got, want)
+
+
+def test_custom_domain_op_is_never_a_standard_one():
+    """A node of another domain is not explained by the propagator of a standard op of the same type (nor by lrpc's
+    own activation rule): one error naming it with its domain."""
+    from onnx import helper, numpy_helper
+
+    w = np.ones((3, 4), np.float32)
+    nodes = [helper.make_node("Relu", ["x"], ["h"], name="mystery", domain="com.example"),
+             helper.make_node("Gemm", ["h", "W"], ["o"], name="fc", transB=1)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", 1, [2, 4])],
+                          [helper.make_tensor_value_info("o", 1, [2, 3])], [numpy_helper.from_array(w, "W")],
+                          value_info=[helper.make_tensor_value_info("h", 1, [2, 4])])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)],
+                              ir_version=8)
+    with pytest.raises(lrpc.UnsupportedError) as e:
+        lrpc.compile(model, "epsilon")
+    assert str(e.value) == "no relevance propagator for node 'mystery' (com.example::Relu)"
+
+
+@pytest.mark.parametrize("op, alone", [("Erf", True), ("Tanh", True), ("Cos", True), ("Sign", False), ("Abs", False),
+                                       ("Reciprocal", False)])
+def test_lone_ops_that_are_no_activation_are_refused(op, alone):
+    """A chain of element-wise ops without a merge is one activation (identity) when its ops are activation pieces
+    (erf, tanh, cos as in SIREN); sign, |x| and 1/x alone are no activation lrpc has a rule for: refused."""
+    nodes = [helper_node("Conv", ["x", "w"], ["c"], "conv", pads=[1, 1, 1, 1]),
+             helper_node(op, ["c"], ["a"], "act"), helper_node("GlobalAveragePool", ["a"], ["p"], "gap"),
+             helper_node("Flatten", ["p"], ["f"], "flat"), helper_node("Gemm", ["f", "fc"], ["y"], "fc", transB=1)]
+    rng = np.random.default_rng(0)
+    model = _hand_built(nodes, {"w": rng.standard_normal((4, 2, 3, 3)), "fc": rng.standard_normal((3, 4))}, ["y"])
+    if alone:
+        x = rng.standard_normal((2, 2, 3, 3)).astype(np.float32)
+        r = run_onnx(lrpc.compile(model, "epsilon"), {"x": x, "relevance_seed": np.eye(3, dtype=np.float32)[[0, 1]]})
+        assert np.isfinite(r["relevance"]).all() and np.abs(r["relevance"]).sum() > 0
+    else:
+        with pytest.raises(lrpc.UnsupportedError, match=f"node 'act' \\({op}\\)"):
+            lrpc.compile(model, "epsilon")
+
+
+def helper_node(op, ins, outs, name, **attrs):
+    return onnx.helper.make_node(op, ins, outs, name=name, **attrs)

@@ -143,7 +143,7 @@ def test_output_folder_missing(tmp_path):
 def test_unsupported_custom_op_names_node(tmp_path):
     path = tiny_model(tmp_path / "c.onnx", op="Frobnicate", domain="com.example")
     code, _, err = lrpc("compile", path, "-o", tmp_path / "o.onnx")
-    one_line_error(code, err, contains="node 'act' (Frobnicate)")
+    one_line_error(code, err, contains="node 'act' (com.example::Frobnicate)")
 
 
 def test_unsupported_standard_op_lists_all(tmp_path):

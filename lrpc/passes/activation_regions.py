@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import op_type
 from ..graph import Canonical, is_const
 from ..relevance import propagator  # (the registry says which single ops have a rule of their own)
 
 UNARY = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Exp", "Log", "Softplus",
          "Softsign", "Elu", "Selu", "Celu", "Gelu", "HardSwish", "Mish", "ThresholdedRelu", "Neg", "Abs", "Sqrt",
          "Reciprocal", "Sin", "Cos", "Sign", "Identity", "Not", "IsNaN", "IsInf"}
+# no activation on their own: a region of such ops without a merge (x·f(x), Where, ...) is left alone (refused);
+# sin and cos alone are activations (SIREN) and get the identity rule like any other
+NOT_ALONE = {"Sign", "Abs", "Reciprocal", "Not", "IsNaN", "IsInf"}
 MERGING = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Greater", "Less", "GreaterOrEqual",
            "LessOrEqual", "Equal", "And", "Or"}
 
@@ -36,8 +40,7 @@ def run(canon: Canonical) -> bool:
                 root[node.outputs[0].name] = roots.pop()
                 members[node.outputs[0].name] = node
     # the ops that need a region: merges (x * f(x), also x * x) and single ops without a rule of their own
-    cores = [name for name, n in members.items()
-             if sum(not is_const(t) for t in n.inputs if t.name) > 1 or propagator(n.op) is None]
+    cores = [name for name, n in members.items() if _merges(n) or propagator(n.op) is None]
     core_set = set(cores)
     outputs = {t.name for t in graph.outputs}
     claimed: set[str] = set()  # outputs of the nodes regions have taken
@@ -55,6 +58,8 @@ def run(canon: Canonical) -> bool:
             if x is None or _kind(x) != "f" or _kind(head.outputs[0]) != "f" or any(
                     t.name in outputs or any(id(r) not in taken for r in t.outputs) for t in inner):
                 continue  # two inputs, not float, or an intermediate read outside: no single activation
+            if not any(_merges(n) for n in nodes) and any(n.op in NOT_ALONE for n in nodes):
+                continue  # (sign(x), |x| or 1/x alone: no activation lrpc knows a rule for)
             claimed.update(n.outputs[0].name for n in nodes)
             found[head.name] = x.name
             again = True
@@ -91,6 +96,11 @@ def _region(head, members: dict, cores: set, claimed: set, order: dict):
     return nodes, next(iter(frontier.values()))
 
 
+def _merges(node) -> bool:
+    """Whether ``node`` combines two computed tensors (or one with itself: ``x * x``)."""
+    return sum(not is_const(t) for t in node.inputs if t.name) > 1
+
+
 def _computed(node) -> list:
     """The node's non-constant inputs, each once (``x * x`` reads ``x``)."""
     seen: dict[str, object] = {}
@@ -107,7 +117,7 @@ def _kind(t) -> str:
 def _elementwise(node, ins: list) -> bool:
     """An element-wise op on float (or bool) tensors whose output has the shape of each computed input (constants
     may broadcast over it, not widen it)."""
-    if node.op not in UNARY and node.op not in MERGING or len(node.outputs) != 1:
+    if op_type(node) not in UNARY | MERGING or len(node.outputs) != 1:
         return False
     out = node.outputs[0]
     try:

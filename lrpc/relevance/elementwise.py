@@ -21,7 +21,7 @@ def pass_through(ctx, node, R_out):
     return [R_out[0]] + [None] * (len(node.inputs) - 1)
 
 
-@register("Activation")
+@register("lrpc.activation")  # (emit.ACTIVATION: no ONNX op type has a dot)
 def activation(ctx, node, R_out):
     """An activation written as several element-wise ops (passes/activation_regions.py; ``node`` makes its output):
     identity, the activation's input gets the relevance of its output."""
