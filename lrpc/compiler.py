@@ -9,7 +9,7 @@ import sys
 import onnx
 
 from . import composites
-from .emit import AUDIT, SEED, TARGET, emit
+from .emit import AUDIT, SEED, TARGET, emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
 from .graph import MIN_OPSET, check_structure, export_model, release_deferred, structure_of_model
 from .model_io import read_model, restore
@@ -151,8 +151,9 @@ def canonize_for_save(model, output: str | None = None,
     proto, owned, _, verbatim = _as_model(model, input_shapes)
     with _blaming_the_input(proto):
         canon = _canonize(proto, output, owned, verbatim)
-        if canon.refused:  # (nodes left as they were: the model is not canonical)
-            raise unsupported([n for n in canon.graph.nodes if n.name in canon.refused], canon.refused)
+        refused = [n for n in relevance_path(canon)[2] if n.name in canon.refused] if canon.refused else []
+        if refused:  # (nodes relevance must cross, left as they were: the model is not canonical; others may stay)
+            raise unsupported(refused, canon.refused)
         canon.graph.cleanup(remove_unused_graph_inputs=False)  # (a copy of the moves behind a softmax: nothing reads it)
         result = export_model(canon)
         release_deferred(canon)

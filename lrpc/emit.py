@@ -125,14 +125,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     tensors = graph.tensors()
     explained = tensors[canon.explained]
     dtype = float_dtype(graph)
-    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
-    if not inputs:
-        raise InputError("the model has no float input to explain (integer/string inputs only)")
-    depends = _depends_on(graph, inputs)
-    if explained.name not in depends:
-        raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
-    inside = _inside_activations(canon, graph, tensors)
-    nodes = [n for n in _on_path(graph, explained, depends) if n.name not in inside]
+    inputs, depends, nodes = relevance_path(canon)
     missing = [n for n in nodes if n.name in canon.refused or propagator(op_of(canon, n)) is None]
     if missing:
         raise unsupported(missing, canon.refused)
@@ -360,6 +353,23 @@ def _per_sample_sum(b: Builder, tensors: list):
     sums = [b.op("ReduceSum", [b.op("Flatten", [t], {"axis": 1}), b.ints([1])], {"keepdims": 0})
             for t in tensors if t is not None]
     return b.sum(sums) if sums else b.const(np.zeros(1))
+
+
+def relevance_path(canon: Canonical) -> tuple[list, set, list]:
+    """The model's float inputs, the names of the tensors that depend on them, and the nodes relevance flows through:
+    those between a float input and the explained tensor, in execution order, less the inner nodes of activation
+    regions."""
+    graph = canon.graph
+    tensors = graph.tensors()
+    explained = tensors[canon.explained]
+    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
+    if not inputs:
+        raise InputError("the model has no float input to explain (integer/string inputs only)")
+    depends = _depends_on(graph, inputs)
+    if explained.name not in depends:
+        raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
+    inside = _inside_activations(canon, graph, tensors)
+    return inputs, depends, [n for n in _on_path(graph, explained, depends) if n.name not in inside]
 
 
 def _depends_on(graph: gs.Graph, inputs) -> set[str]:

@@ -40,8 +40,6 @@ class Canonical:
     def refuse(self, node, error: Exception) -> None:
         """Record that a pass cannot bring ``node`` into a form with a rule (the node stays as it was): emission
         names it, with the others it cannot explain, in one error."""
-        from .errors import one_line
-
         self.refused[node.name] = one_line(error)
 
 

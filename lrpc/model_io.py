@@ -218,7 +218,7 @@ def _walk(view: memoryview) -> tuple[list[StoredTensor], tuple | None]:
 def _skeleton(view: memoryview, stored: list[StoredTensor], graph: tuple) -> tuple[bytes, int]:
     """``(the file's ModelProto without the raw data of its big initializers, how many were left out)``: the
     bytes around them copied, the lengths of the tensors and of the graph that held them made anew."""
-    (graph_at, (start, end)), pieces, pos, stripped = graph, [], graph[1][0], 0
+    (graph_at, (_, end)), pieces, pos, stripped = graph, [], graph[1][0], 0
     for t in stored:
         if t.raw is None or len(t.raw) <= BIG * 2:  # (float16: 2 bytes an element)
             continue

@@ -21,6 +21,8 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
+from onnx.reference.ops.op_instance_normalization import InstanceNormalization
+from onnx.reference.ops.op_layer_normalization import LayerNormalization
 from torch import nn
 
 import lrpc
@@ -589,3 +591,38 @@ def test_every_composite_gives_normalizations_epsilon():
     lines = describe().splitlines()
     assert "epsilon on normalization layers" in describe()
     assert any(line.startswith("Layer categories") and "normalization" in line for line in lines)
+
+
+def _in_float32(kernel):
+    """onnx's reference kernel ``kernel`` computing in float32 (as onnxruntime's normalization kernels do)."""
+    def run(self, x, *args, **kw):
+        return tuple(v.astype(x.dtype) for v in kernel._run(self, x.astype(np.float32), *args, **kw))
+    return type(kernel.__name__, (kernel,), {"op_domain": "", "_run": run})
+
+
+@pytest.mark.parametrize("op", ["InstanceNormalization", "LayerNormalization"])
+def test_float16_statistics_do_not_overflow(op):
+    """A float16 graph: the standard deviation the backward needs is computed in float32 (squares of deviations past
+    256 overflow float16's range), as runtimes' normalization kernels do. Inputs of magnitude ~1000, every other op
+    evaluated in float16 (onnx's reference evaluator; onnxruntime's CPU runs most float16 ops in float32 and would
+    hide an overflow that a GPU shows); oracle: the float64 dense rule on the same inputs, at float16's precision."""
+    c = SHAPE[1]
+    scale, bias = _params(c) if op == "InstanceNormalization" else _params(*SHAPE[1:])
+    attrs = {"epsilon": 1e-3} if op == "InstanceNormalization" else {"epsilon": 1e-3, "axis": 1}
+    model = _graph([_node(op, ["x", "s", "b"], **attrs)], {"s": scale.astype(np.float16), "b": bias.astype(np.float16)},
+                   dtype=np.float16)
+    x = (RNG.standard_normal(SHAPE) * 1000.0).astype(np.float16)
+    R = RNG.standard_normal(SHAPE).astype(np.float16)
+    evaluator = ReferenceEvaluator(lrpc.compile(model, "epsilon", epsilon=0.0),
+                                   new_ops=[_in_float32(LayerNormalization), _in_float32(InstanceNormalization)])
+    got = evaluator.run(["relevance"], {"x": x, "relevance_seed": R})[0]
+    assert got.dtype == np.float16
+    if op == "InstanceNormalization":
+        labels, w, b = _labels("instance", SHAPE[1:]), scale.reshape(c, 1, 1), bias.reshape(c, 1, 1)
+    else:
+        labels, w, b = _labels("layer", SHAPE[1:], 0), scale, bias
+    w, b = (v.astype(np.float16).astype(np.float64) for v in (w, b))
+    _, want = dense_rule(x.astype(np.float64), labels, w, b, 1e-3, R.astype(np.float64), eps=0.0)
+    err = rel_l2(got.astype(np.float64), want)
+    report_line(f"normalization float16 |x| ~ 1000 {op:24s} rel L2 {err:.1e}")
+    assert err <= 2e-2, f"relative L2 {err:.2e}"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import onnx
 
+from ..errors import UnsupportedError
 from ..graph import Canonical, import_model, refresh_shapes, toposort
 from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, normalize_opset, residual_sum, strip_softmax
 from . import activation_regions, decomposed_layernorm, maxpool_ceil, norm_affine, resize_to_matmul
@@ -33,24 +34,27 @@ def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = Fa
         toposort(canon.graph)
         canon = refresh_shapes(canon)
     for _ in range(MAX_ROUNDS):
-        if not _round(canon):
+        changed = _round(canon)
+        if not changed:
             break
         canon = refresh_shapes(canon)  # passes keep the shapes of the tensors they keep; new tensors get theirs here
     else:
-        raise RuntimeError(f"lrpc's canonization did not settle after {MAX_ROUNDS} rounds of passes (please report)")
+        raise UnsupportedError(f"canonization did not settle after {MAX_ROUNDS} rounds: passes "
+                               f"{', '.join(changed)} still change the graph (an lrpc bug: please report it with "
+                               "the model's graph)")
     strip_softmax.run(canon, output)
     return canon
 
 
-def _round(canon: Canonical) -> bool:
-    """Run every pass once; whether any changed the graph. The refusals are those of the last round (a node refused
-    early may be rewritten once another pass has changed its inputs)."""
+def _round(canon: Canonical) -> list[str]:
+    """Run every pass once; the names of those that changed the graph. The refusals are those of the last round (a
+    node refused early may be rewritten once another pass has changed its inputs)."""
     canon.refused.clear()
-    changed = False
+    changed = []
     for p in PIPELINE:
         if p.run(canon):
             toposort(canon.graph)
-            changed = True
+            changed.append(p.__name__.rsplit(".", 1)[-1])
             if p in RESHAPING:
                 refresh_shapes(canon)
     return changed

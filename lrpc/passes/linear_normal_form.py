@@ -214,8 +214,7 @@ def _fold_pad(graph, node) -> bool:
 
 
 def _explicit_pads(node, auto: str, nsp: int) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    a = node.attrs
+    x, a = node.inputs[0], node.attrs
     k, s, d = a["kernel_shape"], a["strides"], a["dilations"]
     xs = x.shape
     if xs is None or any(not isinstance(v, (int, np.integer)) for v in xs[2:]):

@@ -6,10 +6,11 @@ AttnLRP's LayerNorm rule ``v = w ⊙ R / stab(y) / sigma``, ``R_x = x ⊙ (v - m
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import const_value, is_const
+from ..graph import Builder, const_value, is_const
 from ..passes.norm_affine import NORMALIZATIONS
 from . import register
 from .linear import View, emit_rule
@@ -99,9 +100,14 @@ def _grouped(b, t, groups: int | None):
 
 
 def _inv_std(b, x, axes: list[int], eps: float):
-    """``1 / sqrt(var(x) + eps)`` over ``axes`` (keepdims), computed in the graph."""
-    d = b.op("Sub", [x, b.reduce_mean(x, axes)])
-    return b.op("Reciprocal", [b.op("Sqrt", [b.add(b.reduce_mean(b.mul(d, d), axes), b.const(eps))])])
+    """``1 / sqrt(var(x) + eps)`` over ``axes`` (keepdims), computed in the graph; in float32 for narrower float
+    types (a float16 square overflows past |x - mean| = 256, as onnxruntime's own normalizations avoid)."""
+    if b.dtype.itemsize >= 4:
+        d = b.op("Sub", [x, b.reduce_mean(x, axes)])
+        return b.op("Reciprocal", [b.op("Sqrt", [b.add(b.reduce_mean(b.mul(d, d), axes), b.const(eps))])])
+    wide = Builder(b.graph, np.float32, b.name("float32"))
+    inv = _inv_std(wide, wide.op("Cast", [x], {"to": onnx.TensorProto.FLOAT}), axes, eps)
+    return b.op("Cast", [inv], {"to": onnx.helper.np_dtype_to_tensor_dtype(b.dtype)})
 
 
 def _inv_std_output(ctx, node):
