@@ -8,7 +8,7 @@ import onnx_graphsurgeon as gs
 
 from . import composites
 from .errors import InputError, op_type, unsupported
-from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
+from .graph import MOVES, Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .passes.norm_affine import NORMALIZATIONS
 from .relevance import propagator
 from .schedule import order_for_runtime
@@ -280,8 +280,8 @@ def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, fl
     return rows
 
 
-ROUTES_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat", "Split",
-                 "Slice", "Pad", "MaxPool"}  # each input element's relevance comes from outputs of the same value
+# each input element's relevance comes from outputs of the same value
+ROUTES_VALUES = {*MOVES, "Dropout", "Concat", "Split", "Slice", "Pad", "MaxPool"}
 
 
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:

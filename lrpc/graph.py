@@ -12,6 +12,8 @@ from onnx_graphsurgeon.ir.tensor import LazyValues
 from .errors import UnsupportedError, one_line, where
 from .model_io import deferred, is_big, restore_tensor
 
+# ops that move elements and keep their values
+MOVES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
 ORIGIN_KEY = "lrpc.origin"  # metadata_props key keeping the original op type of rewritten nodes
 MIN_OPSET = 17
 # the smallest IR version that carries each opset (keeps output loadable by older runtimes)

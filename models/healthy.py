@@ -132,13 +132,7 @@ def make_healthy(model: nn.Module, x: torch.Tensor, seed: int = 0, extra: int = 
             _rescale_linear(m, inputs, out, g)
         return m.forward(*inputs)
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, CONVS + (nn.Linear, nn.modules.batchnorm._BatchNorm))]
-    try:
-        model(batch)
-    finally:
-        for h in handles:
-            h.remove()
+    _run_hooked(model, hook, batch)
     return model.eval()
 
 
@@ -152,6 +146,12 @@ def layer_rms(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
         if isinstance(out, torch.Tensor):
             found.setdefault(names[id(m)], _rms(out))
 
+    _run_hooked(model, hook, x)
+    return found
+
+
+def _run_hooked(model: nn.Module, hook, x: torch.Tensor) -> None:
+    """Run ``model`` on ``x`` with ``hook`` as the forward hook of every Conv/Linear/BatchNorm module."""
     handles = [m.register_forward_hook(hook) for m in model.modules()
                if isinstance(m, CONVS + (nn.Linear, nn.modules.batchnorm._BatchNorm))]
     try:
@@ -159,4 +159,3 @@ def layer_rms(model: nn.Module, x: torch.Tensor) -> dict[str, float]:
     finally:
         for h in handles:
             h.remove()
-    return found

@@ -11,10 +11,9 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import Canonical, channel_vector, const_value, is_const, only_consumer
+from ..graph import MOVES, Canonical, channel_vector, const_value, is_const, only_consumer
 
 NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")  # (canonical: version 21 of the last)
-MOVES = ("Reshape", "Transpose", "Flatten", "Squeeze", "Unsqueeze")
 
 
 def run(canon: Canonical) -> bool:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import onnx_graphsurgeon as gs
 
 from ..errors import InputError
-from ..graph import Canonical, producer
+from ..graph import MOVES, Canonical, producer
 
 SQUASHERS = ("Softmax", "LogSoftmax", "Sigmoid")
-MOVES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")  # elements moved, values kept
 
 
 def run(canon: Canonical, output: str | None = None) -> bool:
