@@ -1,5 +1,5 @@
 """Two compiled graphs of the same model timed alternately in one process: the way to judge an emitter change on a
-shared machine, where whole benchmark runs drift by ±10% (see README, Performance).
+shared machine, where whole benchmark runs drift by ±10–25% (see docs/performance.md).
 
     python benchmarks/ab_compare.py old.lrp.onnx new.lrp.onnx --batch 8 --repeats 15
 

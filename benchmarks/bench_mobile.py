@@ -1,6 +1,6 @@
 """LRP ÷ forward of mobile nets (and ResNet-50 / VGG16 for reference), per export, batch and thread count, in one run.
 
-    python benchmarks/bench_mobile.py                                   # the issue's models, both exports
+    python benchmarks/bench_mobile.py                                   # the mobile families, both exports
     python benchmarks/bench_mobile.py --models mobilenet_v3_small --exports legacy --batches 1 --threads 1
     python benchmarks/bench_mobile.py --baseline /path/to/old/checkout  # before/after in the same process
 

@@ -10,7 +10,7 @@ Inputs: random normal of each input's shape (batch ``--batch``), a one-hot seed 
 counting the nodes not on the first provider (on CUDA: nodes that fell back to the CPU, with copies around them).
 ``--forward original.onnx`` profiles the original in turn and prints the compiled graph's kernel time, and its
 convolutions' alone (and with the dense layers), as multiples of the forward's: the second number is the floor for
-LRP ÷ forward that only fewer convolutions could lower (README, Performance). ``--stat min`` takes each node's least
+LRP ÷ forward that only fewer convolutions could lower (docs/performance.md). ``--stat min`` takes each node's least
 time over the runs instead of the mean (a machine shared with other jobs)."""
 from __future__ import annotations
 

@@ -20,7 +20,7 @@ constraint agrees with the ranking above (a node that carries relevance is read 
 a cycle; the new order is a topological sort of them, ties in the planned walk's order. The file order is then a
 schedule close to the emission order's for runtimes that run nodes in file order (ResNet-50 at batch 8, tensor
 sizes: 542 / 584 / 652 MiB alive at once for epsilon / gamma / alpha-beta against 541 / 565 / 643)
-(README, Performance)."""
+(docs/performance.md)."""
 from __future__ import annotations
 
 import heapq
