@@ -255,8 +255,8 @@ def inference_session(model, providers: list | None = None, threads: int | None 
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
     plain names (options are set here). ``threads``: intra-op threads (default: onnxruntime's choice, the physical
-    cores), one inter-op thread. Memory (compiled ResNet-50 epsilon-gamma-box, batch 8, measured 2026-11-23; README,
-    Performance): onnxruntime's memory pattern (one block sized by the first run for all intermediate tensors) is
+    cores), one inter-op thread. Memory (compiled ResNet-50 epsilon-gamma-box, batch 8, measured 2026-11-23;
+    docs/performance.md): onnxruntime's memory pattern (one block sized by the first run for all intermediate tensors) is
     off — a compiled graph keeps the forward's activations for its backward half, and with the pattern the CPU
     session peaked at 3.4 GB instead of 2.0 GB, at equal speed (time ratio 0.95–1.04 on the CPU, 0.997–1.005 on
     an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
