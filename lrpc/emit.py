@@ -7,10 +7,12 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import composites
-from .errors import InputError, op_type, unsupported
-from .graph import MOVES, Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
+from .errors import InputError, UnsupportedError, op_type, unsupported
+from .graph import (MOVES, Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const,
+                    node_inputs)
 from .passes.norm_affine import NORMALIZATIONS
 from .relevance import propagator
+from .relevance.linear import gate_operand
 from .schedule import order_for_runtime
 
 SEED = "relevance_seed"
@@ -126,7 +128,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     explained = tensors[canon.explained]
     dtype = float_dtype(graph)
     inputs, depends, nodes = relevance_path(canon)
-    missing = [n for n in nodes if n.name in canon.refused or propagator(op_of(canon, n)) is None]
+    reached = _reached(canon, nodes, explained, tensors)
+    missing = [n for n in nodes
+               if n.name in canon.refused or (n.name in reached and propagator(op_of(canon, n)) is None)]
     if missing:
         raise unsupported(missing, canon.refused)
     layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes if category(canon, n)]
@@ -370,6 +374,25 @@ def relevance_path(canon: Canonical) -> tuple[list, set, list]:
         raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
     inside = _inside_activations(canon, graph, tensors)
     return inputs, depends, [n for n in _on_path(graph, explained, depends) if n.name not in inside]
+
+
+def _reached(canon: Canonical, nodes: list, explained, tensors: dict) -> set[str]:
+    """The names of the nodes relevance reaches: all on its path but those that only feed gates (a gated product's
+    gate operand gets none: relevance.linear.gate_operand), which need no propagator (split attention's Softmax)."""
+    carrying, reached = {explained.name}, set()
+    for node in reversed(nodes):
+        if not any(t.name in carrying for t in node.outputs):
+            continue
+        reached.add(node.name)
+        ins = inputs_of(canon, node, tensors)
+        if node.op == "Mul" and sum(not is_const(t) for t in ins) == 2:
+            try:
+                gate = gate_operand(node)
+            except UnsupportedError:
+                gate = None  # (refused when emitted)
+            ins = [t for t in ins if t is not gate]
+        carrying.update(t.name for t in ins)
+    return reached
 
 
 def _depends_on(graph: gs.Graph, inputs) -> set[str]:

@@ -146,3 +146,38 @@ def test_product_without_exactly_one_gate_is_refused(pair, gates, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("lrpc: error: ") and "'odd_mul' (Mul)" in err[0]
     assert f"{gates} operand(s) are gates" in err[0] and not out.exists()
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_split_attention_softmax_gate_real_export(exporter, tmp_path):
+    """timm's SplitAttn (ResNeSt): a softmax over the radix axis, moved by Reshape/Transpose, weighs each branch
+    (``x * attn``) before the branches are summed. It is a gate: LRP-0 equals gradient × input of the same torch
+    module with the softmax output detached (float32, 1e-4 relative L2)."""
+    import torch
+    from timm.layers import SplitAttn
+
+    from models.families import export
+    from models.healthy import make_healthy
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                              SplitAttn(8, 8, radix=2, norm_layer=torch.nn.BatchNorm2d),
+                              torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 4))
+    x = torch.randn(1, 3, 8, 8)
+    make_healthy(net, x)
+    path = export(net, tmp_path / "split_attn.onnx", x.shape, exporter)
+    model = onnx.load(str(path))
+    assert "Softmax" in {n.op_type for n in model.graph.node}
+
+    net[2].rsoftmax.register_forward_hook(lambda m, i, out: out.detach())
+    xt = x.clone().requires_grad_(True)
+    y = net(xt)
+    seed = torch.zeros_like(y)
+    seed[0, int(y.argmax())] = y[0, int(y.argmax())].detach()
+    (grad,) = torch.autograd.grad((y * (seed != 0)).sum(), xt)
+    want = (grad * x).numpy()
+    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["relevance"], {"input": x.numpy(), "relevance_seed": seed.numpy()})[0]
+    err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
+    assert err <= 1e-4, f"relative L2 {err:.2e}"

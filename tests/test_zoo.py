@@ -68,7 +68,6 @@ UNSUPPORTED = {
     ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2) and, dynamo, Gather (class token)",
     ("timm/convnext_atto", "dynamo"): "Gather with a constant index tensor (dynamo's aten.as_strided)",
     ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also Softmax inside attention (9)",
-    ("timm/resnest14d", "*"): "split attention: Softmax over the radix axis (rSoftMax, not a final Softmax, 4)",
     ("timm/eca_nfnet_l0", "*"): "Expand (12): the ECA gate is broadcast by y.expand_as(x) before x·gate; Expand has "
                                 "no propagator and the gate is not recognized through it",
     ("timm/tf_mobilenetv3_small_minimal_100", "legacy"):
@@ -104,7 +103,7 @@ NO_GRAD_X_INPUT = {
     "timm/resnetv2_18": "pre-activation: BatchNorm before Conv is standalone (pass)",
     "timm/hgnetv2_b0": "learnable affine blocks (scalar Mul/Add after ReLU) get pass; ESE gates",
     "timm/eca_nfnet_l0": f"SiLU and ECA Sigmoid gates: {_GATES}",
-    "timm/resnest14d": "split-attention Softmax gates",
+    "timm/resnest14d": f"split-attention Softmax gates: {_GATES}",
     "timm/convnext_atto": "LayerNorm and GELU rules are not LRP-0",
     "timm/mobilevit_xxs": "SiLU, LayerNorm, GELU, Softmax and attention rules are not LRP-0",
 }

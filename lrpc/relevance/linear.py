@@ -268,17 +268,18 @@ def _check_groups(node) -> None:
         raise InputError(f"{where(node)}: weight {list(w.shape)} with group={g} does not fit the input's {c} channels")
 
 
-GATES = ("Sigmoid", "HardSigmoid")
+GATES = ("Sigmoid", "HardSigmoid", "Softmax")  # (outputs in [0, 1])
 LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Transpose")
 
 
 def gate_operand(node):
-    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid output, or a hard sigmoid written
+    """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid/Softmax output, or a hard sigmoid written
     as a Clip whose range, times the positive constants applied after it, lies in [0, 1] (``relu6(x + 3) / 6``);
     possibly moved by layout ops. As in squeeze-and-excitation blocks and per-sample gates (a function of one
     tensor written as several ops, SiLU's ``x * sigmoid(x)`` too, is an activation instead:
     passes/activation_regions.py). Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
-    activation times an SE gate). UnsupportedError unless that leaves exactly one."""
+    activation times an SE gate). A Softmax gate is split attention's (ResNeSt, SKNet: a softmax over the branches
+    weighs each). UnsupportedError unless that leaves exactly one."""
     def scale_of(n):  # Mul / Div by a positive constant: its factor, else None
         consts = [i for i in n.inputs if is_const(i)]
         if n.op not in ("Mul", "Div") or len(consts) != 1 or (n.op == "Div" and n.inputs[1] is not consts[0]):
@@ -312,7 +313,7 @@ def gate_operand(node):
     gates = [t for t, k in zip(node.inputs, kinds) if k == best and best > 0]
     if len(gates) != 1:
         raise UnsupportedError(f"{where(node)}: Mul of two computed tensors has an LRP rule only as a gated product "
-                               f"(one operand a Sigmoid/HardSigmoid gate, or a Clip with range in [0, 1]); "
+                               f"(one operand a Sigmoid/HardSigmoid/Softmax gate, or a Clip with range in [0, 1]); "
                                f"here {len(gates)} operand(s) are gates")
     return gates[0]
 
