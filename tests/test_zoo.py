@@ -70,10 +70,6 @@ UNSUPPORTED = {
     ("timm/resnest14d", "*"): "split attention: Softmax over the radix axis (rSoftMax, not a final Softmax, 4)",
     ("timm/eca_nfnet_l0", "*"): "Expand (12): the ECA gate is broadcast by y.expand_as(x) before x·gate; Expand has "
                                 "no propagator and the gate is not recognized through it",
-    ("timm/tf_mobilenetv3_small_minimal_100", "legacy"):
-        "BUG (static input): TF 'same' padding computes each Pad's pads from Shape(x); cleanup's fold is skipped when "
-        "only Shape nodes of statically shaped tensors are foldable (cleanup._foldable), so after the first level the "
-        "pads stay computed and the GlobalAveragePool's input shape is unknown ('cannot resolve the input shape')",
 }
 
 # LRP-0 = gradient × input needs every non-linearity to be ReLU-like (f(x) = x·f'(x): ReLU, LeakyReLU, MaxPool) and
