@@ -19,7 +19,7 @@ POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
 KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
-              "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN"}
+              "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN", "Expand", "Gather", "GatherND"}
 
 
 class Context:
@@ -287,8 +287,9 @@ def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, fl
     return rows
 
 
+# each input element's relevance comes from outputs of the same value
 ROUTES_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity", "Dropout", "Concat", "Split",
-                 "Slice", "Pad", "MaxPool"}  # each input element's relevance comes from outputs of the same value
+                 "Slice", "Pad", "MaxPool", "Expand", "Gather", "GatherND"}
 
 
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:

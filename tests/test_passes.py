@@ -805,7 +805,8 @@ def test_input_shapes_take_numpy_integers():
 
 
 def _tf_same_net():
-    """timm's Conv2dSame (TF 'same' padding: each Pad's pads computed from Shape(x)), three levels, ReLU, mean, Linear."""
+    """timm's Conv2dSame (TF 'same' padding: each Pad's pads computed from Shape(x)) on three levels, ReLU, mean and
+    Linear."""
     import torch
     from timm.layers import Conv2dSame
 
