@@ -60,10 +60,9 @@ DEFAULT = {"resnet18", "densenet121", "mobilenet_v3_small", "googlenet", "timm/d
 _LN = "LayerNormalization"
 _ATTN = "MatMul of two computed tensors (attention Q·Kᵀ and A·V)"
 UNSUPPORTED = {
-    ("swin", "*"): f"{_ATTN}, refused first; also Softmax inside attention (5)"
-                   " and, dynamo, Gather of the relative position bias (16)",
+    ("swin", "*"): f"{_ATTN}, refused first; also Softmax inside attention (5)",
     ("maxvit", "*"): "Einsum of two computed tensors (attention, 16), Softmax inside attention (8)",
-    ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2) and, dynamo, Gather (class token)",
+    ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2)",
     ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also Softmax inside attention (9)",
     ("timm/resnest14d", "*"): "split attention: Softmax over the radix axis (rSoftMax, not a final Softmax, 4)",
 }
