@@ -21,7 +21,7 @@ POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
 KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
-              "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN"}
+              "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN", "Expand", "Gather", "GatherND"}
 
 
 class Context:
@@ -285,7 +285,7 @@ def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, fl
 
 
 # each input element's relevance comes from outputs of the same value
-ROUTES_VALUES = {*MOVES, "Dropout", "Concat", "Split", "Slice", "Pad", "MaxPool"}
+ROUTES_VALUES = {*MOVES, "Dropout", "Concat", "Split", "Slice", "Pad", "MaxPool", "Expand", "Gather", "GatherND"}
 
 
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:

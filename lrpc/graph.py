@@ -308,11 +308,30 @@ def static_dims(t, node=None, what: str = "shape") -> list:
     """Shape of ``t`` with all non-batch dims as ints (the batch dim as found), or a clear error."""
     shape = t.shape
     if shape is None or any(not isinstance(d, (int, np.integer)) for d in shape[1:]):
-        at = f" at {where(node)}" if node is not None else ""
-        raise UnsupportedError(
-            f"cannot resolve the {what} of tensor '{t.name}'{at}: got {shape}; fix the input dims with --input-shape NAME=1,3,224,224"
-        )
+        at = node if node is not None else producer(t)
+        at = f" at {where(at)}" if at is not None else ""
+        raise UnsupportedError(f"cannot resolve the {what} of tensor '{t.name}'{at}: got {shape}; {shape_advice(t)}")
     return [shape[0]] + [int(d) for d in shape[1:]]
+
+
+def shape_advice(t) -> str:
+    """What to do about a shape of ``t`` lrpc needs static and does not know: fix the dims of the model inputs it is
+    computed from where some are symbolic (--input-shape); where all are static, the inference is lrpc's limit."""
+    seen, todo, dynamic = set(), [t], []
+    while todo:
+        u = todo.pop()
+        if id(u) in seen or is_const(u) or not u.name:
+            continue
+        seen.add(id(u))
+        if u.inputs:
+            todo += node_inputs(u.inputs[0])
+        elif u.shape is None or any(not isinstance(d, (int, np.integer)) for d in u.shape):
+            dynamic.append(u)
+    if dynamic:
+        u = dynamic[0]
+        return (f"the model input '{u.name}' has dims {u.shape}: fix them with --input-shape {u.name}=D0,D1,... "
+                "(-1 keeps a dim)")
+    return "shape inference could not infer it, although the model's inputs have static shapes"
 
 
 def float_dtype(graph: gs.Graph) -> np.dtype:

@@ -324,7 +324,9 @@ def _unread_backward_nodes(model: onnx.ModelProto) -> list[str]:
 def bias_free(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of ``model`` with every additive constant of an affine layer set to 0: Conv/ConvTranspose/Gemm biases,
     BatchNormalization beta and mean (BN becomes a pure scale), normalization biases, constant operands of Add/Sum (also when computed
-    from initializers, e.g. Unsqueeze of a 1-d shift). Integer tensors (shapes, axes) are left alone."""
+    from initializers, e.g. Unsqueeze of a 1-d shift). Integer tensors (shapes, axes) are left alone, and so are nodes
+    computing constants (a weight standardized by a BatchNormalization of the weight, as dynamo exports timm's
+    ScaledStdConv2d, is no layer: its mean is computed from the weight, which must stay)."""
     m = onnx.ModelProto.FromString(model.SerializeToString())
     g = m.graph
     inits = {t.name: t for t in g.initializer}
@@ -335,6 +337,8 @@ def bias_free(model: onnx.ModelProto) -> onnx.ModelProto:
             live.update(n.output)
     targets = []
     for n in g.node:
+        if not any(i in live for i in n.input):
+            continue
         if n.op_type in ("Conv", "ConvTranspose", "Gemm") and len(n.input) > 2:
             targets.append(n.input[2])
         elif n.op_type == "BatchNormalization":

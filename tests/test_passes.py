@@ -800,3 +800,88 @@ def test_input_shapes_take_numpy_integers():
     compiled = lrpc.compile(model, "epsilon", input_shapes={"input": np.array([2, 1, 8, 8])})
     dims = [d.dim_value for d in compiled.graph.input[0].type.tensor_type.shape.dim]
     assert dims == [2, 1, 8, 8]
+
+
+# --- shapes computed in the graph -----------------------------------------------------------------
+
+
+def _tf_same_net():
+    """timm's Conv2dSame (TF 'same' padding: each Pad's pads computed from Shape(x)) on three levels, ReLU, mean and
+    Linear."""
+    import torch
+    from timm.layers import Conv2dSame
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = Conv2dSame(3, 8, 3, stride=2), Conv2dSame(8, 8, 3, stride=2, groups=8)
+            self.c3, self.fc = Conv2dSame(8, 6, 3, stride=2), torch.nn.Linear(6, 5)
+
+        def forward(self, x):
+            h = torch.relu(self.c3(torch.relu(self.c2(torch.relu(self.c1(x))))))
+            return self.fc(h.mean((2, 3), keepdim=True).flatten(1))
+
+    torch.manual_seed(0)
+    return Net().eval()
+
+
+def test_shapes_of_static_tensors_fold_at_every_level():
+    """TF 'same' padding exported by the TorchScript exporter with a static input: the pads of each level are computed
+    from Shape(x) of the level above; every level folds (to a fixed point), so the pool's input shape is known.
+    Oracle: forward equals torch's, LRP-0 = gradient × input (a ReLU net)."""
+    import io
+    import warnings
+
+    import torch
+
+    from conftest import rel_l2
+
+    net = _tf_same_net()
+    x = torch.randn(1, 3, 13, 11, generator=torch.Generator().manual_seed(1))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=17, input_names=["input"],
+                          output_names=["logits"])
+    model = onnx.load_from_string(buf.getvalue())
+    assert ops(model)["Shape"] >= 3 and ops(model)["Pad"] == 3
+    canon = canonize_graph(model)
+    assert not [n for n in canon.graph.nodes if n.op in ("Shape", "Pad")]
+    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
+    xr = x.clone().requires_grad_(True)
+    y = net(xr)
+    k = int(y.argmax())
+    y[0, k].backward()
+    seed = np.zeros((1, 5), np.float32)
+    seed[0, k] = float(y[0, k].detach())
+    out = ort_run(compiled, {"input": x.numpy(), "relevance_seed": seed})
+    assert_close(y.detach().numpy(), out[0])
+    want = (xr * xr.grad).detach().numpy()
+    assert np.abs(want).sum() > 0 and rel_l2(out[1], want) < 1e-4
+
+
+def _reshape_to_computed_shape(dims):
+    """x -> Conv -> Relu -> Reshape(·, shape input) -> GlobalAveragePool -> Flatten: the pool's input shape depends
+    on the int64 input ``shape``; ``dims``: x's dims."""
+    rng = _rng(1)
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["c"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["s"], name="reshape"),
+             helper.make_node("GlobalAveragePool", ["s"], ["p"], name="gap"),
+             helper.make_node("Flatten", ["p"], ["y"], name="flat")]
+    graph = helper.make_graph(nodes, "t", [vi("x", dims), vi("shape", [4], TensorProto.INT64)], [vi("y", None)],
+                              [init("w", rand(rng, 3, 2, 3, 3))])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("dims, advice", [
+    ([1, 2, 4, 4], "shape inference could not infer it, although the model's inputs have static shapes"),
+    (["N", 2, 4, "W"], "the model input 'x' has dims ['N', 2, 4, 'W']: fix them with --input-shape x=")])
+def test_unknown_shape_advice_names_a_symbolic_input_only_where_there_is_one(dims, advice):
+    """An unknown shape asks for --input-shape only where a model input it is computed from has symbolic dims; with
+    static inputs the cause is shape inference's, and the error names the node."""
+    with pytest.raises(lrpc.UnsupportedError) as e:
+        lrpc.compile(_reshape_to_computed_shape(dims), "epsilon")
+    msg = str(e.value)
+    assert "tensor 's' at node 'gap' (GlobalAveragePool)" in msg and advice in msg and "\n" not in msg
+    assert ("--input-shape" in msg) == isinstance(dims[0], str)

@@ -61,19 +61,10 @@ DEFAULT = {"resnet18", "densenet121", "mobilenet_v3_small", "googlenet", "timm/d
 _LN = "LayerNormalization"
 _ATTN = "MatMul of two computed tensors (attention Q·Kᵀ and A·V)"
 UNSUPPORTED = {
-    ("convnext", "dynamo"): "Gather with a constant index tensor (dynamo's aten.as_strided: the head's LayerNorm2d permute)",
-    ("swin", "*"): f"{_ATTN}, refused first; also Softmax inside attention (5)"
-                   " and, dynamo, Gather of the relative position bias (16)",
+    ("swin", "*"): f"{_ATTN}, refused first; also Softmax inside attention (5)",
     ("maxvit", "*"): "Einsum of two computed tensors (attention, 16), Softmax inside attention (8)",
-    ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2) and, dynamo, Gather (class token)",
-    ("timm/convnext_atto", "dynamo"): "Gather with a constant index tensor (dynamo's aten.as_strided)",
+    ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2)",
     ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also Softmax inside attention (9)",
-    ("timm/eca_nfnet_l0", "*"): "Expand (12): the ECA gate is broadcast by y.expand_as(x) before x·gate; Expand has "
-                                "no propagator and the gate is not recognized through it",
-    ("timm/tf_mobilenetv3_small_minimal_100", "legacy"):
-        "BUG (static input): TF 'same' padding computes each Pad's pads from Shape(x); cleanup's fold is skipped when "
-        "only Shape nodes of statically shaped tensors are foldable (cleanup._foldable), so after the first level the "
-        "pads stay computed and the GlobalAveragePool's input shape is unknown ('cannot resolve the input shape')",
 }
 
 # LRP-0 = gradient × input needs every non-linearity to be ReLU-like (f(x) = x·f'(x): ReLU, LeakyReLU, MaxPool) and

@@ -8,12 +8,12 @@ import onnx
 from ..errors import UnsupportedError
 from ..graph import Canonical, import_model, refresh_shapes, toposort
 from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, normalize_opset, residual_sum, strip_softmax
-from . import activation_regions, decomposed_layernorm, maxpool_ceil, norm_affine, resize_to_matmul
+from . import activation_regions, decomposed_layernorm, gather_as_layout, maxpool_ceil, norm_affine, resize_to_matmul
 
 # (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
 # last: it records node names, which a later pass could replace)
-PIPELINE = (cleanup, maxpool_ceil, linear_normal_form, decomposed_layernorm, norm_affine, fold_batchnorm, avgpool_to_conv,
-            resize_to_matmul, residual_sum, activation_regions)
+PIPELINE = (cleanup, gather_as_layout, maxpool_ceil, linear_normal_form, decomposed_layernorm, norm_affine,
+            fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum, activation_regions)
 # passes after which the shapes below their nodes are stale at once: maxpool_ceil changes a pool's inferred output
 # shape, and the passes after it in the same round read shapes below it
 RESHAPING = (maxpool_ceil,)

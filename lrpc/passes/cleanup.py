@@ -50,6 +50,11 @@ def _fold_constants(graph: gs.Graph) -> bool:
 
 
 def _foldable(node) -> bool:
+    """A node constant folding removes: a Constant, a node of constant inputs, or the Shape/Size of a tensor whose
+    shape is static (TF 'same' padding computes its pads from Shape(x): each level folds once the shapes above it
+    are known)."""
+    if node.op in ("Shape", "Size") and node.inputs and node.inputs[0].shape is not None:
+        return all(isinstance(d, (int, np.integer)) for d in node.inputs[0].shape)
     return node.op == "Constant" or (node.inputs and all(is_const(t) or t.name == "" for t in node.inputs))
 
 

@@ -9,7 +9,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import Canonical, const_value, is_const, only_consumer, producer
+from ..graph import Canonical, const_value, is_const, only_consumer, producer, shape_advice
 from .norm_affine import over_axes
 
 
@@ -101,7 +101,7 @@ def _rewrite(graph: gs.Graph, div, x, axes: list[int], eps: float, mean) -> None
     dims = [x.shape[a] for a in axes]
     if any(not isinstance(d, (int, np.integer)) for d in dims):
         raise UnsupportedError(f"{where(mean)}: a LayerNorm over axes {axes} of dynamic size {x.shape}; "
-                               "fix the input dims with --input-shape")
+                               f"{shape_advice(x)}")
     dtype = np.dtype(x.dtype)
     scale, bias = np.ones(dims), np.zeros(dims)
     out, folded = div.outputs[0], []

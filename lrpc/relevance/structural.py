@@ -1,5 +1,6 @@
 """Data movement: relevance is routed exactly as the elements moved (the adjoint of the movement).
-Pad drops the relevance of pad cells (they carry none: they are constants)."""
+Pad drops the relevance of pad cells (they carry none: they are constants); an element copied several times (Expand,
+Gather) gets the relevance of all its copies."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,6 +8,7 @@ import numpy as np
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from . import register
+from .linear import unbroadcast
 
 
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
@@ -29,6 +31,57 @@ def transpose(ctx, node, R_out):
         perm = list(reversed(range(len(static_dims(x, node)))))
     inverse = list(np.argsort(perm))
     return [ctx.b.op("Transpose", [R_out[0]], {"perm": [int(i) for i in inverse]})]
+
+
+@register("Expand")
+def expand(ctx, node, R_out):
+    """Broadcast: each input element gets the sum of its copies' relevance (a ReduceSum over the broadcast axes)."""
+    x, y = node.inputs[0], node.outputs[0]
+    static_dims(x, node, "input shape")
+    static_dims(y, node, "output shape")
+    return [unbroadcast(ctx.b, R_out[0], x, y), None]
+
+
+@register("Gather")
+def gather(ctx, node, R_out):
+    """Gather with constant indices: each element of the data gets the relevance of every place it was copied to
+    (ScatterElements with reduction add along the gathered axis; elements not gathered get none)."""
+    x, idx = node.inputs
+    if not is_const(idx):
+        raise UnsupportedError(f"{where(node)}: Gather with computed indices has no LRP rule")
+    dims = static_dims(x, node, "input shape")
+    rank = len(dims)
+    axis = int(node.attrs.get("axis", 0)) % rank
+    if not isinstance(dims[axis], int):
+        raise UnsupportedError(f"{where(node)}: Gather along the dynamic axis {axis}")
+    ind = const_value(idx).astype(np.int64).reshape(-1)
+    ind = np.where(ind < 0, ind + dims[axis], ind)
+    b = ctx.b
+    # the output's index axes as one, then indices broadcast to the relevance's shape (0 copies a symbolic batch)
+    r = b.op("Reshape", [R_out[0], b.ints([0] * min(axis, 1) + dims[1:axis] + [ind.size] + dims[axis + 1:])])
+    at = b.op("Expand", [b.const(ind.reshape([1] * axis + [-1] + [1] * (rank - axis - 1)), np.int64), b.shape_of(r)],
+              dtype=np.int64)
+    scattered = b.op("ScatterElements", [b.zeros_like(x), at, r], {"axis": axis, "reduction": "add"})
+    return [scattered, None]
+
+
+@register("GatherND")
+def gather_nd(ctx, node, R_out):
+    """GatherND with constant indices (dynamo's advanced indexing ``x[:, [2, 0, 2]]``): each element or slice of the
+    data gets the relevance of every copy (ScatterND with reduction add)."""
+    x, idx = node.inputs
+    if not is_const(idx):
+        raise UnsupportedError(f"{where(node)}: GatherND with computed indices has no LRP rule")
+    if int(node.attrs.get("batch_dims", 0)):
+        raise UnsupportedError(f"{where(node)}: GatherND with batch_dims is not supported")
+    dims = static_dims(x, node, "input shape")
+    ind = const_value(idx).astype(np.int64)
+    k = ind.shape[-1]
+    if any(not isinstance(d, int) for d in dims[:k]):
+        raise UnsupportedError(f"{where(node)}: GatherND along a dynamic axis")
+    ind = np.where(ind < 0, ind + np.asarray(dims[:k], np.int64), ind)
+    b = ctx.b
+    return [b.op("ScatterND", [b.zeros_like(x), b.const(ind, np.int64), R_out[0]], {"reduction": "add"}), None]
 
 
 @register("Concat")

@@ -1,0 +1,233 @@
+"""Data movement whose relevance is routed as the elements moved: Gather with constant indices (each element gets the
+relevance of every copy; ScatterElements with reduction add), Expand (the sum over the broadcast axes), dynamo's
+``aten.as_strided`` (Gather of a flattened tensor in the order of a transposed view: passes/gather_as_layout.py makes
+it Reshape/Transpose), and squeeze-and-excitation gates broadcast by Expand (ECA: ``x * gate.expand_as(x)``).
+
+Oracles: (1) a dense float64 reference, ``R_x = x ⊙ Jᵀ Wᵀ (s / y)`` for ``y = W · J x`` with J the 0/1 matrix of the
+movement (LRP-0 of a linear map, exact); (2) tiny torch modules exported by both exporters: forward equal to torch's,
+LRP-0 (epsilon 0, seed one-hot × logit) = gradient × input of the torch module, with the gate detached (the gate
+gets no relevance) and LayerNorm's σ detached (its rule), float32 1e-4 relative L2."""
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper, numpy_helper
+from torch import nn
+
+import lrpc
+from conftest import rel_l2, run_onnx
+from lrpc.passes import canonize
+from lrpc.passes.gather_as_layout import transposed_view
+
+# ------------------------------------------------------------------------------------------------ (1) dense, float64
+
+X_SHAPE = (2, 3, 4, 5)
+MOVES = {  # name: (input shape, node, extra initializers)
+    "gather_axis1_duplicates": (X_SHAPE, ("Gather", {"axis": 1}), {"i": np.array([[2, 0], [2, 2]], np.int64)}),
+    "gather_axis3_negative": (X_SHAPE, ("Gather", {"axis": -1}), {"i": np.array([-1, 0, -1, 3], np.int64)}),
+    "gather_scalar_axis2": (X_SHAPE, ("Gather", {"axis": 2}), {"i": np.array(1, np.int64)}),
+    "gather_flat_overlapping": ((24,), ("Gather", {"axis": 0}),
+                                {"i": np.lib.stride_tricks.as_strided(np.arange(24), (2, 3, 4), (80, 16, 8)) // 8}),
+    "gather_flat_transposed": ((24,), ("Gather", {"axis": 0}),
+                               {"i": np.arange(24).reshape(2, 3, 4).transpose(0, 2, 1).copy()}),
+    "gather_nd_pairs_repeated": (X_SHAPE, ("GatherND", {}), {"i": np.array([[[1, 2], [0, 0]], [[1, 2], [1, -1]]])}),
+    "gather_nd_full_index": (X_SHAPE, ("GatherND", {}), {"i": np.array([[0, 2, 3, 4], [0, 2, 3, 4], [1, 0, 0, 1]])}),
+    "expand_spatial": ((2, 3, 1, 1), ("Expand", {}), {"i": np.array(X_SHAPE, np.int64)}),
+    "expand_new_leading_axes": ((3, 1, 5), ("Expand", {}), {"i": np.array(X_SHAPE, np.int64)}),
+}
+
+
+def _move(name: str, x: np.ndarray) -> np.ndarray:
+    _, (op, attrs), consts = MOVES[name]
+    if op == "Expand":
+        return np.broadcast_to(x, tuple(consts["i"]))
+    if op == "GatherND":
+        i = consts["i"]
+        return x[tuple(np.moveaxis(i, -1, 0))]
+    return np.take(x, consts["i"], axis=attrs["axis"])
+
+
+def _dense_model(name: str, w: np.ndarray) -> onnx.ModelProto:
+    shape, (op, attrs), consts = MOVES[name]
+    out = _move(name, np.zeros(shape))
+    flat = [helper.make_node("Reshape", ["m", "flat"], ["f"], name="flatten")]
+    nodes = [helper.make_node(op, ["x", "i"], ["m"], name="move", **attrs), *flat,
+             helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
+    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    inits += [numpy_helper.from_array(np.array([1, out.size], np.int64), "flat"), numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.DOUBLE, list(shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, w.shape[1]])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("name", list(MOVES))
+def test_moved_relevance_equals_dense_reference(name):
+    rng = np.random.default_rng(0)
+    shape = MOVES[name][0]
+    x = rng.standard_normal(shape)
+    n_out = _move(name, x).size
+    w = rng.standard_normal((n_out, 6))
+    model = _dense_model(name, w)
+    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
+    seed = rng.standard_normal((1, 6))
+    out = run_onnx(compiled, {"x": x, "relevance_seed": seed})
+    # J: column j is the movement of the j-th unit vector
+    J = np.stack([_move(name, e.reshape(shape)).reshape(-1) for e in np.eye(x.size)], axis=1)
+    y = J @ x.reshape(-1) @ w
+    np.testing.assert_allclose(out["y"][0], y, rtol=1e-12)
+    want = x.reshape(-1) * (J.T @ (w @ (seed[0] / y)))
+    assert rel_l2(out["relevance"].reshape(-1), want) < 1e-12
+    if "transposed" in name:  # a transposed view: Reshape/Transpose, no Gather left
+        assert {n.op for n in canonize(model).graph.nodes} == {"Reshape", "Transpose", "Gemm"}
+
+
+@pytest.mark.parametrize("shape, perm", [((2, 3, 4), (0, 2, 1)), ((1, 8, 1, 1), (0, 1, 2, 3)),
+                                         ((1, 8, 1, 1), (0, 2, 3, 1)), ((3, 1, 4), (2, 1, 0)), ((5,), (0,))])
+def test_transposed_view_is_recognised(shape, perm):
+    """The indices dynamo writes for as_strided of a transposed tensor ``Σ i_k · stride_k`` give back a Reshape and
+    Transpose that move a flat tensor the same way; indices that skip, repeat or do not follow strides give None."""
+    n = int(np.prod(shape))
+    idx = np.arange(n).reshape(shape).transpose(perm)
+    source, p = transposed_view(idx, n)
+    flat = np.random.default_rng(0).standard_normal(n)
+    moved = flat.reshape(source) if p is None else flat.reshape(source).transpose(p)
+    np.testing.assert_array_equal(moved, flat[idx])
+    assert (p is None) == (sorted(a for a in perm if shape[a] > 1) == [a for a in perm if shape[a] > 1])
+    assert transposed_view(idx - n, n) is not None  # negative indices count from the end
+    if n > 1:
+        repeated = idx.copy()
+        repeated.reshape(-1)[-1] = repeated.reshape(-1)[0]
+        assert transposed_view(repeated, n) is None
+        swapped = idx.copy().reshape(-1)
+        swapped[[0, -1]] = swapped[[-1, 0]]
+        assert transposed_view(swapped.reshape(idx.shape), n) is None
+        assert transposed_view(idx, n + 1) is None
+
+
+def test_gather_with_computed_indices_is_refused():
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("Gather", ["x", "i"], ["g"], name="pick", axis=1),
+             helper.make_node("Reshape", ["g", "flat"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3]),
+                                           helper.make_tensor_value_info("i", TensorProto.INT64, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                              [numpy_helper.from_array(np.array([1, 9], np.int64), "flat"),
+                               numpy_helper.from_array(rng.standard_normal((9, 2)).astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(lrpc.UnsupportedError, match=r"node 'pick' \(Gather\): Gather with computed indices"):
+        lrpc.compile(model, "epsilon")
+
+
+# ------------------------------------------------------------------------------------------------ (2) torch exports
+
+class LayerNorm2dDetached(nn.Module):
+    """torchvision's LayerNorm2d (channels-last permute, LayerNorm, permute back), or with σ detached: the function
+    whose gradient × input is LRP-0 of lrpc's LayerNorm rule."""
+
+    def __init__(self, c: int, detach: bool):
+        super().__init__()
+        self.norm, self.detach = nn.LayerNorm(c, eps=1e-6), detach
+
+    def forward(self, x):
+        x = x.permute(0, 2, 3, 1)
+        if self.detach:
+            u = x.mean(-1, keepdim=True)
+            sigma = (x.var(-1, unbiased=False, keepdim=True) + self.norm.eps).sqrt().detach()
+            x = (x - u) / sigma * self.norm.weight + self.norm.bias
+        else:
+            x = self.norm(x)
+        return x.permute(0, 3, 1, 2)
+
+
+class ConvNeXtHead(nn.Module):
+    """A ConvNeXt block's channels-last Linear with residual, then the head (pool, LayerNorm2d, Linear): dynamo writes
+    the pooled map's restride as as_strided (Gather of the flattened map)."""
+
+    def __init__(self, detach: bool = False):
+        super().__init__()
+        self.c1, self.lin = nn.Conv2d(3, 8, 3, padding=1), nn.Linear(8, 8)
+        self.pool, self.norm, self.fc = nn.AdaptiveAvgPool2d(1), LayerNorm2dDetached(8, detach), nn.Linear(8, 5)
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        h = self.lin(h.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) + h
+        return self.fc(self.norm(self.pool(h)).flatten(1))
+
+
+class ECANet(nn.Module):
+    """Efficient channel attention as timm writes it (``x * gate.expand_as(x)``, the gate a Conv1d over the pooled
+    channels), then a broadcast of the pooled map on the signal path (``h + mean(h).expand_as(h)``)."""
+
+    def __init__(self, detach: bool = False):
+        super().__init__()
+        self.c1, self.eca = nn.Conv2d(3, 8, 3, padding=1), nn.Conv1d(1, 1, 3, padding=1, bias=False)
+        self.c2, self.fc, self.detach = nn.Conv2d(8, 6, 3, stride=2), nn.Linear(6, 5), detach
+
+    def forward(self, x):
+        h = torch.relu(self.c1(x))
+        g = self.eca(h.mean((2, 3)).view(h.shape[0], 1, -1)).sigmoid().view(h.shape[0], -1, 1, 1)
+        h = h * (g.detach() if self.detach else g).expand_as(h)
+        h = torch.relu(self.c2(h + h.mean((2, 3), keepdim=True).expand_as(h)))
+        return self.fc(h.mean((2, 3)))
+
+
+class TokenPick(nn.Module):
+    """Tokens [N, HW, C] from a Conv, the first token (ViT's class token ``x[:, 0]``) and a channel pick with a
+    repeat (``x[:, :, [2, 0, 2]]``): Gathers with constant indices on the signal path."""
+
+    def __init__(self, detach: bool = False):
+        super().__init__()
+        self.c1, self.fc = nn.Conv2d(3, 6, 3, stride=2), nn.Linear(6 + 3 * 16, 5)
+
+    def forward(self, x):
+        t = torch.relu(self.c1(x)).flatten(2).transpose(1, 2)
+        return self.fc(torch.cat([t[:, 0], t[:, :, [2, 0, 2]].flatten(1)], 1))
+
+
+# name: (module, {exporter: the op of the pattern in its export})
+NETS = {"convnext_head": (ConvNeXtHead, {"dynamo": "Gather"}),
+        "eca": (ECANet, {"legacy": "Expand", "dynamo": "Expand"}),
+        "token_pick": (TokenPick, {"legacy": "Gather", "dynamo": "GatherND"})}
+CASES = [(name, exporter) for name, (_, ops) in NETS.items() for exporter in ("legacy", "dynamo")]
+
+
+def _export(net: nn.Module, x: torch.Tensor, exporter: str) -> onnx.ModelProto:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            return torch.onnx.export(net, (x,), dynamo=True, verbose=False, input_names=["input"]).model_proto
+        buf = io.BytesIO()
+        torch.onnx.export(net, (x,), buf, dynamo=False, opset_version=17, input_names=["input"])
+        return onnx.load_from_string(buf.getvalue())
+
+
+@pytest.mark.parametrize("name, exporter", CASES, ids=[f"{n}-{e}" for n, e in CASES])
+def test_lrp0_is_gradient_times_input_of_exports(name, exporter):
+    make, ops = NETS[name]
+    torch.manual_seed(0)
+    net, twin = make().eval(), make(detach=True).eval()
+    twin.load_state_dict(net.state_dict())
+    x = torch.randn(1, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    model = _export(net, x, exporter)
+    if exporter in ops:  # the pattern this case is about is in the export
+        assert ops[exporter] in {n.op_type for n in model.graph.node}
+    if name == "convnext_head":  # as_strided is a layout op for the passes (LayerNorm between Transposes)
+        assert "Gather" not in {n.op for n in canonize(model).graph.nodes}
+    xt = x.clone().requires_grad_(True)
+    y = twin(xt)
+    k = int(y.argmax())
+    y[0, k].backward()
+    seed = np.zeros((1, 5), np.float32)
+    seed[0, k] = float(y[0, k].detach())
+    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
+    out = run_onnx(compiled, {"input": x.numpy(), "relevance_seed": seed})
+    logits = net(x).detach().numpy()
+    np.testing.assert_allclose(out[model.graph.output[0].name], logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+    want = (xt * xt.grad).detach().numpy()
+    assert np.abs(want).sum() > 0 and rel_l2(out["relevance"], want) < 1e-4
