@@ -7,7 +7,7 @@ import onnx
 import onnx_graphsurgeon as gs
 
 from . import composites
-from .errors import InputError, op_type, unsupported
+from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .passes.norm_affine import NORMALIZATIONS
 from .relevance import propagator
@@ -294,7 +294,9 @@ ROUTES_VALUES = {"Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Ide
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:
     """Tensors whose relevance is zero wherever their value is <= 0 (then a gamma layer's ``z<0`` group
     carries nothing). Holds behind a ReLU whose output only feeds rules that multiply by a non-negative
-    input (R_in = x ⊙ …), sums of such inputs, MaxPool winners and data movement of such tensors."""
+    input (R_in = x ⊙ …), sums of such inputs, MaxPool winners, data movement of such tensors and gated
+    products of them (``y = t ⊙ g``, a squeeze-and-excitation gate g >= 0: where t <= 0 also y <= 0, and
+    whatever rule the product has, the relevance of t at an element is a multiple of y's there)."""
     tensors = ctx.b.graph.tensors()
     readers: dict[str, list] = {}  # tensor -> the nodes on the path that get relevance from it (an activation
     for n in nodes:                # region's output node reads the region's input, not its own inputs)
@@ -303,7 +305,8 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     quiet: set[str] = set()
 
     def consumer_ok(c, t) -> bool:
-        if c.op == "Relu" or c.op in ROUTES_VALUES:  # (an activation region's output node is neither: see its pass)
+        # (an activation region's output node is none of these: see its pass)
+        if c.op == "Relu" or c.op in ROUTES_VALUES or (op_of(ctx.canon, c) == "Mul" and _gated(c, t)):
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
         if rule is None or not ctx.nonneg(t):
@@ -318,6 +321,19 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
             if t.name != explained.name and users and all(consumer_ok(c, t) for c in users):
                 quiet.add(t.name)
     return quiet
+
+
+def _gated(node, t) -> bool:
+    """``node`` (a Mul, not an activation region's) is a gated product (``y = t ⊙ g``, linear.gate_operand) and
+    ``t`` its non-gate operand."""
+    from .relevance.linear import gate_operand
+
+    if len(node.inputs) != 2 or any(is_const(i) for i in node.inputs) or t.name not in [i.name for i in node.inputs]:
+        return False
+    try:
+        return gate_operand(node).name != t.name
+    except UnsupportedError:
+        return False
 
 
 def _inside_activations(canon: Canonical, graph: gs.Graph, tensors: dict) -> set[str]:
