@@ -296,7 +296,8 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     carries nothing). Holds behind a ReLU whose output only feeds rules that multiply by a non-negative
     input (R_in = x ⊙ …), sums of such inputs, MaxPool winners, data movement of such tensors and gated
     products of them (``y = t ⊙ g``, a squeeze-and-excitation gate g >= 0: where t <= 0 also y <= 0, and
-    whatever rule the product has, the relevance of t at an element is a multiple of y's there)."""
+    whatever rule the product has, the relevance of t at an element is a multiple of y's there). A Clip whose
+    lower bound is 0 (ReLU6) is a ReLU here."""
     tensors = ctx.b.graph.tensors()
     readers: dict[str, list] = {}  # tensor -> the nodes on the path that get relevance from it (an activation
     for n in nodes:                # region's output node reads the region's input, not its own inputs)
@@ -306,7 +307,8 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
 
     def consumer_ok(c, t) -> bool:
         # (an activation region's output node is none of these: see its pass)
-        if c.op == "Relu" or c.op in ROUTES_VALUES or (op_of(ctx.canon, c) == "Mul" and _gated(c, t)):
+        if (c.op == "Relu" or c.op in ROUTES_VALUES or (c.op == "Clip" and _clips_at_zero(c))
+                or (op_of(ctx.canon, c) == "Mul" and _gated(c, t))):
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
         if rule is None or not ctx.nonneg(t):
@@ -321,6 +323,12 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
             if t.name != explained.name and users and all(consumer_ok(c, t) for c in users):
                 quiet.add(t.name)
     return quiet
+
+
+def _clips_at_zero(node) -> bool:
+    """A Clip with the constant lower bound 0: where its input is <= 0 its output is 0."""
+    lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+    return lo is not None and is_const(lo) and bool(np.all(const_value(lo) == 0))
 
 
 def _gated(node, t) -> bool:
