@@ -291,7 +291,10 @@ ROUTES_VALUES = {*MOVES, "Dropout", "Concat", "Split", "Slice", "Pad", "MaxPool"
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:
     """Tensors whose relevance is zero wherever their value is <= 0 (then a gamma layer's ``z<0`` group
     carries nothing). Holds behind a ReLU whose output only feeds rules that multiply by a non-negative
-    input (R_in = x ⊙ …), sums of such inputs, MaxPool winners and data movement of such tensors."""
+    input (R_in = x ⊙ …), sums of such inputs, MaxPool winners, data movement of such tensors and gated
+    products of them (``y = t ⊙ g``, a squeeze-and-excitation gate g >= 0: where t <= 0 also y <= 0, and
+    whatever rule the product has, the relevance of t at an element is a multiple of y's there). A Clip whose
+    lower bound is 0 (ReLU6) is a ReLU here."""
     tensors = ctx.b.graph.tensors()
     readers: dict[str, list] = {}  # tensor -> the nodes on the path that get relevance from it (an activation
     for n in nodes:                # region's output node reads the region's input, not its own inputs)
@@ -300,7 +303,9 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     quiet: set[str] = set()
 
     def consumer_ok(c, t) -> bool:
-        if c.op == "Relu" or c.op in ROUTES_VALUES:  # (an activation region's output node is neither: see its pass)
+        # (an activation region's output node is none of these: see its pass)
+        if (c.op == "Relu" or c.op in ROUTES_VALUES or (c.op == "Clip" and _clips_at_zero(c))
+                or (op_of(ctx.canon, c) == "Mul" and _gated(c, t))):
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
         if rule is None or not ctx.nonneg(t):
@@ -315,6 +320,30 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
             if t.name != explained.name and users and all(consumer_ok(c, t) for c in users):
                 quiet.add(t.name)
     return quiet
+
+
+def _clips_at_zero(node) -> bool:
+    """A Clip with the constant lower bound 0: where its input is <= 0 its output is 0."""
+    lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
+    return lo is not None and is_const(lo) and bool(np.all(const_value(lo) == 0))
+
+
+def _gated(node, t) -> bool:
+    """``node`` (a Mul, not an activation region's) is a gated product (``y = t ⊙ g``, linear.gate_operand) and
+    ``t`` its non-gate operand."""
+    gate = _gate_of(node)
+    return gate is not None and gate.name != t.name and t.name in [i.name for i in node.inputs]
+
+
+def _gate_of(node):
+    """The gate operand of ``node`` where it is a gated product (a Mul of two computed tensors, one a gate:
+    linear.gate_operand), else None."""
+    if node.op != "Mul" or len(node.inputs) != 2 or any(is_const(i) for i in node.inputs):
+        return None
+    try:
+        return gate_operand(node)
+    except UnsupportedError:
+        return None
 
 
 def _inside_activations(canon: Canonical, graph: gs.Graph, tensors: dict) -> set[str]:
@@ -385,13 +414,8 @@ def _reached(canon: Canonical, nodes: list, explained, tensors: dict) -> set[str
             continue
         reached.add(node.name)
         ins = inputs_of(canon, node, tensors)
-        if node.op == "Mul" and sum(not is_const(t) for t in ins) == 2:
-            try:
-                gate = gate_operand(node)
-            except UnsupportedError:
-                gate = None  # (refused when emitted)
-            ins = [t for t in ins if t is not gate]
-        carrying.update(t.name for t in ins)
+        gate = _gate_of(node) if len(ins) == 2 else None  # (an activation region's Mul reads one input)
+        carrying.update(t.name for t in ins if t is not gate)
     return reached
 
 

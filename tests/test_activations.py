@@ -458,3 +458,40 @@ def test_lone_ops_that_are_no_activation_are_refused(op, alone):
 
 def helper_node(op, ins, outs, name, **attrs):
     return onnx.helper.make_node(op, ins, outs, name=name, **attrs)
+
+
+@pytest.mark.parametrize("export_as", ["legacy17", "dynamo18"])
+def test_relu6_carries_no_relevance_below_zero(export_as, monkeypatch):
+    """MobileNetV2's Conv -> ReLU6 -> Conv (a Clip with lower bound 0): where the Clip's input is <= 0 its output is 0
+    and gets no relevance, so the convolution before it takes the lowering of a layer whose relevance vanishes
+    where z <= 0, as behind a ReLU. Oracle: the same compile with Clip left out of that static analysis. A Clip
+    with a positive lower bound (its output > 0 where the input is <= 0) is not taken."""
+    from lrpc import emit
+
+    class Net(nn.Module):
+        def __init__(self, low):
+            super().__init__()
+            self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+            self.c2 = nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=8)
+            self.c3, self.fc, self.low = nn.Conv2d(8, 8, 1), nn.Linear(8, 5), low
+
+        def forward(self, x):
+            h = torch.clamp(self.c2(torch.clamp(self.c1(x), self.low, 6.0)), self.low, 6.0)
+            return self.fc(self.c3(h).mean((2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    feeds = {"input": x.numpy(), "relevance_seed": np.eye(5, dtype=np.float32)[[1, 3]]}
+    for low, taken in ((0.0, True), (0.5, False)):
+        model = export(Net(low).eval(), x, export_as)
+
+        def compiled():
+            return lrpc.compile(model, "epsilon-gamma-box", low=-3.0, high=3.0)
+
+        with monkeypatch.context() as m:
+            fast = compiled()
+            m.setattr(emit, "_clips_at_zero", lambda node: False)
+            slow = compiled()
+        assert (len(fast.graph.node) < len(slow.graph.node)) == taken, low
+        got, want = (run_onnx(c, feeds, ["relevance"])["relevance"] for c in (fast, slow))
+        assert rel_l2(got, want) <= 1e-5, (low, rel_l2(got, want))

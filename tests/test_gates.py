@@ -181,3 +181,46 @@ def test_split_attention_softmax_gate_real_export(exporter, tmp_path):
     got = sess.run(["relevance"], {"input": x.numpy(), "relevance_seed": seed.numpy()})[0]
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert err <= 1e-4, f"relative L2 {err:.2e}"
+
+
+@pytest.mark.parametrize("export", ["legacy17", "dynamo18"])
+def test_relu_behind_a_gate_carries_no_relevance_below_zero(export, monkeypatch):
+    """Conv -> ReLU -> squeeze-and-excitation (torchvision's, gate after the ReLU) -> Conv, as RegNetY and
+    MobileNetV3's ReLU blocks have it: the gated product passes relevance only where the ReLU output is > 0, so the
+    convolution before the ReLU gets the cheaper lowering of a layer whose relevance vanishes where z <= 0 (one
+    adjoint, no sign test). Oracle: the same compile with the gated products left out of that static analysis."""
+    import torch
+    from torch import nn
+    from torchvision.ops import SqueezeExcitation
+
+    from lrpc import emit
+    from test_activations import export as to_onnx
+
+    from conftest import rel_l2, run_onnx
+
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, stride=2, padding=1, groups=2)
+            self.se1, self.se2 = SqueezeExcitation(8, 4), SqueezeExcitation(8, 4)
+            self.c3, self.fc = nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+
+        def forward(self, x):
+            h = self.se2(torch.relu(self.c2(self.se1(torch.relu(self.c1(x))))))
+            return self.fc(torch.relu(self.c3(h)).mean((2, 3)))
+
+    x = torch.randn(2, 3, 8, 8)
+    model = to_onnx(Net().eval(), x, export)
+    feeds = {"input": x.numpy(), "relevance_seed": np.eye(5, dtype=np.float32)[[1, 3]]}
+
+    def compiled():
+        return lrpc.compile(model, "epsilon-gamma-box", low=-3.0, high=3.0)
+
+    fast = compiled()
+    monkeypatch.setattr(emit, "_gated", lambda node, t: False)
+    slow = compiled()
+    assert len(fast.graph.node) < len(slow.graph.node)  # (the analysis did take the gated products)
+    got, want = (run_onnx(m, feeds, ["relevance"])["relevance"] for m in (fast, slow))
+    assert rel_l2(got, want) <= 1e-5, rel_l2(got, want)
