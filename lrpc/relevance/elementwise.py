@@ -9,7 +9,7 @@ from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const
 from . import register
 from .linear import unbroadcast
-from .stabilize import indicator, quotient
+from .stabilize import complement, indicator, quotient
 
 ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign",
                "HardSigmoid", "HardSwish", "Mish", "LRN", "Identity", "Dropout", "Celu", "ThresholdedRelu")
@@ -79,8 +79,8 @@ def _sign_split(ctx, node, rule, R, rank):
     if ctx.audit:
         kept = b.sum([b.mul(c, b.op("Sub", [den, b.sum(consts)]) if consts else den) for _, c, den, consts in accounts])
         bias = b.sum([b.mul(c, b.sum(consts)) for _, c, _, consts in accounts if consts])
-        passed = b.sum([b.mul(indicator(b, mask, z), b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", den)])))
+        passed = b.sum([b.mul(indicator(b, mask, z), complement(b, indicator(b, "Equal", den)))
                         for mask, _, den, _ in accounts])
         ctx.account(node, kept if kept is not None else b.zeros_like(R), bias,
-                    R if passed is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [passed]))))
+                    R if passed is None else b.mul(R, complement(b, passed)))
     return shares

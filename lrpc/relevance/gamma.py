@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..graph import const_value
-from .stabilize import sign
+from .stabilize import complement, sign
 
 
 def signed_gamma(ctx, view, rule, R):
@@ -60,7 +60,7 @@ def signed_gamma(ctx, view, rule, R):
         m1 = b.mul(b.op("Div", [R, den]), s)
         m2 = b.mul(m1, s)
     if ctx.audit:  # (where z = 0 both masks drop the relevance arriving: R ⊙ (1 - s²))
-        zero = None if s is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [b.mul(s, s)])))
+        zero = None if s is None else b.mul(R, complement(b, b.mul(s, s)))
         _account(ctx, view, m1, m2, ax, aw, offset, zero)
     if nonneg:  # x = |x|: one product
         return ctx.product(x, b.add(view.adjoint(m1, view.w), view.adjoint(m2, aw)))

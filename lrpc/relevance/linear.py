@@ -14,7 +14,7 @@ from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
 from . import depthwise, register
 from .gamma import signed_gamma
-from .stabilize import indicator, quotient
+from .stabilize import complement, indicator, quotient
 
 
 class View:
@@ -417,7 +417,7 @@ def emit_rule(ctx, view: View, rule: Rule, R):
         passable = b.sum([p for _, _, p in audit])
         kept, bias = (b.sum([a[i] for a in audit]) for i in (0, 1))
         ctx.account(view.node, kept if kept is not None else b.zeros_like(R), bias,
-                    R if passable is None else b.mul(R, b.add(b.const(1.0), b.op("Neg", [passable]))))
+                    R if passable is None else b.mul(R, complement(b, passable)))
     if shared:  # messages[key] = [(a_key, c)] with the one c
         per_weight: dict[str, list] = {}
         for (inp, basis), [(a, c)] in messages.items():
@@ -503,7 +503,7 @@ def _audit_group(view: View, variants, group, terms, biases, c):
                                     view.forward(variants.input(t.input), variants.weight(t.weight), None)) for t in terms])
     beta = _offset(b, biases)
     beta = None if beta is None else view.bias_for_output(beta)
-    passable = b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", n if beta is None else b.add(n, beta))]))
+    passable = complement(b, indicator(b, "Equal", n if beta is None else b.add(n, beta)))
     if group.mask is not None:
         passable = b.mul(passable, variants.mask(group.mask))
     coef = b.const(group.coef)

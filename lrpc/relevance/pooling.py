@@ -20,7 +20,7 @@ from onnx import helper
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from . import register
-from .stabilize import indicator, quotient
+from .stabilize import complement, indicator, quotient
 
 
 @register("MaxPool")
@@ -189,11 +189,11 @@ def _sign_split(ctx, node, rule, R, axes, keepdims, rank, dims):
         if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
             c = b.mul(c, indicator(b, mask, z))
         if ctx.audit:
-            live = b.add(b.const(1.0), b.op("Neg", [indicator(b, "Equal", den)]))  # (a zero denominator passes none)
+            live = complement(b, indicator(b, "Equal", den))  # (a zero denominator passes none)
             accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), live)))
         c = c if keepdims else b.op("Unsqueeze", [c, b.ints(axes)])
         shares.append(b.mul(part, c if scale == 1.0 else b.mul(c, b.const(scale))))
     if ctx.audit:
         passed = b.sum([p for _, p in accounts])
-        ctx.account(node, b.sum([k for k, _ in accounts]), None, b.mul(R, b.add(b.const(1.0), b.op("Neg", [passed]))))
+        ctx.account(node, b.sum([k for k, _ in accounts]), None, b.mul(R, complement(b, passed)))
     return b.sum(shares)

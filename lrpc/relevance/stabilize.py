@@ -14,6 +14,11 @@ def indicator(b, op: str, z):
     return b.op("Cast", [b.op(op, [z, b.const(0.0)], dtype=bool)], {"to": _onnx_type(b.dtype)})
 
 
+def complement(b, m):
+    """``1 - m`` of a 0/1 mask ``m``."""
+    return b.op("Sub", [b.const(1.0), m])
+
+
 def sign(b, z):
     """``sign(z)`` (0 at 0) as Clip(z · f · f, -1, 1) with f² at least the inverse of the smallest subnormal
     (float32: f = 2^75): every nonzero value is then at least 1 in magnitude (or ±inf) and the Clip gives exactly
@@ -67,7 +72,7 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
     if eps == 0 or rule.stabilizer == "norm-scale":
         # a zero denominator: divide by 1 instead, then zero the result (no inf * 0 = NaN)
         zero = indicator(b, "Equal", den)
-        return b.mul(b.op("Div", [R, b.add(den, zero)]), b.add(b.const(1.0), b.op("Neg", [zero])))
+        return b.mul(b.op("Div", [R, b.add(den, zero)]), complement(b, zero))
     return b.op("Div", [R, den])
 
 
