@@ -1,4 +1,4 @@
-"""Regenerate the README figures with the `lrpc explain` command on the shipped, trained digits models.
+"""Regenerate the figures of README.md and docs/cli.md with `lrpc explain` on the shipped, trained digits models.
 
     python docs/make_digits_figure.py     (needs pillow)
 
