@@ -1073,3 +1073,18 @@ def test_output_to_a_full_non_blocking_pipe_waits_for_the_reader():
         os.close(write_end)
         os.close(read_end)
     assert bytes(got) == data
+
+
+def test_closed_output_pipe_ends_quietly():
+    """``lrpc rules | head -1``: once the reader has gone, lrpc stops without an error message (exit 141, as a
+    process ended by SIGPIPE)."""
+    import os
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "rules"], stdout=write, stderr=subprocess.PIPE,
+                              text=True)
+    finally:
+        os.close(write)
+    assert proc.returncode == 141 and proc.stderr == "", proc.stderr
