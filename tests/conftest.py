@@ -131,6 +131,20 @@ def run_compiled():
     return run_onnx
 
 
+def grad_x_input_top1(net, x) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """LRP-0's oracle for one sample: (output, seed = one-hot × the top-1 output, gradient × input of that output)
+    of the torch module ``net`` (output [1, C]) at the tensor ``x``."""
+    import torch
+
+    xt = x.clone().requires_grad_(True)
+    y = net(xt)
+    k = int(y.argmax())
+    (grad,) = torch.autograd.grad(y[0, k], xt)
+    seed = np.zeros(tuple(y.shape), np.float32)
+    seed[0, k] = float(y[0, k].detach())
+    return y.detach().numpy(), seed, (grad * x).detach().numpy()
+
+
 def rel_l2(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.linalg.norm(a - b) / np.linalg.norm(b))

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 import lrpc
-from conftest import rel_l2, run_onnx
+from conftest import grad_x_input_top1, rel_l2, run_onnx
 from lrpc.passes import canonize
 from lrpc.passes.gather_as_layout import transposed_view
 
@@ -219,15 +219,9 @@ def test_lrp0_is_gradient_times_input_of_exports(name, exporter):
         assert ops[exporter] in {n.op_type for n in model.graph.node}
     if name == "convnext_head":  # as_strided is a layout op for the passes (LayerNorm between Transposes)
         assert "Gather" not in {n.op for n in canonize(model).graph.nodes}
-    xt = x.clone().requires_grad_(True)
-    y = twin(xt)
-    k = int(y.argmax())
-    y[0, k].backward()
-    seed = np.zeros((1, 5), np.float32)
-    seed[0, k] = float(y[0, k].detach())
+    _, seed, want = grad_x_input_top1(twin, x)
     compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
     out = run_onnx(compiled, {"input": x.numpy(), "relevance_seed": seed})
     logits = net(x).detach().numpy()
     np.testing.assert_allclose(out[model.graph.output[0].name], logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
-    want = (xt * xt.grad).detach().numpy()
     assert np.abs(want).sum() > 0 and rel_l2(out["relevance"], want) < 1e-4

@@ -156,6 +156,7 @@ def test_split_attention_softmax_gate_real_export(exporter, tmp_path):
     import torch
     from timm.layers import SplitAttn
 
+    from conftest import grad_x_input_top1
     from models.families import export
     from models.healthy import make_healthy
 
@@ -170,15 +171,10 @@ def test_split_attention_softmax_gate_real_export(exporter, tmp_path):
     assert "Softmax" in {n.op_type for n in model.graph.node}
 
     net[2].rsoftmax.register_forward_hook(lambda m, i, out: out.detach())
-    xt = x.clone().requires_grad_(True)
-    y = net(xt)
-    seed = torch.zeros_like(y)
-    seed[0, int(y.argmax())] = y[0, int(y.argmax())].detach()
-    (grad,) = torch.autograd.grad((y * (seed != 0)).sum(), xt)
-    want = (grad * x).numpy()
+    _, seed, want = grad_x_input_top1(net, x)
     compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
     sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(["relevance"], {"input": x.numpy(), "relevance_seed": seed.numpy()})[0]
+    got = sess.run(["relevance"], {"input": x.numpy(), "relevance_seed": seed})[0]
     err = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     assert err <= 1e-4, f"relative L2 {err:.2e}"
 
