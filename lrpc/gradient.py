@@ -28,8 +28,9 @@ PREFIX = "lrpc_check/probe/"
 # op types whose propagator is exactly gradient × input under LRP-0 (positively homogeneous activations pass:
 # f(z) = z f'(z); linear layers, sums, pools and routing are linear maps with exact adjoints)
 EXACT = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "BatchNormalization", "Mul", "Add", "Sum", "ReduceMean",
-         "ReduceSum", "MaxPool", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Identity", "Dropout", "Reshape",
-         "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Pad"}
+         "ReduceSum", "MaxPool", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Identity", "Dropout",
+         "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Pad", "Expand",
+         "Gather", "GatherND"}
 SMOOTH = {"Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "HardSigmoid", "HardSwish"}
 SHAPES = ("Shape", "Size")  # their outputs are shapes, not values of the input
 # the tolerance is at least this many machine epsilons of the model's float type: float16 relevance and forwards are

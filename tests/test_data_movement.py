@@ -225,3 +225,21 @@ def test_lrp0_is_gradient_times_input_of_exports(name, exporter):
     logits = net(x).detach().numpy()
     np.testing.assert_allclose(out[model.graph.output[0].name], logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
     assert np.abs(want).sum() > 0 and rel_l2(out["relevance"], want) < 1e-4
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_gradient_check_runs_through_gathers(exporter, tmp_path):
+    """Gather/GatherND with constant indices are linear with exact adjoints: ``lrpc check``'s gradient check (LRP-0
+    against directional derivatives of the forward) covers a ReLU net with them instead of skipping it."""
+    from lrpc.check import run_check
+    from lrpc.composites import Options
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 9, 9, generator=torch.Generator().manual_seed(1))
+    model = _export(TokenPick().eval(), x, exporter)
+    assert NETS["token_pick"][1][exporter] in {n.op_type for n in model.graph.node}
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    report = run_check(str(tmp_path / "m.onnx"), "epsilon-gamma-box", Options(low=-3.0, high=3.0),
+                       inputs={"input": x.numpy()})
+    g = next(c for c in report.checks if c.name == "gradient")
+    assert g.passed and not g.skipped and g.figure <= 1e-5, g.message
