@@ -151,6 +151,7 @@ def _check(path, rules="epsilon-gamma-box", inputs=None, output=None, **options)
 
 
 def _arch(name, tmp_path):
+    pytest.importorskip("torch")
     from models import archs
 
     a = archs.ONNX_BUILDERS[name]() if name in archs.ONNX_BUILDERS else archs.torch_arch(name, tmp_path)
@@ -195,7 +196,7 @@ def test_probe_is_the_directional_derivative(tmp_path):
     """The oracle itself: the probe with frozen switches gives ⟨∇F, v⟩ of torch autograd (float64 twin), 1e-5 of
     ‖x ⊙ ∇F‖ (ResNet block, Inception's pools with pads, DenseNet's Concat, MaxPool pads + ceil_mode: float32
     twin)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     from lrpc import gradient
     from lrpc.compiler import compile_for_save
@@ -375,6 +376,7 @@ def test_gradient_skip_reasons(act, why, tmp_path):
 
 
 def test_gradient_skip_reasons_gates_and_lrn(tmp_path):
+    pytest.importorskip("torch")
     from models import archs
 
     for name, why in (("efficientnet", "(Sigmoid): a smooth activation"), ("alexnet_lrn", "(LRN): LRN gets the pass rule"),
@@ -423,7 +425,7 @@ def _scaled_vgg(tmp_path, factor, head_bias: bool = True):
     """archs' VGG as torchvision initializes GoogLeNet: small weights (here scaled by ``factor``), zero biases (BN
     folded with zero mean) but the classifier's (unless ``head_bias`` is False): the logits are that bias plus a part
     driven by the input ~factor^6."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     from models import archs
 
@@ -510,6 +512,7 @@ def test_zero_bias_takes_wx_exactly(tmp_path):
 def test_zero_bias_change_leaves_other_compiles_byte_identical(tmp_path, monkeypatch):
     """The exact Wx is a zero_bias matter: with the old stand-in (z − b) patched back, compiles without zero_bias are
     byte-identical, compiles with it differ."""
+    pytest.importorskip("torch")
     from models import archs
 
     from lrpc.relevance import linear

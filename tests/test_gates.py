@@ -153,10 +153,11 @@ def test_split_attention_softmax_gate_real_export(exporter, tmp_path):
     """timm's SplitAttn (ResNeSt): a softmax over the radix axis, moved by Reshape/Transpose, weighs each branch
     (``x * attn``) before the branches are summed. It is a gate: LRP-0 equals gradient × input of the same torch
     module with the softmax output detached (float32, 1e-4 relative L2)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from timm.layers import SplitAttn
 
-    from conftest import grad_x_input_top1
+    from torch_fixtures import grad_x_input_top1
+    pytest.importorskip("torch")
     from models.families import export
     from models.healthy import make_healthy
 
@@ -185,7 +186,7 @@ def test_relu_behind_a_gate_carries_no_relevance_below_zero(export, monkeypatch)
     MobileNetV3's ReLU blocks have it: the gated product passes relevance only where the ReLU output is > 0, so the
     convolution before the ReLU gets the cheaper lowering of a layer whose relevance vanishes where z <= 0 (one
     adjoint, no sign test). Oracle: the same compile with the gated products left out of that static analysis."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch import nn
     from torchvision.ops import SqueezeExcitation
 

@@ -98,6 +98,7 @@ def test_resnet50_gamma_box_relevance_stays_bounded(zoo_onnx):
     stabilizers, every layer's relevance sum stays within a small factor of the seed (measured: 0.27 .. 1.73
     of the seed, random weights, 112x112), and nothing explodes or turns non-finite. The residual branches
     carry their share (~0.5) and the sums return to ~1 after each Sum; the input sum is 1.66."""
+    pytest.importorskip("torch")
     from models import zoo
 
     x = zoo.example_input("resnet50").numpy()

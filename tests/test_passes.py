@@ -808,7 +808,7 @@ def test_input_shapes_take_numpy_integers():
 def _tf_same_net():
     """timm's Conv2dSame (TF 'same' padding: each Pad's pads computed from Shape(x)) on three levels, ReLU, mean and
     Linear."""
-    import torch
+    torch = pytest.importorskip("torch")
     from timm.layers import Conv2dSame
 
     class Net(torch.nn.Module):
@@ -832,9 +832,10 @@ def test_shapes_of_static_tensors_fold_at_every_level():
     import io
     import warnings
 
-    import torch
+    torch = pytest.importorskip("torch")
 
-    from conftest import grad_x_input_top1, rel_l2
+    from conftest import rel_l2
+    from torch_fixtures import grad_x_input_top1
 
     net = _tf_same_net()
     x = torch.randn(1, 3, 13, 11, generator=torch.Generator().manual_seed(1))
