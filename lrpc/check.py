@@ -104,11 +104,28 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
     return feeds
 
 
+def model_inputs(model: onnx.ModelProto, inputs: dict | None, image=None, seed: int = 0, **preprocessing) -> dict:
+    """The feeds of inspect and check: ``inputs`` as given, one ``image`` file preprocessed for ``model``'s first input
+    (:func:`lrpc.preprocess.image_inputs`), or seeded random data."""
+    if inputs is not None and image is not None:
+        raise InputError("give --inputs or --image, not both")
+    if image is not None:
+        from .preprocess import image_inputs
+
+        return image_inputs(model, image, **preprocessing)
+    if any(v not in (None, False, "nchw") for v in preprocessing.values()):
+        raise InputError(f"{', '.join(f'--{k}' for k, v in preprocessing.items() if v not in (None, False, 'nchw'))}: "
+                         "image preprocessing needs --image")
+    return inputs if inputs is not None else random_inputs(model, seed)
+
+
 def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
               inputs: dict | None = None, rtol: float = 1e-4, conservation_tol: float = 1e-3,
               output: str | None = None, seed: int = 0, input_shapes: dict | None = None,
-              gradient_tol: float = GRADIENT_TOL) -> Report:
-    """Run every check; unusable input raises :class:`InputError`, failing checks go into the report.
+              gradient_tol: float = GRADIENT_TOL, image=None, **preprocessing) -> Report:
+    """Run every check; unusable input raises :class:`InputError`, failing checks go into the report. The input:
+    ``inputs`` ({name: array}), an ``image`` file (preprocessed as by ``lrpc explain``: ``preprocessing`` are
+    :func:`lrpc.preprocess.image_inputs`'s keywords), or seeded random data (``seed``).
 
     The model file is read as ``lrpc compile`` and :class:`lrpc.Session` read it (its big weights are never copied
     out of the file: onnxruntime reads them there), compiled three times (as asked; again with per-layer sums and
@@ -126,7 +143,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         original = _with_input_shapes(original, input_shapes)
     composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
     report = Report(model=str(path), rules=rules)
-    feeds = inputs if inputs is not None else random_inputs(original, seed)
+    feeds = model_inputs(original, inputs, image, seed, **preprocessing)
 
     def session(model, weights):
         return start_session(model, weights, ["CPUExecutionProvider"])

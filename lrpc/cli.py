@@ -80,7 +80,7 @@ def _parser() -> argparse.ArgumentParser:
                                     "ReLU6/Clip or LRN). Exit code 0: all pass (or are skipped), 1: a check fails, "
                                     "2: unusable input.")
     ch.add_argument("model")
-    ch.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
+    _input_flags(ch)
     ch.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
     ch.add_argument("--rtol", type=_nonneg_float, default=1e-4, help="forward outputs: max relative error (default 1e-4)")
     ch.add_argument("--conservation-tol", type=_nonneg_float, default=1e-3,
@@ -95,9 +95,7 @@ def _parser() -> argparse.ArgumentParser:
 
     i = sub.add_parser("inspect", help="per-layer relevance table: where does conservation break?")
     i.add_argument("model")
-    i.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
-    i.add_argument("--image", help="an image file, preprocessed as by `lrpc explain` (needs Pillow)")
-    i.add_argument("--preset", choices=["imagenet"], help="mean/std of the image preprocessing")
+    _input_flags(i)
     i.add_argument("--target", default="top1", help="as for explain: class index, top1 (default), or a dense target "
                                                     "(pixel:Y,X, box:Y0,X0,Y1,X1, mask:FILE, class:C)")
     i.add_argument("--tol", type=_nonneg_float, default=1e-3, help="|in/out − 1| that marks a layer (default 1e-3)")
@@ -122,13 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--target", default="top1",
                    help="class index, top1 (default), topK, or for dense outputs pixel:[C,]Y,X, "
                         "box:[C,]Y0,X0,Y1,X1 (ends exclusive), mask:FILE (.npy/.png) or class:C")
-    e.add_argument("--size", help="H,W (or one number) of the model input, for models with dynamic spatial dims")
-    norm = e.add_mutually_exclusive_group()
-    norm.add_argument("--preset", choices=["imagenet"], help="mean/std of a known preprocessing")
-    norm.add_argument("--mean", help="per-channel mean m1,m2,m3 (after scaling to [0, 1])")
-    e.add_argument("--std", help="per-channel std s1,s2,s3 (with --mean)")
-    e.add_argument("--grayscale", action="store_true", help="convert images to grayscale")
-    e.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="model input layout (default nchw)")
+    _preprocess_flags(e)
     e.add_argument("--cmap", choices=["coldnhot", "bwr", "seismic", "gray"], default="coldnhot")
     e.add_argument("--level", type=_nonneg_float, default=1.0, help="colormap level (>1 saturates earlier)")
     e.add_argument("--overlay", action="store_true", help="blend the heatmap over the (resized, cropped) image")
@@ -144,6 +136,25 @@ def _parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rules", help="list composites and rules")
     _debug_flag(r)
     return p
+
+
+def _input_flags(p) -> None:
+    """The inputs of inspect and check: an .npz, an image, or seeded random data."""
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--inputs", help=".npz with one array per model input (default: seeded random, batch 1)")
+    src.add_argument("--image", help="an image file, preprocessed as by `lrpc explain` (needs Pillow)")
+    _preprocess_flags(p)
+
+
+def _preprocess_flags(p) -> None:
+    """How images become the model's input (explain, inspect, check)."""
+    p.add_argument("--size", help="H,W (or one number) of the model input, for models with dynamic spatial dims")
+    norm = p.add_mutually_exclusive_group()
+    norm.add_argument("--preset", choices=["imagenet"], help="mean/std of a known preprocessing")
+    norm.add_argument("--mean", help="per-channel mean m1,m2,m3 (after scaling to [0, 1])")
+    p.add_argument("--std", help="per-channel std s1,s2,s3 (with --mean)")
+    p.add_argument("--grayscale", action="store_true", help="convert images to grayscale")
+    p.add_argument("--layout", choices=["nchw", "nhwc"], default="nchw", help="model input layout (default nchw)")
 
 
 def _debug_flag(sub) -> None:
@@ -298,23 +309,19 @@ def _inspect(args) -> int:
     from .inspect import inspect, table
     from .model_io import write_atomic
 
-    inputs = _read_inputs(args.inputs)
-    if inputs is None and args.image:
-        from .explain import IMAGENET_MEAN, IMAGENET_STD, load_image, model_input
-        from .model_io import read_model
-
-        spec = model_input(read_model(args.model)[0])  # (its inputs: the weights stay in the file)
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if args.preset == "imagenet" else (None, None)
-        tensor, _ = load_image(args.image, spec.size, spec.channels, mean, std)
-        inputs = {spec.name: tensor}
-    result = inspect(args.model, args.rules, _options(args), inputs, args.target, args.tol, args.output,
-                     dict(args.input_shape))
+    result = inspect(args.model, args.rules, _options(args), _read_inputs(args.inputs), args.target, args.tol,
+                     args.output, dict(args.input_shape), **_image_args(args))
     print(table(result))
     if result["warning"]:
         print(f"lrpc: warning: {result['warning']}", file=sys.stderr)
     if args.json:
         write_atomic(json.dumps(result, indent=1), args.json, protect=_read_files(args))
     return 0
+
+
+def _image_args(args) -> dict:
+    return {"image": args.image, "preset": args.preset, "mean": args.mean, "std": args.std, "size": args.size,
+            "grayscale": args.grayscale, "layout": args.layout}
 
 
 def _check(args) -> int:
@@ -324,7 +331,7 @@ def _check(args) -> int:
     inputs = _read_inputs(args.inputs)
     report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,
                        output=args.output, seed=args.seed, input_shapes=dict(args.input_shape),
-                       gradient_tol=args.gradient_tol)
+                       gradient_tol=args.gradient_tol, **_image_args(args))
     if args.quiet:
         report_text = "\n".join(line for line in report.text().splitlines() if line[:4] in ("PASS", "FAIL", "SKIP"))
     else:
@@ -337,46 +344,18 @@ def _check(args) -> int:
 
 
 
-def _floats(text: str | None, what: str):
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.split(",")]
-    except ValueError:
-        raise InputError(f"{what}: expected comma-separated numbers, got '{text}'") from None
-
-
 def _explain(args) -> int:
     from dataclasses import asdict
 
-    from .explain import IMAGENET_MEAN, IMAGENET_STD, run
+    from .explain import run
 
-    size = None
-    if args.size is not None:
-        try:
-            size = [int(v) for v in args.size.split(",")]
-        except ValueError:
-            size = []
-        if len(size) == 1:
-            size = size * 2
-        if len(size) != 2 or min(size) <= 0:
-            raise InputError(f"--size: expected H,W (two positive integers), got '{args.size}'")
-    mean, std = _floats(args.mean, "--mean"), _floats(args.std, "--std")
-    if args.preset == "imagenet":
-        if std is not None:
-            raise InputError("--std cannot be combined with --preset")
-        mean, std = list(IMAGENET_MEAN), list(IMAGENET_STD)
-    if (mean is None) != (std is None):
-        raise InputError("--mean and --std go together")
-    if std is not None and not all(v > 0 for v in std) or mean is not None and not all(abs(v) < float("inf") for v in mean):
-        raise InputError(f"--mean/--std: finite means and positive standard deviations expected, got {args.mean} / {args.std}")
-    options = asdict(_options(args))
     run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=args.target, rules=args.rules,
-        output=args.output, input_shapes=dict(args.input_shape), size=size, mean=mean, std=std,
-        grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level, with_overlay=args.overlay,
-        overlay_alpha=args.overlay_alpha, batch_size=args.batch_size, cache=not args.no_cache,
-        progress=False if args.no_progress else None, **options)
+        output=args.output, input_shapes=dict(args.input_shape), size=args.size, preset=args.preset, mean=args.mean,
+        std=args.std, grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level,
+        with_overlay=args.overlay, overlay_alpha=args.overlay_alpha, batch_size=args.batch_size,
+        cache=not args.no_cache, progress=False if args.no_progress else None, **asdict(_options(args)))
     return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -2,15 +2,13 @@
 
 Used by ``lrpc explain``; the pieces are usable from Python too::
 
-    from lrpc.explain import load_image, prepare
+    from lrpc.explain import prepare
+    from lrpc.preprocess import load_image, normalization
     session, spec = prepare("model.onnx", rules="epsilon-plus")
-    x, shown = load_image("cat.jpg", spec.size, spec.channels, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+    x, shown = load_image("cat.jpg", spec.size, spec.channels, *normalization("imagenet"))
     e = session.explain(x)          # e.output, e.relevance, e.layers, e.target
 
-Images are read with Pillow (``pip install 'lrpc[image]'``), converted to the model's channel count (1:
-grayscale, 3: RGB), resized so that they cover the target size (the shorter side fits), center-cropped to
-it, scaled to [0, 1] and normalized per channel with ``(x - mean) / std``. The model input is NCHW unless
-``layout="nhwc"``.
+How images become model inputs: :mod:`lrpc.preprocess`.
 """
 from __future__ import annotations
 
@@ -18,7 +16,6 @@ import io
 import os
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,52 +24,12 @@ import onnx
 from . import compiler, targets
 from .emit import SEED
 from .errors import InputError, one_line
-from .imaging import _pil_image, grid, heatmap, overlay
+from .imaging import pil_image, grid, heatmap, overlay
 from .model_io import external_data_files, protected, read_model, refuse_inputs, write_atomic
-
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from .preprocess import (IMAGE_SUFFIXES, image_files, image_size, load_image, load_tensors, model_input,
+                         normalization)
 
 
-@dataclass
-class InputSpec:
-    """The explained model input: name, dims (None where dynamic), numpy dtype, layout, and for images the
-    target ``size`` (H, W) and ``channels`` (None where unknown)."""
-
-    name: str
-    dims: list
-    dtype: np.dtype
-    layout: str = "nchw"
-
-    @property
-    def size(self):
-        if len(self.dims) != 4:
-            return None
-        h, w = (self.dims[2], self.dims[3]) if self.layout == "nchw" else (self.dims[1], self.dims[2])
-        return (h, w) if h and w else None
-
-    @property
-    def channels(self):
-        if len(self.dims) != 4:
-            return None
-        return self.dims[1] if self.layout == "nchw" else self.dims[3]
-
-
-def model_input(model: onnx.ModelProto, layout: str = "nchw") -> InputSpec:
-    """The first graph input that is neither the relevance seed nor an initializer."""
-    inits = {i.name for i in model.graph.initializer}
-    for inp in model.graph.input:
-        if inp.name == SEED or inp.name in inits:
-            continue
-        t = inp.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in t.shape.dim]
-        try:
-            dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(t.elem_type))
-        except Exception:
-            dtype = np.dtype(np.float32)
-        return InputSpec(inp.name, dims, dtype, layout)
-    raise InputError("the model has no input to explain")
 
 
 def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
@@ -120,112 +77,6 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     return Session(proto, providers=providers, channels_last=layout == "nhwc", verbatim=verbatim), spec
 
 
-def load_image(path, size, channels: int | None = 3, mean=None, std=None, layout: str = "nchw",
-               grayscale: bool = False, dtype=np.float32):
-    """Read an image file into a model input ``[1, C, H, W]`` (or ``[1, H, W, C]``).
-
-    Returns ``(tensor, shown)``: ``shown`` is the resized and cropped RGB PIL image before normalization
-    (for overlays). ``size``: (H, W). ``channels``: 1 or 3 (None: 1 with ``grayscale``, else 3)."""
-    Image = _pil_image()
-    from PIL import ImageOps
-
-    p = Path(path)
-    if not p.exists():
-        raise InputError(f"{p}: no such file")
-    if p.is_dir():
-        raise InputError(f"{p}: is a directory, expected an image file")
-    try:
-        with Image.open(p) as im:
-            im.load()
-            img = ImageOps.exif_transpose(im)
-    except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{p}: cannot read image ({first})") from None
-    channels = channels or (1 if grayscale else 3)
-    if channels not in (1, 3):
-        raise InputError(f"{p}: the model input has {channels} channels; images give 1 (grayscale) or 3 (RGB)")
-    img = img.convert("L" if channels == 1 or grayscale else "RGB")
-    h, w = size
-    iw, ih = img.size
-    scale = max(h / ih, w / iw)
-    nw, nh = max(w, round(iw * scale)), max(h, round(ih * scale))
-    if (nw, nh) != (iw, ih):
-        img = img.resize((nw, nh), Image.BILINEAR)
-    left, top = (nw - w) // 2, (nh - h) // 2
-    img = img.crop((left, top, left + w, top + h))
-    a = np.asarray(img, dtype=np.float64) / 255.0
-    if a.ndim == 2:
-        a = a[..., None]
-    if a.shape[-1] != channels:
-        a = np.repeat(a, channels, axis=-1)
-    a = (a - _per_channel(mean, channels, 0.0, "--mean")) / _per_channel(std, channels, 1.0, "--std")
-    if layout == "nchw":
-        a = a.transpose(2, 0, 1)
-    return a[None].astype(dtype), img.convert("RGB")
-
-
-def _per_channel(values, channels: int, default: float, what: str) -> np.ndarray:
-    if values is None:
-        return np.full(channels, default)
-    v = np.atleast_1d(np.asarray(values, dtype=np.float64))
-    if v.size == 1:
-        v = np.full(channels, v[0])
-    if v.size != channels:
-        raise InputError(f"{what}: {v.size} values given, the model input has {channels} channel(s)")
-    if what == "--std" and np.any(v == 0):
-        raise InputError("--std: values must be nonzero")
-    return v
-
-
-def load_tensors(path, session) -> dict:
-    """Feeds from a ``.npy`` (the first model input) or ``.npz`` (one array: the first input; several:
-    one per model input, by name). Float arrays are cast to the input's float type (numpy's default
-    float64 into a float32 model); ranks and static dims are checked against the model."""
-    from .runtime import NUMPY_TYPES, fits
-
-    p = Path(path)
-    if not p.is_file():
-        raise InputError(f"{p}: no such file")
-    try:
-        data = np.load(p, allow_pickle=False)
-        arrays = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else {session.inputs[0]: data}
-    except Exception as e:
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{p}: cannot read tensors (.npy/.npz expected): {first}") from None
-    if len(arrays) == 1:
-        arrays = {session.inputs[0]: next(iter(arrays.values()))}
-    missing = [n for n in session.inputs if n not in arrays]
-    if missing:
-        raise InputError(f"{p}: no array for model input(s) {', '.join(missing)} (arrays: {', '.join(arrays)})")
-    specs = {i.name: i for i in session.session.get_inputs()}
-    feeds = {}
-    for name in session.inputs:
-        a, spec = np.asarray(arrays[name]), specs[name]
-        if not fits(spec, a.shape):
-            shown = ",".join(str(d) if isinstance(d, int) else "?" for d in spec.shape)
-            raise InputError(f"{p}: array for input '{name}' has shape {list(a.shape)}, the model expects [{shown}]")
-        if a.ndim and a.shape[0] == 0:
-            raise InputError(f"{p}: array for input '{name}' holds no samples")
-        want = NUMPY_TYPES.get(spec.type)
-        floating = want is not None and np.issubdtype(want, np.floating)
-        if floating and np.issubdtype(a.dtype, np.number) and a.dtype != want:
-            a = a.astype(want)
-        feeds[name] = a
-    return feeds
-
-
-def image_files(folder) -> list[Path]:
-    d = Path(folder)
-    if not d.exists():
-        raise InputError(f"{d}: no such directory")
-    if not d.is_dir():
-        raise InputError(f"{d}: not a directory")
-    files = sorted(f for f in d.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise InputError(f"{d}: no images ({', '.join(IMAGE_SUFFIXES)}) in this directory")
-    return files
-
-
 def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnhot", level: float = 1.0):
     """Heatmap of a relevance batch: one sample's image, or a grid of the samples' images."""
     r = np.asarray(relevance)
@@ -242,7 +93,7 @@ def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnho
 
 
 def run(model, out, image=None, images=None, npy=None, target=None, rules="epsilon-gamma-box",
-        output=None, input_shapes=None, size=None, mean=None, std=None, grayscale=False, layout="nchw",
+        output=None, input_shapes=None, size=None, preset=None, mean=None, std=None, grayscale=False, layout="nchw",
         cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
         progress=None, log=print, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
@@ -255,7 +106,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     then ends with an :class:`InputError` saying how many were skipped (``lrpc explain`` exits 2).
     ``cache``: compile through the on-disk cache. ``progress``: a progress bar on stderr (default: when
     stderr is a terminal). ``options``: lrpc.Options fields; ``low``/``high`` left as None default to the
-    range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std)."""
+    range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std). ``size``: (H, W), ``"H,W"`` or one
+    number, for models with dynamic spatial dims; ``preset`` ("imagenet") or ``mean``/``std``: the normalization
+    (see :func:`lrpc.preprocess.normalization`)."""
+    size, (mean, std) = image_size(size), normalization(preset, mean, std)
     if sum(x is not None for x in (image, images, npy)) != 1:
         raise InputError("give exactly one of --image, --images, --npy")
     if with_overlay and npy is not None:
@@ -265,7 +119,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     if int(batch_size) < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     goal = targets.parse(target)
-    _pil_image()  # fail early and clearly without Pillow
+    pil_image()  # fail early and clearly without Pillow
     if npy is not None:
         sources = [Path(npy)]
     elif image is not None:
@@ -412,7 +266,7 @@ def _encoded(pic, path: Path) -> bytes:
     """``pic`` (a PIL image) in the format of ``path``'s suffix."""
     buffer = io.BytesIO()
     try:
-        pic.save(buffer, format=_pil_image().registered_extensions()[path.suffix.lower()])
+        pic.save(buffer, format=pil_image().registered_extensions()[path.suffix.lower()])
     except Exception as err:
         raise InputError(f"{path}: cannot write image: {one_line(err)}") from None
     return buffer.getvalue()

@@ -30,7 +30,7 @@ COLORMAPS: dict[str, tuple] = {
 }
 
 
-def _pil_image():
+def pil_image():
     try:
         from PIL import Image
     except ImportError:
@@ -88,14 +88,14 @@ def heatmap(relevance, cmap: str = "coldnhot", symmetric: bool = True, level: fl
     ``cmap``: one of :data:`COLORMAPS` (coldnhot, bwr, seismic, gray). ``symmetric``: scale by max|R| so
     that zero relevance is the colormap's middle (black for coldnhot, white for bwr). ``level``: > 1
     saturates earlier, < 1 uses less of the colormap's range."""
-    return _pil_image().fromarray(colorize(relevance, cmap, symmetric, level))
+    return pil_image().fromarray(colorize(relevance, cmap, symmetric, level))
 
 
 def overlay(image, heat, alpha: float = 0.5):
     """Blend ``heat`` (a PIL image or an array for :func:`heatmap`) over ``image`` (PIL image or a uint8/
     [0,1]-float array [H,W] / [H,W,3]); ``alpha`` is the heatmap's weight. The heatmap is resized to the
     image (nearest neighbour, so relevance pixels stay crisp)."""
-    Image = _pil_image()
+    Image = pil_image()
     if not 0.0 <= alpha <= 1.0:
         raise InputError(f"overlay: alpha must lie in [0, 1], got {alpha}")
     base = _to_pil(image, Image).convert("RGB")
@@ -110,7 +110,7 @@ def overlay(image, heat, alpha: float = 0.5):
 def grid(images, cols: int | None = None, pad: int = 2, fill=(255, 255, 255)):
     """Tile PIL images (or arrays for :func:`heatmap`) row by row, ``cols`` per row (default
     ceil(sqrt(n))), with ``pad`` pixels of ``fill`` between them; cells have the largest image's size."""
-    Image = _pil_image()
+    Image = pil_image()
     tiles = [im if isinstance(im, Image.Image) else heatmap(im) for im in images]
     if not tiles:
         raise InputError("grid: no images")

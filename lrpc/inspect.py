@@ -12,7 +12,7 @@ from dataclasses import asdict, replace
 import numpy as np
 
 from . import composites, targets
-from .check import random_inputs
+from .check import model_inputs
 from .emit import layer_sums
 from .model_io import file_identity, read_model, still_the_file
 
@@ -25,9 +25,10 @@ REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb
 
 def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
             inputs: dict | None = None, target=None, tol: float = 1e-3, output: str | None = None,
-            input_shapes: dict | None = None, seed: int = 0) -> dict:
+            input_shapes: dict | None = None, seed: int = 0, image=None, **preprocessing) -> dict:
     """Return {"layers": [...], "seed_sum", "input_sum", "first_break", "warning", "bias"} (sums over the
-    batch).
+    batch). The input: ``inputs`` ({name: array}), an ``image`` file (preprocessed as by ``lrpc explain``:
+    ``preprocessing`` are :func:`lrpc.preprocess.image_inputs`'s keywords), or seeded random data.
 
     Biases absorb relevance by design. When the input sum misses the seed sum, the same explanation is
     run again with biases left out of every denominator (``--zero-bias``): if that conserves, the loss
@@ -41,7 +42,7 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
     model = read_model(path)[0]  # (its graph inputs: the compiles read the file themselves)
     if input_shapes:
         model = _with_input_shapes(model, input_shapes)
-    feeds = inputs if inputs is not None else random_inputs(model, seed)
+    feeds = model_inputs(model, inputs, image, seed, **preprocessing)
     model = None
     target = targets.parse(target)
     compile_args = (path, rules, output, input_shapes)

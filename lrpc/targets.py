@@ -245,10 +245,10 @@ def _read_mask(path, channels: int, spatial: list[int]) -> np.ndarray:
         except Exception as e:
             raise InputError(f"--target mask:{path}: cannot read .npy ({str(e).splitlines()[0]})") from None
     else:
-        from .imaging import _pil_image
+        from .imaging import pil_image
 
         try:
-            with _pil_image().open(p) as im:
+            with pil_image().open(p) as im:
                 mask = np.asarray(im.convert("L")) >= 128  # robust to JPEG noise; alpha is ignored
         except Exception as e:
             raise InputError(f"--target mask:{path}: cannot read image ({str(e).splitlines()[0]})") from None

@@ -641,3 +641,20 @@ def test_explain_refuses_a_zero_standard_deviation(tmp_path, capsys):
     png = _digit_png(tmp_path, 0)
     _one_line(cli.main(["explain", str(DIGITS), "--image", str(png), "--mean", "0.5", "--std", "0", "-o",
                         str(tmp_path / "h.png")]), capsys, "positive standard deviations expected")
+
+
+def test_preprocessing_options_from_python():
+    """The options the command line parses are the Python API's too: presets, text or numbers, one validation."""
+    from lrpc.preprocess import IMAGENET_MEAN, IMAGENET_STD, image_size, normalization
+
+    assert normalization("imagenet") == (list(IMAGENET_MEAN), list(IMAGENET_STD))
+    assert normalization(mean="0.5,-1", std=(2, 0.5)) == ([0.5, -1.0], [2.0, 0.5])
+    assert normalization() == (None, None)
+    assert image_size("8,6") == image_size((8, 6)) == (8, 6) and image_size(8) == image_size("8") == (8, 8)
+    for call, says in ((lambda: normalization("imagenet", std=[1]), "cannot be combined"),
+                       (lambda: normalization(mean=[0.5]), "go together"),
+                       (lambda: normalization(mean=[0], std=[0]), "positive standard deviations"),
+                       (lambda: normalization("cifar"), "unknown preset"),
+                       (lambda: image_size("8x8"), "--size"), (lambda: image_size((0, 4)), "--size")):
+        with pytest.raises(lrpc.InputError, match=says):
+            call()

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 
 import lrpc
 from lrpc.composites import Options
@@ -139,3 +140,42 @@ def test_json_report_paths_are_checked(tmp_path):
         code, _, err = cli(command, model, "--json", model)
         assert code == 2 and "refusing to overwrite an input file (the model)" in err, err
         assert model.read_bytes() == DIGITS.read_bytes()
+
+
+def test_image_input_from_python_and_check_equal_the_preprocessed_tensor(tmp_path):
+    """inspect and check take an image from Python and the command line as explain preprocesses it: the same numbers
+    as feeding the preprocessed tensor ((pixel/255 − mean)/std) as inputs."""
+    from PIL import Image
+
+    from lrpc.check import run_check
+
+    pixels = (digits_inputs(1)["input"][0, 0] * 255).round().astype(np.uint8)
+    Image.fromarray(pixels).save(tmp_path / "d.png")
+    tensor = {"input": ((pixels / 255.0 - 0.5) / 0.25)[None, None].astype(np.float32)}
+    by_image = inspect(DIGITS, image=tmp_path / "d.png", mean="0.5", std=[0.25], target=3)
+    by_tensor = inspect(DIGITS, inputs=tensor, target=3)
+    assert by_image["layers"] == by_tensor["layers"] and by_image["input_sum"] == by_tensor["input_sum"]
+    figures = lambda r: [(c.name, c.passed, c.figure) for c in r.checks]  # noqa: E731
+    assert figures(run_check(DIGITS, image=tmp_path / "d.png", mean=0.5, std=0.25)) == \
+        figures(run_check(DIGITS, inputs=tensor))
+    np.savez(tmp_path / "x.npz", **tensor)
+    on_image = cli("check", DIGITS, "--image", tmp_path / "d.png", "--mean", "0.5", "--std", "0.25", "--json",
+                   tmp_path / "a.json")
+    on_tensor = cli("check", DIGITS, "--inputs", tmp_path / "x.npz", "--json", tmp_path / "b.json")
+    assert on_image[0] == on_tensor[0] == 0, on_image[2] + on_tensor[2]
+    checks = lambda p: [{k: c[k] for k in ("name", "passed", "figure")} for c in json.loads(p.read_text())["checks"]]  # noqa: E731
+    assert checks(tmp_path / "a.json") == checks(tmp_path / "b.json")
+
+
+def test_image_preprocessing_errors_are_one_line(tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "d.png")
+    np.savez(tmp_path / "x.npz", **digits_inputs(1))
+    for args, says in ((["--preset", "imagenet"], "needs --image"),
+                       (["--image", tmp_path / "d.png", "--preset", "imagenet"], "3 values given"),
+                       (["--image", tmp_path / "d.png", "--inputs", tmp_path / "x.npz"], "not allowed with"),
+                       (["--image", tmp_path / "d.png", "--mean", "0.5"], "go together")):
+        for command in ("inspect", "check"):
+            code, _, err = cli(command, DIGITS, *args)
+            assert code == 2 and says in err and len(err.strip().splitlines()) == 1, (command, args, err)
