@@ -7,15 +7,19 @@ import numpy as np
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const
-from . import register
+from . import EXACT, declare, register
 from .linear import unbroadcast
 from .stabilize import complement, indicator, quotient
 
-ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign",
-               "HardSigmoid", "HardSwish", "Mish", "LRN", "Identity", "Dropout", "Celu", "ThresholdedRelu")
+SMOOTH = "a smooth activation gets the pass rule (relevance passes unchanged, the gradient is scaled)"
 
 
-@register(*ACTIVATIONS)
+@register("Relu", nonneg=True, gradient=EXACT)
+@register("LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", gradient=EXACT)
+@register("Identity", "Dropout", keeps_nonneg=True, routes=True, gradient=EXACT)
+@register("Sigmoid", "Softplus", "HardSigmoid", nonneg=True, gradient=SMOOTH)
+@register("Tanh", "Gelu", "Elu", "Selu", "Celu", "Softsign", "Mish", "HardSwish", gradient=SMOOTH)
+@register("LRN", keeps_nonneg=True, gradient="LRN gets the pass rule (its Jacobian is not the identity)")
 def pass_through(ctx, node, R_out):
     """Pass: the activation's input gets the relevance of its output, element for element."""
     return [R_out[0]] + [None] * (len(node.inputs) - 1)
@@ -28,7 +32,10 @@ def activation(ctx, node, R_out):
     return [R_out[0]]
 
 
-@register("Sum")
+declare("Abs", "Exp", "Softmax", nonneg=True)  # (no propagator: inside activation regions, gates)
+
+
+@register("Sum", category="sum", keeps_nonneg=True, gradient=EXACT)
 def residual_sum(ctx, node, R_out):
     rule = ctx.rule(node)
     if rule.name not in ("norm", "epsilon", "sign-norm"):

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import InputError, UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
-from . import depthwise, register
+from . import EXACT, declare, depthwise, register
 from .gamma import signed_gamma
 from .stabilize import complement, indicator, quotient
 
@@ -318,7 +318,13 @@ def gate_operand(node):
     return gates[0]
 
 
-@register("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "BatchNormalization", "Mul", "Add")
+declare("Resize", "Upsample", category="resize", keeps_category=True)  # (passes/resize_to_matmul.py: MatMuls)
+
+
+@register("Conv", "ConvTranspose", category="conv", keeps_nonneg=True, gradient=EXACT)
+@register("Gemm", "MatMul", "Einsum", category="dense", keeps_nonneg=True, gradient=EXACT)
+@register("Mul", category="scale", keeps_nonneg=True, gradient=EXACT)
+@register("BatchNormalization", "Add", category="scale", gradient=EXACT)
 def propagate(ctx, node, R_out):
     """A linear layer under its rule. A gated product ``y = x * g`` (:func:`gate_operand`) is the element-wise
     linear map of ``x`` scaled by the gate's values: its rule (pass by default, category scale) sends

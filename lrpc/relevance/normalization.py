@@ -48,7 +48,8 @@ class NormView(View):
         return u if self.groups is None else b.op("Reshape", [u, b.shape_of(self.x)])
 
 
-@register(*NORMALIZATIONS)
+@register(*NORMALIZATIONS, category="normalization", keeps_category=True,  # (a bias Add norm_affine could not fold)
+          gradient="a normalization's rule holds its standard deviation constant (AttnLRP), the gradient does not")
 def normalization(ctx, node, R_out):
     """The layer under its rule (category ``normalization``: epsilon in every composite)."""
     rule = ctx.rule(node)

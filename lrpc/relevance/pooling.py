@@ -19,11 +19,17 @@ from onnx import helper
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
-from . import register
+from . import EXACT, declare, register
 from .stabilize import complement, indicator, quotient
 
 
-@register("MaxPool")
+# (passes/avgpool_to_conv.py makes average pools depthwise Convs; GlobalMaxPool has no propagator)
+declare("AveragePool", category="avgpool", keeps_category=True, keeps_nonneg=True)
+declare("GlobalAveragePool", category="avgpool", keeps_category=True)
+declare("GlobalMaxPool", keeps_nonneg=True)
+
+
+@register("MaxPool", keeps_nonneg=True, routes=True, reported=True, gradient=EXACT)
 def maxpool(ctx, node, R_out):
     if ctx.options.maxpool == "split":
         return _split(ctx, node, R_out)
@@ -135,7 +141,8 @@ def _inverse(flat: np.ndarray, size: int) -> np.ndarray:
     return inverse
 
 
-@register("ReduceMean", "ReduceSum")
+@register("ReduceMean", category="avgpool", keeps_category=True, gradient=EXACT)
+@register("ReduceSum", category="sum", gradient=EXACT)
 def reduce(ctx, node, R_out):
     """A sum or mean the avgpool pass leaves as it is (over channels, over all non-batch axes, over H, W of an NHWC
     tensor: tf2onnx's global pool): norm rule, each summed cell gets its share ``R_i = x_i * R / stab(sum)`` (a
