@@ -38,11 +38,11 @@ declare("Abs", "Exp", "Softmax", nonneg=True)  # (no propagator: inside activati
 @register("Sum", category="sum", keeps_nonneg=True, gradient=EXACT)
 def residual_sum(ctx, node, R_out):
     rule = ctx.rule(node)
-    if rule.name not in ("norm", "epsilon", "sign-norm"):
+    if rule.on_sums is None:
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum (use norm, sign-norm or epsilon)")
     z = node.outputs[0]
     rank = len(z.shape) if z.shape is not None else None
-    if rule.name == "sign-norm":
+    if rule.on_sums == "sign":
         return _sign_split(ctx, node, rule, R_out[0], rank)
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
     c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)

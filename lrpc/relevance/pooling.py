@@ -148,7 +148,7 @@ def reduce(ctx, node, R_out):
     tensor: tf2onnx's global pool): norm rule, each summed cell gets its share ``R_i = x_i * R / stab(sum)`` (a
     mean's cells weigh 1/K: ``x_i / K * R / stab(mean)``, the same), broadcast back over the reduced axes."""
     rule = ctx.rule(node)
-    if rule.name not in ("norm", "epsilon", "sign-norm"):
+    if rule.on_sums is None:
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} (use norm, sign-norm or "
                                f"epsilon)")
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
@@ -166,7 +166,7 @@ def reduce(ctx, node, R_out):
     if 0 in axes:
         raise UnsupportedError(f"{where(node)}: {node.op} over the batch axis has no LRP rule")
     keepdims = node.attrs.get("keepdims", 1)
-    if rule.name == "sign-norm":
+    if rule.on_sums == "sign":
         return [_sign_split(ctx, node, rule, R_out[0], axes, keepdims, rank, dims)] + rest
     c = quotient(b, R_out[0], z, rule, rank if keepdims else rank - len(axes))
     if not keepdims:
