@@ -9,7 +9,7 @@ from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const
 from . import EXACT, declare, register
 from .linear import unbroadcast
-from .stabilize import complement, indicator, quotient
+from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
 SMOOTH = "a smooth activation gets the pass rule (relevance passes unchanged, the gradient is scaled)"
 
@@ -70,14 +70,12 @@ def _sign_split(ctx, node, rule, R, rank):
 
     quiet = ctx.no_relevance_below_zero(z)
     shares, accounts = [None] * len(node.inputs), []
-    for sign, mask, known in (("+", "Greater", "nonneg"), ("-", "Less", "nonpos")):
+    for sign, mask, known in SIGN_GROUPS:
         parts = [part(x, sign) for x in node.inputs]
         if (sign == "-" and quiet) or all(p is None for p in parts):
             continue
         den = b.sum([p for p in parts if p is not None])
-        c = quotient(b, R, den, rule, rank, known)
-        if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
-            c = b.mul(c, indicator(b, mask, z))
+        c = sign_message(b, R, den, z, rule, rank, mask, known, quiet)
         for i, (x, p) in enumerate(zip(node.inputs, parts)):
             if p is not None and not is_const(x):
                 shares[i] = b.sum([shares[i], unbroadcast(b, ctx.product(p, c), x, z)])

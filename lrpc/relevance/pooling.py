@@ -20,7 +20,7 @@ from onnx import helper
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from . import EXACT, declare, register
-from .stabilize import complement, indicator, quotient
+from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
 
 # (passes/avgpool_to_conv.py makes average pools depthwise Convs; GlobalMaxPool has no propagator)
@@ -186,15 +186,13 @@ def _sign_split(ctx, node, rule, R, axes, keepdims, rank, dims):
     quiet = ctx.no_relevance_below_zero(z)
     scale = 1.0 / float(np.prod([dims[a] for a in axes])) if node.op == "ReduceMean" else 1.0
     shares, accounts = [], []
-    for sign, mask, known in (("+", "Greater", "nonneg"), ("-", "Less", "nonpos")):
+    for sign, mask, known in SIGN_GROUPS:
         if sign == "-" and (quiet or ctx.nonneg(x)):
             continue
         part = x if sign == "+" and ctx.nonneg(x) else b.relu(x) if sign == "+" else b.op("Min", [x, b.const(0.0)])
         den = b.reduce_sum(part, axes, keepdims)
         den = den if scale == 1.0 else b.mul(den, b.const(scale))
-        c = quotient(b, R, den, rule, rank if keepdims else rank - len(axes), known)
-        if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
-            c = b.mul(c, indicator(b, mask, z))
+        c = sign_message(b, R, den, z, rule, rank if keepdims else rank - len(axes), mask, known, quiet)
         if ctx.audit:
             live = complement(b, indicator(b, "Equal", den))  # (a zero denominator passes none)
             accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), live)))
