@@ -11,10 +11,9 @@ import onnx
 from . import composites
 from .emit import AUDIT, SEED, TARGET, emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
-from .graph import MIN_OPSET, check_structure, export_model, release_deferred, structure_of_model
+from .graph import MIN_OPSET, check_structure, export_model, opset_of, release_deferred, structure_of_model
 from .model_io import read_model, restore
 from .passes import canonize as _canonize
-from .passes.normalize_opset import opset_of
 
 
 class Owned:

@@ -8,20 +8,13 @@ import onnx_graphsurgeon as gs
 
 from . import composites
 from .errors import InputError, UnsupportedError, op_type, unsupported
-from .graph import (MOVES, Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const,
-                    node_inputs)
-from .passes.norm_affine import NORMALIZATIONS
-from .relevance import propagator
+from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
+from .relevance import facts, propagator
 from .relevance.linear import gate_operand
 from .schedule import order_for_runtime
 
 SEED = "relevance_seed"
 AUDIT = ("kept", "bias", "zero")  # per-layer accounts (layerwise outputs relevance_sum_<kind>/<node>)
-POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
-RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
-NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
-KEEPS_SIGN = {"MaxPool", "Reshape", "Flatten", "Transpose", "Squeeze", "Unsqueeze", "Concat", "Slice", "Split",
-              "Identity", "Dropout", "Sum", "GlobalMaxPool", "Pad", "LRN", "Expand", "Gather", "GatherND"}
 
 
 class Context:
@@ -94,16 +87,10 @@ def inputs_of(canon: Canonical, node, tensors: dict) -> list:
 
 
 def category(canon: Canonical, node) -> str | None:
-    """The composite category of a node (see composites.py), None for nodes without a rule."""
-    if canon.origin.get(node.name) in POOLS:
-        return "avgpool"
-    if canon.origin.get(node.name) in RESIZES:
-        return "resize"
-    if node.op in NORMALIZATIONS or canon.origin.get(node.name) in NORMALIZATIONS:  # (origin: a bias Add that
-        return "normalization"  # passes/norm_affine.py could not fold into its normalization)
-    return {"Conv": "conv", "ConvTranspose": "conv", "Gemm": "dense", "MatMul": "dense", "Einsum": "dense",
-            "Sum": "sum", "BatchNormalization": "scale", "Mul": "scale", "Add": "scale", "ReduceMean": "avgpool",
-            "ReduceSum": "sum"}.get(op_of(canon, node))
+    """The composite category of a node (see composites.py), None for nodes without a rule: its op's, or that of
+    the op a pass made it from where the category survives the rewrite (a pool made a depthwise Conv)."""
+    before = facts(canon.origin.get(node.name))
+    return before.category if before.keeps_category else facts(op_of(canon, node)).category
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
@@ -169,7 +156,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         for t, r in zip(inputs_of(canon, node, tensors), r_in):
             if r is not None and t.name in depends:
                 incoming.setdefault(t.name, []).append(r)
-        if layerwise and (category(canon, node) or node.op == "MaxPool"):
+        if layerwise and (category(canon, node) or facts(node.op).reported):
             sent = [(t, r) for t, r in zip(inputs_of(canon, node, tensors), r_in)
                     if r is not None and t.name in depends]
             if layerwise == "full":
@@ -284,10 +271,6 @@ def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, fl
     return rows
 
 
-# each input element's relevance comes from outputs of the same value
-ROUTES_VALUES = {*MOVES, "Dropout", "Concat", "Split", "Slice", "Pad", "MaxPool", "Expand", "Gather", "GatherND"}
-
-
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:
     """Tensors whose relevance is zero wherever their value is <= 0 (then a gamma layer's ``z<0`` group
     carries nothing). Holds behind a ReLU whose output only feeds rules that multiply by a non-negative
@@ -304,7 +287,7 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
 
     def consumer_ok(c, t) -> bool:
         # (an activation region's output node is none of these: see its pass)
-        if (c.op == "Relu" or c.op in ROUTES_VALUES or (c.op == "Clip" and _clips_at_zero(c))
+        if (c.op == "Relu" or facts(c.op).routes or (c.op == "Clip" and _clips_at_zero(c))
                 or (op_of(ctx.canon, c) == "Mul" and _gated(c, t))):
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
@@ -448,13 +431,12 @@ def _nonneg(graph: gs.Graph, weight_signs: dict) -> set[str]:
 
     for node in graph.nodes:
         data = [t for t in node.inputs if t.name and not (is_const(t) and np.dtype(t.dtype).kind in "iu")]
-        if node.op in NONNEG_OUT:
+        if facts(node.op).nonneg:
             yes = True
         elif node.op == "Clip":
             lo = node.inputs[1] if len(node.inputs) > 1 and node.inputs[1].name else None
             yes = (lo is not None and is_const(lo) and bool(np.all(const_value(lo) >= 0))) or ok(node.inputs[0])
-        elif node.op in KEEPS_SIGN or node.op in ("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "Mul",
-                                                  "AveragePool"):
+        elif facts(node.op).keeps_nonneg:
             yes = bool(data) and all(ok(t) for t in data)
         else:
             yes = False

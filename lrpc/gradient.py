@@ -22,16 +22,9 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import composites
-from .passes.norm_affine import NORMALIZATIONS
+from .relevance import EXACT, facts
 
 PREFIX = "lrpc_check/probe/"
-# op types whose propagator is exactly gradient × input under LRP-0 (positively homogeneous activations pass:
-# f(z) = z f'(z); linear layers, sums, pools and routing are linear maps with exact adjoints)
-EXACT = {"Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "BatchNormalization", "Mul", "Add", "Sum", "ReduceMean",
-         "ReduceSum", "MaxPool", "Relu", "LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", "Identity", "Dropout",
-         "Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Concat", "Split", "Slice", "Pad", "Expand",
-         "Gather", "GatherND"}
-SMOOTH = {"Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Celu", "Softplus", "Softsign", "Mish", "HardSigmoid", "HardSwish"}
 SHAPES = ("Shape", "Size")  # their outputs are shapes, not values of the input
 # the tolerance is at least this many machine epsilons of the model's float type: float16 relevance and forwards are
 # good to ~1e-3 (a 3-layer MLP: 4.7e-4), so only errors above 2e-2 are seen there
@@ -79,15 +72,11 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
         at = f"node '{n.name}' ({n.op_type})"
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             return f"{at} has a subgraph"
-        if n.op_type in SMOOTH:
-            return f"{at}: a smooth activation gets the pass rule (relevance passes unchanged, the gradient is scaled)"
-        if n.op_type == "LRN":
-            return f"{at}: LRN gets the pass rule (its Jacobian is not the identity)"
-        if n.op_type in NORMALIZATIONS:
-            return f"{at}: a normalization's rule holds its standard deviation constant (AttnLRP), the gradient " \
-                   "does not"
-        if n.op_type not in EXACT:
-            return f"{at}: no LRP-0 = gradient identity is known for this op"
+        # (the registry's facts: exact for positively homogeneous activations, f(z) = z f'(z), and for linear
+        # layers, sums, pools and routing, linear maps with exact adjoints)
+        why = facts(n.op_type).gradient or "no LRP-0 = gradient identity is known for this op"
+        if why != EXACT:
+            return f"{at}: {why}"
         if n.op_type in ("Mul", "Add", "Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum") and len(computed) > 1:
             why = {"Mul": "a gated product or an activation written out as several ops (x * f(x)): one factor gets "
                           "no relevance, the gradient flows through both",

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
+from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from .errors import UnsupportedError, one_line, where
+from .errors import InputError, UnsupportedError, one_line, where
 from .model_io import deferred, is_big, restore_tensor
 
 # ops that move elements and keep their values
@@ -34,6 +35,7 @@ class Canonical:
     # node making an activation written as several ops -> the activation's input (passes/activation_regions.py)
     activations: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # node name -> why a pass left it as it was (one line)
+    output: str | None = None  # the graph output to explain (None: the first); passes/strip_softmax.py reads it
 
     @property
     def opset(self) -> int:
@@ -89,6 +91,24 @@ def release_deferred(canon: Canonical) -> None:
 def _proto_of(lazy: LazyValues) -> onnx.TensorProto:
     """The TensorProto behind ``lazy``, as it is (a deferred weight's without its data)."""
     return lazy.held if isinstance(lazy, DeferredValues) else lazy.tensor
+
+
+def opset_of(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` converted to opset :data:`MIN_OPSET` when it is older (so every later stage sees one op vocabulary),
+    else ``model`` itself."""
+    version = opset_of(model)
+    if version >= MIN_OPSET:
+        return model
+    try:
+        converted = version_converter.convert_version(model, MIN_OPSET)
+    except Exception as e:
+        raise InputError(f"cannot upgrade the model from opset {version} to {MIN_OPSET}: {one_line(e)}") from None
+    converted.ir_version = max(converted.ir_version, 8)
+    return converted
 
 
 def import_model(model: onnx.ModelProto, verbatim: dict | None = None) -> Canonical:

@@ -52,10 +52,25 @@ class Rule:
     stabilizer: str = "sign"
     zero_bias: bool = False
     params: dict = field(default_factory=dict, compare=False, hash=False)
+    # how it splits a parameter-free sum or reduction: "share" (in proportion to the terms), "sign" (among the terms
+    # of the output's sign); None: it does not apply there
+    on_sums: str | None = None
+    own_output: bool = False  # where R = z ⊙ c (z the layer's own output) its masks and sign tests fold into z
 
     @property
     def is_pass(self) -> bool:
         return not self.groups
+
+    @property
+    def gamma(self) -> float:
+        """The γ of its ``Wup``/``Wdown`` variants (0 for rules without them)."""
+        return float(self.params.get("gamma", 0.0))
+
+    @property
+    def plain_weights(self) -> bool:
+        """Every term weighs with ``W`` itself (no W+, W², ones): a linear map known only by its forward and
+        adjoint (a normalization's centring) can lower it."""
+        return all(t.weight == "W" for g in self.groups for t in g.terms)
 
     def describe(self) -> str:
         ps = ", ".join(f"{k}={v}" for k, v in self.params.items())
@@ -66,7 +81,8 @@ class Rule:
 
 
 def epsilon(epsilon: float = DEFAULT_EPS, **kw) -> Rule:
-    return Rule("epsilon", (Group((Term("x", "W", "b"),), above_z=True),), eps=epsilon, params={"epsilon": epsilon}, **kw)
+    return Rule("epsilon", (Group((Term("x", "W", "b"),), above_z=True),), eps=epsilon, params={"epsilon": epsilon},
+                on_sums="share", own_output=True, **kw)
 
 
 def zplus(**kw) -> Rule:
@@ -89,7 +105,7 @@ def gamma(gamma: float = 0.25, **kw) -> Rule:
         raise ValueError(f"gamma needs gamma >= 0 (got gamma={gamma})")
     up = Group((Term("x+", "Wup", "bup"), Term("x-", "Wdown")), mask="z>0", above_z=True)
     down = Group((Term("x+", "Wdown", "bdown"), Term("x-", "Wup")), mask="z<0", below_z=True)
-    return Rule("gamma", (up, down), params={"gamma": gamma}, **kw)
+    return Rule("gamma", (up, down), params={"gamma": gamma}, own_output=True, **kw)
 
 
 def sign_norm(**kw) -> Rule:
@@ -99,7 +115,7 @@ def sign_norm(**kw) -> Rule:
     inputs, equals the norm rule: the stable norm rule for sums whose branches have both signs."""
     up = Group((Term("x+", "W+", "b+"), Term("x-", "W-")), mask="z>0", above_z=True)
     down = Group((Term("x+", "W-", "b-"), Term("x-", "W+")), mask="z<0", below_z=True)
-    return Rule("sign-norm", (up, down), **kw)
+    return Rule("sign-norm", (up, down), on_sums="sign", **kw)
 
 
 def zbox(low=0.0, high=1.0, **kw) -> Rule:
@@ -120,7 +136,7 @@ def norm(**kw) -> Rule:
     """Proportional split for parameter-free layers (sums, average pools): epsilon without bias. It is zero_bias
     epsilon wherever it meets a layer with a bias (a normalization's, through a rule file): its denominator is ``Wx``
     computed by a forward of its own, and not known to exceed z."""
-    return Rule("norm", (Group((Term("x", "W"),), above_z=True),), **{**kw, "zero_bias": True})
+    return Rule("norm", (Group((Term("x", "W"),), above_z=True),), on_sums="share", **{**kw, "zero_bias": True})
 
 
 def pass_(**kw) -> Rule:

@@ -1,6 +1,7 @@
 """`lrpc check` (the CI guard) and per-layer relevance outputs."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -249,23 +250,23 @@ def _bias_dropped(m):
 
 def _maxpool_transposed(m):
     """MaxPool relevance sent to the transposed cell (H and W swapped): every value kept, the sums unchanged."""
-    from lrpc.relevance import PROPAGATORS, pooling
+    from lrpc.relevance import OPS, pooling
 
     def swapped(ctx, node, R_out, real=pooling.maxpool):
         return [ctx.b.op("Transpose", [real(ctx, node, R_out)[0]], {"perm": [0, 1, 3, 2]})]
 
-    m.setitem(PROPAGATORS, "MaxPool", swapped)
+    m.setitem(OPS, "MaxPool", dataclasses.replace(OPS["MaxPool"], fn=swapped))
 
 
 def _first_layer_scaled(m):
     """The relevance of the first layer's input 1% too large."""
-    from lrpc.relevance import PROPAGATORS, linear
+    from lrpc.relevance import OPS, linear
 
     def scaled(ctx, node, R_out, real=linear.propagate):
         r = real(ctx, node, R_out)
         return [ctx.b.mul(t, ctx.b.const(1.01)) if t is not None and node.name == "/body/body.0/Conv" else t for t in r]
 
-    m.setitem(PROPAGATORS, "Conv", scaled)
+    m.setitem(OPS, "Conv", dataclasses.replace(OPS["Conv"], fn=scaled))
 
 
 @pytest.mark.parametrize("plant, conserves, low, high", [(_bias_dropped, True, 1e-2, None),

@@ -253,6 +253,8 @@ def test_canonization_that_does_not_settle_is_an_internal_error(monkeypatch):
     import lrpc.passes as passes
 
     class Restless:  # a pass that reports a change every time
+        CHANGES_SHAPES = False
+
         @staticmethod
         def run(canon):
             return True
@@ -260,6 +262,21 @@ def test_canonization_that_does_not_settle_is_an_internal_error(monkeypatch):
     monkeypatch.setattr(passes, "PIPELINE", passes.PIPELINE + (Restless,))
     with pytest.raises(lrpc.UnsupportedError, match=f"did not settle after {passes.MAX_ROUNDS} rounds: passes "
                        "Restless still change the graph"):
+        canonize_graph(_conv_bn_scale(_rng(18)))
+
+
+def test_a_pass_that_fails_is_named(monkeypatch):
+    import lrpc.passes as passes
+
+    class Broken:
+        CHANGES_SHAPES = False
+
+        @staticmethod
+        def run(canon):
+            return {}["missing"]
+
+    monkeypatch.setattr(passes, "PIPELINE", passes.PIPELINE + (Broken,))
+    with pytest.raises(RuntimeError, match="canonization pass Broken failed .*: KeyError: 'missing'"):
         canonize_graph(_conv_bn_scale(_rng(18)))
 
 

@@ -1,22 +1,23 @@
 """Canonization: the ordered pipeline of passes, each ``run(canon) -> changed`` in a file of its own, run until
 none changes anything (a fold one pass makes possible, e.g. a Mul after a BatchNormalization that another pass
-folded, happens in the next round)."""
+folded, happens in the next round). Each pass declares ``CHANGES_SHAPES``: whether it changes the inferred shape of a
+tensor it keeps (then shapes are refreshed right after it changes the graph, for the passes after it in the round;
+new tensors get theirs after the round). A pass that fails with anything but an lrpc error is named in the error."""
 from __future__ import annotations
 
 import onnx
 
-from ..errors import UnsupportedError
-from ..graph import Canonical, import_model, refresh_shapes, toposort
-from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, normalize_opset, residual_sum, strip_softmax
+from ..errors import LrpcError, UnsupportedError, one_line
+from ..graph import Canonical, import_model, refresh_shapes, toposort, upgrade_opset
+from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, residual_sum, strip_softmax
 from . import activation_regions, decomposed_layernorm, gather_as_layout, maxpool_ceil, norm_affine, resize_to_matmul
 
 # (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
 # last: it records node names, which a later pass could replace)
 PIPELINE = (cleanup, gather_as_layout, maxpool_ceil, linear_normal_form, decomposed_layernorm, norm_affine,
             fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum, activation_regions)
-# passes after which the shapes below their nodes are stale at once: maxpool_ceil changes a pool's inferred output
-# shape, and the passes after it in the same round read shapes below it
-RESHAPING = (maxpool_ceil,)
+SHAPE_FOLDING = cleanup  # before the rounds, while the graph computes shapes: once per level of shape arithmetic
+FINAL = (strip_softmax,)  # once, after the rounds: finds the explained tensor (a second run would copy nodes again)
 MAX_ROUNDS = 8  # each round that changes something removes or rewrites nodes for good: real models need 2 or 3
 
 
@@ -25,11 +26,12 @@ def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = Fa
     """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor.
     ``owned``: ``model`` is lrpc's own (read from a file): the export may reuse its weights in place.
     ``verbatim``: its weights as read (:func:`lrpc.model_io.read_model`; deferred ones are read there)."""
-    normal = normalize_opset.run(model)
+    normal = upgrade_opset(model)
     canon = import_model(normal, verbatim if normal is model else None)
     if owned or normal is not model:  # a converted opset is a fresh model too
         canon.source = normal
-    while any(n.op == "Shape" for n in canon.graph.nodes) and cleanup.run(canon):
+    canon.output = output
+    while any(n.op == "Shape" for n in canon.graph.nodes) and _run(SHAPE_FOLDING, canon):
         # shape computations (torch's x.size() with a dynamic batch) fold a level further once shapes are refreshed
         toposort(canon.graph)
         canon = refresh_shapes(canon)
@@ -42,7 +44,8 @@ def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = Fa
         raise UnsupportedError(f"canonization did not settle after {MAX_ROUNDS} rounds: passes "
                                f"{', '.join(changed)} still change the graph (an lrpc bug: please report it with "
                                "the model's graph)")
-    strip_softmax.run(canon, output)
+    for p in FINAL:
+        _run(p, canon)
     return canon
 
 
@@ -52,9 +55,24 @@ def _round(canon: Canonical) -> list[str]:
     canon.refused.clear()
     changed = []
     for p in PIPELINE:
-        if p.run(canon):
+        if _run(p, canon):
             toposort(canon.graph)
-            changed.append(p.__name__.rsplit(".", 1)[-1])
-            if p in RESHAPING:
+            changed.append(_name(p))
+            if p.CHANGES_SHAPES:
                 refresh_shapes(canon)
     return changed
+
+
+def _run(p, canon: Canonical) -> bool:
+    """``p.run(canon)``; an unexpected failure names the pass (lrpc errors, about the model, pass as they are)."""
+    try:
+        return p.run(canon)
+    except (LrpcError, MemoryError):
+        raise
+    except Exception as e:
+        raise RuntimeError(f"canonization pass {_name(p)} failed (an lrpc bug: please report it with the model's "
+                           f"graph): {type(e).__name__}: {one_line(e)}") from e
+
+
+def _name(p) -> str:
+    return p.__name__.rsplit(".", 1)[-1]

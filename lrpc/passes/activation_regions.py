@@ -26,6 +26,8 @@ NOT_ALONE = {"Sign", "Abs", "Reciprocal", "Not", "IsNaN", "IsInf"}
 MERGING = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Greater", "Less", "GreaterOrEqual",
            "LessOrEqual", "Equal", "And", "Or"}
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

@@ -14,6 +14,8 @@ from onnx import helper
 from ..errors import UnsupportedError, where
 from ..graph import Canonical, const_value, insert_after, is_const, static_dims, toposort
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

@@ -9,6 +9,8 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedError, where
 from ..graph import Canonical, bypass, is_const
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

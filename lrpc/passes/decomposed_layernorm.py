@@ -12,6 +12,8 @@ from ..errors import UnsupportedError, where
 from ..graph import Canonical, const_value, is_const, only_consumer, producer, shape_advice
 from .norm_affine import over_axes
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

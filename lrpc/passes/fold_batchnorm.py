@@ -11,6 +11,8 @@ from ..errors import InputError, where
 from ..graph import (Canonical, add_bias, const_value, is_const, is_layer, only_consumer, producer, rewire_output,
                      scale_out_channels)
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

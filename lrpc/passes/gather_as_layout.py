@@ -10,6 +10,8 @@ import onnx_graphsurgeon as gs
 
 from ..graph import Canonical, const_value, is_const, producer
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph, changed = canon.graph, False

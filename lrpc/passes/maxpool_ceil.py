@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from ..graph import Canonical
 
+CHANGES_SHAPES = True  # (an inferred pool output shape: shapes below the pool are stale at once)
+
 
 def run(canon: Canonical) -> bool:
     changed = False

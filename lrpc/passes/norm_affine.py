@@ -15,6 +15,8 @@ from ..graph import MOVES, Canonical, channel_vector, const_value, is_const, onl
 
 NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")  # (canonical: version 21 of the last)
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

@@ -24,6 +24,8 @@ from ..graph import IR_FOR_OPSET, Canonical, const_value, is_const, static_dims,
 ORIGIN = "Resize"
 _PROBE_ATTRS_DROPPED = ("axes", "keep_aspect_ratio_policy")  # the probes give full-rank scales/sizes
 
+CHANGES_SHAPES = False
+
 
 def run(canon: Canonical) -> bool:
     graph = canon.graph

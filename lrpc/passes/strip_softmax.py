@@ -16,9 +16,11 @@ from ..graph import MOVES, Canonical, producer
 
 SQUASHERS = ("Softmax", "LogSoftmax", "Sigmoid")
 
+CHANGES_SHAPES = False
 
-def run(canon: Canonical, output: str | None = None) -> bool:
-    outputs = {t.name: t for t in canon.graph.outputs}
+
+def run(canon: Canonical) -> bool:
+    outputs, output = {t.name: t for t in canon.graph.outputs}, canon.output
     if output is None:
         t = canon.graph.outputs[0]
     elif output in outputs:

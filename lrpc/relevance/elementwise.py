@@ -7,15 +7,19 @@ import numpy as np
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const
-from . import register
+from . import EXACT, declare, register
 from .linear import unbroadcast
-from .stabilize import complement, indicator, quotient
+from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
-ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "Tanh", "Gelu", "Elu", "Selu", "Softplus", "Softsign",
-               "HardSigmoid", "HardSwish", "Mish", "LRN", "Identity", "Dropout", "Celu", "ThresholdedRelu")
+SMOOTH = "a smooth activation gets the pass rule (relevance passes unchanged, the gradient is scaled)"
 
 
-@register(*ACTIVATIONS)
+@register("Relu", nonneg=True, gradient=EXACT)
+@register("LeakyRelu", "PRelu", "ThresholdedRelu", "Clip", gradient=EXACT)
+@register("Identity", "Dropout", keeps_nonneg=True, routes=True, gradient=EXACT)
+@register("Sigmoid", "Softplus", "HardSigmoid", nonneg=True, gradient=SMOOTH)
+@register("Tanh", "Gelu", "Elu", "Selu", "Celu", "Softsign", "Mish", "HardSwish", gradient=SMOOTH)
+@register("LRN", keeps_nonneg=True, gradient="LRN gets the pass rule (its Jacobian is not the identity)")
 def pass_through(ctx, node, R_out):
     """Pass: the activation's input gets the relevance of its output, element for element."""
     return [R_out[0]] + [None] * (len(node.inputs) - 1)
@@ -28,14 +32,17 @@ def activation(ctx, node, R_out):
     return [R_out[0]]
 
 
-@register("Sum")
+declare("Abs", "Exp", "Softmax", nonneg=True)  # (no propagator: inside activation regions, gates)
+
+
+@register("Sum", category="sum", keeps_nonneg=True, gradient=EXACT)
 def residual_sum(ctx, node, R_out):
     rule = ctx.rule(node)
-    if rule.name not in ("norm", "epsilon", "sign-norm"):
+    if rule.on_sums is None:
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum (use norm, sign-norm or epsilon)")
     z = node.outputs[0]
     rank = len(z.shape) if z.shape is not None else None
-    if rule.name == "sign-norm":
+    if rule.on_sums == "sign":
         return _sign_split(ctx, node, rule, R_out[0], rank)
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
     c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
@@ -63,14 +70,12 @@ def _sign_split(ctx, node, rule, R, rank):
 
     quiet = ctx.no_relevance_below_zero(z)
     shares, accounts = [None] * len(node.inputs), []
-    for sign, mask, known in (("+", "Greater", "nonneg"), ("-", "Less", "nonpos")):
+    for sign, mask, known in SIGN_GROUPS:
         parts = [part(x, sign) for x in node.inputs]
         if (sign == "-" and quiet) or all(p is None for p in parts):
             continue
         den = b.sum([p for p in parts if p is not None])
-        c = quotient(b, R, den, rule, rank, known)
-        if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
-            c = b.mul(c, indicator(b, mask, z))
+        c = sign_message(b, R, den, z, rule, rank, mask, known, quiet)
         for i, (x, p) in enumerate(zip(node.inputs, parts)):
             if p is not None and not is_const(x):
                 shares[i] = b.sum([shares[i], unbroadcast(b, ctx.product(p, c), x, z)])

@@ -31,8 +31,8 @@ def signed_gamma(ctx, view, rule, R):
     """``R_in`` of the gamma rule by the formula above; None where it does not apply (other rules and
     stabilizers, γ = 0 or eps = 0, biases left out of the denominators) or where the emitter's own lowering
     needs no more work (a non-negative input whose relevance vanishes where z <= 0: one forward, one adjoint)."""
-    g = float(rule.params.get("gamma", 0.0))
-    if (rule.name != "gamma" or not g > 0 or rule.stabilizer not in ("sign", "clip") or not rule.eps > 0
+    g = rule.gamma
+    if (not g > 0 or rule.stabilizer not in ("sign", "clip") or not rule.eps > 0
             or (rule.zero_bias and view.bias is not None)):
         return None
     nonneg, quiet = ctx.nonneg(view.x), ctx.no_relevance_below_zero(view.z)

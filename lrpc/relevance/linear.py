@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import InputError, UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
-from . import depthwise, register
+from . import EXACT, declare, depthwise, register
 from .gamma import signed_gamma
 from .stabilize import complement, indicator, quotient
 
@@ -318,7 +318,13 @@ def gate_operand(node):
     return gates[0]
 
 
-@register("Conv", "ConvTranspose", "Gemm", "MatMul", "Einsum", "BatchNormalization", "Mul", "Add")
+declare("Resize", "Upsample", category="resize", keeps_category=True)  # (passes/resize_to_matmul.py: MatMuls)
+
+
+@register("Conv", "ConvTranspose", category="conv", keeps_nonneg=True, gradient=EXACT)
+@register("Gemm", "MatMul", "Einsum", category="dense", keeps_nonneg=True, gradient=EXACT)
+@register("Mul", category="scale", keeps_nonneg=True, gradient=EXACT)
+@register("BatchNormalization", "Add", category="scale", gradient=EXACT)
 def propagate(ctx, node, R_out):
     """A linear layer under its rule. A gated product ``y = x * g`` (:func:`gate_operand`) is the element-wise
     linear map of ``x`` scaled by the gate's values: its rule (pass by default, category scale) sends
@@ -351,7 +357,7 @@ def emit_rule(ctx, view: View, rule: Rule, R):
     if fast is not None:
         return fast
     rank = len(view.z.shape) if view.z.shape is not None else None
-    gamma = float(rule.params.get("gamma", 0.0))
+    gamma = rule.gamma
     groups = []
     for group in rule.groups:
         if group.mask == "z<0" and ctx.no_relevance_below_zero(view.z):
@@ -458,11 +464,10 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     denominators, a possibly negative input for gamma)."""
     factors = ctx.factors_of(R)
     if (factors is None or factors[0] is not view.z or rule.stabilizer != "sign" or rule.eps <= 0
-            or (rule.zero_bias and view.bias is not None) or rule.name not in ("epsilon", "gamma")):
+            or (rule.zero_bias and view.bias is not None) or not rule.own_output):
         return None
-    b, z, c, eps = ctx.b, view.z, factors[1], rule.eps
-    g = float(rule.params.get("gamma", 0.0))
-    if rule.name == "epsilon" or g == 0.0:  # (gamma 0 is epsilon, for inputs of either sign)
+    b, z, c, eps, g = ctx.b, view.z, factors[1], rule.eps, rule.gamma
+    if g == 0.0:  # epsilon (gamma 0 is epsilon, for inputs of either sign)
         A = b.op("Abs", [z])
         q = b.op("Div", [c, b.add(A, b.const(eps))])
         if ctx.audit:  # (R = z ⊙ c vanishes where z = 0: no zero denominators)
@@ -537,7 +542,7 @@ class _Variants:
 
     def __init__(self, ctx, view: View, rule: Rule):
         self.ctx, self.b, self.view, self.rule = ctx, ctx.b, view, rule
-        self.gamma = float(rule.params.get("gamma", 0.0))
+        self.gamma = rule.gamma
         self._cache: dict = {}
 
     def _memo(self, key, make):

@@ -12,10 +12,12 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedError, where
 from ..graph import Builder, const_value, is_const
 from ..passes.norm_affine import NORMALIZATIONS
+from ..rules import RULES as ALL_RULES, make_rule
 from . import register
 from .linear import View, emit_rule
 
-RULES = ("epsilon", "norm", "pass")  # the others need the positive part of the (centring) matrix, which w does not give
+# the rules it takes: the others need the positive part of the (centring) matrix, which w does not give
+RULES = tuple(name for name in ALL_RULES if make_rule(name).plain_weights)
 
 
 class NormView(View):
@@ -48,12 +50,13 @@ class NormView(View):
         return u if self.groups is None else b.op("Reshape", [u, b.shape_of(self.x)])
 
 
-@register(*NORMALIZATIONS)
+@register(*NORMALIZATIONS, category="normalization", keeps_category=True,  # (a bias Add norm_affine could not fold)
+          gradient="a normalization's rule holds its standard deviation constant (AttnLRP), the gradient does not")
 def normalization(ctx, node, R_out):
     """The layer under its rule (category ``normalization``: epsilon in every composite)."""
     rule = ctx.rule(node)
     view = norm_view(ctx, node)
-    if rule.name not in RULES:
+    if not rule.plain_weights:
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a normalization layer "
                                f"(use {', '.join(RULES)})")
     r = R_out[0] if rule.is_pass else emit_rule(ctx, view, rule, R_out[0])

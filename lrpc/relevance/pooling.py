@@ -19,11 +19,17 @@ from onnx import helper
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
-from . import register
-from .stabilize import complement, indicator, quotient
+from . import EXACT, declare, register
+from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
 
-@register("MaxPool")
+# (passes/avgpool_to_conv.py makes average pools depthwise Convs; GlobalMaxPool has no propagator)
+declare("AveragePool", category="avgpool", keeps_category=True, keeps_nonneg=True)
+declare("GlobalAveragePool", category="avgpool", keeps_category=True)
+declare("GlobalMaxPool", keeps_nonneg=True)
+
+
+@register("MaxPool", keeps_nonneg=True, routes=True, reported=True, gradient=EXACT)
 def maxpool(ctx, node, R_out):
     if ctx.options.maxpool == "split":
         return _split(ctx, node, R_out)
@@ -135,13 +141,14 @@ def _inverse(flat: np.ndarray, size: int) -> np.ndarray:
     return inverse
 
 
-@register("ReduceMean", "ReduceSum")
+@register("ReduceMean", category="avgpool", keeps_category=True, gradient=EXACT)
+@register("ReduceSum", category="sum", gradient=EXACT)
 def reduce(ctx, node, R_out):
     """A sum or mean the avgpool pass leaves as it is (over channels, over all non-batch axes, over H, W of an NHWC
     tensor: tf2onnx's global pool): norm rule, each summed cell gets its share ``R_i = x_i * R / stab(sum)`` (a
     mean's cells weigh 1/K: ``x_i / K * R / stab(mean)``, the same), broadcast back over the reduced axes."""
     rule = ctx.rule(node)
-    if rule.name not in ("norm", "epsilon", "sign-norm"):
+    if rule.on_sums is None:
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} (use norm, sign-norm or "
                                f"epsilon)")
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
@@ -159,7 +166,7 @@ def reduce(ctx, node, R_out):
     if 0 in axes:
         raise UnsupportedError(f"{where(node)}: {node.op} over the batch axis has no LRP rule")
     keepdims = node.attrs.get("keepdims", 1)
-    if rule.name == "sign-norm":
+    if rule.on_sums == "sign":
         return [_sign_split(ctx, node, rule, R_out[0], axes, keepdims, rank, dims)] + rest
     c = quotient(b, R_out[0], z, rule, rank if keepdims else rank - len(axes))
     if not keepdims:
@@ -179,15 +186,13 @@ def _sign_split(ctx, node, rule, R, axes, keepdims, rank, dims):
     quiet = ctx.no_relevance_below_zero(z)
     scale = 1.0 / float(np.prod([dims[a] for a in axes])) if node.op == "ReduceMean" else 1.0
     shares, accounts = [], []
-    for sign, mask, known in (("+", "Greater", "nonneg"), ("-", "Less", "nonpos")):
+    for sign, mask, known in SIGN_GROUPS:
         if sign == "-" and (quiet or ctx.nonneg(x)):
             continue
         part = x if sign == "+" and ctx.nonneg(x) else b.relu(x) if sign == "+" else b.op("Min", [x, b.const(0.0)])
         den = b.reduce_sum(part, axes, keepdims)
         den = den if scale == 1.0 else b.mul(den, b.const(scale))
-        c = quotient(b, R, den, rule, rank if keepdims else rank - len(axes), known)
-        if not (quiet and sign == "+"):  # (behind a ReLU, R = 0 where z <= 0: the mask is a no-op)
-            c = b.mul(c, indicator(b, mask, z))
+        c = sign_message(b, R, den, z, rule, rank if keepdims else rank - len(axes), mask, known, quiet)
         if ctx.audit:
             live = complement(b, indicator(b, "Equal", den))  # (a zero denominator passes none)
             accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), live)))

@@ -76,6 +76,19 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
     return b.op("Div", [R, den])
 
 
+# sign-norm's two groups: the parts of that sign, the outputs where z has it (indicator op), the denominator's sign
+SIGN_GROUPS = (("+", "Greater", "nonneg"), ("-", "Less", "nonpos"))
+
+
+def sign_message(b, R, den, z, rule: Rule, rank: int | None, mask: str, known: str, quiet: bool):
+    """The message of one sign-norm group (:data:`SIGN_GROUPS`): ``R / stab(den)`` where ``mask(z, 0)`` holds, 0
+    elsewhere. ``quiet``: R = 0 wherever z <= 0 (behind a ReLU), so the positive group needs no mask."""
+    c = quotient(b, R, den, rule, rank, known)
+    if not (quiet and mask == "Greater"):
+        c = b.mul(c, indicator(b, mask, z))
+    return c
+
+
 def _onnx_type(dtype) -> int:
     from onnx import helper
 

@@ -7,11 +7,13 @@ import numpy as np
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
-from . import register
+from . import EXACT, register
 from .linear import unbroadcast
 
+DATA_MOVEMENT = {"keeps_nonneg": True, "routes": True, "gradient": EXACT}  # (facts of every op here)
 
-@register("Reshape", "Flatten", "Squeeze", "Unsqueeze")
+
+@register("Reshape", "Flatten", "Squeeze", "Unsqueeze", **DATA_MOVEMENT)
 def reshape(ctx, node, R_out):
     x, y = node.inputs[0], node.outputs[0]
     xs, ys = x.shape, y.shape
@@ -23,7 +25,7 @@ def reshape(ctx, node, R_out):
     return [ctx.b.reshape_like(R_out[0], x)] + [None] * (len(node.inputs) - 1)
 
 
-@register("Transpose")
+@register("Transpose", **DATA_MOVEMENT)
 def transpose(ctx, node, R_out):
     x = node.inputs[0]
     perm = node.attrs.get("perm")
@@ -33,7 +35,7 @@ def transpose(ctx, node, R_out):
     return [ctx.b.op("Transpose", [R_out[0]], {"perm": [int(i) for i in inverse]})]
 
 
-@register("Expand")
+@register("Expand", **DATA_MOVEMENT)
 def expand(ctx, node, R_out):
     """Broadcast: each input element gets the sum of its copies' relevance (a ReduceSum over the broadcast axes)."""
     x, y = node.inputs[0], node.outputs[0]
@@ -42,7 +44,7 @@ def expand(ctx, node, R_out):
     return [unbroadcast(ctx.b, R_out[0], x, y), None]
 
 
-@register("Gather")
+@register("Gather", **DATA_MOVEMENT)
 def gather(ctx, node, R_out):
     """Gather with constant indices: each element of the data gets the relevance of every place it was copied to
     (ScatterElements with reduction add along the gathered axis; elements not gathered get none)."""
@@ -65,7 +67,7 @@ def gather(ctx, node, R_out):
     return [scattered, None]
 
 
-@register("GatherND")
+@register("GatherND", **DATA_MOVEMENT)
 def gather_nd(ctx, node, R_out):
     """GatherND with constant indices (dynamo's advanced indexing ``x[:, [2, 0, 2]]``): each element or slice of the
     data gets the relevance of every copy (ScatterND with reduction add)."""
@@ -84,7 +86,7 @@ def gather_nd(ctx, node, R_out):
     return [b.op("ScatterND", [b.zeros_like(x), b.const(ind, np.int64), R_out[0]], {"reduction": "add"}), None]
 
 
-@register("Concat")
+@register("Concat", **DATA_MOVEMENT)
 def concat(ctx, node, R_out):
     axis = int(node.attrs["axis"])
     rank = len(static_dims(node.outputs[0], node))
@@ -95,7 +97,7 @@ def concat(ctx, node, R_out):
     return [None if is_const(x) else p for x, p in zip(node.inputs, parts)]
 
 
-@register("Split")
+@register("Split", **DATA_MOVEMENT)
 def split(ctx, node, R_out):
     b = ctx.b
     axis = int(node.attrs.get("axis", 0))
@@ -104,7 +106,7 @@ def split(ctx, node, R_out):
     return [joined] + [None] * (len(node.inputs) - 1)
 
 
-@register("Slice")
+@register("Slice", **DATA_MOVEMENT)
 def slice_(ctx, node, R_out):
     x = node.inputs[0]
     dims = static_dims(x, node)
@@ -143,7 +145,7 @@ def slice_(ctx, node, R_out):
     return [b.op("Pad", [r, b.ints(before + after)], {"mode": "constant"})] + [None] * (len(node.inputs) - 1)
 
 
-@register("Pad")
+@register("Pad", **DATA_MOVEMENT)
 def pad(ctx, node, R_out):
     mode = node.attrs.get("mode", "constant")
     mode = mode.decode() if isinstance(mode, bytes) else mode
