@@ -346,7 +346,7 @@ def _inside_activations(canon: Canonical, graph: gs.Graph, tensors: dict) -> set
 
 def _restore_global_pool(node) -> None:
     """A global average pool that passes/avgpool_to_conv.py made a depthwise Conv (so that rules apply to it) but
-    that no relevance reaches becomes a GlobalAveragePool again: onnxruntime runs that 3-4x faster than the Conv
+    that no relevance reaches becomes a GlobalAveragePool again: onnxruntime runs that faster than the Conv
     (one per squeeze-and-excitation block). Only the exact form: kernel = the input's spatial size, no pads,
     stride 1, weights all 1/K, bias 0."""
     if node.op != "Conv" or len(node.inputs) < 2 or not is_const(node.inputs[1]):

@@ -1,14 +1,12 @@
 """The adjoint of a strided depthwise convolution as a depthwise Conv (no ConvTranspose over channel groups).
 
 onnxruntime runs a grouped ConvTranspose group by group (a GEMM and a col2im each); its blocked (NCHWc) depthwise
-Conv has no such loop. Measured (onnxruntime 1.32, one thread, MobileNetV3/EfficientNet-B0 shapes, the message made
-and the result read by element-wise ops as in a compiled graph): the ConvTranspose took 1.05-2.3x the interleave
-and depthwise Conv below.
+Conv has no such loop (measured in docs/performance.md#lowering-choices).
 
 The adjoint ``r[i] = Σ_{o,k: o·s + k·d - p = i} w[k] c[o]`` is a stride-1 correlation of ``u`` (``c`` with s - 1
 zeros between its values, ``u[o·s] = c[o]``) with the reversed kernel, begin pad ``(K-1)d - p_begin`` and end pad
-``H + p_begin - ((H'-1)s + 1)``. The zeros are put in by a ConvTranspose with a 1x1 kernel of ones (measured the
-fastest interleave in onnxruntime 1.32: Pad of a 6-d view, Resize with a mask and DepthToSpace were slower)."""
+``H + p_begin - ((H'-1)s + 1)``. The zeros are put in by a ConvTranspose with a 1x1 kernel of ones, the fastest of
+the interleaves tried."""
 from __future__ import annotations
 
 import numpy as np

@@ -40,7 +40,7 @@ def maxpool(ctx, node, R_out):
         node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
     x, idx = node.inputs[0], node.outputs[1]
     shape = b.shape_of(x)
-    # MaxUnpool: one write per output (4x faster than zeros + ScatterElements, measured); onnxruntime's CPU
+    # MaxUnpool: one write per output instead of a zero fill and a scatter (faster); onnxruntime's CPU
     # MaxUnpool takes float and float16, not double
     if _disjoint(node) and b.dtype in (np.float32, np.float16):
         a = {k: node.attrs[k] for k in ("kernel_shape", "strides", "pads") if k in node.attrs}
@@ -104,7 +104,7 @@ def _split(ctx, node, R_out):
     c, spatial, rank = dims[1], dims[2:], len(dims)
     table = window_table(node, spatial)
     xdt = np.dtype(x.dtype) if x.dtype is not None else b.dtype
-    # channels last, so that each Gather index moves a block of C values (per-element Gather is ~10x slower)
+    # channels last, so that each Gather index moves a block of C values (a Gather per element is much slower)
     last = [0, *range(2, rank), 1]
 
     def cl(t, dtype=None):  # [N, C, *sp] -> [N, 1, *sp, C]

@@ -1,7 +1,7 @@
 """Stabilized division ``R / stab(z)`` lowered to ONNX ops (shared by every rule with a denominator).
 
-Signs and masks are built with Cast(compare) and arithmetic, not ``Where``: onnxruntime's CPU ``Where``
-with a broadcast operand measured 5-50x slower than Cast + Mul on activation-sized tensors."""
+Signs and masks are built with Cast(compare) and arithmetic, not ``Where``: onnxruntime's CPU ``Where`` with a
+broadcast operand is much slower than Cast + Mul on activation-sized tensors (docs/performance.md#lowering-choices)."""
 from __future__ import annotations
 
 import numpy as np
