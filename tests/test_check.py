@@ -514,9 +514,8 @@ def test_zero_bias_change_leaves_other_compiles_byte_identical(tmp_path, monkeyp
     """The exact Wx is a zero_bias matter: with the old stand-in (z − b) patched back, compiles without zero_bias are
     byte-identical, compiles with it differ."""
     pytest.importorskip("torch")
-    from models import archs
-
     from lrpc.relevance import linear
+    from models import archs
 
     paths = [DIGITS, archs.torch_arch("resnet_basic", tmp_path).model]
     for path in paths:

@@ -497,9 +497,8 @@ def _rich_model() -> onnx.ModelProto:
 def test_saved_bytes_are_serialize_to_string(case, tmp_path):
     """save_model writes the model piece by piece (its weights one at a time, not one buffer of the whole
     file): the file must hold exactly the bytes of SerializeToString."""
-    from lrpc.model_io import save_model, serialized_pieces
-
     import lrpc as lib
+    from lrpc.model_io import save_model, serialized_pieces
 
     if case == "digits compiled":
         model = lib.compile(DIGITS, "epsilon-gamma-box")

@@ -15,6 +15,7 @@ import warnings
 import numpy as np
 import onnx
 import pytest
+
 pytest.importorskip("torch")  # (exports torch models; the pure-ONNX tests run without torch)
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -22,9 +23,9 @@ from torch import nn
 
 import lrpc
 from conftest import rel_l2, run_onnx
-from torch_fixtures import grad_x_input_top1
 from lrpc.passes import canonize
 from lrpc.passes.gather_as_layout import transposed_view
+from torch_fixtures import grad_x_input_top1
 
 # ------------------------------------------------------------------------------------------------ (1) dense, float64
 

@@ -9,10 +9,10 @@ incoming relevance (1e-4, float32 run); the relevance lost there is the relevanc
 z⁺ = W⁺x⁺ + W⁻x⁻ is exactly 0 (a 2x2 map: 4 in-image taps of a 3x3 window, half of them 0 after the ReLU)."""
 from __future__ import annotations
 
-
 import numpy as np
 import onnx
 import pytest
+
 pytest.importorskip("torch")  # (exports torch models; the pure-ONNX tests run without torch)
 import torch
 import torchvision

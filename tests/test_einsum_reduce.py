@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+
 pytest.importorskip("torch")  # (exports torch models; the pure-ONNX tests run without torch)
 import torch
 import torch.nn.functional as F

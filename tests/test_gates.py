@@ -190,10 +190,9 @@ def test_relu_behind_a_gate_carries_no_relevance_below_zero(export, monkeypatch)
     from torch import nn
     from torchvision.ops import SqueezeExcitation
 
+    from conftest import rel_l2, run_onnx
     from lrpc import emit
     from test_activations import export as to_onnx
-
-    from conftest import rel_l2, run_onnx
 
     torch.manual_seed(0)
 

@@ -17,9 +17,9 @@ from onnx.external_data_helper import set_external_data
 
 import lrpc
 from lrpc import compiler
-from lrpc.runtime import _READS_EXTERNAL_FOLDER
 from lrpc.graph import DeferredValues, import_model
 from lrpc.model_io import deferred, load_model, read_model, restore, serialized, serialized_pieces, verbatim_bytes
+from lrpc.runtime import _READS_EXTERNAL_FOLDER
 
 RNG = np.random.default_rng(11)
 

@@ -491,7 +491,6 @@ def test_backward_reads_the_forward_relu(composite):
     """Denominators behind a ReLU (Relu(z) + eps) read the forward's own Relu output instead of a second Relu of z
     (the relevance itself is checked by test_rule_behind_relu and the zennit parity tests)."""
     import collections
-
     from pathlib import Path
 
     compiled = lrpc.compile(Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx", composite)

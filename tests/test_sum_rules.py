@@ -12,6 +12,7 @@ import json
 import numpy as np
 import onnx
 import pytest
+
 pytest.importorskip("torch")  # (exports torch models; the pure-ONNX tests run without torch)
 import torch
 from onnx import TensorProto, helper, numpy_helper

@@ -379,8 +379,9 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
     """compile(seed="top1"): one run with only the model's inputs gives the relevance of the fed top-1 seed
     (bit for bit: same graph below the seed) and names the chosen index, a maximum of the scores (the
     U-Net's sigmoid saturates to 1.0 at many pixels: there the logits decide)."""
-    import onnxruntime as ort
     from pathlib import Path
+
+    import onnxruntime as ort
 
     root = Path(__file__).resolve().parents[1]
     x = np.load(root / "models" / samples)["images"]

@@ -19,6 +19,7 @@ import time
 
 import numpy as np
 import pytest
+
 pytest.importorskip("torch")  # (exports torch models; the pure-ONNX tests run without torch)
 import torch
 from zennit import composites as zc

@@ -33,6 +33,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+
 pytest.importorskip("torch")  # (exports torch models; the pure-ONNX tests run without torch)
 import torch
 
