@@ -245,7 +245,7 @@ def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
     try:
         model, verbatim = compiler.compile_for_save(path, "epsilon")
         assert mapped()  # (the result's deferred weights are the file's bytes)
-        model = verbatim = None
+        model = verbatim = None  # noqa: F841  (drops the last references: the file must be unmapped)
         assert not mapped()
         model = lrpc.compile(path, "epsilon")
         assert not mapped() and all(t.HasField("raw_data") for t in model.graph.initializer if len(t.dims) > 1)
@@ -349,7 +349,7 @@ def test_a_session_that_would_keep_the_file_mapped_is_made_from_the_bytes(tmp_pa
     held = read_model(path)  # lrpc's own map of the file, alive: the session's map is still told apart
     session = lrpc.Session(path, providers=["CPUExecutionProvider"])
     assert folders == [path.parent, None]  # (the hand-over, then the bytes)
-    held = None
+    held = None  # noqa: F841  (drops lrpc's map: then no map of the file is left)
     assert str(path) not in Path("/proc/self/maps").read_text()
     x = RNG.standard_normal((1, 5000)).astype(np.float32)
     with open(path, "r+b") as f:  # rewritten in place: same size, other weights
@@ -379,7 +379,7 @@ def test_lrpcs_own_maps_of_a_file_do_not_count_as_a_sessions(tmp_path, monkeypat
     x = RNG.standard_normal((2, 64)).astype(np.float32)
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], want[0])
-    first = second = None
+    first = second = None  # noqa: F841  (drops both maps: their record must go with them)
     gc.collect()
     assert model_io._OWN_MAPS == before
 
