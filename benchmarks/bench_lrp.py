@@ -43,7 +43,8 @@ def export(name: str, cache: Path) -> Path:
         torch.manual_seed(0)
         model = getattr(torchvision.models, name)(weights=None).eval()
         torch.onnx.export(model, torch.randn(1, 3, 224, 224), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"], output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+                          input_names=["input"], output_names=["logits"],
+                          dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
     return path
 
 
@@ -128,7 +129,8 @@ def zennit_memory_mb(name: str, composite: str, feeds_path: Path, threads: int, 
                           f"{threads}, 0, {device!r})", device)
 
 
-def zennit_time(name: str, composite: str, x: np.ndarray, threads: int, repeats: int, device: str = "cpu") -> float | None:
+def zennit_time(name: str, composite: str, x: np.ndarray, threads: int, repeats: int,
+                device: str = "cpu") -> float | None:
     import torch
     import torchvision
     from zennit import composites as zc
@@ -183,7 +185,9 @@ def main() -> int:
     cache = Path(args.cache)
     cache.mkdir(parents=True, exist_ok=True)
     rows = []
-    header = f"{'model':9s} {'composite':21s} {'batch':>5s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} {'zennit ms':>9s} {'zennit/lrp':>10s} {'compile s':>9s} {'size x':>6s} {'mem x':>6s} {'lrp/fwd MiB':12s} {'zen MiB':>7s}"
+    header = (f"{'model':9s} {'composite':21s} {'batch':>5s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} "
+              f"{'zennit ms':>9s} {'zennit/lrp':>10s} {'compile s':>9s} {'size x':>6s} {'mem x':>6s} "
+              f"{'lrp/fwd MiB':12s} {'zen MiB':>7s}")
     if args.device == "cuda" and not args.cuda_graph:
         header += f" {'lrp+io ms':>8s}"
     print(f"onnxruntime {ort.__version__}, {args.threads} threads, device {args.device}"
@@ -240,14 +244,18 @@ def main() -> int:
                        "lrp_over_forward": l_ms / f_ms, "zennit_ms": None if z is None else z * 1e3,
                        "zennit_over_lrp": None if z is None else z * 1e3 / l_ms, "compile_s": compile_s,
                        "size_ratio": size_ratio, "peak_memory_ratio": mem,
-                       "lrp_memory_mib": mem_mb[0], "forward_memory_mib": mem_mb[1], "zennit_memory_mib": mem_mb[2], "lrp_host_io_ms": h_ms,
+                       "lrp_memory_mib": mem_mb[0], "forward_memory_mib": mem_mb[1], "zennit_memory_mib": mem_mb[2],
+                       "lrp_host_io_ms": h_ms,
                        "device": args.device, "cuda_graph": bool(graph)}
                 rows.append(row)
-                zs = f"{row['zennit_ms']:9.1f} {row['zennit_over_lrp']:10.1f}" if z is not None else f"{'-':>9s} {'-':>10s}"
-                ms = (f"{mem:6.2f} {mem_mb[0]:6.0f}/{mem_mb[1]:<5.0f}" + (f" {mem_mb[2]:7.0f}" if mem_mb[2] else f" {'-':>7s}")
+                zs = (f"{row['zennit_ms']:9.1f} {row['zennit_over_lrp']:10.1f}" if z is not None
+                      else f"{'-':>9s} {'-':>10s}")
+                ms = (f"{mem:6.2f} {mem_mb[0]:6.0f}/{mem_mb[1]:<5.0f}"
+                      + (f" {mem_mb[2]:7.0f}" if mem_mb[2] else f" {'-':>7s}")
                       if mem is not None else f"{'-':>6s} {'':12s} {'':7s}")
                 hs = f" {h_ms:8.1f}" if h_ms is not None else ""
-                print(f"{name:9s} {composite:21s} {batch:5d} {f_ms:8.2f} {l_ms:8.2f} {l_ms / f_ms:7.2f} {zs} {compile_s:9.2f} {size_ratio:6.3f} {ms}{hs}", flush=True)
+                print(f"{name:9s} {composite:21s} {batch:5d} {f_ms:8.2f} {l_ms:8.2f} {l_ms / f_ms:7.2f} {zs} "
+                      f"{compile_s:9.2f} {size_ratio:6.3f} {ms}{hs}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     return 0

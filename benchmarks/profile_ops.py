@@ -1,9 +1,10 @@
-"""Where a (compiled) graph spends its time in onnxruntime: per op type, summed over nodes, and which execution
+r"""Where a (compiled) graph spends its time in onnxruntime: per op type, summed over nodes, and which execution
 provider ran each, from onnxruntime's own profiler, in a session with lrpc.Session's options.
 
     python benchmarks/profile_ops.py /tmp/lrpc-bench/resnet50.epsilon-gamma-box.lrp.onnx --batch 8
     python benchmarks/profile_ops.py model.lrp.onnx --device cuda --runs 20
-    python benchmarks/profile_ops.py /tmp/lrpc-bench/vgg16.epsilon-gamma-box.lrp.onnx --forward /tmp/lrpc-bench/vgg16.onnx
+    python benchmarks/profile_ops.py /tmp/lrpc-bench/vgg16.epsilon-gamma-box.lrp.onnx \
+        --forward /tmp/lrpc-bench/vgg16.onnx
 
 Inputs: random normal of each input's shape (batch ``--batch``), a one-hot seed (class 3) for
 ``relevance_seed``. Prints one line per (op type, provider): total ms per run, share, node count; and a line
@@ -103,7 +104,8 @@ def main() -> None:
         conv = sum(ms for (op, _), ms in totals.items() if op in CONVOLUTIONS)
         print(f"forward {args.forward}: {f_wall:.2f} ms per run (wall), {f_total:.2f} ms in kernels")
         dense = sum(ms for (op, _), ms in totals.items() if op in DENSE)
-        print(f"  compiled / forward (kernel time): {total / f_total:.2f}; its convolutions alone: {conv / f_total:.2f} "
+        print(f"  compiled / forward (kernel time): {total / f_total:.2f}; "
+              f"its convolutions alone: {conv / f_total:.2f} "
               f"(the floor element-wise work adds to); with the dense layers (MatMul, Gemm): "
               f"{(conv + dense) / f_total:.2f}")
 

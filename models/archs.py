@@ -523,7 +523,8 @@ def mlp() -> nn.Module:
 def _affine(norm: nn.Module) -> nn.Module:
     """A normalization's affine parameters drawn at random (not torch's ones and zeros)."""
     with torch.no_grad():
-        norm.weight.copy_((0.5 + torch.rand(norm.weight.shape)) * torch.where(torch.rand(norm.weight.shape) < 0.2, -1, 1))
+        norm.weight.copy_((0.5 + torch.rand(norm.weight.shape))
+                          * torch.where(torch.rand(norm.weight.shape) < 0.2, -1, 1))
         norm.bias.copy_(0.3 * torch.randn(norm.bias.shape))
     return norm
 
@@ -725,7 +726,8 @@ def torch_arch(name: str, tmp_dir, seed: int = 0, opset: int | None = OPSET, con
     deviation of normalization layers constant (:func:`sigma_detached`)."""
     model = build_torch(name, seed)
     shape = TORCH_BUILDERS[name][1]
-    tag = f"{name}-" + ("dynamo" if dynamo else "") + (f"op{opset}" if opset else "") + ("" if constant_folding else "-nofold")
+    tag = (f"{name}-" + ("dynamo" if dynamo else "") + (f"op{opset}" if opset else "")
+           + ("" if constant_folding else "-nofold"))
     path = export(model, Path(tmp_dir) / f"{tag}.onnx", shape, opset, constant_folding, dynamo,
                   getattr(model, "output", "logits"))
     twin = sigma_detached(model)
@@ -1117,7 +1119,8 @@ def caffe2_spatialbn(seed=26, opset=9) -> Arch:
         bn_attrs = {"spatial": 1} if opset < 9 else {}
         y = g.node("BatchNormalization", [y] + [g.init(v, "bn") for v in stats], epsilon=1e-5, **bn_attrs)
         s, t = (0.5 + g.rng.random(cout)).astype(np.float32), (0.3 * g.rng.standard_normal(cout)).astype(np.float32)
-        y = g.node("Add", [g.node("Mul", [y, g.init(s.reshape(-1, 1, 1), "scale")]), g.init(t.reshape(-1, 1, 1), "shift")])
+        y = g.node("Add", [g.node("Mul", [y, g.init(s.reshape(-1, 1, 1), "scale")]),
+                           g.init(t.reshape(-1, 1, 1), "shift")])
         layers.append((w, mean, var, s, t))
         return y
 
