@@ -57,7 +57,8 @@ def lrpc_accounts(model, outs) -> np.ndarray:
     meta = {p.key: p.value for p in model.metadata_props}
     name = next(layer["name"] for layer in _json.loads(meta["lrpc.layers"]) if layer["rule"] != "route")
     n = len(outs[f"relevance_sum_out/{name}"])
-    return np.stack([outs.get(f"relevance_sum_{k}/{name}", np.zeros(n)) for k in ("kept", "bias", "zero")], axis=1), name
+    return np.stack([outs.get(f"relevance_sum_{k}/{name}", np.zeros(n)) for k in ("kept", "bias", "zero")],
+                    axis=1), name
 
 
 @pytest.mark.parametrize("zero_bias", [False, True], ids=["bias", "zero_bias"])
@@ -121,12 +122,14 @@ def test_accounts_of_sum_with_constant_and_mean(tmp_path):
     rng = np.random.default_rng(2)
     shape = [2, 3, 4, 4]
     B = rng.normal(size=(1, 3, 1, 1))
-    nodes = [helper.make_node("Relu", ["v"], ["r"], name="relu"),  # (of another input: x + relu(x) + B is an activation)
+    # (Relu of another input: x + relu(x) + B is an activation)
+    nodes = [helper.make_node("Relu", ["v"], ["r"], name="relu"),
              helper.make_node("Sum", ["x", "r", "B"], ["s"], name="sum"),
              helper.make_node("ReduceMean", ["r"], ["m"], name="mean", axes=[2, 3], keepdims=0),
              helper.make_node("Concat", ["m", "m"], ["y"], name="cat", axis=1)]
     g = helper.make_graph(nodes[:2], "g", [helper.make_tensor_value_info(n, TensorProto.DOUBLE, shape) for n in "xv"],
-                          [helper.make_tensor_value_info("s", TensorProto.DOUBLE, shape)], [numpy_helper.from_array(B, "B")])
+                          [helper.make_tensor_value_info("s", TensorProto.DOUBLE, shape)],
+                          [numpy_helper.from_array(B, "B")])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     x, v = rng.normal(size=shape), rng.normal(size=shape)
     x[0, 0] = v[0, 0] = 0.0  # 0 + relu(0) + B: the sum is exactly B there; made exactly 0 below
@@ -143,8 +146,9 @@ def test_accounts_of_sum_with_constant_and_mean(tmp_path):
     np.testing.assert_allclose(out["relevance_sum_bias/sum"], per(c * B2), rtol=1e-10)
     np.testing.assert_allclose(out["relevance_sum_zero/sum"], per(R * (z == 0)), rtol=1e-10)
     assert per(R * (z == 0))[0] != 0
-    np.testing.assert_allclose(out["relevance_sum_kept/sum"] + out["relevance_sum_bias/sum"] + out["relevance_sum_zero/sum"],
-                               per(R), rtol=1e-10)
+    np.testing.assert_allclose(
+        out["relevance_sum_kept/sum"] + out["relevance_sum_bias/sum"] + out["relevance_sum_zero/sum"],
+        per(R), rtol=1e-10)
 
     nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu"), nodes[2]]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, shape)],

@@ -410,7 +410,8 @@ def test_relevance_through_a_region_is_seen_by_the_sign_analysis(monkeypatch):
                           [helper.make_tensor_value_info("o", 1, [1, 5])],
                           [numpy_helper.from_array(v, k) for k, v in inits.items()])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32), "relevance_seed": np.eye(5, dtype=np.float32)[[1]]}
+    feeds = {"x": rng.standard_normal((1, 3, 6, 6)).astype(np.float32),
+             "relevance_seed": np.eye(5, dtype=np.float32)[[1]]}
 
     def relevance():
         return run_onnx(lrpc.compile(model, "epsilon-gamma-box", low=-3.0, high=3.0), feeds, ["relevance"])["relevance"]

@@ -64,9 +64,10 @@ GRAD_TOL = 1e-4
 # * MaxPool (winner-take-all, also with pads / ceil_mode): each output's relevance goes to one input cell, never
 #   to a pad cell (pads are -inf).
 # * LayerNormalization / InstanceNormalization / GroupNormalization (epsilon with the standard deviation held
-#   constant, bias left out of the denominator): Σ_i x_i (v_i - mean v) = Σ_i (x_i - μ) v_i = Σ_j w_j n_j R_j / (w_j n_j)
-#   = R summed, n the normalized x; the bias Add after a GroupNorm export (Reshape, InstanceNormalization, Reshape,
-#   Mul, Add) is epsilon on a sum with a constant: zero_bias leaves the constant out, it conserves too.
+#   constant, bias left out of the denominator):
+#   Σ_i x_i (v_i - mean v) = Σ_i (x_i - μ) v_i = Σ_j w_j n_j R_j / (w_j n_j) = R summed, n the normalized x;
+#   the bias Add after a GroupNorm export (Reshape, InstanceNormalization, Reshape, Mul, Add) is epsilon on a sum
+#   with a constant: zero_bias leaves the constant out, it conserves too.
 # * pass: ReLU, ReLU6 = Clip (MobileNetV2), LRN (AlexNet), standalone BatchNormalization (DenseNet: BN after a
 #   pool / Concat cannot fold), constant Mul/Add that did not fold: the input gets the output's relevance
 #   unchanged, so they conserve too (they break the gradient identity (4), not conservation).
@@ -261,7 +262,8 @@ FEATURES = {
     "opset21_ir10": [("AveragePool", {}), ("Softmax", {})],
     "convnext_like": [("Transpose", {"perm": [0, 2, 3, 1]}), ("LayerNormalization", {"axis": -1}), ("MatMul", {}),
                       ("Mul", {}), ("Conv", {"group": _depthwise})],
-    "convnext_like-dynamo": [("Transpose", {"perm": [0, 2, 3, 1]}), ("LayerNormalization", {"axis": -1}), ("MatMul", {})],
+    "convnext_like-dynamo": [("Transpose", {"perm": [0, 2, 3, 1]}), ("LayerNormalization", {"axis": -1}),
+                             ("MatMul", {})],
     "convnext_like-op16": [("ReduceMean", {"axes": [-1]}), ("Pow", {}), ("Sqrt", {}), ("Div", {}), ("MatMul", {})],
     "group_instance_norm": [("Reshape", {}), ("InstanceNormalization", {}), ("Mul", {}), ("Add", {})],
     "group_instance_norm-dynamo": [("Reshape", {}), ("InstanceNormalization", {}), ("Mul", {}), ("Add", {})],
@@ -325,10 +327,10 @@ def _unread_backward_nodes(model: onnx.ModelProto) -> list[str]:
 
 def bias_free(model: onnx.ModelProto) -> onnx.ModelProto:
     """Copy of ``model`` with every additive constant of an affine layer set to 0: Conv/ConvTranspose/Gemm biases,
-    BatchNormalization beta and mean (BN becomes a pure scale), normalization biases, constant operands of Add/Sum (also when computed
-    from initializers, e.g. Unsqueeze of a 1-d shift). Integer tensors (shapes, axes) are left alone, and so are nodes
-    computing constants (a weight standardized by a BatchNormalization of the weight, as dynamo exports timm's
-    ScaledStdConv2d, is no layer: its mean is computed from the weight, which must stay)."""
+    BatchNormalization beta and mean (BN becomes a pure scale), normalization biases, constant operands of Add/Sum
+    (also when computed from initializers, e.g. Unsqueeze of a 1-d shift). Integer tensors (shapes, axes) are left
+    alone, and so are nodes computing constants (a weight standardized by a BatchNormalization of the weight, as
+    dynamo exports timm's ScaledStdConv2d, is no layer: its mean is computed from the weight, which must stay)."""
     m = onnx.ModelProto.FromString(model.SerializeToString())
     g = m.graph
     inits = {t.name: t for t in g.initializer}

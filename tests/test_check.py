@@ -30,8 +30,8 @@ def test_check_passes_and_writes_reports(tmp_path):
                               "--junit", tmp_path / "r.xml")
     assert code == 0, out + err
     report = json.loads((tmp_path / "r.json").read_text())
-    assert report["passed"] and [c["name"] for c in report["checks"]] == ["supported", "forward", "finite", "conservation",
-                                                                         "gradient"]
+    assert report["passed"] and [c["name"] for c in report["checks"]] == ["supported", "forward", "finite",
+                                                                         "conservation", "gradient"]
     cons = next(c for c in report["checks"] if c["name"] == "conservation")
     assert cons["figure"] < 1e-4
     grad = next(c for c in report["checks"] if c["name"] == "gradient")
@@ -43,7 +43,8 @@ def test_check_passes_and_writes_reports(tmp_path):
 
 def test_check_fails_on_broken_conservation_and_names_the_layer(tmp_path):
     # a huge epsilon on the dense layers absorbs relevance: conservation must fail, at a Gemm
-    code, out, _ = lrpc_cli("check", DIGITS, "--rules", "epsilon-plus", "--epsilon", "100", "--junit", tmp_path / "r.xml")
+    code, out, _ = lrpc_cli("check", DIGITS, "--rules", "epsilon-plus", "--epsilon", "100",
+                            "--junit", tmp_path / "r.xml")
     assert code == 1, out
     assert "FAIL  conservation" in out and "first break (from the output) at layer '/body/body.12/Gemm'" in out
     suite = ET.parse(tmp_path / "r.xml").getroot()
@@ -55,7 +56,8 @@ def test_check_unsupported_op_fails_with_list(tmp_path):
     from onnx import TensorProto, helper
 
     # (Round and Hardmax: element-wise Erf/Cos chains are one activation now, see passes/activation_regions.py)
-    nodes = [helper.make_node("Round", ["x"], ["e"], name="round"), helper.make_node("Hardmax", ["e"], ["y"], name="hardmax")]
+    nodes = [helper.make_node("Round", ["x"], ["e"], name="round"),
+             helper.make_node("Hardmax", ["e"], ["y"], name="hardmax")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3])],
                           [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 3])])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
@@ -95,7 +97,8 @@ def test_layerwise_sums_match_full_relevance():
     s, f = run(sums), run(full)
     np.testing.assert_allclose(s["relevance"], f["relevance"], rtol=1e-6)
     for name in [k[len("relevance_in/"):] for k in f if k.startswith("relevance_in/")]:
-        np.testing.assert_allclose(s[f"relevance_sum_in/{name}"], f[f"relevance_in/{name}"].reshape(4, -1).sum(1), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(s[f"relevance_sum_in/{name}"], f[f"relevance_in/{name}"].reshape(4, -1).sum(1),
+                                   rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(s["relevance_sum_out//body/body.12/Gemm"], seed.sum(1), rtol=1e-6)
     # the first layer's input relevance is the model's relevance
     np.testing.assert_allclose(f["relevance_in//body/body.0/Conv"], f["relevance"], rtol=1e-6)
@@ -112,7 +115,8 @@ def _dense(path, dtype, elem):
                            helper.make_node("MatMul", ["r", "V"], ["out"])], "g",
                           [helper.make_tensor_value_info("input", elem, ["N", 6])],
                           [helper.make_tensor_value_info("out", elem, ["N", 3])],
-                          [numpy_helper.from_array(w.astype(dtype), "W"), numpy_helper.from_array(w.T[:, :3].astype(dtype), "V")])
+                          [numpy_helper.from_array(w.astype(dtype), "W"),
+                           numpy_helper.from_array(w.T[:, :3].astype(dtype), "V")])
     onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(path))
     return path
 
@@ -163,7 +167,8 @@ def _arch(name, tmp_path):
     return a, path
 
 
-GRADIENT_ARCHS = ["vgg_bn", "resnet_basic", "densenet", "inception", "maxpool_pads_ceil", "caffe2_scale", "nhwc_transpose"]
+GRADIENT_ARCHS = ["vgg_bn", "resnet_basic", "densenet", "inception", "maxpool_pads_ceil", "caffe2_scale",
+                  "nhwc_transpose"]
 
 
 @pytest.mark.parametrize("name", GRADIENT_ARCHS)
@@ -233,7 +238,8 @@ def test_probe_is_the_directional_derivative(tmp_path):
             return float(np.sum(out[mask], dtype=np.float64))
 
         base = F(x)
-        assert abs(base - float(logits.detach()[mask].sum())) <= 1e-5 * abs(base), (name, base)  # the probe at x is F(x)
+        # the probe at x is F(x)
+        assert abs(base - float(logits.detach()[mask].sum())) <= 1e-5 * abs(base), (name, base)
         for u in gradient.directions({"input": x}, ["input"], 3, 0):
             u = u["input"]
             want = float(np.sum(grad * x * u))
@@ -380,7 +386,8 @@ def test_gradient_skip_reasons_gates_and_lrn(tmp_path):
     pytest.importorskip("torch")
     from models import archs
 
-    for name, why in (("efficientnet", "(Sigmoid): a smooth activation"), ("alexnet_lrn", "(LRN): LRN gets the pass rule"),
+    for name, why in (("efficientnet", "(Sigmoid): a smooth activation"),
+                      ("alexnet_lrn", "(LRN): LRN gets the pass rule"),
                       ("mobilenet_v2", "(Clip): a Clip other than max(x, 0)")):
         a = archs.torch_arch(name, tmp_path)
         _, checks = _check(a.model, inputs={"input": a.x}, low=-3.0, high=3.0)
@@ -414,7 +421,8 @@ def test_finite_covers_every_compile(monkeypatch):
 
     for when, where in ((lambda ctx, rule: ctx.audit,  # (the per-layer accounts are made in that compile alone)
                          "in the compile with per-layer sums (conservation)"),
-                        (lambda ctx, rule: rule.name == "epsilon" and rule.eps == 0, "in the compile LRP-0 (gradient)")):
+                        (lambda ctx, rule: rule.name == "epsilon" and rule.eps == 0,
+                         "in the compile LRP-0 (gradient)")):
         with monkeypatch.context() as m:
             m.setattr(linear, "emit_rule", poisoned(when))
             report, checks = _check(DIGITS, "epsilon-plus")
@@ -537,10 +545,13 @@ def _noisy_model(path, with_unsupported: bool):
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("Unsqueeze", ["n", "ax"], ["u1"]), helper.make_node("Unsqueeze", ["n", "ax"], ["u2"]),
-             helper.make_node("Mul", ["u1", "u2"], ["nn"]), helper.make_node("Concat", ["nn", "four"], ["shape"], axis=0),
+             helper.make_node("Mul", ["u1", "u2"], ["nn"]),
+             helper.make_node("Concat", ["nn", "four"], ["shape"], axis=0),
              helper.make_node("Reshape", ["input", "shape"], ["r"]),
-             helper.make_node("Softmax" if with_unsupported else "Relu", ["r"], ["a"]), helper.make_node("MatMul", ["a", "W"], ["out"])]
-    inits = [numpy_helper.from_array(np.array(1, np.int64), "n"), numpy_helper.from_array(np.array([0], np.int64), "ax"),
+             helper.make_node("Softmax" if with_unsupported else "Relu", ["r"], ["a"]),
+             helper.make_node("MatMul", ["a", "W"], ["out"])]
+    inits = [numpy_helper.from_array(np.array(1, np.int64), "n"),
+             numpy_helper.from_array(np.array([0], np.int64), "ax"),
              numpy_helper.from_array(np.array([4], np.int64), "four"),
              numpy_helper.from_array(np.random.default_rng(0).standard_normal((4, 3)).astype(np.float32), "W")]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 4])],
@@ -584,7 +595,8 @@ def test_gradient_with_two_float_inputs_and_an_integer_one(tmp_path):
                            helper.make_tensor_value_info("k", TensorProto.INT64, ["N", 2])],
                           [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 3])],
                           [numpy_helper.from_array(v, k) for k, v in w.items()])
-    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(tmp_path / "two.onnx"))
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)], ir_version=8),
+              str(tmp_path / "two.onnx"))
     report, checks = _check(tmp_path / "two.onnx", "epsilon")
     g = checks["gradient"]
     assert report.passed and not g.skipped and g.figure <= 1e-5, report.text()

@@ -335,10 +335,12 @@ def test_batchnorm_with_negative_variance_is_refused(tmp_path):
              helper.make_node("BatchNormalization", ["y", "g", "b", "m", "v"], ["out"], name="bn")]
     graph = helper.make_graph(nodes, "bn", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
                               [helper.make_tensor_value_info("out", TensorProto.FLOAT, [1, 3, 4, 4])],
-                              [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w"), *stats])
+                              [numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w"),
+                               *stats])
     save_graph(graph, tmp_path / "bn.onnx")
     code, _, err = lrpc("compile", tmp_path / "bn.onnx", "-o", tmp_path / "o.onnx")
-    one_line_error(code, err, contains="node 'bn' (BatchNormalization): variance + epsilon is not positive in 1 channel(s)")
+    one_line_error(code, err,
+                   contains="node 'bn' (BatchNormalization): variance + epsilon is not positive in 1 channel(s)")
     assert not (tmp_path / "o.onnx").exists()
 
 
@@ -358,7 +360,8 @@ def test_a_string_input_needs_given_inputs(tmp_path):
                               [helper.make_tensor_value_info("out", TensorProto.STRING, [1])])
     save_graph(graph, tmp_path / "s.onnx")
     code, _, err = lrpc("check", tmp_path / "s.onnx")
-    one_line_error(code, err, contains="input 'x' is a string input: lrpc makes random numeric inputs only; pass --inputs")
+    one_line_error(code, err,
+                   contains="input 'x' is a string input: lrpc makes random numeric inputs only; pass --inputs")
 
 
 def test_control_flow_on_path_is_unsupported(tmp_path):
@@ -408,7 +411,8 @@ def _big_model() -> onnx.ModelProto:
     w2 = rng.standard_normal((16, 64, 3, 3)).astype(np.float32)  # folded with the BatchNorm: replaced
     g = rng.standard_normal((10, 16 * 2 * 2)).astype(np.float32)
     bn = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
-          (("s", rng.random(16) + 0.5), ("b", rng.standard_normal(16)), ("m", rng.standard_normal(16)), ("v", rng.random(16) + 0.5))]
+          (("s", rng.random(16) + 0.5), ("b", rng.standard_normal(16)), ("m", rng.standard_normal(16)),
+           ("v", rng.random(16) + 0.5))]
     nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
              helper.make_node("Conv", ["r", "w2"], ["c2"]),
              helper.make_node("BatchNormalization", ["c2", "s", "b", "m", "v"], ["n"]),
@@ -482,7 +486,8 @@ def _rich_model() -> onnx.ModelProto:
     graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 3, 3])], [w, b],
-                              doc_string="graph doc", value_info=[helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1])],
+                              doc_string="graph doc",
+                              value_info=[helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1])],
                               sparse_initializer=[sparse])
     func = helper.make_function("local", "f", ["a"], ["o"], [helper.make_node("Relu", ["a"], ["o"])],
                                 [helper.make_opsetid("", 17)])
@@ -544,7 +549,8 @@ def test_raw_weights_are_the_initializers_bytes(tmp_path):
     model = _rich_model()
     rng = np.random.default_rng(4)
     for dtype in (np.float16, np.float64, np.int64):
-        model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(6) * 9).astype(dtype), f"t_{dtype.__name__}"))
+        model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(6) * 9).astype(dtype),
+                                                               f"t_{dtype.__name__}"))
     model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "empty"))
     onnx.save(model, tmp_path / "m.onnx")
     data = (tmp_path / "m.onnx").read_bytes()
@@ -961,7 +967,8 @@ def _invalid(path, case):
     elif case in ("a name taken", "not UTF-8"):
         nodes.append(helper.make_node("Relu", ["y"], ["relevance" if case == "a name taken" else "out"], name="act@"))
         outs = [out("relevance" if case == "a name taken" else "out")]
-    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, [w]), opset_imports=[helper.make_opsetid("", opset)])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], outs, [w]),
+                              opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8
     data = model.SerializeToString()
     if case == "not UTF-8":

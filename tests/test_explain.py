@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"
 SAMPLES = np.load(ROOT / "models" / "digits_samples.npz")
 
-CYAN, BLUE, BLACK, RED, YELLOW, WHITE = (0, 255, 255), (0, 0, 255), (0, 0, 0), (255, 0, 0), (255, 255, 0), (255, 255, 255)
+CYAN, BLUE, BLACK, RED, YELLOW, WHITE = ((0, 255, 255), (0, 0, 255), (0, 0, 0), (255, 0, 0), (255, 255, 0),
+                                         (255, 255, 255))
 
 
 # ---------------------------------------------------------------- heatmap ------------------------------------------
@@ -291,7 +292,8 @@ def test_explain_errors_are_one_line(tmp_path, capsys, case, contains):
 
 def test_explain_error_exit_code_from_the_command_line(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "lrpc.cli", "explain", str(DIGITS), "--image",
-                           str(tmp_path / "missing.png"), "-o", str(tmp_path / "h.png")], capture_output=True, text=True)
+                           str(tmp_path / "missing.png"), "-o", str(tmp_path / "h.png")],
+                          capture_output=True, text=True)
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "missing.png: no such file" in lines[0], proc.stderr
@@ -323,7 +325,8 @@ def test_explain_nhwc_rgb_model(tmp_path, capsys):
     assert code == 0, capsys.readouterr().err
     shown = Image.open(tmp_path / "rgb.png").convert("RGB").resize((6, 8), Image.BILINEAR).crop((0, 1, 6, 7))
     x = ((np.asarray(shown, np.float64) / 255.0 - mean) / std)[None].astype(np.float32)
-    expected = lrpc.Session(lrpc.compile(model, "epsilon-plus"), providers=["CPUExecutionProvider"]).explain(x, 2).relevance
+    expected = lrpc.Session(lrpc.compile(model, "epsilon-plus"),
+                            providers=["CPUExecutionProvider"]).explain(x, 2).relevance
     relevance = np.load(tmp_path / "h.npy")
     assert relevance.shape == (1, 6, 6, 3)
     np.testing.assert_allclose(relevance, expected, rtol=1e-5, atol=1e-6)
@@ -353,7 +356,8 @@ def test_explain_directory_in_batches_matches_single_images(tmp_path, capsys):
     src.mkdir()
     pngs = [_digit_png(src, i) for i in range(5)]
     out = tmp_path / "out"
-    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--batch-size", "2", "--target", "4", "-o", str(out)])
+    code = cli.main(["explain", str(DIGITS), "--images", str(src), "--batch-size", "2", "--target", "4",
+                     "-o", str(out)])
     assert code == 0, capsys.readouterr().err
     for png in pngs:
         _, expected = _oracle(_read_png(png), 4, low=0.0, high=1.0)
@@ -463,7 +467,8 @@ def _conv(x, w):
     """3x3 convolution, pads 1, NCHW, float64 (numpy oracle)."""
     xp = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
     h, wd = x.shape[2:]
-    return sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j]) for i in range(3) for j in range(3))
+    return sum(np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd], w[:, :, i, j])
+               for i in range(3) for j in range(3))
 
 
 def _conv_adjoint(c, w):
@@ -600,7 +605,8 @@ def test_explain_top1_is_one_run_per_batch(tmp_path, capsys, monkeypatch):
     compiled = tmp_path / "top1.lrp.onnx"
     assert cli.main(["compile", str(DIGITS), "--seed", "top1", "-o", str(compiled)]) == 0
     capsys.readouterr()
-    _one_line(cli.main(["explain", str(compiled), "--image", str(pngs[0]), "--target", "3", "-o", str(tmp_path / "h.png")]),
+    _one_line(cli.main(["explain", str(compiled), "--image", str(pngs[0]), "--target", "3",
+                        "-o", str(tmp_path / "h.png")]),
               capsys, "compiled with seed top1")
 
 

@@ -1,8 +1,9 @@
 """Gated products ``y = x * g`` (squeeze-and-excitation blocks, hard sigmoids written as ``relu6(x + 3) / 6``): the
 gate is an input-dependent scale of ``x``. (SiLU exported as ``x * sigmoid(x)`` is one activation of ``x``, not a
-gated product: passes/activation_regions.py, tests/test_activations.py.) Oracle: the same network with the gate frozen to its values for the batch (a Mul
-by a constant, which lrpc already explains) gives the same relevance, for every composite and for a rule file
-that puts epsilon on the Mul; bias-free conservation holds; a product of two non-gates (or two gates) is refused."""
+gated product: passes/activation_regions.py, tests/test_activations.py.) Oracle: the same network with the gate
+frozen to its values for the batch (a Mul by a constant, which lrpc already explains) gives the same relevance, for
+every composite and for a rule file that puts epsilon on the Mul; bias-free conservation holds; a product of two
+non-gates (or two gates) is refused."""
 from __future__ import annotations
 
 import json

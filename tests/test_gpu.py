@@ -101,4 +101,5 @@ def test_winner_maxpool_backward_stays_on_the_gpu(tmp_path):
     placed = {(e["args"]["op_name"], e["args"].get("provider")) for e in events
               if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
     assert ("ScatterElements", "CUDAExecutionProvider") in placed
-    assert not {op for op, p in placed if p != "CUDAExecutionProvider"} & {"MaxUnpool", "ScatterElements", "ConstantOfShape"}
+    assert not ({op for op, p in placed if p != "CUDAExecutionProvider"}
+                & {"MaxUnpool", "ScatterElements", "ConstantOfShape"})

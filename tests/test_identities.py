@@ -139,7 +139,8 @@ ROUNDOFF = 1e-6
 
 # VGG16 (-BN) cost ~25 s per compiled composite on 2 cores: each VGG gets two of the four composites, so
 # every composite is checked on one VGG (the zennit parity tests cover all of them with bias).
-VGG_COMPOSITES = {"vgg16_bn": ("epsilon-alpha2-beta1", "epsilon-gamma-box"), "vgg16": ("epsilon-plus", "epsilon-plus-flat")}
+VGG_COMPOSITES = {"vgg16_bn": ("epsilon-alpha2-beta1", "epsilon-gamma-box"),
+                  "vgg16": ("epsilon-plus", "epsilon-plus-flat")}
 
 
 def _conservation_cases():
@@ -165,8 +166,10 @@ def _check_conservation(relevance: np.ndarray, seed: np.ndarray, label: str, tol
     want = seed.reshape(n, -1).astype(np.float64).sum(axis=1)
     err = np.abs(got - want) / np.abs(want)
     allowed = tol + roundoff * mag / np.abs(want)
-    report_line(f"conservation {label:50s} max |ΣR−Σseed|/|Σseed| {err.max():.2e}  (Σ|R|/|Σseed| {np.max(mag / np.abs(want)):.3g})")
-    assert np.all(err <= allowed), f"Σ relevance {got} vs Σ seed {want}: relative error {err.max():.2e} > {allowed.min():.2e}"
+    report_line(f"conservation {label:50s} max |ΣR−Σseed|/|Σseed| {err.max():.2e}  "
+                f"(Σ|R|/|Σseed| {np.max(mag / np.abs(want)):.3g})")
+    assert np.all(err <= allowed), (f"Σ relevance {got} vs Σ seed {want}: "
+                                    f"relative error {err.max():.2e} > {allowed.min():.2e}")
 
 
 def _gamma_box(opts: dict, low: float, high: float) -> dict:

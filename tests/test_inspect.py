@@ -87,7 +87,8 @@ def test_cli_image_input(tmp_path):
 
     x = digits_inputs(1)["input"]
     Image.fromarray((x[0, 0] * 255).round().astype(np.uint8)).save(tmp_path / "d.png")
-    code, out, err = cli("inspect", DIGITS, "--image", tmp_path / "d.png", "--target", "0", "--json", tmp_path / "t.json")
+    code, out, err = cli("inspect", DIGITS, "--image", tmp_path / "d.png", "--target", "0",
+                         "--json", tmp_path / "t.json")
     assert code == 0, err
     assert json.loads((tmp_path / "t.json").read_text())["target"] == [0]
     code, _, err = cli("inspect", DIGITS, "--image", tmp_path / "missing.png")

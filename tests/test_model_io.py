@@ -25,8 +25,8 @@ RNG = np.random.default_rng(11)
 
 
 def _tensors_model(tmp_path) -> onnx.ModelProto:
-    """A Conv model carrying initializers (used by Identity nodes) of every kind a file can hold: big float32/64/16 as raw data
-    (deferred), big int64 and bfloat16 as raw data, a small float32, a big float32 in typed fields, a big
+    """A Conv model carrying initializers (used by Identity nodes) of every kind a file can hold: big float32/64/16
+    as raw data (deferred), big int64 and bfloat16 as raw data, a small float32, a big float32 in typed fields, a big
     float32 in external data (none of those deferred)."""
     w = numpy_helper.from_array(RNG.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
     extra = [numpy_helper.from_array(RNG.standard_normal(5000).astype(t), f"big_{t.__name__}")
@@ -69,11 +69,13 @@ def test_only_big_float_raw_weights_are_deferred(tmp_path):
 def test_deferred_values_read_the_files_bytes(tmp_path):
     """graphsurgeon constants of deferred weights load from the file's bytes (every float width); what
     graphsurgeon's exporter takes (``tensor``) is the TensorProto given its data, still written verbatim."""
-    want = {t.name: numpy_helper.to_array(t) for t in _tensors_model(tmp_path).graph.initializer if t.name != "external"}
+    want = {t.name: numpy_helper.to_array(t) for t in _tensors_model(tmp_path).graph.initializer
+            if t.name != "external"}
     model, verbatim = read_model(tmp_path / "m.onnx")
     consts = import_model(model, verbatim).graph.tensors()
     lazy = {n: consts[n]._values for n in want if n in consts}
-    assert {n for n, v in lazy.items() if isinstance(v, DeferredValues)} == {"big_float32", "big_float64", "big_float16"}
+    assert ({n for n, v in lazy.items() if isinstance(v, DeferredValues)}
+            == {"big_float32", "big_float64", "big_float16"})
     for name, values in lazy.items():
         got = values.load()
         assert got.dtype == want[name].dtype and got.flags.writeable and got.tobytes() == want[name].tobytes()
@@ -98,16 +100,19 @@ def _model_with_folded_weight(opset: int = 17) -> onnx.ModelProto:
     w2 = RNG.standard_normal((80, 96)).astype(np.float32)  # stored transposed: Transpose folds to [96, 80]
     w3 = RNG.standard_normal((80, 80, 1, 1)).astype(np.float32)
     bn = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
-          (("s", RNG.random(80) + 0.5), ("b", RNG.standard_normal(80)), ("m", RNG.standard_normal(80)), ("v", RNG.random(80) + 0.5))]
+          (("s", RNG.random(80) + 0.5), ("b", RNG.standard_normal(80)), ("m", RNG.standard_normal(80)),
+           ("v", RNG.random(80) + 0.5))]
     shape = numpy_helper.from_array(np.array([-1, 80, 1, 1], np.int64), "shape")
     nodes = [helper.make_node("Gemm", ["x", "w1"], ["h"], transB=1), helper.make_node("Relu", ["h"], ["r"]),
-             helper.make_node("Transpose", ["w2"], ["w2t"], perm=[1, 0]), helper.make_node("MatMul", ["r", "w2t"], ["h2"]),
+             helper.make_node("Transpose", ["w2"], ["w2t"], perm=[1, 0]),
+             helper.make_node("MatMul", ["r", "w2t"], ["h2"]),
              helper.make_node("Relu", ["h2"], ["r2"]), helper.make_node("Reshape", ["r2", "shape"], ["img"]),
              helper.make_node("Conv", ["img", "w3"], ["c"]),
              helper.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["y"])]
     graph = helper.make_graph(nodes, "dense", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 80, 1, 1])],
-                              [numpy_helper.from_array(w, n) for n, w in (("w1", w1), ("w2", w2), ("w3", w3))] + bn + [shape])
+                              [numpy_helper.from_array(w, n) for n, w in (("w1", w1), ("w2", w2), ("w3", w3))]
+                              + bn + [shape])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 8 if opset >= 17 else 7
     return model
@@ -199,7 +204,8 @@ def test_a_deferred_weight_read_in_a_subgraph_keeps_its_data(condition, tmp_path
     nodes = [helper.make_node("If", ["c"], ["w"], then_branch=branch("Identity", "t"), else_branch=branch("Neg", "e")),
              helper.make_node("Gemm", ["x", "v"], ["h"], transB=1)]
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 64])]
-    inits = [numpy_helper.from_array(u, "u"), numpy_helper.from_array(RNG.standard_normal((96, 64)).astype(np.float32), "v")]
+    inits = [numpy_helper.from_array(u, "u"),
+             numpy_helper.from_array(RNG.standard_normal((96, 64)).astype(np.float32), "v")]
     feeds = {"x": RNG.standard_normal((2, 64)).astype(np.float32)}
     if condition == "input":
         inputs.append(helper.make_tensor_value_info("c", TensorProto.BOOL, []))
@@ -208,7 +214,8 @@ def test_a_deferred_weight_read_in_a_subgraph_keeps_its_data(condition, tmp_path
     else:
         inits.append(numpy_helper.from_array(np.array(False), "c"))
         nodes += [helper.make_node("Gemm", ["x", "w"], ["g"], transB=1), helper.make_node("Add", ["g", "h"], ["y"])]
-    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 96])], inits)
+    graph = helper.make_graph(nodes, "g", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 96])],
+                              inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
     path = tmp_path / "if.onnx"

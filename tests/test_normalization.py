@@ -75,7 +75,8 @@ def _written_out_layernorm(axes, scale, bias, eps=EPS, opset=17, square="Pow", d
     else:
         nodes += [_node("Reciprocal", ["sd"], ["inv"]), _node("Mul", ["inv", "d"], ["n"])]
     nodes += [_node("Mul", ["w", "n"], ["wn"]), _node("Add", ["wn", "b"], ["y"])]
-    inits = {"two": np.array(2.0, dtype), "eps": np.array(eps, dtype), "w": scale.astype(dtype), "b": bias.astype(dtype)}
+    inits = {"two": np.array(2.0, dtype), "eps": np.array(eps, dtype), "w": scale.astype(dtype),
+             "b": bias.astype(dtype)}
     if opset >= 18:
         inits["axes"] = np.array(axes, np.int64)
     return _graph(nodes, inits, dtype=dtype, opset=opset)
@@ -87,7 +88,8 @@ def _groupnorm_export(groups, scale, bias, eps=EPS, dtype=np.float64):
     c = SHAPE[1]
     nodes = [_node("Reshape", ["x", "grouped"], ["xg"]),
              _node("InstanceNormalization", ["xg", "ones", "zeros"], ["ng"], epsilon=eps),
-             _node("Reshape", ["ng", "back"], ["n"]), _node("Mul", ["n", "w"], ["wn"]), _node("Add", ["wn", "b"], ["y"])]
+             _node("Reshape", ["ng", "back"], ["n"]), _node("Mul", ["n", "w"], ["wn"]),
+             _node("Add", ["wn", "b"], ["y"])]
     inits = {"grouped": np.array([0, groups, -1], np.int64), "back": np.array([0, *SHAPE[1:]], np.int64),
              "ones": np.ones(groups, dtype), "zeros": np.zeros(groups, dtype),
              "w": scale.reshape(c, 1, 1).astype(dtype), "b": bias.reshape(c, 1, 1).astype(dtype)}
@@ -109,7 +111,8 @@ def _labels(kind: str, sample_shape, axis: int = 0, groups: int = 0) -> np.ndarr
     channel (instance), or ``groups`` groups of channels."""
     if kind == "layer":
         lead = int(np.prod(sample_shape[:axis]))
-        return np.broadcast_to(np.arange(lead).reshape(*sample_shape[:axis], *[1] * (len(sample_shape) - axis)), sample_shape)
+        return np.broadcast_to(np.arange(lead).reshape(*sample_shape[:axis], *[1] * (len(sample_shape) - axis)),
+                               sample_shape)
     c = sample_shape[0]
     per = np.arange(c) // (c // groups) if kind == "group" else np.arange(c)
     return np.broadcast_to(per.reshape(c, *[1] * (len(sample_shape) - 1)), sample_shape)
@@ -147,7 +150,7 @@ def _check_dense(model, labels, w, b, eps_norm, rule_eps, zero_bias, stabilizer=
     assert err <= 1e-8, f"relative L2 {err:.2e}"
 
 
-# ------------------------------------------------------------------------------------------------ dense float64 reference
+# ---------------------------------------------------------------------------------------------- dense float64 reference
 
 RULE_CASES = [(0.0, False, "sign"), (0.1, False, "sign"), (0.1, True, "sign"), (0.1, False, "clip"),
               (0.1, False, "norm-scale")]
@@ -246,8 +249,8 @@ def test_groupnorm_export_form_dense(rule_eps, zero_bias):
     if rule_eps == 0.0:
         assert rel_l2(want, dense_rule(x, labels, w, b, EPS, R, eps=0.0, zero_bias=zero_bias)[1]) <= 1e-12
     err = rel_l2(got, want)
-    report_line(f"normalization dense float64 {'GroupNorm export form':34s} eps={rule_eps:g} zero_bias={zero_bias!s:5s} "
-                f"rel L2 {err:.1e}")
+    report_line(f"normalization dense float64 {'GroupNorm export form':34s} eps={rule_eps:g} "
+                f"zero_bias={zero_bias!s:5s} rel L2 {err:.1e}")
     assert err <= 1e-8, f"relative L2 {err:.2e}"
 
 
@@ -255,7 +258,8 @@ def test_layernorm_into_a_residual_sum_dense():
     """y = x + LayerNorm(x): the Sum's norm rule hands the LayerNorm R_n = n ⊙ R / stab(y), a product with the
     layer's own output (the emitter's shortcut R_n / stab(n) = c ⊙ |n| / (|n| + eps)); the skip gets x ⊙ R / stab(y)."""
     scale, bias = _params(SHAPE[-1])
-    model = _graph([_node("LayerNormalization", ["x", "s", "b"], ["n"], axis=-1, epsilon=1e-3), _node("Add", ["x", "n"])],
+    model = _graph([_node("LayerNormalization", ["x", "s", "b"], ["n"], axis=-1, epsilon=1e-3),
+                    _node("Add", ["x", "n"])],
                    {"s": scale, "b": bias})
     x, R = RNG.standard_normal(SHAPE) * 2.0 + 0.5, RNG.standard_normal(SHAPE)
     labels = _labels("layer", SHAPE[1:], 2)  # (sample axes: the last one normalized)
@@ -437,8 +441,8 @@ def test_affine_folds_into_the_node():
         "LayerNormalization": (_node("LayerNormalization", ["x", "s3", "b3"], ["n"], axis=-1), m[:3], a[:3], 17),
         "InstanceNormalization": (_node("InstanceNormalization", ["x", "s4", "b4"], ["n"]), m.reshape(c, 1, 1),
                                   a.reshape(c, 1, 1), 17),
-        "GroupNormalization-21": (_node("GroupNormalization", ["x", "s4", "b4"], ["n"], num_groups=2), m.reshape(c, 1, 1),
-                                  a.reshape(c, 1, 1), 21),
+        "GroupNormalization-21": (_node("GroupNormalization", ["x", "s4", "b4"], ["n"], num_groups=2),
+                                  m.reshape(c, 1, 1), a.reshape(c, 1, 1), 21),
     }
     x = RNG.standard_normal(SHAPE).astype(np.float32)
     for what, (norm, mul, add, opset) in cases.items():
@@ -475,7 +479,8 @@ def test_written_out_layernorm_forms(tmp_path):
     c = SHAPE[1]
     scale, bias = (v.reshape(c, 1, 1) for v in _params(c))
     x = RNG.standard_normal(SHAPE).astype(np.float32)
-    for kw in ({"square": "Mul"}, {"divide": "Reciprocal"}, {"opset": 18}, {"opset": 18, "square": "Mul", "divide": "R"}):
+    for kw in ({"square": "Mul"}, {"divide": "Reciprocal"}, {"opset": 18},
+               {"opset": 18, "square": "Mul", "divide": "R"}):
         model = _written_out_layernorm([1], scale, bias, dtype=np.float32, **kw)
         canon = lrpc.canonize(model)
         assert [n.op_type for n in canon.graph.node] == ["Transpose", "LayerNormalization", "Transpose"], kw
@@ -494,14 +499,16 @@ def test_written_out_layernorm_over_dynamic_dims_is_refused():
     model = _written_out_layernorm([2, 3], np.ones((4, 1, 1)), np.zeros((4, 1, 1)))
     model.graph.input[0].type.tensor_type.shape.dim[2].dim_param = "H"
     model.graph.output[0].type.tensor_type.shape.dim[2].dim_param = "H"
-    with pytest.raises(lrpc.UnsupportedError, match=r"node 'ReduceMean_mu' \(ReduceMean\): .*dynamic size.*--input-shape"):
+    with pytest.raises(lrpc.UnsupportedError,
+                       match=r"node 'ReduceMean_mu' \(ReduceMean\): .*dynamic size.*--input-shape"):
         lrpc.compile(model, "epsilon")
 
 
 # ------------------------------------------------------------------------------------------------ errors, composites
 
 def test_scale_computed_in_the_graph_is_refused():
-    """A scale from another graph input (FiLM / adaptive norm) has no rule here: one UnsupportedError naming node and op."""
+    """A scale from another graph input (FiLM / adaptive norm) has no rule here: one UnsupportedError naming
+    node and op."""
     scale, bias = _params(SHAPE[-1])
     model = _graph([_node("LayerNormalization", ["x", "s", "b"], axis=-1)], {"b": bias},
                    extra_inputs=[helper.make_tensor_value_info("s", TensorProto.DOUBLE, [SHAPE[-1]])])
@@ -542,10 +549,12 @@ def test_command_line_error_is_one_line(tmp_path):
 
 
 def test_layernorm_over_the_batch_axis_is_refused():
-    model = _graph([_node("LayerNormalization", ["x", "s", "b"], axis=0)], {"s": np.ones(SHAPE[1:]), "b": np.zeros(SHAPE[1:])})
+    model = _graph([_node("LayerNormalization", ["x", "s", "b"], axis=0)],
+                   {"s": np.ones(SHAPE[1:]), "b": np.zeros(SHAPE[1:])})
     model.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
     model.graph.output[0].type.tensor_type.shape.dim[0].dim_value = 2
-    with pytest.raises(lrpc.UnsupportedError, match=r"node 'LayerNormalization_y' \(LayerNormalization\): .*batch axis"):
+    with pytest.raises(lrpc.UnsupportedError,
+                       match=r"node 'LayerNormalization_y' \(LayerNormalization\): .*batch axis"):
         lrpc.compile(model, "epsilon")
 
 
@@ -555,13 +564,15 @@ def test_used_statistics_outputs_are_refused():
     model = _graph([_node("LayerNormalization", ["x", "s", "b"], ["n", "mean"], axis=-1),
                     _node("Add", ["n", "mean"], ["y"])], {"s": scale.astype(np.float32), "b": bias.astype(np.float32)},
                    dtype=np.float32)
-    with pytest.raises(lrpc.UnsupportedError, match=r"node 'LayerNormalization_n' \(LayerNormalization\): .*Mean/InvStdDev"):
+    with pytest.raises(lrpc.UnsupportedError,
+                       match=r"node 'LayerNormalization_n' \(LayerNormalization\): .*Mean/InvStdDev"):
         lrpc.compile(model, "epsilon")
 
 
 def _rule_file(tmp_path, rule: str):
     path = tmp_path / "rules.json"
-    path.write_text(json.dumps({"composite": "epsilon-gamma-box", "rules": [{"category": "normalization", "rule": rule}]}))
+    path.write_text(json.dumps({"composite": "epsilon-gamma-box",
+                                "rules": [{"category": "normalization", "rule": rule}]}))
     return str(path)
 
 

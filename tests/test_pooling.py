@@ -44,7 +44,8 @@ CONFIGS = {
     "k2s3-dil2": ([1, 2, 8, 8], dict(kernel_shape=[2, 2], strides=[3, 3], dilations=[2, 2]), [0, 0, 0, 0]),
     "1d-k2s2": ([2, 3, 8], dict(kernel_shape=[2], strides=[2]), [0, 0]),
 }
-DISJOINT = {"k2s2", "k2s2-ceil-pad-drop", "k2s2-pad1", "k2s3-gaps", "k2s3-dil2", "1d-k2s2"}  # the rest overlap or overhang
+# the rest overlap or overhang
+DISJOINT = {"k2s2", "k2s2-ceil-pad-drop", "k2s2-pad1", "k2s3-gaps", "k2s3-dil2", "1d-k2s2"}
 
 
 def out_size(n, k, s, d, pb, pe, ceil):
@@ -153,7 +154,8 @@ def test_split_differs_from_winner_only_on_ties():
 TORCH_CASES = [  # torch attrs (symmetric padding only) and the ONNX attrs
     ([2, 3, 6, 6], dict(kernel_size=2, stride=2), dict(kernel_shape=[2, 2], strides=[2, 2])),
     ([1, 2, 7, 7], dict(kernel_size=3, stride=2, padding=1), dict(kernel_shape=[3, 3], strides=[2, 2], pads=[1] * 4)),
-    ([1, 2, 5, 5], dict(kernel_size=2, stride=2, ceil_mode=True), dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)),
+    ([1, 2, 5, 5], dict(kernel_size=2, stride=2, ceil_mode=True),
+     dict(kernel_shape=[2, 2], strides=[2, 2], ceil_mode=1)),
     ([1, 2, 8, 8], dict(kernel_size=3, stride=1, padding=1, dilation=2),
      dict(kernel_shape=[3, 3], pads=[1] * 4, dilations=[2, 2])),
     ([1, 2, 5, 5], dict(kernel_size=2, stride=2, padding=1, ceil_mode=True),  # last ceil window dropped
@@ -248,8 +250,8 @@ def test_split_dynamic_batch():
     for n in (1, 3):
         x = rng.integers(-1, 2, [n, 2, 7, 7]).astype(np.float32)
         seed = rng.standard_normal([n, 2, 4, 4]).astype(np.float32)
-        np.testing.assert_allclose(relevance(compiled, x, seed)["relevance"], reference(x, seed, attrs, pads, "split")[1],
-                                   rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(relevance(compiled, x, seed)["relevance"],
+                                   reference(x, seed, attrs, pads, "split")[1], rtol=1e-6, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", sorted(DISJOINT))

@@ -91,16 +91,20 @@ def _check_forward(model, shape, n_matmuls=None, seed=0):
 
 FORWARD = {
     # torch's nn.Upsample(scale_factor=2) export
-    "nearest-x2-asymmetric-floor": dict(scales=[1, 1, 2, 2], mode="nearest", coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
+    "nearest-x2-asymmetric-floor": dict(scales=[1, 1, 2, 2], mode="nearest",
+                                        coordinate_transformation_mode="asymmetric", nearest_mode="floor"),
     "nearest-sizes-5to8-half_pixel": dict(sizes=[1, 3, 8, 8], mode="nearest"),  # round_prefer_floor default
     "nearest-sizes-round_prefer_ceil": dict(sizes=[1, 3, 8, 7], mode="nearest", nearest_mode="round_prefer_ceil"),
-    "nearest-ceil-align_corners": dict(sizes=[1, 3, 9, 8], mode="nearest", nearest_mode="ceil", coordinate_transformation_mode="align_corners"),
+    "nearest-ceil-align_corners": dict(sizes=[1, 3, 9, 8], mode="nearest", nearest_mode="ceil",
+                                       coordinate_transformation_mode="align_corners"),
     "nearest-down-0.5": dict(scales=[1, 1, 0.5, 0.5], mode="nearest"),
     "nearest-only-w": dict(scales=[1, 1, 1, 3], mode="nearest"),
     "linear-x2-half_pixel": dict(scales=[1, 1, 2, 2], mode="linear"),
-    "linear-sizes-align_corners": dict(sizes=[1, 3, 8, 9], mode="linear", coordinate_transformation_mode="align_corners"),
+    "linear-sizes-align_corners": dict(sizes=[1, 3, 8, 9], mode="linear",
+                                       coordinate_transformation_mode="align_corners"),
     "linear-1.5-asymmetric": dict(scales=[1, 1, 1.5, 1.5], mode="linear", coordinate_transformation_mode="asymmetric"),
-    "linear-pytorch_half_pixel": dict(sizes=[1, 3, 1, 8], mode="linear", coordinate_transformation_mode="pytorch_half_pixel"),
+    "linear-pytorch_half_pixel": dict(sizes=[1, 3, 1, 8], mode="linear",
+                                      coordinate_transformation_mode="pytorch_half_pixel"),
     "linear-down-half_pixel": dict(sizes=[1, 3, 3, 4], mode="linear"),
     "linear-mixed-up-down": dict(sizes=[1, 3, 9, 3], mode="linear", coordinate_transformation_mode="align_corners"),
     "cubic-half_pixel": dict(scales=[1, 1, 2, 1.5], mode="cubic"),
@@ -139,8 +143,8 @@ def test_opset18_19_attributes():
     # one scale for both axes
     _check_forward(_resize_model(shape, sizes=[4, 3], axes=[2, 3], mode="linear", keep_aspect_ratio_policy="not_larger",
                                  opset=18), shape)
-    _check_forward(_resize_model(shape, sizes=[9, 10], axes=[2, 3], mode="nearest", keep_aspect_ratio_policy="not_smaller",
-                                 opset=18), shape)
+    _check_forward(_resize_model(shape, sizes=[9, 10], axes=[2, 3], mode="nearest",
+                                 keep_aspect_ratio_policy="not_smaller", opset=18), shape)
     _check_forward(_resize_model(shape, scales=[1, 1, 1.5, 2], mode="linear",
                                  coordinate_transformation_mode="half_pixel_symmetric", opset=19), shape)
 
@@ -166,8 +170,8 @@ def test_sizes_from_the_inputs_own_shape_with_dynamic_batch(slice_op):
 
 def test_keep_aspect_ratio_rounding_up_is_refused():
     # scale 1.25 on 6 rows gives round(7.5) = 8 rows, which no per-axis Resize with that scale produces
-    model = _resize_model([1, 2, 6, 8], sizes=[9, 10], axes=[2, 3], mode="linear", keep_aspect_ratio_policy="not_larger",
-                          opset=18)
+    model = _resize_model([1, 2, 6, 8], sizes=[9, 10], axes=[2, 3], mode="linear",
+                          keep_aspect_ratio_policy="not_larger", opset=18)
     _refused(model, "keep_aspect_ratio_policy")
 
 
@@ -292,7 +296,8 @@ def _dense_matrix(model, shape):
     """The resize as a dense matrix [out, in] over one [H, W] plane, from onnxruntime on unit vectors."""
     h, w = shape[2:]
     basis = np.eye(h * w, dtype=np.float32).reshape(h * w, 1, h, w)
-    cols = [_run(model, {"x": np.repeat(basis[i:i + 1], shape[1], axis=1)})["y"][0, 0].reshape(-1) for i in range(h * w)]
+    cols = [_run(model, {"x": np.repeat(basis[i:i + 1], shape[1], axis=1)})["y"][0, 0].reshape(-1)
+            for i in range(h * w)]
     return np.stack(cols, axis=1).astype(np.float64)
 
 

@@ -338,8 +338,8 @@ def test_alpha_beta_zero_region_matches_oracle(kind, zero_bias, dtype, tmp_path)
     (the negative part divides by min(z, 0) - eps = -eps where the oracle's sign0 takes +eps); all their
     terms are 0, so the relevance still matches."""
     case = make_case(kind, dtype)
-    model = compile_rule(case, "alpha-beta", {"alpha": 2.0, "beta": 1.0}, {"stabilizer_eps": 1e-3, "zero_bias": zero_bias},
-                         tmp_path)
+    model = compile_rule(case, "alpha-beta", {"alpha": 2.0, "beta": 1.0},
+                         {"stabilizer_eps": 1e-3, "zero_bias": zero_bias}, tmp_path)
     x = case.x.astype(dtype).copy()
     x[0] = 0.0
     if x.ndim == 4:
@@ -471,7 +471,8 @@ def test_rule_behind_relu(kind, rule_id, zero_bias, dtype, tmp_path):
     kw = {"eps": eps, "zero_bias": zero_bias, "stabilizer": "sign"}
     if gamma is not None:
         kw["gamma"] = gamma
-    assert_close(out["relevance_x"], relevance(case.layer, name, x, r * c, **kw), dtype, f"{kind} {rule_id} behind a ReLU")
+    assert_close(out["relevance_x"], relevance(case.layer, name, x, r * c, **kw), dtype,
+                 f"{kind} {rule_id} behind a ReLU")
 
 
 def test_negative_gamma_is_refused(tmp_path):
@@ -479,7 +480,8 @@ def test_negative_gamma_is_refused(tmp_path):
     or option), not a silently different rule."""
     case = make_case("conv2d_s2_asym", np.float32)
     spec = tmp_path / "rules.json"
-    spec.write_text(json.dumps({"composite": "epsilon", "rules": [{"op": "Conv", "rule": "gamma", "params": {"gamma": -0.5}}]}))
+    spec.write_text(json.dumps({"composite": "epsilon",
+                                "rules": [{"op": "Conv", "rule": "gamma", "params": {"gamma": -0.5}}]}))
     with pytest.raises(lrpc.InputError, match=r"gamma >= 0 \(got gamma=-0.5\)"):
         lrpc.compile(case.model, str(spec))
     with pytest.raises(lrpc.InputError, match=r"gamma >= 0"):

@@ -1,7 +1,7 @@
 """The node order of compiled graphs (lrpc/schedule.py), against onnxruntime itself: the execution order
 onnxruntime's profiler records is the one lrpc's model of it predicts, and along it the activations alive at once
-(summed from the sizes of the tensors of one run) stay those of the emission order, where the unscheduled graph kept about
-twice as much."""
+(summed from the sizes of the tensors of one run) stay those of the emission order, where the unscheduled graph kept
+about twice as much."""
 from __future__ import annotations
 
 import json

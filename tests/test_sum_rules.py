@@ -44,7 +44,8 @@ def _sum_model(n: int, bias: np.ndarray | None, behind_relu: bool, relu_branches
     if behind_relu:
         w = np.random.default_rng(9).normal(size=(4, SHAPE[1], 1, 1))
         inits.append(numpy_helper.from_array(w, "W"))
-        nodes += [helper.make_node("Relu", ["s"], ["h"], name="relu"), helper.make_node("Conv", ["h", "W"], ["y"], name="conv")]
+        nodes += [helper.make_node("Relu", ["s"], ["h"], name="relu"),
+                  helper.make_node("Conv", ["h", "W"], ["y"], name="conv")]
     out = [SHAPE[0], 4, *SHAPE[2:]] if behind_relu else SHAPE
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(i, TensorProto.DOUBLE, SHAPE) for i in ins],
                           [helper.make_tensor_value_info("y", TensorProto.DOUBLE, out)], inits)
@@ -82,8 +83,8 @@ def test_sign_norm_sum_against_the_formula(behind_relu):
         np.testing.assert_allclose(out[f"relevance_b{i}"], want[i], rtol=1e-8, atol=1e-12)
         assert np.all(out[f"relevance_b{i}"] * R >= 0) and np.all(np.abs(out[f"relevance_b{i}"]) <= np.abs(R) + 1e-12)
     per = lambda t: t.reshape(len(t), -1).sum(1)  # noqa: E731
-    np.testing.assert_allclose(sum(per(out[f"relevance_b{i}"]) for i in range(3)) + out["relevance_sum_bias/sum"], per(R),
-                               rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(sum(per(out[f"relevance_b{i}"]) for i in range(3)) + out["relevance_sum_bias/sum"],
+                               per(R), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out["relevance_sum_bias/sum"], per(want[3]), rtol=1e-8, atol=1e-12)
     plain = lrpc.compile(model, "epsilon", stabilizer_eps=0.0, sum_rule="sign-norm")
     assert sum(n.op_type == "Less" for n in plain.graph.node) == (0 if behind_relu else 1)
@@ -152,7 +153,8 @@ def test_chained_adds_become_one_sum(dynamo, tmp_path):
         t = torch.from_numpy(x)
         parts = [model.a(t).numpy(), model.b(t).numpy(), model.bn(t).numpy()]
     relu = next(n for n in compiled.graph.node if n.op_type == "Relu" and not n.name.startswith("lrp"))
-    R = out[f"relevance_in/{next(n.name for n in compiled.graph.node if n.op_type == 'Conv' and relu.output[0] in n.input)}"]
+    conv = next(n.name for n in compiled.graph.node if n.op_type == "Conv" and relu.output[0] in n.input)
+    R = out[f"relevance_in/{conv}"]
     shares = _sign_norm([p.astype(np.float64) for p in parts], R.astype(np.float64))
     got = out[f"relevance_in/{node.name}"]  # the share of the sum's first input: which branch is it?
     first = next(i for i, p in enumerate(parts) if np.allclose(p, out[node.input[0]], rtol=1e-5, atol=1e-6))
@@ -167,7 +169,8 @@ def test_sum_rule_option_and_rule_file(tmp_path):
                      lrpc.compile(model, _rule_file(tmp_path, {"category": "sum", "rule": "sign-norm"}))):
         rules = json.loads({p.key: p.value for p in compiled.metadata_props}["lrpc.rules"])
         assert rules["sum"] == "sign-norm"
-    assert json.loads({p.key: p.value for p in lrpc.compile(model, "epsilon-plus").metadata_props}["lrpc.rules"])["sum"] == "norm"
+    assert json.loads({p.key: p.value for p in lrpc.compile(model, "epsilon-plus").metadata_props}
+                      ["lrpc.rules"])["sum"] == "norm"
     with pytest.raises(InputError, match="sum_rule must be one of norm, sign-norm, epsilon"):
         lrpc.compile(model, "epsilon-plus", sum_rule="zplus")
 
