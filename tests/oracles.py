@@ -173,10 +173,10 @@ def rule_dense(rule: str, M, b, x, R, *, eps=1e-6, stabilizer="sign", zero_bias=
     """Relevance at the input of ``z = M x + b`` for one sample (all vectors flat), literally as in
     lrp-math.md. ``M1``: dense matrix of the all-ones weight (flat); ``low``/``high``: input-shaped bounds."""
     M, b, x, R = (np.asarray(v, np.float64) for v in (M, b, x, R))
-    pos = lambda v: np.maximum(v, 0)  # noqa: E731
-    neg = lambda v: np.minimum(v, 0)  # noqa: E731
+    pos = lambda v: np.maximum(v, 0)
+    neg = lambda v: np.minimum(v, 0)
     bb = np.zeros_like(b) if zero_bias else b  # bias inside denominators
-    q = lambda den: safe_div(R, stab(den, eps, stabilizer))  # noqa: E731
+    q = lambda den: safe_div(R, stab(den, eps, stabilizer))
     xp, xn, Mp, Mn = pos(x), neg(x), pos(M), neg(M)
     if rule == "epsilon":
         return x * (M.T @ q(M @ x + bb))

@@ -141,7 +141,7 @@ def test_accounts_of_sum_with_constant_and_mean(tmp_path):
                     {"x": x, "v": v, "relevance_seed": R}, np.float64)
     z = x + np.maximum(v, 0) + B2
     c = safe_div(R, z)
-    per = lambda t: t.reshape(2, -1).sum(1)  # noqa: E731
+    per = lambda t: t.reshape(2, -1).sum(1)
     np.testing.assert_allclose(out["relevance_sum_kept/sum"], per(c * (x + np.maximum(v, 0))), rtol=1e-10)
     np.testing.assert_allclose(out["relevance_sum_bias/sum"], per(c * B2), rtol=1e-10)
     np.testing.assert_allclose(out["relevance_sum_zero/sum"], per(R * (z == 0)), rtol=1e-10)

@@ -10,7 +10,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import bench_lrp  # noqa: E402
+import bench_lrp
 
 
 def test_child_memory_is_the_childs_own_peak():

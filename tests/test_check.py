@@ -91,7 +91,7 @@ def test_layerwise_sums_match_full_relevance():
     full = lrpc.compile(DIGITS, "epsilon-gamma-box", layerwise="full")
     data = np.load(ROOT / "models" / "digits_samples.npz")
     x, seed = data["images"][:4], np.eye(10, dtype=np.float32)[data["labels"][:4]] * 2.5
-    run = lambda m: dict(zip([o.name for o in m.graph.output],  # noqa: E731
+    run = lambda m: dict(zip([o.name for o in m.graph.output],
                              ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
                              .run(None, {"input": x, "relevance_seed": seed})))
     s, f = run(sums), run(full)

@@ -389,7 +389,7 @@ def test_negative_per_channel_bounds(tmp_path):
     one_line_error(code, err, contains="z-box --low has 2 per-channel values but the input of node '/body/body.0/Conv'")
     x = np.load(ROOT / "models" / "digits_samples.npz")["images"][:2]
     seed = np.eye(10, dtype=np.float32)[[0, 1]]
-    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(
         None, {"input": x, "relevance_seed": seed})[1]
     rules = {p.key: p.value for p in onnx.load(str(tmp_path / "a.onnx")).metadata_props}["lrpc.rules"]
     assert "zbox(low=-2.5, high=2.5)" in rules
@@ -442,7 +442,7 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
     before = model.SerializeToString()
     from_path, from_proto = api.compile(path, "epsilon-plus"), api.compile(model, "epsilon-plus")
     assert model.SerializeToString() == before
-    inits = lambda m: {t.name: t.SerializeToString() for t in m.graph.initializer}  # noqa: E731
+    inits = lambda m: {t.name: t.SerializeToString() for t in m.graph.initializer}
     assert inits(from_path) == inits(from_proto)
     # a ModelProto handed over (lrpc explain reads the file itself, then hands it over): built in it too
     handed = onnx.load(str(path))
@@ -468,7 +468,7 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
     assert from_path.opset_import == from_proto.opset_import and from_path.ir_version == from_proto.ir_version
     x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
     seed = np.eye(10, dtype=np.float32)[[1, 2]]
-    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(  # noqa: E731
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
         None, {"x": x, "relevance_seed": seed})
     for a, b in zip(run(from_path), run(from_proto)):
         np.testing.assert_array_equal(a, b)

@@ -175,7 +175,7 @@ def test_zplus_first_break_is_a_depthwise_conv_and_the_dense_rule(nets):
     xin = outs[node.input[0]].astype(np.float64)
     R = outs[f"relevance_in/{consumer}"].astype(np.float64)
     np.testing.assert_allclose(R.sum(), outs[f"relevance_sum_out/{first}"].sum(), rtol=1e-5)
-    conv = lambda X, W: conv_nd(X, W, strides=attrs.get("strides"), pads=attrs.get("pads"), group=attrs["group"])  # noqa: E731
+    conv = lambda X, W: conv_nd(X, W, strides=attrs.get("strides"), pads=attrs.get("pads"), group=attrs["group"])
     M = Layer(conv, w, xin.shape[1:]).dense()
     want = rule_dense("zplus", M, np.zeros(M.shape[0]), xin.reshape(-1), R.reshape(-1), eps=EPS, zero_bias=True)
     got = outs[f"relevance_in/{first}"].reshape(-1)

@@ -72,7 +72,7 @@ def test_einsum_matches_dense_reference(eq, rule):
     w = rng.standard_normal(w_shape)
     model, weight_first = _einsum_model(eq, x_shape, w)
     x = rng.standard_normal(x_shape)
-    apply = (lambda X, W: np.einsum(eq, W, X)) if weight_first else (lambda X, W: np.einsum(eq, X, W))  # noqa: E731
+    apply = (lambda X, W: np.einsum(eq, W, X)) if weight_first else (lambda X, W: np.einsum(eq, X, W))
     layer = Layer(apply, w, x_shape[1:], w_ones=np.ones_like(w))
     R = rng.standard_normal((N, *layer.out_shape()))
     z, got = _explain(model, x, R, rule, "Einsum", low=-2.0, high=2.0)
@@ -153,7 +153,7 @@ def test_reduce_matches_dense_reference(op, axes, keepdims, opset):
     model = _reduce_model(op, axes, keepdims, opset)
     x = rng.standard_normal((N, 4, 3, 5))
     k = 1.0 if op == "ReduceSum" else 1.0 / np.prod([x.shape[a] for a in axes])
-    apply = lambda X, W: W * X.sum(axis=tuple(a % 4 for a in axes), keepdims=bool(keepdims))  # noqa: E731
+    apply = lambda X, W: W * X.sum(axis=tuple(a % 4 for a in axes), keepdims=bool(keepdims))
     layer = Layer(apply, np.asarray(k), x.shape[1:])
     R = rng.standard_normal((N, *layer.out_shape()))
     for rule in ("norm", "epsilon"):

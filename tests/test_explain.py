@@ -11,12 +11,12 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 PIL = pytest.importorskip("PIL")
-from PIL import Image  # noqa: E402
+from PIL import Image
 
-import lrpc  # noqa: E402
-from lrpc import cli  # noqa: E402
-from lrpc.errors import InputError  # noqa: E402
-from lrpc.imaging import colorize, grid, heatmap, overlay  # noqa: E402
+import lrpc
+from lrpc import cli
+from lrpc.errors import InputError
+from lrpc.imaging import colorize, grid, heatmap, overlay
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = ROOT / "models" / "digits_cnn.onnx"

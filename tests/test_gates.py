@@ -24,14 +24,14 @@ def _network(gate_op: str = "Sigmoid", gate_first: bool = False, via_reshape: bo
     """x -> Conv -> SiLU (h * Sigmoid(h)) -> SE (GAP, 1x1 Conv, Relu, 1x1 Conv, gate, Mul) -> Conv -> GAP -> Gemm.
     ``freeze``: {gate tensor name: values}: those gates become constants (the oracle network)."""
     rng = np.random.default_rng(0)
-    w = lambda *s: (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)  # noqa: E731
+    w = lambda *s: (rng.standard_normal(s) * np.sqrt(2.0 / np.prod(s[1:]))).astype(np.float32)
     inits = {"w1": w(C, 4, 3, 3), "b1": (0.1 * rng.standard_normal(C)).astype(np.float32),
              "w2": w(3, C, 1, 1), "b2": (0.1 * rng.standard_normal(3)).astype(np.float32),
              "w3": w(C, 3, 1, 1), "b3": (0.1 * rng.standard_normal(C)).astype(np.float32),
              "w4": w(5, C, 3, 3), "w5": w(10, 5), "flat_shape": np.array([N, C, 1, 1], np.int64),
              "three": np.array(3.0, np.float32), "zero": np.array(0.0, np.float32), "six": np.array(6.0, np.float32)}
     freeze = freeze or {}
-    g = lambda name: name if name not in freeze else f"{name}_frozen"  # noqa: E731
+    g = lambda name: name if name not in freeze else f"{name}_frozen"
     # the activation: SiLU (h * Sigmoid(h), a gated product itself) or ReLU6 (a Clip: the SE gate must win)
     act = ([helper.make_node("Clip", ["h", "zero", "six"], ["a"], name="relu6")] if relu6 else
            [helper.make_node("Sigmoid", ["h"], ["silu_gate"], name="silu_sigmoid"),

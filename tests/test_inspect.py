@@ -156,7 +156,7 @@ def test_image_input_from_python_and_check_equal_the_preprocessed_tensor(tmp_pat
     by_image = inspect(DIGITS, image=tmp_path / "d.png", mean="0.5", std=[0.25], target=3)
     by_tensor = inspect(DIGITS, inputs=tensor, target=3)
     assert by_image["layers"] == by_tensor["layers"] and by_image["input_sum"] == by_tensor["input_sum"]
-    figures = lambda r: [(c.name, c.passed, c.figure) for c in r.checks]  # noqa: E731
+    figures = lambda r: [(c.name, c.passed, c.figure) for c in r.checks]
     assert figures(run_check(DIGITS, image=tmp_path / "d.png", mean=0.5, std=0.25)) == \
         figures(run_check(DIGITS, inputs=tensor))
     np.savez(tmp_path / "x.npz", **tensor)
@@ -164,7 +164,7 @@ def test_image_input_from_python_and_check_equal_the_preprocessed_tensor(tmp_pat
                    tmp_path / "a.json")
     on_tensor = cli("check", DIGITS, "--inputs", tmp_path / "x.npz", "--json", tmp_path / "b.json")
     assert on_image[0] == on_tensor[0] == 0, on_image[2] + on_tensor[2]
-    checks = lambda p: [{k: c[k] for k in ("name", "passed", "figure")} for c in json.loads(p.read_text())["checks"]]  # noqa: E731
+    checks = lambda p: [{k: c[k] for k in ("name", "passed", "figure")} for c in json.loads(p.read_text())["checks"]]
     assert checks(tmp_path / "a.json") == checks(tmp_path / "b.json")
 
 

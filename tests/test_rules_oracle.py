@@ -548,7 +548,7 @@ def test_weights_are_read_once_and_their_signs_reused(source, monkeypatch, tmp_p
     assert reads["w1"] == 2 * once + 1  # (the fresh read: the lookup was what spared it)
     monkeypatch.setattr(lrpc.emit, "const_nonneg", lambda t, known=None: False)
     blind = lrpc.compile(src(), "epsilon-alpha2-beta1")
-    ops = lambda m: [n.op_type for n in m.graph.node]  # noqa: E731
+    ops = lambda m: [n.op_type for n in m.graph.node]
     assert ops(scanned) == ops(reread) and len(ops(blind)) > len(ops(scanned))
     x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
     feeds = {"x": x, "relevance_seed": rng.standard_normal((2, 5, 6, 6)).astype(np.float32)}

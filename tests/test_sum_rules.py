@@ -82,7 +82,7 @@ def test_sign_norm_sum_against_the_formula(behind_relu):
     for i in range(3):
         np.testing.assert_allclose(out[f"relevance_b{i}"], want[i], rtol=1e-8, atol=1e-12)
         assert np.all(out[f"relevance_b{i}"] * R >= 0) and np.all(np.abs(out[f"relevance_b{i}"]) <= np.abs(R) + 1e-12)
-    per = lambda t: t.reshape(len(t), -1).sum(1)  # noqa: E731
+    per = lambda t: t.reshape(len(t), -1).sum(1)
     np.testing.assert_allclose(sum(per(out[f"relevance_b{i}"]) for i in range(3)) + out["relevance_sum_bias/sum"],
                                per(R), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(out["relevance_sum_bias/sum"], per(want[3]), rtol=1e-8, atol=1e-12)

@@ -16,9 +16,9 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import lrpc  # noqa: E402
-from lrpc import targets  # noqa: E402
-from lrpc.errors import InputError  # noqa: E402
+import lrpc
+from lrpc import targets
+from lrpc.errors import InputError
 
 H, W = 6, 7
 
@@ -100,7 +100,7 @@ def test_multiclass_dense_seeds_follow_the_prediction(tmp_path):
     probs = _probs(net)
     pred = probs.argmax(axis=1)  # [N, H, W]
     shape = [2, 3, H, W]
-    scores = lambda: probs  # noqa: E731
+    scores = lambda: probs
     want = np.zeros(shape, np.float32)
     for n in range(2):
         want[n, pred[n, 2, 4], 2, 4] = 1

@@ -43,7 +43,7 @@ from models import families
 from test_architectures import bias_free
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from bench_zoo import lrp_forward_ms, top1_seed  # noqa: E402  (the benchmark's timing, shared)
+from bench_zoo import lrp_forward_ms, top1_seed  # (the benchmark's timing, shared)
 
 FORWARD_RTOL = 1e-4
 EXPORT_RTOL = 1e-3  # torch model vs its export before LRP-0 is compared (an export bug is far larger)
