@@ -6,13 +6,15 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from onnx import helper, numpy_helper
+
 from graph_builders import (
-    make_rng,
     attrs,
     canonize,
     feeds_for,
     init,
     make_model,
+    make_rng,
     nodes_of,
     ops,
     opset,
@@ -20,7 +22,6 @@ from graph_builders import (
     rand,
     roles,
 )
-from onnx import helper, numpy_helper
 
 
 def _check_avgpool_conv(result, canon, c: int, n_convs: int = 1):

@@ -7,23 +7,23 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
 from graph_builders import (
-    make_rng,
     assert_close,
     canonize,
     canonize_graph,
     feeds_for,
     init,
     make_model,
+    make_rng,
     nodes_of,
     ops,
     ort_run,
     rand,
     vi,
 )
-from onnx import TensorProto, helper, numpy_helper
-
-import lrpc
 
 
 def test_identity_and_dropout_removed():

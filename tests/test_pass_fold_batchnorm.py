@@ -5,19 +5,20 @@ from __future__ import annotations
 from collections import Counter
 
 import pytest
+from onnx import helper
+
 from graph_builders import (
-    make_rng,
     attrs,
     bn_node,
     bn_params,
     canonize,
     init,
     make_model,
+    make_rng,
     nodes_of,
     ops,
     rand,
 )
-from onnx import helper
 
 
 def test_bn_folds_into_conv():

@@ -6,17 +6,18 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from onnx import helper, numpy_helper
+
 from graph_builders import (
-    make_rng,
     attrs,
     canonize,
     init,
     make_model,
+    make_rng,
     nodes_of,
     ops,
     rand,
 )
-from onnx import helper, numpy_helper
 
 
 def test_gemm_general_form_normalized():
@@ -70,8 +71,10 @@ def test_matmul_bias_first_add_becomes_gemm():
 
 def test_matmul_rank3_becomes_reshaped_gemm_with_bias():
     rng = make_rng(34)
-    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"), helper.make_node("Add", ["m", "B"], ["y"], name="bias")]
-    model = make_model(nodes, [("x", ["N", 3, 6])], [("y", ["N", 3, 4])], [init("W", rand(rng, 6, 4)), init("B", rand(rng, 4))])
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["m"], name="mm"),
+             helper.make_node("Add", ["m", "B"], ["y"], name="bias")]
+    model = make_model(nodes, [("x", ["N", 3, 6])], [("y", ["N", 3, 4])],
+                       [init("W", rand(rng, 6, 4)), init("B", rand(rng, 4))])
     result, _ = canonize(model)
     assert ops(result) == Counter({"Reshape": 2, "Gemm": 1})
 

@@ -5,16 +5,17 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+from onnx import helper
+
 from graph_builders import (
-    make_rng,
     canonize,
     init,
     make_model,
+    make_rng,
     nodes_of,
     ops,
     rand,
 )
-from onnx import helper
 
 
 def test_residual_add_becomes_sum():

@@ -6,21 +6,21 @@ import copy
 from collections import Counter
 
 import pytest
+from onnx import TensorProto, helper
+
+import lrpc
 from graph_builders import (
-    make_rng,
     assert_close,
     canonize,
     canonize_graph,
     feeds_for,
     init,
     make_model,
+    make_rng,
     ops,
     ort_run,
     rand,
 )
-from onnx import TensorProto, helper
-
-import lrpc
 
 
 @pytest.mark.parametrize("squash", ["Softmax", "LogSoftmax", "Sigmoid"])
@@ -96,7 +96,8 @@ def test_moves_without_a_squasher_are_explained_as_they_are():
 def test_explained_without_softmax_is_the_output():
     rng = make_rng(62)
     nodes = [helper.make_node("Gemm", ["x", "W", "B"], ["y"], transB=1, name="fc")]
-    model = make_model(nodes, [("x", ["N", 6])], [("y", ["N", 5])], [init("W", rand(rng, 5, 6)), init("B", rand(rng, 5))])
+    model = make_model(nodes, [("x", ["N", 6])], [("y", ["N", 5])],
+                       [init("W", rand(rng, 5, 6)), init("B", rand(rng, 5))])
     _, canon = canonize(model)
     assert canon.explained == "y"
 

@@ -9,9 +9,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from onnx import helper
+
+import lrpc
 from graph_builders import (
     MODELS,
-    make_rng,
     assert_close,
     bn_node,
     bn_params,
@@ -20,6 +22,7 @@ from graph_builders import (
     feeds_for,
     init,
     make_model,
+    make_rng,
     nodes_of,
     ops,
     opset,
@@ -28,9 +31,6 @@ from graph_builders import (
     roles,
     vi,
 )
-from onnx import helper
-
-import lrpc
 
 
 def _conv_bn_scale(rng, spatial_bn_first: bool = True):
