@@ -5,12 +5,15 @@ tensor it keeps (then shapes are refreshed right after it changes the graph, for
 new tensors get theirs after the round). A pass that fails with anything but an lrpc error is named in the error."""
 from __future__ import annotations
 
-import onnx
+from typing import TYPE_CHECKING
 
 from ..errors import LrpcError, UnsupportedError, one_line
 from ..graph import Canonical, import_model, refresh_shapes, toposort, upgrade_opset
 from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, residual_sum, strip_softmax
 from . import activation_regions, decomposed_layernorm, gather_as_layout, maxpool_ceil, norm_affine, resize_to_matmul
+
+if TYPE_CHECKING:
+    from ..loaded import LoadedModel
 
 # (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
 # last: it records node names, which a later pass could replace)
@@ -21,14 +24,13 @@ FINAL = (strip_softmax,)  # once, after the rounds: finds the explained tensor (
 MAX_ROUNDS = 8  # each round that changes something removes or rewrites nodes for good: real models need 2 or 3
 
 
-def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False,
-             verbatim: dict | None = None) -> Canonical:
-    """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor.
-    ``owned``: ``model`` is lrpc's own (read from a file): the export may reuse its weights in place.
-    ``verbatim``: its weights as read (:func:`lrpc.model_io.read_model`; deferred ones are read there)."""
+def canonize(loaded: LoadedModel, output: str | None = None) -> Canonical:
+    """Load a model into a canonical graph (forward outputs unchanged) and find the explained tensor. When lrpc owns
+    the model (``loaded.owned``: read from a file) the export may reuse its weights in place."""
+    model = loaded.proto
     normal = upgrade_opset(model)
-    canon = import_model(normal, verbatim if normal is model else None)
-    if owned or normal is not model:  # a converted opset is a fresh model too
+    canon = import_model(normal, loaded if normal is model else None)
+    if loaded.owned or normal is not model:  # a converted opset is a fresh model too
         canon.source = normal
     canon.output = output
     while any(n.op == "Shape" for n in canon.graph.nodes) and _run(SHAPE_FOLDING, canon):
