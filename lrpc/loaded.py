@@ -305,8 +305,6 @@ def _identity(st: os.stat_result) -> tuple:
     return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
 
 
-
-
 _DEFERRABLE = {onnx.TensorProto.FLOAT: 4, onnx.TensorProto.DOUBLE: 8, onnx.TensorProto.FLOAT16: 2}
 
 
@@ -319,7 +317,6 @@ def _deferrable(init: onnx.TensorProto, raw: memoryview) -> bool:
 def _typed(init: onnx.TensorProto) -> bool:
     """``init`` holds values in a typed field (the float types' ones)."""
     return bool(len(init.float_data) or len(init.double_data) or len(init.int32_data))
-
 
 
 def _stored_of(model: onnx.ModelProto, stored: list, source: Source | None = None) -> dict:
@@ -351,7 +348,6 @@ def _external_reference(init: onnx.TensorProto, entry: _Stored) -> bytes:
     return ref.SerializeToString()
 
 
-
 def _must_hold_data(init: onnx.TensorProto) -> None:
     """A deferred weight about to be serialized without its data (not written by the LoadedModel that read it) would
     make a model no runtime loads: say so here."""
@@ -359,7 +355,6 @@ def _must_hold_data(init: onnx.TensorProto) -> None:
             and init.data_location == onnx.TensorProto.DEFAULT and not _typed(init)):
         raise RuntimeError(f"lrpc: weight '{init.name}' was read without its data and is serialized without the "
                            "file's bytes it was read from (please report)")
-
 
 
 _EXTERNAL_FILES: dict[Path, frozenset] = {}
