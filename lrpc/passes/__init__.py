@@ -5,15 +5,13 @@ tensor it keeps (then shapes are refreshed right after it changes the graph, for
 new tensors get theirs after the round). A pass that fails with anything but an lrpc error is named in the error."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import onnx
 
 from ..errors import LrpcError, UnsupportedError, one_line
 from ..graph import Canonical, import_model, refresh_shapes, toposort, upgrade_opset
+from ..loaded import LoadedModel
 from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, residual_sum, strip_softmax
 from . import activation_regions, decomposed_layernorm, gather_as_layout, maxpool_ceil, norm_affine, resize_to_matmul
-
-if TYPE_CHECKING:
-    from ..loaded import LoadedModel
 
 # (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
 # last: it records node names, which a later pass could replace)
@@ -24,9 +22,11 @@ FINAL = (strip_softmax,)  # once, after the rounds: finds the explained tensor (
 MAX_ROUNDS = 8  # each round that changes something removes or rewrites nodes for good: real models need 2 or 3
 
 
-def canonize(loaded: LoadedModel, output: str | None = None) -> Canonical:
-    """Load a model into a canonical graph (forward outputs unchanged) and find the explained tensor. When lrpc owns
-    the model (``loaded.owned``: read from a file) the export may reuse its weights in place."""
+def canonize(model: onnx.ModelProto | LoadedModel, output: str | None = None) -> Canonical:
+    """Load a model into a canonical graph (forward outputs unchanged) and find the explained tensor. A ModelProto is
+    the caller's (never modified); when lrpc owns the model (``LoadedModel.owned``: read from a file) the export may
+    reuse its weights in place."""
+    loaded = LoadedModel.of(model)
     model = loaded.proto
     normal = upgrade_opset(model)
     canon = import_model(normal, loaded if normal is model else None)
