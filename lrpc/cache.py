@@ -20,7 +20,7 @@ from pathlib import Path
 
 import onnx
 
-from .model_io import read_model, save_model
+from .loaded import LoadedModel, load
 
 
 def cache_dir() -> Path:
@@ -72,10 +72,10 @@ def _external_files(p: Path) -> list[Path]:
     return [p.parent / n for n in names if n]
 
 
-def compiled(path, rules, settings: dict, make) -> tuple[onnx.ModelProto, dict]:
-    """``(model, verbatim)``: the cached compilation of the model file ``path`` under ``settings`` (a JSON-able dict
-    of everything else compile depends on), or what ``make()`` returns (:func:`lrpc.compiler.compile_for_save`),
-    stored for next time with its verbatim weights. Notes go to stderr."""
+def compiled(path, rules, settings: dict, make) -> LoadedModel:
+    """The cached compilation of the model file ``path`` under ``settings`` (a JSON-able dict of everything else
+    compile depends on), or what ``make()`` returns (:func:`lrpc.compiler.compile_loaded`), stored for next time.
+    Notes go to stderr."""
     model_key = key(path, rules, settings)
     folder = cache_dir()
     entry = folder / f"{model_key[:32]}.lrp.onnx"
@@ -86,18 +86,18 @@ def compiled(path, rules, settings: dict, make) -> tuple[onnx.ModelProto, dict]:
         return make()
     if hit:
         try:
-            model, verbatim = read_model(entry)
+            model = load(entry)
             print(f"lrpc: compiled model from the cache: {entry}", file=sys.stderr)
-            return model, verbatim
+            return model
         except Exception:  # a damaged or unreadable entry is recompiled and replaced
             pass
-    model, verbatim = make()
+    model = make()
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        save_model(model, entry, verbatim=verbatim)
+        model.save(entry)
     except Exception as e:
         _warn(folder, e)
-    return model, verbatim
+    return model
 
 
 def _warn(folder: Path, e: BaseException) -> None:

@@ -17,8 +17,7 @@ import onnx
 from . import composites, gradient
 from .emit import SEED, input_relevance_names, layer_sums
 from .errors import InputError, UnsupportedError, one_line
-from .model_io import file_identity, read_model, still_the_file
-
+from .loaded import file_identity, load, still_the_file
 
 DIRECTIONS = 3  # random directions of the gradient check
 GRADIENT_TOL = 1e-4
@@ -132,39 +131,39 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     accounts for conservation; LRP-0 for the gradient, unless that check is skipped) and run in one onnxruntime
     session at a time (the original, the compiled graph, the conserving one, the LRP-0 one and its probe, each compiled
     only when its turn comes)."""
-    from .compiler import _with_input_shapes, compile_for_save
+    from .compiler import _with_input_shapes, compile_loaded
     from .runtime import start_session
 
     start = time.perf_counter()
     options = options or composites.Options()
     identity = file_identity(path)
-    original, verbatim = read_model(path)
+    original = load(path)
     if input_shapes:
-        original = _with_input_shapes(original, input_shapes)
+        _with_input_shapes(original.proto, input_shapes)
     composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
     report = Report(model=str(path), rules=rules)
-    feeds = model_inputs(original, inputs, image, seed, **preprocessing)
+    feeds = model_inputs(original.proto, inputs, image, seed, **preprocessing)
 
-    def session(model, weights):
-        return start_session(model, weights, ["CPUExecutionProvider"])
+    def session(model):
+        return start_session(model, ["CPUExecutionProvider"])
 
     try:
-        compiled = compile_for_save(path, rules, output=output, input_shapes=input_shapes, **asdict(options))
+        compiled = compile_loaded(path, rules, output=output, input_shapes=input_shapes, **asdict(options))
     except UnsupportedError as e:  # figure: how many nodes are unsupported (1 for an error naming none: a bfloat16 weight)
         report.checks.append(Check("supported", False, len(e.nodes) or 1, 0, message=str(e)))
         report.seconds = time.perf_counter() - start
         return report
     report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
 
-    first = session(original, verbatim)
+    first = session(original)
     feeds = _conformed(first, feeds, given=inputs is not None)
     ref = first.run(None, feeds)
-    names = [o.name for o in original.graph.output]
-    original = verbatim = first = None  # (one session and one read of the file at a time: the peak is the biggest one's)
-    explained = _meta(compiled[0])["lrpc.explained"]
-    blocked = gradient.blocker(compiled[0], explained, gradient.float_inputs(compiled[0], SEED))
-    gradient.expose(compiled[0], [explained], SEED)
-    sess = session(*compiled)
+    names = [o.name for o in original.proto.graph.output]
+    original = first = None  # (one session and one read of the file at a time: the peak is the biggest one's)
+    explained = _meta(compiled.proto)["lrpc.explained"]
+    blocked = gradient.blocker(compiled.proto, explained, gradient.float_inputs(compiled.proto, SEED))
+    gradient.expose(compiled.proto, [explained], SEED)
+    sess = session(compiled)
     compiled = None
     probe = sess.run(names + [explained], {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
     explained_values, probe = probe[-1], probe[:-1]
@@ -178,12 +177,11 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
 
     def conservation(opts: composites.Options) -> tuple:
         """(compiled model, outputs) of the compile with per-layer sums and accounts under ``opts``."""
-        model, held = compile_for_save(path, rules, output=output, layerwise="sums", input_shapes=input_shapes,
-                                       **asdict(opts))
+        model = compile_loaded(path, rules, output=output, layerwise="sums", input_shapes=input_shapes,
+                               **asdict(opts))
         still_the_file(path, identity, "lrpc check")
-        csess = session(model, held)
-        held = None
-        return model, dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, SEED: seed_t})))
+        csess = session(model)
+        return model.proto, dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, SEED: seed_t})))
 
     try:  # (the same ops as the first compile's, plus the per-layer sums and accounts)
         conserving, couts = conservation(options)
@@ -224,17 +222,18 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     """LRP-0 relevance against finite differences of the forward with frozen switches (:mod:`lrpc.gradient`):
     relative error of ⟨R, u⟩ against (F(x + t x ⊙ u) − F(x)) / t over DIRECTIONS seeded directions u. Two sessions:
     the LRP-0 compile (relevance, F(x) and the switches' inputs at x), then the probe (one forward per direction)."""
-    from .compiler import compile_for_save
+    from .compiler import compile_loaded
 
     try:
-        model, held = compile_for_save(path, gradient.ruleset(), output=output, input_shapes=input_shapes)
+        loaded = compile_loaded(path, gradient.ruleset(), output=output, input_shapes=input_shapes)
     except UnsupportedError as e:
         return Check("gradient", False, None, tol, f"the LRP-0 compile failed: {e}")
+    model = loaded.proto
     explained = _meta(model)["lrpc.explained"]
     inputs = gradient.float_inputs(model, SEED)
     refs = gradient.references(model, explained, inputs)
     gradient.expose(model, [explained, *refs], SEED)
-    sess = session(model, held)
+    sess = session(loaded)
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, SEED: seed})))
     nonfinite["LRP-0 (gradient)"] = _nonfinite(outs)
     relevance = {name: outs["relevance" if "relevance" in outs else f"relevance_{name}"].astype(np.float64)
@@ -246,8 +245,8 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     fd, lin = [], []
     try:
         probes = gradient.make_probe(model, explained, inputs, SEED)
-        psess = session(model, held)
-        model = held = None
+        psess = session(loaded)
+        model = loaded = None
         others = {k: v for k, v in feeds.items() if k not in probes}
         for u in gradient.directions(feeds, inputs, DIRECTIONS, rng_seed):
             for step in gradient.steps(seed.dtype):  # (the first whose run stays finite)

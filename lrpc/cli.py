@@ -8,10 +8,9 @@ import os
 import sys
 import traceback
 import warnings
-
-from . import composites
 from pathlib import Path
 
+from . import composites
 from .errors import InputError, LrpcError, one_line
 
 
@@ -248,8 +247,8 @@ def _quiet_onnxruntime() -> None:
 def _run(args) -> int:
     from dataclasses import asdict
 
-    from .compiler import canonize_for_save, compile_for_save
-    from .model_io import refuse_inputs, save_model
+    from .atomic_write import refuse_inputs
+    from .compiler import canonize_loaded, compile_loaded
 
     if args.command == "rules":
         print(composites.describe())
@@ -262,12 +261,11 @@ def _run(args) -> int:
         return _explain(args)
     refuse_inputs(args.out, _read_files(args))  # (before the work; the model's external data is known after it)
     if args.command == "canonize":
-        model, verbatim = canonize_for_save(args.model, output=args.output, input_shapes=dict(args.input_shape))
+        model = canonize_loaded(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
-        model, verbatim = compile_for_save(args.model, args.rules, output=args.output, layerwise=args.layerwise,
-                                           input_shapes=dict(args.input_shape), seed=args.seed,
-                                           **asdict(_options(args)))
-    save_model(model, args.out, protect=_read_files(args), verbatim=verbatim)
+        model = compile_loaded(args.model, args.rules, output=args.output, layerwise=args.layerwise,
+                               input_shapes=dict(args.input_shape), seed=args.seed, **asdict(_options(args)))
+    model.save(args.out, protect=_read_files(args))
     print(f"wrote {args.out}")
     return 0
 
@@ -275,7 +273,7 @@ def _run(args) -> int:
 def _read_files(args) -> list[tuple[str, str]]:
     """(path, what) of each file the command reads, which none of its outputs may overwrite: the model, its
     external data (known once the model was read), a rule file, an --inputs archive, an --image."""
-    from .model_io import external_data_files
+    from .loaded import external_data_files
 
     files = [(args.model, "the model")]
     files += [(f, "the model's external data") for f in sorted(external_data_files(args.model))]
@@ -306,8 +304,8 @@ def _read_inputs(path):
 
 
 def _inspect(args) -> int:
+    from .atomic_write import write_atomic
     from .inspect import inspect, table
-    from .model_io import write_atomic
 
     result = inspect(args.model, args.rules, _options(args), _read_inputs(args.inputs), args.target, args.tol,
                      args.output, dict(args.input_shape), **_image_args(args))
@@ -325,8 +323,8 @@ def _image_args(args) -> dict:
 
 
 def _check(args) -> int:
+    from .atomic_write import write_atomic
     from .check import run_check
-    from .model_io import write_atomic
 
     inputs = _read_inputs(args.inputs)
     report = run_check(args.model, args.rules, _options(args), inputs, args.rtol, args.conservation_tol,

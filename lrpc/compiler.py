@@ -3,48 +3,27 @@ from __future__ import annotations
 
 import contextlib
 import numbers
-import os
-import sys
 
 import onnx
 
 from . import composites
 from .emit import AUDIT, SEED, TARGET, emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
-from .graph import MIN_OPSET, check_structure, export_model, opset_of, release_deferred, structure_of_model
-from .model_io import read_model, restore
+from .graph import MIN_OPSET, check_structure, export_model, opset_of, structure_of_model
+from .loaded import LoadedModel
 from .passes import canonize as _canonize
 
 
-class Owned:
-    """A ModelProto handed over to :func:`compile` by a caller that read it and will not use it again
-    (lrpc explain): the export may then build in it and reuse its weights instead of copying them. ``verbatim``:
-    its initializers as the file read stores them (:func:`lrpc.model_io.read_model`; its big weights may be
-    deferred: read there, never copied into the proto): the weight scan reads them there, and
-    :func:`compile_for_save` can write unchanged weights as those bytes. Both are taken over by the compile
-    (``verbatim`` is dropped from here)."""
-
-    def __init__(self, proto: onnx.ModelProto, verbatim: dict | None = None):
-        self.proto, self.verbatim = proto, verbatim
-
-
-def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto, bool, dict, dict]:
-    """``(ModelProto, owned, signs, verbatim)``: owned when lrpc read or copied it (the export may then reuse its
-    weights); a caller's ModelProto is never modified. ``signs``: see :func:`_check_weights`; ``verbatim``: the
-    initializers as stored in the file read (:func:`lrpc.model_io.read_model`: big weights deferred, {} for a
-    caller's ModelProto)."""
-    owned, verbatim = isinstance(model, (str, os.PathLike, Owned)), {}
-    if isinstance(model, Owned):
-        handed, model, verbatim = model, model.proto, model.verbatim or {}
-        handed.verbatim = None
-    elif owned:
-        model, verbatim = read_model(model)
-    elif not isinstance(model, onnx.ModelProto):
-        raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
+def _as_model(model, input_shapes: dict | None = None) -> tuple[LoadedModel, dict]:
+    """``(LoadedModel, signs)``: a path is read; a LoadedModel is taken over (an owned one is built in and used up,
+    see :meth:`lrpc.loaded.LoadedModel.transfer`); a caller's ModelProto is never modified. ``signs``: see
+    :func:`_check_weights`."""
+    loaded = LoadedModel.of(model)
     if input_shapes:
-        model = _with_input_shapes(model if owned else onnx.ModelProto.FromString(model.SerializeToString()),
-                                   input_shapes)
-        owned = True
+        if not loaded.owned:
+            loaded = LoadedModel(onnx.ModelProto.FromString(loaded.proto.SerializeToString()), owned=True)
+        _with_input_shapes(loaded.proto, input_shapes)
+    model = loaded.proto
     _refuse_unsupported_floats(model)
     if not model.graph.output:
         raise InputError("the model's graph has no outputs: nothing to explain")
@@ -52,8 +31,8 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[onnx.ModelProto,
         raise UnsupportedError(f"the model's opset {opset_of(model)} is newer than the newest this onnx package "
                                f"knows ({onnx.defs.onnx_opset_version()})")
     if opset_of(model) < MIN_OPSET:  # the version converter serializes every tensor: with its data
-        restore(model, verbatim)
-    return model, owned, _check_weights(model, verbatim), verbatim
+        loaded.restored()
+    return loaded, _check_weights(loaded)
 
 
 def _refuse_unsupported_floats(model: onnx.ModelProto) -> None:
@@ -102,15 +81,14 @@ def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
-def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
-    """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user.
-    ``verbatim``: the initializers as stored in the file read (:func:`lrpc.model_io.read_model`), looked at in place
-    (deferred weights have no data elsewhere); others are read from the ModelProto, which copies them (0.6 s for
-    VGG16's 528 MB on a 2-core machine). Returns ``{name: (TensorProto, all values >= 0)}`` for the float
-    initializers: the emitter's sign analysis looks weights up there instead of reading them again."""
+def _check_weights(loaded: LoadedModel) -> dict:
+    """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user. The values
+    are looked at where they are (:meth:`lrpc.loaded.LoadedModel.values`: deferred weights in the file's bytes).
+    Returns ``{name: (TensorProto, all values >= 0)}`` for the float initializers: the emitter's sign analysis
+    looks weights up there instead of reading them again."""
     import numpy as np
-    from onnx import helper, numpy_helper
 
+    model = loaded.proto
     users = {}
     for node in model.graph.node:
         for name in node.input:
@@ -119,14 +97,7 @@ def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
     for init in model.graph.initializer:
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             continue
-        dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
-        count = int(np.prod(init.dims, dtype=np.int64))
-        entry = verbatim.get(id(init))
-        stored = entry.raw if entry is not None and entry.tensor is init else None
-        if stored is not None and sys.byteorder == "little" and len(stored) == count * dtype.itemsize:
-            values = np.frombuffer(stored, dtype, count)
-        else:
-            values = numpy_helper.to_array(init)
+        values = loaded.values(init)
         # a float64 sum of finite float32/16 values cannot overflow: one pass, no temporary array
         with np.errstate(invalid="ignore", over="ignore"):  # (+inf and -inf sum to NaN, quietly)
             total = values.sum(dtype=np.float64)
@@ -139,31 +110,30 @@ def _check_weights(model: onnx.ModelProto, verbatim: dict) -> dict:
 
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
     """Canonical forward model (BN folded, pools as depthwise convs, …); outputs numerically unchanged.
+    ``model``: a path, a ModelProto or a :class:`lrpc.loaded.LoadedModel` (used up).
     ``input_shapes``: {input name: dims} to fix dynamic dims (e.g. spatial ones)."""
-    return restore(*canonize_for_save(model, output, input_shapes))
+    return canonize_loaded(model, output, input_shapes).restored()
 
 
-def canonize_for_save(model, output: str | None = None,
-                      input_shapes: dict | None = None) -> tuple[onnx.ModelProto, dict]:
-    """:func:`canonize` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model` (see
-    :func:`compile_for_save`)."""
-    proto, owned, _, verbatim = _as_model(model, input_shapes)
-    with _blaming_the_input(proto):
-        canon = _canonize(proto, output, owned, verbatim)
+def canonize_loaded(model, output: str | None = None, input_shapes: dict | None = None) -> LoadedModel:
+    """:func:`canonize`, the result a LoadedModel (see :func:`compile_loaded`)."""
+    loaded, _ = _as_model(model, input_shapes)
+    with _blaming_the_input(loaded.proto):
+        canon = _canonize(loaded, output)
         refused = [n for n in relevance_path(canon)[2] if n.name in canon.refused] if canon.refused else []
         if refused:  # (nodes relevance must cross, left as they were: the model is not canonical; others may stay)
             raise unsupported(refused, canon.refused)
         canon.graph.cleanup(remove_unused_graph_inputs=False)  # (a copy of the moves behind a softmax: nothing reads it)
-        result = export_model(canon)
-        release_deferred(canon)
-        _check(result)
-    return result, _still_held(result, verbatim)
+        result = loaded.transfer(export_model(canon))
+        _check(result.proto)
+    return result
 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
             layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
             **options) -> onnx.ModelProto:
-    """Compile ``model`` (ModelProto or path) into forward + relevance graph.
+    """Compile ``model`` (ModelProto or path; a :class:`lrpc.loaded.LoadedModel` is used up) into forward +
+    relevance graph.
 
     ``rules``: a composite name, a .json/.toml rule file, or a RuleSet. ``options``: fields of
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
@@ -171,20 +141,16 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
     ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
     sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
-    return restore(*compile_for_save(model, rules, output, layerwise, input_shapes, seed, **options))
+    return compile_loaded(model, rules, output, layerwise, input_shapes, seed, **options).restored()
 
 
-def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
-                     layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-                     **options) -> tuple[onnx.ModelProto, dict]:
-    """:func:`compile` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model`: the weights of the file
-    read that the result holds as loaded are written as the file's bytes (VGG16: 1.1-1.4 s of serializing saved).
-    They keep the file's bytes in memory until the write (when the result holds any). A model read from a path
-    has its big weights deferred (:func:`lrpc.model_io.read_model`): the result's TensorProtos of those hold no
-    data, and the result is a model only together with ``verbatim`` (save it with it, serialize it with
-    :func:`lrpc.model_io.serialized`, or :func:`lrpc.model_io.restore` it: :func:`compile` does). Valid while the
-    result's tensors are not changed in place: save right away (a tensor renamed, reshaped or retyped is noticed,
-    new values written into its data are not)."""
+def compile_loaded(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
+                   layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
+                   **options) -> LoadedModel:
+    """:func:`compile`, the result a :class:`lrpc.loaded.LoadedModel`: the weights of the file read that it holds
+    unchanged are still the file's bytes (a model read from a path has its big weights deferred: never copied
+    into a proto), written as those bytes by its ``save`` (VGG16: 1.1-1.4 s of serializing saved) and read by
+    onnxruntime in the file (:class:`lrpc.Session`). It keeps the file's bytes in memory while it lives."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
     else:
@@ -193,15 +159,14 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    proto, owned, signs, verbatim = _as_model(model, input_shapes)
-    _refuse_reserved_names(proto)
-    with _blaming_the_input(proto):
-        canon = _canonize(proto, output, owned, verbatim)
+    loaded, signs = _as_model(model, input_shapes)
+    _refuse_reserved_names(loaded.proto)
+    with _blaming_the_input(loaded.proto):
+        canon = _canonize(loaded, output)
         canon.weight_signs = signs
-        result = emit(canon, ruleset, layerwise, seed)
-        release_deferred(canon)
-        _check(result)
-    return result, _still_held(result, verbatim)
+        result = loaded.transfer(emit(canon, ruleset, layerwise, seed))
+        _check(result.proto)
+    return result
 
 
 @contextlib.contextmanager
@@ -238,13 +203,6 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     clash = clash or next((o.name for o in g.output if o.name.startswith("relevance_")), None)
     if clash is not None:
         raise InputError(f"tensor '{clash}': the name is taken by lrpc's relevance inputs and outputs (rename it)")
-
-
-def _still_held(model: onnx.ModelProto, verbatim: dict) -> dict:
-    """The entries of ``verbatim`` for tensors ``model`` holds: the others (weights a pass replaced, a model whose
-    opset was converted) would keep the file's bytes and the tensors read in memory for nothing."""
-    held = {id(t) for t in model.graph.initializer}
-    return {k: v for k, v in verbatim.items() if k in held}
 
 
 def _check(model: onnx.ModelProto) -> None:

@@ -19,17 +19,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-import onnx
 
 from . import compiler, targets
+from .atomic_write import protected, refuse_inputs, write_atomic
 from .emit import SEED
 from .errors import InputError, one_line
-from .imaging import pil_image, grid, heatmap, overlay
-from .model_io import external_data_files, protected, read_model, refuse_inputs, write_atomic
-from .preprocess import (IMAGE_SUFFIXES, image_files, image_size, load_image, load_tensors, model_input,
-                         normalization)
-
-
+from .imaging import grid, heatmap, overlay, pil_image
+from .loaded import LoadedModel, external_data_files
+from .preprocess import IMAGE_SUFFIXES, image_files, image_size, load_image, load_tensors, model_input, normalization
 
 
 def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
@@ -44,14 +41,13 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
 
     if layout not in ("nchw", "nhwc"):
         raise InputError(f"--layout must be nchw or nhwc, got '{layout}'")
-    proto, verbatim = read_model(model) if isinstance(model, (str, os.PathLike)) else (model, {})
-    if not isinstance(proto, onnx.ModelProto):
-        raise InputError(f"expected an onnx.ModelProto or a path, got {type(model).__name__}")
-    spec = model_input(proto, layout)
+    loaded = LoadedModel.of(model)
+    spec = model_input(loaded.proto, layout)
     if size is not None and spec.size is not None and tuple(size) != spec.size:
         raise InputError(f"--size {size[0]},{size[1]} differs from the static size {spec.size[0]},{spec.size[1]} "
                          f"of model input '{spec.name}'")
-    compiled = SEED in {i.name for i in proto.graph.input} or any(p.key == "lrpc.seed" for p in proto.metadata_props)
+    compiled = SEED in {i.name for i in loaded.proto.graph.input} or \
+        any(p.key == "lrpc.seed" for p in loaded.proto.metadata_props)
     if not compiled:
         shapes = dict(input_shapes or {})
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
@@ -59,22 +55,19 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
             shapes[spec.name] = [-1, -1, h, w] if layout == "nchw" else [-1, h, w, -1]
         # a model read here is handed over with the file's bytes (its big weights were never copied out of them):
         # the compiled graph is built in it, the weight scan reads the bytes, and a cache entry and the session get
-        # the unchanged weights as the file's bytes
-        source = compiler.Owned(proto, verbatim) if isinstance(model, (str, os.PathLike)) else proto
-        verbatim = None
-        make = lambda: compiler.compile_for_save(source, rules, output=output, input_shapes=shapes or None,  # noqa: E731
-                                                 seed=seed, **options)
+        # the unchanged weights as the file's bytes (on a cache hit the read model is dropped unused)
+        make = lambda: compiler.compile_loaded(loaded, rules, output=output, input_shapes=shapes or None,  # noqa: E731
+                                               seed=seed, **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache
 
             settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed}
-            proto, verbatim = compile_cache.compiled(model, rules, settings, make)
+            loaded = compile_cache.compiled(model, rules, settings, make)
         else:
-            proto, verbatim = make()
-        spec = model_input(proto, layout)
-        source = make = None  # (on a cache hit nothing took the file's bytes out of source: drop them here)
+            loaded = make()
+        spec = model_input(loaded.proto, layout)
     # (a compiled file: its weights go to the session as the file's bytes)
-    return Session(proto, providers=providers, channels_last=layout == "nhwc", verbatim=verbatim), spec
+    return Session(loaded, providers=providers, channels_last=layout == "nhwc"), spec
 
 
 def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnhot", level: float = 1.0):
@@ -274,7 +267,7 @@ def _encoded(pic, path: Path) -> bytes:
 
 def _outputs(out, sources: list[Path], many: bool, protect=()) -> list[tuple[Path, Path]]:
     """(heatmap path, relevance .npy path) per source; refuses to overwrite any of ``protect``
-    (:func:`lrpc.model_io.refuse_inputs`)."""
+    (:func:`lrpc.atomic_write.refuse_inputs`)."""
     o = Path(out)
     if many or o.is_dir() or str(out).endswith(("/", os.sep)):
         if o.exists() and not o.is_dir():

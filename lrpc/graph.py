@@ -11,7 +11,6 @@ from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
 from .errors import InputError, UnsupportedError, one_line, where
-from .model_io import deferred, is_big, restore_tensor
 
 # ops that move elements and keep their values
 MOVES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
@@ -31,7 +30,6 @@ class Canonical:
     metadata: dict[str, str] = field(default_factory=dict)
     source: onnx.ModelProto | None = None  # the imported model when lrpc owns it (export reuses its weights)
     weight_signs: dict = field(default_factory=dict)  # initializer name -> (TensorProto, all >= 0), see const_nonneg
-    deferred: list = field(default_factory=list)  # the DeferredValues made at import (see release_deferred)
     # node making an activation written as several ops -> the activation's input (passes/activation_regions.py)
     activations: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # node name -> why a pass left it as it was (one line)
@@ -48,23 +46,26 @@ class Canonical:
 
 
 class DeferredValues(LazyValues):
-    """The values of a weight read without its data (:func:`lrpc.model_io.read_model`): ``load`` reads them in the
+    """The values of a weight read without its data (:class:`lrpc.loaded.LoadedModel`): ``load`` reads them in the
     file's bytes; ``held`` is the TensorProto without data (lrpc's export keeps it, and the file's bytes are
     written for it); ``tensor``, what graphsurgeon's exporter takes (constant folding, a constant exported
     anew), is that TensorProto given its data first."""
 
-    def __init__(self, tensor: onnx.TensorProto, raw: memoryview):  # (LazyValues' own would read .tensor)
-        self.held, self.raw = tensor, raw
+    def __init__(self, tensor: onnx.TensorProto, loaded):  # (LazyValues' own would read .tensor)
+        self.held, self._loaded = tensor, loaded
         self.shape = list(tensor.dims)
         self.dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type))
         self.nbytes = self.dtype.itemsize * int(np.prod(self.shape, dtype=np.int64))
 
     @property
     def tensor(self) -> onnx.TensorProto:
-        return restore_tensor(self.held, self.raw)
+        if not self.held.HasField("raw_data"):
+            self.held.raw_data = bytes(self._loaded.raw(self.held))
+        return self.held
 
     def load(self) -> np.ndarray:
-        return np.frombuffer(self.raw, self.dtype.newbyteorder("<")).reshape(self.shape).astype(self.dtype)
+        raw = self._loaded.raw(self.held)
+        return np.frombuffer(raw, self.dtype.newbyteorder("<")).reshape(self.shape).astype(self.dtype)
 
 
 def _constants(graph: gs.Graph):
@@ -76,16 +77,6 @@ def _constants(graph: gs.Graph):
     for node in graph.nodes:
         for sub in node.subgraphs():
             yield from _constants(sub)
-
-
-def release_deferred(canon: Canonical) -> None:
-    """Drop the views into the file's bytes held by the :class:`DeferredValues` made at import, also those of
-    constants the passes have since replaced (a graph is full of reference cycles: it would keep the file mapped
-    until Python's cycle collector runs); their TensorProtos are what the exported model holds. For the end of a
-    compile."""
-    for values in canon.deferred:
-        values.raw = None
-    canon.deferred = []
 
 
 def _proto_of(lazy: LazyValues) -> onnx.TensorProto:
@@ -111,12 +102,10 @@ def upgrade_opset(model: onnx.ModelProto) -> onnx.ModelProto:
     return converted
 
 
-def import_model(model: onnx.ModelProto, verbatim: dict | None = None) -> Canonical:
-    """Turn a ModelProto (opset already normalized) into a :class:`Canonical` with shapes inferred. ``verbatim``:
-    the model's initializers as read (:func:`lrpc.model_io.read_model`): the deferred ones become
-    :class:`DeferredValues`."""
+def import_model(model: onnx.ModelProto, loaded=None) -> Canonical:
+    """Turn a ModelProto (opset already normalized) into a :class:`Canonical` with shapes inferred. ``loaded``: the
+    :class:`lrpc.loaded.LoadedModel` of ``model``: its deferred weights become :class:`DeferredValues`."""
     graph = gs.import_onnx(model)
-    made = []
     # graphsurgeon's export names a lazily held tensor in place: a Constant node's value (unnamed, named as its
     # output once folded) would be renamed in the caller's model. Those values (small) get copies.
     for t in (v for n in graph.nodes for v in n.attrs.values() if isinstance(v, gs.Constant)):
@@ -124,17 +113,15 @@ def import_model(model: onnx.ModelProto, verbatim: dict | None = None) -> Canoni
             copy = onnx.TensorProto()
             copy.CopyFrom(t._values.tensor)
             t._values = LazyValues(copy)
-    if verbatim:
+    if loaded is not None:
         for t in _constants(graph):
             lazy = t._values
-            raw = deferred(lazy.tensor, verbatim) if type(lazy) is LazyValues else None
-            if raw is not None:
-                t._values = DeferredValues(lazy.tensor, raw)
-                made.append(t._values)
+            if type(lazy) is LazyValues and loaded.deferred(lazy.tensor) is not None:
+                t._values = DeferredValues(lazy.tensor, loaded)
     _apply_shapes(graph, inferred_shapes(structure_of_model(model)), only_missing=False)
     meta = {p.key: p.value for p in model.metadata_props}
     origin = json.loads(meta.pop(ORIGIN_KEY, "{}"))
-    return Canonical(graph=graph, origin=origin, metadata=meta, deferred=made)
+    return Canonical(graph=graph, origin=origin, metadata=meta)
 
 
 def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> onnx.ModelProto:
@@ -208,8 +195,16 @@ def _into_source(source: onnx.ModelProto, model: onnx.ModelProto, kept: set) -> 
 
 
 # Shape inference and the checker serialize the whole model; on VGG16 (550 MB) that dominated compile
-# time. They only need the structure: big float weights (model_io.is_big) are replaced by typed graph inputs of
+# time. They only need the structure: big float weights (is_big) are replaced by typed graph inputs of
 # their shape; smaller tensors (shape constants, biases) keep their values for data propagation.
+BIG = 4096  # elements
+
+
+def is_big(data_type: int, dims) -> bool:
+    """A float tensor of more than :data:`BIG` elements: one the checker and shape inference see as a graph input
+    of its shape (:func:`structure_of_model`); :func:`lrpc.loaded.load` reads those without their data."""
+    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
+    return data_type in floats and int(np.prod(list(dims) or [1])) > BIG
 
 
 def structure_of_model(model: onnx.ModelProto) -> onnx.ModelProto:

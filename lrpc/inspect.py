@@ -14,7 +14,7 @@ import numpy as np
 from . import composites, targets
 from .check import model_inputs
 from .emit import layer_sums
-from .model_io import file_identity, read_model, still_the_file
+from .loaded import file_identity, load, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
             "epsilon-gamma-box and --stabilizer clip or norm-scale where denominators near 0 explode; --sum-rule "
@@ -39,7 +39,7 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
 
     options = options or composites.Options()
     identity = file_identity(path)
-    model = read_model(path)[0]  # (its graph inputs: the compiles read the file themselves)
+    model = load(path).proto  # (its graph inputs: the compiles read the file themselves)
     if input_shapes:
         model = _with_input_shapes(model, input_shapes)
     feeds = model_inputs(model, inputs, image, seed, **preprocessing)
@@ -79,14 +79,7 @@ def _layer_table(compile_args, options, feeds, target, tol, seed=None):
     made from ``target`` (see :mod:`lrpc.targets`) unless given. ``compile_args``: (path, rules, output, input
     shapes): the model is read as ``lrpc compile`` reads it (its big weights stay in the file, where onnxruntime
     reads them)."""
-    from .compiler import compile_for_save
-    from .runtime import Session
-
-    path, rules, output, input_shapes = compile_args
-    compiled, held = compile_for_save(path, rules, output=output, layerwise="full", input_shapes=input_shapes,
-                                      **asdict(options))
-    session = Session(compiled, providers=["CPUExecutionProvider"], verbatim=held)
-    held = None
+    session, compiled = _compiled_session(compile_args, options)
     if seed is None:
         seed = session.seed_for(feeds, target)
     outs = session.run(feeds, seed)
@@ -99,6 +92,17 @@ def _layer_table(compile_args, options, feeds, target, tol, seed=None):
                        "in_over_out": local, "breaks": bool(abs(local - 1.0) > tol)})
     input_sum = float(sum(np.sum(outs[n], dtype=np.float64) for n in session.relevance_outputs))
     return layers, seed_sum, input_sum, seed
+
+
+def _compiled_session(compile_args, options) -> tuple:
+    """``(Session, compiled ModelProto)`` of the compile with --layerwise full (the compile's hold on the file's
+    bytes ends here: onnxruntime reads the weights itself)."""
+    from .compiler import compile_loaded
+    from .runtime import Session
+
+    path, rules, output, input_shapes = compile_args
+    loaded = compile_loaded(path, rules, output=output, layerwise="full", input_shapes=input_shapes, **asdict(options))
+    return Session(loaded, providers=["CPUExecutionProvider"]), loaded.proto
 
 
 def table(result: dict) -> str:

@@ -15,7 +15,7 @@ import onnxruntime as ort
 from . import targets
 from .emit import SEED, TARGET, input_relevance_names, top1_nodes
 from .errors import InputError, one_line
-from .model_io import for_runtime, read_model, serialized
+from .loaded import LoadedModel
 
 
 class Session:
@@ -25,17 +25,17 @@ class Session:
     :attr:`providers` for the ones the session actually got (a CUDA request can fall back to CPU).
     ``tf32``: let CUDA run float32 convolutions/matmuls in TF32 (faster, ~1e-3 relative error); off by
     default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
-    [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``verbatim`` (with a ModelProto):
-    weights of ``model`` still as read from a file, handed to onnxruntime as the file's bytes
-    (:func:`lrpc.compiler.compile_for_save`; a path is read that way itself; neither is kept): VGG16's session
-    starts ~2 s sooner than with the model serialized again."""
+    [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``model`` may also be a
+    :class:`lrpc.loaded.LoadedModel` (:func:`lrpc.compiler.compile_loaded`; a path is read as one): the weights it
+    holds as read from a file are read by onnxruntime there, not serialized again (VGG16's session starts ~2 s
+    sooner). The Session keeps no reference to ``model``."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
-                 channels_last: bool = False, verbatim: dict | None = None):
-        if isinstance(model, (str, os.PathLike)):
-            model, verbatim = read_model(model)
-        if not isinstance(model, onnx.ModelProto):
+                 channels_last: bool = False):
+        if not isinstance(model, (str, os.PathLike, onnx.ModelProto, LoadedModel)):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
+        loaded = LoadedModel.of(model)
+        model = loaded.proto
         meta = {p.key: p.value for p in model.metadata_props}
         self.top1 = meta.get("lrpc.seed") == "top1"  # compiled with seed="top1": the graph makes its seed
         with _SWITCH_LOCK:  # (another Session from this proto may have renamed the seed input for a moment)
@@ -48,8 +48,7 @@ class Session:
         self._switch = not self.top1 and explained is not None and (
             any(explained in n.output for n in model.graph.node) or any(i.name == explained for i in model.graph.input))
         switch = (lambda: _with_top1_switch(model, meta["lrpc.explained"])) if self._switch else contextlib.nullcontext
-        self.session = start_session(model, verbatim, providers, threads, tf32, switch)
-        verbatim = None  # (the Session keeps neither it nor the model: the file's bytes go when the caller drops them)
+        self.session = start_session(loaded, providers, threads, tf32, switch)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
         self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
@@ -217,18 +216,18 @@ class Session:
         return flat.argmax(axis=1)
 
 
-def start_session(model: onnx.ModelProto, verbatim: dict | None, providers: list | None = None,
-                  threads: int | None = None, tf32: bool = False, prepare=contextlib.nullcontext) -> ort.InferenceSession:
-    """:func:`inference_session` of ``model``, a ModelProto whose weights may still be those of the file it was read
-    from (``verbatim``: :func:`lrpc.model_io.read_model`, :func:`lrpc.compiler.compile_for_save`; big ones deferred,
-    never copied into the proto): onnxruntime reads those in that file as external data (:func:`for_runtime`), not
-    out of the model serialized again; when the file changed since lrpc read it, onnxruntime could not read it
-    there, or the session would keep it mapped (and so depend on it), the session is started again from the bytes
-    lrpc read, with the first failure attached to a second one. ``prepare``: a context manager (factory) held
-    while ``model`` is serialized (:class:`Session`: the top-1 switch)."""
+def start_session(model: LoadedModel, providers: list | None = None, threads: int | None = None, tf32: bool = False,
+                  prepare=contextlib.nullcontext) -> ort.InferenceSession:
+    """:func:`inference_session` of ``model``, whose weights may still be those of the file it was read from (big
+    ones deferred, never copied into the proto): onnxruntime reads those in that file as external data
+    (:meth:`lrpc.loaded.LoadedModel.for_runtime`), not out of the model serialized again; when the file changed
+    since lrpc read it, onnxruntime could not read it there, or the session would keep it mapped (and so depend on
+    it), the session is started again from the bytes lrpc read, with the first failure attached to a second one.
+    ``prepare``: a context manager (factory) held while ``model`` is serialized (:class:`Session`: the top-1
+    switch)."""
     def serialize(whole: bool):
         with prepare():
-            return (serialized(model, verbatim), None) if whole else for_runtime(model, verbatim)
+            return (model.serialized(), None) if whole else model.for_runtime()
 
     data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
     session, first_error = None, None
@@ -262,7 +261,7 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
     equal speed). ``tf32``: CUDA float32 convolutions/matmuls in TF32. ``cuda_options``: more CUDA provider
     options. ``profile``: a file prefix for onnxruntime's profiler (off by default). ``external_folder``: where
-    the external data of a model given as bytes lie (:func:`lrpc.model_io.for_runtime`)."""
+    the external data of a model given as bytes lie (:meth:`lrpc.loaded.LoadedModel.for_runtime`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
     options.log_severity_level = 4  # (a failing run raises with the message: not also logged in red on stderr)

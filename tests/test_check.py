@@ -205,12 +205,11 @@ def test_probe_is_the_directional_derivative(tmp_path):
     torch = pytest.importorskip("torch")
 
     from lrpc import gradient
-    from lrpc.compiler import compile_for_save
-    from lrpc.model_io import restore
+    from lrpc.compiler import compile_loaded
 
     for name in ("resnet_basic", "inception", "densenet", "maxpool_pads_ceil"):
         a, path = _arch(name, tmp_path)
-        model = restore(*compile_for_save(str(path), gradient.ruleset()))
+        model = compile_loaded(str(path), gradient.ruleset()).restored()
         explained = {p.key: p.value for p in model.metadata_props}["lrpc.explained"]
         refs = gradient.references(model, explained, ["input"])
         gradient.expose(model, refs, "relevance_seed")

@@ -447,18 +447,19 @@ def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
     # a ModelProto handed over (lrpc explain reads the file itself, then hands it over): built in it too
     handed = onnx.load(str(path))
     from lrpc import compiler, explain
+    from lrpc.loaded import LoadedModel
 
-    assert api.compile(compiler.Owned(handed), "epsilon-plus") is handed
+    assert api.compile(LoadedModel(handed, owned=True), "epsilon-plus") is handed
     assert inits(handed) == inits(from_proto) and list(handed.graph.node) == list(from_proto.graph.node)
     seen = []
-    real = compiler.compile_for_save
-    compiler.compile_for_save = lambda m, *a, **k: seen.append(m) or real(m, *a, **k)
+    real = compiler.compile_loaded
+    compiler.compile_loaded = lambda m, *a, **k: seen.append((m, m.owned, m.proto)) or real(m, *a, **k)
     try:
         explain.prepare(path, "epsilon-plus")
         explain.prepare(model, "epsilon-plus")
     finally:
-        compiler.compile_for_save = real
-    assert isinstance(seen[0], compiler.Owned) and seen[1] is model
+        compiler.compile_loaded = real
+    assert seen[0][1] and not seen[1][1] and seen[1][2] is model
     assert model.SerializeToString() == before
     assert inits(from_path)["w"] == numpy_helper.from_array(w, "w").SerializeToString()  # kept as it was
     assert "w2" not in inits(from_path)  # replaced by the BatchNorm-folded weight
@@ -503,7 +504,7 @@ def test_saved_bytes_are_serialize_to_string(case, tmp_path):
     """save_model writes the model piece by piece (its weights one at a time, not one buffer of the whole
     file): the file must hold exactly the bytes of SerializeToString."""
     import lrpc as lib
-    from lrpc.model_io import save_model, serialized_pieces
+    from lrpc.loaded import LoadedModel
 
     if case == "digits compiled":
         model = lib.compile(DIGITS, "epsilon-gamma-box")
@@ -515,26 +516,27 @@ def test_saved_bytes_are_serialize_to_string(case, tmp_path):
             model.ClearField("graph")
         elif case == "unknown field":  # (field 99 of ModelProto: unknown to this protobuf build, kept as is)
             model = onnx.ModelProto.FromString(model.SerializeToString() + b"\x98\x06\x05")
-    pieces = serialized_pieces(model)
+    pieces = LoadedModel(model).pieces()
     assert b"".join(pieces) == model.SerializeToString()
     assert len(pieces) == (1 if case in ("no graph", "unknown field") else 5 + 2 * len(model.graph.initializer))
-    save_model(model, tmp_path / "m.onnx")
+    LoadedModel(model).save(tmp_path / "m.onnx")
     assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
 
 
 def test_model_past_the_file_limit_is_refused(tmp_path, monkeypatch):
     """A model past protobuf's 2 GB limit (here: a limit lowered below the digits CNN's size) is a clear error,
     and nothing is written."""
-    import lrpc.model_io as io
+    from lrpc import wire
     from lrpc.errors import UnsupportedError
+    from lrpc.loaded import LoadedModel
 
     model = onnx.load(str(DIGITS))
-    monkeypatch.setattr(io, "MAX_FILE_BYTES", model.ByteSize() - 1)
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", model.ByteSize() - 1)
     with pytest.raises(UnsupportedError, match="an ONNX file holds at most 2 GB"):
-        io.save_model(model, tmp_path / "big.onnx")
+        LoadedModel(model).save(tmp_path / "big.onnx")
     assert not list(tmp_path.iterdir())
-    monkeypatch.setattr(io, "MAX_FILE_BYTES", model.ByteSize())
-    io.save_model(model, tmp_path / "big.onnx")
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", model.ByteSize())
+    LoadedModel(model).save(tmp_path / "big.onnx")
     assert (tmp_path / "big.onnx").read_bytes() == model.SerializeToString()
 
 
@@ -544,7 +546,7 @@ def test_raw_weights_are_the_initializers_bytes(tmp_path):
     are not in the file)."""
     from onnx.external_data_helper import convert_model_to_external_data
 
-    from lrpc.model_io import raw_weights
+    from lrpc.wire import raw_weights
 
     model = _rich_model()
     rng = np.random.default_rng(4)
@@ -586,22 +588,21 @@ def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
     serialized again); a weight a pass changed (w2, folded with the BatchNorm) and small ones are serialized. The
     input was written by protobuf: the output holds the model's SerializeToString exactly, from the CLI too."""
     from lrpc import compiler
-    from lrpc.model_io import restore, serialized_pieces
 
     path = tmp_path / "big.onnx"
     onnx.save(_big_model(), str(path))
     if command == "compile":
-        model, verbatim = compiler.compile_for_save(path, "epsilon-gamma-box")
+        loaded = compiler.compile_loaded(path, "epsilon-gamma-box")
     else:
-        model, verbatim = compiler.canonize_for_save(path)
-    pieces = serialized_pieces(model, verbatim)
+        loaded = compiler.canonize_loaded(path)
+    model, pieces = loaded.proto, loaded.pieces()
     views = [onnx.TensorProto.FromString(p) for p in pieces if isinstance(p, memoryview)]
     assert [t.name for t in views] == ["w"] and "w2" not in {t.name for t in model.graph.initializer}
     assert views[0] == next(t for t in onnx.load(str(path)).graph.initializer if t.name == "w")
     w = next(t for t in model.graph.initializer if t.name == "w")
     assert not w.HasField("raw_data")  # read without its data (deferred): never copied out of the file's bytes
-    assert b"".join(pieces) == restore(model, verbatim).SerializeToString() and w.HasField("raw_data")
-    assert b"".join(serialized_pieces(model, verbatim)) == model.SerializeToString()  # (restored: still verbatim)
+    assert b"".join(pieces) == loaded.restored().SerializeToString() and w.HasField("raw_data")
+    assert b"".join(loaded.pieces()) == model.SerializeToString()  # (restored: still the file's bytes)
     rules = ["--rules", "epsilon-gamma-box"] if command == "compile" else []
     code, _, err = lrpc(command, path, "-o", tmp_path / "out.onnx", *rules)
     assert code == 0, err
@@ -611,7 +612,7 @@ def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
 def _odd_file(path) -> tuple[onnx.ModelProto, bytes]:
     """_big_model written to ``path`` with weight w's fields in another order than protobuf writes them, in a second
     ModelProto.graph field (protobuf merges the two): (the model, w's bytes as stored)."""
-    from lrpc.model_io import _key_and_length
+    from lrpc.wire import key_and_length as _key_and_length
 
     model = _big_model()
     w = model.graph.initializer[0]
@@ -633,12 +634,11 @@ def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path
     ModelProto.graph field (protobuf merges the two): the same model. The output keeps w's bytes as stored, so
     its bytes differ from SerializeToString's, and it parses to the very same model, from the CLI too."""
     from lrpc import compiler
-    from lrpc.model_io import serialized_pieces
 
     path = tmp_path / "odd.onnx"
     model, reordered = _odd_file(path)
-    got, verbatim = compiler.compile_for_save(path, "epsilon")
-    pieces = serialized_pieces(got, verbatim)
+    loaded = compiler.compile_loaded(path, "epsilon")
+    got, pieces = loaded.proto, loaded.pieces()
     assert [bytes(p) for p in pieces if isinstance(p, memoryview)] == [reordered]
     assert b"".join(pieces) != got.SerializeToString()
     assert onnx.ModelProto.FromString(b"".join(pieces)) == got
@@ -709,20 +709,20 @@ def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
     assert code == 0, err
     x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
     compiled = tmp_path / "odd.lrp.onnx"
-    from lrpc.compiler import compile_for_save
+    from lrpc.compiler import compile_loaded
 
-    model, verbatim = compile_for_save(path, "epsilon", seed=seed)
+    loaded = compile_loaded(path, "epsilon", seed=seed)
     sessions = {"file": lib.Session(compiled), "explain": explain.prepare(path, "epsilon", seed=seed)[0],
                 "explain compiled": explain.prepare(compiled)[0],
                 "explain cached": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],  # (written)
                 "explain cache hit": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],
-                "verbatim": lib.Session(model, verbatim=verbatim), "proto": lib.Session(onnx.load(str(compiled)))}
+                "loaded": lib.Session(loaded), "proto": lib.Session(onnx.load(str(compiled)))}
     from lrpc.runtime import _READS_EXTERNAL_FOLDER
 
     file = "file" if _READS_EXTERNAL_FOLDER else "bytes"  # (the hand-over: Linux, onnxruntime >= 1.21)
     assert [how(*g) for g in given] == [file, "bytes", file, "bytes", file, "bytes", "serialized"]
-    assert verbatim  # (left as given: the caller's model and its file's bytes stay usable, e.g. a second Session)
-    sessions["verbatim again"] = lib.Session(model, verbatim=verbatim)
+    assert loaded.proto is not None and loaded._stored  # (left as given: the caller's model and its file's bytes
+    sessions["loaded again"] = lib.Session(loaded)  # stay usable, e.g. a second Session)
     want = sessions["proto"].explain({"x": x})  # (top-1: the switch, or a top1-seeded graph)
     assert np.abs(want.relevance).sum() > 0
     for name in set(sessions) - {"proto"}:
@@ -731,18 +731,18 @@ def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
 
 
 def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
-    """The verbatim bytes stand for a tensor only while it is the very object loaded, with its name, dims and
+    """The file's bytes stand for a tensor only while it is the very object loaded, with its name, dims and
     type: one renamed, reshaped or retyped in place is serialized again (lrpc itself never writes into a loaded
     tensor), and so is a new tensor of the same name and shape put in its place."""
     from lrpc import compiler
-    from lrpc.model_io import restore, serialized_pieces, verbatim_bytes
 
     path = tmp_path / "big.onnx"
     onnx.save(_big_model(), str(path))
     for change in ("name", "dims", "type", "replaced", "none"):
-        model, verbatim = compiler.compile_for_save(path, "epsilon")
+        loaded = compiler.compile_loaded(path, "epsilon")
+        model = loaded.proto
         w = next(t for t in model.graph.initializer if t.name == "w")
-        assert verbatim_bytes(w, verbatim) is not None and verbatim_bytes(onnx.TensorProto(), verbatim) is None
+        assert loaded.stored_bytes(w) is not None and loaded.stored_bytes(onnx.TensorProto()) is None
         if change == "name":
             w.name = "w_renamed"
         elif change == "dims":
@@ -751,16 +751,16 @@ def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
             w.data_type = TensorProto.INT32
         elif change == "replaced":
             at = next(i for i, t in enumerate(model.graph.initializer) if t is w)
-            new = numpy_helper.from_array(-numpy_helper.to_array(restore(model, verbatim) and w), "w")
+            new = numpy_helper.from_array(-numpy_helper.to_array(loaded.restored() and w), "w")
             model.graph.initializer.insert(at, new)
             del model.graph.initializer[at + 1]
             w = model.graph.initializer[at]
             assert numpy_helper.to_array(w).tobytes() == numpy_helper.to_array(new).tobytes()
         assert not w.HasField("raw_data") or change == "replaced"  # (read without its data: deferred)
-        assert (verbatim_bytes(w, verbatim) is None) == (change != "none")
+        assert (loaded.stored_bytes(w) is None) == (change != "none")
         assert w.HasField("raw_data") == (change != "none")  # a changed deferred weight gets its data back
-        pieces = b"".join(serialized_pieces(model, verbatim))
-        assert pieces == restore(model, verbatim).SerializeToString()
+        pieces = b"".join(loaded.pieces())
+        assert pieces == loaded.restored().SerializeToString()
 
 
 def test_nan_weights_refused_in_a_model_proto():
@@ -781,7 +781,7 @@ def test_unknown_group_fields_fall_back_to_the_proto(where, tmp_path):
     """An (unknown) group field, which protobuf parses and raw_weights does not walk: the weights are read from
     the ModelProto instead, and the compile gives the same graph as from the clean file."""
     import lrpc as lib
-    from lrpc.model_io import raw_weights
+    from lrpc.wire import raw_weights
 
     group = bytes([0x9B, 0x06, 0x9C, 0x06])  # field 99: start group, end group
     model = onnx.load(str(DIGITS))
@@ -799,10 +799,10 @@ def test_unknown_group_fields_fall_back_to_the_proto(where, tmp_path):
 def test_cli_past_the_file_limit_is_one_line(tmp_path, monkeypatch, capsys):
     """The CLI's side of the 2 GB refusal (limit lowered in-process): one line naming the limit, exit code 2,
     no output file."""
-    import lrpc.model_io as io
+    from lrpc import wire
     from lrpc.cli import main
 
-    monkeypatch.setattr(io, "MAX_FILE_BYTES", 1000)
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", 1000)
     code = main(["compile", str(DIGITS), "-o", str(tmp_path / "o.onnx")])
     one_line_error(code, capsys.readouterr().err, contains="an ONNX file holds at most 2 GB")
     assert not list(tmp_path.iterdir())
@@ -879,7 +879,7 @@ def test_output_onto_a_fifo_is_written_in_place(tmp_path):
     import stat
     import threading
 
-    from lrpc.model_io import write_atomic
+    from lrpc.atomic_write import write_atomic
 
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
@@ -1058,7 +1058,7 @@ def test_output_to_a_full_non_blocking_pipe_waits_for_the_reader():
     import threading
     import time
 
-    from lrpc.model_io import write_atomic
+    from lrpc.atomic_write import write_atomic
 
     read_end, write_end = os.pipe()
     os.set_blocking(write_end, False)

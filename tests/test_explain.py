@@ -379,15 +379,15 @@ def test_explain_progress_bar_replaces_the_lines(tmp_path, capsys):
 
 
 def _counting_compile(monkeypatch):
-    """Count compilations: lrpc.compiler.compile_for_save (compile calls it too; the cache path calls it alone)."""
+    """Count compilations: lrpc.compiler.compile_loaded (compile calls it too; the cache path calls it alone)."""
     calls = []
-    real = lrpc.compiler.compile_for_save
+    real = lrpc.compiler.compile_loaded
 
     def counted(*a, **k):
         calls.append(1)
         return real(*a, **k)
 
-    monkeypatch.setattr(lrpc.compiler, "compile_for_save", counted)
+    monkeypatch.setattr(lrpc.compiler, "compile_loaded", counted)
     return calls
 
 

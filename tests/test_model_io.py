@@ -1,4 +1,4 @@
-"""Reading a model without copying its big weights (lrpc.model_io.read_model, defer): which tensors are deferred,
+"""Reading a model without copying its big weights (lrpc.loaded.load, defer): which tensors are deferred,
 that every way a model leaves lrpc gives them their data (or the file's bytes), and that compiling a file read
 that way gives what compiling the fully parsed ModelProto gives (oracle: protobuf's own parse)."""
 from __future__ import annotations
@@ -18,7 +18,7 @@ from onnx.external_data_helper import set_external_data
 import lrpc
 from lrpc import compiler
 from lrpc.graph import DeferredValues, import_model
-from lrpc.model_io import deferred, load_model, read_model, restore, serialized, serialized_pieces, verbatim_bytes
+from lrpc.loaded import LoadedModel, load
 from lrpc.runtime import _READS_EXTERNAL_FOLDER
 
 RNG = np.random.default_rng(11)
@@ -51,28 +51,28 @@ def _tensors_model(tmp_path) -> onnx.ModelProto:
 
 def test_only_big_float_raw_weights_are_deferred(tmp_path):
     want = _tensors_model(tmp_path)
-    model, verbatim = read_model(tmp_path / "m.onnx")
-    left_out = {t.name for t in model.graph.initializer if deferred(t, verbatim) is not None}
+    loaded = load(tmp_path / "m.onnx")
+    model = loaded.proto
+    left_out = {t.name for t in model.graph.initializer if loaded.deferred(t) is not None}
     assert left_out == {"big_float32", "big_float64", "big_float16"}
     assert all(not t.HasField("raw_data") for t in model.graph.initializer if t.name in left_out)
     for t in model.graph.initializer:
         if t.name in left_out:  # the file's bytes of its data
-            assert bytes(deferred(t, verbatim)) == next(u for u in want.graph.initializer if u.name == t.name).raw_data
-    assert model != want and restore(model, verbatim) == want
-    assert all(deferred(t, verbatim) is None for t in model.graph.initializer)
-    assert all(verbatim_bytes(t, verbatim) is not None for t in model.graph.initializer if t.name in left_out)
-    assert load_model(tmp_path / "m.onnx") == want
-    full, _ = read_model(tmp_path / "m.onnx", defer=False)
+            assert bytes(loaded.deferred(t)) == next(u for u in want.graph.initializer if u.name == t.name).raw_data
+    assert model != want and loaded.restored() == want
+    assert all(loaded.deferred(t) is None for t in model.graph.initializer)
+    assert all(loaded.stored_bytes(t) is not None for t in model.graph.initializer if t.name in left_out)
+    full = load(tmp_path / "m.onnx", defer=False).proto
     assert full == want
 
 
 def test_deferred_values_read_the_files_bytes(tmp_path):
     """graphsurgeon constants of deferred weights load from the file's bytes (every float width); what
-    graphsurgeon's exporter takes (``tensor``) is the TensorProto given its data, still written verbatim."""
+    graphsurgeon's exporter takes (``tensor``) is the TensorProto given its data, still written as the file's bytes."""
     want = {t.name: numpy_helper.to_array(t) for t in _tensors_model(tmp_path).graph.initializer
             if t.name != "external"}
-    model, verbatim = read_model(tmp_path / "m.onnx")
-    consts = import_model(model, verbatim).graph.tensors()
+    loaded = load(tmp_path / "m.onnx")
+    consts = import_model(loaded.proto, loaded).graph.tensors()
     lazy = {n: consts[n]._values for n in want if n in consts}
     assert ({n for n, v in lazy.items() if isinstance(v, DeferredValues)}
             == {"big_float32", "big_float64", "big_float16"})
@@ -81,15 +81,15 @@ def test_deferred_values_read_the_files_bytes(tmp_path):
         assert got.dtype == want[name].dtype and got.flags.writeable and got.tobytes() == want[name].tobytes()
     proto = lazy["big_float16"].tensor
     assert proto.HasField("raw_data") and numpy_helper.to_array(proto).tobytes() == want["big_float16"].tobytes()
-    assert verbatim_bytes(proto, verbatim) is not None
+    assert loaded.stored_bytes(proto) is not None
 
 
 def test_a_deferred_weight_serialized_without_the_files_bytes_is_refused(tmp_path):
     onnx.save(_model_with_folded_weight(), str(tmp_path / "m.onnx"))
-    model, verbatim = compiler.compile_for_save(tmp_path / "m.onnx", "epsilon")
+    loaded = compiler.compile_loaded(tmp_path / "m.onnx", "epsilon")
     with pytest.raises(RuntimeError, match="read without its data"):
-        serialized_pieces(model)
-    assert onnx.ModelProto.FromString(serialized(model, verbatim)) == restore(model, verbatim)
+        LoadedModel(loaded.proto).pieces()
+    assert onnx.ModelProto.FromString(loaded.serialized()) == loaded.restored()
 
 
 def _model_with_folded_weight(opset: int = 17) -> onnx.ModelProto:
@@ -127,7 +127,7 @@ def _run(model_bytes, x, seed):
 def test_a_file_read_with_deferred_weights_compiles_as_its_full_parse(case, tmp_path):
     """Compiling the file (big weights deferred) equals compiling protobuf's parse of it: the same nodes and
     initializers, and the same logits and relevance in onnxruntime, from lrpc.compile (restored), from
-    compile_for_save's model written with its verbatim weights, and from a Session on the saved file. An old
+    compile_loaded's model written with the file's bytes, and from a Session on the saved file. An old
     opset is converted (the converter gets every tensor with its data); fixed input shapes edit the model read."""
     model = _model_with_folded_weight(13 if case == "old opset" else 17)
     path = tmp_path / "m.onnx"
@@ -139,20 +139,20 @@ def test_a_file_read_with_deferred_weights_compiles_as_its_full_parse(case, tmp_
     got = lrpc.compile(path, "epsilon-alpha2-beta1", input_shapes=shapes)
     assert list(got.graph.node) == list(want.graph.node)
     assert {t.name: t for t in got.graph.initializer} == {t.name: t for t in want.graph.initializer}
-    saved, verbatim = compiler.compile_for_save(path, "epsilon-alpha2-beta1", input_shapes=shapes)
-    kept = [t.name for t in saved.graph.initializer if deferred(t, verbatim) is not None]
+    saved = compiler.compile_loaded(path, "epsilon-alpha2-beta1", input_shapes=shapes)
+    kept = [t.name for t in saved.proto.graph.initializer if saved.deferred(t) is not None]
     assert kept == ([] if case == "old opset" else ["w1"])  # (w2 and w3 became new tensors)
     x = RNG.standard_normal((2, 64)).astype(np.float32)
     seed = np.zeros((2, 80, 1, 1), np.float32)
     seed[:, 5] = 1
     expected = _run(want.SerializeToString(), x, seed)
-    for result in (_run(serialized(saved, verbatim), x, seed), _run(got.SerializeToString(), x, seed)):
+    for result in (_run(saved.serialized(), x, seed), _run(got.SerializeToString(), x, seed)):
         for a, b in zip(result, expected):
             np.testing.assert_array_equal(a, b)
-    lrpc.model_io.save_model(saved, tmp_path / "out.onnx", verbatim=verbatim)
+    saved.save(tmp_path / "out.onnx")
     assert onnx.load(str(tmp_path / "out.onnx")) == got
     for session in (lrpc.Session(tmp_path / "out.onnx", providers=["CPUExecutionProvider"]),
-                    lrpc.Session(saved, providers=["CPUExecutionProvider"], verbatim=verbatim)):  # (w1: in m.onnx)
+                    lrpc.Session(saved, providers=["CPUExecutionProvider"])):  # (w1: in m.onnx)
         outputs = session.run({"x": x}, seed)
         for name, value in zip([o.name for o in want.graph.output], expected):
             np.testing.assert_array_equal(outputs[name], value)
@@ -165,7 +165,7 @@ def test_an_existing_output_is_replaced_whole(exchange, tmp_path, monkeypatch):
     hard link of the old file keeps the old bytes (the old file is replaced, not written into)."""
     import os
 
-    import lrpc.model_io as io
+    import lrpc.atomic_write as io
 
     if not exchange:
         monkeypatch.setattr(io, "_exchange", lambda a, b: False)
@@ -194,7 +194,7 @@ def test_a_deferred_weight_read_in_a_subgraph_keeps_its_data(condition, tmp_path
     """A big weight of the main graph that only an If branch reads (graphsurgeon keeps it in the branch's graph;
     with a constant condition constant folding inlines the branch, whose output is then a Gemm's weight; with a
     fed condition the branch's output is summed into the logits): compiled from the file, the model runs and
-    computes what the compile of protobuf's parse computes, also written with its verbatim weights."""
+    computes what the compile of protobuf's parse computes, also written with the file's bytes."""
     u = RNG.standard_normal((96, 64)).astype(np.float32)
 
     def branch(op, name):
@@ -222,9 +222,9 @@ def test_a_deferred_weight_read_in_a_subgraph_keeps_its_data(condition, tmp_path
     onnx.save(model, str(path))
     want = _session(lrpc.compile(onnx.load(str(path)), "epsilon"))
     feeds["relevance_seed"] = np.ones((2, 96), np.float32)
-    saved, verbatim = compiler.compile_for_save(path, "epsilon")
+    saved = compiler.compile_loaded(path, "epsilon")
     runs = [_session(lrpc.compile(path, "epsilon")),
-            ort.InferenceSession(serialized(saved, verbatim), providers=["CPUExecutionProvider"])]
+            ort.InferenceSession(saved.serialized(), providers=["CPUExecutionProvider"])]
     for session in runs:
         for a, b in zip(session.run(None, feeds), want.run(None, feeds)):
             np.testing.assert_array_equal(a, b)
@@ -237,7 +237,7 @@ def _session(model):
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
 def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
     """The compile's graph (full of reference cycles) does not keep the file mapped until the cycle collector
-    runs: with the collector off, no mapping of the file is left once lrpc.compile / compile_for_save's result
+    runs: with the collector off, no mapping of the file is left once lrpc.compile / compile_loaded's result
     is dropped, or once a Session of the file exists."""
     import gc
 
@@ -250,13 +250,13 @@ def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
     gc.collect()
     gc.disable()
     try:
-        model, verbatim = compiler.compile_for_save(path, "epsilon")
+        model = compiler.compile_loaded(path, "epsilon")
         assert mapped()  # (the result's deferred weights are the file's bytes)
-        model = verbatim = None  # noqa: F841  (drops the last references: the file must be unmapped)
+        model = None
         assert not mapped()
         model = lrpc.compile(path, "epsilon")
         assert not mapped() and all(t.HasField("raw_data") for t in model.graph.initializer if len(t.dims) > 1)
-        lrpc.model_io.save_model(model, tmp_path / "c.onnx")
+        LoadedModel(model).save(tmp_path / "c.onnx")
         session = lrpc.Session(tmp_path / "c.onnx", providers=["CPUExecutionProvider"])
         assert session.outputs and str(tmp_path / "c.onnx") not in open("/proc/self/maps").read()
     finally:
@@ -279,7 +279,7 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
             if t.name == "w1":
                 t.CopyFrom(numpy_helper.from_array(rng.standard_normal((96, 64)).astype(np.float32), "w1"))
         onnx.save(model, str(tmp_path / f"{name}.onnx"))
-        lrpc.model_io.save_model(lrpc.compile(tmp_path / f"{name}.onnx", "epsilon"), tmp_path / f"{name}.lrp.onnx")
+        LoadedModel(lrpc.compile(tmp_path / f"{name}.onnx", "epsilon")).save(tmp_path / f"{name}.lrp.onnx")
         return tmp_path / f"{name}.lrp.onnx"
 
     path, other = compiled(1, "a"), compiled(2, "b")
@@ -287,7 +287,7 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     seed = np.zeros((2, 80, 1, 1), np.float32)
     seed[:, 7] = 1
     want = lrpc.Session(onnx.load(str(path)), providers=["CPUExecutionProvider"]).run({"x": x}, seed)
-    model, verbatim = read_model(path)
+    model = load(path)
     given, real = [], runtime.inference_session
 
     def spy(data, providers, threads, tf32, external_folder=None, **kw):
@@ -303,7 +303,7 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     monkeypatch.setattr(runtime, "inference_session", spy)
     if case == "file replaced":
         os.replace(other, path)
-    got = lrpc.Session(model, providers=["CPUExecutionProvider"], verbatim=verbatim).run({"x": x}, seed)
+    got = lrpc.Session(model, providers=["CPUExecutionProvider"]).run({"x": x}, seed)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
     small = given[0][0] < path.stat().st_size // 4 if case != "file replaced" else None
@@ -321,7 +321,7 @@ def test_when_both_session_starts_fail_the_first_error_stays_attached(tmp_path, 
 
     model = _model_with_folded_weight()
     onnx.save(model, str(tmp_path / "m.onnx"))
-    lrpc.model_io.save_model(lrpc.compile(tmp_path / "m.onnx", "epsilon"), tmp_path / "m.lrp.onnx")
+    LoadedModel(lrpc.compile(tmp_path / "m.onnx", "epsilon")).save(tmp_path / "m.lrp.onnx")
 
     def refuse(data, providers, threads, tf32, external_folder=None, **kw):
         raise RuntimeError("by reference" if external_folder is not None else "from the bytes")
@@ -352,8 +352,8 @@ def test_a_session_that_would_keep_the_file_mapped_is_made_from_the_bytes(tmp_pa
     folders, real = [], runtime.inference_session
     monkeypatch.setattr(runtime, "inference_session",
                         lambda data, *a, **k: folders.append(k.get("external_folder")) or real(data, *a, **k))
-    read_model(path)  # (a read that is gone: its address may be reused by the next one)
-    held = read_model(path)  # lrpc's own map of the file, alive: the session's map is still told apart
+    load(path)  # (a read that is gone: its address may be reused by the next one)
+    held = load(path)  # lrpc's own map of the file, alive: the session's map is still told apart
     session = lrpc.Session(path, providers=["CPUExecutionProvider"])
     assert folders == [path.parent, None]  # (the hand-over, then the bytes)
     held = None  # noqa: F841  (drops lrpc's map: then no map of the file is left)
@@ -370,25 +370,25 @@ def test_a_session_that_would_keep_the_file_mapped_is_made_from_the_bytes(tmp_pa
 def test_lrpcs_own_maps_of_a_file_do_not_count_as_a_sessions(tmp_path, monkeypatch):
     """A file lrpc has read twice (two live maps of it) is still handed to onnxruntime by reference (its maps are
     not the session's); the record of lrpc's maps goes with them (a stale one could hide a session's map)."""
-    from lrpc import model_io, runtime
+    from lrpc import loaded, runtime
 
     path = tmp_path / "m.onnx"
     onnx.save(_model_with_folded_weight(), str(path))
     gc.collect()  # (maps of earlier tests' garbage go)
-    before = dict(model_io._OWN_MAPS)
-    first, second = read_model(path), read_model(path)
-    assert len(model_io._OWN_MAPS) == len(before) + 2
+    before = dict(loaded._OWN_MAPS)
+    first, second = load(path), load(path)
+    assert len(loaded._OWN_MAPS) == len(before) + 2
     folders, real = [], runtime.inference_session
     monkeypatch.setattr(runtime, "inference_session",
                         lambda data, *a, **k: folders.append(k.get("external_folder")) or real(data, *a, **k))
-    session = runtime.start_session(*second, providers=["CPUExecutionProvider"])
+    session = runtime.start_session(second, providers=["CPUExecutionProvider"])
     assert folders == [path.parent]
     x = RNG.standard_normal((2, 64)).astype(np.float32)
     want = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     np.testing.assert_array_equal(session.run(None, {"x": x})[0], want[0])
     first = second = None  # noqa: F841  (drops both maps: their record must go with them)
     gc.collect()
-    assert model_io._OWN_MAPS == before
+    assert loaded._OWN_MAPS == before
 
 
 @pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
@@ -461,7 +461,7 @@ def test_check_and_inspect_refuse_a_file_replaced_while_they_read_it(tool, tmp_p
 def test_an_output_is_checked_against_the_inputs_in_one_stat(tmp_path, monkeypatch):
     """explain --images checks each output against every source: with the sources stat'ed once (protected()) each
     check is one stat, not one per source (2,000 images re-run took minutes)."""
-    from lrpc import model_io as io
+    from lrpc import atomic_write as io
 
     sources = [tmp_path / f"{i}.png" for i in range(50)]
     for s in sources:
@@ -480,7 +480,7 @@ def test_an_output_is_checked_against_the_inputs_in_one_stat(tmp_path, monkeypat
 def test_the_standard_streams_are_their_descriptors_however_spelled():
     """/dev/stdin, /dev/stdout, /dev/stderr name descriptors 0, 1, 2 (not the file a link resolves to, which a write
     would replace), also as //dev/stdout or /dev/../dev/stdout; /dev/fd/N takes ASCII digits only."""
-    from lrpc.model_io import _descriptor
+    from lrpc.atomic_write import _descriptor
 
     assert [_descriptor(Path(p)) for p in ("/dev/stdin", "/dev/stdout", "/dev/stderr")] == [0, 1, 2]
     assert _descriptor(Path("/dev/../dev/stdout")) == 1 and _descriptor(Path("//dev/stdout")) == 1

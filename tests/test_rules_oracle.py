@@ -536,10 +536,9 @@ def test_weights_are_read_once_and_their_signs_reused(source, monkeypatch, tmp_p
     if source != "proto":
         onnx.save(model, tmp_path / "m.onnx")
         model = tmp_path / "m.onnx"
-    from lrpc.compiler import Owned
-    from lrpc.model_io import read_model
+    from lrpc.loaded import load
 
-    src = (lambda: Owned(*read_model(model))) if source == "handed" else (lambda: model)  # (a handed one is used up)
+    src = (lambda: load(model)) if source == "handed" else (lambda: model)  # (a handed one is used up)
     once = 1 if source == "proto" else 0
     scanned = lrpc.compile(src(), "epsilon-alpha2-beta1")
     assert reads["w1"] == once and reads["w2"] == once, reads

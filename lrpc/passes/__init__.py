@@ -9,8 +9,21 @@ import onnx
 
 from ..errors import LrpcError, UnsupportedError, one_line
 from ..graph import Canonical, import_model, refresh_shapes, toposort, upgrade_opset
-from . import avgpool_to_conv, cleanup, fold_batchnorm, linear_normal_form, residual_sum, strip_softmax
-from . import activation_regions, decomposed_layernorm, gather_as_layout, maxpool_ceil, norm_affine, resize_to_matmul
+from ..loaded import LoadedModel
+from . import (
+    activation_regions,
+    avgpool_to_conv,
+    cleanup,
+    decomposed_layernorm,
+    fold_batchnorm,
+    gather_as_layout,
+    linear_normal_form,
+    maxpool_ceil,
+    norm_affine,
+    residual_sum,
+    resize_to_matmul,
+    strip_softmax,
+)
 
 # (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
 # last: it records node names, which a later pass could replace)
@@ -21,14 +34,15 @@ FINAL = (strip_softmax,)  # once, after the rounds: finds the explained tensor (
 MAX_ROUNDS = 8  # each round that changes something removes or rewrites nodes for good: real models need 2 or 3
 
 
-def canonize(model: onnx.ModelProto, output: str | None = None, owned: bool = False,
-             verbatim: dict | None = None) -> Canonical:
-    """Load ``model`` into a canonical graph (forward outputs unchanged) and find the explained tensor.
-    ``owned``: ``model`` is lrpc's own (read from a file): the export may reuse its weights in place.
-    ``verbatim``: its weights as read (:func:`lrpc.model_io.read_model`; deferred ones are read there)."""
+def canonize(model: onnx.ModelProto | LoadedModel, output: str | None = None) -> Canonical:
+    """Load a model into a canonical graph (forward outputs unchanged) and find the explained tensor. A ModelProto is
+    the caller's (never modified); when lrpc owns the model (``LoadedModel.owned``: read from a file) the export may
+    reuse its weights in place."""
+    loaded = LoadedModel.of(model)
+    model = loaded.proto
     normal = upgrade_opset(model)
-    canon = import_model(normal, verbatim if normal is model else None)
-    if owned or normal is not model:  # a converted opset is a fresh model too
+    canon = import_model(normal, loaded if normal is model else None)
+    if loaded.owned or normal is not model:  # a converted opset is a fresh model too
         canon.source = normal
     canon.output = output
     while any(n.op == "Shape" for n in canon.graph.nodes) and _run(SHAPE_FOLDING, canon):

@@ -8,8 +8,17 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import InputError, where
-from ..graph import (Canonical, add_bias, const_value, is_const, is_layer, only_consumer, producer, rewire_output,
-                     scale_out_channels)
+from ..graph import (
+    Canonical,
+    add_bias,
+    const_value,
+    is_const,
+    is_layer,
+    only_consumer,
+    producer,
+    rewire_output,
+    scale_out_channels,
+)
 
 CHANGES_SHAPES = False
 

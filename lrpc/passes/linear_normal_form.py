@@ -8,8 +8,19 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import (Canonical, add_bias, channel_vector, const_value, is_const, is_layer, only_consumer,
-                     out_channels, rewire_output, scale_out_channels, toposort)
+from ..graph import (
+    Canonical,
+    add_bias,
+    channel_vector,
+    const_value,
+    is_const,
+    is_layer,
+    only_consumer,
+    out_channels,
+    rewire_output,
+    scale_out_channels,
+    toposort,
+)
 
 CHANGES_SHAPES = False
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import numpy as np
 
-
 # onnxruntime 1.32 runs a depthwise Conv whose channel count is a multiple of 8 in its blocked layout on this
 # project's machine (an AVX-512 VM; its optimized graph shows it for 8, 16, 24, 56, 64 channels, not for 58);
 # other counts go to its generic grouped Conv

@@ -12,7 +12,8 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedError, where
 from ..graph import Builder, const_value, is_const
 from ..passes.norm_affine import NORMALIZATIONS
-from ..rules import RULES as ALL_RULES, make_rule
+from ..rules import RULES as ALL_RULES
+from ..rules import make_rule
 from . import register
 from .linear import View, emit_rule
 

@@ -22,7 +22,6 @@ from ..graph import const_value, is_const, static_dims
 from . import EXACT, declare, register
 from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
-
 # (passes/avgpool_to_conv.py makes average pools depthwise Convs; GlobalMaxPool has no propagator)
 declare("AveragePool", category="avgpool", keeps_category=True, keeps_nonneg=True)
 declare("GlobalAveragePool", category="avgpool", keeps_category=True)
