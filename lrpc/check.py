@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from . import composites, gradient
-from .emit import SEED, input_relevance_names, layer_sums
+from .contract import EXPLAINED, SEED, input_relevance_names, layer_sums, metadata
 from .errors import InputError, UnsupportedError, one_line
 from .model_io import file_identity, read_model, still_the_file
 
@@ -144,7 +144,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     ref = first.run(None, feeds)
     names = [o.name for o in original.graph.output]
     original = verbatim = first = None  # (one session and one read of the file at a time: the peak is the biggest one's)
-    explained = _meta(compiled[0])["lrpc.explained"]
+    explained = metadata(compiled[0])[EXPLAINED]
     blocked = gradient.blocker(compiled[0], explained, gradient.float_inputs(compiled[0], SEED))
     gradient.expose(compiled[0], [explained], SEED)
     sess = session(*compiled)
@@ -213,7 +213,7 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
         model, held = compile_for_save(path, gradient.ruleset(), output=output, input_shapes=input_shapes)
     except UnsupportedError as e:
         return Check("gradient", False, None, tol, f"the LRP-0 compile failed: {e}")
-    explained = _meta(model)["lrpc.explained"]
+    explained = metadata(model)[EXPLAINED]
     inputs = gradient.float_inputs(model, SEED)
     refs = gradient.references(model, explained, inputs)
     gradient.expose(model, [explained, *refs], SEED)
@@ -249,10 +249,6 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     return Check("gradient", err <= tol, err, tol,
                  f"LRP-0 relevance ⟨R, u⟩ against finite differences of the forward (switches frozen) along "
                  f"{DIRECTIONS} random directions x ⊙ u: relative error {err:.2e} (tolerance {tol:.3g}{why})")
-
-
-def _meta(model: onnx.ModelProto) -> dict:
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def _nonfinite(outs: dict) -> int:

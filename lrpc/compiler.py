@@ -9,7 +9,8 @@ import sys
 import onnx
 
 from . import composites
-from .emit import AUDIT, SEED, TARGET, emit, relevance_path
+from .contract import LAYERWISE_PREFIXES, RELEVANCE, SEED, TARGET
+from .emit import emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
 from .graph import MIN_OPSET, check_structure, export_model, release_deferred, structure_of_model
 from .model_io import read_model, restore
@@ -231,9 +232,8 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     g = model.graph
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
         raise InputError("the model was compiled by lrpc already: compile the original")
-    reserved = {SEED, TARGET, "relevance"} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
-    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", *(f"relevance_sum_{k}/" for k in AUDIT),
-                "lrpc/", "lrp/")
+    reserved = {SEED, TARGET, RELEVANCE} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
+    prefixes = (*LAYERWISE_PREFIXES, "lrpc/", "lrp/")
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)
     clash = clash or next((o.name for o in g.output if o.name.startswith("relevance_")), None)

@@ -6,7 +6,8 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import composites
+from . import composites, contract
+from .contract import AUDIT, SEED, TARGET, input_relevance_names
 from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import (MOVES, Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const,
                     node_inputs)
@@ -15,8 +16,6 @@ from .relevance import propagator
 from .relevance.linear import gate_operand
 from .schedule import order_for_runtime
 
-SEED = "relevance_seed"
-AUDIT = ("kept", "bias", "zero")  # per-layer accounts (layerwise outputs relevance_sum_<kind>/<node>)
 POOLS = ("AveragePool", "GlobalAveragePool", "ReduceMean")
 RESIZES = ("Resize", "Upsample")  # lowered to MatMuls with constant interpolation matrices
 NONNEG_OUT = {"Relu", "Sigmoid", "Softmax", "Abs", "Exp", "Softplus", "HardSigmoid"}
@@ -196,11 +195,11 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ctx.drop_unread_products()
     for node in silent:
         _restore_global_pool(node)
-    meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules), "lrpc.seed": seed}
+    meta = {contract.EXPLAINED: explained.name, contract.RULES: _rules_summary(rules), contract.SEED_MODE: seed}
     if layerwise:
         import json
 
-        meta["lrpc.layers"] = json.dumps(list(reversed(layer_table)))  # execution order
+        meta[contract.LAYERS] = json.dumps(list(reversed(layer_table)))  # execution order
     model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
     if seed == "top1":
@@ -208,9 +207,6 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch)
     order_for_runtime(model.graph, SEED)
     return model
-
-
-TARGET = "relevance_target"
 
 
 def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
@@ -255,33 +251,6 @@ def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list
     del g.output[:]
     g.output.extend(outputs[:at] + [onnx.helper.make_tensor_value_info(TARGET, onnx.TensorProto.INT64, batch)]
                     + outputs[at:])
-
-
-def input_relevance_names(outputs) -> list[str]:
-    """The outputs holding input relevance: ``relevance`` or ``relevance_<input>`` (not the per-layer
-    ``relevance_*/<node>`` outputs, nor ``relevance_target`` of a top1-seeded graph)."""
-    return [n for n in outputs if n == "relevance" or (n.startswith("relevance_") and "/" not in n
-                                                       and n != TARGET)]
-
-
-def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, float, float]]:
-    """Per layer of a ``layerwise`` model's ``lrpc.layers`` (execution order): (row, Σ in, Σ out, in/out),
-    the sums over the batch of what the layer sends down and receives (in/out is 1 for 0/0). ``row`` also holds
-    the layer's accounts (:meth:`Context.account`) where the model has them: ``kept`` (what its rule passes on; Σ out
-    for layers that route relevance or pass it unchanged), ``bias``, ``zero`` (0 where not reported)."""
-    import json
-
-    meta = {p.key: p.value for p in model.metadata_props}
-    rows = []
-    for layer in json.loads(meta.get("lrpc.layers", "[]")):
-        s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
-        s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
-        acc = {k: outs.get(f"relevance_sum_{k}/{layer['name']}") for k in AUDIT}
-        acc = {k: (s_out if k == "kept" else 0.0) if v is None else float(np.sum(v, dtype=np.float64)) for k, v in acc.items()}
-        layer = {**layer, **acc}
-        ratio = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
-        rows.append((layer, s_in, s_out, ratio))
-    return rows
 
 
 # each input element's relevance comes from outputs of the same value

@@ -25,7 +25,7 @@ import numpy as np
 import onnx
 
 from . import compiler, targets
-from .emit import SEED
+from .contract import SEED, SEED_MODE
 from .errors import InputError, one_line
 from .imaging import _pil_image, grid, heatmap, overlay
 from .model_io import external_data_files, protected, read_model, refuse_inputs, write_atomic
@@ -94,7 +94,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     if size is not None and spec.size is not None and tuple(size) != spec.size:
         raise InputError(f"--size {size[0]},{size[1]} differs from the static size {spec.size[0]},{spec.size[1]} "
                          f"of model input '{spec.name}'")
-    compiled = SEED in {i.name for i in proto.graph.input} or any(p.key == "lrpc.seed" for p in proto.metadata_props)
+    compiled = SEED in {i.name for i in proto.graph.input} or any(p.key == SEED_MODE for p in proto.metadata_props)
     if not compiled:
         shapes = dict(input_shapes or {})
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:

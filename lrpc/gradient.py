@@ -22,7 +22,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import composites
-from .passes.norm_affine import NORMALIZATIONS
 
 PREFIX = "lrpc_check/probe/"
 # op types whose propagator is exactly gradient × input under LRP-0 (positively homogeneous activations pass:
@@ -71,6 +70,8 @@ def _forward(model: onnx.ModelProto, explained: str, inputs: list[str], shapes: 
 def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | None:
     """Why LRP-0 is not gradient × input on this model (None where it is): the first node, in graph order, between
     a float input and the explained tensor whose propagator is not the gradient's."""
+    from .passes.norm_affine import NORMALIZATIONS  # (here: importing lrpc.check loads no compiler)
+
     nodes, moved = _forward(model, explained, inputs)
     for n in nodes:
         computed = [i for i in n.input if i in moved]

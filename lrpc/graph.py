@@ -9,12 +9,13 @@ import onnx
 import onnx_graphsurgeon as gs
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from . import contract
 from .errors import UnsupportedError, one_line, where
 from .model_io import deferred, is_big, restore_tensor
 
 # ops that move elements and keep their values
 MOVES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
-ORIGIN_KEY = "lrpc.origin"  # metadata_props key keeping the original op type of rewritten nodes
+ORIGIN_KEY = contract.ORIGIN  # metadata_props key keeping the original op type of rewritten nodes
 MIN_OPSET = 17
 # the smallest IR version that carries each opset (keeps output loadable by older runtimes)
 IR_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}

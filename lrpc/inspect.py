@@ -13,7 +13,7 @@ import numpy as np
 
 from . import composites, targets
 from .check import random_inputs
-from .emit import layer_sums
+from .contract import layer_sums
 from .model_io import file_identity, read_model, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "

@@ -13,7 +13,8 @@ import onnx
 import onnxruntime as ort
 
 from . import targets
-from .emit import SEED, TARGET, input_relevance_names, top1_nodes
+from .contract import SEED, TARGET, input_relevance_names
+from .emit import top1_nodes
 from .errors import InputError, one_line
 from .model_io import for_runtime, read_model, serialized
 

@@ -134,7 +134,7 @@ def test_a_session_waits_while_another_one_has_the_seed_input_renamed(digits):
     renamed for a moment), another one's check for the seed input waits instead of reading the renamed proto."""
     import threading
 
-    from lrpc.emit import SEED
+    from lrpc.contract import SEED
     from lrpc.runtime import _FED, _with_top1_switch
 
     compiled = digits[0]
