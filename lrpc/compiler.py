@@ -164,21 +164,24 @@ def canonize_for_save(model, output: str | None = None,
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
             layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-            **options) -> onnx.ModelProto:
+            for_provider: str = "cpu", **options) -> onnx.ModelProto:
     """Compile ``model`` (ModelProto or path) into forward + relevance graph.
 
     ``rules``: a composite name, a .json/.toml rule file, or a RuleSet. ``options``: fields of
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
     zero_bias, maxpool, sum_rule). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit).
     ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
-    sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed).
+    sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed) or "switch" (both:
+    the seed input, or the top-1 seed where the bool input ``lrpc/top1`` is fed true; lrpc.Session's top-1 targets
+    take one run instead of two). ``for_provider``: "cpu" (default; runs anywhere) or "cuda" (no op that
+    onnxruntime's CUDA provider would run on the CPU: MaxPool's backward scatters instead of MaxUnpool).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
-    return restore(*compile_for_save(model, rules, output, layerwise, input_shapes, seed, **options))
+    return restore(*compile_for_save(model, rules, output, layerwise, input_shapes, seed, for_provider, **options))
 
 
 def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
                      layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-                     **options) -> tuple[onnx.ModelProto, dict]:
+                     for_provider: str = "cpu", **options) -> tuple[onnx.ModelProto, dict]:
     """:func:`compile` and the ``verbatim`` weights for :func:`lrpc.model_io.save_model`: the weights of the file
     read that the result holds as loaded are written as the file's bytes (VGG16: 1.1-1.4 s of serializing saved).
     They keep the file's bytes in memory until the write (when the result holds any). A model read from a path
@@ -200,7 +203,7 @@ def compile_for_save(model, rules: str | composites.RuleSet = "epsilon-gamma-box
     with _blaming_the_input(proto):
         canon = _canonize(proto, output, owned, verbatim)
         canon.weight_signs = signs
-        result = emit(canon, ruleset, layerwise, seed)
+        result = emit(canon, ruleset, layerwise, seed, for_provider)
         release_deferred(canon)
         _check(result)
     return result, _still_held(result, verbatim)

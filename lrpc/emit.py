@@ -32,6 +32,7 @@ class Context:
         self.cache: dict = {}  # derived tensors shared between propagators (e.g. flipped weights)
         self.factors: dict = {}  # relevance tensor name -> (x, c) where it was built as x ⊙ c
         self.audit = False  # whether rules account for the relevance they absorb (:meth:`account`)
+        self.provider = "cpu"  # what the graph is lowered for (contract.PROVIDERS)
         self.accounts: dict = {}  # node name -> {kind: tensor} (AUDIT)
 
     def account(self, node, kept, bias=None, zero=None) -> None:
@@ -106,7 +107,7 @@ def category(canon: Canonical, node) -> str | None:
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
-         seed: str = "input") -> onnx.ModelProto:
+         seed: str = "input", for_provider: str = "cpu") -> onnx.ModelProto:
     """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph').
 
     ``layerwise="sums"`` adds, for every layer with a rule (and MaxPool), outputs
@@ -117,11 +118,15 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ``seed="input"``: the seed is the graph input ``relevance_seed``; ``seed="top1"``: it is made in the
     graph, one-hot at each sample's highest explained output, which the output ``relevance_target``
     (int64 [N], flat index per sample) names: logits and relevance in one run, with only the model's
-    own inputs to feed. The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
+    own inputs to feed; ``seed="switch"``: both, chosen per run by the bool input ``lrpc/top1`` (false unless fed).
+    ``for_provider="cuda"``: no op onnxruntime's CUDA provider lacks (MaxPool's backward scatters instead of
+    MaxUnpool), recorded in the metadata. The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
-    if seed not in ("input", "top1"):
-        raise InputError(f"seed must be 'input' or 'top1', got {seed!r}")
+    if seed not in contract.SEED_MODES:
+        raise InputError(f"seed must be 'input', 'top1' or 'switch', got {seed!r}")
+    if for_provider not in contract.PROVIDERS:
+        raise InputError(f"for_provider must be 'cpu' or 'cuda', got {for_provider!r}")
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]
@@ -137,10 +142,11 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph, canon.weight_signs), ruleset.options)
     ctx.audit = layerwise is not None
+    ctx.provider = for_provider
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
     start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
-    if seed == "input":
+    if seed != "top1":
         graph.inputs.append(start)  # (top1: nodes made after the export produce it, see seed_in_graph)
     incoming: dict[str, list] = {explained.name: [start]}
     extra: list = []  # layerwise outputs (name, tensor, shape)
@@ -200,11 +206,14 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         import json
 
         meta[contract.LAYERS] = json.dumps(list(reversed(layer_table)))  # execution order
+    if for_provider != "cpu":
+        meta[contract.PROVIDER] = for_provider
     model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
-    if seed == "top1":
+    if seed != "input":
         batch = [explained.shape[0]] if explained.shape else None
-        seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch)
+        seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch,
+                      switch=seed == "switch")
     order_for_runtime(model.graph, SEED)
     return model
 
@@ -214,7 +223,7 @@ def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
     arg-max of ``explained`` (flattened per sample; first index on ties, as numpy) and ``relevance_target``
     that index (int64 [N]); dynamic dims work. The arg-max is taken on the explained tensor (logits before a
     final Softmax/Sigmoid), so where a sigmoid saturates several outputs to 1.0 the logits decide. Used by
-    ``compile(seed="top1")`` and by Session's top-1 switch for seed-input models."""
+    ``compile(seed="top1")`` and ``compile(seed="switch")``."""
     from onnx import TensorProto, helper
 
     t = lambda name: prefix + name  # noqa: E731
@@ -238,14 +247,30 @@ def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
     return nodes
 
 
-def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list | None = None) -> None:
+def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list | None = None,
+                  switch: bool = False) -> None:
     """Make ``relevance_seed`` in ``model`` (:func:`top1_nodes`, placed right after ``explained`` is made) and
-    add the output ``relevance_target`` after the input-relevance outputs."""
+    add the output ``relevance_target`` after the input-relevance outputs. ``switch``: ``relevance_seed`` stays an
+    input and the relevance starts from ``Where(lrpc/top1, the top-1 seed, relevance_seed)``, ``lrpc/top1`` a bool
+    input that is false unless fed (an initializer of that name), so a runtime that feeds only the seed (as for a
+    seed-input graph) gets the fed seed's relevance."""
+    from onnx import TensorProto, helper, numpy_helper
+
     g = model.graph
+    made, extra = SEED, []
+    if switch:
+        made, chosen = "lrp/top1/seed", "lrp/top1/chosen"
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                if name == SEED:
+                    n.input[i] = chosen
+        extra = [helper.make_node("Where", [contract.SWITCH, made, SEED], [chosen], name="lrp/top1/switch")]
+        g.input.append(helper.make_tensor_value_info(contract.SWITCH, TensorProto.BOOL, []))
+        g.initializer.append(numpy_helper.from_array(np.array(False), contract.SWITCH))
     nodes = list(g.node)
     at = next(i for i, n in enumerate(nodes) if explained in n.output) + 1
     del g.node[:]
-    g.node.extend(nodes[:at] + top1_nodes(explained, elem, SEED, "lrp/top1/") + nodes[at:])
+    g.node.extend(nodes[:at] + top1_nodes(explained, elem, made, "lrp/top1/") + extra + nodes[at:])
     outputs = list(g.output)
     at = max(i for i, o in enumerate(outputs) if o.name in input_relevance_names([o.name])) + 1
     del g.output[:]

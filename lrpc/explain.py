@@ -82,8 +82,9 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
     ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling.
     ``cache``: reuse/store the compilation of a model file in the on-disk cache (:mod:`lrpc.cache`).
-    ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run)."""
-    from .runtime import Session
+    ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run); it is
+    compiled for the provider the session will run on (see ``for_provider`` of :func:`lrpc.compile`)."""
+    from .runtime import Session, default_providers
 
     if layout not in ("nchw", "nhwc"):
         raise InputError(f"--layout must be nchw or nhwc, got '{layout}'")
@@ -105,12 +106,14 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         # the unchanged weights as the file's bytes
         source = compiler.Owned(proto, verbatim) if isinstance(model, (str, os.PathLike)) else proto
         verbatim = None
+        provider = "cuda" if (providers or default_providers())[0] == "CUDAExecutionProvider" else "cpu"
         make = lambda: compiler.compile_for_save(source, rules, output=output, input_shapes=shapes or None,  # noqa: E731
-                                                 seed=seed, **options)
+                                                 seed=seed, for_provider=provider, **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache
 
-            settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed}
+            settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed,
+                        "for_provider": provider}
             proto, verbatim = compile_cache.compiled(model, rules, settings, make)
         else:
             proto, verbatim = make()
@@ -288,9 +291,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         if options.get(key) is None:  # default: the range of [0, 1] images after normalization
             v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if npy is None else np.array([edge])
             options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
-    top1 = goal.kind == "top" and goal.values[0] == 1  # then the graph seeds itself: one run per batch
+    # top1: the graph seeds itself, one run per batch; topK: its switch gives the scores and rank 1 in one run
+    seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            cache=cache, seed="top1" if top1 else "input", **options)
+                            cache=cache, seed=seed, **options)
     if isinstance(model, (str, os.PathLike)):  # (its external data files are known once it was read)
         read += [(f, "the model's external data") for f in sorted(external_data_files(model))]
     read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
@@ -358,7 +362,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 write_atomic([array.getbuffer()], npy_out, read)
                 write_atomic(lambda: [_encoded(pic, png)], png, read)
                 written += [png, npy_out]
-                prefix = "top1 " if top1 else ""
+                prefix = "top1 " if seed == "top1" else ""
                 what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
                 bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
         if skipped:
