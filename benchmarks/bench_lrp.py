@@ -201,7 +201,7 @@ def main() -> int:
             return 0
         for composite in args.composites.split(","):
             t0 = time.perf_counter()
-            compiled = lrpc.compile(path, composite, low=-3.0, high=3.0)
+            compiled = lrpc.compile(path, composite, low=-3.0, high=3.0, for_provider=args.device)
             compile_s = time.perf_counter() - t0
             size_ratio = compiled.ByteSize() / path.stat().st_size
             lrp_path = cache / f"{name}.{composite}.lrp.onnx"

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from . import composites, gradient
-from .emit import SEED, input_relevance_names, layer_sums
+from .contract import EXPLAINED, SEED, input_relevance_names, layer_sums, metadata
 from .errors import InputError, UnsupportedError, one_line
 from .loaded import file_identity, load, still_the_file
 
@@ -131,7 +131,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     accounts for conservation; LRP-0 for the gradient, unless that check is skipped) and run in one onnxruntime
     session at a time (the original, the compiled graph, the conserving one, the LRP-0 one and its probe, each compiled
     only when its turn comes)."""
-    from .compiler import _with_input_shapes, compile_loaded
+    from .compiler import with_input_shapes, compile_loaded
     from .runtime import start_session
 
     start = time.perf_counter()
@@ -139,7 +139,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     identity = file_identity(path)
     original = load(path)
     if input_shapes:
-        _with_input_shapes(original.proto, input_shapes)
+        with_input_shapes(original.proto, input_shapes)
     composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
     report = Report(model=str(path), rules=rules)
     feeds = model_inputs(original.proto, inputs, image, seed, **preprocessing)
@@ -160,7 +160,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     ref = first.run(None, feeds)
     names = [o.name for o in original.proto.graph.output]
     original = first = None  # (one session and one read of the file at a time: the peak is the biggest one's)
-    explained = _meta(compiled.proto)["lrpc.explained"]
+    explained = metadata(compiled.proto)[EXPLAINED]
     blocked = gradient.blocker(compiled.proto, explained, gradient.float_inputs(compiled.proto, SEED))
     gradient.expose(compiled.proto, [explained], SEED)
     sess = session(compiled)
@@ -229,7 +229,7 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     except UnsupportedError as e:
         return Check("gradient", False, None, tol, f"the LRP-0 compile failed: {e}")
     model = loaded.proto
-    explained = _meta(model)["lrpc.explained"]
+    explained = metadata(model)[EXPLAINED]
     inputs = gradient.float_inputs(model, SEED)
     refs = gradient.references(model, explained, inputs)
     gradient.expose(model, [explained, *refs], SEED)
@@ -265,10 +265,6 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     return Check("gradient", err <= tol, err, tol,
                  f"LRP-0 relevance ⟨R, u⟩ against finite differences of the forward (switches frozen) along "
                  f"{DIRECTIONS} random directions x ⊙ u: relative error {err:.2e} (tolerance {tol:.3g}{why})")
-
-
-def _meta(model: onnx.ModelProto) -> dict:
-    return {p.key: p.value for p in model.metadata_props}
 
 
 def _nonfinite(outs: dict) -> int:

@@ -62,9 +62,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("model", help="input .onnx model")
     c.add_argument("-o", "--out", required=True, help="output .onnx path (written atomically)")
     c.add_argument("--layerwise", choices=["sums", "full"], help="add per-layer relevance outputs")
-    c.add_argument("--seed", choices=["input", "top1"], default="input",
+    c.add_argument("--seed", choices=["input", "top1", "switch"], default="input",
                    help="input: a relevance_seed graph input (default); top1: the graph seeds each sample's top-1 "
-                        "output itself (output relevance_target names it): one run, only the model's inputs to feed")
+                        "output itself (output relevance_target names it): one run, only the model's inputs to feed; "
+                        "switch: both, the top-1 seed where the bool input lrpc/top1 is fed true")
+    c.add_argument("--for-provider", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: no op onnxruntime's CUDA provider runs on the CPU (MaxPool's backward scatters "
+                        "instead of MaxUnpool; slower on the CPU); default cpu")
     _rule_flags(c)
 
     ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation/gradient",
@@ -264,7 +268,8 @@ def _run(args) -> int:
         model = canonize_loaded(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
         model = compile_loaded(args.model, args.rules, output=args.output, layerwise=args.layerwise,
-                               input_shapes=dict(args.input_shape), seed=args.seed, **asdict(_options(args)))
+                               input_shapes=dict(args.input_shape), seed=args.seed, for_provider=args.for_provider,
+                               **asdict(_options(args)))
     model.save(args.out, protect=_read_files(args))
     print(f"wrote {args.out}")
     return 0

@@ -7,11 +7,13 @@ import numbers
 import onnx
 
 from . import composites
-from .emit import AUDIT, SEED, TARGET, emit, relevance_path
+from .contract import LAYERWISE_PREFIXES, RELEVANCE, SEED, TARGET
+from .emit import emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
-from .graph import MIN_OPSET, check_structure, export_model, opset_of, structure_of_model
+from .graph import MIN_OPSET, export_model, opset_of
 from .loaded import LoadedModel
 from .passes import canonize as _canonize
+from .structure import check_structure, structure_of_model
 
 
 def _as_model(model, input_shapes: dict | None = None) -> tuple[LoadedModel, dict]:
@@ -22,7 +24,7 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[LoadedModel, dic
     if input_shapes:
         if not loaded.owned:
             loaded = LoadedModel(onnx.ModelProto.FromString(loaded.proto.SerializeToString()), owned=True)
-        _with_input_shapes(loaded.proto, input_shapes)
+        with_input_shapes(loaded.proto, input_shapes)
     model = loaded.proto
     _refuse_unsupported_floats(model)
     if not model.graph.output:
@@ -58,7 +60,7 @@ def _used_by(node) -> str:
     return f" used by node '{node.name}' ({node.op_type})" if node.name else f" used by a {node.op_type} node"
 
 
-def _with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
+def with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     """``model`` with the given graph inputs' dims fixed (a dim given as -1 or None stays as is), in place."""
     if not isinstance(shapes, dict):
         raise InputError(f"input_shapes: expected {{input name: dims}}, got {shapes!r}")
@@ -131,7 +133,7 @@ def canonize_loaded(model, output: str | None = None, input_shapes: dict | None 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
             layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-            **options) -> onnx.ModelProto:
+            for_provider: str = "cpu", **options) -> onnx.ModelProto:
     """Compile ``model`` (ModelProto or path; a :class:`lrpc.loaded.LoadedModel` is used up) into forward +
     relevance graph.
 
@@ -139,18 +141,21 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
     :class:`lrpc.composites.Options` (epsilon, stabilizer_eps, stabilizer, gamma, alpha, beta, low, high,
     zero_bias, maxpool, sum_rule). ``layerwise``: None, "sums" or "full" (per-layer relevance outputs, see emit).
     ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
-    sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed).
+    sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed) or "switch" (both:
+    the seed input, or the top-1 seed where the bool input ``lrpc/top1`` is fed true; lrpc.Session's top-1 targets
+    take one run instead of two). ``for_provider``: "cpu" (default; runs anywhere) or "cuda" (no op that
+    onnxruntime's CUDA provider would run on the CPU: MaxPool's backward scatters instead of MaxUnpool).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
-    return compile_loaded(model, rules, output, layerwise, input_shapes, seed, **options).restored()
+    return compile_loaded(model, rules, output, layerwise, input_shapes, seed, for_provider, **options).restored()
 
 
 def compile_loaded(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
                    layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-                   **options) -> LoadedModel:
+                   for_provider: str = "cpu", **options) -> LoadedModel:
     """:func:`compile`, the result a :class:`lrpc.loaded.LoadedModel`: the weights of the file read that it holds
     unchanged are still the file's bytes (a model read from a path has its big weights deferred: never copied
-    into a proto), written as those bytes by its ``save`` (VGG16: 1.1-1.4 s of serializing saved) and read by
-    onnxruntime in the file (:class:`lrpc.Session`). It keeps the file's bytes in memory while it lives."""
+    into a proto), written as those bytes by its ``save`` and read by onnxruntime in the file
+    (:class:`lrpc.Session`). It keeps the file's bytes in memory while it lives."""
     if isinstance(rules, composites.RuleSet):
         ruleset = rules
     else:
@@ -164,7 +169,7 @@ def compile_loaded(model, rules: str | composites.RuleSet = "epsilon-gamma-box",
     with _blaming_the_input(loaded.proto):
         canon = _canonize(loaded, output)
         canon.weight_signs = signs
-        result = loaded.transfer(emit(canon, ruleset, layerwise, seed))
+        result = loaded.transfer(emit(canon, ruleset, layerwise, seed, for_provider))
         _check(result.proto)
     return result
 
@@ -195,9 +200,8 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     g = model.graph
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
         raise InputError("the model was compiled by lrpc already: compile the original")
-    reserved = {SEED, TARGET, "relevance"} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
-    prefixes = ("relevance_in/", "relevance_sum_in/", "relevance_sum_out/", *(f"relevance_sum_{k}/" for k in AUDIT),
-                "lrpc/", "lrp/")
+    reserved = {SEED, TARGET, RELEVANCE} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
+    prefixes = (*LAYERWISE_PREFIXES, "lrpc/", "lrp/")
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)
     clash = clash or next((o.name for o in g.output if o.name.startswith("relevance_")), None)

@@ -6,15 +6,13 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 
-from . import composites
+from . import composites, contract
+from .contract import AUDIT, SEED, TARGET, input_relevance_names
 from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import facts, propagator
 from .relevance.linear import gate_operand
 from .schedule import order_for_runtime
-
-SEED = "relevance_seed"
-AUDIT = ("kept", "bias", "zero")  # per-layer accounts (layerwise outputs relevance_sum_<kind>/<node>)
 
 
 class Context:
@@ -26,6 +24,7 @@ class Context:
         self.cache: dict = {}  # derived tensors shared between propagators (e.g. flipped weights)
         self.factors: dict = {}  # relevance tensor name -> (x, c) where it was built as x ⊙ c
         self.audit = False  # whether rules account for the relevance they absorb (:meth:`account`)
+        self.provider = "cpu"  # what the graph is lowered for (contract.PROVIDERS)
         self.accounts: dict = {}  # node name -> {kind: tensor} (AUDIT)
 
     def account(self, node, kept, bias=None, zero=None) -> None:
@@ -94,7 +93,7 @@ def category(canon: Canonical, node) -> str | None:
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
-         seed: str = "input") -> onnx.ModelProto:
+         seed: str = "input", for_provider: str = "cpu") -> onnx.ModelProto:
     """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph').
 
     ``layerwise="sums"`` adds, for every layer with a rule (and MaxPool), outputs
@@ -105,11 +104,15 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ``seed="input"``: the seed is the graph input ``relevance_seed``; ``seed="top1"``: it is made in the
     graph, one-hot at each sample's highest explained output, which the output ``relevance_target``
     (int64 [N], flat index per sample) names: logits and relevance in one run, with only the model's
-    own inputs to feed. The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
+    own inputs to feed; ``seed="switch"``: both, chosen per run by the bool input ``lrpc/top1`` (false unless fed).
+    ``for_provider="cuda"``: no op onnxruntime's CUDA provider lacks (MaxPool's backward scatters instead of
+    MaxUnpool), recorded in the metadata. The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
-    if seed not in ("input", "top1"):
-        raise InputError(f"seed must be 'input' or 'top1', got {seed!r}")
+    if seed not in contract.SEED_MODES:
+        raise InputError(f"seed must be 'input', 'top1' or 'switch', got {seed!r}")
+    if for_provider not in contract.PROVIDERS:
+        raise InputError(f"for_provider must be 'cpu' or 'cuda', got {for_provider!r}")
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]
@@ -125,10 +128,11 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph, canon.weight_signs), ruleset.options)
     ctx.audit = layerwise is not None
+    ctx.provider = for_provider
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
     start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
-    if seed == "input":
+    if seed != "top1":
         graph.inputs.append(start)  # (top1: nodes made after the export produce it, see seed_in_graph)
     incoming: dict[str, list] = {explained.name: [start]}
     extra: list = []  # layerwise outputs (name, tensor, shape)
@@ -183,21 +187,21 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ctx.drop_unread_products()
     for node in silent:
         _restore_global_pool(node)
-    meta = {"lrpc.explained": explained.name, "lrpc.rules": _rules_summary(rules), "lrpc.seed": seed}
+    meta = {contract.EXPLAINED: explained.name, contract.RULES: _rules_summary(rules), contract.SEED_MODE: seed}
     if layerwise:
         import json
 
-        meta["lrpc.layers"] = json.dumps(list(reversed(layer_table)))  # execution order
+        meta[contract.LAYERS] = json.dumps(list(reversed(layer_table)))  # execution order
+    if for_provider != "cpu":
+        meta[contract.PROVIDER] = for_provider
     model = export_model(canon, meta)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
-    if seed == "top1":
+    if seed != "input":
         batch = [explained.shape[0]] if explained.shape else None
-        seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch)
+        seed_in_graph(model, explained.name, onnx.helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), batch,
+                      switch=seed == "switch")
     order_for_runtime(model.graph, SEED)
     return model
-
-
-TARGET = "relevance_target"
 
 
 def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
@@ -205,7 +209,7 @@ def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
     arg-max of ``explained`` (flattened per sample; first index on ties, as numpy) and ``relevance_target``
     that index (int64 [N]); dynamic dims work. The arg-max is taken on the explained tensor (logits before a
     final Softmax/Sigmoid), so where a sigmoid saturates several outputs to 1.0 the logits decide. Used by
-    ``compile(seed="top1")`` and by Session's top-1 switch for seed-input models."""
+    ``compile(seed="top1")`` and ``compile(seed="switch")``."""
     from onnx import TensorProto, helper
 
     t = lambda name: prefix + name  # noqa: E731
@@ -229,14 +233,30 @@ def top1_nodes(explained: str, elem: int, seed: str, prefix: str) -> list:
     return nodes
 
 
-def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list | None = None) -> None:
+def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list | None = None,
+                  switch: bool = False) -> None:
     """Make ``relevance_seed`` in ``model`` (:func:`top1_nodes`, placed right after ``explained`` is made) and
-    add the output ``relevance_target`` after the input-relevance outputs."""
+    add the output ``relevance_target`` after the input-relevance outputs. ``switch``: ``relevance_seed`` stays an
+    input and the relevance starts from ``Where(lrpc/top1, the top-1 seed, relevance_seed)``, ``lrpc/top1`` a bool
+    input that is false unless fed (an initializer of that name), so a runtime that feeds only the seed (as for a
+    seed-input graph) gets the fed seed's relevance."""
+    from onnx import TensorProto, helper, numpy_helper
+
     g = model.graph
+    made, extra = SEED, []
+    if switch:
+        made, chosen = "lrp/top1/seed", "lrp/top1/chosen"
+        for n in g.node:
+            for i, name in enumerate(n.input):
+                if name == SEED:
+                    n.input[i] = chosen
+        extra = [helper.make_node("Where", [contract.SWITCH, made, SEED], [chosen], name="lrp/top1/switch")]
+        g.input.append(helper.make_tensor_value_info(contract.SWITCH, TensorProto.BOOL, []))
+        g.initializer.append(numpy_helper.from_array(np.array(False), contract.SWITCH))
     nodes = list(g.node)
     at = next(i for i, n in enumerate(nodes) if explained in n.output) + 1
     del g.node[:]
-    g.node.extend(nodes[:at] + top1_nodes(explained, elem, SEED, "lrp/top1/") + nodes[at:])
+    g.node.extend(nodes[:at] + top1_nodes(explained, elem, made, "lrp/top1/") + extra + nodes[at:])
     outputs = list(g.output)
     at = max(i for i, o in enumerate(outputs) if o.name in input_relevance_names([o.name])) + 1
     del g.output[:]
@@ -244,31 +264,6 @@ def seed_in_graph(model: onnx.ModelProto, explained: str, elem: int, batch: list
                     + outputs[at:])
 
 
-def input_relevance_names(outputs) -> list[str]:
-    """The outputs holding input relevance: ``relevance`` or ``relevance_<input>`` (not the per-layer
-    ``relevance_*/<node>`` outputs, nor ``relevance_target`` of a top1-seeded graph)."""
-    return [n for n in outputs if n == "relevance" or (n.startswith("relevance_") and "/" not in n
-                                                       and n != TARGET)]
-
-
-def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, float, float]]:
-    """Per layer of a ``layerwise`` model's ``lrpc.layers`` (execution order): (row, Σ in, Σ out, in/out),
-    the sums over the batch of what the layer sends down and receives (in/out is 1 for 0/0). ``row`` also holds
-    the layer's accounts (:meth:`Context.account`) where the model has them: ``kept`` (what its rule passes on; Σ out
-    for layers that route relevance or pass it unchanged), ``bias``, ``zero`` (0 where not reported)."""
-    import json
-
-    meta = {p.key: p.value for p in model.metadata_props}
-    rows = []
-    for layer in json.loads(meta.get("lrpc.layers", "[]")):
-        s_in = float(np.sum(outs[f"relevance_sum_in/{layer['name']}"], dtype=np.float64))
-        s_out = float(np.sum(outs[f"relevance_sum_out/{layer['name']}"], dtype=np.float64))
-        acc = {k: outs.get(f"relevance_sum_{k}/{layer['name']}") for k in AUDIT}
-        acc = {k: (s_out if k == "kept" else 0.0) if v is None else float(np.sum(v, dtype=np.float64)) for k, v in acc.items()}
-        layer = {**layer, **acc}
-        ratio = s_in / s_out if s_out != 0 else (1.0 if s_in == 0 else float("inf"))
-        rows.append((layer, s_in, s_out, ratio))
-    return rows
 
 
 def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[str]:

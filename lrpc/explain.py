@@ -22,7 +22,7 @@ import numpy as np
 
 from . import compiler, targets
 from .atomic_write import protected, refuse_inputs, write_atomic
-from .emit import SEED
+from .contract import SEED, SEED_MODE
 from .errors import InputError, one_line
 from .imaging import grid, heatmap, overlay, pil_image
 from .loaded import LoadedModel, external_data_files
@@ -36,8 +36,9 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
     ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling.
     ``cache``: reuse/store the compilation of a model file in the on-disk cache (:mod:`lrpc.cache`).
-    ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run)."""
-    from .runtime import Session
+    ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run); it is
+    compiled for the provider the session will run on (see ``for_provider`` of :func:`lrpc.compile`)."""
+    from .runtime import Session, default_providers
 
     if layout not in ("nchw", "nhwc"):
         raise InputError(f"--layout must be nchw or nhwc, got '{layout}'")
@@ -47,7 +48,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         raise InputError(f"--size {size[0]},{size[1]} differs from the static size {spec.size[0]},{spec.size[1]} "
                          f"of model input '{spec.name}'")
     compiled = SEED in {i.name for i in loaded.proto.graph.input} or \
-        any(p.key == "lrpc.seed" for p in loaded.proto.metadata_props)
+        any(p.key == SEED_MODE for p in loaded.proto.metadata_props)
     if not compiled:
         shapes = dict(input_shapes or {})
         if size is not None and spec.size is None and len(spec.dims) == 4 and spec.name not in shapes:
@@ -56,12 +57,14 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
         # a model read here is handed over with the file's bytes (its big weights were never copied out of them):
         # the compiled graph is built in it, the weight scan reads the bytes, and a cache entry and the session get
         # the unchanged weights as the file's bytes (on a cache hit the read model is dropped unused)
+        provider = "cuda" if (providers or default_providers())[0] == "CUDAExecutionProvider" else "cpu"
         make = lambda: compiler.compile_loaded(loaded, rules, output=output, input_shapes=shapes or None,  # noqa: E731
-                                               seed=seed, **options)
+                                               seed=seed, for_provider=provider, **options)
         if cache and isinstance(model, (str, os.PathLike)):
             from . import cache as compile_cache
 
-            settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed}
+            settings = {"output": output, "input_shapes": shapes, "options": options, "seed": seed,
+                        "for_provider": provider}
             loaded = compile_cache.compiled(model, rules, settings, make)
         else:
             loaded = make()
@@ -135,9 +138,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         if options.get(key) is None:  # default: the range of [0, 1] images after normalization
             v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if npy is None else np.array([edge])
             options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
-    top1 = goal.kind == "top" and goal.values[0] == 1  # then the graph seeds itself: one run per batch
+    # top1: the graph seeds itself, one run per batch; topK: its switch gives the scores and rank 1 in one run
+    seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            cache=cache, seed="top1" if top1 else "input", **options)
+                            cache=cache, seed=seed, **options)
     if isinstance(model, (str, os.PathLike)):  # (its external data files are known once it was read)
         read += [(f, "the model's external data") for f in sorted(external_data_files(model))]
     read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
@@ -205,7 +209,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 write_atomic([array.getbuffer()], npy_out, read)
                 write_atomic(lambda: [_encoded(pic, png)], png, read)
                 written += [png, npy_out]
-                prefix = "top1 " if top1 else ""
+                prefix = "top1 " if seed == "top1" else ""
                 what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
                 bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
         if skipped:

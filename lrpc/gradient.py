@@ -22,7 +22,6 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import composites
-from .relevance import EXACT, facts
 
 PREFIX = "lrpc_check/probe/"
 SHAPES = ("Shape", "Size")  # their outputs are shapes, not values of the input
@@ -64,6 +63,8 @@ def _forward(model: onnx.ModelProto, explained: str, inputs: list[str], shapes: 
 def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | None:
     """Why LRP-0 is not gradient × input on this model (None where it is): the first node, in graph order, between
     a float input and the explained tensor whose propagator is not the gradient's."""
+    from .relevance import EXACT, facts  # (the propagator registry: loaded with the compiler, not with lrpc.check)
+
     nodes, moved = _forward(model, explained, inputs)
     for n in nodes:
         computed = [i for i in n.input if i in moved]

@@ -10,11 +10,13 @@ import onnx_graphsurgeon as gs
 from onnx import version_converter
 from onnx_graphsurgeon.ir.tensor import LazyValues
 
+from . import contract
 from .errors import InputError, UnsupportedError, one_line, where
+from .structure import is_big, structure_of_model
 
 # ops that move elements and keep their values
 MOVES = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Transpose", "Identity")
-ORIGIN_KEY = "lrpc.origin"  # metadata_props key keeping the original op type of rewritten nodes
+ORIGIN_KEY = contract.ORIGIN  # metadata_props key keeping the original op type of rewritten nodes
 MIN_OPSET = 17
 # the smallest IR version that carries each opset (keeps output loadable by older runtimes)
 IR_FOR_OPSET = {17: 8, 18: 8, 19: 9, 20: 9, 21: 10, 22: 10}
@@ -194,39 +196,6 @@ def _into_source(source: onnx.ModelProto, model: onnx.ModelProto, kept: set) -> 
     return source
 
 
-# Shape inference and the checker serialize the whole model; on VGG16 (550 MB) that dominated compile
-# time. They only need the structure: big float weights (is_big) are replaced by typed graph inputs of
-# their shape; smaller tensors (shape constants, biases) keep their values for data propagation.
-BIG = 4096  # elements
-
-
-def is_big(data_type: int, dims) -> bool:
-    """A float tensor of more than :data:`BIG` elements: one the checker and shape inference see as a graph input
-    of its shape (:func:`structure_of_model`); :func:`lrpc.loaded.load` reads those without their data."""
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16)
-    return data_type in floats and int(np.prod(list(dims) or [1])) > BIG
-
-
-def structure_of_model(model: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy of ``model`` without the data of its big float initializers (they become graph inputs)."""
-    s = onnx.ModelProto()
-    s.ir_version = max(model.ir_version, 4)
-    s.opset_import.extend(model.opset_import)
-    g, sg = model.graph, s.graph
-    sg.name = g.name
-    sg.node.extend(g.node)
-    sg.input.extend(g.input)
-    sg.output.extend(g.output)
-    declared = {i.name for i in g.input}
-    for init in g.initializer:
-        if is_big(init.data_type, init.dims):
-            if init.name not in declared:
-                sg.input.append(onnx.helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
-        else:
-            sg.initializer.append(init)
-    return s
-
-
 def structure_of_graph(graph: gs.Graph) -> onnx.ModelProto:
     """:func:`structure_of_model` of a graphsurgeon graph, without exporting the weights."""
     from onnx_graphsurgeon.exporters.onnx_exporter import OnnxExporter as X
@@ -280,11 +249,6 @@ def _apply_shapes(graph: gs.Graph, shapes: dict, only_missing: bool) -> None:
     for name, t in graph.tensors().items():
         if isinstance(t, gs.Variable) and name in shapes and name not in keep and (t.shape is None or not only_missing):
             t.dtype, t.shape = shapes[name]
-
-
-def check_structure(model: onnx.ModelProto, full_check: bool = False) -> None:
-    """onnx.checker on the model's structure (weights' values are not what it checks)."""
-    onnx.checker.check_model(structure_of_model(model), full_check=full_check)
 
 
 def refresh_shapes(canon: Canonical) -> Canonical:

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import composites, targets
 from .check import model_inputs
-from .emit import layer_sums
+from .contract import layer_sums
 from .loaded import file_identity, load, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
@@ -35,13 +35,13 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
     is the biases' (``bias``: {"input_sum", "absorbed", "first_break"}, no warning); otherwise the warning
     names the first layer that breaks without biases, i.e. for another reason (stabilizers, dead units,
     ...). ``first_break`` is always the requested run's."""
-    from .compiler import _with_input_shapes
+    from .compiler import with_input_shapes
 
     options = options or composites.Options()
     identity = file_identity(path)
     model = load(path).proto  # (its graph inputs: the compiles read the file themselves)
     if input_shapes:
-        model = _with_input_shapes(model, input_shapes)
+        model = with_input_shapes(model, input_shapes)
     feeds = model_inputs(model, inputs, image, seed, **preprocessing)
     model = None
     target = targets.parse(target)

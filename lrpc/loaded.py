@@ -17,7 +17,7 @@ import onnx
 from . import wire
 from .atomic_write import write_atomic
 from .errors import InputError, one_line
-from .graph import BIG, check_structure, is_big
+from .structure import BIG, check_structure, is_big
 
 
 class LoadedModel:
@@ -172,7 +172,7 @@ def load(path: str | os.PathLike, defer: bool = True) -> LoadedModel:
 
     ``defer``: the big float weights' data stay in the file's bytes: their TensorProtos hold no data, which
     protobuf would copy while parsing (VGG16, 528 MB: ~1 s on a 2-core machine; the model then parses in a
-    millisecond). Deferred are float32/64/16 initializers of more than :data:`lrpc.graph.BIG` elements stored as
+    millisecond). Deferred are float32/64/16 initializers of more than :data:`lrpc.structure.BIG` elements stored as
     raw data in the file (not external), on a little-endian machine (raw data is little-endian): exactly the
     weights lrpc's checker and shape inference leave out (:func:`lrpc.graph.structure_of_model`), so they never
     see a tensor without data."""

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from .emit import SEED
+from .contract import SEED
 from .errors import InputError
 from .imaging import pil_image
 

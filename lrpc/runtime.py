@@ -2,10 +2,9 @@
 :class:`Explanation` (output, relevance, per-layer relevance, target); the providers that ran are reported."""
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
-import threading
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -13,7 +12,18 @@ import onnx
 import onnxruntime as ort
 
 from . import targets
-from .emit import SEED, TARGET, input_relevance_names, top1_nodes
+from .contract import (
+    LAYER_IN,
+    OUTPUT,
+    PROVIDER,
+    SEED,
+    SEED_MODE,
+    SUM_IN,
+    SWITCH,
+    TARGET,
+    input_relevance_names,
+    metadata,
+)
 from .errors import InputError, one_line
 from .loaded import LoadedModel
 
@@ -36,36 +46,31 @@ class Session:
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         loaded = LoadedModel.of(model)
         model = loaded.proto
-        meta = {p.key: p.value for p in model.metadata_props}
-        self.top1 = meta.get("lrpc.seed") == "top1"  # compiled with seed="top1": the graph makes its seed
-        with _SWITCH_LOCK:  # (another Session from this proto may have renamed the seed input for a moment)
-            input_names = {i.name for i in model.graph.input}
-        if SEED not in input_names and not self.top1:
+        meta = metadata(model)
+        self.top1 = meta.get(SEED_MODE) == "top1"  # compiled with seed="top1": the graph makes its seed
+        if SEED not in {i.name for i in model.graph.input} and not self.top1:
             raise InputError(f"model has no '{SEED}' input: compile it first (lrpc compile / lrpc.compile)")
-        # seed-input models get a switch for top-1 targets (the graph then seeds itself: one run, not two),
-        # where the explained tensor is still in the graph (a post-processed file may have renamed it)
-        explained = meta.get("lrpc.explained")
-        self._switch = not self.top1 and explained is not None and (
-            any(explained in n.output for n in model.graph.node) or any(i.name == explained for i in model.graph.input))
-        switch = (lambda: _with_top1_switch(model, meta["lrpc.explained"])) if self._switch else contextlib.nullcontext
-        self.session = start_session(loaded, providers, threads, tf32, switch)
+        # compiled with seed="switch": top-1 targets are seeded in the graph (one run, not two), others fed
+        self._switch = meta.get(SEED_MODE) == "switch" and SWITCH in {i.name for i in model.graph.input}
+        self.session = start_session(loaded, providers, threads, tf32)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
         self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
-        self._seed_input = _FED if self._switch else SEED  # (what the seed is fed as)
+        if self.device == "cuda" and meta.get(PROVIDER) != "cuda" and _lrpc_unpools(model):
+            warnings.warn(CUDA_UNPOOL, stacklevel=2)
         ins = self.session.get_inputs()
         outs = [o for o in self.session.get_outputs() if not (self._switch and o.name == TARGET)]
-        self.inputs = [i.name for i in ins if i.name not in (self._seed_input, _SWITCH)]
+        self.inputs = [i.name for i in ins if i.name not in (SEED, SWITCH)]
         self.outputs = [o.name for o in outs]
         self.relevance_outputs = input_relevance_names(self.outputs)
-        seed_info = next((i for i in ins if i.name == self._seed_input), None) or \
-            next(o for o in outs if o.name == meta.get("lrpc.output", self.outputs[0]))
+        seed_info = next((i for i in ins if i.name == SEED), None) or \
+            next(o for o in outs if o.name == meta.get(OUTPUT, self.outputs[0]))
         self.seed_shape = seed_info.shape
         self._dtype = NUMPY_TYPES.get(seed_info.type, np.float32)
         self._specs = {i.name: i for i in ins}
         # targets are read off the output that was explained (the first one for models compiled before
         # lrpc recorded it); sigmoid scores are foreground above 0.5 (logits: above 0)
-        self.scores_output = meta.get("lrpc.output") if meta.get("lrpc.output") in self.outputs else self.outputs[0]
+        self.scores_output = meta.get(OUTPUT) if meta.get(OUTPUT) in self.outputs else self.outputs[0]
         self.sigmoid = _behind_sigmoid(model.graph, self.scores_output)
         self.channels_last = channels_last
 
@@ -99,17 +104,18 @@ class Session:
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
-            seed = self._checked(self._seed_input, seed)
+            seed = self._checked(SEED, seed)
             # the seed's leading dim is the batch of an input whose leading dim has the same name (an output may be
             # flattened over the batch, [N*HW, C], or its dims named apart by the exporter: then onnxruntime judges)
-            dims, s = self._specs[self._seed_input].shape, _shape(seed)
+            dims, s = self._specs[SEED].shape, _shape(seed)
             same = [n for n in self.inputs if dims and isinstance(dims[0], str) and self._specs[n].shape[:1] == dims[:1]]
             x = _shape(feeds[same[0]]) if same else None
             if x and s and x[0] != s[0]:
                 raise InputError(f"the seed holds {s[0]} samples, input '{same[0]}' {x[0]}")
-            feeds = {**feeds, self._seed_input: seed}
+            feeds = {**feeds, SEED: seed}
             if self._switch:
-                feeds[_SWITCH] = np.array(top1)
+                # (an OrtValue: IO binding finds no bind_cpu_input type for an input that has a default initializer)
+                feeds[SWITCH] = ort.OrtValue.ortvalue_from_numpy(np.array(top1))
         binding = bind(self.session, feeds, names, self.device, self._device_id)
         try:
             self.session.run_with_iobinding(binding)
@@ -119,7 +125,7 @@ class Session:
         return dict(zip(names, binding.copy_outputs_to_cpu() if host else binding.get_outputs()))
 
     def _checked(self, name: str, value):
-        return conform(self._specs[name], value, "the seed" if name == self._seed_input else f"input '{name}'")
+        return conform(self._specs[name], value, "the seed" if name == SEED else f"input '{name}'")
 
     def _run_top1(self, feeds) -> dict[str, np.ndarray]:
         """One run seeding each sample's top-1 output in the graph (``relevance_target`` holds the index)."""
@@ -133,9 +139,9 @@ class Session:
 
         ``x``: the input array (or a dict of inputs). ``target``: see :mod:`lrpc.targets` — a class index,
         one per sample, None/"top1" for each sample's top-1 class, or a dense target ("pixel:Y,X",
-        "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Top-1 is one run (the graph seeds each sample's arg-max
-        of the explained logits itself, see :func:`_with_top1_switch`); other targets that depend on the
-        prediction cost one extra run (with a zero seed) to read the scores. ``seed``: an explicit seed tensor instead, shaped like
+        "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Top-1 is one run in models compiled with seed "top1" or
+        "switch" (the graph seeds each sample's arg-max of the explained logits itself); it and the other targets
+        that depend on the prediction cost one extra run (with a zero seed) to read the scores otherwise. ``seed``: an explicit seed tensor instead, shaped like
         the explained output (e.g. one-hot × logit, or a weighted mask of output pixels)."""
         feeds = self._feeds(x)
         target = targets.parse(target) if seed is None else None
@@ -166,10 +172,10 @@ class Session:
     def explain_topk(self, x, k: int) -> list[Explanation]:
         """Explanations of each sample's ``k`` highest outputs, rank 1 first, ranked on the graph output; the
         explained classes are in each :attr:`Explanation.target` ([N] per rank). ``k`` runs: the first run is the
-        graph's own top-1 (:func:`_with_top1_switch`), which gives the scores and the explanation of rank 1 at once
+        graph's own top-1 (compiled with seed "switch"), which gives the scores and the explanation of rank 1 at once
         (its arg-max is taken on the explained tensor, e.g. the logits before a stripped softmax: where the scores
         tie and it picks another class than the ranking, rank 1 is run again with its seed: ``k + 1`` runs, as
-        without the switch)."""
+        without the switch; ``k + 1`` runs in models compiled without it)."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise InputError(f"top-k: k must be a whole number of at least 1, got {k!r}")
         feeds = self._feeds(x)
@@ -188,9 +194,9 @@ class Session:
     def _explanation(self, feeds, seed, target, result=None) -> Explanation:
         result = self.run(feeds, seed) if result is None else result
         relevance = [result[n] for n in self.relevance_outputs]
-        layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith("relevance_in/")}
+        layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith(LAYER_IN)}
         if not layers:  # compiled with --layerwise sums: per-sample sums instead
-            layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith("relevance_sum_in/")}
+            layers = {n.split("/", 1)[1]: result[n] for n in self.outputs if n.startswith(SUM_IN)}
         if getattr(target, "kind", None) in ("index", "top"):
             target = self._chosen(seed)
         return Explanation(result[self.scores_output], relevance[0] if len(relevance) == 1 else relevance,
@@ -216,18 +222,15 @@ class Session:
         return flat.argmax(axis=1)
 
 
-def start_session(model: LoadedModel, providers: list | None = None, threads: int | None = None, tf32: bool = False,
-                  prepare=contextlib.nullcontext) -> ort.InferenceSession:
+def start_session(model: LoadedModel, providers: list | None = None, threads: int | None = None,
+                  tf32: bool = False) -> ort.InferenceSession:
     """:func:`inference_session` of ``model``, whose weights may still be those of the file it was read from (big
     ones deferred, never copied into the proto): onnxruntime reads those in that file as external data
     (:meth:`lrpc.loaded.LoadedModel.for_runtime`), not out of the model serialized again; when the file changed
     since lrpc read it, onnxruntime could not read it there, or the session would keep it mapped (and so depend on
-    it), the session is started again from the bytes lrpc read, with the first failure attached to a second one.
-    ``prepare``: a context manager (factory) held while ``model`` is serialized (:class:`Session`: the top-1
-    switch)."""
+    it), the session is started again from the bytes lrpc read, with the first failure attached to a second one."""
     def serialize(whole: bool):
-        with prepare():
-            return (model.serialized(), None) if whole else model.for_runtime()
+        return (model.serialized(), None) if whole else model.for_runtime()
 
     data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
     session, first_error = None, None
@@ -273,15 +276,18 @@ def inference_session(model, providers: list | None = None, threads: int | None 
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     if providers is None:
-        available = ort.get_available_providers()
-        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        providers = default_providers()
     cuda = {"use_tf32": str(int(tf32)), "arena_extend_strategy": "kSameAsRequested", **(cuda_options or {})}
-    if providers and providers[0] == "CUDAExecutionProvider":
-        model = _without_unpool(model)
     providers = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in providers]
     session = ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options, providers=providers)
     release_freed_memory()
     return session
+
+
+def default_providers() -> list[str]:
+    """CUDA when onnxruntime offers it, else the CPU."""
+    available = ort.get_available_providers()
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def release_freed_memory() -> None:
@@ -304,57 +310,15 @@ def release_freed_memory() -> None:
         pass
 
 
-def _without_unpool(model):
-    """``model`` (bytes or path) with its MaxUnpool nodes as :func:`scatter_unpools` rewrites them; as it is when it
-    has none (a byte search: op types are stored as plain strings)."""
-    if isinstance(model, (bytes, bytearray)):
-        if b"MaxUnpool" not in model:
-            return model
-        proto = onnx.load_from_string(bytes(model))
-    else:
-        import mmap
-
-        with open(model, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            if m.find(b"MaxUnpool") < 0:
-                return model
-        proto = onnx.load(str(model))
-    return proto.SerializeToString() if scatter_unpools(proto) else model
+CUDA_UNPOOL = ("the compiled graph has MaxUnpool nodes (MaxPool's backward), which onnxruntime's CUDA provider runs "
+               "on the CPU, with copies to and from the GPU: compile it for CUDA (lrpc.compile(..., "
+               "for_provider=\"cuda\"), lrpc compile --for-provider cuda) to keep them on the GPU")
 
 
-def scatter_unpools(model: onnx.ModelProto) -> bool:
-    """Rewrite, in place, each MaxUnpool lrpc emitted (node names under ``lrp/``: the winner-mode MaxPool backward
-    of disjoint windows, :mod:`lrpc.relevance.pooling`) as zeros of its output shape + ScatterElements of its input
-    at its flat indices; True if there was one. The same tensor, as the indices are unique. onnxruntime's CUDA
-    execution provider has ScatterElements but no MaxUnpool kernel, which would run on the CPU with copies to and
-    from the GPU (``inference_session`` does this for CUDA sessions; on the CPU MaxUnpool is 4x faster than the
-    scatter)."""
-    from onnx import helper, numpy_helper
-
-    g = model.graph
-    relevance = [o for o in g.output if o.name in input_relevance_names([o.name])]
-    elem = relevance[0].type.tensor_type.elem_type if relevance else onnx.TensorProto.FLOAT
-    zero = helper.make_tensor("zero", elem, [1], [0])
-    flat = "lrpc/unpool/flat"
-    nodes, changed = [], False
-    for n in g.node:
-        if n.op_type != "MaxUnpool" or not n.name.startswith("lrp/") or len(n.input) < 3 or not n.input[2]:
-            nodes.append(n)
-            continue
-        x, idx, shape = n.input[:3]
-        t = lambda s: f"{n.name}/scatter/{s}"  # noqa: E731
-        nodes += [helper.make_node("ConstantOfShape", [shape], [t("zeros")], value=zero),
-                  helper.make_node("Reshape", [t("zeros"), flat], [t("data")]),
-                  helper.make_node("Reshape", [idx, flat], [t("indices")]),
-                  helper.make_node("Reshape", [x, flat], [t("updates")]),
-                  helper.make_node("ScatterElements", [t("data"), t("indices"), t("updates")], [t("flat")], axis=0),
-                  helper.make_node("Reshape", [t("flat"), shape], [n.output[0]])]
-        changed = True
-    if changed:
-        del g.node[:]
-        g.node.extend(nodes)
-        if flat not in {i.name for i in g.initializer}:
-            g.initializer.append(numpy_helper.from_array(np.array([-1], np.int64), flat))
-    return changed
+def _lrpc_unpools(model: onnx.ModelProto) -> bool:
+    """Whether ``model`` has a MaxUnpool lrpc emitted (node names under ``lrp/``: winner-mode MaxPool backward of
+    disjoint windows, :mod:`lrpc.relevance.pooling`)."""
+    return any(n.op_type == "MaxUnpool" and n.name.startswith("lrp/") for n in model.graph.node)
 
 
 def bind(session: ort.InferenceSession, feeds: dict, names: list[str], device: str,
@@ -413,43 +377,12 @@ NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tenso
 _ONNX = {v: k[7:-1] for k, v in NUMPY_TYPES.items()}  # numpy scalar type -> onnxruntime's name
 
 
-_FED, _SWITCH = "lrpc/seed_fed", "lrpc/top1"
 _ORT_ERRORS = ort.capi.onnxruntime_pybind11_state
 # onnxruntime looks up the external data of a model given as bytes in a folder given by a session option from 1.21
 # on (older versions take the option silently and look in the working directory); on Linux only, where a session
 # that would keep the file mapped can be told (Source.mapped_elsewhere)
 _READS_EXTERNAL_FOLDER = sys.platform.startswith("linux") and tuple(
     int(p) for p in ort.__version__.split(".")[:2] if p.isdigit()) >= (1, 21)
-_SWITCH_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def _with_top1_switch(model: onnx.ModelProto, explained: str):
-    """``model`` with a switch, for the time of the ``with`` block (to serialize it): the seed input is renamed
-    ``lrpc/seed_fed`` and ``relevance_seed = Where(lrpc/top1, one-hot at each sample's arg-max of the explained
-    tensor, fed seed)``; output ``relevance_target`` holds that arg-max (flat index per sample, first on ties, as
-    ``compile(seed="top1")``). ``model`` is left as it was afterwards (the block runs under a lock: Sessions built
-    from one ModelProto in several threads at once do not see each other's edits; other readers of the proto in
-    that moment would)."""
-    from onnx import TensorProto, helper
-
-    g = model.graph
-    with _SWITCH_LOCK:  # (the seed input is looked up here too: another thread's switch may have it renamed)
-        seed_in = next(i for i in g.input if i.name == SEED)
-        nodes = top1_nodes(explained, seed_in.type.tensor_type.elem_type, "lrpc/top1/seed", "lrpc/top1/") + [
-            helper.make_node("Where", [_SWITCH, "lrpc/top1/seed", _FED], [SEED], name="lrpc/top1/switch")]
-        n_nodes, n_inputs, n_outputs = len(g.node), len(g.input), len(g.output)
-        seed_in.name = _FED
-        g.input.append(helper.make_tensor_value_info(_SWITCH, TensorProto.BOOL, []))
-        g.output.append(helper.make_tensor_value_info(TARGET, TensorProto.INT64, None))
-        g.node.extend(nodes)
-        try:
-            yield model
-        finally:  # the caller's model is left as it was
-            del g.node[n_nodes:]
-            del g.input[n_inputs:]
-            del g.output[n_outputs:]
-            seed_in.name = SEED
 
 
 def _behind_sigmoid(graph: onnx.GraphProto, name: str) -> bool:

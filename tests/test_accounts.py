@@ -17,7 +17,7 @@ import pytest
 
 import lrpc
 from lrpc.check import run_check
-from lrpc.emit import layer_sums
+from lrpc.contract import layer_sums
 from oracles import rule_dense, safe_div, stab
 from test_rules_oracle import RULES, _on_residual_branch, compile_rule, make_case, run_model
 
@@ -230,7 +230,7 @@ def test_accounts_add_up_on_every_architecture(arch_cases, name):
     gates, activations written as several ops, normalization layers, old opsets, hand-built graph forms), biases kept,
     under epsilon-gamma-box, epsilon-plus and epsilon: each layer sends down what its rule passes on, and Σ input
     relevance = Σ seed − Σ absorbed, to 1e-6 of max(|Σ seed|, Σ|R|) (measured: at most 1.8e-6 / 5.8e-6 absolute)."""
-    from lrpc.emit import input_relevance_names
+    from lrpc.contract import input_relevance_names
     from test_architectures import _session, one_hot_top1
 
     case = arch_cases(name)

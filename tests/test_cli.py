@@ -677,10 +677,10 @@ def test_explain_hands_the_files_bytes_over(tmp_path):
     assert onnx.load(str(entries[0])).graph.node == want.graph.node
 
 
-@pytest.mark.parametrize("seed", ["input", "top1"])
+@pytest.mark.parametrize("seed", ["input", "top1", "switch"])
 def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
     """lrpc.Session of a compiled file, and lrpc explain of a plain one, hand onnxruntime the weights still as read as
-    the file's bytes (not serialized again; with and without the top-1 switch a seed-input model gets) — a big weight
+    the file's bytes (not serialized again; for each seed mode) — a big weight
     read without its data (a file lrpc wrote: one graph field) as a reference to its place in that file, which
     onnxruntime reads itself — and the sessions compute what a session of the same model serialized by protobuf
     computes."""
@@ -723,7 +723,7 @@ def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
     assert [how(*g) for g in given] == [file, "bytes", file, "bytes", file, "bytes", "serialized"]
     assert loaded.proto is not None and loaded._stored  # (left as given: the caller's model and its file's bytes
     sessions["loaded again"] = lib.Session(loaded)  # stay usable, e.g. a second Session)
-    want = sessions["proto"].explain({"x": x})  # (top-1: the switch, or a top1-seeded graph)
+    want = sessions["proto"].explain({"x": x})  # (top-1: scores then seed, the switch, or a top1-seeded graph)
     assert np.abs(want.relevance).sum() > 0
     for name in set(sessions) - {"proto"}:
         got = sessions[name].explain({"x": x})
@@ -1094,3 +1094,24 @@ def test_closed_output_pipe_ends_quietly():
     finally:
         os.close(write)
     assert proc.returncode == 141 and proc.stderr == "", proc.stderr
+
+
+def test_compile_for_cuda_with_a_switch(tmp_path):
+    """``--for-provider cuda --seed switch``: no MaxUnpool, a seed input and the bool switch input, the target output,
+    both recorded in the metadata; fed only the seed, the file explains as the default compile does."""
+    out = tmp_path / "d.cuda.lrp.onnx"
+    code, _, err = lrpc("compile", DIGITS, "-o", out, "--for-provider", "cuda", "--seed", "switch")
+    assert code == 0, err
+    model = onnx.load(str(out))
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["lrpc.provider"] == "cuda" and meta["lrpc.seed"] == "switch"
+    assert "MaxUnpool" not in {n.op_type for n in model.graph.node}
+    assert [i.name for i in model.graph.input] == ["input", "relevance_seed", "lrpc/top1"]
+    assert [o.name for o in model.graph.output][-1] == "relevance_target"
+    x = np.load(ROOT / "models" / "digits_samples.npz")["images"]
+    seed = np.eye(10, dtype=np.float32)[np.arange(len(x)) % 10]
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(
+        None, {"input": x, "relevance_seed": seed})[1]
+    np.testing.assert_array_equal(got, lrpc_default_relevance(x, seed, tmp_path))
+    code, _, err = lrpc("compile", DIGITS, "-o", tmp_path / "x.onnx", "--for-provider", "gpu")
+    assert code == 2 and "invalid choice" in err

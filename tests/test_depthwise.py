@@ -22,7 +22,7 @@ from torch import nn
 import lrpc
 from conftest import rel_l2
 from lrpc.check import run_check
-from lrpc.emit import layer_sums
+from lrpc.contract import layer_sums
 from models import zoo
 from oracles import Layer, conv_nd, rule_dense
 

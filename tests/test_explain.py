@@ -380,6 +380,8 @@ def test_explain_progress_bar_replaces_the_lines(tmp_path, capsys):
 
 def _counting_compile(monkeypatch):
     """Count compilations: lrpc.compiler.compile_loaded (compile calls it too; the cache path calls it alone)."""
+    import lrpc.compiler  # (import lrpc loads the compiler only when asked for)
+
     calls = []
     real = lrpc.compiler.compile_loaded
 

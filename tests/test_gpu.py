@@ -85,14 +85,23 @@ def test_io_binding_keeps_outputs_on_the_gpu():
 
 
 def test_winner_maxpool_backward_stays_on_the_gpu(tmp_path):
-    """The winner-mode backward of disjoint 2x2 windows is MaxUnpool in the compiled file (fast on the CPU);
-    onnxruntime's CUDA EP has no MaxUnpool kernel, so CUDA sessions get it rewritten as a scatter that runs there."""
+    """The winner-mode backward of disjoint 2x2 windows is MaxUnpool in the default compiled file (fast on the CPU);
+    onnxruntime's CUDA EP has no MaxUnpool kernel, so a file compiled for CUDA has a scatter instead that runs
+    there, and a Session of the default file on CUDA warns, naming the compile option."""
     import json
+    import warnings
 
     from lrpc.runtime import inference_session
 
-    compiled = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon-gamma-box")
-    assert any(n.op_type == "MaxUnpool" for n in compiled.graph.node)
+    path = ROOT / "models" / "digits_cnn.onnx"
+    assert any(n.op_type == "MaxUnpool" for n in lrpc.compile(path, "epsilon-gamma-box").graph.node)
+    with pytest.warns(UserWarning, match="for_provider=\"cuda\""):
+        lrpc.Session(lrpc.compile(path, "epsilon-gamma-box"), providers=["CUDAExecutionProvider"])
+    compiled = lrpc.compile(path, "epsilon-gamma-box", for_provider="cuda")
+    assert not any(n.op_type == "MaxUnpool" for n in compiled.graph.node)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lrpc.Session(compiled, providers=["CUDAExecutionProvider"])
     session = inference_session(compiled.SerializeToString(), ["CUDAExecutionProvider", "CPUExecutionProvider"],
                                 profile=str(tmp_path / "profile"))
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)

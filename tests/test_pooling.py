@@ -256,20 +256,17 @@ def test_split_dynamic_batch():
 
 @pytest.mark.parametrize("name", sorted(DISJOINT))
 def test_scatter_unpools_for_cuda(name, tmp_path):
-    """CUDA sessions get MaxUnpool rewritten as zeros + ScatterElements (no CUDA MaxUnpool kernel in onnxruntime):
-    the rewritten graph gives the same relevance bit for bit on tied inputs; bytes and paths without MaxUnpool
-    are passed through untouched."""
-    from lrpc.runtime import _without_unpool, scatter_unpools
-
+    """Compiled for CUDA (``for_provider="cuda"``, recorded in the metadata), MaxUnpool becomes zeros +
+    ScatterElements (no CUDA MaxUnpool kernel in onnxruntime): the same relevance bit for bit on tied inputs; a model
+    without MaxUnpool compiles to the same nodes for either provider."""
     shape, attrs, _ = CONFIGS[name]
     compiled = lrpc.compile(pool_model(shape, attrs), "epsilon")
-    data = compiled.SerializeToString()
-    rewritten = onnx.load_from_string(_without_unpool(data))
+    rewritten = lrpc.compile(pool_model(shape, attrs), "epsilon", for_provider="cuda")
     ops = [n.op_type for n in rewritten.graph.node]
     assert "MaxUnpool" not in ops and "ScatterElements" in ops
-    path = tmp_path / "m.onnx"
-    path.write_bytes(data)
-    assert onnx.load_from_string(_without_unpool(path)) == rewritten
+    assert "MaxUnpool" in {n.op_type for n in compiled.graph.node}
+    meta = lambda m: {p.key: p.value for p in m.metadata_props}  # noqa: E731
+    assert meta(rewritten)["lrpc.provider"] == "cuda" and "lrpc.provider" not in meta(compiled)
     rng = np.random.default_rng(4)
     model = pool_model(shape, attrs)
     for kind, x in tied_inputs(shape, rng).items():
@@ -277,11 +274,10 @@ def test_scatter_unpools_for_cuda(name, tmp_path):
         seed = rng.standard_normal(y.shape).astype(np.float32)
         np.testing.assert_array_equal(relevance(rewritten, x, seed)["relevance"],
                                       relevance(compiled, x, seed)["relevance"], err_msg=kind)
-    assert not scatter_unpools(rewritten)  # nothing left to rewrite
-    plain = lrpc.compile(pool_model(*CONFIGS["k3s2-overlap"][:2]), "epsilon").SerializeToString()
-    assert _without_unpool(plain) is plain
-    path.write_bytes(plain)
-    assert _without_unpool(path) is path
+    plain = lrpc.compile(pool_model(*CONFIGS["k3s2-overlap"][:2]), "epsilon")
+    assert lrpc.compile(pool_model(*CONFIGS["k3s2-overlap"][:2]), "epsilon", for_provider="cuda").graph == plain.graph
+    with pytest.raises(lrpc.InputError, match="for_provider must be 'cpu' or 'cuda'"):
+        lrpc.compile(pool_model(shape, attrs), "epsilon", for_provider="gpu")
 
 
 @pytest.mark.parametrize("dtype,lowering", [(np.float16, "MaxUnpool"), (np.float64, "ScatterElements")])

@@ -129,42 +129,81 @@ def test_bind_keeps_scalars_scalar_and_inputs_alive():
     assert binding.copy_outputs_to_cpu()[0] == np.float32(2.5)
 
 
-def test_a_session_waits_while_another_one_has_the_seed_input_renamed(digits):
-    """Sessions built at once in several threads from one ModelProto: while one holds the top-1 switch (seed input
-    renamed for a moment), another one's check for the seed input waits instead of reading the renamed proto."""
+def test_sessions_leave_the_model_as_given(digits):
+    """Sessions built at once in several threads from one ModelProto (seed input, seed switch) read it and nothing
+    else: the proto's bytes are the same afterwards, and every session explains as the first one."""
     import threading
 
-    from lrpc.emit import SEED
-    from lrpc.runtime import _FED, _with_top1_switch
-
-    compiled = digits[0]
-    explained = {p.key: p.value for p in compiled.metadata_props}["lrpc.explained"]
+    compiled, first, x = digits
+    switched = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon-gamma-box", low=0.0, high=1.0,
+                            seed="switch")
+    before = [m.SerializeToString() for m in (compiled, switched)]
     made, errors = [], []
 
-    def build():
+    def build(model):
         try:
-            made.append(lrpc.Session(compiled, providers=["CPUExecutionProvider"]))
+            made.append(lrpc.Session(model, providers=["CPUExecutionProvider"]))
         except Exception as e:  # noqa: BLE001 (reported below)
             errors.append(e)
 
-    def switch():  # the switch's own look-up of the seed input
-        try:
-            with _with_top1_switch(compiled, explained):
-                made.append(_FED in {i.name for i in compiled.graph.input})
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
+    threads = [threading.Thread(target=build, args=(m,)) for m in (compiled, switched) * 2]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(made) == 4
+    assert [m.SerializeToString() for m in (compiled, switched)] == before
+    for session in made:
+        np.testing.assert_allclose(session.explain(x[:2]).relevance, first.explain(x[:2]).relevance, rtol=1e-6,
+                                   atol=1e-7)
 
-    for target in (build, switch):
-        with _with_top1_switch(compiled, explained):
-            assert SEED not in {i.name for i in compiled.graph.input}  # what a reader would see now
-            other = threading.Thread(target=target)
-            other.start()
-            other.join(timeout=2.0)  # (without the lock it fails within ~0.1 s)
-            assert other.is_alive() and not errors  # waiting for the switch, not failing on the renamed input
-        other.join()
-    assert not errors and len(made) == 2 and made[1] is True  # (the switch found the seed input and renamed it)
-    x = digits[2][:2]
-    np.testing.assert_allclose(made[0].explain(x).relevance, digits[1].explain(x).relevance, rtol=1e-6, atol=1e-7)
+
+def test_top1_runs_by_seed_mode(digits, monkeypatch):
+    """Top-1 (and top-k) targets: one run in a graph compiled with seed "switch" (its in-graph top-1 seed), two in a
+    seed-input graph (the scores, then the explanation), and the same relevance either way; the switch file also
+    runs as a seed-input graph where only the seed is fed (plain onnxruntime: its switch input defaults to off)."""
+    from lrpc.runtime import Session
+
+    compiled, plain, x = digits
+    switched = lrpc.compile(ROOT / "models" / "digits_cnn.onnx", "epsilon-gamma-box", low=0.0, high=1.0,
+                            seed="switch")
+    assert {p.key: p.value for p in switched.metadata_props}["lrpc.seed"] == "switch"
+    session = lrpc.Session(switched, providers=["CPUExecutionProvider"])
+    assert session.inputs == plain.inputs and session.outputs == plain.outputs
+    runs = []
+    real = Session._run
+    monkeypatch.setattr(Session, "_run", lambda self, *a, **k: runs.append(self) or real(self, *a, **k))
+    got, want = session.explain(x), plain.explain(x)
+    assert runs == [session, plain, plain]
+    np.testing.assert_array_equal(got.relevance, want.relevance)
+    np.testing.assert_array_equal(got.target, want.target)
+    runs.clear()
+    for a, b in zip(session.explain_topk(x, 3), plain.explain_topk(x, 3)):
+        np.testing.assert_array_equal(a.relevance, b.relevance)
+        np.testing.assert_array_equal(a.target, b.target)
+    assert runs.count(session) == 3 and runs.count(plain) == 4
+    seed = np.eye(10, dtype=np.float32)[np.arange(len(x)) % 10]
+    raw = ort.InferenceSession(switched.SerializeToString(), providers=["CPUExecutionProvider"])
+    fed = dict(zip([o.name for o in raw.get_outputs()], raw.run(None, {"input": x, "relevance_seed": seed})))
+    np.testing.assert_array_equal(fed["relevance"], plain.run({"input": x}, seed)["relevance"])
+
+
+def test_runtime_loads_no_compiler():
+    """``import lrpc.runtime`` (and lrpc.check, lrpc.inspect, ``lrpc.Session``) reads the compiled graph's contract
+    (lrpc.contract) and loads neither the compiler nor onnx-graphsurgeon; ``import lrpc`` loads nothing more."""
+    import subprocess
+    import sys
+
+    compiler = ("onnx_graphsurgeon", "lrpc.emit", "lrpc.passes", "lrpc.graph", "lrpc.relevance", "lrpc.compiler")
+    for code in ("import lrpc.runtime", "import lrpc.check", "import lrpc.inspect", "import lrpc; lrpc.Session",
+                 "from lrpc import Session, Explanation, heatmap, InputError, Options"):
+        loaded = subprocess.run([sys.executable, "-c", f"import sys; {code}; print(*sorted(sys.modules))"],
+                                capture_output=True, text=True, check=True).stdout.split()
+        assert not [m for m in loaded if m.startswith(compiler)], code
+    loaded = subprocess.run([sys.executable, "-c", "import sys, lrpc; print(*sorted(sys.modules))"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert [m for m in loaded if m.startswith("lrpc")] == ["lrpc"] and "onnx" not in loaded
+    assert lrpc.compile is __import__("lrpc.compiler").compiler.compile and "Session" in dir(lrpc)
 
 
 def _has_malloc_trim() -> bool:

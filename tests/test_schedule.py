@@ -13,7 +13,7 @@ import pytest
 
 import lrpc
 import lrpc.emit
-from lrpc.emit import SEED
+from lrpc.contract import SEED
 from lrpc.schedule import runtime_walk, schedule
 
 

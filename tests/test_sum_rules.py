@@ -21,7 +21,7 @@ from torch import nn
 
 import lrpc
 from lrpc.check import run_check
-from lrpc.emit import layer_sums
+from lrpc.contract import layer_sums
 from lrpc.errors import InputError
 from models import zoo
 

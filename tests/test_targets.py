@@ -273,7 +273,7 @@ def test_topk_ranks_match_torch_and_single_targets():
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
                               torch.nn.Linear(16, 10)).eval()
-    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
+    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus", seed="switch"), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         want = torch.topk(net(torch.from_numpy(X)), 4, dim=1).indices.numpy()
     runs = _counted(s)
@@ -294,7 +294,7 @@ def test_topk_runs_rank_one_again_where_the_ranking_disagrees_with_the_graphs_to
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * H * W, 16), torch.nn.ReLU(),
                               torch.nn.Linear(16, 10), torch.nn.Softmax(dim=1)).eval()
-    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus"), providers=["CPUExecutionProvider"])
+    s = lrpc.Session(lrpc.compile(_export(net), "epsilon-plus", seed="switch"), providers=["CPUExecutionProvider"])
     real_topk = lrpc.targets.topk
 
     def shifted(shape, scores, k, dtype=np.float32):
@@ -405,10 +405,11 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
                           (lambda: s.run({"input": x}, seed), "takes no seed")):
         with pytest.raises(InputError, match=message):
             call()
-    # a seed-input model in a Session: the same, in one run, through a switch added to what onnxruntime runs
-    before = fed.SerializeToString()
-    session = lrpc.Session(fed, providers=["CPUExecutionProvider"])
-    assert fed.SerializeToString() == before  # the caller's model is left as it was
+    # compiled with seed="switch": a seed-input model whose Session does the same in one run, through its switch
+    switched = lrpc.compile(root / "models" / model_file, "epsilon-gamma-box", seed="switch")
+    before = switched.SerializeToString()
+    session = lrpc.Session(switched, providers=["CPUExecutionProvider"])
+    assert switched.SerializeToString() == before  # the caller's model is left as it was
     runs = _counted(session)
     e = session.explain(x)
     assert len(runs) == 1 and np.array_equal(e.target, chosen) and np.array_equal(e.relevance, want)
@@ -420,11 +421,23 @@ def test_in_graph_top1_seed_equals_the_fed_top1_seed(model_file, samples):
     assert np.array_equal(session.seed_for(x, "top1"), e.seed) and len(runs) == 3
     [top] = session.explain_topk(x, 1)
     assert np.array_equal(top.target, chosen) and np.array_equal(top.relevance, want) and len(runs) == 4
+    # a plain seed-input model: top-1 read off the scores (first index where they tie, e.g. a saturated sigmoid's
+    # 1.0s; elsewhere the same class), then explained with its seed: two runs
+    plain = lrpc.Session(fed, providers=["CPUExecutionProvider"])
+    runs = _counted(plain)
+    e = plain.explain(x)
+    first = flat.argmax(axis=1)
+    assert len(runs) == 2 and np.array_equal(e.target, first)
+    assert np.all((first == chosen)[flat.max(axis=1) > np.sort(flat, axis=1)[:, -2]])
+    seed = np.zeros_like(seed)
+    seed[np.arange(len(x)), first] = 1
+    np.testing.assert_array_equal(e.relevance, ort.InferenceSession(fed.SerializeToString(), providers=[
+        "CPUExecutionProvider"]).run(None, {"input": x, "relevance_seed": seed.reshape(scores.shape)})[1])
 
 
 def test_session_without_the_explained_tensor_runs_unswitched():
-    """A compiled file whose explained tensor was renamed afterwards (graph tools do) still loads: the top-1
-    switch needs that tensor, so top-1 falls back to reading the scores (two runs)."""
+    """A compiled file whose explained tensor was renamed afterwards (graph tools do) still loads and explains
+    top-1 (from the scores: Session reads no graph tensor by the recorded name)."""
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]

@@ -40,14 +40,16 @@ def maxpool(ctx, node, R_out):
     x, idx = node.inputs[0], node.outputs[1]
     shape = b.shape_of(x)
     # MaxUnpool: one write per output instead of a zero fill and a scatter (faster); onnxruntime's CPU
-    # MaxUnpool takes float and float16, not double
-    if _disjoint(node) and b.dtype in (np.float32, np.float16):
+    # MaxUnpool takes float and float16, not double; its CUDA provider has no MaxUnpool kernel (it would run on the
+    # CPU, with copies): compiled for CUDA, disjoint windows scatter without adding (each index once)
+    disjoint = _disjoint(node)
+    if disjoint and b.dtype in (np.float32, np.float16) and ctx.provider != "cuda":
         a = {k: node.attrs[k] for k in ("kernel_shape", "strides", "pads") if k in node.attrs}
         return [b.op("MaxUnpool", [R_out[0], idx, shape], a)]
     flat = b.ints([-1])
     zeros = b.op("Reshape", [b.zeros(shape), flat])
     scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
-                     {"axis": 0, "reduction": "add"})
+                     {"axis": 0} if disjoint and ctx.provider == "cuda" else {"axis": 0, "reduction": "add"})
     return [b.op("Reshape", [scattered, shape])]
 
 
