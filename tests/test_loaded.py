@@ -1,6 +1,7 @@
 """Reading a model without copying its big weights (lrpc.loaded.load, defer): which tensors are deferred,
-that every way a model leaves lrpc gives them their data (or the file's bytes), and that compiling a file read
-that way gives what compiling the fully parsed ModelProto gives (oracle: protobuf's own parse)."""
+that every way a model leaves lrpc gives them their data (or the file's bytes: saved files are SerializeToString's
+bytes, sessions get the weights as stored), and that compiling a file read that way gives what compiling the fully
+parsed ModelProto gives (oracle: protobuf's own parse)."""
 from __future__ import annotations
 
 import gc
@@ -16,6 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx.external_data_helper import set_external_data
 
 import lrpc
+from cli_helpers import DIGITS, one_line_error, run_cli
 from lrpc import compiler
 from lrpc.graph import DeferredValues, import_model
 from lrpc.loaded import LoadedModel, load
@@ -156,37 +158,6 @@ def test_a_file_read_with_deferred_weights_compiles_as_its_full_parse(case, tmp_
         outputs = session.run({"x": x}, seed)
         for name, value in zip([o.name for o in want.graph.output], expected):
             np.testing.assert_array_equal(outputs[name], value)
-
-
-@pytest.mark.parametrize("exchange", [True, False])
-def test_an_existing_output_is_replaced_whole(exchange, tmp_path, monkeypatch):
-    """write_atomic onto an existing file: by exchanging the names (Linux) or by os.replace (elsewhere, or where
-    the file system has no exchange): the new bytes, a plain open()'s permissions, no file left beside it, and a
-    hard link of the old file keeps the old bytes (the old file is replaced, not written into)."""
-    import os
-
-    import lrpc.atomic_write as io
-
-    if not exchange:
-        monkeypatch.setattr(io, "_exchange", lambda a, b: False)
-    out = tmp_path / "out.onnx"
-    out.write_bytes(b"old" * 1000)
-    os.link(out, tmp_path / "link")
-    called = []
-    real = io._exchange
-    monkeypatch.setattr(io, "_exchange", lambda a, b: called.append(b) or real(a, b))
-    io.write_atomic([b"new ", memoryview(b"bytes")], out)
-    assert out.read_bytes() == b"new bytes" and (tmp_path / "link").read_bytes() == b"old" * 1000
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out.onnx"]
-    umask = os.umask(0)
-    os.umask(umask)
-    assert out.stat().st_mode & 0o777 == 0o666 & ~umask
-    assert called == ([out] if sys.platform.startswith("linux") else [])
-    if exchange and sys.platform.startswith("linux"):
-        assert real(str(tmp_path / "link"), out)  # (this file system exchanges: the path above was taken)
-        assert out.read_bytes() == b"old" * 1000
-    io.write_atomic(b"fresh", tmp_path / "new.onnx")  # (no file there: a plain rename)
-    assert (tmp_path / "new.onnx").read_bytes() == b"fresh"
 
 
 @pytest.mark.parametrize("condition", ["input", "constant"])
@@ -458,30 +429,406 @@ def test_check_and_inspect_refuse_a_file_replaced_while_they_read_it(tool, tmp_p
     assert err.startswith(f"lrpc: error: {path}: the file changed while lrpc {tool} read it") and "Traceback" not in err
 
 
-def test_an_output_is_checked_against_the_inputs_in_one_stat(tmp_path, monkeypatch):
-    """explain --images checks each output against every source: with the sources stat'ed once (protected()) each
-    check is one stat, not one per source (2,000 images re-run took minutes)."""
-    from lrpc import atomic_write as io
+def _big_model() -> onnx.ModelProto:
+    """Conv (weight big enough to be kept in place), ReLU, Conv + BatchNorm (its weight folded: replaced), ReLU,
+    Gemm."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 3, 5, 5)).astype(np.float32)  # 4800 values: big enough to be kept in place
+    w2 = rng.standard_normal((16, 64, 3, 3)).astype(np.float32)  # folded with the BatchNorm: replaced
+    g = rng.standard_normal((10, 16 * 2 * 2)).astype(np.float32)
+    bn = [numpy_helper.from_array(v.astype(np.float32), n) for n, v in
+          (("s", rng.random(16) + 0.5), ("b", rng.standard_normal(16)), ("m", rng.standard_normal(16)),
+           ("v", rng.random(16) + 0.5))]
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"]), helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("Conv", ["r", "w2"], ["c2"]),
+             helper.make_node("BatchNormalization", ["c2", "s", "b", "m", "v"], ["n"]),
+             helper.make_node("Relu", ["n"], ["r2"]), helper.make_node("Flatten", ["r2"], ["f"]),
+             helper.make_node("Gemm", ["f", "g"], ["y"], transB=1)]
+    graph = helper.make_graph(nodes, "big", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])],
+                              [numpy_helper.from_array(w, "w"), numpy_helper.from_array(w2, "w2"),
+                               numpy_helper.from_array(g, "g"), *bn])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
 
-    sources = [tmp_path / f"{i}.png" for i in range(50)]
-    for s in sources:
-        s.write_bytes(b"x")
-    read = io.protected([(s, "a source") for s in sources])
-    (tmp_path / "out.png").write_bytes(b"y")
-    calls = []
-    real = os.stat
-    monkeypatch.setattr(os, "stat", lambda *a, **k: calls.append(a) or real(*a, **k))
-    io.refuse_inputs(tmp_path / "out.png", read)
-    assert len(calls) == 1
-    with pytest.raises(io.InputError, match="refusing to overwrite an input file \\(a source\\)"):
-        io.refuse_inputs(sources[7], read)
+
+def _rich_model() -> onnx.ModelProto:
+    """A model using most fields of ModelProto and GraphProto (around the graph and its initializers)."""
+    rng = np.random.default_rng(3)
+    w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    b = numpy_helper.from_array(rng.standard_normal(3).astype(np.float32), "b")
+    b.doc_string = "a bias"
+    sparse = helper.make_sparse_tensor(numpy_helper.from_array(np.array([1.5], np.float32), "s"),
+                                       numpy_helper.from_array(np.array([2], np.int64), "s_i"), [4])
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 2, 5, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 3, 3])], [w, b],
+                              doc_string="graph doc",
+                              value_info=[helper.make_tensor_value_info("x2", TensorProto.FLOAT, [1])],
+                              sparse_initializer=[sparse])
+    func = helper.make_function("local", "f", ["a"], ["o"], [helper.make_node("Relu", ["a"], ["o"])],
+                                [helper.make_opsetid("", 17)])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)],
+                              functions=[func], producer_name="p", producer_version="1", doc_string="model doc",
+                              model_version=7, domain="d")
+    helper.set_model_props(model, {"k": "v"})
+    return model
 
 
-def test_the_standard_streams_are_their_descriptors_however_spelled():
-    """/dev/stdin, /dev/stdout, /dev/stderr name descriptors 0, 1, 2 (not the file a link resolves to, which a write
-    would replace), also as //dev/stdout or /dev/../dev/stdout; /dev/fd/N takes ASCII digits only."""
-    from lrpc.atomic_write import _descriptor
+def _odd_file(path) -> tuple[onnx.ModelProto, bytes]:
+    """_big_model written to ``path`` with weight w's fields in another order than protobuf writes them, in a second
+    ModelProto.graph field (protobuf merges the two): (the model, w's bytes as stored)."""
+    from lrpc.wire import key_and_length as _key_and_length
 
-    assert [_descriptor(Path(p)) for p in ("/dev/stdin", "/dev/stdout", "/dev/stderr")] == [0, 1, 2]
-    assert _descriptor(Path("/dev/../dev/stdout")) == 1 and _descriptor(Path("//dev/stdout")) == 1
-    assert _descriptor(Path("/dev/fd/\uff11")) is None
+    model = _big_model()
+    w = model.graph.initializer[0]
+    assert w.name == "w"
+    reordered = (_key_and_length(9, len(w.raw_data)) + w.raw_data + bytes([2 << 3, TensorProto.FLOAT])
+                 + b"".join(bytes([1 << 3, d]) for d in w.dims) + _key_and_length(8, 1) + b"w")  # (dims < 128)
+    assert onnx.TensorProto.FromString(reordered) == w and reordered != w.SerializeToString()
+    del model.graph.initializer[0]
+    entry = _key_and_length(5, len(reordered)) + reordered
+    data = model.SerializeToString() + _key_and_length(7, len(entry)) + entry
+    model.graph.initializer.append(w)
+    assert onnx.ModelProto.FromString(data) == model
+    path.write_bytes(data)
+    return model, reordered
+
+
+def test_compile_from_a_path_builds_in_place_of_the_read_model(tmp_path):
+    """A model read from a file is lrpc's own: the export reuses its big weights instead of copying them
+    (lrpc/graph.py export_model). The result must equal compiling the same ModelProto (which is never
+    modified): same nodes, inputs, outputs, metadata and initializers (by content), and BatchNorm-folded
+    weights must replace, not join, the originals."""
+    import lrpc as api
+
+    model = _big_model()
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    rng = np.random.default_rng(1)
+    path = tmp_path / "big.onnx"
+    onnx.save(model, str(path))
+    before = model.SerializeToString()
+    from_path, from_proto = api.compile(path, "epsilon-plus"), api.compile(model, "epsilon-plus")
+    assert model.SerializeToString() == before
+    inits = lambda m: {t.name: t.SerializeToString() for t in m.graph.initializer}
+    assert inits(from_path) == inits(from_proto)
+    # a ModelProto handed over (lrpc explain reads the file itself, then hands it over): built in it too
+    handed = onnx.load(str(path))
+    from lrpc import compiler, explain
+    from lrpc.loaded import LoadedModel
+
+    assert api.compile(LoadedModel(handed, owned=True), "epsilon-plus") is handed
+    assert inits(handed) == inits(from_proto) and list(handed.graph.node) == list(from_proto.graph.node)
+    seen = []
+    real = compiler.compile_loaded
+    compiler.compile_loaded = lambda m, *a, **k: seen.append((m, m.owned, m.proto)) or real(m, *a, **k)
+    try:
+        explain.prepare(path, "epsilon-plus")
+        explain.prepare(model, "epsilon-plus")
+    finally:
+        compiler.compile_loaded = real
+    assert seen[0][1] and not seen[1][1] and seen[1][2] is model
+    assert model.SerializeToString() == before
+    assert inits(from_path)["w"] == numpy_helper.from_array(w, "w").SerializeToString()  # kept as it was
+    assert "w2" not in inits(from_path)  # replaced by the BatchNorm-folded weight
+    for field in ("node", "input", "output", "value_info"):
+        assert list(getattr(from_path.graph, field)) == list(getattr(from_proto.graph, field)), field
+    assert list(from_path.metadata_props) == list(from_proto.metadata_props)
+    assert from_path.opset_import == from_proto.opset_import and from_path.ir_version == from_proto.ir_version
+    x = rng.standard_normal((2, 3, 8, 8)).astype(np.float32)
+    seed = np.eye(10, dtype=np.float32)[[1, 2]]
+    run = lambda m: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"x": x, "relevance_seed": seed})
+    for a, b in zip(run(from_path), run(from_proto)):
+        np.testing.assert_array_equal(a, b)
+    assert inits(api.canonize(path)) == inits(api.canonize(model))
+
+
+@pytest.mark.parametrize("case", ["rich", "no initializers", "no graph", "unknown field", "digits compiled"])
+def test_saved_bytes_are_serialize_to_string(case, tmp_path):
+    """save_model writes the model piece by piece (its weights one at a time, not one buffer of the whole
+    file): the file must hold exactly the bytes of SerializeToString."""
+    import lrpc as lib
+    from lrpc.loaded import LoadedModel
+
+    if case == "digits compiled":
+        model = lib.compile(DIGITS, "epsilon-gamma-box")
+    else:
+        model = _rich_model()
+        if case == "no initializers":
+            del model.graph.initializer[:]
+        elif case == "no graph":
+            model.ClearField("graph")
+        elif case == "unknown field":  # (field 99 of ModelProto: unknown to this protobuf build, kept as is)
+            model = onnx.ModelProto.FromString(model.SerializeToString() + b"\x98\x06\x05")
+    pieces = LoadedModel(model).pieces()
+    assert b"".join(pieces) == model.SerializeToString()
+    assert len(pieces) == (1 if case in ("no graph", "unknown field") else 5 + 2 * len(model.graph.initializer))
+    LoadedModel(model).save(tmp_path / "m.onnx")
+    assert (tmp_path / "m.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_model_past_the_file_limit_is_refused(tmp_path, monkeypatch):
+    """A model past protobuf's 2 GB limit (here: a limit lowered below the digits CNN's size) is a clear error,
+    and nothing is written."""
+    from lrpc import wire
+    from lrpc.errors import UnsupportedError
+    from lrpc.loaded import LoadedModel
+
+    model = onnx.load(str(DIGITS))
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", model.ByteSize() - 1)
+    with pytest.raises(UnsupportedError, match="an ONNX file holds at most 2 GB"):
+        LoadedModel(model).save(tmp_path / "big.onnx")
+    assert not list(tmp_path.iterdir())
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", model.ByteSize())
+    LoadedModel(model).save(tmp_path / "big.onnx")
+    assert (tmp_path / "big.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_raw_weights_are_the_initializers_bytes(tmp_path):
+    """raw_weights finds each initializer's bytes in the file as stored (every float width and an integer
+    tensor, around doc strings and a sparse initializer); a tensor kept in external data is left out (its bytes
+    are not in the file)."""
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    from lrpc.wire import raw_weights
+
+    model = _rich_model()
+    rng = np.random.default_rng(4)
+    for dtype in (np.float16, np.float64, np.int64):
+        model.graph.initializer.append(numpy_helper.from_array((rng.standard_normal(6) * 9).astype(dtype),
+                                                               f"t_{dtype.__name__}"))
+    model.graph.initializer.append(numpy_helper.from_array(np.zeros(0, np.float32), "empty"))
+    onnx.save(model, tmp_path / "m.onnx")
+    data = (tmp_path / "m.onnx").read_bytes()
+    raw = raw_weights(data)
+    assert [t.name for t in raw] == [i.name for i in model.graph.initializer]
+    for init, t in zip(model.graph.initializer, raw):
+        assert bytes(t.raw) == numpy_helper.to_array(init).tobytes() and bytes(t.whole) == init.SerializeToString()
+        assert bytes(data[slice(*t.field)]).endswith(bytes(t.whole))  # the graph's field: key, length, tensor
+        assert [bytes(data[a:b]).endswith(bytes(t.raw)) for a, b in t.raw_fields] == [True]
+    big = numpy_helper.from_array(rng.standard_normal(4096).astype(np.float32), "big")
+    model.graph.initializer.append(big)
+    convert_model_to_external_data(model, location="w.bin", size_threshold=1024)
+    onnx.save(model, tmp_path / "ext.onnx")
+    data = (tmp_path / "ext.onnx").read_bytes()
+    stored = {t.name: t.raw for t in raw_weights(data)}
+    assert stored["big"] is None and {t.name: t.whole for t in raw_weights(data)}["big"] is None
+    assert bytes(stored["w"]) == numpy_helper.to_array(model.graph.initializer[0]).tobytes()
+    import lrpc as lib
+    from lrpc.errors import InputError
+
+    assert lib.compile(tmp_path / "ext.onnx", "epsilon") is not None
+    stored = np.fromfile(tmp_path / "w.bin", np.float32)
+    assert stored.size == 4096  # ("big" alone is past the threshold)
+    stored[7] = np.nan  # the scan reads the external tensor from the ModelProto: its NaN is found
+    stored.tofile(tmp_path / "w.bin")
+    with pytest.raises(InputError, match="weight 'big' holds 1 NaN/Inf value"):
+        lib.compile(tmp_path / "ext.onnx", "epsilon")
+
+
+@pytest.mark.parametrize("command", ["compile", "canonize"])
+def test_unchanged_weights_are_written_as_the_files_bytes(command, tmp_path):
+    """The weights the result holds as read from the file are written as the file's bytes (views into them, not
+    serialized again); a weight a pass changed (w2, folded with the BatchNorm) and small ones are serialized. The
+    input was written by protobuf: the output holds the model's SerializeToString exactly, from the CLI too."""
+    from lrpc import compiler
+
+    path = tmp_path / "big.onnx"
+    onnx.save(_big_model(), str(path))
+    if command == "compile":
+        loaded = compiler.compile_loaded(path, "epsilon-gamma-box")
+    else:
+        loaded = compiler.canonize_loaded(path)
+    model, pieces = loaded.proto, loaded.pieces()
+    views = [onnx.TensorProto.FromString(p) for p in pieces if isinstance(p, memoryview)]
+    assert [t.name for t in views] == ["w"] and "w2" not in {t.name for t in model.graph.initializer}
+    assert views[0] == next(t for t in onnx.load(str(path)).graph.initializer if t.name == "w")
+    w = next(t for t in model.graph.initializer if t.name == "w")
+    assert not w.HasField("raw_data")  # read without its data (deferred): never copied out of the file's bytes
+    assert b"".join(pieces) == loaded.restored().SerializeToString() and w.HasField("raw_data")
+    assert b"".join(loaded.pieces()) == model.SerializeToString()  # (restored: still the file's bytes)
+    rules = ["--rules", "epsilon-gamma-box"] if command == "compile" else []
+    code, _, err = run_cli(command, path, "-o", tmp_path / "out.onnx", *rules)
+    assert code == 0, err
+    assert (tmp_path / "out.onnx").read_bytes() == model.SerializeToString()
+
+
+def test_weights_are_written_as_stored_in_a_file_protobuf_did_not_write(tmp_path):
+    """A file that stores weight w with its fields in another order than protobuf writes them, in a second
+    ModelProto.graph field (protobuf merges the two): the same model. The output keeps w's bytes as stored, so
+    its bytes differ from SerializeToString's, and it parses to the very same model, from the CLI too."""
+    from lrpc import compiler
+
+    path = tmp_path / "odd.onnx"
+    model, reordered = _odd_file(path)
+    loaded = compiler.compile_loaded(path, "epsilon")
+    got, pieces = loaded.proto, loaded.pieces()
+    assert [bytes(p) for p in pieces if isinstance(p, memoryview)] == [reordered]
+    assert b"".join(pieces) != got.SerializeToString()
+    assert onnx.ModelProto.FromString(b"".join(pieces)) == got
+    want = compiler.compile(model, "epsilon")  # (a ModelProto's initializers come in the export's order)
+    assert list(got.graph.node) == list(want.graph.node)
+    assert {t.name: t for t in got.graph.initializer} == {t.name: t for t in want.graph.initializer}
+    code, _, err = run_cli("compile", path, "-o", tmp_path / "out.onnx", "--rules", "epsilon")
+    assert code == 0, err
+    written = (tmp_path / "out.onnx").read_bytes()
+    assert reordered in written and onnx.ModelProto.FromString(written) == got  # (the CLI writes verbatim)
+
+
+def test_explain_hands_the_files_bytes_over(tmp_path):
+    """lrpc explain reads the file and hands model and bytes over to the compile: the weight scan reads the bytes
+    (no weight copied out of the proto) and a compile-cache entry keeps the unchanged weights as stored, with the
+    graph of a plain compile."""
+    from onnx import numpy_helper as nh
+
+    from lrpc import explain
+
+    path = tmp_path / "odd.onnx"
+    model, reordered = _odd_file(path)
+    reads = []
+    real = nh.to_array
+    try:
+        nh.to_array = lambda t, *a, **k: reads.append(t.name) or real(t, *a, **k)
+        explain.prepare(path, "epsilon", cache=True)
+    finally:
+        nh.to_array = real
+    assert "w" not in reads, reads
+    entries = list(Path(os.environ["LRPC_CACHE_DIR"]).glob("*.lrp.onnx"))
+    assert len(entries) == 1 and reordered in entries[0].read_bytes()
+    import lrpc as lib
+
+    want = lib.compile(model, "epsilon")
+    assert onnx.load(str(entries[0])).graph.node == want.graph.node
+
+
+@pytest.mark.parametrize("seed", ["input", "top1", "switch"])
+def test_sessions_get_the_weights_as_stored(seed, tmp_path, monkeypatch):
+    """lrpc.Session of a compiled file, and lrpc explain of a plain one, hand onnxruntime the weights still as read as
+    the file's bytes (not serialized again; for each seed mode) — a big weight
+    read without its data (a file lrpc wrote: one graph field) as a reference to its place in that file, which
+    onnxruntime reads itself — and the sessions compute what a session of the same model serialized by protobuf
+    computes."""
+    import lrpc as lib
+    from lrpc import explain, runtime
+
+    given = []
+    real = runtime.inference_session
+    monkeypatch.setattr(runtime, "inference_session",
+                        lambda data, *a, **k: given.append((data, k.get("external_folder"))) or real(data, *a, **k))
+    path = tmp_path / "odd.onnx"
+    model, reordered = _odd_file(path)
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w")).tobytes()
+
+    def how(data, folder) -> str:
+        if reordered in data:
+            return "bytes"
+        info = {e.key: e.value for e in next(t for t in onnx.load_from_string(data).graph.initializer
+                                             if t.name == "w").external_data}
+        if folder is None or not info:
+            return "serialized"
+        start = int(info["offset"])
+        assert (Path(folder) / info["location"]).read_bytes()[start:start + int(info["length"])] == w
+        return "file"
+    code, _, err = run_cli("compile", path, "-o", tmp_path / "odd.lrp.onnx", "--rules", "epsilon", "--seed", seed)
+    assert code == 0, err
+    x = np.random.default_rng(5).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    compiled = tmp_path / "odd.lrp.onnx"
+    from lrpc.compiler import compile_loaded
+
+    loaded = compile_loaded(path, "epsilon", seed=seed)
+    sessions = {"file": lib.Session(compiled), "explain": explain.prepare(path, "epsilon", seed=seed)[0],
+                "explain compiled": explain.prepare(compiled)[0],
+                "explain cached": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],  # (written)
+                "explain cache hit": explain.prepare(path, "epsilon", seed=seed, cache=True)[0],
+                "loaded": lib.Session(loaded), "proto": lib.Session(onnx.load(str(compiled)))}
+    from lrpc.runtime import _READS_EXTERNAL_FOLDER
+
+    file = "file" if _READS_EXTERNAL_FOLDER else "bytes"  # (the hand-over: Linux, onnxruntime >= 1.21)
+    assert [how(*g) for g in given] == [file, "bytes", file, "bytes", file, "bytes", "serialized"]
+    assert loaded.proto is not None and loaded._stored  # (left as given: the caller's model and its file's bytes
+    sessions["loaded again"] = lib.Session(loaded)  # stay usable, e.g. a second Session)
+    want = sessions["proto"].explain({"x": x})  # (top-1: scores then seed, the switch, or a top1-seeded graph)
+    assert np.abs(want.relevance).sum() > 0
+    for name in set(sessions) - {"proto"}:
+        got = sessions[name].explain({"x": x})
+        np.testing.assert_array_equal(got.relevance, want.relevance, err_msg=name)
+
+
+def test_a_weight_changed_in_place_is_serialized_again(tmp_path):
+    """The file's bytes stand for a tensor only while it is the very object loaded, with its name, dims and
+    type: one renamed, reshaped or retyped in place is serialized again (lrpc itself never writes into a loaded
+    tensor), and so is a new tensor of the same name and shape put in its place."""
+    from lrpc import compiler
+
+    path = tmp_path / "big.onnx"
+    onnx.save(_big_model(), str(path))
+    for change in ("name", "dims", "type", "replaced", "none"):
+        loaded = compiler.compile_loaded(path, "epsilon")
+        model = loaded.proto
+        w = next(t for t in model.graph.initializer if t.name == "w")
+        assert loaded.stored_bytes(w) is not None and loaded.stored_bytes(onnx.TensorProto()) is None
+        if change == "name":
+            w.name = "w_renamed"
+        elif change == "dims":
+            w.dims[0], w.dims[1] = w.dims[1], w.dims[0]
+        elif change == "type":
+            w.data_type = TensorProto.INT32
+        elif change == "replaced":
+            at = next(i for i, t in enumerate(model.graph.initializer) if t is w)
+            new = numpy_helper.from_array(-numpy_helper.to_array(loaded.restored() and w), "w")
+            model.graph.initializer.insert(at, new)
+            del model.graph.initializer[at + 1]
+            w = model.graph.initializer[at]
+            assert numpy_helper.to_array(w).tobytes() == numpy_helper.to_array(new).tobytes()
+        assert not w.HasField("raw_data") or change == "replaced"  # (read without its data: deferred)
+        assert (loaded.stored_bytes(w) is None) == (change != "none")
+        assert w.HasField("raw_data") == (change != "none")  # a changed deferred weight gets its data back
+        pieces = b"".join(loaded.pieces())
+        assert pieces == loaded.restored().SerializeToString()
+
+
+def test_nan_weights_refused_in_a_model_proto():
+    """The NaN/Inf scan of a ModelProto handed to lrpc.compile (no file bytes: weights read from the proto)."""
+    import lrpc as lib
+    from lrpc.errors import InputError
+
+    model = _rich_model()
+    values = numpy_helper.to_array(model.graph.initializer[0]).copy()
+    values[1, 1, 2, 2] = -np.inf
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(values, "w"))
+    with pytest.raises(InputError, match="weight 'w' used by node 'conv' \\(Conv\\) holds 1 NaN/Inf value"):
+        lib.compile(model, "epsilon")
+
+
+@pytest.mark.parametrize("where", ["model", "tensor"])
+def test_unknown_group_fields_fall_back_to_the_proto(where, tmp_path):
+    """An (unknown) group field, which protobuf parses and raw_weights does not walk: the weights are read from
+    the ModelProto instead, and the compile gives the same graph as from the clean file."""
+    import lrpc as lib
+    from lrpc.wire import raw_weights
+
+    group = bytes([0x9B, 0x06, 0x9C, 0x06])  # field 99: start group, end group
+    model = onnx.load(str(DIGITS))
+    if where == "tensor":
+        model.graph.initializer[0].ParseFromString(model.graph.initializer[0].SerializeToString() + group)
+        data = model.SerializeToString()
+    else:
+        data = model.SerializeToString() + group
+    (tmp_path / "g.onnx").write_bytes(data)
+    assert raw_weights(data) == []
+    got, want = lib.compile(tmp_path / "g.onnx", "epsilon"), lib.compile(DIGITS, "epsilon")
+    assert [n.op_type for n in got.graph.node] == [n.op_type for n in want.graph.node]
+
+
+def test_cli_past_the_file_limit_is_one_line(tmp_path, monkeypatch, capsys):
+    """The CLI's side of the 2 GB refusal (limit lowered in-process): one line naming the limit, exit code 2,
+    no output file."""
+    from lrpc import wire
+    from lrpc.cli import main
+
+    monkeypatch.setattr(wire, "MAX_FILE_BYTES", 1000)
+    code = main(["compile", str(DIGITS), "-o", str(tmp_path / "o.onnx")])
+    one_line_error(code, capsys.readouterr().err, contains="an ONNX file holds at most 2 GB")
+    assert not list(tmp_path.iterdir())
