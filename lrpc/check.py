@@ -68,13 +68,13 @@ class Report:
         lines = [f"{state(c)}  {c.name:13s} {c.message}" for c in self.checks]
         if self.layers:
             lines.append("")
-            lines.append(f"{'layer (execution order)':48s} {'op':14s} {'rule':26s} {'sum in':>10s} {'sum out':>10s} {'in/out':>8s} "
-                         f"{'biases':>10s} {'zero den':>10s} {'stabilizer':>10s}")
+            lines.append(f"{'layer (execution order)':48s} {'op':14s} {'rule':26s} {'sum in':>10s} {'sum out':>10s} "
+                         f"{'in/out':>8s} {'biases':>10s} {'zero den':>10s} {'stabilizer':>10s}")
             for row in self.layers:
                 mark = "  <- breaks" if row.get("breaks") else ""
-                lines.append(f"{row['name'][:48]:48s} {row['op'][:14]:14s} {row['rule'][:26]:26s} {row['sum_in']:10.4g} "
-                             f"{row['sum_out']:10.4g} {row['ratio']:8.4f} {row['bias']:10.3g} {row['zero']:10.3g} "
-                             f"{row['stabilizer']:10.3g}{mark}")
+                lines.append(f"{row['name'][:48]:48s} {row['op'][:14]:14s} {row['rule'][:26]:26s} "
+                             f"{row['sum_in']:10.4g} {row['sum_out']:10.4g} {row['ratio']:8.4f} {row['bias']:10.3g} "
+                             f"{row['zero']:10.3g} {row['stabilizer']:10.3g}{mark}")
         ran = [c for c in self.checks if not c.skipped]
         skipped = f", {len(self.checks) - len(ran)} skipped" if len(ran) < len(self.checks) else ""
         counts = f"{sum(c.passed for c in ran)}/{len(ran)} checks{skipped}"
@@ -97,9 +97,11 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
         shape = [dims[0] or 1] + dims[1:] if dims else []
         dtype = onnx.helper.tensor_dtype_to_np_dtype(t.elem_type)
         if not (np.issubdtype(dtype, np.number) or dtype == np.bool_):
-            kind = "a string" if dtype == object else dtype.name
-            raise InputError(f"input '{inp.name}' is {kind} input: lrpc makes random numeric inputs only; pass --inputs file.npz")
-        feeds[inp.name] = rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating) else np.zeros(shape, dtype)
+            kind = "a string" if dtype.kind == "O" else dtype.name
+            raise InputError(f"input '{inp.name}' is {kind} input: lrpc makes random numeric inputs only; "
+                             "pass --inputs file.npz")
+        feeds[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
+                           else np.zeros(shape, dtype))
     return feeds
 
 
@@ -131,7 +133,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     accounts for conservation; LRP-0 for the gradient, unless that check is skipped) and run in one onnxruntime
     session at a time (the original, the compiled graph, the conserving one, the LRP-0 one and its probe, each compiled
     only when its turn comes)."""
-    from .compiler import with_input_shapes, compile_loaded
+    from .compiler import compile_loaded, with_input_shapes
     from .runtime import start_session
 
     start = time.perf_counter()
@@ -149,7 +151,8 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
 
     try:
         compiled = compile_loaded(path, rules, output=output, input_shapes=input_shapes, **asdict(options))
-    except UnsupportedError as e:  # figure: how many nodes are unsupported (1 for an error naming none: a bfloat16 weight)
+    except UnsupportedError as e:
+        # figure: how many nodes are unsupported (1 for an error naming none: a bfloat16 weight)
         report.checks.append(Check("supported", False, len(e.nodes) or 1, 0, message=str(e)))
         report.seconds = time.perf_counter() - start
         return report
@@ -168,7 +171,8 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     probe = sess.run(names + [explained], {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
     explained_values, probe = probe[-1], probe[:-1]
     err = max(_rel_err(a, b) for a, b in zip(probe, ref))
-    report.checks.append(Check("forward", err <= rtol, err, rtol, f"max relative error of the outputs {err:.2e} (tolerance {rtol:g})"))
+    report.checks.append(Check("forward", err <= rtol, err, rtol,
+                               f"max relative error of the outputs {err:.2e} (tolerance {rtol:g})"))
 
     seed_t = _top1_seed(sess, probe[0])
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, "relevance_seed": seed_t})))
@@ -211,7 +215,8 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         text = "; ".join(f"{n} in the compile {what}" for what, n in bad.items())
         report.checks.append(Check("finite", False, sum(bad.values()), 0, f"NaN/Inf relevance values: {text}"))
     else:
-        report.checks.append(Check("finite", True, 0, 0, f"all relevance values finite (compiles: {', '.join(nonfinite)})"))
+        report.checks.append(Check("finite", True, 0, 0,
+                                   f"all relevance values finite (compiles: {', '.join(nonfinite)})"))
     report.checks += [cons_check, grad_check]
     report.seconds = time.perf_counter() - start
     return report
@@ -321,8 +326,8 @@ def _bias_driven(share: float) -> str:
     input's doing (a freshly initialized net's logits, a dead input path)."""
     if not abs(share) > 0.5:
         return ""
-    return (f"; the biases take {share:.0%} of the relevance: the explained output is mostly biases, little of it comes "
-            f"from the input (--zero-bias leaves them out of the denominators)")
+    return (f"; the biases take {share:.0%} of the relevance: the explained output is mostly biases, little of it "
+            f"comes from the input (--zero-bias leaves them out of the denominators)")
 
 
 def _magnitude(ratio: float) -> str:
@@ -341,7 +346,8 @@ def _layer_rows(model: onnx.ModelProto, outs: dict, tol: float) -> list:
     for layer, s_in, s_out, ratio in layer_sums(model, outs):
         absorbed = s_out - layer["kept"]
         stabilizer = absorbed - layer["bias"] - layer["zero"]
-        rows.append({**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "absorbed": absorbed, "stabilizer": stabilizer,
+        rows.append({**layer, "sum_in": s_in, "sum_out": s_out, "ratio": ratio, "absorbed": absorbed,
+                     "stabilizer": stabilizer,
                      "breaks": bool(abs(s_in - layer["kept"]) > tol or abs(stabilizer) > tol)})
     return rows
 

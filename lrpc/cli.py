@@ -19,7 +19,8 @@ def _bound(text: str):
     try:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number or a comma-separated list of numbers, got '{text}'") from None
+        raise argparse.ArgumentTypeError(
+            f"expected a number or a comma-separated list of numbers, got '{text}'") from None
     return vals[0] if len(vals) == 1 else vals
 
 
@@ -74,18 +75,19 @@ def _parser() -> argparse.ArgumentParser:
     ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation/gradient",
                         description="Compile the model, run it on seeded random inputs (or --inputs) and check: "
                                     "supported (every op has a propagator), forward (outputs unchanged), finite (no "
-                                    "NaN/Inf in the relevance of any compile the check runs), conservation (Σ relevance "
-                                    "= Σ seed − what the layers' biases, zero denominators and stabilizers absorb; "
-                                    "each layer sends down what its rule passes on; stabilizers absorb at most the "
-                                    "tolerance), gradient (LRP-0 relevance equals gradient × input: "
-                                    "compared with finite differences of the forward with its ReLU/MaxPool switches "
-                                    "frozen; skipped, with the reason, where the model has smooth activations, gates, "
-                                    "ReLU6/Clip or LRN). Exit code 0: all pass (or are skipped), 1: a check fails, "
-                                    "2: unusable input.")
+                                    "NaN/Inf in the relevance of any compile the check runs), conservation "
+                                    "(Σ relevance = Σ seed − what the layers' biases, zero denominators and "
+                                    "stabilizers absorb; each layer sends down what its rule passes on; stabilizers "
+                                    "absorb at most the tolerance), gradient (LRP-0 relevance equals gradient × "
+                                    "input: compared with finite differences of the forward with its ReLU/MaxPool "
+                                    "switches frozen; skipped, with the reason, where the model has smooth "
+                                    "activations, gates, ReLU6/Clip or LRN). Exit code 0: all pass (or are skipped), "
+                                    "1: a check fails, 2: unusable input.")
     ch.add_argument("model")
     _input_flags(ch)
     ch.add_argument("--seed", type=int, default=0, help="seed of the random inputs")
-    ch.add_argument("--rtol", type=_nonneg_float, default=1e-4, help="forward outputs: max relative error (default 1e-4)")
+    ch.add_argument("--rtol", type=_nonneg_float, default=1e-4,
+                    help="forward outputs: max relative error (default 1e-4)")
     ch.add_argument("--conservation-tol", type=_nonneg_float, default=1e-3,
                     help="relevance left unaccounted or absorbed by stabilizers, relative to |Σ seed| (default 1e-3)")
     ch.add_argument("--gradient-tol", type=_nonneg_float, default=1e-4,
@@ -166,12 +168,14 @@ def _debug_flag(sub) -> None:
 
 
 def _rule_flags(c) -> None:
-    c.add_argument("--rules", default="epsilon-gamma-box", help="composite name or .json/.toml rule file (see `lrpc rules`)")
+    c.add_argument("--rules", default="epsilon-gamma-box",
+                   help="composite name or .json/.toml rule file (see `lrpc rules`)")
     c.add_argument("--output", help="graph output to explain (default: the first)")
     c.add_argument("--input-shape", type=_shape, action="append", default=[], metavar="NAME=D0,D1,...",
                    help="fix an input's dims (dynamic spatial dims must be resolved; -1 keeps a dim dynamic)")
     c.add_argument("--epsilon", type=_nonneg_float, default=1e-6, help="epsilon of the epsilon rule (default 1e-6)")
-    c.add_argument("--stabilizer-eps", type=_nonneg_float, default=1e-6, help="stabilizer epsilon of all other rules (default 1e-6)")
+    c.add_argument("--stabilizer-eps", type=_nonneg_float, default=1e-6,
+                   help="stabilizer epsilon of all other rules (default 1e-6)")
     c.add_argument("--stabilizer", choices=["sign", "clip", "norm-scale"], default="sign")
     c.add_argument("--gamma", type=_nonneg_float, default=0.25)
     c.add_argument("--alpha", type=float, default=2.0)
@@ -180,7 +184,8 @@ def _rule_flags(c) -> None:
     c.add_argument("--high", type=_bound, default=1.0, help="z-box upper bound: number or per-channel list (default 1)")
     c.add_argument("--zero-bias", action="store_true", help="leave biases out of every denominator")
     c.add_argument("--maxpool", choices=["winner", "split"], default="winner",
-                   help="MaxPool relevance: to the first arg-max (winner, as torch's gradient) or shared by tied maxima")
+                   help="MaxPool relevance: to the first arg-max (winner, as torch's gradient) or shared by tied "
+                        "maxima")
     c.add_argument("--sum-rule", choices=composites.SUM_RULES, default="norm",
                    help="rule of residual sums: norm (zennit's, default), sign-norm (each output's relevance shared "
                         "by the branches of its sign: stable where branches of both signs nearly cancel, e.g. RepVGG) "
@@ -235,7 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # a bug in lrpc: still one line unless --debug
         if args.debug:
             traceback.print_exc()
-        print(f"lrpc: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for details)", file=sys.stderr)
+        print(f"lrpc: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for details)",
+              file=sys.stderr)
         return 3
 
 

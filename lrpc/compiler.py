@@ -125,7 +125,8 @@ def canonize_loaded(model, output: str | None = None, input_shapes: dict | None 
         refused = [n for n in relevance_path(canon)[2] if n.name in canon.refused] if canon.refused else []
         if refused:  # (nodes relevance must cross, left as they were: the model is not canonical; others may stay)
             raise unsupported(refused, canon.refused)
-        canon.graph.cleanup(remove_unused_graph_inputs=False)  # (a copy of the moves behind a softmax: nothing reads it)
+        # (a copy of the moves behind a softmax: nothing reads it)
+        canon.graph.cleanup(remove_unused_graph_inputs=False)
         result = loaded.transfer(export_model(canon))
         _check(result.proto)
     return result

@@ -2,9 +2,10 @@
 
 Layer categories (decided by the emitter from the canonical graph):
 ``conv`` (Conv, ConvTranspose), ``dense`` (Gemm, MatMul), ``avgpool`` (a Conv made from an average pool),
-``resize`` (a Resize/Upsample lowered to MatMuls), ``sum`` (residual Sum), ``scale`` (element-wise affine: standalone BatchNormalization, Mul/Add by a constant),
-``normalization`` (LayerNormalization, InstanceNormalization, GroupNormalization, and a bias Add after one that could
-not fold into it; epsilon: AttnLRP's rule, the standard deviation held constant).
+``resize`` (a Resize/Upsample lowered to MatMuls), ``sum`` (residual Sum), ``scale`` (element-wise affine:
+standalone BatchNormalization, Mul/Add by a constant), ``normalization`` (LayerNormalization, InstanceNormalization,
+GroupNormalization, and a bias Add after one that could not fold into it; epsilon: AttnLRP's rule, the standard
+deviation held constant).
 """
 from __future__ import annotations
 
@@ -138,14 +139,18 @@ def load_ruleset(spec: str, options: Options | None = None) -> RuleSet:
         extra = set(entry) - {"rule", "op", "name", "category", "params"}
         if extra:
             raise InputError(f"{p}: rules[{i}] has unknown key(s) {', '.join(sorted(extra))}")
-        bad = next((k for k in ("rule", "op", "name", "category") if k in entry and not isinstance(entry[k], str)), None)
+        bad = next((k for k in ("rule", "op", "name", "category") if k in entry and not isinstance(entry[k], str)),
+                   None)
         if bad is not None:
             raise InputError(f"{p}: rules[{i}]: '{bad}' must be a string (got {entry[bad]!r})")
         if entry.get("category", CATEGORIES[0]) not in CATEGORIES:
-            raise InputError(f"{p}: rules[{i}]: unknown category '{entry['category']}' (known: {', '.join(CATEGORIES)})")
+            raise InputError(f"{p}: rules[{i}]: unknown category '{entry['category']}' "
+                             f"(known: {', '.join(CATEGORIES)})")
         if not isinstance(entry.get("params", {}), dict):
-            raise InputError(f"{p}: rules[{i}]: 'params' must be a table of parameters (got {entry['params']!r})")
-        u = UserRule(entry["rule"], entry.get("op"), entry.get("name"), entry.get("category"), dict(entry.get("params", {})))
+            raise InputError(f"{p}: rules[{i}]: 'params' must be a table of parameters "
+                             f"(got {entry['params']!r})")
+        u = UserRule(entry["rule"], entry.get("op"), entry.get("name"), entry.get("category"),
+                     dict(entry.get("params", {})))
         try:
             options.rule(u.rule, u.params)
         except (ValueError, TypeError) as e:
@@ -195,7 +200,8 @@ def describe() -> str:
         lines.append(f"  {c.name:28s} {c.doc}")
     lines.append("  every composite: norm on residual sums and average pools, epsilon on normalization layers")
     lines.append("  (LayerNorm, InstanceNorm, GroupNorm; the standard deviation held constant, as AttnLRP), pass on")
-    lines.append("  activations, standalone BatchNorm and element-wise affine layers; --sum-rule sign-norm for residual")
+    lines.append("  activations, standalone BatchNorm and element-wise affine layers; --sum-rule sign-norm for "
+                 "residual")
     lines.append("  sums whose branches have both signs and nearly cancel (RepVGG, pre-activation sums)")
     lines.append("")
     lines.append(f"Layer categories (for rule files): {', '.join(CATEGORIES)}")

@@ -10,7 +10,8 @@ import onnx
 
 SEED = "relevance_seed"  # the seed input, shaped like the explained output (seed "input" and "switch")
 TARGET = "relevance_target"  # int64 [N]: each sample's top-1 output, flat index (seed "top1" and "switch")
-SWITCH = "lrpc/top1"  # seed "switch": a bool scalar input, false unless fed; true seeds each sample's top-1 in the graph
+# seed "switch": a bool scalar input, false unless fed; true seeds each sample's top-1 in the graph
+SWITCH = "lrpc/top1"
 RELEVANCE = "relevance"  # the input relevance; relevance_<input> for each of several float inputs
 SEED_MODES = ("input", "top1", "switch")  # how the seed arrives (compile's ``seed``, metadata SEED_MODE)
 PROVIDERS = ("cpu", "cuda")  # what a graph is lowered for (compile's ``for_provider``, metadata PROVIDER)

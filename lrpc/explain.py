@@ -194,7 +194,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 empty = ~np.asarray(e.seed).reshape(len(e.seed), -1).any(axis=1)
                 for j in np.flatnonzero(empty):
                     where = sources[chunk[j]].name if npy is None else f"{sources[0].name} sample {j}"
-                    print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)", file=sys.stderr)
+                    print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)",
+                          file=sys.stderr)
                 labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
             k = relevance.shape[1]
             units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(chunk))]
@@ -210,7 +211,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 write_atomic(lambda: [_encoded(pic, png)], png, read)
                 written += [png, npy_out]
                 prefix = "top1 " if seed == "top1" else ""
-                what = str(goal) if labels is None else labels[j] if npy is None else ("; " if k > 1 else ",").join(labels)
+                what = (str(goal) if labels is None else labels[j] if npy is None
+                        else ("; " if k > 1 else ",").join(labels))
                 bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
         if skipped:
             raise InputError(f"{len(skipped)} of {len(sources)} images could not be read (warnings above); "

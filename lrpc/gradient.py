@@ -82,7 +82,8 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
             why = {"Mul": "a gated product or an activation written out as several ops (x * f(x)): one factor gets "
                           "no relevance, the gradient flows through both",
                    "Add": "a merge inside an activation written out as several ops: the identity rule is not the "
-                          "gradient"}.get(n.op_type, "a product of two computed tensors: relevance goes to one factor only")
+                          "gradient"}.get(n.op_type,
+                                          "a product of two computed tensors: relevance goes to one factor only")
             return f"{at}: {why}"
         if n.op_type == "Clip" and not _relu_like(model, n):
             return f"{at}: a Clip other than max(x, 0) (ReLU6, ...) gets the pass rule: relevance passes where " \

@@ -183,9 +183,9 @@ def _into_source(source: onnx.ModelProto, model: onnx.ModelProto, kept: set) -> 
         if g.initializer[k].name not in kept:
             del g.initializer[k]
     g.initializer.extend(t for t in e.initializer if t.name not in kept)
-    for field in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
-        del getattr(g, field)[:]
-        getattr(g, field).extend(getattr(e, field))
+    for name in ("node", "input", "output", "value_info", "sparse_initializer", "quantization_annotation"):
+        del getattr(g, name)[:]
+        getattr(g, name).extend(getattr(e, name))
     g.name, g.doc_string = e.name, e.doc_string
     del source.opset_import[:]
     source.opset_import.extend(model.opset_import)

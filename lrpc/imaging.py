@@ -50,7 +50,8 @@ def _as_map(relevance) -> np.ndarray:
     elif r.ndim == 1:
         r = r[None, :]
     if r.ndim != 2:
-        raise InputError(f"heatmap: expected a [H,W], [C,H,W] or [1,C,H,W] array, got shape {tuple(np.shape(relevance))}")
+        raise InputError(f"heatmap: expected a [H,W], [C,H,W] or [1,C,H,W] array, "
+                         f"got shape {tuple(np.shape(relevance))}")
     return r
 
 

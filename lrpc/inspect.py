@@ -1,10 +1,10 @@
 """``lrpc inspect``: the per-layer relevance table people build by hand to see where conservation breaks.
 
-For one input (an image, an .npz of inputs, or seeded random data) and one target (see lrpc.targets: a class,
-each sample's top-1, or a dense target such as class:C of a segmentation output), every layer with a rule (and MaxPool), in execution order: op type, name,
-rule, the relevance sum it sends down, max − min of that relevance, its ratio to the seed sum, and its own
-in/out ratio; the first layer (from the output) whose in/out ratio leaves 1 by more than the tolerance is
-marked, and a warning names the usual remedies when the input relevance sum misses the seed sum."""
+For one input (an image, an .npz of inputs, or seeded random data) and one target (see lrpc.targets: a class, each
+sample's top-1, or a dense target such as class:C of a segmentation output), every layer with a rule (and MaxPool), in
+execution order: op type, name, rule, the relevance sum it sends down, max − min of that relevance, its ratio to the
+seed sum, and its own in/out ratio; the first layer (from the output) whose in/out ratio leaves 1 by more than the
+tolerance is marked, and a warning names the usual remedies when the input relevance sum misses the seed sum."""
 from __future__ import annotations
 
 from dataclasses import asdict, replace
@@ -117,5 +117,6 @@ def table(result: dict) -> str:
     if result.get("bias"):
         b = result["bias"]
         brk = f", first break without biases: {b['first_break']}" if b["first_break"] else ""
-        lines.append(f"with --zero-bias: input relevance Σ {b['input_sum']:.6g}; biases absorb {b['absorbed']:.6g}{brk}")
+        lines.append(f"with --zero-bias: input relevance Σ {b['input_sum']:.6g}; "
+                     f"biases absorb {b['absorbed']:.6g}{brk}")
     return "\n".join(lines)

@@ -378,7 +378,8 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
         location = next((e.value for e in tensor.external_data if e.key == "location"), "")
         target = (base / location).resolve()
         if base not in target.parents:
-            raise InputError(f"{path}: external data of tensor '{tensor.name}' points outside the model's folder: {location}")
+            raise InputError(f"{path}: external data of tensor '{tensor.name}' points outside the model's folder: "
+                             f"{location}")
         if not target.is_file():
             raise InputError(f"{path}: external data file of tensor '{tensor.name}' is missing: {location}")
         files.add(target)

@@ -184,7 +184,8 @@ def normalization(preset: str | None = None, mean=None, std=None) -> tuple:
         mean, std = (list(v) for v in PRESETS[preset])
     if (mean is None) != (std is None):
         raise InputError("--mean and --std go together")
-    if std is not None and not all(v > 0 for v in std) or mean is not None and not all(abs(v) < float("inf") for v in mean):
+    if (std is not None and not all(v > 0 for v in std)
+            or mean is not None and not all(abs(v) < float("inf") for v in mean)):
         raise InputError(f"--mean/--std: finite means and positive standard deviations expected, got {mean} / {std}")
     return mean, std
 

@@ -204,7 +204,8 @@ def _shown(value) -> str:
     try:
         text = repr(value)
     except ValueError:  # (an int past Python's digit limit for text, or a list holding one)
-        return f"an integer of {value.bit_length()} bits" if isinstance(value, int) else f"a {type(value).__name__} of huge integers"
+        return (f"an integer of {value.bit_length()} bits" if isinstance(value, int)
+                else f"a {type(value).__name__} of huge integers")
     return text if len(text) <= 40 else text[:37] + "..."
 
 

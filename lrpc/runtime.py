@@ -108,7 +108,8 @@ class Session:
             # the seed's leading dim is the batch of an input whose leading dim has the same name (an output may be
             # flattened over the batch, [N*HW, C], or its dims named apart by the exporter: then onnxruntime judges)
             dims, s = self._specs[SEED].shape, _shape(seed)
-            same = [n for n in self.inputs if dims and isinstance(dims[0], str) and self._specs[n].shape[:1] == dims[:1]]
+            same = [n for n in self.inputs
+                    if dims and isinstance(dims[0], str) and self._specs[n].shape[:1] == dims[:1]]
             x = _shape(feeds[same[0]]) if same else None
             if x and s and x[0] != s[0]:
                 raise InputError(f"the seed holds {s[0]} samples, input '{same[0]}' {x[0]}")
@@ -141,8 +142,9 @@ class Session:
         one per sample, None/"top1" for each sample's top-1 class, or a dense target ("pixel:Y,X",
         "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Top-1 is one run in models compiled with seed "top1" or
         "switch" (the graph seeds each sample's arg-max of the explained logits itself); it and the other targets
-        that depend on the prediction cost one extra run (with a zero seed) to read the scores otherwise. ``seed``: an explicit seed tensor instead, shaped like
-        the explained output (e.g. one-hot × logit, or a weighted mask of output pixels)."""
+        that depend on the prediction cost one extra run (with a zero seed) to read the scores otherwise. ``seed``:
+        an explicit seed tensor instead, shaped like the explained output (e.g. one-hot × logit, or a weighted mask of
+        output pixels)."""
         feeds = self._feeds(x)
         target = targets.parse(target) if seed is None else None
         is_top1 = target is not None and (target.kind, target.values) == ("top", (1,))
@@ -258,8 +260,8 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
     plain names (options are set here). ``threads``: intra-op threads (default: onnxruntime's choice, the physical
     cores), one inter-op thread. Memory (compiled ResNet-50 epsilon-gamma-box, batch 8, measured 2026-11-23;
-    docs/performance.md): onnxruntime's memory pattern (one block sized by the first run for all intermediate tensors) is
-    off — a compiled graph keeps the forward's activations for its backward half, and with the pattern the CPU
+    docs/performance.md): onnxruntime's memory pattern (one block sized by the first run for all intermediate tensors)
+    is off — a compiled graph keeps the forward's activations for its backward half, and with the pattern the CPU
     session peaked at 3.4 GB instead of 2.0 GB, at equal speed (time ratio 0.95–1.04 on the CPU, 0.997–1.005 on
     an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
     equal speed). ``tf32``: CUDA float32 convolutions/matmuls in TF32. ``cuda_options``: more CUDA provider
@@ -279,7 +281,8 @@ def inference_session(model, providers: list | None = None, threads: int | None 
         providers = default_providers()
     cuda = {"use_tf32": str(int(tf32)), "arena_extend_strategy": "kSameAsRequested", **(cuda_options or {})}
     providers = [("CUDAExecutionProvider", cuda) if p == "CUDAExecutionProvider" else p for p in providers]
-    session = ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options, providers=providers)
+    session = ort.InferenceSession(str(model) if isinstance(model, os.PathLike) else model, options,
+                                   providers=providers)
     release_freed_memory()
     return session
 

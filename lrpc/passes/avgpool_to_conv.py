@@ -3,7 +3,8 @@
 Each channel only sees itself, so no rule can leak relevance across channels. Borders where the pool
 divides by fewer than k cells (count_include_pad=0 with pads, ceil_mode overhang) are exact: the Conv
 is followed by a constant Mul with the per-position correction, measured by running the original pool
-on a tensor of ones in onnxruntime. The Conv keeps its original op type in ``canon.origin`` (category ``avgpool``: norm rule in every composite)."""
+on a tensor of ones in onnxruntime. The Conv keeps its original op type in ``canon.origin`` (category
+``avgpool``: norm rule in every composite)."""
 from __future__ import annotations
 
 import numpy as np
@@ -21,7 +22,8 @@ def run(canon: Canonical) -> bool:
     graph = canon.graph
     changed = False
     for node in list(graph.nodes):
-        if node.op in ("AveragePool", "GlobalAveragePool") or (node.op == "ReduceMean" and _spatial_mean(node, canon.opset)):
+        if (node.op in ("AveragePool", "GlobalAveragePool")
+                or (node.op == "ReduceMean" and _spatial_mean(node, canon.opset))):
             try:  # (refused before the node is changed)
                 _convert(canon, node)
                 changed = True
@@ -58,7 +60,8 @@ def _convert(canon: Canonical, node) -> None:
         auto = a.get("auto_pad", "NOTSET")
         auto = auto.decode() if isinstance(auto, bytes) else auto
         if auto not in ("NOTSET", "VALID"):
-            raise UnsupportedError(f"{where(node)}: AveragePool auto_pad={auto} is not supported; export with explicit pads")
+            raise UnsupportedError(f"{where(node)}: AveragePool auto_pad={auto} is not supported; "
+                                   "export with explicit pads")
         k = list(a["kernel_shape"])
         s = list(a.get("strides", [1] * nsp))
         d = list(a.get("dilations", [1] * nsp))
@@ -105,13 +108,15 @@ def _correction(pool, spatial, conv_attrs, dtype) -> np.ndarray | None:
              helper.make_node("Conv", ["x", "w"], ["conv"], **{**conv_attrs, "group": 1})]
     w = onnx.numpy_helper.from_array(np.full([1, 1, *k], 1.0 / float(np.prod(k)), np.float32), "w")
     g = helper.make_graph(nodes, "divisor", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
-                          [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("pool", "conv")], [w])
+                          [helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in ("pool", "conv")],
+                          [w])
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 19)])
     model.ir_version = 9
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     pool_out, conv_out = sess.run(None, {"x": np.ones(shape, np.float32)})
     if pool_out.shape != conv_out.shape:
-        raise UnsupportedError(f"{where(pool)}: cannot express this AveragePool as a Conv (shapes {pool_out.shape} vs {conv_out.shape})")
+        raise UnsupportedError(f"{where(pool)}: cannot express this AveragePool as a Conv "
+                               f"(shapes {pool_out.shape} vs {conv_out.shape})")
     big_k = float(np.prod(k))
     valid = np.rint(conv_out.astype(np.float64) * big_k)  # cells inside the input per window
     with np.errstate(divide="ignore", invalid="ignore"):

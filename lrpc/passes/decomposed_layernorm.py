@@ -33,7 +33,8 @@ def run(canon: Canonical) -> bool:
 
 
 def _match(node):
-    """``(x, axes, eps, first ReduceMean)`` when ``node`` divides ``x - mean(x)`` by ``sqrt(var(x) + eps)``, else None."""
+    """``(x, axes, eps, first ReduceMean)`` when ``node`` divides ``x - mean(x)`` by ``sqrt(var(x) + eps)``,
+    else None."""
     a, b = node.inputs
     if node.op == "Mul":  # (x - mean) * Reciprocal(sigma)
         recip = [t for t in (a, b) if _made_by(t, "Reciprocal")]
@@ -132,4 +133,5 @@ def _rewrite(graph: gs.Graph, div, x, axes: list[int], eps: float, mean) -> None
     normed = gs.Variable(f"{name}/out", dtype=dtype)
     graph.nodes.append(gs.Node("Transpose", f"{name}/to_last", {"perm": perm}, [x], [moved]))
     graph.nodes.append(gs.Node("LayerNormalization", name, attrs, [moved, *params], [normed]))
-    graph.nodes.append(gs.Node("Transpose", f"{name}/back", {"perm": [int(i) for i in np.argsort(perm)]}, [normed], [out]))
+    graph.nodes.append(gs.Node("Transpose", f"{name}/back", {"perm": [int(i) for i in np.argsort(perm)]}, [normed],
+                               [out]))

@@ -154,11 +154,15 @@ def _matmul_nd(canon, node) -> bool:
     nxt.inputs.clear()
     flat = gs.Variable(f"{node.name}/flat", dtype=x.dtype)
     y2 = gs.Variable(f"{node.name}/gemm", dtype=x.dtype)
-    graph.nodes.append(gs.Node("Reshape", f"{node.name}/to2d", {}, [x, gs.Constant(f"{node.name}/s2", np.array([-1, n_in], np.int64))], [flat]))
-    graph.nodes.append(gs.Node("Reshape", f"{node.name}/back", {}, [y2, gs.Constant(f"{node.name}/sN", np.array([-1, *map(int, middle), n_out], np.int64))], [out]))
+    graph.nodes.append(gs.Node("Reshape", f"{node.name}/to2d", {},
+                               [x, gs.Constant(f"{node.name}/s2", np.array([-1, n_in], np.int64))], [flat]))
+    graph.nodes.append(gs.Node("Reshape", f"{node.name}/back", {},
+                               [y2, gs.Constant(f"{node.name}/sN", np.array([-1, *map(int, middle), n_out], np.int64))],
+                               [out]))
     canon.origin.setdefault(node.name, node.op)
     node.op, node.attrs = "Gemm", {"transB": 1}
-    node.inputs = [flat, gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.T)), gs.Constant(f"{node.name}/B", bias.astype(wv.dtype))]
+    node.inputs = [flat, gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.T)),
+                   gs.Constant(f"{node.name}/B", bias.astype(wv.dtype))]
     node.outputs = [y2]
     toposort(graph)
     return True
@@ -189,7 +193,8 @@ def _conv_attrs(node) -> bool:
     attrs.pop("auto_pad", None)
     attrs.setdefault("pads", [0] * (2 * nsp))
     if len(node.inputs) < 3 or not node.inputs[2].name:
-        node.inputs = list(node.inputs)[:2] + [gs.Constant(f"{node.name}/B", np.zeros(out_channels(node), np.dtype(w.dtype)))]
+        node.inputs = list(node.inputs)[:2] + [gs.Constant(f"{node.name}/B",
+                                                           np.zeros(out_channels(node), np.dtype(w.dtype)))]
         changed = True
     elif not is_const(node.inputs[2]):
         raise UnsupportedError(f"{where(node)}: {node.op} bias is not a constant")

@@ -17,7 +17,8 @@ def run(canon: Canonical) -> bool:
     for node in canon.graph.nodes:
         a = node.attrs
         x = node.inputs[0] if node.inputs else None
-        if node.op != "MaxPool" or not a.get("ceil_mode", 0) or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        if (node.op != "MaxPool" or not a.get("ceil_mode", 0)
+                or a.get("auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET")):
             continue
         if x.shape is None or any(not isinstance(v, int) for v in x.shape[2:]):
             continue

@@ -13,7 +13,8 @@ import onnx_graphsurgeon as gs
 from ..errors import UnsupportedError, where
 from ..graph import MOVES, Canonical, channel_vector, const_value, is_const, only_consumer
 
-NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")  # (canonical: version 21 of the last)
+# (canonical: version 21 of the last)
+NORMALIZATIONS = ("LayerNormalization", "InstanceNormalization", "GroupNormalization")
 
 CHANGES_SHAPES = False
 
@@ -23,8 +24,8 @@ def run(canon: Canonical) -> bool:
     changed = False
     for node in list(graph.nodes):
         if node.op == "GroupNormalization" and canon.opset < 21:  # (onnx's checker refuses the deprecated version 18)
-            raise UnsupportedError(f"{where(node)}: GroupNormalization below opset 21 (version 18, deprecated: one scale "
-                                   "per group) is not supported; export at opset 21, or below 18 (Reshape, "
+            raise UnsupportedError(f"{where(node)}: GroupNormalization below opset 21 (version 18, deprecated: "
+                                   "one scale per group) is not supported; export at opset 21, or below 18 (Reshape, "
                                    "InstanceNormalization)")
         if node.op in NORMALIZATIONS and node.outputs:
             while fold_following(graph, node):

@@ -93,7 +93,8 @@ def _shape_slice(t, x, rank):
     dims = _shape_slice(prod.inputs[0], x, rank)
     if dims is None:
         return None
-    vals = [const_value(v).astype(np.int64).reshape(-1).tolist() if v.name else None for v in prod.inputs[1:]] + [None] * 3
+    vals = ([const_value(v).astype(np.int64).reshape(-1).tolist() if v.name else None for v in prod.inputs[1:]]
+            + [None] * 3)
     starts, ends, axes, steps = vals[:4]
     if len(starts) != 1 or (axes is not None and axes[0] not in (0, -1)) or (steps is not None and steps[0] != 1):
         return None
@@ -103,10 +104,12 @@ def _shape_slice(t, x, rank):
 def _convert(canon: Canonical, node) -> None:
     x = node.inputs[0]
     if x.shape is None:
-        raise UnsupportedError(f"{where(node)}: the rank of the Resize input '{x.name}' is unknown; give the model static shapes")
+        raise UnsupportedError(f"{where(node)}: the rank of the Resize input '{x.name}' is unknown; "
+                               "give the model static shapes")
     rank = len(x.shape)
     if rank < 3:
-        raise UnsupportedError(f"{where(node)}: Resize of a rank-{rank} tensor; only [N, C, *spatial] inputs are supported")
+        raise UnsupportedError(f"{where(node)}: Resize of a rank-{rank} tensor; "
+                               "only [N, C, *spatial] inputs are supported")
     dims = static_dims(x, node, "input shape")  # N may be symbolic, everything else static
     spatial = dims[2:]
     mode = _attr(node, "mode", "nearest")
@@ -166,7 +169,8 @@ def _convert(canon: Canonical, node) -> None:
         policy = _attr(node, "keep_aspect_ratio_policy", "stretch")
         scales = None
         if policy != "stretch":  # one scale for every listed axis, sizes rounded from it (onnxruntime, spec)
-            ratios = [np.float32(1) if sizes[a] == dims[a] else np.float32(sizes[a]) / np.float32(dims[a]) for a in axes]
+            ratios = [np.float32(1) if sizes[a] == dims[a] else np.float32(sizes[a]) / np.float32(dims[a])
+                      for a in axes]
             s = (min if policy == "not_larger" else max)(ratios)
             for a in axes:
                 if not isinstance(dims[a], (int, np.integer)):  # a dynamic batch
@@ -282,7 +286,8 @@ def _matrices(canon, node, rank, spatial, scales, sizes, roi, check) -> dict:
     err = float(np.max(np.abs(got - want))) if want.size else 0.0
     if err > 1e-5 * max(1.0, float(np.max(np.abs(sample)))):
         raise UnsupportedError(f"{where(node)}: this Resize (mode={_attr(node, 'mode', 'nearest')}, "
-                               f"coordinate_transformation_mode={_attr(node, 'coordinate_transformation_mode', 'half_pixel')}) "
+                               "coordinate_transformation_mode="
+                               f"{_attr(node, 'coordinate_transformation_mode', 'half_pixel')}) "
                                f"is not separable into per-axis interpolation matrices (deviation {err:.2e})")
     return mats
 

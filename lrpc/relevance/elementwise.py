@@ -39,7 +39,8 @@ declare("Abs", "Exp", "Softmax", nonneg=True)  # (no propagator: inside activati
 def residual_sum(ctx, node, R_out):
     rule = ctx.rule(node)
     if rule.on_sums is None:
-        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum (use norm, sign-norm or epsilon)")
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a sum "
+                               "(use norm, sign-norm or epsilon)")
     z = node.outputs[0]
     rank = len(z.shape) if z.shape is not None else None
     if rule.on_sums == "sign":

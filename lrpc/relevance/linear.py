@@ -67,7 +67,8 @@ class ConvView(View):
         xs = static_dims(self.x, self.node, "input shape")[2:]
         zs = static_dims(self.z, self.node, "output shape")[2:]
         n = len(xs)
-        k, s, d, p = a["kernel_shape"], a.get("strides", [1] * n), a.get("dilations", [1] * n), a.get("pads", [0] * 2 * n)
+        k, s, d, p = (a["kernel_shape"], a.get("strides", [1] * n), a.get("dilations", [1] * n),
+                      a.get("pads", [0] * 2 * n))
         span = [(k[i] - 1) * d[i] + 1 for i in range(n)]
         op = [xs[i] - (s[i] * (zs[i] - 1) + span[i] - p[i] - p[n + i]) for i in range(n)]
         flipped_pads = [span[i] - 1 - p[i] for i in range(n)] + [span[i] - 1 - p[n + i] + op[i] for i in range(n)]
@@ -111,7 +112,8 @@ class ConvView(View):
 
 class ConvTransposeView(ConvView):
     def forward(self, x, w, bias):
-        a = {**self._attrs(), "output_padding": self.node.attrs.get("output_padding", [0] * (len(self.node.attrs["kernel_shape"])))}
+        a = {**self._attrs(),
+             "output_padding": self.node.attrs.get("output_padding", [0] * (len(self.node.attrs["kernel_shape"])))}
         return self.b.op("ConvTranspose", [x, w] + ([bias] if bias is not None else []), a)
 
     def adjoint(self, c, w):
@@ -245,7 +247,8 @@ def view_of(ctx, node) -> View:
         rank = len(ins[0].shape) if ins[0].shape is not None else 4
         dtype = ctx.b.dtype
         shape = [-1] + [1] * (rank - 2)
-        return ScaleView(ctx, node, ins[0], ctx.b.const(scale.reshape(shape), dtype), ctx.b.const(shift.reshape(shape), dtype))
+        return ScaleView(ctx, node, ins[0], ctx.b.const(scale.reshape(shape), dtype),
+                         ctx.b.const(shift.reshape(shape), dtype))
     if op == "Mul" and not any(is_const(t) for t in ins):  # a gated product: the gate is the (input-dependent) scale
         gate = gate_operand(node)
         return ScaleView(ctx, node, next(t for t in ins if t is not gate), gate, None)
@@ -505,7 +508,8 @@ def _audit_group(view: View, variants, group, terms, biases, c):
     ``coef · mask`` where its denominator without stabilizer is not 0 (elsewhere no numerator can carry relevance)."""
     b = view.b
     n = linear_combination(b, [(t.sign, view.without_bias() if (t.input, t.weight) == ("x", "W") else
-                                    view.forward(variants.input(t.input), variants.weight(t.weight), None)) for t in terms])
+                                    view.forward(variants.input(t.input), variants.weight(t.weight), None))
+                               for t in terms])
     beta = _offset(b, biases)
     beta = None if beta is None else view.bias_for_output(beta)
     passable = complement(b, indicator(b, "Equal", n if beta is None else b.add(n, beta)))
@@ -616,7 +620,8 @@ class _Variants:
             value = value[None]
         elif value.ndim > 1:
             raise UnsupportedError(f"z-box --{name} of shape {list(value.shape)} does not fit the input of "
-                                   f"{where(self.view.node)} (shape {x.shape}): give a number, one per channel, or one sample's shape")
+                                   f"{where(self.view.node)} (shape {x.shape}): give a number, one per channel, "
+                                   "or one sample's shape")
         return self.b.const(value.astype(self.b.dtype))
 
     def weight(self, name: str, scale: float = 1.0):

@@ -89,7 +89,8 @@ def norm_view(ctx, node) -> NormView:
         return NormView(ctx, node, x, ins[1], ins[2] if bias is not None and np.any(bias) else None, axes, None, inv)
     channels = x.shape[1] if rank > 2 else None
     if not isinstance(channels, (int, np.integer)):
-        raise UnsupportedError(f"{where(node)}: {node.op} needs a rank >= 3 input with a static channel dim (got {x.shape})")
+        raise UnsupportedError(f"{where(node)}: {node.op} needs a rank >= 3 input with a static channel dim "
+                               f"(got {x.shape})")
     groups = int(node.attrs["num_groups"]) if node.op == "GroupNormalization" else None
     shape = [channels] + [1] * (rank - 2)
     w = b.const(scale.reshape(shape).astype(b.dtype))

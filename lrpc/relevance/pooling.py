@@ -48,7 +48,8 @@ def maxpool(ctx, node, R_out):
         return [b.op("MaxUnpool", [R_out[0], idx, shape], a)]
     flat = b.ints([-1])
     zeros = b.op("Reshape", [b.zeros(shape), flat])
-    scattered = b.op("ScatterElements", [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
+    scattered = b.op("ScatterElements",
+                     [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
                      {"axis": 0} if disjoint and ctx.provider == "cuda" else {"axis": 0, "reduction": "add"})
     return [b.op("Reshape", [scattered, shape])]
 
@@ -116,8 +117,10 @@ def _split(ctx, node, R_out):
     xf = b.op("Reshape", [b.op("Transpose", [x], {"perm": last}, dtype=xdt), b.ints([0, -1, c])], dtype=xdt)
     xf = b.op("Pad", [xf, b.ints([0, 0, 0, 0, 1, 0]), b.const(np.nan, xdt)], dtype=xdt)
     patches = b.op("Gather", [xf, b.const(table, np.int64)], {"axis": 1}, dtype=xdt)
-    ties = b.op("Cast", [b.op("Equal", [patches, cl(y, xdt)], dtype=np.bool_)], {"to": helper.np_dtype_to_tensor_dtype(b.dtype)})
-    # Max(., 1): a window with no match (NaN inputs, a window all in padding) must not turn 0/0 into NaN for the whole input
+    ties = b.op("Cast", [b.op("Equal", [patches, cl(y, xdt)], dtype=np.bool_)],
+                {"to": helper.np_dtype_to_tensor_dtype(b.dtype)})
+    # Max(., 1): a window with no match (NaN inputs, a window all in padding) must not turn 0/0 into NaN for the
+    # whole input
     count = b.op("Max", [b.reduce_sum(ties, [1]), b.const(1.0)])
     share = b.mul(ties, b.op("Div", [cl(R_out[0]), count]))
     # fold back (adjoint of the Gather): each input cell gathers every (tap, window) slot that read it,
@@ -150,8 +153,8 @@ def reduce(ctx, node, R_out):
     mean's cells weigh 1/K: ``x_i / K * R / stab(mean)``, the same), broadcast back over the reduced axes."""
     rule = ctx.rule(node)
     if rule.on_sums is None:
-        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} (use norm, sign-norm or "
-                               f"epsilon)")
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} "
+                               "(use norm, sign-norm or epsilon)")
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
     dims = static_dims(x, node, "input shape")
     rank = len(dims)

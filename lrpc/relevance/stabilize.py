@@ -60,7 +60,8 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
                 raise ValueError("norm-scale stabilizer needs the rank of the denominator")
             # the root mean square of z / max|z|, times max|z|: z² itself overflows float32 from |z| ~ 1e19
             # (the tiny floor keeps an all-zero z at 0 / tiny = 0, not 0 / 0)
-            top = b.op("Max", [b.reduce_max(b.op("Abs", [z]), list(range(1, rank))), b.const(float(np.finfo(b.dtype).tiny))])
+            top = b.op("Max", [b.reduce_max(b.op("Abs", [z]), list(range(1, rank))),
+                               b.const(float(np.finfo(b.dtype).tiny))])
             unit = b.op("Div", [z, top])
             rms = b.mul(b.op("Sqrt", [b.reduce_mean(b.mul(unit, unit), list(range(1, rank)))]), top)
             e = b.mul(rms, b.const(eps))
