@@ -131,8 +131,8 @@ def refuse_inputs(path: str | os.PathLike, protect) -> None:
 def _replace(tmp: str, path: Path) -> None:
     """``os.replace(tmp, path)``; onto an existing file on Linux as an atomic exchange of the two names (renameat2
     RENAME_EXCHANGE) and the old file's removal. ext4 writes a file's data out before a rename over another file
-    (its ``auto_da_alloc`` guard for programs that do not fsync): replacing a 553 MB output cost 1.2-2.1 s more
-    than writing a new one. Either way a reader of ``path`` sees the old file or the whole new one; after a power
+    (its ``auto_da_alloc`` guard for programs that do not fsync), which makes replacing a big output much
+    slower than writing a new one. Either way a reader of ``path`` sees the old file or the whole new one; after a power
     loss the new one is as safe as a newly written file (lrpc does not fsync its outputs). Where the exchange is
     not to be had (another system, a file system without it), ``os.replace``."""
     if sys.platform.startswith("linux") and path.exists() and not path.is_symlink() and _exchange(tmp, path):

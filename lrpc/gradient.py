@@ -9,8 +9,8 @@ difference ``(F(x + t v) − F(x)) / t`` (:func:`steps`) of a copy of the forwar
 every MaxPool its arg-max. That copy is affine and equals ``F`` on the linear region around ``x``, so its difference
 quotient is the directional derivative for any step: only float32 round-off is left. Plain central differences
 ``(F(x + hv) − F(x − hv)) / 2h`` of the model itself cannot do that: a step that stays in one linear region is below
-float32 resolution on any real network (measured, ResNet-18 at 112 px: relative error 2.6e-2 at the best step
-h = 1e-3; kinks crossed above it, round-off ~1e-6 |F| / h below it), too coarse to see a relevance 1% off. The
+float32 resolution on any real network (kinks are crossed above it, round-off dominates below it), too coarse to
+see a relevance 1% off (docs/check.md#the-gradient-check). The
 probe is built from the compiled LRP-0 graph's forward (the canonical graph, whose outputs the ``forward`` check
 compares with the original model's)."""
 from __future__ import annotations
@@ -26,7 +26,7 @@ from . import composites
 PREFIX = "lrpc_check/probe/"
 SHAPES = ("Shape", "Size")  # their outputs are shapes, not values of the input
 # the tolerance is at least this many machine epsilons of the model's float type: float16 relevance and forwards are
-# good to ~1e-3 (a 3-layer MLP: 4.7e-4), so only errors above 2e-2 are seen there
+# good to ~1e-3, so only errors above 2e-2 are seen there
 ROUNDOFF = 20
 
 
@@ -240,9 +240,9 @@ def directions(feeds: dict, inputs: list[str], count: int, seed: int) -> list[di
 def steps(dtype) -> tuple[float, ...]:
     """Step sizes t of ``(F(x + t v) − F(x)) / t``, tried in turn until the run stays finite. The probe is affine, so
     any t gives the derivative; a large one makes the difference dominate the value at x, whose float32 round-off
-    it would carry otherwise: ResNet-18 at 224 px, relative error 4e-5 at t = 1, 1e-6 from t = 1e3 on; a freshly
-    initialized GoogLeNet, whose logits are their biases (0.03) plus 5e-12 from the input, 1.0 at t = 1e3, 1e-2 at
-    1e6, 1e-5 at 1e12. float32 holds t = 1e12 times activations up to 1e26. float16 overflows from 65504: t = 1."""
+    it would carry otherwise (a freshly initialized GoogLeNet's logits are their biases plus a tiny part from the
+    input: it needs t = 1e12; docs/check.md#the-gradient-check). float32 holds t = 1e12 times activations up to
+    1e26. float16 overflows from 65504: t = 1."""
     return (1.0,) if np.dtype(dtype) == np.float16 else (1e12, 1e6, 1.0)
 
 

@@ -131,7 +131,7 @@ def export_model(canon: Canonical, extra_meta: dict[str, str] | None = None) -> 
 
     When ``canon.source`` is a ModelProto lrpc owns (read from a file by lrpc), its big initializers that
     the graph still uses unchanged stay where they are: the result is built inside ``canon.source``
-    instead of copying hundreds of MB of weights (protobuf copies run at ~0.5 GB/s); ``canon.source``
+    instead of copying all the weights (protobuf copies them slowly); ``canon.source``
     is consumed."""
     graph = canon.graph
     kept = _keep_source_weights(canon)
@@ -273,7 +273,7 @@ def const_nonneg(t, known: dict | None = None) -> bool:
     """All values of constant ``t`` are >= 0. A weight that graphsurgeon still holds lazily is looked up in
     ``known`` ({name: (TensorProto, nonneg)}, the load-time scan) when it is that very TensorProto (so
     unchanged since the scan), else read without being loaded into the graph (loading copies it twice and
-    makes the export convert it back: seconds for VGG16's 500 MB)."""
+    makes the export convert it back)."""
     lazy = getattr(t, "_values", None)
     if isinstance(lazy, LazyValues):
         proto, nonneg = (known or {}).get(_proto_of(lazy).name, (None, None))
@@ -375,8 +375,7 @@ class Builder:
     def relu(self, x):
         """``Relu(x)``: the output of a ReLU the graph already applies to ``x`` (the forward's activation) when
         there is one, else a new one. Saves a pass per layer on runtimes without common-subexpression elimination
-        (onnxruntime merges duplicate Relus itself: same speed there, measured) and 49 nodes of ResNet-50's
-        epsilon graph."""
+        (onnxruntime merges duplicate Relus itself) and keeps the graph smaller."""
         for user in x.outputs:
             if (user.op == "Relu" and user.inputs and user.inputs[0] is x and user.outputs
                     and any(n is user for n in self.graph.nodes)):

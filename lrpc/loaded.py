@@ -1,7 +1,7 @@
 """A model as lrpc reads it (:class:`LoadedModel`, made by :func:`load`): the ModelProto, whose big weights hold no
 data, and the file's bytes (memory-mapped, never copied) those weights are read in and written as. Every trick that
-keeps a model's weights out of protobuf's copies (VGG16's 528 MB: `lrpc compile` peaks at the file's size, not
-twice it) lives here; the compiler, the passes and the commands see ModelProtos and graphsurgeon constants."""
+keeps a model's weights out of protobuf's copies (so that `lrpc compile` peaks near the file's size, not twice
+it) lives here; the compiler, the passes and the commands see ModelProtos and graphsurgeon constants."""
 from __future__ import annotations
 
 import functools
@@ -61,8 +61,7 @@ class LoadedModel:
 
     def values(self, init: onnx.TensorProto) -> np.ndarray:
         """The values of initializer ``init``, flat: read in place in the file's bytes where they are there (a
-        deferred weight's are nowhere else), else from the proto (a copy: 0.6 s for VGG16's 528 MB on a 2-core
-        machine)."""
+        deferred weight's are nowhere else), else from the proto (a copy)."""
         from onnx import helper, numpy_helper
 
         dtype = helper.tensor_dtype_to_np_dtype(init.data_type)
@@ -97,8 +96,8 @@ class LoadedModel:
 
     def pieces(self, external: bool = False) -> list:
         """``proto`` serialized, as pieces to write one after the other (:func:`lrpc.wire.serialized_pieces`):
-        initializers still as read are the file's bytes they were parsed from (views, no copy: VGG16 1.1-1.4 s ->
-        0.002 s; the same message, and the same bytes for a file protobuf wrote), the others serialized. A model
+        initializers still as read are the file's bytes they were parsed from (views, no copy; the same message,
+        and the same bytes for a file protobuf wrote), the others serialized. A model
         or graph with fields this protobuf build does not know is serialized whole. ``external``: deferred weights
         as references into their file instead (:meth:`for_runtime`)."""
         if not wire.splittable(self.proto):
@@ -115,8 +114,7 @@ class LoadedModel:
         return tensor
 
     def serialized(self) -> bytes:
-        """:meth:`pieces` joined (VGG16: ``SerializeToString`` 2.0-2.7 s, the pieces 1.3 s, with weights as read a
-        join of the file's bytes, 0.2-0.3 s)."""
+        """:meth:`pieces` joined (with weights as read, mostly a join of the file's bytes)."""
         return b"".join(self.pieces())
 
     def save(self, path: str | os.PathLike, protect=()) -> None:
@@ -128,7 +126,7 @@ class LoadedModel:
         """``(bytes, source)``: the model serialized for onnxruntime with its deferred weights as external data in
         the file they were read from (``source``: its folder is where onnxruntime looks them up,
         :func:`lrpc.runtime.inference_session`), so that onnxruntime reads them from the file once instead of
-        parsing them out of a model-sized buffer (VGG16: session start 3.0 -> 1.6 s, peak 3.0 -> 1.9 GB).
+        parsing them out of a model-sized buffer (a faster start and a lower peak).
         ``source`` is None (and the bytes are :meth:`serialized`'s) when the model has no deferred weight, or they
         do not all come from one file that is still the one read, or its name is not UTF-8. The caller checks after
         the session starts that the file is still the one read and that the session does not map it
@@ -171,11 +169,10 @@ def load(path: str | os.PathLike, defer: bool = True) -> LoadedModel:
     only.
 
     ``defer``: the big float weights' data stay in the file's bytes: their TensorProtos hold no data, which
-    protobuf would copy while parsing (VGG16, 528 MB: ~1 s on a 2-core machine; the model then parses in a
-    millisecond). Deferred are float32/64/16 initializers of more than :data:`lrpc.structure.BIG` elements stored as
-    raw data in the file (not external), on a little-endian machine (raw data is little-endian): exactly the
-    weights lrpc's checker and shape inference leave out (:func:`lrpc.graph.structure_of_model`), so they never
-    see a tensor without data."""
+    protobuf would copy while parsing (the rest of the model then parses at once). Deferred are float32/64/16
+    initializers of more than :data:`lrpc.structure.BIG` elements stored as raw data in the file (not external), on a
+    little-endian machine (raw data is little-endian): exactly the weights lrpc's checker and shape inference leave
+    out (:func:`lrpc.graph.structure_of_model`), so they never see a tensor without data."""
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
@@ -230,7 +227,7 @@ def _names_are_text(model: onnx.ModelProto, p: Path) -> None:
 
 def _mapped(p: Path):
     """The file's bytes as a read-only memory map: pages are read as they are used, not copied into memory first
-    (VGG16, 553 MB: `lrpc compile` 1.7-2.3 s -> 0.9-1.3 s with deferred weights). The file must not change while
+    (docs/performance.md#compile-time-file-size-start-up). The file must not change while
     lrpc reads it (a file cut short under a map is a crash, not an error); lrpc writes every file it writes
     as a new file renamed into place, so its own outputs and cache entries never change a file being read."""
     import mmap

@@ -1,4 +1,4 @@
-"""LRP rules as data (see shared lrp-math.md).
+"""LRP rules as data (docs/rules.md says what each rule computes).
 
 A rule on a linear layer ``z = W x + b`` is a list of *groups*. Each group has terms
 ``(input variant, weight variant, bias variant, sign)``; its denominator is

@@ -37,8 +37,8 @@ class Session:
     default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
     [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``model`` may also be a
     :class:`lrpc.loaded.LoadedModel` (:func:`lrpc.compiler.compile_loaded`; a path is read as one): the weights it
-    holds as read from a file are read by onnxruntime there, not serialized again (VGG16's session starts ~2 s
-    sooner). The Session keeps no reference to ``model``."""
+    holds as read from a file are read by onnxruntime there, not serialized again (a faster start). The Session
+    keeps no reference to ``model``."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
                  channels_last: bool = False):
@@ -259,14 +259,13 @@ def inference_session(model, providers: list | None = None, threads: int | None 
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
     plain names (options are set here). ``threads``: intra-op threads (default: onnxruntime's choice, the physical
-    cores), one inter-op thread. Memory (compiled ResNet-50 epsilon-gamma-box, batch 8, measured 2026-11-23;
-    docs/performance.md): onnxruntime's memory pattern (one block sized by the first run for all intermediate tensors)
-    is off — a compiled graph keeps the forward's activations for its backward half, and with the pattern the CPU
-    session peaked at 3.4 GB instead of 2.0 GB, at equal speed (time ratio 0.95–1.04 on the CPU, 0.997–1.005 on
-    an H100); on CUDA the arena grows by what is requested, not by powers of two (2.2 → 2.0 GB of GPU memory,
-    equal speed). ``tf32``: CUDA float32 convolutions/matmuls in TF32. ``cuda_options``: more CUDA provider
-    options. ``profile``: a file prefix for onnxruntime's profiler (off by default). ``external_folder``: where
-    the external data of a model given as bytes lie (:meth:`lrpc.loaded.LoadedModel.for_runtime`)."""
+    cores), one inter-op thread. Memory (docs/performance.md#memory): onnxruntime's memory pattern (one
+    block sized by the first run for all intermediate tensors) is off — a compiled graph keeps the forward's
+    activations for its backward half, and the pattern raised the peak at equal speed; on CUDA the arena grows by
+    what is requested, not by powers of two. ``tf32``: CUDA float32 convolutions/matmuls in TF32.
+    ``cuda_options``: more CUDA provider options. ``profile``: a file prefix for onnxruntime's profiler (off by
+    default). ``external_folder``: where the external data of a model given as bytes lie
+    (:meth:`lrpc.loaded.LoadedModel.for_runtime`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
     options.log_severity_level = 4  # (a failing run raises with the message: not also logged in red on stderr)
@@ -298,11 +297,8 @@ def release_freed_memory() -> None:
 
     A session start frees much (the parsed model, weights onnxruntime folded or re-laid out, constant folding's
     intermediates), and glibc keeps such memory in the process instead of returning it; a compiled graph's run
-    then grows on top of it. Measured (CPU, 2 threads, one process per case, 2026-11-24): ResNet-50
-    epsilon-gamma-box resident memory after five runs at batch 1 758 -> 502 MiB (peak 758 -> 665, that of the
-    session start), batch 8 1484 -> 1251 MiB, epsilon 1030 -> 940, alpha-beta 1789 -> 1432 at batch 8; the plain
-    forward's peak is its session start's either way (313 MiB); VGG16 gamma at batch 1 1599 -> 1313 after the
-    runs, peak unchanged (its session start's); 25 ms for the call, run times unchanged."""
+    then grows on top of it. The call is cheap next to a session start and leaves run times unchanged
+    (docs/performance.md#memory)."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -5,8 +5,7 @@ inputs, entering at each node the input made by the node of highest index (its p
 running a node when all its inputs are done (``GraphViewer``: ``ReverseDFSFrom`` with ``NodeCompare``). On lrpc's
 emission order that walk reaches a backward node's stabilizer or denominator (made of forward tensors only, emitted
 after the relevance arriving there) before that relevance, so it computes it during the forward and keeps it to the
-end: ResNet-50 epsilon at batch 8 kept 1061 MiB of activations alive instead of 541 (tensor sizes along
-onnxruntime's profiled order; the benchmark's peak RSS went 1422 → 1025 MiB with this module).
+end, about doubling the activations alive at once.
 
 :func:`order_for_runtime` gives the nodes a new order (still topological) for which that walk enters, at every
 node, first the inputs that carry relevance (depend on the seed), then the others, latest-emitted first, which
@@ -15,12 +14,11 @@ emission index), and each node's planned entry order becomes a chain of constrai
 onnxruntime's optimizers create (fused or NCHWc convolutions, layout reorders) get the highest indices and are
 entered first, so its walk strays from the plan; wherever it then enters a node, that node's relevance inputs
 still come before its other inputs: every node's relevance-carrying inputs are placed after its other inputs
-(measured: ResNet-50 alpha-beta at batch 8 2106 → 1771 MiB against the planned entry orders alone). Every
+(which lowers the peak further than the planned entry orders alone). Every
 constraint agrees with the ranking above (a node that carries relevance is read only by such), so they never form
 a cycle; the new order is a topological sort of them, ties in the planned walk's order. The file order is then a
-schedule close to the emission order's for runtimes that run nodes in file order (ResNet-50 at batch 8, tensor
-sizes: 542 / 584 / 652 MiB alive at once for epsilon / gamma / alpha-beta against 541 / 565 / 643)
-(docs/performance.md)."""
+schedule close to the emission order's for runtimes that run nodes in file order. The memory this saves:
+docs/performance.md#memory."""
 from __future__ import annotations
 
 import heapq

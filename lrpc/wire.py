@@ -22,7 +22,7 @@ class StoredTensor(NamedTuple):
 
 def raw_weights(data: bytes) -> list[StoredTensor]:
     """The main graph's initializers in a serialized ModelProto, in their order (:class:`StoredTensor`: reading
-    ``TensorProto.raw_data`` copies the bytes: 0.6 s for VGG16's 528 MB on a 2-core machine). A field given twice
+    ``TensorProto.raw_data`` copies the bytes). A field given twice
     counts as protobuf counts it: the last one. [] for a file with (unknown) group fields, which this reader does
     not walk: the weights are then read from the ModelProto."""
     return walk(memoryview(data))[0]
@@ -92,9 +92,8 @@ def serialized_pieces(model: onnx.ModelProto, tensor_bytes=None) -> list:
     serialized without the weights, split where the graph and the initializers go (fields are serialized in
     field-number order), and each initializer as ``tensor_bytes(init)`` gives it (default: serialized on its own).
     With the default the pieces are the bytes of ``SerializeToString``, exactly: serializing a whole model at once
-    makes one buffer of the file's size and copies it into a bytes object (VGG16, 553 MB: 2.0-2.7 s on a 2-core
-    machine, the pieces 1.3 s; `lrpc compile` peak 1.70 -> 1.50 GB). UnsupportedError past 2 GB (the limit of a
-    protobuf file; SerializeToString itself would raise ValueError)."""
+    makes one buffer of the file's size and copies it into a bytes object, which the pieces avoid. UnsupportedError
+    past 2 GB (the limit of a protobuf file; SerializeToString itself would raise ValueError)."""
     graph = model.graph
     model_head, model_tail = split_before(_without(model, "graph").SerializeToString(), 7)
     graph_head, graph_tail = split_before(_without(graph, "initializer").SerializeToString(), 5)

@@ -1,7 +1,7 @@
 """The adjoint of a strided depthwise convolution as a depthwise Conv (no ConvTranspose over channel groups).
 
 onnxruntime runs a grouped ConvTranspose group by group (a GEMM and a col2im each); its blocked (NCHWc) depthwise
-Conv has no such loop (measured in docs/performance.md#lowering-choices).
+Conv has no such loop (docs/performance.md#lowering-choices).
 
 The adjoint ``r[i] = Σ_{o,k: o·s + k·d - p = i} w[k] c[o]`` is a stride-1 correlation of ``u`` (``c`` with s - 1
 zeros between its values, ``u[o·s] = c[o]``) with the reversed kernel, begin pad ``(K-1)d - p_begin`` and end pad
@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import numpy as np
 
-# onnxruntime 1.32 runs a depthwise Conv whose channel count is a multiple of 8 in its blocked layout on this
-# project's machine (an AVX-512 VM; its optimized graph shows it for 8, 16, 24, 56, 64 channels, not for 58);
-# other counts go to its generic grouped Conv
+# onnxruntime runs a depthwise Conv whose channel count is a multiple of 8 in its blocked layout (on an AVX-512
+# CPU); other counts go to its generic grouped Conv
 BLOCK = 8
 
 
 def is_depthwise(node) -> bool:
     """A Conv whose every group maps one channel to one channel, with a channel count onnxruntime's blocked
-    depthwise kernel takes (a multiple of :data:`BLOCK`). Other counts run the generic grouped Conv, which over
-    the interleaved message measured up to 1.8x the ConvTranspose (ShuffleNet's 58 channels at 56x56)."""
+    depthwise kernel takes (a multiple of :data:`BLOCK`). For other counts the depthwise form would run the
+    generic grouped Conv over the interleaved message, slower than the ConvTranspose
+    (docs/performance.md#lowering-choices)."""
     w = node.inputs[1]
     g = int(node.attrs.get("group", 1))
     return g > 1 and w.shape is not None and w.shape[0] == g and w.shape[1] == 1 and g % BLOCK == 0

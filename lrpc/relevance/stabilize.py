@@ -22,8 +22,8 @@ def complement(b, m):
 def sign(b, z):
     """``sign(z)`` (0 at 0) as Clip(z · f · f, -1, 1) with f² at least the inverse of the smallest subnormal
     (float32: f = 2^75): every nonzero value is then at least 1 in magnitude (or ±inf) and the Clip gives exactly
-    ±1. onnxruntime's ``Sign`` kernel measured 4x an ``Abs`` of the same size (not vectorized); these three passes
-    together 2x."""
+    ±1. onnxruntime's ``Sign`` kernel is not vectorized: slower than these three passes
+    (docs/performance.md#lowering-choices)."""
     tiny = np.finfo(b.dtype).smallest_subnormal
     big = b.const(2.0 ** int(np.ceil(-np.log2(float(tiny)) / 2)))
     t = b.mul(b.mul(z, big), big)
