@@ -6,7 +6,8 @@ __version__ = "0.1.0"
 _NAMES = {"compile": "compiler", "canonize": "compiler", "COMPOSITES": "composites", "Options": "composites",
           "RuleSet": "composites", "load_ruleset": "composites", "CheckFailed": "errors", "InputError": "errors",
           "LrpcError": "errors", "UnsupportedError": "errors", "colorize": "imaging", "grid": "imaging",
-          "heatmap": "imaging", "overlay": "imaging", "Session": "runtime", "Explanation": "runtime"}
+          "heatmap": "imaging", "overlay": "imaging", "Session": "runtime", "Explanation": "runtime",
+          "LoadedModel": "loaded", "load": "loaded"}
 
 
 def __getattr__(name):
@@ -25,4 +26,5 @@ def __dir__():
 
 
 __all__ = ["compile", "canonize", "Session", "Explanation", "heatmap", "overlay", "grid", "colorize", "Options",
-           "RuleSet", "load_ruleset", "COMPOSITES", "LrpcError", "InputError", "UnsupportedError", "CheckFailed"]
+           "RuleSet", "load_ruleset", "COMPOSITES", "LrpcError", "InputError", "UnsupportedError", "CheckFailed",
+           "LoadedModel", "load"]

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 from . import composites, gradient
-from .contract import EXPLAINED, SEED, input_relevance_names, layer_sums, metadata
+from .contract import EXPLAINED, RELEVANCE, SEED, input_relevance_names, layer_sums, metadata
 from .errors import InputError, UnsupportedError, one_line
 from .loaded import file_identity, load, still_the_file
 
@@ -241,7 +241,7 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     sess = session(loaded)
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, SEED: seed})))
     nonfinite["LRP-0 (gradient)"] = _nonfinite(outs)
-    relevance = {name: outs["relevance" if "relevance" in outs else f"relevance_{name}"].astype(np.float64)
+    relevance = {name: outs[RELEVANCE if RELEVANCE in outs else f"{RELEVANCE}_{name}"].astype(np.float64)
                  for name in inputs}
     at_x = {r: outs[r] if r in outs else feeds[r] for r in refs}
     mask = seed != 0  # F: the sum of the explained values at the seeded positions (the seed is one-hot × explained)

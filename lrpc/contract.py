@@ -21,7 +21,8 @@ LAYER_IN = "relevance_in/"  # the relevance sent to the layer's (first) input ("
 SUM_IN = "relevance_sum_in/"  # per-sample sums of that ("sums" and "full")
 SUM_OUT = "relevance_sum_out/"  # per-sample sums of the relevance arriving at the layer
 AUDIT = ("kept", "bias", "zero")  # per-layer accounts: outputs relevance_sum_<kind>/<node>
-LAYERWISE_PREFIXES = (LAYER_IN, SUM_IN, SUM_OUT, *(f"relevance_sum_{k}/" for k in AUDIT))
+ACCOUNT = "relevance_sum_{}/"  # (formatted with the kind)
+LAYERWISE_PREFIXES = (LAYER_IN, SUM_IN, SUM_OUT, *(ACCOUNT.format(k) for k in AUDIT))
 
 # metadata_props keys
 EXPLAINED = "lrpc.explained"  # the explained tensor
@@ -52,7 +53,7 @@ def layer_sums(model: onnx.ModelProto, outs: dict) -> list[tuple[dict, float, fl
     for layer in json.loads(metadata(model).get(LAYERS, "[]")):
         s_in = float(np.sum(outs[f"{SUM_IN}{layer['name']}"], dtype=np.float64))
         s_out = float(np.sum(outs[f"{SUM_OUT}{layer['name']}"], dtype=np.float64))
-        acc = {k: outs.get(f"relevance_sum_{k}/{layer['name']}") for k in AUDIT}
+        acc = {k: outs.get(f"{ACCOUNT.format(k)}{layer['name']}") for k in AUDIT}
         acc = {k: (s_out if k == "kept" else 0.0) if v is None else float(np.sum(v, dtype=np.float64))
                for k, v in acc.items()}
         layer = {**layer, **acc}

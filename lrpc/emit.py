@@ -165,18 +165,18 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
                     if r is not None and t.name in depends]
             if layerwise == "full":
                 t, r = sent[0] if sent else (node.inputs[0], builder.zeros_like(node.inputs[0]))
-                extra.append((f"relevance_in/{node.name}", r, t.shape))
-            extra.append((f"relevance_sum_out/{node.name}", _per_sample_sum(builder, r_out), ["batch"]))
-            extra.append((f"relevance_sum_in/{node.name}", _per_sample_sum(builder, [r for _, r in sent]), ["batch"]))
+                extra.append((f"{contract.LAYER_IN}{node.name}", r, t.shape))
+            extra.append((f"{contract.SUM_OUT}{node.name}", _per_sample_sum(builder, r_out), ["batch"]))
+            extra.append((f"{contract.SUM_IN}{node.name}", _per_sample_sum(builder, [r for _, r in sent]), ["batch"]))
             for kind, t in ctx.accounts.get(node.name, {}).items():
-                extra.append((f"relevance_sum_{kind}/{node.name}", _per_sample_sum(builder, [t]), ["batch"]))
+                extra.append((f"{contract.ACCOUNT.format(kind)}{node.name}", _per_sample_sum(builder, [t]), ["batch"]))
             layer_table.append({"name": node.name, "op": canon.origin.get(node.name, node.op),
                                 "rule": rules[node.name].describe() if node.name in rules else "route"})
 
     for t in inputs:
         r = relevance(t)
         r = builder.zeros_like(t) if r is None else r
-        name = "relevance" if len(inputs) == 1 else f"relevance_{t.name}"
+        name = contract.RELEVANCE if len(inputs) == 1 else f"{contract.RELEVANCE}_{t.name}"
         out = gs.Variable(name, dtype=dtype, shape=t.shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import composites, targets
 from .check import model_inputs
-from .contract import layer_sums
+from .contract import LAYER_IN, layer_sums
 from .loaded import file_identity, load, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
@@ -86,7 +86,7 @@ def _layer_table(compile_args, options, feeds, target, tol, seed=None):
     seed_sum = float(np.sum(seed, dtype=np.float64))
     layers = []
     for layer, s_in, _, local in layer_sums(compiled, outs):
-        r = outs[f"relevance_in/{layer['name']}"].astype(np.float64)
+        r = outs[f"{LAYER_IN}{layer['name']}"].astype(np.float64)
         layers.append({**layer, "sum": s_in, "range": float(r.max() - r.min()) if r.size else 0.0,
                        "ratio_to_seed": s_in / seed_sum if seed_sum else float("nan"),
                        "in_over_out": local, "breaks": bool(abs(local - 1.0) > tol)})
