@@ -522,13 +522,18 @@ def test_scale_computed_in_the_graph_is_refused():
 
 
 def test_groupnormalization_18_is_refused():
-    """Version 18 (one scale per group) is deprecated: onnx's checker refuses it; one line instead."""
-    model = _graph([_node("GroupNormalization", ["x", "s", "b"], num_groups=2)], {"s": np.ones(2), "b": np.zeros(2)},
+    """Version 18 (one scale per group) is deprecated: onnx's checker refuses a file holding it (invalid model); a
+    ModelProto given to compile gets one line naming every such node (a refusal, listed with the other unsupported
+    nodes)."""
+    model = _graph([_node("GroupNormalization", ["x", "s", "b"], ["g"], num_groups=2),
+                    _node("GroupNormalization", ["g", "s", "b"], num_groups=2)], {"s": np.ones(2), "b": np.zeros(2)},
                    opset=21)
     model.opset_import[0].version = 18
     with pytest.raises(lrpc.UnsupportedError, match=r"node 'GroupNormalization_y' \(GroupNormalization\): "
-                                                    r"GroupNormalization below opset 21"):
+                                                    r"GroupNormalization below opset 21") as e:
         lrpc.compile(model, "epsilon")
+    assert "GroupNormalization_g" in str(e.value) and len(str(e.value).splitlines()) == 1
+    assert sorted(e.value.nodes) == ["GroupNormalization_g", "GroupNormalization_y"]
 
 
 def test_command_line_error_is_one_line(tmp_path):

@@ -24,9 +24,10 @@ def run(canon: Canonical) -> bool:
     changed = False
     for node in list(graph.nodes):
         if node.op == "GroupNormalization" and canon.opset < 21:  # (onnx's checker refuses the deprecated version 18)
-            raise UnsupportedError(f"{where(node)}: GroupNormalization below opset 21 (version 18, deprecated: "
-                                   "one scale per group) is not supported; export at opset 21, or below 18 (Reshape, "
-                                   "InstanceNormalization)")
+            canon.refuse(node, UnsupportedError(
+                f"{where(node)}: GroupNormalization below opset 21 (version 18, deprecated: one scale per group) is "
+                "not supported; export at opset 21, or below 18 (Reshape, InstanceNormalization)"))
+            continue
         if node.op in NORMALIZATIONS and node.outputs:
             while fold_following(graph, node):
                 changed = True
