@@ -122,17 +122,21 @@ def test_pixel_target_on_a_channels_last_output(name, arch):
 
 @pytest.mark.parametrize("name", MODELS)
 def test_top1_in_the_graph_is_the_top_logit(name, arch):
-    """``seed="top1"`` and Session's top-1 switch seed each sample's arg-max of the explained logits, a flat index
-    into the graph output (here the probabilities' arg-max: softmax keeps the order within its axis, and for the
-    dense output the index is checked against the twin's logits in the output's order)."""
+    """``seed="top1"`` and ``seed="switch"`` seed each sample's arg-max of the explained logits in the graph, a flat
+    index into the graph output (for the dense output checked against the twin's logits in the output's order). A
+    ``seed="input"`` graph has no logits to show: Session takes the arg-max of the graph output, the same class where
+    the squasher keeps the order of its axis (a classifier's softmax), not across a dense softmax's positions."""
     a = arch(name)
     logits = a.twin(torch.from_numpy(a.x)).detach().numpy().reshape(len(a.x), -1)
     top = logits.argmax(axis=1)
     want = _grad_x_input_over_logit(a, top)
-    top1 = lrpc.Session(lrpc.compile(_proto(a), "epsilon", seed="top1", **LRP0), providers=["CPUExecutionProvider"])
-    switch = lrpc.Session(lrpc.compile(_proto(a), "epsilon", **LRP0), providers=["CPUExecutionProvider"])
-    for session in (top1, switch):
+    sessions = {seed: lrpc.Session(lrpc.compile(_proto(a), "epsilon", seed=seed, **LRP0),
+                                   providers=["CPUExecutionProvider"]) for seed in ("top1", "switch", "input")}
+    for seed, session in sessions.items():
         e = session.explain(a.x)
+        if seed == "input":
+            top = np.asarray(e.output).reshape(len(a.x), -1).argmax(axis=1)
+            want = _grad_x_input_over_logit(a, top)
         np.testing.assert_array_equal(e.target, top)
         _assert_per_sample(e.relevance, want)
 
