@@ -114,6 +114,50 @@ def test_softmax_taylor_rule_and_cp_lrp_constant_probabilities(composite):
     assert rel_l2(got["relevance_x"], want_x) < 1e-12
 
 
+def _rules_of(compiled) -> dict:
+    import json
+
+    return json.loads(next(p.value for p in compiled.metadata_props if p.key == "lrpc.rules"))
+
+
+def test_cnn_composites_give_attention_attnlrp_rules():
+    """Every composite gives a MatMul of two computed tensors epsilon and an attention softmax taylor (as attnlrp);
+    its own rules apply elsewhere (the mask Add: pass under epsilon-gamma-box, epsilon under attnlrp)."""
+    rng = np.random.default_rng(2)
+    m, _ = _attention_model()
+    feeds = {"x": rng.standard_normal((2, 3, 4, 5)), "v": rng.standard_normal((2, 3, 5, 6)),
+             "relevance_seed": rng.standard_normal((2, 3, 4, 6))}
+    ours, theirs = (lrpc.compile(m, c, epsilon=EPS) for c in ("epsilon-gamma-box", "attnlrp"))
+    rules = _rules_of(ours)
+    assert rules["av"].startswith("epsilon") and "taylor" in rules.values() and "pass" in rules.values()
+    assert "pass" not in _rules_of(theirs).values()
+    assert rel_l2(_run64(ours, feeds)["relevance_v"], _run64(theirs, feeds)["relevance_v"]) < 1e-14
+
+
+def test_rule_files_give_attention_only_its_rules(tmp_path):
+    """taylor/constant only on softmax layers, only they on softmax layers, only epsilon on a MatMul of two
+    computed tensors: each refused in one line naming the node."""
+    import json
+
+    m, _ = _attention_model()
+    cases = [({"category": "scale", "rule": "taylor"}, lrpc.InputError, "rule 'taylor' applies only to softmax"),
+             ({"category": "softmax", "rule": "epsilon"}, lrpc.UnsupportedError, r"\(Softmax\): rule 'epsilon' does "
+              "not apply to a Softmax"),
+             ({"category": "matmul", "rule": "zplus"}, lrpc.UnsupportedError, r"'av' \(MatMul\): rule 'zplus' does "
+              "not apply to a MatMul of two computed tensors")]
+    for i, (entry, error, message) in enumerate(cases):
+        path = tmp_path / f"r{i}.json"
+        path.write_text(json.dumps({"composite": "attnlrp", "rules": [entry]}))
+        with pytest.raises(error, match=message):
+            lrpc.compile(m, str(path))
+
+
+def test_rules_lists_the_attention_composites():
+    from lrpc.composites import describe
+
+    text = describe()
+    assert all(w in text for w in ("attnlrp", "cp-lrp", "taylor", "constant", "matmul", "softmax"))
+
 # ------------------------------------------------------------------------------------------- end to end (torch)
 GRAD_TOL = 1e-4
 CONSERVE_TOL = 1e-4
@@ -286,3 +330,73 @@ def test_tiny_vit_cp_lrp_conserves_without_biases(tmp_path, exporter):
     err = float(np.max(np.abs(sums - seed.sum(1)) / np.abs(seed.sum(1))))
     report_line(f"tiny ViT {exporter} cp-lrp bias-free: conservation rel error {err:.1e} (float32)")
     assert err < CONSERVE_TOL
+
+
+def _torchvision_vit_reference(net, mode: str):
+    """torchvision's VisionTransformer forward written out with its own parameters, the rule's tensors detached
+    (as _tiny_vit's ``mode``): its gradient × input is that composite's relevance."""
+    import torch
+    from torch.nn import functional as F
+
+    def ln(m, x):
+        mu = x.mean(-1, keepdim=True)
+        sigma = ((x - mu) ** 2).mean(-1, keepdim=True).add(m.eps).sqrt()
+        return (x - mu) / sigma.detach() * m.weight + m.bias
+
+    def mm(a, b):
+        return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
+
+    def attention(m, x):
+        n, t, d = x.shape
+        h = m.num_heads
+        q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
+        a = mm(q, k.transpose(-2, -1) * (d // h) ** -0.5).softmax(-1)
+        o = a.detach() @ v if mode == "cp-lrp" else mm(a, v)
+        return m.out_proj(o.transpose(1, 2).reshape(n, t, d))
+
+    def forward(x):
+        n = x.shape[0]
+        x = net.conv_proj(x).reshape(n, net.hidden_dim, -1).permute(0, 2, 1)
+        x = torch.cat([net.class_token.expand(n, -1, -1), x], dim=1) + net.encoder.pos_embedding
+        for blk in net.encoder.layers:
+            x = x + attention(blk.self_attention, ln(blk.ln_1, x))
+            y = blk.mlp[0](ln(blk.ln_2, x))
+            x = x + blk.mlp[3](y * (F.gelu(y) / y).detach())
+        return net.heads(ln(net.encoder.ln, x)[:, 0])
+
+    return forward
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+def test_torchvision_vision_transformer_matches_the_detach_reference(tmp_path, exporter):
+    """torchvision's VisionTransformer (nn.MultiheadAttention inside), tiny: image 32, patch 8, 2 layers, 2 heads,
+    width 32, MLP 64, 10 classes; random biases. attnlrp and cp-lrp against the detach reference, float32, 1e-4."""
+    import torch
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10).eval()
+    with torch.no_grad():  # (torchvision's init zeroes the biases and the head)
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif name.startswith("heads"):
+                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
+    model = _export(net, tmp_path / "vit.onnx", exporter)
+    x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    for composite in ("attnlrp", "cp-lrp"):
+        xt = torch.from_numpy(x).requires_grad_(True)
+        y = _torchvision_vit_reference(net, composite)(xt)
+        k = y.argmax(1)
+        y.gather(1, k[:, None]).sum().backward()
+        seed = np.zeros(tuple(y.shape), np.float32)
+        seed[np.arange(2), k.numpy()] = y.detach().numpy()[np.arange(2), k.numpy()]
+        got = run_onnx(lrpc.compile(model, composite, epsilon=0.0, stabilizer_eps=0.0),
+                       {"input": x, "relevance_seed": seed})
+        with torch.no_grad():
+            assert rel_l2(got["logits"], net(torch.from_numpy(x)).numpy()) < 1e-4
+        err = rel_l2(got["relevance"], (xt.grad * xt).detach().numpy())
+        report_line(f"torchvision ViT {exporter} {composite}: relevance vs detach reference rel L2 {err:.1e} "
+                    "(float32)")
+        assert err < GRAD_TOL
