@@ -43,7 +43,8 @@ def softmax(ctx, node, R_out):
     if rule.name == "constant":
         return [None]
     if rule.name != "taylor":
-        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a Softmax (use taylor or constant)")
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a Softmax "
+                               "(use taylor or constant)")
     b, x, s, R = ctx.b, node.inputs[0], node.outputs[0], R_out[0]
     x = b.op("Where", [b.op("Equal", [s, b.const(0.0)], dtype=bool), b.const(0.0), x])
     return [b.mul(x, b.op("Sub", [R, b.mul(s, b.reduce_sum(R, [int(node.attrs.get("axis", -1))]))]))]
