@@ -5,7 +5,9 @@ Layer categories (decided by the emitter from the canonical graph):
 ``resize`` (a Resize/Upsample lowered to MatMuls), ``sum`` (residual Sum), ``scale`` (element-wise affine:
 standalone BatchNormalization, Mul/Add by a constant), ``normalization`` (LayerNormalization, InstanceNormalization,
 GroupNormalization, and a bias Add after one that could not fold into it; epsilon: AttnLRP's rule, the standard
-deviation held constant).
+deviation held constant), ``matmul`` (a MatMul of two computed tensors: attention's Q·Kᵀ and A·V), ``softmax``
+(a Softmax inside the graph that is not a gate: attention's probabilities). Every composite gives the last two
+AttnLRP's rules unless it names others (cp-lrp: the probabilities are constants).
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from . import rules as R
 from .errors import InputError
 
 # (sum: Options.sum_rule)
-BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass", "normalization": "epsilon"}
+BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass", "normalization": "epsilon",
+        "matmul": "epsilon", "softmax": "taylor"}
 SUM_RULES = ("norm", "sign-norm", "epsilon")  # the rules a residual sum takes
 CATEGORIES = ("conv", "dense", *BASE)
 
@@ -47,6 +50,12 @@ COMPOSITES = {c.name: c for c in [
     Composite("epsilon", {"conv": "epsilon", "dense": "epsilon"}, None, "epsilon everywhere (LRP-0 with --epsilon 0)"),
     Composite("deep-taylor", {"conv": "zplus", "dense": "zplus"}, (("conv", "dense"), "zbox"),
               "deep Taylor preset: z-box on the first layer, z-plus above"),
+    # transformers: epsilon on every linear layer, constant addend and residual sum (a constant takes its share)
+    Composite("attnlrp", {"conv": "epsilon", "dense": "epsilon", "scale": "epsilon", "sum": "epsilon"}, None,
+              "AttnLRP: epsilon on linear layers and sums, attention MatMuls split 50/50, softmax Taylor rule"),
+    Composite("cp-lrp", {"conv": "epsilon", "dense": "epsilon", "scale": "epsilon", "sum": "epsilon",
+                         "softmax": "constant"}, None,
+              "CP-LRP: as attnlrp, attention probabilities constant (relevance flows through the values)"),
 ]}
 
 
@@ -190,6 +199,9 @@ def assign_rules(layers: list[tuple[str, tuple, str]], ruleset: RuleSet) -> dict
             out[name] = opts.rule(comp.first[1])
         else:
             out[name] = opts.rule(comp.layers.get(cat) or (opts.sum_rule if cat == "sum" else BASE.get(cat, "pass")))
+        if out[name].layers is not None and cat not in out[name].layers:
+            raise InputError(f"node '{name}' ({ops[0]}): rule '{out[name].name}' applies only to "
+                             f"{', '.join(out[name].layers)} layers (this one is {cat})")
     return out
 
 
@@ -202,7 +214,9 @@ def describe() -> str:
     lines.append("  (LayerNorm, InstanceNorm, GroupNorm; the standard deviation held constant, as AttnLRP), pass on")
     lines.append("  activations, standalone BatchNorm and element-wise affine layers; --sum-rule sign-norm for "
                  "residual")
-    lines.append("  sums whose branches have both signs and nearly cancel (RepVGG, pre-activation sums)")
+    lines.append("  sums whose branches have both signs and nearly cancel (RepVGG, pre-activation sums); AttnLRP's")
+    lines.append("  rules on attention (MatMul of two computed tensors: epsilon split 50/50; softmax: taylor), unless")
+    lines.append("  the composite names others (attnlrp, cp-lrp: epsilon on sums and element-wise affine layers)")
     lines.append("")
     lines.append(f"Layer categories (for rule files): {', '.join(CATEGORIES)}")
     lines.append("")

@@ -11,6 +11,7 @@ from .contract import AUDIT, SEED, TARGET, input_relevance_names
 from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import facts, propagator
+from .relevance.attention import MATMUL
 from .relevance.linear import gate_operand
 from .schedule import order_for_runtime
 
@@ -26,6 +27,7 @@ class Context:
         self.audit = False  # whether rules account for the relevance they absorb (:meth:`account`)
         self.provider = "cpu"  # what the graph is lowered for (contract.PROVIDERS)
         self.accounts: dict = {}  # node name -> {kind: tensor} (AUDIT)
+        self.live: set = set()  # names of the tensors that depend on the explained inputs
 
     def account(self, node, kept, bias=None, zero=None) -> None:
         """Record, as tensors shaped like (or broadcasting to) the layer's output, the relevance its rule passes
@@ -59,6 +61,10 @@ class Context:
     def rule(self, node):
         return self._rules[node.name]
 
+    def rule_of(self, node):
+        """The rule of ``node``, None for a node without one (no category)."""
+        return self._rules.get(node.name)
+
     def nonneg(self, t) -> bool:
         return t.name in self._nonneg
 
@@ -72,10 +78,13 @@ ACTIVATION = "lrpc.activation"  # what the output node of an activation written 
 
 def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
-    activation written as several element-wise ops (see passes/activation_regions.py), or ``domain::type`` for an op
-    of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
+    activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` for a MatMul of
+    two computed tensors (attention: relevance/attention.py), or ``domain::type`` for an op of another domain (which
+    no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
+    if node.op == "MatMul" and not any(is_const(t) for t in node.inputs):
+        return MATMUL
     return op_type(node)
 
 
@@ -123,12 +132,15 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
                if n.name in canon.refused or (n.name in reached and propagator(op_of(canon, n)) is None)]
     if missing:
         raise unsupported(missing, canon.refused)
-    layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes if category(canon, n)]
+    # (a Softmax no relevance reaches weighs a gate, as split attention's in CNNs: no layer with a rule)
+    layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes
+              if category(canon, n) and (n.op != "Softmax" or n.name in reached)]
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph, canon.weight_signs), ruleset.options)
     ctx.audit = layerwise is not None
     ctx.provider = for_provider
+    ctx.live = depends
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
     start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)

@@ -83,7 +83,8 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
                           "no relevance, the gradient flows through both",
                    "Add": "a merge inside an activation written out as several ops: the identity rule is not the "
                           "gradient"}.get(n.op_type,
-                                          "a product of two computed tensors: relevance goes to one factor only")
+                                          "a product of two computed tensors: its rule splits the relevance "
+                                          "between the factors (or sends it through one), the gradient does not")
             return f"{at}: {why}"
         if n.op_type == "Clip" and not _relu_like(model, n):
             return f"{at}: a Clip other than max(x, 0) (ReLU6, ...) gets the pass rule: relevance passes where " \

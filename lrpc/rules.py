@@ -56,10 +56,11 @@ class Rule:
     # of the output's sign); None: it does not apply there
     on_sums: str | None = None
     own_output: bool = False  # where R = z ⊙ c (z the layer's own output) its masks and sign tests fold into z
+    layers: tuple[str, ...] | None = None  # the only categories it applies to (None: linear layers, on_sums)
 
     @property
     def is_pass(self) -> bool:
-        return not self.groups
+        return not self.groups and self.layers is None
 
     @property
     def gamma(self) -> float:
@@ -145,6 +146,17 @@ def pass_(**kw) -> Rule:
     return Rule("pass", (), **{k: v for k, v in kw.items() if k == "zero_bias"})
 
 
+def taylor(**kw) -> Rule:
+    """AttnLRP's softmax rule (a Taylor expansion at the input): ``R_x = x ⊙ (R - s ⊙ Σ_axis R)``, 0 where s = 0."""
+    return Rule("taylor", layers=("softmax",))
+
+
+def constant(**kw) -> Rule:
+    """CP-LRP's attention probabilities: the softmax output is a constant, no relevance enters it; a product with it
+    is a linear map of its other operand."""
+    return Rule("constant", layers=("softmax",))
+
+
 # name -> (factory, parameter names it takes from the user)
 RULES = {
     "epsilon": (epsilon, ("epsilon",)),
@@ -157,6 +169,8 @@ RULES = {
     "norm": (norm, ()),
     "sign-norm": (sign_norm, ()),
     "pass": (pass_, ()),
+    "taylor": (taylor, ()),
+    "constant": (constant, ()),
 }
 
 

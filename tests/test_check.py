@@ -539,15 +539,15 @@ def test_zero_bias_change_leaves_other_compiles_byte_identical(tmp_path, monkeyp
 def _noisy_model(path, with_unsupported: bool):
     """A scalar initializer read by two Unsqueeze nodes that make a Reshape's shape: the sessions that constant
     folding starts warn "UnsqueezeElimination cannot remove node" on stderr (as 117 times for a torchvision Swin
-    export; with the nodes unnamed: onnxruntime warns less about named ones). ``with_unsupported``: a Softmax on the
-    explained path, so that compiling fails."""
+    export; with the nodes unnamed: onnxruntime warns less about named ones). ``with_unsupported``: a Hardmax on the
+    explained path (no propagator), so that compiling fails."""
     from onnx import TensorProto, helper, numpy_helper
 
     nodes = [helper.make_node("Unsqueeze", ["n", "ax"], ["u1"]), helper.make_node("Unsqueeze", ["n", "ax"], ["u2"]),
              helper.make_node("Mul", ["u1", "u2"], ["nn"]),
              helper.make_node("Concat", ["nn", "four"], ["shape"], axis=0),
              helper.make_node("Reshape", ["input", "shape"], ["r"]),
-             helper.make_node("Softmax" if with_unsupported else "Relu", ["r"], ["a"]),
+             helper.make_node("Hardmax" if with_unsupported else "Relu", ["r"], ["a"]),
              helper.make_node("MatMul", ["a", "W"], ["out"])]
     inits = [numpy_helper.from_array(np.array(1, np.int64), "n"),
              numpy_helper.from_array(np.array([0], np.int64), "ax"),
@@ -566,7 +566,7 @@ def test_onnxruntime_warnings_off_unless_debug(tmp_path):
                 "explain": ["explain", bad, "--npy", tmp_path / "x.npy", "-o", tmp_path / "h.png"]}
     for name, args in commands.items():
         code, out, err = lrpc_cli(*args)
-        assert code == 2 and len(err.splitlines()) == 1 and "(Softmax)" in err, (name, err)
+        assert code == 2 and len(err.splitlines()) == 1 and "(Hardmax)" in err, (name, err)
     code, out, err = lrpc_cli("check", bad)  # (the failing check is in the report on stdout)
     assert code == 1 and err == "" and "FAIL  supported" in out, err
     good = _noisy_model(tmp_path / "good.onnx", False)

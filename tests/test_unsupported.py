@@ -16,22 +16,23 @@ from onnx import TensorProto, helper, numpy_helper
 import lrpc
 
 ROOT = Path(__file__).resolve().parents[1]
-REFUSED_MATMUL = "MatMul of two non-constant tensors has no LRP rule"
+REFUSED_MATMUL = "MatMul with a constant first operand"
 # the one message for the model below: pass refusals with their reasons, then the ops without a propagator
 MESSAGE = (f"node 'mm1' (MatMul): {REFUSED_MATMUL}; node 'mm2' (MatMul): {REFUSED_MATMUL}; "
            "no relevance propagator for node 'hardmax' (Hardmax)")
 
 
 def _model(aux_only: bool = False) -> onnx.ModelProto:
-    """x [N, 3, 4] -> MatMul(x, xᵀ) -> MatMul(·, Relu(x)) -> Hardmax -> Flatten -> Gemm -> logits, and a second head
-    aux = Gemm(Flatten(x)). ``aux_only``: aux is the first output (the explained one)."""
+    """x [N, 3, 4] -> MatMul(C1, x) -> Relu -> MatMul(C2, ·) -> Hardmax -> Flatten -> Gemm -> logits (C1, C2 constant
+    first operands, which linear_normal_form refuses), and a second head aux = Gemm(Flatten(x)). ``aux_only``: aux is
+    the first output (the explained one)."""
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((5, 12)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((2, 12)).astype(np.float32), "w2")
-    nodes = [helper.make_node("Transpose", ["x"], ["xt"], perm=[0, 2, 1], name="t"),
-             helper.make_node("MatMul", ["x", "xt"], ["g"], name="mm1"),
-             helper.make_node("Relu", ["x"], ["r"], name="relu"),
-             helper.make_node("MatMul", ["g", "r"], ["m"], name="mm2"),
+    c1, c2 = (numpy_helper.from_array(rng.standard_normal((3, 3)).astype(np.float32), n) for n in ("c1", "c2"))
+    nodes = [helper.make_node("MatMul", ["c1", "x"], ["g"], name="mm1"),
+             helper.make_node("Relu", ["g"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["c2", "r"], ["m"], name="mm2"),
              helper.make_node("Hardmax", ["m"], ["e"], name="hardmax"),
              helper.make_node("Flatten", ["e"], ["f"], axis=1, name="flatten"),
              helper.make_node("Gemm", ["f", "w1"], ["logits"], transB=1, name="fc"),
@@ -40,7 +41,7 @@ def _model(aux_only: bool = False) -> onnx.ModelProto:
     outs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", 5]),
             helper.make_tensor_value_info("aux", TensorProto.FLOAT, ["N", 2])]
     g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 4])],
-                          outs[::-1] if aux_only else outs, [w1, w2])
+                          outs[::-1] if aux_only else outs, [w1, w2, c1, c2])
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     onnx.checker.check_model(m, full_check=True)

@@ -61,12 +61,8 @@ DEFAULT = {"resnet18", "densenet121", "mobilenet_v3_small", "googlenet", "timm/d
 
 # ------------------------------------------------------------------------------------------------ what fails
 _LN = "LayerNormalization"
-_ATTN = "MatMul of two computed tensors (attention Q·Kᵀ and A·V)"
 UNSUPPORTED = {
-    ("swin", "*"): f"{_ATTN}, refused first; also Softmax inside attention (5)",
     ("maxvit", "*"): "Einsum of two computed tensors (attention, 16), Softmax inside attention (8)",
-    ("vit", "*"): f"{_ATTN}, refused first; also Softmax inside attention (2)",
-    ("timm/mobilevit_xxs", "*"): f"{_ATTN}, refused first; also Softmax inside attention (9)",
 }
 
 # LRP-0 = gradient × input needs every non-linearity to be ReLU-like (f(x) = x·f'(x): ReLU, LeakyReLU, MaxPool) and
@@ -110,7 +106,15 @@ GRAD_X_INPUT = [n for n in families.FAMILIES if n not in NO_GRAD_X_INPUT]
 # float32 gradient × input is as far from its float64 one, the number is given as "torch f32 vs f64".
 _F32 = "float32 LRP-0 vs gradient × input: rel L2 {} (export vs torch {}){}; float64 exact (test (4)): round-off " \
        "decides near-zero ReLU units differently in the export and in torch, not the rule"
+_SOFTMAX = "bias-free conservation off by {} (Σ|R|/Σseed {}): the attention softmax's Taylor rule (AttnLRP, every " \
+           "composite) does not conserve by design (tests/test_attention.py: CP-LRP conserves)"
 ORACLE_FAILS: dict[tuple[str, str, str], str] = {
+    ("vit", "legacy", "conservation"): _SOFTMAX.format("4.5e-1", "28"),
+    ("vit", "dynamo", "conservation"): _SOFTMAX.format("4.6e-1", "24"),
+    ("swin", "legacy", "conservation"): _SOFTMAX.format("5.9e-3", "38"),
+    ("swin", "dynamo", "conservation"): _SOFTMAX.format("9.5e-3", "47"),
+    ("timm/mobilevit_xxs", "legacy", "conservation"): _SOFTMAX.format("4.8e-2", "9.7"),
+    ("timm/mobilevit_xxs", "dynamo", "conservation"): _SOFTMAX.format("4.8e-2", "9.7"),
     ("vgg11_bn", "legacy", "lrp0"): _F32.format("6.2e-3", "2.8e-6", "; torch f32 vs f64 6.2e-3"),
     ("vgg11_bn", "dynamo", "lrp0"): _F32.format("6.2e-3", "4.1e-6", "; torch f32 vs f64 6.2e-3"),
     ("resnext50_32x4d", "legacy", "lrp0"): _F32.format("7.7e-3", "3.2e-5", "; torch f32 vs f64 1.1e-6"),

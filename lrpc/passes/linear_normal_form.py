@@ -1,7 +1,8 @@
 """Linear normal form: every linear layer becomes Conv / ConvTranspose with explicit pads and a bias
 input, Gemm(X, W[out,in], b[out], transB=1, alpha=beta=1), or MatMul(X, W) with X of rank > 2; constant
-Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it. A layer that cannot take
-that form (a non-constant weight, a product of two computed tensors) stays as it is, refused (see Canonical.refuse)."""
+Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it. A MatMul of two computed
+tensors (attention) stays as it is (relevance/attention.py); a layer that cannot take that form (a non-constant
+Gemm weight, a constant first MatMul operand) stays as it is, refused (see Canonical.refuse)."""
 from __future__ import annotations
 
 import numpy as np
@@ -113,9 +114,9 @@ def _matmul(canon, node) -> bool:
     x, w = node.inputs
     if is_const(x) and not is_const(w):
         raise UnsupportedError(f"{where(node)}: MatMul with a constant first operand")
-    if not is_const(w) or const_value(w).ndim != 2:
-        if not is_const(w):
-            raise UnsupportedError(f"{where(node)}: MatMul of two non-constant tensors has no LRP rule")
+    if not is_const(w):
+        return False  # a product of two computed tensors (attention): relevance/attention.py
+    if const_value(w).ndim != 2:
         raise UnsupportedError(f"{where(node)}: MatMul with a {const_value(w).ndim}-d weight")
     if x.shape is None or len(x.shape) < 2:
         return False

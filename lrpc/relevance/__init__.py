@@ -52,4 +52,4 @@ def facts(op: str | None) -> Op:
     return OPS.get(op, UNKNOWN)
 
 
-from . import elementwise, linear, normalization, pooling, structural  # noqa: E402,F401  (fill the registry)
+from . import attention, elementwise, linear, normalization, pooling, structural  # noqa: E402,F401  (fill the registry)

@@ -32,7 +32,7 @@ def activation(ctx, node, R_out):
     return [R_out[0]]
 
 
-declare("Abs", "Exp", "Softmax", nonneg=True)  # (no propagator: inside activation regions, gates)
+declare("Abs", "Exp", nonneg=True)  # (no propagator: inside activation regions)
 
 
 @register("Sum", category="sum", keeps_nonneg=True, gradient=EXACT)

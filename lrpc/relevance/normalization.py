@@ -18,7 +18,7 @@ from . import register
 from .linear import View, emit_rule
 
 # the rules it takes: the others need the positive part of the (centring) matrix, which w does not give
-RULES = tuple(name for name in ALL_RULES if make_rule(name).plain_weights)
+RULES = tuple(name for name in ALL_RULES if make_rule(name).plain_weights and make_rule(name).layers is None)
 
 
 class NormView(View):
