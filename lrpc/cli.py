@@ -70,6 +70,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--for-provider", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: no op onnxruntime's CUDA provider runs on the CPU (MaxPool's backward scatters "
                         "instead of MaxUnpool; slower on the CPU); default cpu")
+    c.add_argument("--explain-at", metavar="TENSOR",
+                   help="explain at this float tensor of the graph instead of the inputs (output relevance shaped "
+                        "like it), e.g. a feature map")
     _rule_flags(c)
 
     ch = sub.add_parser("check", help="CI guard: compile, run, verify forward/finiteness/conservation/gradient",
@@ -275,7 +278,7 @@ def _run(args) -> int:
     else:
         model = compile_loaded(args.model, args.rules, output=args.output, layerwise=args.layerwise,
                                input_shapes=dict(args.input_shape), seed=args.seed, for_provider=args.for_provider,
-                               **asdict(_options(args)))
+                               explain_at=args.explain_at, **asdict(_options(args)))
     model.save(args.out, protect=_read_files(args))
     print(f"wrote {args.out}")
     return 0

@@ -7,10 +7,10 @@ import numbers
 import onnx
 
 from . import composites
-from .contract import LAYERWISE_PREFIXES, RELEVANCE, SEED, TARGET
+from .contract import LAYERWISE_PREFIXES, RELEVANCE, SEED, TARGET, TOKENS
 from .emit import emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
-from .graph import MIN_OPSET, export_model, opset_of
+from .graph import MIN_OPSET, const_value, export_model, is_const, opset_of
 from .loaded import LoadedModel
 from .passes import canonize as _canonize
 from .structure import check_structure, structure_of_model
@@ -34,7 +34,7 @@ def _as_model(model, input_shapes: dict | None = None) -> tuple[LoadedModel, dic
                                f"knows ({onnx.defs.onnx_opset_version()})")
     if opset_of(model) < MIN_OPSET:  # the version converter serializes every tensor: with its data
         loaded.restored()
-    return loaded, _check_weights(loaded)
+    return loaded, _scan_weights(loaded)
 
 
 def _refuse_unsupported_floats(model: onnx.ModelProto) -> None:
@@ -83,11 +83,12 @@ def with_input_shapes(model: onnx.ModelProto, shapes: dict) -> onnx.ModelProto:
     return model
 
 
-def _check_weights(loaded: LoadedModel) -> dict:
-    """NaN/Inf weights would make every relevance NaN: refuse them up front, naming tensor and user. The values
-    are looked at where they are (:meth:`lrpc.loaded.LoadedModel.values`: deferred weights in the file's bytes).
-    Returns ``{name: (TensorProto, all values >= 0)}`` for the float initializers: the emitter's sign analysis
-    looks weights up there instead of reading them again."""
+def _scan_weights(loaded: LoadedModel) -> tuple[dict, dict]:
+    """One look at the float initializers where they are (:meth:`lrpc.loaded.LoadedModel.values`: deferred weights
+    in the file's bytes). Returns ``{name: (TensorProto, all values >= 0)}`` (the emitter's sign analysis looks
+    weights up there instead of reading them again) and ``{name: message}`` for those holding -inf (a mask's),
+    refused where relevance crosses them (:func:`_refuse_nonfinite_on_path`). NaN and +inf are refused here,
+    naming tensor and user: they would make every relevance NaN."""
     import numpy as np
 
     model = loaded.proto
@@ -95,7 +96,7 @@ def _check_weights(loaded: LoadedModel) -> dict:
     for node in model.graph.node:
         for name in node.input:
             users.setdefault(name, node)
-    signs = {}
+    signs, nonfinite = {}, {}
     for init in model.graph.initializer:
         if init.data_type not in (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16):
             continue
@@ -105,9 +106,38 @@ def _check_weights(loaded: LoadedModel) -> dict:
             total = values.sum(dtype=np.float64)
         if not np.isfinite(total) and not np.all(np.isfinite(values)):
             bad = int((~np.isfinite(values)).sum())
-            raise InputError(f"weight '{init.name}'{_used_by(users.get(init.name))} holds {bad} NaN/Inf value(s)")
+            message = f"weight '{init.name}'{_used_by(users.get(init.name))} holds {bad} NaN/Inf value(s)"
+            if np.any(np.isnan(values) | (values == np.inf)):
+                raise InputError(message)
+            nonfinite[init.name] = message  # -inf only: a mask, maybe
         signs[init.name] = (init, values.size == 0 or bool(values.min() >= 0))
-    return signs
+    return signs, nonfinite
+
+
+def _refuse_nonfinite_on_path(canon, nonfinite: dict, explain_at: str | None) -> None:
+    """-inf weights where relevance flows would make it NaN: refuse a constant with -inf read by a node on the
+    relevance path, naming it (and its user where it came from the model). Constants off the path (an attention
+    mask built from constants or from an integer input) may hold -inf. A constant mask added to attention scores
+    (an Add read only by Softmax nodes) may too: its -inf become the lowest finite value, which the Softmax maps
+    to the same 0 (the rules' bias terms then stay finite)."""
+    if not nonfinite:
+        return
+    import numpy as np
+    import onnx_graphsurgeon as gs
+
+    for node in relevance_path(canon, explain_at)[2]:
+        for i, t in enumerate(node.inputs):
+            if not t.name or not is_const(t) or np.dtype(t.dtype).kind != "f":
+                continue
+            v = const_value(t)
+            if np.all(np.isfinite(v)):
+                continue
+            if node.op == "Add" and all(c.op == "Softmax" for c in node.outputs[0].outputs):
+                low = np.where(np.isneginf(v), np.finfo(v.dtype).min, v).astype(v.dtype)
+                node.inputs[i] = gs.Constant(f"lrpc/finite/{t.name}", low)
+                continue
+            raise InputError(nonfinite.get(t.name) or f"weight '{t.name}' used by node '{node.name}' ({node.op}) "
+                             f"holds {int((~np.isfinite(v)).sum())} -inf value(s) where relevance flows")
 
 
 def canonize(model, output: str | None = None, input_shapes: dict | None = None) -> onnx.ModelProto:
@@ -119,12 +149,13 @@ def canonize(model, output: str | None = None, input_shapes: dict | None = None)
 
 def canonize_loaded(model, output: str | None = None, input_shapes: dict | None = None) -> LoadedModel:
     """:func:`canonize`, the result a LoadedModel (see :func:`compile_loaded`)."""
-    loaded, _ = _as_model(model, input_shapes)
+    loaded, (_, nonfinite) = _as_model(model, input_shapes)
     with _blaming_the_input(loaded.proto):
         canon = _canonize(loaded, output)
         refused = [n for n in relevance_path(canon)[2] if n.name in canon.refused] if canon.refused else []
         if refused:  # (nodes relevance must cross, left as they were: the model is not canonical; others may stay)
             raise unsupported(refused, canon.refused)
+        _refuse_nonfinite_on_path(canon, nonfinite, None)
         # (a copy of the moves behind a softmax: nothing reads it)
         canon.graph.cleanup(remove_unused_graph_inputs=False)
         result = loaded.transfer(export_model(canon))
@@ -134,7 +165,7 @@ def canonize_loaded(model, output: str | None = None, input_shapes: dict | None 
 
 def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
             layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-            for_provider: str = "cpu", **options) -> onnx.ModelProto:
+            for_provider: str = "cpu", explain_at: str | None = None, **options) -> onnx.ModelProto:
     """Compile ``model`` (ModelProto or path; a :class:`lrpc.loaded.LoadedModel` is used up) into forward +
     relevance graph.
 
@@ -146,13 +177,16 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
     the seed input, or the top-1 seed where the bool input ``lrpc/top1`` is fed true; lrpc.Session's top-1 targets
     take one run instead of two). ``for_provider``: "cpu" (default; runs anywhere) or "cuda" (no op that
     onnxruntime's CUDA provider would run on the CPU: MaxPool's backward scatters instead of MaxUnpool).
-    ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve."""
-    return compile_loaded(model, rules, output, layerwise, input_shapes, seed, for_provider, **options).restored()
+    ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve. ``explain_at``: the name
+    of a float tensor to explain at instead of the float inputs (output ``relevance`` shaped like it). A model of
+    token ids (no float input) is explained at its token embedding: output ``relevance_tokens`` [B, T]."""
+    return compile_loaded(model, rules, output, layerwise, input_shapes, seed, for_provider, explain_at,
+                          **options).restored()
 
 
 def compile_loaded(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output: str | None = None,
                    layerwise: str | None = None, input_shapes: dict | None = None, seed: str = "input",
-                   for_provider: str = "cpu", **options) -> LoadedModel:
+                   for_provider: str = "cpu", explain_at: str | None = None, **options) -> LoadedModel:
     """:func:`compile`, the result a :class:`lrpc.loaded.LoadedModel`: the weights of the file read that it holds
     unchanged are still the file's bytes (a model read from a path has its big weights deferred: never copied
     into a proto), written as those bytes by its ``save`` and read by onnxruntime in the file
@@ -165,12 +199,15 @@ def compile_loaded(model, rules: str | composites.RuleSet = "epsilon-gamma-box",
         except TypeError as e:
             raise InputError(str(e)) from None
         ruleset = composites.load_ruleset(rules, opts)
-    loaded, signs = _as_model(model, input_shapes)
+    loaded, (signs, nonfinite) = _as_model(model, input_shapes)
     _refuse_reserved_names(loaded.proto)
+    if explain_at is not None:
+        _check_explain_at(loaded.proto, explain_at)
     with _blaming_the_input(loaded.proto):
         canon = _canonize(loaded, output)
         canon.weight_signs = signs
-        result = loaded.transfer(emit(canon, ruleset, layerwise, seed, for_provider))
+        _refuse_nonfinite_on_path(canon, nonfinite, explain_at)
+        result = loaded.transfer(emit(canon, ruleset, layerwise, seed, for_provider, explain_at))
         _check(result.proto)
     return result
 
@@ -194,6 +231,15 @@ def _blaming_the_input(model: onnx.ModelProto):
         raise
 
 
+def _check_explain_at(model: onnx.ModelProto, name: str) -> None:
+    """``explain_at`` names a tensor the model computes or takes as input (one InputError line otherwise)."""
+    g = model.graph
+    if not isinstance(name, str) or not name:
+        raise InputError(f"explain_at: expected a tensor name, got {name!r}")
+    if name not in {i.name for i in g.input} | {o for n in g.node for o in n.output}:
+        raise InputError(f"explain_at: the model has no tensor '{name}'")
+
+
 def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     """A tensor named like one lrpc adds (``relevance_seed``, ``relevance``, its ``lrp/…`` intermediates, …) would
     clash with it, and a graph output named ``relevance_…`` would be read as input relevance; a model lrpc already
@@ -201,7 +247,7 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     g = model.graph
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
         raise InputError("the model was compiled by lrpc already: compile the original")
-    reserved = {SEED, TARGET, RELEVANCE} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
+    reserved = {SEED, TARGET, RELEVANCE, TOKENS} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
     prefixes = (*LAYERWISE_PREFIXES, "lrpc/", "lrp/")
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)

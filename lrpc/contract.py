@@ -13,6 +13,7 @@ TARGET = "relevance_target"  # int64 [N]: each sample's top-1 output, flat index
 # seed "switch": a bool scalar input, false unless fed; true seeds each sample's top-1 in the graph
 SWITCH = "lrpc/top1"
 RELEVANCE = "relevance"  # the input relevance; relevance_<input> for each of several float inputs
+TOKENS = "relevance_tokens"  # a model of token ids: relevance per token [B, T] (the token embedding's, summed)
 SEED_MODES = ("input", "top1", "switch")  # how the seed arrives (compile's ``seed``, metadata SEED_MODE)
 PROVIDERS = ("cpu", "cuda")  # what a graph is lowered for (compile's ``for_provider``, metadata PROVIDER)
 

@@ -102,7 +102,7 @@ def category(canon: Canonical, node) -> str | None:
 
 
 def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = None,
-         seed: str = "input", for_provider: str = "cpu") -> onnx.ModelProto:
+         seed: str = "input", for_provider: str = "cpu", explain_at: str | None = None) -> onnx.ModelProto:
     """Return the augmented model: forward graph + relevance backward (see README, 'compiled graph').
 
     ``layerwise="sums"`` adds, for every layer with a rule (and MaxPool), outputs
@@ -115,7 +115,10 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     (int64 [N], flat index per sample) names: logits and relevance in one run, with only the model's
     own inputs to feed; ``seed="switch"``: both, chosen per run by the bool input ``lrpc/top1`` (false unless fed).
     ``for_provider="cuda"``: no op onnxruntime's CUDA provider lacks (MaxPool's backward scatters instead of
-    MaxUnpool), recorded in the metadata. The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
+    MaxUnpool), recorded in the metadata. ``explain_at``: the float tensor relevance is explained at (output
+    ``relevance`` shaped like it) instead of the float inputs; a model of token ids is explained at its token
+    embedding (output ``relevance_tokens``: summed over the hidden axis, see :func:`sources`).
+    The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
     if seed not in contract.SEED_MODES:
@@ -126,7 +129,8 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     tensors = graph.tensors()
     explained = tensors[canon.explained]
     dtype = float_dtype(graph)
-    inputs, depends, nodes = relevance_path(canon)
+    inputs, depends, nodes = relevance_path(canon, explain_at)
+    kind = sources(canon, explain_at)[1]
     reached = _reached(canon, nodes, explained, tensors)
     missing = [n for n in nodes
                if n.name in canon.refused or (n.name in reached and propagator(op_of(canon, n)) is None)]
@@ -188,8 +192,11 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     for t in inputs:
         r = relevance(t)
         r = builder.zeros_like(t) if r is None else r
-        name = contract.RELEVANCE if len(inputs) == 1 else f"{contract.RELEVANCE}_{t.name}"
-        out = gs.Variable(name, dtype=dtype, shape=t.shape)
+        name, shape = contract.RELEVANCE if len(inputs) == 1 else f"{contract.RELEVANCE}_{t.name}", t.shape
+        if kind == "tokens":  # per token: summed over the hidden axis
+            name, shape = contract.TOKENS, None if t.shape is None else t.shape[:-1]
+            r = builder.op("ReduceSum", [r, builder.ints([-1])], {"keepdims": 0})
+        out = gs.Variable(name, dtype=dtype, shape=shape)
         graph.nodes.append(gs.Node("Identity", f"lrp/output/{name}", inputs=[r], outputs=[out]))
         graph.outputs.append(out)
     for name, r, shape in extra:
@@ -378,21 +385,49 @@ def _per_sample_sum(b: Builder, tensors: list):
     return b.sum(sums) if sums else b.const(np.zeros(1))
 
 
-def relevance_path(canon: Canonical) -> tuple[list, set, list]:
-    """The model's float inputs, the names of the tensors that depend on them, and the nodes relevance flows through:
-    those between a float input and the explained tensor, in execution order, less the inner nodes of activation
-    regions."""
+def relevance_path(canon: Canonical, explain_at: str | None = None) -> tuple[list, set, list]:
+    """The tensors relevance is explained at (:func:`sources`), the names of the tensors that depend on them, and
+    the nodes relevance flows through: those between a source and the explained tensor, in execution order, less
+    the inner nodes of activation regions."""
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]
-    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
-    if not inputs:
-        raise InputError("the model has no float input to explain (integer/string inputs only)")
+    inputs, kind = sources(canon, explain_at)
     depends = _depends_on(graph, inputs)
     if explained.name not in depends:
-        raise InputError(f"the explained output '{explained.name}' does not depend on any float input")
+        what = {"inputs": "any float input", "tokens": f"the token embedding '{inputs[0].name}'",
+                "at": f"the tensor '{explain_at}'"}[kind]
+        raise InputError(f"the explained output '{explained.name}' does not depend on {what}")
     inside = _inside_activations(canon, graph, tensors)
     return inputs, depends, [n for n in _on_path(graph, explained, depends) if n.name not in inside]
+
+
+def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]:
+    """Where relevance is explained: ``(tensors, kind)``. ``explain_at`` names a float tensor ("at"); else the
+    float graph inputs ("inputs"); else, for a model of token ids, the token embedding ("tokens"): the Gather of a
+    constant table by an integer graph input (``input_ids`` where several, else the largest table). Position and
+    token-type embeddings and masks then depend on no source: constants for the rules."""
+    graph = canon.graph
+    if explain_at is not None:
+        t = graph.tensors().get(explain_at)
+        if t is None:
+            raise InputError(f"explain_at: the model has no tensor '{explain_at}' (after canonization)")
+        if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.floating) or is_const(t):
+            raise InputError(f"explain_at: tensor '{explain_at}' is not a computed float tensor")
+        return [t], "at"
+    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
+    if inputs:
+        return inputs, "inputs"
+    ids = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"}
+    tables = [n for n in graph.nodes if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0
+              and is_const(n.inputs[0]) and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
+              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and n.inputs[1].name in ids]
+    if not tables:
+        raise InputError("the model has no float input to explain (integer/string inputs only, and no embedding "
+                         "Gather of a constant table by an integer input)")
+    named = [n for n in tables if n.inputs[1].name == "input_ids"]
+    word = named[0] if named else max(tables, key=lambda n: n.inputs[0].shape[0])
+    return [word.outputs[0]], "tokens"
 
 
 def _reached(canon: Canonical, nodes: list, explained, tensors: dict) -> set[str]:
