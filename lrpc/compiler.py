@@ -247,7 +247,8 @@ def _refuse_reserved_names(model: onnx.ModelProto) -> None:
     g = model.graph
     if any(p.key == "lrpc.rules" for p in model.metadata_props):
         raise InputError("the model was compiled by lrpc already: compile the original")
-    reserved = {SEED, TARGET, RELEVANCE, TOKENS} | ({f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set())
+    reserved = {SEED, TARGET, RELEVANCE, TOKENS}
+    reserved |= {f"relevance_{i.name}" for i in g.input} if len(g.input) > 1 else set()
     prefixes = (*LAYERWISE_PREFIXES, "lrpc/", "lrp/")
     names = [i.name for i in g.input] + [t.name for t in g.initializer] + [out for n in g.node for out in n.output]
     clash = next((n for n in names if n in reserved or n.startswith(prefixes)), None)

@@ -98,7 +98,7 @@ def test_minus_inf_weights_on_the_relevance_path_are_refused():
     v = numpy_helper.to_array(w).copy()
     v[0, 0] = -np.inf
     w.CopyFrom(numpy_helper.from_array(v, "W"))
-    with pytest.raises(lrpc.InputError, match=r"used by node '\w+' \(Gemm\) holds 1 -inf value\(s\) where relevance flows"):
+    with pytest.raises(lrpc.InputError, match=r"used by node '\w+' \(Gemm\) holds 1 -inf value\(s\) where rel"):
         lrpc.compile(m, "attnlrp")
 
 
