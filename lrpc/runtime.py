@@ -396,10 +396,10 @@ def _behind_sigmoid(graph: onnx.GraphProto, name: str) -> bool:
 class Explanation(NamedTuple):
     """What :meth:`Session.explain` returns. ``output``: the model output the targets refer to (the
     graph output chosen at compile time, e.g. softmax probabilities); ``relevance``: relevance of the
-    input (a list for several float inputs; per token, [B, T], for a model of token ids); ``layers``: per-layer relevance by layer name when the
-    model was compiled with ``--layerwise full`` (``sums``: per-sample sums), else empty; ``target``:
-    the explained class per sample for class targets, else the parsed dense target (None for explicit
-    seeds); ``seed``: the seed that was propagated (shaped like the explained output)."""
+    input (a list for several float inputs; per token, [B, T], for a model of token ids); ``layers``: per-layer
+    relevance by layer name when the model was compiled with ``--layerwise full`` (``sums``: per-sample sums),
+    else empty; ``target``: the explained class per sample for class targets, else the parsed dense target (None
+    for explicit seeds); ``seed``: the seed that was propagated (shaped like the explained output)."""
 
     output: np.ndarray
     relevance: np.ndarray | list
