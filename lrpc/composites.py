@@ -6,8 +6,10 @@ Layer categories (decided by the emitter from the canonical graph):
 standalone BatchNormalization, Mul/Add by a constant), ``normalization`` (LayerNormalization, InstanceNormalization,
 GroupNormalization, and a bias Add after one that could not fold into it; epsilon: AttnLRP's rule, the standard
 deviation held constant), ``matmul`` (a MatMul of two computed tensors: attention's Q·Kᵀ and A·V), ``softmax``
-(a Softmax inside the graph that is not a gate: attention's probabilities). Every composite gives the last two
-AttnLRP's rules unless it names others (cp-lrp: the probabilities are constants).
+(a Softmax inside the graph that is not a gate: attention's probabilities), ``gate`` (an element-wise Mul of two
+computed tensors that is no activation: a squeeze-and-excitation gate, SwiGLU's ``silu(gate) ⊙ up``; ``pass``: the
+signal gets all, the gate none; ``split``: 50/50). Every composite gives matmul and softmax AttnLRP's rules unless it
+names others (cp-lrp: the probabilities are constants); gates get pass unless it names split (attnlrp).
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from .errors import InputError
 
 # (sum: Options.sum_rule)
 BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass", "normalization": "epsilon",
-        "matmul": "epsilon", "softmax": "taylor"}
+        "matmul": "epsilon", "softmax": "taylor", "gate": "pass"}
 SUM_RULES = ("norm", "sign-norm", "epsilon")  # the rules a residual sum takes
 CATEGORIES = ("conv", "dense", *BASE)
 
@@ -51,11 +53,14 @@ COMPOSITES = {c.name: c for c in [
     Composite("deep-taylor", {"conv": "zplus", "dense": "zplus"}, (("conv", "dense"), "zbox"),
               "deep Taylor preset: z-box on the first layer, z-plus above"),
     # transformers: epsilon on every linear layer, constant addend and residual sum (a constant takes its share)
-    Composite("attnlrp", {"conv": "epsilon", "dense": "epsilon", "scale": "epsilon", "sum": "epsilon"}, None,
-              "AttnLRP: epsilon on linear layers and sums, attention MatMuls split 50/50, softmax Taylor rule"),
+    Composite("attnlrp", {"conv": "epsilon", "dense": "epsilon", "scale": "epsilon", "sum": "epsilon",
+                          "gate": "split"}, None,
+              "AttnLRP: epsilon on linear layers and sums, attention MatMuls and gated products split 50/50, "
+              "softmax Taylor rule"),
     Composite("cp-lrp", {"conv": "epsilon", "dense": "epsilon", "scale": "epsilon", "sum": "epsilon",
-                         "softmax": "constant"}, None,
-              "CP-LRP: as attnlrp, attention probabilities constant (relevance flows through the values)"),
+                         "softmax": "constant", "gate": "pass"}, None,
+              "CP-LRP: as attnlrp, attention probabilities and gates constant (relevance flows through the values "
+              "and the gated signal)"),
 ]}
 
 

@@ -12,7 +12,7 @@ from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import facts, propagator
 from .relevance.attention import MATMUL
-from .relevance.linear import gate_operand
+from .relevance.linear import GATE, gate_operand
 from .schedule import order_for_runtime
 
 
@@ -79,12 +79,15 @@ ACTIVATION = "lrpc.activation"  # what the output node of an activation written 
 def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
     activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` for a MatMul of
-    two computed tensors (attention: relevance/attention.py), or ``domain::type`` for an op of another domain (which
-    no propagator takes: a custom op is never mistaken for a standard one)."""
+    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two (a gated
+    product: relevance/linear.py), or ``domain::type`` for an op of another domain (which no propagator takes: a
+    custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
     if node.op == "MatMul" and not any(is_const(t) for t in node.inputs):
         return MATMUL
+    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs):
+        return GATE
     return op_type(node)
 
 
@@ -131,7 +134,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     dtype = float_dtype(graph)
     inputs, depends, nodes = relevance_path(canon, explain_at)
     kind = sources(canon, explain_at)[1]
-    reached = _reached(canon, nodes, explained, tensors)
+    gates = [(n.name, (n.op, canon.origin.get(n.name, n.op)), "gate") for n in nodes if category(canon, n) == "gate"]
+    splits = {k for k, r in composites.assign_rules(gates, ruleset).items() if r.name == "split"}  # (both get some)
+    reached = _reached(canon, nodes, explained, tensors, splits)
     missing = [n for n in nodes
                if n.name in canon.refused or (n.name in reached and propagator(op_of(canon, n)) is None)]
     if missing:
@@ -302,10 +307,10 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
     def consumer_ok(c, t) -> bool:
         # (an activation region's output node is none of these: see its pass)
         if (c.op == "Relu" or facts(c.op).routes or (c.op == "Clip" and _clips_at_zero(c))
-                or (op_of(ctx.canon, c) == "Mul" and _gated(c, t))):
+                or (op_of(ctx.canon, c) == GATE and _gated(c, t))):
             return all(o.name in quiet for o in c.outputs if o.outputs or o.name == explained.name)
         rule = rules.get(c.name)
-        if rule is None or not ctx.nonneg(t):
+        if rule is None or rule.layers is not None or not ctx.nonneg(t):  # (taylor, split: not x times a message)
             return False
         if c.op == "Sum":
             return True
@@ -332,13 +337,13 @@ def _gated(node, t) -> bool:
     return gate is not None and gate.name != t.name and t.name in [i.name for i in node.inputs]
 
 
-def _gate_of(node):
+def _gate_of(node, activations=()):
     """The gate operand of ``node`` where it is a gated product (a Mul of two computed tensors, one a gate:
-    linear.gate_operand), else None."""
+    linear.gate_operand; ``activations``: activation regions' output nodes, which gate last), else None."""
     if node.op != "Mul" or len(node.inputs) != 2 or any(is_const(i) for i in node.inputs):
         return None
     try:
-        return gate_operand(node)
+        return gate_operand(node, activations)
     except UnsupportedError:
         return None
 
@@ -430,16 +435,18 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
     return [word.outputs[0]], "tokens"
 
 
-def _reached(canon: Canonical, nodes: list, explained, tensors: dict) -> set[str]:
+def _reached(canon: Canonical, nodes: list, explained, tensors: dict, splits: set = frozenset()) -> set[str]:
     """The names of the nodes relevance reaches: all on its path but those that only feed gates (a gated product's
-    gate operand gets none: relevance.linear.gate_operand), which need no propagator (split attention's Softmax)."""
+    gate operand gets none: relevance.linear.gate_operand), which need no propagator (split attention's Softmax);
+    under ``split`` (the gated products named in ``splits``) both factors get relevance."""
     carrying, reached = {explained.name}, set()
     for node in reversed(nodes):
         if not any(t.name in carrying for t in node.outputs):
             continue
         reached.add(node.name)
         ins = inputs_of(canon, node, tensors)
-        gate = _gate_of(node) if len(ins) == 2 else None  # (an activation region's Mul reads one input)
+        # (an activation region's Mul reads one input)
+        gate = _gate_of(node, canon.activations) if len(ins) == 2 and node.name not in splits else None
         carrying.update(t.name for t in ins if t is not gate)
     return reached
 

@@ -157,6 +157,12 @@ def constant(**kw) -> Rule:
     return Rule("constant", layers=("softmax",))
 
 
+def split(**kw) -> Rule:
+    """AttnLRP's gated products (SwiGLU's ``silu(gate) ⊙ up``): each factor gets half of the product's relevance,
+    ``R_a = R_b = R / 2``; a factor that does not depend on the explained input gets none (the other gets all)."""
+    return Rule("split", layers=("gate",))
+
+
 # name -> (factory, parameter names it takes from the user)
 RULES = {
     "epsilon": (epsilon, ("epsilon",)),
@@ -171,6 +177,7 @@ RULES = {
     "pass": (pass_, ()),
     "taylor": (taylor, ()),
     "constant": (constant, ()),
+    "split": (split, ()),
 }
 
 

@@ -8,7 +8,11 @@ get no relevance and need no propagator. The graph is not changed.
 
 Regions are formed only where needed: around a merge of two tensors computed from the same ``x`` (``x * f(x)``)
 or an element-wise op lrpc has no rule for (Erf, Pow, Exp, ...). A product of tensors computed from different
-tensors (a squeeze-and-excitation gate ``x * sigmoid(conv(pool(x)))``) is no region: it stays a gated product."""
+tensors (a squeeze-and-excitation gate ``x * sigmoid(conv(pool(x)))``) is no region: it stays a gated product.
+
+RMSNorm written out (Llama, Qwen, Gemma: ``x * 1/sqrt(mean(x^2) + eps)`` by Pow or Mul, ReduceMean, Add, Sqrt,
+Reciprocal or Div, Cast) is a region too, though not element-wise: AttnLRP's identity over the layer (``R_x = R``;
+the weight's Mul after it is a layer of its own)."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,6 +29,9 @@ UNARY = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh",
 NOT_ALONE = {"Sign", "Abs", "Reciprocal", "Not", "IsNaN", "IsInf"}
 MERGING = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Greater", "Less", "GreaterOrEqual",
            "LessOrEqual", "Equal", "And", "Or"}
+
+# the ops of an RMSNorm's ``1/rms(x)`` branch
+RMS_OPS = {"Pow", "Mul", "Div", "Add", "Sqrt", "Reciprocal", "ReduceMean", "Cast"}
 
 CHANGES_SHAPES = False
 
@@ -45,8 +52,7 @@ def run(canon: Canonical) -> bool:
     cores = [name for name, n in members.items() if _merges(n) or propagator(n.op) is None]
     core_set = set(cores)
     outputs = {t.name for t in graph.outputs}
-    claimed: set[str] = set()  # outputs of the nodes regions have taken
-    found: dict[str, str] = {}
+    found, claimed = _rms_norms(graph, canon.origin)  # (claimed: outputs of the nodes regions have taken)
     again = True
     while again:  # last core first: its region takes the cores it reads; where it cannot, earlier ones try alone
         again = False
@@ -68,6 +74,42 @@ def run(canon: Canonical) -> bool:
     changed = found != canon.activations
     canon.activations = found
     return changed
+
+
+def _rms_norms(graph, origin: dict) -> tuple[dict, set]:
+    """RMSNorms written out: ``{head: x}`` for each node ``head = x * r`` (or ``x / r``) whose ``r`` is computed from
+    ``x`` alone by :data:`RMS_OPS` with a ReduceMean on the way (or the Conv avgpool_to_conv made of it) and read by
+    nothing else, and the outputs of the nodes those regions take."""
+    def mean(n) -> bool:
+        return origin.get(n.name, n.op) == "ReduceMean"
+
+    made = {t.name: n for n in graph.nodes for t in n.outputs}
+    outputs = {t.name for t in graph.outputs}
+    found: dict[str, str] = {}
+    claimed: set[str] = set()
+    for head in graph.nodes:
+        if head.op not in ("Mul", "Div") or len(_computed(head)) != 2 or len(head.inputs) != 2:
+            continue
+        for x, r in ((head.inputs[0], head.inputs[1]), (head.inputs[1], head.inputs[0])):
+            if head.op == "Div" and x is not head.inputs[0]:
+                continue
+            nodes, todo, ok = {}, [r], True
+            while todo and ok:
+                t = todo.pop()
+                n = made.get(t.name)
+                if t.name == x.name or n is None or n.name in nodes:
+                    ok = n is not None or t.name == x.name
+                    continue
+                ok = (n.op in RMS_OPS or mean(n)) and len(n.outputs) == 1 and t.name not in outputs
+                nodes[n.name] = n
+                todo += _computed(n)
+            inner = {n.outputs[0].name for n in nodes.values()}
+            if (ok and nodes and any(mean(n) for n in nodes.values()) and not inner & claimed
+                    and all(c is head or c.name in nodes for t in nodes.values() for c in t.outputs[0].outputs)):
+                found[head.name] = x.name
+                claimed |= inner | {head.outputs[0].name}
+                break
+    return found, claimed
 
 
 def _region(head, members: dict, cores: set, claimed: set, order: dict):

@@ -51,12 +51,20 @@ def softmax(ctx, node, R_out):
 
 
 def _constant_for_rules(ctx, t) -> bool:
-    """``t`` carries no relevance: a constant, no function of the explained input, or (moved by layout ops) the
-    output of a softmax under the ``constant`` rule (CP-LRP)."""
+    """``t`` carries no relevance: a constant, no function of the explained input, or (moved by layout ops, or
+    through an activation region: the exporters' ``Where(IsNaN(s), 0, s)``) the output of a softmax under the
+    ``constant`` rule (CP-LRP)."""
     if is_const(t) or t.name not in ctx.live:
         return True
-    while t.inputs and t.inputs[0].op in LAYOUT:
-        t = next(i for i in t.inputs[0].inputs if not is_const(i))
+    regions = ctx.canon.activations
+    while t.inputs and (t.inputs[0].op in LAYOUT or t.inputs[0].name in regions):
+        n = t.inputs[0]
+        if n.name in regions:
+            if "tensors" not in ctx.cache:  # (the forward's tensors by name)
+                ctx.cache["tensors"] = ctx.b.graph.tensors()
+            t = ctx.cache["tensors"][regions[n.name]]
+        else:
+            t = next(i for i in n.inputs if not is_const(i))
     n = t.inputs[0] if t.inputs else None
     rule = ctx.rule_of(n) if n is not None else None
     return rule is not None and rule.name == "constant"

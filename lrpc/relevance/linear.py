@@ -250,7 +250,8 @@ def view_of(ctx, node) -> View:
         return ScaleView(ctx, node, ins[0], ctx.b.const(scale.reshape(shape), dtype),
                          ctx.b.const(shift.reshape(shape), dtype))
     if op == "Mul" and not any(is_const(t) for t in ins):  # a gated product: the gate is the (input-dependent) scale
-        gate = gate_operand(node)
+        dead = [t for t in ins if t.name not in ctx.live]  # (a factor no function of the explained input is one)
+        gate = dead[0] if dead else gate_operand(node, ctx.canon.activations)
         return ScaleView(ctx, node, next(t for t in ins if t is not gate), gate, None)
     # Mul / Add with one constant operand
     x = next(t for t in ins if not is_const(t))
@@ -272,17 +273,22 @@ def _check_groups(node) -> None:
 
 
 GATES = ("Sigmoid", "HardSigmoid", "Softmax")  # (outputs in [0, 1])
-LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Transpose")
+# activations that gate a signal in gated MLPs (SwiGLU, GeGLU, ReGLU): a gate of lowest precedence
+ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Tanh", "Gelu", "Elu", "Selu", "Celu", "Softsign", "Mish", "HardSwish",
+               "Softplus", "Clip")
+LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Transpose", "Cast")
 
 
-def gate_operand(node):
+def gate_operand(node, activations=()):
     """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid/Softmax output, or a hard sigmoid written
     as a Clip whose range, times the positive constants applied after it, lies in [0, 1] (``relu6(x + 3) / 6``);
     possibly moved by layout ops. As in squeeze-and-excitation blocks and per-sample gates (a function of one
     tensor written as several ops, SiLU's ``x * sigmoid(x)`` too, is an activation instead:
     passes/activation_regions.py). Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
     activation times an SE gate). A Softmax gate is split attention's (ResNeSt, SKNet: a softmax over the branches
-    weighs each). UnsupportedError unless that leaves exactly one."""
+    weighs each). Given ``activations`` (the names of the nodes making activation regions' outputs), an activation's
+    output gates last: the factor through the activation in a gated MLP (SwiGLU's ``silu(gate) * up``, as CP-LRP and
+    lxt hold it constant). UnsupportedError unless that leaves exactly one."""
     def scale_of(n):  # Mul / Div by a positive constant: its factor, else None
         consts = [i for i in n.inputs if is_const(i)]
         if n.op not in ("Mul", "Div") or len(consts) != 1 or (n.op == "Div" and n.inputs[1] is not consts[0]):
@@ -304,24 +310,41 @@ def gate_operand(node):
         if n is None:
             return 0
         if n.op in GATES:
-            return 2 if factor <= 1.0 + 1e-6 else 0
+            return 3 if factor <= 1.0 + 1e-6 else 0
         lo, hi = (n.inputs[i] if len(n.inputs) > i and n.inputs[i].name else None for i in (1, 2))
         if n.op == "Clip" and lo is not None and hi is not None and is_const(lo) and is_const(hi):
             if np.all(const_value(lo) >= 0) and np.all(const_value(hi) * factor <= 1.0 + 1e-6):
-                return 1
-        return 0
+                return 2
+        return 1 if n.name in activations or (activations and n.op in ACTIVATIONS) else 0
 
     kinds = [kind(t) for t in node.inputs] if len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1] else []
     best = max(kinds, default=0)
     gates = [t for t, k in zip(node.inputs, kinds) if k == best and best > 0]
     if len(gates) != 1:
         raise UnsupportedError(f"{where(node)}: Mul of two computed tensors has an LRP rule only as a gated product "
-                               f"(one operand a Sigmoid/HardSigmoid/Softmax gate, or a Clip with range in [0, 1]); "
-                               f"here {len(gates)} operand(s) are gates")
+                               f"(one operand a Sigmoid/HardSigmoid/Softmax gate, a Clip with range in [0, 1] or an "
+                               f"activation), or under the split rule; here {len(gates)} operand(s) are gates")
     return gates[0]
 
 
 declare("Resize", "Upsample", category="resize", keeps_category=True)  # (passes/resize_to_matmul.py: MatMuls)
+
+
+GATE = "lrpc.gate"  # what emission explains an element-wise Mul of two computed tensors as (emit.op_of)
+
+
+@register(GATE, category="gate", keeps_nonneg=True,
+          gradient="a gated product: its rule gives the gate no relevance, or half")
+def gated_product(ctx, node, R_out):
+    """An element-wise product ``y = a ⊙ b`` of two computed tensors that is no activation. ``split`` (AttnLRP):
+    ``R_a = R_b = R / 2`` (a factor no function of the explained input gets none, the other all); any other rule
+    treats the gate (:func:`gate_operand`) as the weight of the linear map of the other factor (:func:`propagate`)."""
+    if ctx.rule(node).name != "split":
+        return propagate(ctx, node, R_out)
+    b, y = ctx.b, node.outputs[0]
+    live = [t.name in ctx.live for t in node.inputs]
+    share = R_out[0] if sum(live) == 1 else b.mul(R_out[0], b.const(0.5))
+    return [unbroadcast(b, share, t, y) if on else None for t, on in zip(node.inputs, live)]
 
 
 @register("Conv", "ConvTranspose", category="conv", keeps_nonneg=True, gradient=EXACT)
@@ -334,11 +357,25 @@ def propagate(ctx, node, R_out):
     relevance to ``x`` only; the gate's branch gets none (signal-take-all)."""
     if node.op == "Add" and sum(not is_const(t) for t in node.inputs) != 1:
         raise UnsupportedError(f"{where(node)}: Add of two non-constant tensors has no LRP rule")
-    view = view_of(ctx, node)
     rule = ctx.rule(node)
     R = R_out[0]
+    if node.op == "Add" and not rule.is_pass and not all(np.all(np.isfinite(const_value(t))) for t in node.inputs
+                                                       if is_const(t)):
+        return _masked_sum(ctx, node, rule, R)
+    view = view_of(ctx, node)
     r_in = view.unbroadcast(R) if rule.is_pass else emit_rule(ctx, view, rule, R)
     return [r_in if t is view.x else None for t in node.inputs]
+
+
+def _masked_sum(ctx, node, rule: Rule, R):
+    """``z = x + m`` with a constant ``m`` holding -inf (a causal mask folded to a constant) under epsilon:
+    ``R_x = x ⊙ R / stab(z)``, computed on ``z`` itself (no bias arithmetic with infinities); 0 where ``m`` is."""
+    if rule.name not in ("epsilon", "norm"):
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to an Add of an infinite constant "
+                               "(an attention mask: use epsilon or pass)")
+    x, z = next(t for t in node.inputs if not is_const(t)), node.outputs[0]
+    c = quotient(ctx.b, R, z, rule, len(z.shape) if z.shape is not None else None)
+    return [None if is_const(t) else unbroadcast(ctx.b, ctx.product(x, c), x, z) for t in node.inputs]
 
 
 def emit_rule(ctx, view: View, rule: Rule, R):

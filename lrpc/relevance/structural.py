@@ -25,6 +25,14 @@ def reshape(ctx, node, R_out):
     return [ctx.b.reshape_like(R_out[0], x)] + [None] * (len(node.inputs) - 1)
 
 
+@register("Cast", **DATA_MOVEMENT)
+def cast(ctx, node, R_out):
+    """A Cast between float types (Llama's RMSNorm casts to float32 and back): relevance passes unchanged."""
+    if any(t.dtype is None or np.dtype(t.dtype).kind != "f" for t in (node.inputs[0], node.outputs[0])):
+        raise UnsupportedError(f"{where(node)}: a Cast from or to a type other than float carries no relevance")
+    return [R_out[0]]
+
+
 @register("Transpose", **DATA_MOVEMENT)
 def transpose(ctx, node, R_out):
     x = node.inputs[0]
