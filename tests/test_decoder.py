@@ -104,6 +104,23 @@ def test_written_out_rmsnorm_is_the_identity(form):
         assert rel_l2(got["relevance"], R) < 1e-12
 
 
+def test_rmsnormalization_op_is_the_identity():
+    """ONNX's RMSNormalization (opset 23) followed by a Gemm: R_x = the Gemm's epsilon relevance at the norm's
+    output, unchanged."""
+    rng = np.random.default_rng(4)
+    scale = numpy_helper.from_array(1.0 + 0.3 * rng.standard_normal(6), "scale")
+    w = numpy_helper.from_array(rng.standard_normal((6, 3)), "w")
+    m = _model([helper.make_node("RMSNormalization", ["x", "scale"], ["n"], axis=-1, epsilon=1e-6),
+                helper.make_node("MatMul", ["n", "w"], ["y"])], [("x", [4, 6])], "y", [4, 3], [scale, w])
+    m.opset_import[0].version = 23
+    m.ir_version = 10
+    x, R = rng.standard_normal((4, 6)), rng.standard_normal((4, 3))
+    got = _run64(lrpc.compile(m, "attnlrp", epsilon=0.0, stabilizer_eps=0.0), {"x": x, "relevance_seed": R})
+    n = x / np.sqrt((x ** 2).mean(-1, keepdims=True) + 1e-6) * numpy_helper.to_array(scale)
+    wv = numpy_helper.to_array(w)
+    assert rel_l2(got["relevance"], n * ((R / (n @ wv)) @ wv.T)) < 1e-10
+
+
 # ------------------------------------------------------------------------------------------- end to end (transformers)
 GRAD_TOL = 1e-4
 CONSERVE_TOL = 1e-4

@@ -51,6 +51,13 @@ class NormView(View):
         return u if self.groups is None else b.op("Reshape", [u, b.shape_of(self.x)])
 
 
+@register("RMSNormalization", gradient="RMSNorm gets the identity over the layer (AttnLRP: 1/rms held constant)")
+def rms_normalization(ctx, node, R_out):
+    """ONNX's RMSNormalization (opset 23): AttnLRP's identity over the layer, ``R_x = R`` (the scale's share
+    included: epsilon on the scale's Mul, as a written-out RMSNorm gets it, is the identity up to the stabilizer)."""
+    return [R_out[0]] + [None] * (len(node.inputs) - 1)
+
+
 @register(*NORMALIZATIONS, category="normalization", keeps_category=True,  # (a bias Add norm_affine could not fold)
           gradient="a normalization's rule holds its standard deviation constant (AttnLRP), the gradient does not")
 def normalization(ctx, node, R_out):
