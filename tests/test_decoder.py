@@ -68,8 +68,8 @@ def test_silu_product_stays_one_activation_under_attnlrp():
 
 
 def test_product_of_two_non_gates_splits_under_attnlrp_and_is_refused_otherwise():
-    """relu(a) ⊙ b: no gate to name; attnlrp splits it, a CNN composite refuses it as before."""
-    nodes = [helper.make_node("Relu", ["a"], ["ra"]), helper.make_node("Neg", ["b"], ["nb"]),
+    """relu(a) ⊙ tanh(b): no gate to name; attnlrp splits it, a CNN composite refuses it as before."""
+    nodes = [helper.make_node("Relu", ["a"], ["ra"]), helper.make_node("Tanh", ["b"], ["nb"]),
              helper.make_node("Mul", ["ra", "nb"], ["y"], name="prod")]
     m = _model(nodes, [("a", [2, 4]), ("b", [2, 4])], "y", [2, 4])
     rng = np.random.default_rng(2)

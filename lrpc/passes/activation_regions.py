@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..errors import op_type
-from ..graph import Canonical, is_const
+from ..graph import Canonical, const_value, is_const
 from ..relevance import propagator  # (the registry says which single ops have a rule of their own)
 
 UNARY = {"Relu", "LeakyRelu", "PRelu", "Clip", "Sigmoid", "HardSigmoid", "Tanh", "Erf", "Exp", "Log", "Softplus",
@@ -104,12 +104,24 @@ def _rms_norms(graph, origin: dict) -> tuple[dict, set]:
                 nodes[n.name] = n
                 todo += _computed(n)
             inner = {n.outputs[0].name for n in nodes.values()}
-            if (ok and nodes and any(mean(n) for n in nodes.values()) and not inner & claimed
+            ops = [n.op for n in nodes.values()]
+            inverted = "Reciprocal" in ops or "Div" in ops  # (1/rms: the head multiplies; rms: it divides)
+            if (ok and any(mean(n) for n in nodes.values()) and "Sqrt" in ops and inverted == (head.op == "Mul")
+                    and any(_squares(n, x) for n in nodes.values()) and not inner & claimed
                     and all(c is head or c.name in nodes for t in nodes.values() for c in t.outputs[0].outputs)):
                 found[head.name] = x.name
                 claimed |= inner | {head.outputs[0].name}
                 break
     return found, claimed
+
+
+def _squares(node, x) -> bool:
+    """``node`` is ``x²``: ``Pow(x, 2)`` or ``Mul(x, x)``."""
+    if node.op == "Mul":
+        return [t.name for t in node.inputs] == [x.name, x.name]
+    p = node.inputs[1] if node.op == "Pow" and len(node.inputs) == 2 else None
+    return (p is not None and node.inputs[0].name == x.name and is_const(p)
+            and bool(np.all(const_value(p) == 2.0)))
 
 
 def _region(head, members: dict, cores: set, claimed: set, order: dict):

@@ -273,9 +273,9 @@ def _check_groups(node) -> None:
 
 
 GATES = ("Sigmoid", "HardSigmoid", "Softmax")  # (outputs in [0, 1])
-# activations that gate a signal in gated MLPs (SwiGLU, GeGLU, ReGLU): a gate of lowest precedence
-ACTIVATIONS = ("Relu", "LeakyRelu", "PRelu", "Tanh", "Gelu", "Elu", "Selu", "Celu", "Softsign", "Mish", "HardSwish",
-               "Softplus", "Clip")
+# single-op activations that gate a signal in gated MLPs (GeGLU at opset 20), besides activations written as several
+# ops (SwiGLU's SiLU): a gate of lowest precedence. (Not ReLU or Clip: their products stay refused as no gate.)
+ACTIVATIONS = ("Gelu", "Mish", "HardSwish")
 LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Transpose", "Cast")
 
 
