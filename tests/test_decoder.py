@@ -87,7 +87,7 @@ def test_written_out_rmsnorm_is_the_identity(form):
     w = numpy_helper.from_array(np.linspace(0.5, 1.5, 6), "w")
     eps, two = numpy_helper.from_array(np.array(1e-6), "eps"), numpy_helper.from_array(np.array(2.0), "two")
     axes = numpy_helper.from_array(np.array([-1], np.int64), "axes")
-    sq = (helper.make_node("Pow", ["x", "two"], ["sq"]) if form == "pow" else helper.make_node("Mul", ["x", "x"], ["sq"]))
+    sq = helper.make_node("Pow", ["x", "two"], ["sq"]) if form == "pow" else helper.make_node("Mul", ["x", "x"], ["sq"])
     nodes = [sq, helper.make_node("ReduceMean", ["sq", "axes"], ["ms"], keepdims=1),
              helper.make_node("Add", ["ms", "eps"], ["mse"]), helper.make_node("Sqrt", ["mse"], ["rms"])]
     if form == "div":
