@@ -7,7 +7,8 @@ gate); SiLU's own ``x ⊙ sigmoid(x)`` stays one activation (identity, not split
 identity over the layer. End to end: Hugging Face ``LlamaForCausalLM`` and ``GPT2LMHeadModel`` from tiny configs
 (random weights and biases), wrapped to take ``inputs_embeds`` and return the last position's logits, exported with
 both exporters and compiled with attnlrp and cp-lrp: relevance at ``inputs_embeds`` = gradient × input of the forward
-with the rules' tensors detached (1e-4 relative L2, float32), and CP-LRP on a bias-free Llama conserves."""
+with the rules' tensors detached (1e-4 relative L2 in float32; in float64 as far as the export's own forward agrees),
+and CP-LRP on a bias-free Llama conserves."""
 from __future__ import annotations
 
 import numpy as np
@@ -260,14 +261,14 @@ def _wrapped(net):
     return LastLogits().eval()
 
 
-def _export(net, path, exporter: str):
+def _export(net, path, exporter: str, dtype=None):
     import warnings
 
     import onnx
     import torch
 
     kw = EXPORTS[exporter]
-    e = torch.zeros(2, T, D)
+    e = torch.zeros(2, T, D, dtype=dtype or torch.float32)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kw["dynamo"]:
@@ -328,6 +329,30 @@ def test_decoder_matches_the_detach_reference(decoder_exports, name, exporter, c
     err = rel_l2(got["relevance"], want)
     report_line(f"{name} {exporter} {composite}: relevance vs detach reference rel L2 {err:.1e} (float32)")
     assert err < GRAD_TOL
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decoder_matches_the_detach_reference_in_float64(tmp_path, name, exporter):
+    """The same in float64 (onnxruntime has the kernels GPT-2 and Llama need): the relevance agrees as far as the
+    export's own forward does (Llama's exports keep its RoPE tables in float32: logits and relevance 1e-7;
+    GPT-2's 1e-13 legacy, 1e-9 dynamo)."""
+    import torch
+
+    pytest.importorskip("transformers")
+    build, forward = MODELS[name]
+    net = (build(eager=exporter == "legacy17") if name == "llama" else build()).double()
+    model = _export(net, tmp_path / "m.onnx", exporter, torch.float64)
+    e = np.random.default_rng(0).standard_normal((2, T, D))
+    tol = 1e-6 if name == "llama" else 1e-8
+    for composite in ("attnlrp", "cp-lrp"):
+        logits, seed, want = _reference(forward, net, e, composite)
+        got = run_onnx(lrpc.compile(model, composite, epsilon=0.0, stabilizer_eps=0.0),
+                       {"inputs_embeds": e, "relevance_seed": seed})
+        assert rel_l2(got["logits"], logits) < tol
+        err = rel_l2(got["relevance"], want)
+        report_line(f"{name} {exporter} {composite}: relevance vs detach reference rel L2 {err:.1e} (float64)")
+        assert err < tol
 
 
 @pytest.mark.parametrize("exporter", list(EXPORTS))

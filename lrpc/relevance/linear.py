@@ -673,7 +673,9 @@ class _Variants:
         def make():
             v, g = const_value(self.view.bias).astype(np.float64), self.gamma
             pos, neg = np.maximum(v, 0.0), np.minimum(v, 0.0)
-            value = {"b": v, "b+": pos, "b-": neg, "bup": v + g * pos, "bdown": v + g * neg, "b2": v * v}[name]
+            makers = {"b": lambda: v, "b+": lambda: pos, "b-": lambda: neg, "bup": lambda: v + g * pos,
+                      "bdown": lambda: v + g * neg, "b2": lambda: v * v}
+            value = makers[name]()  # (only the variant asked for: b² of a -1e308 mask overflows)
             return self.b.const(value.astype(self.b.dtype))
         return self._memo(("bias", name), make)
 
