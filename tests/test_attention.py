@@ -168,7 +168,7 @@ def _tiny_vit(bias: bool = True):
     """The small pre-LN vision transformer of this module's docstring; ``mode`` of its forward: None (the plain
     forward, exported), "attnlrp" or "cp-lrp": the forward whose gradient × input is that composite's relevance
     (LayerNorm's sigma, GELU's f(x)/x, one factor of each attention product or CP-LRP's probabilities detached)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch import nn
     from torch.nn import functional as F
 
@@ -236,7 +236,7 @@ def _tiny_vit(bias: bool = True):
 def _export(net, path, exporter: str, dtype=None):
     import warnings
 
-    import torch
+    torch = pytest.importorskip("torch")
 
     kw = EXPORTS[exporter]
     x = torch.zeros(2, 3, 32, 32, dtype=dtype or torch.float32)
@@ -253,7 +253,7 @@ def _export(net, path, exporter: str, dtype=None):
 
 def _detach_reference(net, x, mode: str):
     """(logits, seed = one-hot × the top-1 logit per sample, gradient × input of the top-1 logits' sum)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     net.mode = mode
     try:
@@ -295,7 +295,7 @@ def test_tiny_vit_matches_the_detach_reference(tiny_vit_exports, exporter, compo
 def test_tiny_vit_matches_the_detach_reference_in_float64(tmp_path, exporter):
     """The same in float64 (onnx's ReferenceEvaluator with a float64 Erf: onnxruntime has no float64 Conv/Erf),
     1e-10 relative L2."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     net = _tiny_vit().double()
     model = _export(net, tmp_path / "m.onnx", exporter, torch.float64)
@@ -315,7 +315,7 @@ def test_tiny_vit_cp_lrp_conserves_without_biases(tmp_path, exporter):
     """CP-LRP on the bias-free model (LayerNorm without bias, Linear/Conv without bias; the class token and the
     positions are constants and take their share at the residual sum): Σ input relevance = the explained logit
     minus what the constants took; with the positions and the class token zero, the logit itself."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     net = _tiny_vit(bias=False)
     with torch.no_grad():
@@ -335,7 +335,7 @@ def test_tiny_vit_cp_lrp_conserves_without_biases(tmp_path, exporter):
 def _torchvision_vit_reference(net, mode: str):
     """torchvision's VisionTransformer forward written out with its own parameters, the rule's tensors detached
     (as _tiny_vit's ``mode``): its gradient × input is that composite's relevance."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch.nn import functional as F
 
     def ln(m, x):
@@ -371,7 +371,7 @@ def _torchvision_vit_reference(net, mode: str):
 def test_torchvision_vision_transformer_matches_the_detach_reference(tmp_path, exporter):
     """torchvision's VisionTransformer (nn.MultiheadAttention inside), tiny: image 32, patch 8, 2 layers, 2 heads,
     width 32, MLP 64, 10 classes; random biases. attnlrp and cp-lrp against the detach reference, float32, 1e-4."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torchvision.models import VisionTransformer
 
     torch.manual_seed(0)

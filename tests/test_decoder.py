@@ -131,7 +131,7 @@ T, D = 5, 32
 
 def _randomize(net) -> None:
     """Unit-scale activations: fan-in scaled weights, biases of both signs, norm scales around 1."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     torch.manual_seed(0)
     with torch.no_grad():
@@ -146,7 +146,7 @@ def _randomize(net) -> None:
 
 
 def _llama(bias: bool = True, eager: bool = False):
-    import torch
+    torch = pytest.importorskip("torch")
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(hidden_size=D, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -161,7 +161,7 @@ def _llama(bias: bool = True, eager: bool = False):
 
 
 def _gpt2():
-    import torch
+    torch = pytest.importorskip("torch")
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
@@ -175,7 +175,7 @@ def _mm(a, b, mode):
 
 
 def _causal(scores):
-    import torch
+    torch = pytest.importorskip("torch")
 
     t = scores.shape[-1]
     return scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
@@ -185,7 +185,7 @@ def _llama_forward(net, e, mode):
     """LlamaForCausalLM's forward on ``inputs_embeds``, last position's logits, with the rules' tensors detached:
     RMSNorm's 1/rms, SiLU's f(x)/x, one factor of each product (attnlrp: both halves; cp-lrp: the probabilities and
     the gate constant)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     cfg, m = net.config, net.model
@@ -219,7 +219,7 @@ def _llama_forward(net, e, mode):
 def _gpt2_forward(net, e, mode):
     """GPT2LMHeadModel's forward on ``inputs_embeds`` (positions added), last position's logits, with the rules'
     tensors detached (LayerNorm's sigma, gelu_new's f(x)/x, one factor of each attention product)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from transformers.activations import NewGELUActivation
 
     m = net.transformer
@@ -246,7 +246,7 @@ def _gpt2_forward(net, e, mode):
 
 
 def _wrapped(net):
-    import torch
+    torch = pytest.importorskip("torch")
 
     class LastLogits(torch.nn.Module):
         """Takes ``inputs_embeds`` [B, T, D], returns the logits of the last position [B, V]."""
@@ -265,7 +265,7 @@ def _export(net, path, exporter: str, dtype=None):
     import warnings
 
     import onnx
-    import torch
+    torch = pytest.importorskip("torch")
 
     kw = EXPORTS[exporter]
     e = torch.zeros(2, T, D, dtype=dtype or torch.float32)
@@ -283,7 +283,7 @@ def _export(net, path, exporter: str, dtype=None):
 
 def _reference(forward, net, e, mode):
     """(logits, seed = one-hot × the top-1 logit per sample, gradient × input of the top-1 logits' sum)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     et = torch.from_numpy(e).requires_grad_(True)
     y = forward(net, et, mode)
@@ -315,7 +315,7 @@ def decoder_exports(tmp_path_factory):
 def test_decoder_matches_the_detach_reference(decoder_exports, name, exporter, composite):
     """Relevance at inputs_embeds of the compiled export = gradient × input of the forward with the rules' tensors
     detached (epsilon 0: the rules themselves), float32, 1e-4 relative L2."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     net, model = decoder_exports[name, exporter]
     e = np.random.default_rng(0).standard_normal((2, T, D)).astype(np.float32)
@@ -337,7 +337,7 @@ def test_decoder_matches_the_detach_reference_in_float64(tmp_path, name, exporte
     """The same in float64 (onnxruntime has the kernels GPT-2 and Llama need): the relevance agrees as far as the
     export's own forward does (Llama's exports keep its RoPE tables in float32: logits and relevance 1e-7;
     GPT-2's 1e-13 legacy, 1e-9 dynamo)."""
-    import torch
+    torch = pytest.importorskip("torch")
 
     pytest.importorskip("transformers")
     build, forward = MODELS[name]

@@ -161,7 +161,7 @@ def test_explain_at_on_the_cli(tmp_path):
 # ------------------------------------------------------------------------------------------- BERT (transformers)
 def _bert():
     transformers = pytest.importorskip("transformers")
-    import torch
+    torch = pytest.importorskip("torch")
 
     torch.manual_seed(0)
     cfg = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
@@ -194,7 +194,7 @@ def _bert_inputs():
 def _export_bert(net, path, exporter):
     import warnings
 
-    import torch
+    torch = pytest.importorskip("torch")
 
     kw = EXPORTS[exporter]
     args = tuple(torch.from_numpy(v) for v in _bert_inputs().values())
@@ -214,7 +214,7 @@ def _bert_reference(net, feeds, mode: str):
     """(logits, seed = one-hot × top-1 logit, Σ_hidden gradient × input of the word embedding) of BERT's forward
     written out with its own parameters, the rule's tensors detached: LayerNorm's sigma, GELU's f(x)/x, tanh's
     f(x)/x, one factor of each attention product (attnlrp) or the attention probabilities (cp-lrp)."""
-    import torch
+    torch = pytest.importorskip("torch")
     from torch.nn import functional as F
 
     def ln(m, x):
