@@ -20,6 +20,7 @@ from onnx.reference.op_run import OpRun
 
 import lrpc
 from conftest import rel_l2, report_line, run_onnx
+from detach_rules import layer_norm, split_matmul
 
 EPS = 0.05  # large enough that the stabilizer shows in the per-op tests
 
@@ -193,15 +194,10 @@ def _tiny_vit(bias: bool = True):
             return x + self.fc2(h)
 
     def _ln(ln, x, mode):
-        if mode is None:
-            return ln(x)
-        mu = x.mean(-1, keepdim=True)
-        sigma = ((x - mu) ** 2).mean(-1, keepdim=True).add(ln.eps).sqrt()
-        y = (x - mu) / sigma.detach() * ln.weight
-        return y if ln.bias is None else y + ln.bias
+        return ln(x) if mode is None else layer_norm(ln, x)
 
     def _mm(a, b, mode):
-        return a @ b if mode is None else 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
+        return a @ b if mode is None else split_matmul(a, b)
 
     class TinyViT(nn.Module):
         def __init__(self, d=32, heads=2, mlp=64, classes=10):
@@ -338,20 +334,12 @@ def _torchvision_vit_reference(net, mode: str):
     torch = pytest.importorskip("torch")
     from torch.nn import functional as F
 
-    def ln(m, x):
-        mu = x.mean(-1, keepdim=True)
-        sigma = ((x - mu) ** 2).mean(-1, keepdim=True).add(m.eps).sqrt()
-        return (x - mu) / sigma.detach() * m.weight + m.bias
-
-    def mm(a, b):
-        return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
-
     def attention(m, x):
         n, t, d = x.shape
         h = m.num_heads
         q, k, v = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(n, t, 3, h, d // h).permute(2, 0, 3, 1, 4)
-        a = mm(q, k.transpose(-2, -1) * (d // h) ** -0.5).softmax(-1)
-        o = a.detach() @ v if mode == "cp-lrp" else mm(a, v)
+        a = split_matmul(q, k.transpose(-2, -1) * (d // h) ** -0.5).softmax(-1)
+        o = a.detach() @ v if mode == "cp-lrp" else split_matmul(a, v)
         return m.out_proj(o.transpose(1, 2).reshape(n, t, d))
 
     def forward(x):
@@ -359,10 +347,10 @@ def _torchvision_vit_reference(net, mode: str):
         x = net.conv_proj(x).reshape(n, net.hidden_dim, -1).permute(0, 2, 1)
         x = torch.cat([net.class_token.expand(n, -1, -1), x], dim=1) + net.encoder.pos_embedding
         for blk in net.encoder.layers:
-            x = x + attention(blk.self_attention, ln(blk.ln_1, x))
-            y = blk.mlp[0](ln(blk.ln_2, x))
+            x = x + attention(blk.self_attention, layer_norm(blk.ln_1, x))
+            y = blk.mlp[0](layer_norm(blk.ln_2, x))
             x = x + blk.mlp[3](y * (F.gelu(y) / y).detach())
-        return net.heads(ln(net.encoder.ln, x)[:, 0])
+        return net.heads(layer_norm(net.encoder.ln, x)[:, 0])
 
     return forward
 

@@ -16,6 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import lrpc
 from conftest import rel_l2, report_line, run_onnx
+from detach_rules import layer_norm, split_matmul
 
 EXPORTS = {"legacy17": {"dynamo": False, "opset": 17}, "dynamo18": {"dynamo": True, "opset": 18}}
 T = 8
@@ -217,18 +218,10 @@ def _bert_reference(net, feeds, mode: str):
     torch = pytest.importorskip("torch")
     from torch.nn import functional as F
 
-    def ln(m, x):
-        mu = x.mean(-1, keepdim=True)
-        sigma = ((x - mu) ** 2).mean(-1, keepdim=True).add(m.eps).sqrt()
-        return (x - mu) / sigma.detach() * m.weight + m.bias
-
-    def mm(a, b):
-        return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
-
     ids, mask, types = (torch.from_numpy(feeds[k]) for k in ("input_ids", "attention_mask", "token_type_ids"))
     emb, n, t = net.bert.embeddings, *ids.shape
     word = emb.word_embeddings(ids).detach().requires_grad_(True)
-    x = ln(emb.LayerNorm, word + emb.position_embeddings.weight[:t] + emb.token_type_embeddings(types))
+    x = layer_norm(emb.LayerNorm, word + emb.position_embeddings.weight[:t] + emb.token_type_embeddings(types))
     add = torch.where(mask[:, None, None, :].bool(), 0.0, torch.finfo(torch.float32).min)
     for layer in net.bert.encoder.layer:
         att = layer.attention.self
@@ -238,11 +231,11 @@ def _bert_reference(net, feeds, mode: str):
             return y.reshape(n, t, h, d).transpose(1, 2)
 
         q, k, v = heads(att.query(x)), heads(att.key(x)), heads(att.value(x))
-        a = (mm(q, k.transpose(-1, -2)) * d ** -0.5 + add).softmax(-1)
-        o = (a.detach() @ v if mode == "cp-lrp" else mm(a, v)).transpose(1, 2).reshape(n, t, h * d)
-        x = ln(layer.attention.output.LayerNorm, layer.attention.output.dense(o) + x)
+        a = (split_matmul(q, k.transpose(-1, -2)) * d ** -0.5 + add).softmax(-1)
+        o = (a.detach() @ v if mode == "cp-lrp" else split_matmul(a, v)).transpose(1, 2).reshape(n, t, h * d)
+        x = layer_norm(layer.attention.output.LayerNorm, layer.attention.output.dense(o) + x)
         y = layer.intermediate.dense(x)
-        x = ln(layer.output.LayerNorm, layer.output.dense(y * (F.gelu(y) / y).detach()) + x)
+        x = layer_norm(layer.output.LayerNorm, layer.output.dense(y * (F.gelu(y) / y).detach()) + x)
     p = net.bert.pooler.dense(x[:, 0])
     logits = net.classifier(p * (torch.tanh(p) / p).detach())
     with torch.no_grad():
