@@ -65,6 +65,9 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
     a float input and the explained tensor whose propagator is not the gradient's."""
     from .relevance import EXACT, facts  # (the propagator registry: loaded with the compiler, not with lrpc.check)
 
+    if not inputs:
+        return ("the model has no float input (token ids): relevance is explained at the embedding output, which "
+                "finite differences of the forward cannot probe")
     nodes, moved = _forward(model, explained, inputs)
     for n in nodes:
         computed = [i for i in n.input if i in moved]

@@ -295,3 +295,15 @@ def test_bert_session_and_cli_explain_per_token(bert_exports, tmp_path):
     assert code == 0, err
     written = np.load(tmp_path / "out.npy")
     assert written.shape[-1] == T
+
+
+def test_check_on_a_token_model_skips_the_gradient_check_with_the_reason(bert_exports, tmp_path):
+    """`lrpc check` on token ids: the forward and finite checks run; the gradient check (finite differences along
+    float inputs) is skipped with its reason instead of failing on a probe without inputs."""
+    from lrpc.check import run_check
+
+    _, models = bert_exports
+    onnx.save(models["legacy17"], str(tmp_path / "bert.onnx"))
+    checks = {c.name: c for c in run_check(str(tmp_path / "bert.onnx"), "cp-lrp", inputs=_bert_inputs()).checks}
+    assert checks["supported"].passed and checks["forward"].passed and checks["finite"].passed
+    assert checks["gradient"].skipped and "no float input (token ids)" in checks["gradient"].message
