@@ -134,7 +134,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     dtype = float_dtype(graph)
     inputs, depends, nodes = relevance_path(canon, explain_at)
     kind = sources(canon, explain_at)[1]
-    gates = [(n.name, (n.op, canon.origin.get(n.name, n.op)), "gate") for n in nodes if category(canon, n) == "gate"]
+    # each node with a rule as assign_rules takes it: (name, (op, op before the passes), category)
+    described = [(n.name, (n.op, canon.origin.get(n.name, n.op)), c) for n in nodes if (c := category(canon, n))]
+    gates = [d for d in described if d[2] == "gate"]
     splits = {k for k, r in composites.assign_rules(gates, ruleset).items() if r.name == "split"}  # (both get some)
     reached = _reached(canon, nodes, explained, tensors, splits)
     missing = [n for n in nodes
@@ -142,8 +144,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     if missing:
         raise unsupported(missing, canon.refused)
     # (a Softmax no relevance reaches weighs a gate, as split attention's in CNNs: no layer with a rule)
-    layers = [(n.name, (n.op, canon.origin.get(n.name, n.op)), category(canon, n)) for n in nodes
-              if category(canon, n) and (n.op != "Softmax" or n.name in reached)]
+    layers = [d for d in described if d[1][0] != "Softmax" or d[0] in reached]
     rules = composites.assign_rules(layers, ruleset)
     builder = Builder(graph, dtype)
     ctx = Context(canon, builder, rules, _nonneg(graph, canon.weight_signs), ruleset.options)
