@@ -133,81 +133,58 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     accounts for conservation; LRP-0 for the gradient, unless that check is skipped) and run in one onnxruntime
     session at a time (the original, the compiled graph, the conserving one, the LRP-0 one and its probe, each compiled
     only when its turn comes)."""
-    from .compiler import compile_loaded, with_input_shapes
-    from .runtime import start_session
+    from .compiler import compile_loaded
 
     start = time.perf_counter()
     options = options or composites.Options()
     identity = file_identity(path)
-    original = load(path)
-    if input_shapes:
-        with_input_shapes(original.proto, input_shapes)
     composites.load_ruleset(rules, options)  # bad rules/parameters: unusable input (exit 2)
     report = Report(model=str(path), rules=rules)
-    feeds = model_inputs(original.proto, inputs, image, seed, **preprocessing)
+    feeds, names = _inputs(path, input_shapes, inputs, image, seed, preprocessing)
 
-    def session(model):
-        return start_session(model, ["CPUExecutionProvider"])
+    def compiled(**kw):
+        return compile_loaded(path, rules, output=output, input_shapes=input_shapes, **{**asdict(options), **kw})
 
     try:
-        compiled = compile_loaded(path, rules, output=output, input_shapes=input_shapes, **asdict(options))
+        asked = _as_asked(compiled, names, feeds, inputs is not None)
     except UnsupportedError as e:
         # figure: how many nodes are unsupported (1 for an error naming none: a bfloat16 weight)
         report.checks.append(Check("supported", False, len(e.nodes) or 1, 0, message=str(e)))
         report.seconds = time.perf_counter() - start
         return report
     report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
-
-    first = session(original)
-    feeds = _conformed(first, feeds, given=inputs is not None)
-    ref = first.run(None, feeds)
-    names = [o.name for o in original.proto.graph.output]
-    original = first = None  # (one session and one read of the file at a time: the peak is the biggest one's)
-    explained = metadata(compiled.proto)[EXPLAINED]
-    blocked = gradient.blocker(compiled.proto, explained, gradient.float_inputs(compiled.proto, SEED))
-    gradient.expose(compiled.proto, [explained], SEED)
-    sess = session(compiled)
-    compiled = None
-    probe = sess.run(names + [explained], {**feeds, "relevance_seed": _zero_seed(sess, feeds)})
-    explained_values, probe = probe[-1], probe[:-1]
-    err = max(_rel_err(a, b) for a, b in zip(probe, ref))
+    feeds, seed_t = asked.feeds, asked.seed
+    err = max(_rel_err(a, b) for a, b in zip(asked.outputs, _session(_original(path, input_shapes)).run(None, feeds)))
     report.checks.append(Check("forward", err <= rtol, err, rtol,
                                f"max relative error of the outputs {err:.2e} (tolerance {rtol:g})"))
-
-    seed_t = _top1_seed(sess, probe[0])
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, "relevance_seed": seed_t})))
-    nonfinite = {"as asked": _nonfinite(outs)}
-    sess = outs = None
+    nonfinite = {"as asked": asked.nonfinite}
 
     def conservation(opts: composites.Options) -> tuple:
-        """(compiled model, outputs) of the compile with per-layer sums and accounts under ``opts``."""
+        """(layers, figure, text, NaN/Inf count) of the compile with per-layer sums and accounts under ``opts``."""
         model = compile_loaded(path, rules, output=output, layerwise="sums", input_shapes=input_shapes,
                                **asdict(opts))
         still_the_file(path, identity, "lrpc check")
-        csess = session(model)
-        return model.proto, dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, SEED: seed_t})))
+        csess = _session(model)
+        outs = dict(zip([o.name for o in csess.get_outputs()], csess.run(None, {**feeds, SEED: seed_t})))
+        return (*_accounted(model.proto, outs, seed_t, conservation_tol), _nonfinite(outs))
 
     try:  # (the same ops as the first compile's, plus the per-layer sums and accounts)
-        conserving, couts = conservation(options)
+        report.layers, figure, text, nonfinite["with per-layer sums (conservation)"] = conservation(options)
     except UnsupportedError as e:
         cons_check = Check("conservation", False, message=f"the compile with per-layer sums failed: {e}")
     else:
-        nonfinite["with per-layer sums (conservation)"] = _nonfinite(couts)
-        report.layers, figure, text = _accounted(conserving, couts, seed_t, conservation_tol)
-        conserving = couts = None
         passed = figure <= conservation_tol  # (NaN fails)
         first = next((r for r in report.layers[::-1] if r["breaks"]), None)
         note = "" if passed else _absorbed(first, options, conservation_tol,
-                                           lambda: _accounted(*conservation(replace(options, stabilizer="norm-scale")),
-                                                              seed_t, conservation_tol)[1])
+                                           lambda: conservation(replace(options, stabilizer="norm-scale"))[1])
         cons_check = Check("conservation", passed, figure, conservation_tol, text + note)
 
-    if blocked:
-        grad_check = Check("gradient", True, None, gradient_tol, f"skipped: LRP-0 is not the gradient here: {blocked}",
-                           skipped=True)
+    if asked.blocked:
+        grad_check = Check("gradient", True, None, gradient_tol,
+                           f"skipped: LRP-0 is not the gradient here: {asked.blocked}", skipped=True)
     else:
-        grad_check = _gradient_check(path, output, input_shapes, feeds, seed_t * explained_values.astype(seed_t.dtype),
-                                     gradient_tol, seed, session, nonfinite)
+        grad_check = _gradient_check(path, output, input_shapes, feeds, seed_t * asked.explained.astype(seed_t.dtype),
+                                     gradient_tol, seed, nonfinite)
         still_the_file(path, identity, "lrpc check")
 
     bad = {what: n for what, n in nonfinite.items() if n}
@@ -222,7 +199,59 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     return report
 
 
-def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, tol: float, rng_seed: int, session,
+def _session(model):
+    from .runtime import start_session
+
+    return start_session(model, ["CPUExecutionProvider"])
+
+
+def _original(path, input_shapes: dict | None):
+    """The model file as read (with ``input_shapes`` set)."""
+    from .compiler import with_input_shapes
+
+    original = load(path)
+    if input_shapes:
+        with_input_shapes(original.proto, input_shapes)
+    return original
+
+
+def _inputs(path, input_shapes, inputs, image, seed, preprocessing) -> tuple[dict, list]:
+    """(the feeds: :func:`model_inputs`, the names of the model's outputs)."""
+    model = _original(path, input_shapes).proto
+    return model_inputs(model, inputs, image, seed, **preprocessing), [o.name for o in model.graph.output]
+
+
+@dataclass
+class _AsAsked:
+    feeds: dict  # conformed to the model's inputs
+    outputs: list  # the model's outputs
+    explained: np.ndarray  # the explained tensor's values
+    seed: np.ndarray  # the top-1 seed
+    nonfinite: int  # NaN/Inf relevance values under that seed
+    blocked: str | None  # what keeps LRP-0 from being the gradient (:func:`lrpc.gradient.blocker`)
+
+
+def _as_asked(compiled, names: list, feeds: dict, given: bool) -> _AsAsked:
+    """The run of the compile as asked (``compiled()``): its forward outputs (``names``) and explained tensor (zero
+    seed), then its relevance under the top-1 seed."""
+    sess, explained, blocked = _exposed(compiled())
+    feeds = _conformed(sess, feeds, given)
+    probe = sess.run(names + [explained], {**feeds, SEED: _zero_seed(sess, feeds)})
+    seed = _top1_seed(sess, probe[0])
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, SEED: seed})))
+    return _AsAsked(feeds, probe[:-1], probe[-1], seed, _nonfinite(outs), blocked)
+
+
+def _exposed(loaded) -> tuple:
+    """(session, explained tensor, :func:`lrpc.gradient.blocker`) of a compiled model with its explained tensor made
+    an output."""
+    explained = metadata(loaded.proto)[EXPLAINED]
+    blocked = gradient.blocker(loaded.proto, explained, gradient.float_inputs(loaded.proto, SEED))
+    gradient.expose(loaded.proto, [explained], SEED)
+    return _session(loaded), explained, blocked
+
+
+def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, tol: float, rng_seed: int,
                     nonfinite: dict) -> Check:
     """LRP-0 relevance against finite differences of the forward with frozen switches (:mod:`lrpc.gradient`):
     relative error of ⟨R, u⟩ against (F(x + t x ⊙ u) − F(x)) / t over DIRECTIONS seeded directions u. Two sessions:
@@ -230,37 +259,26 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     from .compiler import compile_loaded
 
     try:
-        loaded = compile_loaded(path, gradient.ruleset(), output=output, input_shapes=input_shapes)
+        at, psess, probes = _gradient_sessions(
+            lambda: compile_loaded(path, gradient.ruleset(), output=output, input_shapes=input_shapes), feeds, seed)
     except UnsupportedError as e:
         return Check("gradient", False, None, tol, f"the LRP-0 compile failed: {e}")
-    model = loaded.proto
-    explained = metadata(model)[EXPLAINED]
-    inputs = gradient.float_inputs(model, SEED)
-    refs = gradient.references(model, explained, inputs)
-    gradient.expose(model, [explained, *refs], SEED)
-    sess = session(loaded)
-    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, SEED: seed})))
-    nonfinite["LRP-0 (gradient)"] = _nonfinite(outs)
-    relevance = {name: outs[RELEVANCE if RELEVANCE in outs else f"{RELEVANCE}_{name}"].astype(np.float64)
-                 for name in inputs}
-    at_x = {r: outs[r] if r in outs else feeds[r] for r in refs}
+    except _ProbeFailed as e:
+        return Check("gradient", False, None, tol, f"the probe of the forward failed (please report): {e}")
+    nonfinite["LRP-0 (gradient)"] = at.nonfinite
     mask = seed != 0  # F: the sum of the explained values at the seeded positions (the seed is one-hot × explained)
-    base = float(np.sum(outs[explained][mask], dtype=np.float64))
-    sess = outs = None
+    base = float(np.sum(at.explained[mask], dtype=np.float64))
     fd, lin = [], []
     try:
-        probes = gradient.make_probe(model, explained, inputs, SEED)
-        psess = session(loaded)
-        model = loaded = None
         others = {k: v for k, v in feeds.items() if k not in probes}
-        for u in gradient.directions(feeds, inputs, DIRECTIONS, rng_seed):
+        for u in gradient.directions(feeds, at.inputs, DIRECTIONS, rng_seed):
             for step in gradient.steps(seed.dtype):  # (the first whose run stays finite)
-                shifted = {probes[n]: (feeds[n] * (1.0 + step * u[n])).astype(feeds[n].dtype) for n in inputs}
-                value = float(np.sum(psess.run(None, {**others, **at_x, **shifted})[0][mask], dtype=np.float64))
+                shifted = {probes[n]: (feeds[n] * (1.0 + step * u[n])).astype(feeds[n].dtype) for n in at.inputs}
+                value = float(np.sum(psess.run(None, {**others, **at.refs, **shifted})[0][mask], dtype=np.float64))
                 if np.isfinite(value):
                     break
             fd.append((value - base) / step)
-            lin.append(sum(float(np.sum(relevance[n] * u[n])) for n in inputs))
+            lin.append(sum(float(np.sum(at.relevance[n] * u[n])) for n in at.inputs))
     except Exception as e:  # (a bug of the probe, not of the model: failed, and said so, not an internal error)
         return Check("gradient", False, None, tol, f"the probe of the forward failed (please report): {one_line(e)}")
     err = gradient.relative_error(np.array(fd), np.array(lin))
@@ -270,6 +288,47 @@ def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, t
     return Check("gradient", err <= tol, err, tol,
                  f"LRP-0 relevance ⟨R, u⟩ against finite differences of the forward (switches frozen) along "
                  f"{DIRECTIONS} random directions x ⊙ u: relative error {err:.2e} (tolerance {tol:.3g}{why})")
+
+
+class _ProbeFailed(Exception):
+    pass
+
+
+@dataclass
+class _AtX:
+    """The LRP-0 compile's run at the input x."""
+    inputs: list  # the float inputs explained
+    relevance: dict  # {input: its LRP-0 relevance}, float64
+    refs: dict  # {tensor: its value}: the switches' inputs (:func:`lrpc.gradient.references`)
+    explained: np.ndarray  # the explained tensor's values
+    nonfinite: int  # NaN/Inf relevance values
+
+
+def _gradient_sessions(compiled, feeds: dict, seed: np.ndarray) -> tuple:
+    """(:class:`_AtX`, the probe's session, {input: the probe's input for it}) of the LRP-0 compile
+    (``compiled()``)."""
+    loaded = compiled()
+    at = _lrp0_at_x(loaded, feeds, seed)
+    try:
+        probes = gradient.make_probe(loaded.proto, metadata(loaded.proto)[EXPLAINED], at.inputs, SEED)
+        return at, _session(loaded), probes
+    except Exception as e:  # (a bug of the probe, not of the model)
+        raise _ProbeFailed(one_line(e)) from e
+
+
+def _lrp0_at_x(loaded, feeds: dict, seed: np.ndarray) -> _AtX:
+    """The LRP-0 compile's relevance, explained values and switches' inputs at x; leaves them exposed as outputs."""
+    model = loaded.proto
+    explained = metadata(model)[EXPLAINED]
+    inputs = gradient.float_inputs(model, SEED)
+    refs = gradient.references(model, explained, inputs)
+    gradient.expose(model, [explained, *refs], SEED)
+    sess = _session(loaded)
+    outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, SEED: seed})))
+    relevance = {name: outs[RELEVANCE if RELEVANCE in outs else f"{RELEVANCE}_{name}"].astype(np.float64)
+                 for name in inputs}
+    return _AtX(inputs, relevance, {r: outs[r] if r in outs else feeds[r] for r in refs}, outs[explained],
+                _nonfinite(outs))
 
 
 def _nonfinite(outs: dict) -> int:
@@ -366,10 +425,11 @@ def _seed_shape(sess, feeds):
 
 
 def _conformed(sess, feeds: dict, given: bool) -> dict:
-    """``feeds`` checked against the session's inputs: one InputError naming the array (``--inputs``) or input."""
+    """``feeds`` checked against the session's inputs (but the seed): one InputError naming the array
+    (``--inputs``) or input."""
     from .runtime import conform
 
-    specs = {i.name: i for i in sess.get_inputs()}
+    specs = {i.name: i for i in sess.get_inputs() if i.name != SEED}
     if sorted(feeds) != sorted(specs):
         raise InputError(f"--inputs: arrays {sorted(feeds)} given, the model takes {sorted(specs)}")
     what = "--inputs array '{}'" if given else "input '{}'"

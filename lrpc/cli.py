@@ -272,7 +272,7 @@ def _run(args) -> int:
         return _check(args)
     if args.command == "explain":
         return _explain(args)
-    refuse_inputs(args.out, _read_files(args))  # (before the work; the model's external data is known after it)
+    refuse_inputs(args.out, _read_files(args))  # (before the work)
     if args.command == "canonize":
         model = canonize_loaded(args.model, output=args.output, input_shapes=dict(args.input_shape))
     else:
@@ -286,7 +286,7 @@ def _run(args) -> int:
 
 def _read_files(args) -> list[tuple[str, str]]:
     """(path, what) of each file the command reads, which none of its outputs may overwrite: the model, its
-    external data (known once the model was read), a rule file, an --inputs archive, an --image."""
+    external data, a rule file, an --inputs archive, an --image."""
     from .loaded import external_data_files
 
     files = [(args.model, "the model")]

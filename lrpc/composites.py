@@ -26,7 +26,7 @@ from .errors import InputError
 # (sum: Options.sum_rule)
 BASE = {"avgpool": "norm", "resize": "norm", "sum": "norm", "scale": "pass", "normalization": "epsilon",
         "matmul": "epsilon", "softmax": "taylor", "gate": "pass"}
-SUM_RULES = ("norm", "sign-norm", "epsilon")  # the rules a residual sum takes
+SUM_RULES = tuple(name for name in R.RULES if R.make_rule(name).on_sums)  # the rules a residual sum takes
 CATEGORIES = ("conv", "dense", *BASE)
 
 

@@ -137,7 +137,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     # each node with a rule as assign_rules takes it: (name, (op, op before the passes), category)
     described = [(n.name, (n.op, canon.origin.get(n.name, n.op)), c) for n in nodes if (c := category(canon, n))]
     gates = [d for d in described if d[2] == "gate"]
-    splits = {k for k, r in composites.assign_rules(gates, ruleset).items() if r.name == "split"}  # (both get some)
+    splits = {k for k, r in composites.assign_rules(gates, ruleset).items() if r.splits}  # (both get some)
     reached = _reached(canon, nodes, explained, tensors, splits)
     missing = [n for n in nodes
                if n.name in canon.refused or (n.name in reached and propagator(op_of(canon, n)) is None)]

@@ -127,6 +127,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     read = [(s, "a source") for s in sources] + [(goal.path, "the target file")]
     if isinstance(model, (str, os.PathLike)):
         read.append((model, "the model"))
+        read += [(f, "the model's external data") for f in sorted(external_data_files(model))]
     if isinstance(rules, (str, os.PathLike)) and Path(rules).is_file():
         read.append((rules, "the rule file"))
     paths = _outputs(out, sources, many=images is not None, protect=protected(read))
@@ -142,8 +143,6 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
                             cache=cache, seed=seed, **options)
-    if isinstance(model, (str, os.PathLike)):  # (its external data files are known once it was read)
-        read += [(f, "the model's external data") for f in sorted(external_data_files(model))]
     read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
     if npy is None:
         if len(spec.dims) != 4:

@@ -174,6 +174,17 @@ def load(path: str | os.PathLike, defer: bool = True) -> LoadedModel:
     little-endian machine (raw data is little-endian): exactly the weights lrpc's checker and shape inference leave
     out (:func:`lrpc.graph.structure_of_model`), so they never see a tensor without data."""
     p = Path(path)
+    loaded = _parse(p, defer)
+    _load_external_data(loaded.proto, p.parent.resolve(), p)
+    try:
+        check_structure(loaded.proto)
+    except Exception as e:
+        raise InputError(f"{p}: invalid ONNX model: {one_line(e)}") from None
+    return loaded
+
+
+def _parse(p: Path, defer: bool) -> LoadedModel:
+    """The model in file ``p`` (:func:`load`'s reading, before external data and checks)."""
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.is_dir():
@@ -205,11 +216,6 @@ def load(path: str | os.PathLike, defer: bool = True) -> LoadedModel:
             raw = loaded.deferred(init)
             if raw is not None and not _deferrable(init, raw):
                 init.raw_data = bytes(raw)
-    _load_external_data(model, p.parent.resolve(), p)
-    try:
-        check_structure(model)
-    except Exception as e:
-        raise InputError(f"{p}: invalid ONNX model: {one_line(e)}") from None
     return loaded
 
 
@@ -354,21 +360,22 @@ def _must_hold_data(init: onnx.TensorProto) -> None:
                            "file's bytes it was read from (please report)")
 
 
-_EXTERNAL_FILES: dict[Path, frozenset] = {}
-
-
 def external_data_files(path: str | os.PathLike) -> frozenset:
-    """The external data files the model at ``path`` referred to when lrpc last read it (empty if none or never
-    read): inputs too, which an output must not overwrite."""
-    return _EXTERNAL_FILES.get(Path(path).resolve(), frozenset())
+    """The external data files the model at ``path`` refers to (none where it cannot be read): inputs too, which an
+    output must not overwrite. Its big weights are not read (:func:`load`'s skeleton)."""
+    p = Path(path)
+    try:
+        return frozenset(target for _, target in _external_locations(_parse(p, True).proto, p.parent.resolve(), p))
+    except InputError:
+        return frozenset()
 
 
-def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
-    """Load external tensors, refusing any location outside the model's folder."""
-    from onnx.external_data_helper import _get_all_tensors, load_external_data_for_tensor, uses_external_data
+def _external_locations(model: onnx.ModelProto, base: Path, path: Path) -> list:
+    """(tensor, its external data file) of each of the model's tensors with external data, refusing any location
+    outside the model's folder and missing files."""
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
 
-    files = set()
-    _EXTERNAL_FILES.pop(path.resolve(), None)
+    found = []
     for tensor in _get_all_tensors(model):
         if not uses_external_data(tensor):
             continue
@@ -379,14 +386,18 @@ def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
                              f"{location}")
         if not target.is_file():
             raise InputError(f"{path}: external data file of tensor '{tensor.name}' is missing: {location}")
-        files.add(target)
+        found.append((tensor, target))
+    return found
+
+
+def _load_external_data(model: onnx.ModelProto, base: Path, path: Path) -> None:
+    """Load external tensors, from the model's folder only."""
+    from onnx.external_data_helper import load_external_data_for_tensor
+
+    for tensor, _ in _external_locations(model, base, path):
         try:
             load_external_data_for_tensor(tensor, str(base))
         except Exception as e:
             raise InputError(f"{path}: cannot read external data of tensor '{tensor.name}': {one_line(e)}") from None
         tensor.data_location = onnx.TensorProto.DEFAULT
         del tensor.external_data[:]
-    if files:
-        _EXTERNAL_FILES[path.resolve()] = frozenset(files)
-
-

@@ -57,6 +57,8 @@ class Rule:
     on_sums: str | None = None
     own_output: bool = False  # where R = z ⊙ c (z the layer's own output) its masks and sign tests fold into z
     layers: tuple[str, ...] | None = None  # the only categories it applies to (None: linear layers, on_sums)
+    splits: bool = False  # a product of computed factors gives each the same share (not in proportion)
+    constant: bool = False  # the layer's output is a constant for the rules: no relevance enters it
 
     @property
     def is_pass(self) -> bool:
@@ -154,13 +156,13 @@ def taylor(**kw) -> Rule:
 def constant(**kw) -> Rule:
     """CP-LRP's attention probabilities: the softmax output is a constant, no relevance enters it; a product with it
     is a linear map of its other operand."""
-    return Rule("constant", layers=("softmax",))
+    return Rule("constant", layers=("softmax",), constant=True)
 
 
 def split(**kw) -> Rule:
     """AttnLRP's gated products (SwiGLU's ``silu(gate) ⊙ up``): each factor gets half of the product's relevance,
     ``R_a = R_b = R / 2``; a factor that does not depend on the explained input gets none (the other gets all)."""
-    return Rule("split", layers=("gate",))
+    return Rule("split", layers=("gate",), splits=True)
 
 
 # name -> (factory, parameter names it takes from the user)

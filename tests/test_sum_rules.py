@@ -171,7 +171,7 @@ def test_sum_rule_option_and_rule_file(tmp_path):
         assert rules["sum"] == "sign-norm"
     assert json.loads({p.key: p.value for p in lrpc.compile(model, "epsilon-plus").metadata_props}
                       ["lrpc.rules"])["sum"] == "norm"
-    with pytest.raises(InputError, match="sum_rule must be one of norm, sign-norm, epsilon"):
+    with pytest.raises(InputError, match="sum_rule must be one of epsilon, norm, sign-norm"):
         lrpc.compile(model, "epsilon-plus", sum_rule="zplus")
 
 

@@ -22,7 +22,7 @@ MATMUL = "lrpc.matmul"  # what emission explains a MatMul of two computed tensor
           gradient="a product of two computed tensors: its rule splits the relevance between the factors")
 def matmul(ctx, node, R_out):
     rule = ctx.rule(node)
-    if rule.name != "epsilon":
+    if rule.on_sums != "share":
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a MatMul of two computed "
                                "tensors (use epsilon)")
     b, (x, w), y = ctx.b, node.inputs, node.outputs[0]
@@ -40,9 +40,9 @@ def matmul(ctx, node, R_out):
 @register("Softmax", category="softmax", nonneg=True, gradient=EXACT)
 def softmax(ctx, node, R_out):
     rule = ctx.rule(node)
-    if rule.name == "constant":
+    if rule.constant:
         return [None]
-    if rule.name != "taylor":
+    if "softmax" not in (rule.layers or ()):
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a Softmax "
                                "(use taylor or constant)")
     b, x, s, R = ctx.b, node.inputs[0], node.outputs[0], R_out[0]
@@ -67,7 +67,7 @@ def _constant_for_rules(ctx, t) -> bool:
             t = next(i for i in n.inputs if not is_const(i))
     n = t.inputs[0] if t.inputs else None
     rule = ctx.rule_of(n) if n is not None else None
-    return rule is not None and rule.name == "constant"
+    return rule is not None and rule.constant
 
 
 def _swap_last(b, t):

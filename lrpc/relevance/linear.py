@@ -339,7 +339,7 @@ def gated_product(ctx, node, R_out):
     """An element-wise product ``y = a ⊙ b`` of two computed tensors that is no activation. ``split`` (AttnLRP):
     ``R_a = R_b = R / 2`` (a factor no function of the explained input gets none, the other all); any other rule
     treats the gate (:func:`gate_operand`) as the weight of the linear map of the other factor (:func:`propagate`)."""
-    if ctx.rule(node).name != "split":
+    if not ctx.rule(node).splits:
         return propagate(ctx, node, R_out)
     b, y = ctx.b, node.outputs[0]
     live = [t.name in ctx.live for t in node.inputs]
@@ -370,7 +370,7 @@ def propagate(ctx, node, R_out):
 def _masked_sum(ctx, node, rule: Rule, R):
     """``z = x + m`` with a constant ``m`` holding -inf (a causal mask folded to a constant) under epsilon:
     ``R_x = x ⊙ R / stab(z)``, computed on ``z`` itself (no bias arithmetic with infinities); 0 where ``m`` is."""
-    if rule.name not in ("epsilon", "norm"):
+    if rule.on_sums != "share":
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to an Add of an infinite constant "
                                "(an attention mask: use epsilon or pass)")
     x, z = next(t for t in node.inputs if not is_const(t)), node.outputs[0]
