@@ -360,24 +360,53 @@ def _absorbed(first: dict | None, options: composites.Options, tol: float, with_
             f"--epsilon and --stabilizer-eps to {below:.0e}")
 
 
-def _accounted(model: onnx.ModelProto, outs: dict, seed: np.ndarray, tol: float) -> tuple[list, float, str]:
-    """(per-layer rows, figure, message) of a compile with per-layer sums and accounts: Σ relevance = Σ seed − what
-    the layers absorb (biases, zero denominators, stabilizers); what is left over is unaccounted (a wrong adjoint or
-    route). The figure is the larger of the unaccounted and the stabilizers' share, relative to |Σ seed|."""
+@dataclass
+class Accounts:
+    """A run's relevance books: Σ relevance = Σ seed − what the layers absorb (biases, zero denominators,
+    stabilizers), shares relative to |Σ seed|; what is left over is ``unaccounted`` (a wrong adjoint or route)."""
+    rows: list  # per layer (:func:`_layer_rows`)
+    total: float  # Σ input relevance
+    seed_sum: float
+    bias: float
+    zero: float
+    stabilizer: float
+    unaccounted: float
+    magnitude: float  # Σ|input relevance| / |Σ seed|
+
+    @property
+    def figure(self) -> float:
+        """The larger of the unaccounted and the stabilizers' share."""
+        return max(self.unaccounted, abs(self.stabilizer))
+
+    @property
+    def first_break(self) -> str | None:
+        """The first layer (from the output) that sends down other than its rule passes on, or whose stabilizer
+        absorbs, by more than the tolerance."""
+        return next((r["name"] for r in self.rows[::-1] if r["breaks"]), None)
+
+
+def accounts(model: onnx.ModelProto, outs: dict, seed: np.ndarray, tol: float) -> Accounts:
+    """The :class:`Accounts` of a compile with per-layer sums and accounts (``model``) run to ``outs`` from
+    ``seed``; a layer breaks where it is off by more than ``tol`` × |Σ seed|."""
     total = float(sum(np.sum(outs[k], dtype=np.float64) for k in input_relevance_names(outs)))
     size = float(sum(np.sum(np.abs(outs[k]), dtype=np.float64) for k in input_relevance_names(outs)))
     seed_sum = float(np.sum(seed, dtype=np.float64))
     scale = max(abs(seed_sum), 1e-30)
     rows = _layer_rows(model, outs, tol * scale)
-    first = next((r["name"] for r in rows[::-1] if r["breaks"]), None)
-    where = f"; first break (from the output) at layer '{first}'" if first else ""
     part = {k: sum(r[k] for r in rows) / scale for k in ("bias", "zero", "stabilizer", "absorbed")}
-    unaccounted = abs((total - seed_sum) / scale + part["absorbed"])
-    figure = max(unaccounted, abs(part["stabilizer"]))
-    return rows, figure, (f"|Σ relevance − Σ seed| / |Σ seed| = {abs(total - seed_sum) / scale:.2e}: absorbed by "
-                          f"biases {part['bias']:.2e} and at zero denominators {part['zero']:.2e} (by design), by "
-                          f"stabilizers {part['stabilizer']:.2e}; unaccounted {unaccounted:.2e} (tolerance {tol:g} for "
-                          f"stabilizers and unaccounted){where}{_magnitude(size / scale)}{_bias_driven(part['bias'])}")
+    return Accounts(rows, total, seed_sum, part["bias"], part["zero"], part["stabilizer"],
+                    abs((total - seed_sum) / scale + part["absorbed"]), size / scale)
+
+
+def _accounted(model: onnx.ModelProto, outs: dict, seed: np.ndarray, tol: float) -> tuple[list, float, str]:
+    """(per-layer rows, figure, message) of :func:`accounts`."""
+    a = accounts(model, outs, seed, tol)
+    where = f"; first break (from the output) at layer '{a.first_break}'" if a.first_break else ""
+    miss = abs(a.total - a.seed_sum) / max(abs(a.seed_sum), 1e-30)
+    return a.rows, a.figure, (f"|Σ relevance − Σ seed| / |Σ seed| = {miss:.2e}: absorbed by biases {a.bias:.2e} "
+                              f"and at zero denominators {a.zero:.2e} (by design), by stabilizers {a.stabilizer:.2e}; "
+                              f"unaccounted {a.unaccounted:.2e} (tolerance {tol:g} for stabilizers and unaccounted)"
+                              f"{where}{_magnitude(a.magnitude)}{_bias_driven(a.bias)}")
 
 
 def _bias_driven(share: float) -> str:

@@ -182,7 +182,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
         for t, r in zip(inputs_of(canon, node, tensors), r_in):
             if r is not None and t.name in depends:
                 incoming.setdefault(t.name, []).append(r)
-        if layerwise and (category(canon, node) or facts(node.op).reported):
+        if layerwise and (category(canon, node) or facts(node.op).reported or node.name in ctx.accounts):
             sent = [(t, r) for t, r in zip(inputs_of(canon, node, tensors), r_in)
                     if r is not None and t.name in depends]
             if layerwise == "full":

@@ -7,34 +7,32 @@ seed sum, and its own in/out ratio; the first layer (from the output) whose in/o
 tolerance is marked, and a warning names the usual remedies when the input relevance sum misses the seed sum."""
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import asdict
 
 import numpy as np
 
 from . import composites, targets
-from .check import model_inputs
-from .contract import LAYER_IN, layer_sums
+from .check import accounts, model_inputs
+from .contract import LAYER_IN
 from .loaded import file_identity, load, still_the_file
 
 REMEDIES = ("a smaller --epsilon/--stabilizer-eps where large stabilizers absorb it; the generalized gamma of "
             "epsilon-gamma-box and --stabilizer clip or norm-scale where denominators near 0 explode; --sum-rule "
-            "sign-norm where residual sums whose branches have both signs explode (RepVGG); units that only "
-            "their bias switches on receive relevance but pass none down (a property of the rules, also with "
-            "--zero-bias: the model's own biases decide which units are on)")
+            "sign-norm where residual sums whose branches have both signs explode (RepVGG)")
 
 
 def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options | None = None,
             inputs: dict | None = None, target=None, tol: float = 1e-3, output: str | None = None,
             input_shapes: dict | None = None, seed: int = 0, image=None, **preprocessing) -> dict:
-    """Return {"layers": [...], "seed_sum", "input_sum", "first_break", "warning", "bias"} (sums over the
+    """Return {"layers": [...], "seed_sum", "input_sum", "first_break", "warning", "absorbed"} (sums over the
     batch). The input: ``inputs`` ({name: array}), an ``image`` file (preprocessed as by ``lrpc explain``:
     ``preprocessing`` are :func:`lrpc.preprocess.image_inputs`'s keywords), or seeded random data.
 
-    Biases absorb relevance by design. When the input sum misses the seed sum, the same explanation is
-    run again with biases left out of every denominator (``--zero-bias``): if that conserves, the loss
-    is the biases' (``bias``: {"input_sum", "absorbed", "first_break"}, no warning); otherwise the warning
-    names the first layer that breaks without biases, i.e. for another reason (stabilizers, dead units,
-    ...). ``first_break`` is always the requested run's."""
+    ``absorbed``: the relevance the layers' rules keep by design (``bias``, ``zero``: biases, zero denominators),
+    their stabilizers keep (``stabilizer``), and what is left over (``unaccounted``: seed − input − the others), as
+    :func:`lrpc.check.accounts` books them. A warning is given where stabilizers or the unaccounted part exceed
+    ``tol`` of the seed sum; it names the first layer (from the output) that breaks by those books.
+    ``first_break`` is the first layer whose in/out ratio leaves 1 by more than ``tol``."""
     from .compiler import with_input_shapes
 
     options = options or composites.Options()
@@ -45,53 +43,45 @@ def inspect(path, rules: str = "epsilon-gamma-box", options: composites.Options 
     feeds = model_inputs(model, inputs, image, seed, **preprocessing)
     model = None
     target = targets.parse(target)
-    compile_args = (path, rules, output, input_shapes)
-    layers, seed_sum, input_sum, seed = _layer_table(compile_args, options, feeds, target, tol)
-    first_break = _first_break(layers)
-    miss = abs(input_sum - seed_sum) / max(abs(seed_sum), 1e-30)
-    warning, bias, culprit = None, None, first_break
-    if miss > tol:
-        if not options.zero_bias:
-            free = replace(options, zero_bias=True)
-            free_layers, _, free_sum, _ = _layer_table(compile_args, free, feeds, target, tol, seed)
-            culprit = _first_break(free_layers)
-            bias = {"input_sum": free_sum, "absorbed": free_sum - input_sum, "first_break": culprit}
-            miss = abs(free_sum - seed_sum) / max(abs(seed_sum), 1e-30)
-        if miss > tol:
-            what = "without biases in the denominators, " if bias else ""
-            where = f" ({what}the first break from the output is layer '{culprit}')" if culprit else ""
-            biases = "" if bias is None else f"; with --zero-bias {bias['input_sum']:.6g}, so not (only) biases"
-            warning = (f"input relevance sums to {input_sum:.6g}, the seed to {seed_sum:.6g}{biases}: "
-                       f"{100 * miss:.2f}% not conserved{where}. Usual remedies: {REMEDIES}")
+    layers, books, seed = _layer_table((path, rules, output, input_shapes), options, feeds, target, tol)
+    seed_sum, input_sum, scale = books.seed_sum, books.total, abs(books.seed_sum)
+    absorbed = {k: getattr(books, k) * scale for k in ("bias", "zero", "stabilizer", "unaccounted")}
+    warning = None
+    if books.figure > tol:
+        culprit = books.first_break
+        where = f" (the first break from the output is layer '{culprit}')" if culprit else ""
+        warning = (f"input relevance sums to {input_sum:.6g}, the seed to {seed_sum:.6g}: stabilizers absorb "
+                   f"{100 * abs(books.stabilizer):.2f}% and {100 * books.unaccounted:.2f}% is unaccounted (biases "
+                   f"{100 * books.bias:.2f}% and zero denominators {100 * books.zero:.2f}% by design){where}. "
+                   f"Usual remedies: {REMEDIES}")
     still_the_file(path, identity, "lrpc inspect")
     explained = str(target) if target.kind not in ("index", "top") else \
         np.asarray(seed).reshape(len(seed), -1).argmax(axis=1).tolist()
     return {"model": str(path), "rules": rules, "target": explained, "seed_sum": seed_sum,
-            "input_sum": input_sum, "first_break": first_break, "warning": warning, "bias": bias, "layers": layers}
+            "input_sum": input_sum, "first_break": _first_break(layers), "warning": warning, "absorbed": absorbed,
+            "layers": layers}
 
 
 def _first_break(layers: list) -> str | None:
     return next((row["name"] for row in reversed(layers) if row["breaks"]), None)
 
 
-def _layer_table(compile_args, options, feeds, target, tol, seed=None):
-    """(rows, seed sum, input relevance sum, seed) of one compiled run with --layerwise full; the seed is
-    made from ``target`` (see :mod:`lrpc.targets`) unless given. ``compile_args``: (path, rules, output, input
-    shapes): the model is read as ``lrpc compile`` reads it (its big weights stay in the file, where onnxruntime
-    reads them)."""
+def _layer_table(compile_args, options, feeds, target, tol):
+    """(rows, :func:`lrpc.check.accounts`, seed) of one compiled run with --layerwise full, the seed made from
+    ``target`` (see :mod:`lrpc.targets`). ``compile_args``: (path, rules, output, input shapes): the model is read
+    as ``lrpc compile`` reads it (its big weights stay in the file, where onnxruntime reads them)."""
     session, compiled = _compiled_session(compile_args, options)
-    if seed is None:
-        seed = session.seed_for(feeds, target)
+    seed = session.seed_for(feeds, target)
     outs = session.run(feeds, seed)
-    seed_sum = float(np.sum(seed, dtype=np.float64))
+    books = accounts(compiled, outs, seed, tol)
     layers = []
-    for layer, s_in, _, local in layer_sums(compiled, outs):
-        r = outs[f"{LAYER_IN}{layer['name']}"].astype(np.float64)
-        layers.append({**layer, "sum": s_in, "range": float(r.max() - r.min()) if r.size else 0.0,
-                       "ratio_to_seed": s_in / seed_sum if seed_sum else float("nan"),
-                       "in_over_out": local, "breaks": bool(abs(local - 1.0) > tol)})
-    input_sum = float(sum(np.sum(outs[n], dtype=np.float64) for n in session.relevance_outputs))
-    return layers, seed_sum, input_sum, seed
+    for row in books.rows:
+        r = outs[f"{LAYER_IN}{row['name']}"].astype(np.float64)
+        layers.append({**{k: v for k, v in row.items() if k not in ("sum_in", "breaks", "ratio", "absorbed")},
+                       "sum": row["sum_in"], "range": float(r.max() - r.min()) if r.size else 0.0,
+                       "ratio_to_seed": row["sum_in"] / books.seed_sum if books.seed_sum else float("nan"),
+                       "in_over_out": row["ratio"], "breaks": bool(abs(row["ratio"] - 1.0) > tol)})
+    return layers, books, seed
 
 
 def _compiled_session(compile_args, options) -> tuple:
@@ -114,9 +104,7 @@ def table(result: dict) -> str:
                      f"{row['range']:10.4g} {row['ratio_to_seed']:8.4f} {row['in_over_out']:8.4f}{mark}")
     lines.append(f"seed Σ {result['seed_sum']:.6g}, input relevance Σ {result['input_sum']:.6g} "
                  f"(targets {result['target']})")
-    if result.get("bias"):
-        b = result["bias"]
-        brk = f", first break without biases: {b['first_break']}" if b["first_break"] else ""
-        lines.append(f"with --zero-bias: input relevance Σ {b['input_sum']:.6g}; "
-                     f"biases absorb {b['absorbed']:.6g}{brk}")
+    a = result["absorbed"]
+    lines.append(f"absorbed: by biases {a['bias']:.6g}, at zero denominators {a['zero']:.6g} (by design); by "
+                 f"stabilizers {a['stabilizer']:.6g}; unaccounted {a['unaccounted']:.6g}")
     return "\n".join(lines)

@@ -297,13 +297,20 @@ def test_bert_session_and_cli_explain_per_token(bert_exports, tmp_path):
     assert written.shape[-1] == T
 
 
-def test_check_on_a_token_model_skips_the_gradient_check_with_the_reason(bert_exports, tmp_path):
-    """`lrpc check` on token ids: the forward and finite checks run; the gradient check (finite differences along
-    float inputs) is skipped with its reason instead of failing on a probe without inputs."""
+@pytest.mark.parametrize("composite", ["cp-lrp", "attnlrp"])
+def test_check_on_a_token_model_skips_the_gradient_check_with_the_reason(bert_exports, tmp_path, composite):
+    """`lrpc check` on token ids: the forward and finite checks run and conservation closes (the token-type and
+    position embeddings added to the word embedding are biases of that sum; attnlrp's softmax keeps the remainder of
+    its expansion as a bias); the gradient check (finite differences along float inputs) is skipped with its reason
+    instead of failing on a probe without inputs."""
     from lrpc.check import run_check
 
     _, models = bert_exports
     onnx.save(models["legacy17"], str(tmp_path / "bert.onnx"))
-    checks = {c.name: c for c in run_check(str(tmp_path / "bert.onnx"), "cp-lrp", inputs=_bert_inputs()).checks}
+    report = run_check(str(tmp_path / "bert.onnx"), composite, inputs=_bert_inputs())
+    checks = {c.name: c for c in report.checks}
     assert checks["supported"].passed and checks["forward"].passed and checks["finite"].passed
+    assert checks["conservation"].passed, checks["conservation"].message
+    embeddings = next(r for r in report.layers if r["name"] == "/bert/embeddings/Add")
+    assert embeddings["bias"] != 0 and abs(embeddings["stabilizer"]) < 1e-4
     assert checks["gradient"].skipped and "no float input (token ids)" in checks["gradient"].message

@@ -47,7 +47,10 @@ def softmax(ctx, node, R_out):
                                "(use taylor or constant)")
     b, x, s, R = ctx.b, node.inputs[0], node.outputs[0], R_out[0]
     x = b.op("Where", [b.op("Equal", [s, b.const(0.0)], dtype=bool), b.const(0.0), x])
-    return [b.mul(x, b.op("Sub", [R, b.mul(s, b.reduce_sum(R, [int(node.attrs.get("axis", -1))]))]))]
+    r_x = b.mul(x, b.op("Sub", [R, b.mul(s, b.reduce_sum(R, [int(node.attrs.get("axis", -1))]))]))
+    if ctx.audit:  # the expansion's remainder s − J x is its bias: what R_x does not carry is absorbed by design
+        ctx.account(node, r_x, b.op("Sub", [R, r_x]))
+    return [r_x]
 
 
 def _constant_for_rules(ctx, t) -> bool:

@@ -47,11 +47,18 @@ def residual_sum(ctx, node, R_out):
         return _sign_split(ctx, node, rule, R_out[0], rank)
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
     c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
-    if ctx.audit:  # (a constant operand is a bias)
-        b, consts = ctx.b, [x for x in node.inputs if is_const(x)]
-        ctx.account(node, b.mul(c, b.sum([x for x in node.inputs if not is_const(x)])),
+    fixed = [_fixed(ctx, x) for x in node.inputs]
+    if ctx.audit:  # (an operand that is a constant for the rules is a bias)
+        b, consts = ctx.b, [x for x, f in zip(node.inputs, fixed) if f]
+        ctx.account(node, b.mul(c, b.sum([x for x, f in zip(node.inputs, fixed) if not f])),
                     b.mul(c, b.sum(consts)) if consts else None, b.mul(R_out[0], indicator(b, "Equal", z)))
-    return [None if is_const(x) else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x in node.inputs]
+    return [None if f else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x, f in zip(node.inputs, fixed)]
+
+
+def _fixed(ctx, x) -> bool:
+    """``x`` is a constant for the rules (a bias of the sum): a constant, or no function of the explained input
+    (BERT's token-type and position embeddings)."""
+    return is_const(x) or x.name not in ctx.live
 
 
 def _sign_split(ctx, node, rule, R, rank):
@@ -78,10 +85,10 @@ def _sign_split(ctx, node, rule, R, rank):
         den = b.sum([p for p in parts if p is not None])
         c = sign_message(b, R, den, z, rule, rank, mask, known, quiet)
         for i, (x, p) in enumerate(zip(node.inputs, parts)):
-            if p is not None and not is_const(x):
+            if p is not None and not _fixed(ctx, x):
                 shares[i] = b.sum([shares[i], unbroadcast(b, ctx.product(p, c), x, z)])
         if ctx.audit:
-            accounts.append((mask, c, den, [p for x, p in zip(node.inputs, parts) if p is not None and is_const(x)]))
+            accounts.append((mask, c, den, [p for x, p in zip(node.inputs, parts) if p is not None and _fixed(ctx, x)]))
     if ctx.audit:
         kept = b.sum([b.mul(c, b.op("Sub", [den, b.sum(consts)]) if consts else den) for _, c, den, consts in accounts])
         bias = b.sum([b.mul(c, b.sum(consts)) for _, c, _, consts in accounts if consts])

@@ -59,16 +59,26 @@ def gather(ctx, node, R_out):
     x, idx = node.inputs
     if not is_const(idx):
         raise UnsupportedError(f"{where(node)}: Gather with computed indices has no LRP rule")
-    dims = static_dims(x, node, "input shape")
-    rank = len(dims)
+    if x.shape is None:
+        raise UnsupportedError(f"{where(node)}: Gather from a tensor of unknown rank")
+    dims, rank = list(x.shape), len(x.shape)
     axis = int(node.attrs.get("axis", 0)) % rank
-    if not isinstance(dims[axis], int):
+    if not isinstance(dims[axis], (int, np.integer)):
         raise UnsupportedError(f"{where(node)}: Gather along the dynamic axis {axis}")
     ind = const_value(idx).astype(np.int64).reshape(-1)
-    ind = np.where(ind < 0, ind + dims[axis], ind)
+    ind = np.where(ind < 0, ind + int(dims[axis]), ind)
     b = ctx.b
-    # the output's index axes as one, then indices broadcast to the relevance's shape (0 copies a symbolic batch)
-    r = b.op("Reshape", [R_out[0], b.ints([0] * min(axis, 1) + dims[1:axis] + [ind.size] + dims[axis + 1:])])
+    # the output's index axes as one (the data's other dims: as known, else read at run time), then the indices
+    # broadcast to the relevance's shape
+    if all(isinstance(d, (int, np.integer)) for i, d in enumerate(dims) if i not in (0, axis)):
+        shape = b.ints([0] * min(axis, 1) + [int(d) for d in dims[1:axis]] + [ind.size] +
+                       [int(d) for d in dims[axis + 1:]])
+    else:
+        whole = b.shape_of(x)
+        shape = b.op("Concat", [b.op("Slice", [whole, b.ints([0]), b.ints([axis])], dtype=np.int64), b.ints([ind.size]),
+                                b.op("Slice", [whole, b.ints([axis + 1]), b.ints([rank])], dtype=np.int64)],
+                     {"axis": 0}, dtype=np.int64)
+    r = b.op("Reshape", [R_out[0], shape])
     at = b.op("Expand", [b.const(ind.reshape([1] * axis + [-1] + [1] * (rank - axis - 1)), np.int64), b.shape_of(r)],
               dtype=np.int64)
     scattered = b.op("ScatterElements", [b.zeros_like(x), at, r], {"axis": axis, "reduction": "add"})
@@ -96,13 +106,26 @@ def gather_nd(ctx, node, R_out):
 
 @register("Concat", **DATA_MOVEMENT)
 def concat(ctx, node, R_out):
-    axis = int(node.attrs["axis"])
-    rank = len(static_dims(node.outputs[0], node))
-    axis %= rank
-    sizes = [_dim(x, axis, node) for x in node.inputs]
-    parts = ctx.b.op("Split", [R_out[0], ctx.b.ints(sizes)], {"axis": axis}, outputs=len(sizes))
+    """Each input gets its part of the relevance (sizes along the axis read at run time where the shapes leave them
+    open: a ViT's class token concatenated on a dynamic batch)."""
+    b, y = ctx.b, node.outputs[0]
+    shape = y.shape if y.shape is not None else next((x.shape for x in node.inputs if x.shape is not None), None)
+    if shape is None:
+        raise UnsupportedError(f"{where(node)}: Concat of tensors of unknown rank")
+    axis = int(node.attrs["axis"]) % len(shape)
+    known = [x.shape[axis] if x.shape is not None else None for x in node.inputs]
+    if all(isinstance(d, (int, np.integer)) for d in known):
+        sizes = b.ints([int(d) for d in known])
+    else:
+        sizes = b.op("Concat", [b.op("Slice", [b.shape_of(x), b.ints([axis]), b.ints([axis + 1])], dtype=np.int64)
+                                for x in node.inputs], {"axis": 0}, dtype=np.int64)
+    parts = b.op("Split", [R_out[0], sizes], {"axis": axis}, outputs=len(node.inputs))
     parts = parts if isinstance(parts, list) else [parts]
-    return [None if is_const(x) else p for x, p in zip(node.inputs, parts)]
+    fixed = [is_const(x) or x.name not in ctx.live for x in node.inputs]
+    if ctx.audit and any(fixed):  # a constant part (a ViT's class token) keeps its relevance: a bias
+        ctx.account(node, *(b.sum([b.reduce_sum(p, [axis]) for p, f in zip(parts, fixed) if f is side])
+                            for side in (False, True)))
+    return [None if f else p for f, p in zip(fixed, parts)]
 
 
 @register("Split", **DATA_MOVEMENT)
@@ -184,8 +207,3 @@ def pad(ctx, node, R_out):
     return [sliced] + [None] * (len(node.inputs) - 1)
 
 
-def _dim(x, axis: int, node) -> int:
-    d = static_dims(x, node)[axis]
-    if not isinstance(d, int):
-        raise UnsupportedError(f"{where(node)}: Concat along a dynamic axis")
-    return d
