@@ -4,7 +4,8 @@ Produces, next to this script:
   digits_vit.onnx         - trained ViT (legacy TorchScript exporter, opset 17, logits output, dynamic batch);
   digits_vit_samples.npz  - 16 test images (float32 [16,1,32,32] in [0,1]) and labels (int64 [16]).
 
-Run with:  python models/digits_vit.py   (needs torch, scikit-learn, onnx, onnxruntime; about a minute on CPU)
+Run with:  python models/digits_vit.py [OUT_DIR]
+(needs torch, scikit-learn, onnx, onnxruntime; about a minute on CPU; OUT_DIR defaults to models/)
 Deterministic on CPU (fixed seeds, single thread).
 """
 from __future__ import annotations
@@ -21,8 +22,9 @@ from sklearn.datasets import load_digits
 from torch import nn
 from torch.nn import functional as F
 
-OUT = Path(__file__).resolve().parent
-sys.path.insert(0, str(OUT))
+HERE = Path(__file__).resolve().parent
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE  # another folder: for the determinism test
+sys.path.insert(0, str(HERE))
 from tiny_transformer import Block, accuracy, train  # noqa: E402
 
 SEED = 0

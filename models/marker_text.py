@@ -10,7 +10,8 @@ Produces, next to this script:
   marker_text_samples.npz   - 12 test sequences input_ids (int64 [12,16]), labels (int64 [12]), markers (bool
                               [12,16], true at the marker positions) and vocab (str [V], the word of each id).
 
-Run with:  python models/marker_text.py   (needs torch, onnx, onnxruntime; under a minute on CPU)
+Run with:  python models/marker_text.py [OUT_DIR]
+(needs torch, onnx, onnxruntime; under a minute on CPU; OUT_DIR defaults to models/)
 Deterministic on CPU (fixed seeds, single thread).
 """
 from __future__ import annotations
@@ -25,8 +26,9 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-OUT = Path(__file__).resolve().parent
-sys.path.insert(0, str(OUT))
+HERE = Path(__file__).resolve().parent
+OUT = Path(sys.argv[1]) if len(sys.argv) > 1 else HERE  # another folder: for the determinism test
+sys.path.insert(0, str(HERE))
 from tiny_transformer import Block, accuracy, train  # noqa: E402
 
 SEED = 0
