@@ -23,7 +23,8 @@ class Block(nn.Module):
 
     def forward(self, x):
         n, t, d = x.shape
-        # q, k, v by Split (chunk), not by indexing a stacked tensor: lrpc's Gather needs static dims
+        # q, k, v by chunk (exported as Slices), not by indexing a stacked tensor: Gather on a tensor with a dynamic
+        # batch is refused by lrpc (it needs static dims there)
         q, k, v = (z.reshape(n, t, self.heads, d // self.heads).transpose(1, 2)
                    for z in self.qkv(self.ln1(x)).chunk(3, -1))
         a = ((q * (d // self.heads) ** -0.5) @ k.transpose(-2, -1)).softmax(-1)

@@ -95,6 +95,22 @@ def test_digits_vit_layers_conserve_where_the_rule_does(composite):
     report_line(f"digits ViT {composite}: worst per-layer conservation error {worst:.1e} (Softmax layers excepted)")
 
 
+def test_digits_vit_cp_lrp_conserves_but_for_the_class_token(tmp_path):
+    """CP-LRP on the whole ViT: Σ pixel relevance = the seed less the biases' (and positions') and stabilizers'
+    shares (`lrpc check`'s accounted conservation, 1e-3) once the class token, a constant that takes its share at
+    the Concat where the check does not account it, is zero."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(VIT))
+    cls = next(t for t in model.graph.initializer if t.name == "cls")
+    cls.CopyFrom(numpy_helper.from_array(np.zeros_like(numpy_helper.to_array(cls)), "cls"))
+    onnx.save(model, str(tmp_path / "vit.onnx"))
+    images, _ = _vit_samples()
+    report = run_check(str(tmp_path / "vit.onnx"), "cp-lrp", inputs={"input": images[:4]},
+                       input_shapes={"input": [4, 1, 32, 32]})
+    assert report.passed, report.text()
+
+
 def _token_relevance(composite: str):
     d = np.load(MODELS / "marker_text_samples.npz")
     compiled = lrpc.compile(TEXT, composite)
