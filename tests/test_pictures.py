@@ -167,9 +167,10 @@ def test_build_scripts_reproduce_the_shipped_files(tmp_path, script, files):
     """The build scripts are seeded and single-threaded: rerun into another folder, they write the shipped files
     byte for byte (with the library versions those were made with; otherwise only that they run)."""
     torch = pytest.importorskip("torch")
-    sklearn = pytest.importorskip("sklearn")
+    sklearn = pytest.importorskip("sklearn") if script == "digits_vit.py" else None  # the digits data set
     subprocess.run([sys.executable, str(MODELS / script), str(tmp_path)], check=True, capture_output=True)
-    versions = {"torch": torch.__version__.split("+")[0], "sklearn": sklearn.__version__, "onnx": onnx.__version__}
+    versions = {"torch": torch.__version__.split("+")[0], "onnx": onnx.__version__}
+    versions["sklearn"] = sklearn.__version__ if sklearn else BUILT_WITH["sklearn"]
     for name in files:
         assert (tmp_path / name).exists()
         if versions == BUILT_WITH:
