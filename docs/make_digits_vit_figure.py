@@ -4,9 +4,8 @@
     python docs/make_digits_vit_figure.py [OUT.png]     (needs pillow)
 
 Rows: a header naming each column, then 8 test digits (32x32, all classified right). Columns: the input, then per
-composite (attnlrp, cp-lrp) the relevance per pixel and the same summed per 4x4 patch (one patch = one pixel of the
-original 8x8 digit), each from `lrpc explain models/digits_vit.onnx --npy X.npy --rules C --input-shape
-input=8,1,32,32` (the input shape fixes the batch: lrpc needs static dims at the class token's Concat).
+composite (attnlrp, cp-lrp, cp-lrp-vit) the relevance per pixel and the same summed per 4x4 patch (one patch = one
+pixel of the original 8x8 digit), each from `lrpc explain models/digits_vit.onnx --npy X.npy --rules C`.
 coldnhot: red/yellow/white = positive relevance, blue/cyan = negative, black = none."""
 from __future__ import annotations
 
@@ -21,7 +20,7 @@ from lrpc.imaging import grid, heatmap
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = ROOT / "models" / "digits_vit.onnx"
-COMPOSITES = ["attnlrp", "cp-lrp"]
+COMPOSITES = ["attnlrp", "cp-lrp", "cp-lrp-vit"]
 N, PATCH, CELL = 8, 4, 96
 
 
@@ -29,8 +28,8 @@ def explain(images: np.ndarray, rules: str, tmp: Path) -> np.ndarray:
     """`lrpc explain --npy` of the images (top-1 target); its .npy next to the heatmap holds the relevance."""
     np.save(tmp / "x.npy", images)
     out = tmp / f"{rules}.png"
-    argv = ["explain", str(MODEL), "--npy", str(tmp / "x.npy"), "--rules", rules, "--input-shape",
-            f"input={','.join(map(str, images.shape))}", "--no-cache", "--no-progress", "-o", str(out)]
+    argv = ["explain", str(MODEL), "--npy", str(tmp / "x.npy"), "--rules", rules, "--no-cache", "--no-progress",
+            "-o", str(out)]
     print("lrpc " + " ".join(["explain", "models/digits_vit.onnx", "--npy", "X.npy"] + argv[4:-1] + ["OUT.png"]))
     assert cli.main(argv) == 0
     return np.load(out.with_suffix(".npy"))

@@ -36,6 +36,13 @@ class Composite:
     layers: dict  # category -> rule name
     first: tuple | None = None  # (categories, rule name) for the first such layer in execution order
     doc: str = ""
+    params: dict = field(default_factory=dict)  # category -> its rule's parameters (over the shared options)
+
+    def rule(self, options: Options, name: str, category: str) -> R.Rule:
+        """Rule ``name`` for a layer of ``category``: the options' parameters, then the composite's for the category
+        (those the rule takes)."""
+        takes = R.RULES.get(name, (None, ()))[1]
+        return options.rule(name, {k: v for k, v in self.params.get(category, {}).items() if k in takes})
 
 
 COMPOSITES = {c.name: c for c in [
@@ -61,6 +68,11 @@ COMPOSITES = {c.name: c for c in [
                          "softmax": "constant", "gate": "pass"}, None,
               "CP-LRP: as attnlrp, attention probabilities and gates constant (relevance flows through the values "
               "and the gated signal)"),
+    # vision transformers: CP attention with gamma on the linear layers and a near-positive gamma on the patch conv
+    Composite("cp-lrp-vit", {"conv": "gamma", "dense": "gamma", "scale": "epsilon", "sum": "epsilon",
+                             "softmax": "constant", "gate": "pass"}, None,
+              "CP-LRP for vision transformers: gamma(100) on the patch convolution, gamma(0.05) on linear layers",
+              {"conv": {"gamma": 100.0}, "dense": {"gamma": 0.05}}),
 ]}
 
 
@@ -180,10 +192,11 @@ def _validated(ruleset: RuleSet) -> RuleSet:
         raise InputError(f"maxpool must be 'winner' or 'split' (got {ruleset.options.maxpool!r})")
     if ruleset.options.sum_rule not in SUM_RULES:
         raise InputError(f"sum_rule must be one of {', '.join(SUM_RULES)} (got {ruleset.options.sum_rule!r})")
-    names = set(comp.layers.values()) | set(BASE.values()) | ({comp.first[1]} if comp.first else set())
-    for name in sorted(names):
+    names = {(r, c) for c, r in comp.layers.items()} | {(r, c) for c, r in BASE.items()}
+    names |= {(comp.first[1], c) for c in comp.first[0]} if comp.first else set()
+    for name, cat in sorted(names):
         try:
-            ruleset.options.rule(name)
+            comp.rule(ruleset.options, name, cat)
         except (ValueError, TypeError) as e:
             raise InputError(f"--rules {comp.name}: {e}") from None
     return ruleset
@@ -201,9 +214,10 @@ def assign_rules(layers: list[tuple[str, tuple, str]], ruleset: RuleSet) -> dict
         if user is not None:
             out[name] = opts.rule(user.rule, user.params)
         elif is_first:
-            out[name] = opts.rule(comp.first[1])
+            out[name] = comp.rule(opts, comp.first[1], cat)
         else:
-            out[name] = opts.rule(comp.layers.get(cat) or (opts.sum_rule if cat == "sum" else BASE.get(cat, "pass")))
+            rule = comp.layers.get(cat) or (opts.sum_rule if cat == "sum" else BASE.get(cat, "pass"))
+            out[name] = comp.rule(opts, rule, cat)
         if out[name].layers is not None and cat not in out[name].layers:
             raise InputError(f"node '{name}' ({ops[0]}): rule '{out[name].name}' applies only to "
                              f"{', '.join(out[name].layers)} layers (this one is {cat})")
