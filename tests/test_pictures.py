@@ -170,3 +170,16 @@ def test_build_scripts_reproduce_the_shipped_files(tmp_path, script, files):
         assert (tmp_path / name).exists()
         if versions == BUILT_WITH:
             assert (tmp_path / name).read_bytes() == (MODELS / name).read_bytes(), name
+
+
+def test_cp_lrp_vit_is_cp_lrp_with_gamma_per_layer_type(tmp_path):
+    """The composite's per-category parameters are data: cp-lrp-vit equals cp-lrp with a rule file giving the patch
+    convolution gamma(100) and the linear layers gamma(0.05); the shared --gamma does not reach them."""
+    rules = {"composite": "cp-lrp", "rules": [{"category": "conv", "rule": "gamma", "params": {"gamma": 100.0}},
+                                              {"category": "dense", "rule": "gamma", "params": {"gamma": 0.05}}]}
+    (tmp_path / "vit.json").write_text(json.dumps(rules))
+    images, _ = _vit_samples()
+    got = [lrpc.Session(lrpc.compile(VIT, spec, **kw)).explain(images[:4]).relevance
+           for spec, kw in (("cp-lrp-vit", {}), (str(tmp_path / "vit.json"), {}), ("cp-lrp-vit", {"gamma": 7.0}))]
+    assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+    assert rel_l2(got[0], lrpc.Session(lrpc.compile(VIT, "cp-lrp")).explain(images[:4]).relevance) > 0.1
