@@ -328,6 +328,24 @@ def test_tiny_vit_cp_lrp_conserves_without_biases(tmp_path, exporter):
     assert err < CONSERVE_TOL
 
 
+def torchvision_vit():
+    """torchvision's VisionTransformer, tiny (image 32, patch 8, 2 layers, 2 heads, width 32, MLP 64, 10 classes),
+    seeded random weights and biases."""
+    torch = pytest.importorskip("torch")
+    from torchvision.models import VisionTransformer
+
+    torch.manual_seed(0)
+    net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
+                            num_classes=10).eval()
+    with torch.no_grad():  # (torchvision's init zeroes the biases and the head)
+        for name, p in net.named_parameters():
+            if name.endswith("bias"):
+                p.copy_(torch.randn_like(p) * 0.3)
+            elif name.startswith("heads"):
+                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
+    return net
+
+
 def _torchvision_vit_reference(net, mode: str):
     """torchvision's VisionTransformer forward written out with its own parameters, the rule's tensors detached
     (as _tiny_vit's ``mode``): its gradient × input is that composite's relevance."""
@@ -360,17 +378,8 @@ def test_torchvision_vision_transformer_matches_the_detach_reference(tmp_path, e
     """torchvision's VisionTransformer (nn.MultiheadAttention inside), tiny: image 32, patch 8, 2 layers, 2 heads,
     width 32, MLP 64, 10 classes; random biases. attnlrp and cp-lrp against the detach reference, float32, 1e-4."""
     torch = pytest.importorskip("torch")
-    from torchvision.models import VisionTransformer
 
-    torch.manual_seed(0)
-    net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                            num_classes=10).eval()
-    with torch.no_grad():  # (torchvision's init zeroes the biases and the head)
-        for name, p in net.named_parameters():
-            if name.endswith("bias"):
-                p.copy_(torch.randn_like(p) * 0.3)
-            elif name.startswith("heads"):
-                p.copy_(torch.randn_like(p) / np.sqrt(p.shape[-1]))
+    net = torchvision_vit()
     model = _export(net, tmp_path / "vit.onnx", exporter)
     x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     for composite in ("attnlrp", "cp-lrp"):
