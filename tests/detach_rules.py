@@ -1,5 +1,6 @@
 """The torch detach references of the transformer rules: pieces of a forward whose gradient × input is the rule's
 relevance (tensors a rule holds constant are detached)."""
+import contextlib
 
 
 def layer_norm(norm, x):
@@ -13,3 +14,51 @@ def layer_norm(norm, x):
 def split_matmul(a, b):
     """A product of two computed tensors whose relevance is split 50/50 between them (AttnLRP)."""
     return 0.5 * (a @ b.detach()) + 0.5 * (a.detach() @ b)
+
+
+@contextlib.contextmanager
+def rules_in_torch(mode: str):
+    """Within it, torch computes the forward of the rules of ``mode`` (attnlrp, cp-lrp) for any model built from
+    torch's functions: a product of two tensors that both need gradients splits (attnlrp), a softmax's output is
+    held constant (cp-lrp), LayerNorm holds its standard deviation constant, GELU and SiLU are ``x · sg(f(x)/x)``
+    (the identity rule). Gradient × input of the model's output is then the rule's relevance where the model's
+    parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do)."""
+    import torch
+    from torch.nn import functional as F
+
+    saved = {(torch.Tensor, "matmul"): torch.Tensor.matmul, (torch.Tensor, "__matmul__"): torch.Tensor.__matmul__,
+             (torch, "matmul"): torch.matmul, (F, "softmax"): F.softmax,
+             (torch.Tensor, "softmax"): torch.Tensor.softmax, (F, "layer_norm"): F.layer_norm, (F, "gelu"): F.gelu,
+             (F, "silu"): F.silu}
+    plain = saved[(torch, "matmul")]
+
+    def matmul(a, b):
+        if mode == "attnlrp" and a.requires_grad and b.requires_grad:
+            return 0.5 * (plain(a, b.detach()) + plain(a.detach(), b))
+        return plain(a, b)
+
+    def softmax(x, *args, **kw):
+        s = saved[(torch.Tensor, "softmax")](x, *args, **kw)
+        return s.detach() if mode == "cp-lrp" else s
+
+    def layer_norm(x, shape, weight=None, bias=None, eps=1e-5):
+        dims = tuple(range(-len(shape), 0))
+        mu = x.mean(dims, keepdim=True)
+        sigma = ((x - mu) ** 2).mean(dims, keepdim=True).add(eps).sqrt()
+        y = (x - mu) / sigma.detach()
+        y = y if weight is None else y * weight
+        return y if bias is None else y + bias
+
+    def identity_rule(f):  # (never in place: x is needed)
+        return lambda x, *args, **kw: x * (f(x, *args, **{k: v for k, v in kw.items() if k != "inplace"}) / x).detach()
+
+    new = {(torch.Tensor, "matmul"): matmul, (torch.Tensor, "__matmul__"): matmul, (torch, "matmul"): matmul,
+           (F, "softmax"): softmax, (torch.Tensor, "softmax"): softmax, (F, "layer_norm"): layer_norm,
+           (F, "gelu"): identity_rule(saved[(F, "gelu")]), (F, "silu"): identity_rule(saved[(F, "silu")])}
+    try:
+        for (owner, name), f in new.items():
+            setattr(owner, name, f)
+        yield
+    finally:
+        for (owner, name), f in saved.items():
+            setattr(owner, name, f)
