@@ -137,9 +137,29 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-cache", action="store_true",
                    help="compile without the on-disk cache ($LRPC_CACHE_DIR, else ~/.cache/lrpc)")
     e.add_argument("--no-progress", action="store_true", help="one line per image instead of a progress bar")
+    e.add_argument("--manifest", action="store_true",
+                   help="--images: append a JSON line per image (outputs, target, score; or the error) to "
+                        "OUT/manifest.jsonl and skip the images an earlier run finished (resume)")
     _rule_flags(e)
     # z-box bounds default to the range of normalized images, (0 - mean)/std .. (1 - mean)/std
     e.set_defaults(low=None, high=None)
+
+    a = sub.add_parser("audit", help="SpRAy: cluster the relevance maps of a class, write an HTML report",
+                       description="Spectral relevance analysis of a directory written by `lrpc explain --images` "
+                                   "(its .npy maps, or the rows of its manifest.jsonl): downsample, normalise, "
+                                   "spectral clustering with the number of clusters from the eigengap, a 2-D "
+                                   "embedding, and per cluster its prototype heatmap and members. Needs "
+                                   "scikit-learn (pip install 'lrpc[ray]').")
+    a.add_argument("folder", help="output directory of lrpc explain --images")
+    a.add_argument("-o", "--out", required=True, help="HTML report (self-contained)")
+    a.add_argument("--class", dest="cls", help="audit only the maps of this target class (needs manifest.jsonl)")
+    a.add_argument("--clusters", type=int, help="number of clusters (default: chosen by the largest eigengap)")
+    a.add_argument("--max-clusters", type=int, default=10, help="largest number the eigengap may choose (10)")
+    a.add_argument("--size", type=int, default=32, help="maps are downsampled to at most SIZE pixels a side (32)")
+    a.add_argument("--neighbors", type=int, help="k of the nearest-neighbour graph (default: about log2 N + 1)")
+    a.add_argument("--examples", type=int, default=8, help="members shown per cluster (8)")
+    a.add_argument("--json", help="also write the clusters (each map's cluster, the eigenvalues) as JSON")
+    _debug_flag(a)
 
     r = sub.add_parser("rules", help="list composites and rules")
     _debug_flag(r)
@@ -272,6 +292,8 @@ def _run(args) -> int:
         return _check(args)
     if args.command == "explain":
         return _explain(args)
+    if args.command == "audit":
+        return _audit(args)
     refuse_inputs(args.out, _read_files(args))  # (before the work)
     if args.command == "canonize":
         model = canonize_loaded(args.model, output=args.output, input_shapes=dict(args.input_shape))
@@ -365,7 +387,27 @@ def _explain(args) -> int:
         output=args.output, input_shapes=dict(args.input_shape), size=args.size, preset=args.preset, mean=args.mean,
         std=args.std, grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level,
         with_overlay=args.overlay, overlay_alpha=args.overlay_alpha, batch_size=args.batch_size,
-        cache=not args.no_cache, progress=False if args.no_progress else None, **asdict(_options(args)))
+        cache=not args.no_cache, progress=False if args.no_progress else None, manifest=args.manifest,
+        **asdict(_options(args)))
+    return 0
+
+
+def _audit(args) -> int:
+    from .atomic_write import write_atomic
+    from .audit import audit, report, summary
+
+    for flag, value, low in (("--clusters", args.clusters, 1), ("--max-clusters", args.max_clusters, 2),
+                             ("--size", args.size, 1), ("--neighbors", args.neighbors, 1),
+                             ("--examples", args.examples, 0)):
+        if value is not None and value < low:
+            raise InputError(f"{flag} must be at least {low}, got {value}")
+    result = audit(args.folder, args.cls, args.clusters, args.size, args.neighbors, args.examples,
+                   args.max_clusters)
+    write_atomic(report(result), args.out)
+    if args.json:
+        write_atomic(json.dumps(summary(result), indent=1), args.json)
+    sizes = ", ".join(str(int((result["labels"] == c).sum())) for c in range(result["clusters"]))
+    print(f"{len(result['rows'])} maps, {result['clusters']} clusters (sizes {sizes}) -> {args.out}")
     return 0
 
 

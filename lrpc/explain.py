@@ -13,6 +13,7 @@ How images become model inputs: :mod:`lrpc.preprocess`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import time
@@ -22,6 +23,7 @@ import numpy as np
 
 from . import compiler, targets
 from .atomic_write import protected, refuse_inputs, write_atomic
+from .audit import MANIFEST
 from .contract import SEED, SEED_MODE
 from .errors import InputError, one_line
 from .imaging import grid, heatmap, overlay, pil_image
@@ -91,7 +93,7 @@ def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnho
 def run(model, out, image=None, images=None, npy=None, target=None, rules="epsilon-gamma-box",
         output=None, input_shapes=None, size=None, preset=None, mean=None, std=None, grayscale=False, layout="nchw",
         cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
-        progress=None, log=print, **options) -> list[Path]:
+        progress=None, log=print, manifest=False, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
 
     ``target``: see :mod:`lrpc.targets` (class index, None/"top1", "topK", or a dense target); with topK
@@ -104,7 +106,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     stderr is a terminal). ``options``: lrpc.Options fields; ``low``/``high`` left as None default to the
     range of normalized [0, 1] images ((0 - mean)/std .. (1 - mean)/std). ``size``: (H, W), ``"H,W"`` or one
     number, for models with dynamic spatial dims; ``preset`` ("imagenet") or ``mean``/``std``: the normalization
-    (see :func:`lrpc.preprocess.normalization`)."""
+    (see :func:`lrpc.preprocess.normalization`). ``manifest`` (directory mode): append a JSON line per image to
+    ``out/manifest.jsonl`` (source, heatmap, relevance, target, score, status ok; or status error and the error)
+    and skip the images a earlier run's manifest lists as done whose outputs exist (a resumed run)."""
     size, (mean, std) = image_size(size), normalization(preset, mean, std)
     if sum(x is not None for x in (image, images, npy)) != 1:
         raise InputError("give exactly one of --image, --images, --npy")
@@ -156,11 +160,15 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     if fixed not in (None, 1) and npy is None:
         raise InputError(f"model input '{spec.name}' has a static batch of {fixed}; image mode feeds batches of "
                          f"any size: use --npy with {fixed} samples")
+    book = _Manifest(out, sources, paths) if manifest and images is not None else None
+    todo = book.todo() if book else list(range(len(sources)))
+    if book and len(todo) < len(sources):
+        log(f"{len(sources) - len(todo)} of {len(sources)} images done in an earlier run ({book.path}): skipped")
     bar = _Progress(len(sources), progress if images is not None and len(sources) > 1 else False)
     try:
         written, skipped = [], []
-        for start in range(0, len(sources), per_run):
-            chunk = list(range(start, min(start + per_run, len(sources))))
+        for start in range(0, len(todo), per_run):
+            chunk = todo[start:start + per_run]
             shown = [None] * len(chunk)
             if npy is not None:
                 feeds = load_tensors(sources[0], session)
@@ -174,6 +182,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                         if images is None:
                             raise
                         skipped.append(sources[i])
+                        if book:
+                            book.error(i, err)
                         bar.note(f"lrpc: warning: {err}; skipped")
                 if not loaded:
                     continue
@@ -187,6 +197,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 ranks = session.explain_topk(feeds, goal.values[0])
                 relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
                 labels = [",".join(str(int(e.target[j])) for e in ranks) for j in range(len(ranks[0].target))]
+                scores = _scores(ranks[0].output, ranks[0].target)
             else:
                 e = session.explain(feeds, chunk_goal)
                 relevance = _first(e.relevance)[:, None]  # [N, 1, ...]
@@ -196,6 +207,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                     print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)",
                           file=sys.stderr)
                 labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
+                scores = _scores(e.output, e.target) if labels is not None else [None] * len(chunk)
             k = relevance.shape[1]
             units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(chunk))]
             for j, rel in enumerate(units):  # rel: [rows, K, ...]: a tensor file's batch, or one image
@@ -209,16 +221,62 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 write_atomic([array.getbuffer()], npy_out, read)
                 write_atomic(lambda: [_encoded(pic, png)], png, read)
                 written += [png, npy_out]
+                if book:
+                    book.done(chunk[j], labels[j] if labels is not None else str(goal), scores[j])
                 prefix = "top1 " if seed == "top1" else ""
                 what = (str(goal) if labels is None else labels[j] if npy is None
                         else ("; " if k > 1 else ",").join(labels))
                 bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
         if skipped:
-            raise InputError(f"{len(skipped)} of {len(sources)} images could not be read (warnings above); "
+            where = f"; errors in {book.path}" if book else ""
+            raise InputError(f"{len(skipped)} of {len(sources)} images could not be read (warnings above{where}); "
                              f"the other {len(sources) - len(skipped)} were explained")
         return written
     finally:
         bar.close()
+
+
+def _scores(output, target) -> list:
+    """Each sample's score of its explained class (None where the output is not [N, classes])."""
+    out = np.asarray(output)
+    if out.ndim != 2:
+        return [None] * len(target)
+    return [float(out[j, int(t)]) for j, t in enumerate(target)]
+
+
+class _Manifest:
+    """``out/manifest.jsonl``: a JSON line per explained or failed image, appended as the run goes (a killed run
+    keeps the lines written so far); the images with an ok line whose outputs exist are done."""
+
+    def __init__(self, out, sources: list[Path], paths: list[tuple[Path, Path]]):
+        self.path, self.sources, self.paths = Path(out) / MANIFEST, sources, paths
+
+    def todo(self) -> list[int]:
+        done = set()
+        if self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except ValueError:  # (a line cut short by a killed run)
+                    continue
+                if row.get("status") == "ok":
+                    done.add(row.get("source"))
+                else:
+                    done.discard(row.get("source"))
+        return [i for i, s in enumerate(self.sources)
+                if not (str(s) in done and all(p.is_file() for p in self.paths[i]))]
+
+    def done(self, i: int, target, score) -> None:
+        png, npy = self.paths[i]
+        self._append({"source": str(self.sources[i]), "heatmap": png.name, "relevance": npy.name,
+                      "target": target, "score": score, "status": "ok"})
+
+    def error(self, i: int, err) -> None:
+        self._append({"source": str(self.sources[i]), "status": "error", "error": str(err)})
+
+    def _append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
 
 
 def _first(relevance):

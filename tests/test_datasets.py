@@ -1,0 +1,169 @@
+"""Explaining whole datasets: the manifest of `lrpc explain --images` (resumable runs, error rows), the SpRAy audit
+(`lrpc audit`) on a planted shortcut, and the Ray Data executor (`lrpc.ray`, `lrpc explain --ray`)."""
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from cli_helpers import one_line_error, run_cli
+
+pytest.importorskip("PIL")
+sklearn = pytest.importorskip("sklearn")
+
+MARK = (slice(0, 2), slice(6, 8))  # the watermark: a bright 2x2 block in the top-right corner
+CLASS = 3
+
+
+def _watermark_model(folder: Path):
+    """An MLP (64 -> 32 -> 10) trained here on scikit-learn's digits where half of the 3s carry the watermark, so
+    the model learns it as evidence of a 3 (checked below); writes the ONNX model and 8x8 PNGs of 30 watermarked
+    3s, 30 clean 3s and 20 fives. Returns (model path, image folder, {stem: "marked" | "clean" | "five"})."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x, y = digits.images.astype(np.float32) / 16.0, digits.target
+    rng = np.random.default_rng(0)
+    marked = (y == CLASS) & (rng.random(len(y)) < 0.5)
+    x[(marked, *MARK)] = 1.0
+    flat, onehot = x.reshape(len(x), 64).astype(np.float64), np.eye(10)[y]
+    w1, b1 = rng.normal(0, 0.3, (64, 32)), np.zeros(32)
+    w2, b2 = rng.normal(0, 0.3, (32, 10)), np.zeros(10)
+    logits = lambda a: np.maximum(a @ w1 + b1, 0) @ w2 + b2
+    for _ in range(400):  # full-batch gradient descent on the cross-entropy
+        h = np.maximum(flat @ w1 + b1, 0)
+        z = h @ w2 + b2
+        p = np.exp(z - z.max(1, keepdims=True))
+        g = (p / p.sum(1, keepdims=True) - onehot) / len(flat)
+        gh = g @ w2.T * (h > 0)
+        for param, grad in ((w1, flat.T @ gh), (b1, gh.sum(0)), (w2, h.T @ g), (b2, g.sum(0))):
+            param -= 0.5 * grad
+    assert (logits(flat).argmax(1) == y).mean() > 0.95
+    # the shortcut is real: removing the watermark lowers the 3-logit of the marked 3s by a lot
+    cleaned = flat[marked].reshape(-1, 8, 8).copy()
+    cleaned[(slice(None), *MARK)] = 0.0
+    drop = logits(flat[marked])[:, CLASS] - logits(cleaned.reshape(-1, 64))[:, CLASS]
+    assert drop.mean() > 3.0, drop.mean()
+
+    params = [numpy_helper.from_array(np.asarray(a, np.float32), n) for n, a in
+              (("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2))]
+    nodes = [helper.make_node("Flatten", ["input"], ["flat"]), helper.make_node("Gemm", ["flat", "w1", "b1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["r"]), helper.make_node("Gemm", ["r", "w2", "b2"], ["logits"])]
+    graph = helper.make_graph(nodes, "watermark_mlp",
+                              [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 1, 8, 8])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 10])], params)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, folder / "watermark.onnx")
+
+    images, truth = folder / "images", {}
+    images.mkdir()
+    picks = (("marked", np.flatnonzero(marked)[:30]), ("clean", np.flatnonzero((y == CLASS) & ~marked)[:30]),
+             ("five", np.flatnonzero(y == 5)[:20]))
+    for kind, rows in picks:
+        for i in rows:
+            Image.fromarray(np.round(x[i] * 255).astype(np.uint8), "L").save(images / f"{kind[0]}{i}.png")
+            truth[f"{kind[0]}{i}"] = kind
+    return folder / "watermark.onnx", images, truth
+
+
+@pytest.fixture(scope="module")
+def watermark(tmp_path_factory):
+    return _watermark_model(tmp_path_factory.mktemp("watermark"))
+
+
+@pytest.fixture(scope="module")
+def explained(watermark, tmp_path_factory):
+    """The watermark dataset explained (top-1 targets, epsilon rule) with a manifest."""
+    model, images, truth = watermark
+    out = tmp_path_factory.mktemp("explained") / "out"
+    code, _, err = run_cli("explain", model, "--images", images, "-o", out, "--manifest", "--rules", "epsilon",
+                           "--no-progress", "--no-cache")
+    assert code == 0, err
+    return out, truth
+
+
+def _clusters(summary: dict, truth: dict) -> list[Counter]:
+    return [Counter(truth[Path(m["source"]).stem] for m in summary["members"] if m["cluster"] == c)
+            for c in range(summary["clusters"])]
+
+
+def test_audit_separates_the_watermark(explained, tmp_path):
+    out, truth = explained
+    code, stdout, err = run_cli("audit", out, "--class", CLASS, "-o", tmp_path / "audit.html",
+                                "--json", tmp_path / "audit.json")
+    assert code == 0, err
+    summary = json.loads((tmp_path / "audit.json").read_text())
+    assert f"{summary['clusters']} clusters" in stdout
+    members = Counter(truth[Path(m["source"]).stem] for m in summary["members"])
+    assert members["marked"] == 30 and members["five"] == 0  # --class 3: the 3s (top-1 target), no fives
+    assert summary["clusters"] >= 2
+    # every cluster of the eigengap's choice is pure: the watermarked 3s never share one with clean 3s
+    for counts in _clusters(summary, truth):
+        assert max(counts.values()) / sum(counts.values()) >= 0.95, counts
+    # asked for two clusters: the watermark is one of them
+    code, _, err = run_cli("audit", out, "--class", CLASS, "--clusters", 2, "-o", tmp_path / "two.html",
+                           "--json", tmp_path / "two.json")
+    assert code == 0, err
+    two = json.loads((tmp_path / "two.json").read_text())
+    kinds = sorted(counts.most_common(1)[0][0] for counts in _clusters(two, truth))
+    assert kinds == ["clean", "marked"]
+    for counts in _clusters(two, truth):
+        assert max(counts.values()) / sum(counts.values()) >= 0.95, counts
+    page = (tmp_path / "audit.html").read_text()
+    assert page.count("data:image/png;base64,") > summary["clusters"] and "<svg" in page
+    assert "src='http" not in page and "src=\"http" not in page  # self-contained
+
+
+def test_audit_errors(explained, tmp_path):
+    out, _ = explained
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("a", "b", "c"):
+        np.save(bare / f"{name}.npy", np.load(next(out.glob("*.npy"))))
+    one_line_error(*run_cli("audit", bare, "--class", 3, "-o", tmp_path / "a.html")[::2], contains="manifest")
+    one_line_error(*run_cli("audit", out, "--class", 7, "-o", tmp_path / "a.html")[::2], contains="at least 3")
+    one_line_error(*run_cli("audit", tmp_path / "nope", "-o", tmp_path / "a.html")[::2], contains="no such")
+    # without a manifest every .npy is audited
+    code, stdout, err = run_cli("audit", bare, "-o", tmp_path / "b.html", "--clusters", 1)
+    assert code == 0 and "3 maps, 1 clusters" in stdout, err
+
+
+def test_manifest_error_rows_and_resume(watermark, tmp_path):
+    model, images, _ = watermark
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in sorted(images.iterdir())[:4]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    (folder / "broken.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    args = ("explain", model, "--images", folder, "-o", out, "--manifest", "--rules", "epsilon", "--no-progress",
+            "--no-cache")
+    code, _, err = run_cli(*args)
+    assert code == 2 and "1 of 5 images could not be read" in err and "manifest.jsonl" in err, err
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 5
+    assert {Path(r["source"]).name for r in rows} == {p.name for p in folder.iterdir()}
+    (bad,) = [r for r in rows if r["status"] == "error"]
+    assert bad["source"].endswith("broken.png") and "cannot read image" in bad["error"]
+    for r in rows:
+        if r["status"] == "ok":
+            assert (out / r["relevance"]).is_file() and (out / r["heatmap"]).is_file()
+            assert r["target"].isdigit() and isinstance(r["score"], float)
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    lost = next(r["relevance"] for r in rows if r["status"] == "ok")
+    (out / lost).unlink()  # a lost output is redone, and the failed image is tried again
+    code, stdout, err = run_cli(*args)
+    assert code == 2, err
+    assert "3 of 5 images done in an earlier run" in stdout
+    after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    assert set(after) == set(before)
+    assert [n for n in after if after[n] != before.get(n)] == [lost]
+    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and [r["status"] for r in rows[5:]] == ["error", "ok"]
