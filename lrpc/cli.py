@@ -140,6 +140,11 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--manifest", action="store_true",
                    help="--images: append a JSON line per image (outputs, target, score; or the error) to "
                         "OUT/manifest.jsonl and skip the images an earlier run finished (resume)")
+    e.add_argument("--ray", metavar="ADDRESS",
+                   help="--images: run the model in Ray Data actors (pip install 'lrpc[ray]'): auto (this machine's "
+                        "cluster, else a local one), local, or a cluster address; keeps the manifest")
+    e.add_argument("--ray-actors", type=int, metavar="N",
+                   help="with --ray: actors (default one per GPU of the cluster, else one)")
     _rule_flags(e)
     # z-box bounds default to the range of normalized images, (0 - mean)/std .. (1 - mean)/std
     e.set_defaults(low=None, high=None)
@@ -388,6 +393,7 @@ def _explain(args) -> int:
         std=args.std, grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level,
         with_overlay=args.overlay, overlay_alpha=args.overlay_alpha, batch_size=args.batch_size,
         cache=not args.no_cache, progress=False if args.no_progress else None, manifest=args.manifest,
+        ray=args.ray, concurrency=args.ray_actors,
         **asdict(_options(args)))
     return 0
 

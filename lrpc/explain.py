@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -28,18 +29,29 @@ from .contract import SEED, SEED_MODE
 from .errors import InputError, one_line
 from .imaging import grid, heatmap, overlay, pil_image
 from .loaded import LoadedModel, external_data_files
-from .preprocess import IMAGE_SUFFIXES, image_files, image_size, load_image, load_tensors, model_input, normalization
+from .preprocess import (
+    IMAGE_SUFFIXES,
+    image_files,
+    image_input,
+    image_size,
+    load_image,
+    load_tensors,
+    model_input,
+    normalization,
+)
 
 
 def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
             layout: str = "nchw", size: tuple | None = None, providers=None, cache: bool = False, seed: str = "input",
-            **options):
+            start: bool = True, **options):
     """Return ``(Session, InputSpec)``. ``model``: path or ModelProto, plain (compiled here with ``rules``
     and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
     ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling.
     ``cache``: reuse/store the compilation of a model file in the on-disk cache (:mod:`lrpc.cache`).
     ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run); it is
-    compiled for the provider the session will run on (see ``for_provider`` of :func:`lrpc.compile`)."""
+    compiled for the provider the session will run on (see ``for_provider`` of :func:`lrpc.compile`).
+    ``start=False``: return the compiled :class:`lrpc.loaded.LoadedModel` instead of a Session (compiled once on a
+    Ray driver, run in its actors)."""
     from .runtime import Session, default_providers
 
     if layout not in ("nchw", "nhwc"):
@@ -72,6 +84,8 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
             loaded = make()
         spec = model_input(loaded.proto, layout)
     # (a compiled file: its weights go to the session as the file's bytes)
+    if not start:
+        return loaded, spec
     return Session(loaded, providers=providers, channels_last=layout == "nhwc"), spec
 
 
@@ -93,7 +107,7 @@ def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnho
 def run(model, out, image=None, images=None, npy=None, target=None, rules="epsilon-gamma-box",
         output=None, input_shapes=None, size=None, preset=None, mean=None, std=None, grayscale=False, layout="nchw",
         cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
-        progress=None, log=print, manifest=False, **options) -> list[Path]:
+        progress=None, log=print, manifest=False, ray=None, concurrency=None, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
 
     ``target``: see :mod:`lrpc.targets` (class index, None/"top1", "topK", or a dense target); with topK
@@ -108,7 +122,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     number, for models with dynamic spatial dims; ``preset`` ("imagenet") or ``mean``/``std``: the normalization
     (see :func:`lrpc.preprocess.normalization`). ``manifest`` (directory mode): append a JSON line per image to
     ``out/manifest.jsonl`` (source, heatmap, relevance, target, score, status ok; or status error and the error)
-    and skip the images a earlier run's manifest lists as done whose outputs exist (a resumed run)."""
+    and skip the images an earlier run's manifest lists as done whose outputs exist (a resumed run).
+    ``ray`` (directory mode): run the model in Ray Data actors (:mod:`lrpc.ray`; "auto", "local" or a cluster
+    address; ``concurrency`` actors) instead of this process; the images are read and the outputs written as
+    without, and the manifest is always kept."""
     size, (mean, std) = image_size(size), normalization(preset, mean, std)
     if sum(x is not None for x in (image, images, npy)) != 1:
         raise InputError("give exactly one of --image, --images, --npy")
@@ -116,6 +133,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         raise InputError("--overlay needs --image or --images (there is no picture under a tensor)")
     if cmap not in ("coldnhot", "bwr", "seismic", "gray"):
         raise InputError(f"unknown colormap '{cmap}'")
+    if ray is not None and images is None:
+        raise InputError("--ray needs --images (a directory of images)")
+    manifest = manifest or ray is not None
     if int(batch_size) < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     goal = targets.parse(target)
@@ -139,14 +159,11 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         raise InputError(f"--target: {len(goal.values)} class indices for {len(sources)} images (give one, or "
                          f"one per image in file name order)")
 
-    for key, edge in (("low", 0.0), ("high", 1.0)):
-        if options.get(key) is None:  # default: the range of [0, 1] images after normalization
-            v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if npy is None else np.array([edge])
-            options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
+    _box_defaults(options, mean, std, tensors=npy is not None)
     # top1: the graph seeds itself, one run per batch; topK: its switch gives the scores and rank 1 in one run
     seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            cache=cache, seed=seed, **options)
+                            cache=cache, seed=seed, start=ray is None, **options)
     read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
     if npy is None:
         if len(spec.dims) != 4:
@@ -167,49 +184,33 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     bar = _Progress(len(sources), progress if images is not None and len(sources) > 1 else False)
     try:
         written, skipped = [], []
-        for start in range(0, len(todo), per_run):
-            chunk = todo[start:start + per_run]
-            shown = [None] * len(chunk)
-            if npy is not None:
-                feeds = load_tensors(sources[0], session)
-            else:
-                loaded = []
-                for i in chunk:
-                    try:
-                        loaded.append((i, load_image(sources[i], hw, spec.channels, mean, std, layout, grayscale,
-                                                     spec.dtype)))
-                    except InputError as err:  # directory mode: the other images are still explained
-                        if images is None:
-                            raise
-                        skipped.append(sources[i])
-                        if book:
-                            book.error(i, err)
-                        bar.note(f"lrpc: warning: {err}; skipped")
-                if not loaded:
-                    continue
-                chunk = [i for i, _ in loaded]
-                feeds = {session.inputs[0]: np.concatenate([x for _, (x, _) in loaded])}
-                shown = [pic for _, (_, pic) in loaded]
-            chunk_goal = goal
-            if goal.kind == "index" and len(goal.values) > 1 and npy is None:  # one class per image
-                chunk_goal = targets.Target("index", tuple(goal.values[i] for i in chunk))
-            if goal.kind == "top" and goal.values[0] > 1:
-                ranks = session.explain_topk(feeds, goal.values[0])
-                relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
-                labels = [",".join(str(int(e.target[j])) for e in ranks) for j in range(len(ranks[0].target))]
-                scores = _scores(ranks[0].output, ranks[0].target)
-            else:
-                e = session.explain(feeds, chunk_goal)
-                relevance = _first(e.relevance)[:, None]  # [N, 1, ...]
-                empty = ~np.asarray(e.seed).reshape(len(e.seed), -1).any(axis=1)
-                for j in np.flatnonzero(empty):
-                    where = sources[chunk[j]].name if npy is None else f"{sources[0].name} sample {j}"
-                    print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)",
-                          file=sys.stderr)
-                labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
-                scores = _scores(e.output, e.target) if labels is not None else [None] * len(chunk)
+        work = _Work(hw if npy is None else None, spec.channels, mean, std, layout, grayscale, spec.dtype, goal,
+                     with_overlay, images is not None)
+        batches = [todo[start:start + per_run] for start in range(0, len(todo), per_run)]
+        if npy is not None:
+            chunks = [_explain_feeds(session, load_tensors(sources[0], session), goal, [0])]
+        elif ray is not None:
+            from . import ray as lrpc_ray
+
+            chunks = lrpc_ray.chunks(session, work, [[(i, str(sources[i])) for i in b] for b in batches], ray,
+                                     concurrency, channels_last=layout == "nhwc")
+        else:
+            chunks = (explain_images(session, work, [(i, sources[i]) for i in b]) for b in batches)
+        for c in chunks:
+            for i, err in c["errors"]:  # directory mode: the other images are still explained
+                skipped.append(sources[i])
+                if book:
+                    book.error(i, err)
+                bar.note(f"lrpc: warning: {err}; skipped")
+            chunk, relevance, labels, scores, shown = c["index"], c["relevance"], c["labels"], c["scores"], c["shown"]
+            if not chunk:
+                continue
+            for j in np.flatnonzero(c["empty"]):
+                where = sources[chunk[j]].name if npy is None else f"{sources[0].name} sample {j}"
+                print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)",
+                      file=sys.stderr)
             k = relevance.shape[1]
-            units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(chunk))]
+            units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(relevance))]
             for j, rel in enumerate(units):  # rel: [rows, K, ...]: a tensor file's batch, or one image
                 png, npy_out = paths[chunk[j]]
                 maps = [heat_image(rel[r, i][None], layout, cmap, level) for r in range(len(rel)) for i in range(k)]
@@ -234,6 +235,70 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         return written
     finally:
         bar.close()
+
+
+class _Work(NamedTuple):
+    """How images become inputs and which target they are explained for: what an executor's workers need besides
+    the session (picklable, for Ray actors)."""
+
+    size: tuple | None
+    channels: int | None
+    mean: object
+    std: object
+    layout: str
+    grayscale: bool
+    dtype: object
+    goal: object
+    shown: bool  # return the (resized, cropped) pictures, for overlays
+    tolerant: bool  # an unreadable image is an error row (directory mode), not an error
+
+
+def explain_images(session, work: _Work, items: list) -> dict:
+    """Explain a batch of images ``items`` = [(index, path or decoded image)] in one run: the chunk the writer of
+    :func:`run` takes (``index``, ``relevance`` [N, K, ...], ``labels``, ``scores``, ``shown``, ``empty`` of the
+    images read; ``errors``: [(index, message)] of the others). Every executor runs this."""
+    loaded, errors = [], []
+    for i, source in items:
+        try:
+            if isinstance(source, (str, os.PathLike)):
+                x = load_image(source, work.size, work.channels, work.mean, work.std, work.layout, work.grayscale,
+                               work.dtype)
+            else:
+                x = image_input(source, work.size, work.channels, work.mean, work.std, work.layout, work.grayscale,
+                                work.dtype, where=f"row {i}")
+            loaded.append((i, x))
+        except InputError as err:
+            if not work.tolerant:
+                raise
+            errors.append((i, str(err)))
+    if not loaded:
+        return {"index": [], "relevance": None, "labels": [], "scores": [], "shown": [], "empty": [],
+                "errors": errors}
+    chunk = [i for i, _ in loaded]
+    goal = work.goal
+    if goal.kind == "index" and len(goal.values) > 1:  # one class per image
+        goal = targets.Target("index", tuple(goal.values[i] for i in chunk))
+    c = _explain_feeds(session, {session.inputs[0]: np.concatenate([x for _, (x, _) in loaded])}, goal, chunk)
+    c.update(shown=[pic if work.shown else None for _, (_, pic) in loaded], errors=errors)
+    return c
+
+
+def _explain_feeds(session, feeds, goal, chunk) -> dict:
+    """One run on ``feeds``: the relevance [N, K, ...] (K: the ranks of a topK target, else 1), target labels,
+    scores and which samples had an empty seed."""
+    if goal.kind == "top" and goal.values[0] > 1:
+        ranks = session.explain_topk(feeds, goal.values[0])
+        relevance = np.stack([_first(e.relevance) for e in ranks], axis=1)  # [N, K, ...]
+        labels = [",".join(str(int(e.target[j])) for e in ranks) for j in range(len(ranks[0].target))]
+        scores, empty = _scores(ranks[0].output, ranks[0].target), [False] * len(labels)
+    else:
+        e = session.explain(feeds, goal)
+        relevance = _first(e.relevance)[:, None]  # [N, 1, ...]
+        empty = list(~np.asarray(e.seed).reshape(len(e.seed), -1).any(axis=1))
+        labels = [str(int(c)) for c in e.target] if goal.kind in ("index", "top") else None
+        scores = _scores(e.output, e.target) if labels is not None else [None] * len(relevance)
+    return {"index": chunk, "relevance": relevance, "labels": labels, "scores": scores,
+            "shown": [None] * len(chunk), "empty": empty, "errors": []}
 
 
 def _scores(output, target) -> list:
@@ -312,6 +377,14 @@ class _Progress:
             self.stream.write("\n")
             self.stream.flush()
             self.show = False
+
+
+def _box_defaults(options: dict, mean, std, tensors: bool) -> None:
+    """z-box bounds left as None: the range of [0, 1] images after normalization (of 0..1 for tensors)."""
+    for key, edge in (("low", 0.0), ("high", 1.0)):
+        if options.get(key) is None:
+            v = (edge - _arr(mean, 0.0)) / _arr(std, 1.0) if not tensors else np.array([edge])
+            options[key] = float(v[0]) if v.size == 1 else [float(x) for x in v]
 
 
 def _arr(v, default):

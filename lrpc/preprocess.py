@@ -84,6 +84,20 @@ def load_image(path, size, channels: int | None = 3, mean=None, std=None, layout
     except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise InputError(f"{p}: cannot read image ({first})") from None
+    return image_input(img, size, channels, mean, std, layout, grayscale, dtype, where=p)
+
+
+def image_input(img, size, channels: int | None = 3, mean=None, std=None, layout: str = "nchw",
+                grayscale: bool = False, dtype=np.float32, where="image"):
+    """:func:`load_image` of an image already decoded: a PIL image or a [H, W] / [H, W, C] uint8 array (as Ray
+    Data's ``read_images`` gives)."""
+    Image = pil_image()
+    if isinstance(img, np.ndarray):
+        if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (1, 3, 4)):
+            raise InputError(f"{where}: expected a [H, W] or [H, W, C] uint8 image array, got {img.dtype} "
+                             f"{list(img.shape)}")
+        img = Image.fromarray(img[..., 0] if img.ndim == 3 and img.shape[-1] == 1 else img)
+    p = where
     channels = channels or (1 if grayscale else 3)
     if channels not in (1, 3):
         raise InputError(f"{p}: the model input has {channels} channels; images give 1 (grayscale) or 3 (RGB)")

@@ -11,11 +11,12 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from cli_helpers import one_line_error, run_cli
+from cli_helpers import DIGITS, one_line_error, run_cli
 
 pytest.importorskip("PIL")
 sklearn = pytest.importorskip("sklearn")
 
+DIGITS_SAMPLES = Path(__file__).resolve().parents[1] / "models" / "digits_samples.npz"
 MARK = (slice(0, 2), slice(6, 8))  # the watermark: a bright 2x2 block in the top-right corner
 CLASS = 3
 
@@ -167,3 +168,83 @@ def test_manifest_error_rows_and_resume(watermark, tmp_path):
     assert [n for n in after if after[n] != before.get(n)] == [lost]
     rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and [r["status"] for r in rows[5:]] == ["error", "ok"]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A local Ray on 2 CPUs for this module (the CLI connects to it by address)."""
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()
+
+
+def _digit_images(folder: Path, corrupt: bool = True) -> Path:
+    """The 16 shipped digits samples as 8x8 PNGs (and a corrupt one)."""
+    from PIL import Image
+
+    folder.mkdir()
+    for i, image in enumerate(np.load(DIGITS_SAMPLES)["images"]):
+        Image.fromarray(np.round(image[0] * 255).astype(np.uint8), "L").save(folder / f"d{i:02}.png")
+    if corrupt:
+        (folder / "broken.png").write_bytes(b"not a png")
+    return folder
+
+
+def test_ray_cli_matches_single_process_and_resumes(ray_cluster, tmp_path):
+    images = _digit_images(tmp_path / "images")
+    single, distributed = tmp_path / "single", tmp_path / "ray"
+    flags = ("--images", images, "--batch-size", 4, "--rules", "epsilon-gamma-box", "--overlay", "--no-progress",
+             "--no-cache")
+    code, _, err = run_cli("explain", DIGITS, "-o", single, *flags)
+    assert code == 2, err
+    address = ray_cluster.get_runtime_context().gcs_address
+    code, _, err = run_cli("explain", DIGITS, "-o", distributed, "--ray", address, "--ray-actors", 2, *flags)
+    assert code == 2 and "1 of 17 images could not be read" in err, err
+    # the same files, bit for bit (relevance, heatmaps with overlays), and a manifest row for every image
+    names = sorted(p.name for p in single.iterdir())
+    assert sorted(p.name for p in distributed.iterdir()) == sorted(names + ["manifest.jsonl"])
+    for name in names:
+        assert (single / name).read_bytes() == (distributed / name).read_bytes(), name
+    rows = [json.loads(line) for line in (distributed / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["source"]).name for r in rows) == sorted(p.name for p in images.iterdir())
+    (bad,) = [r for r in rows if r["status"] == "error"]
+    assert bad["source"].endswith("broken.png") and "cannot read image" in bad["error"]
+    labels = np.load(DIGITS_SAMPLES)["labels"]
+    assert sum(r["target"] == str(labels[int(Path(r["source"]).stem[1:])]) for r in rows if r["status"] == "ok") >= 15
+    # a second run explains only what is missing: the broken image again and a deleted output
+    (distributed / "d03.npy").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in distributed.glob("*.npy")}
+    code, stdout, err = run_cli("explain", DIGITS, "-o", distributed, "--ray", address, *flags)
+    assert code == 2, err
+    assert "15 of 17 images done in an earlier run" in stdout
+    assert (distributed / "d03.npy").read_bytes() == (single / "d03.npy").read_bytes()
+    assert all(p.stat().st_mtime_ns == stamps[p.name] for p in distributed.glob("*.npy") if p.name != "d03.npy")
+
+
+def test_ray_dataset_api(ray_cluster, tmp_path):
+    import lrpc.ray
+    from lrpc.explain import prepare
+    from lrpc.preprocess import load_image
+
+    images = _digit_images(tmp_path / "images", corrupt=False)
+    ds = ray_cluster.data.read_images(str(images), include_paths=True, mode="L")
+    out = lrpc.ray.explain(ds, DIGITS, rules="epsilon-gamma-box", target="top1", batch_size=4, concurrency=1)
+    rows = sorted(out.take_all(), key=lambda r: r["path"])
+    assert [Path(r["path"]).name for r in rows] == sorted(p.name for p in images.iterdir())
+    session, spec = prepare(DIGITS, "epsilon-gamma-box", seed="top1", low=0.0, high=1.0)
+    for r in rows:
+        x, _ = load_image(r["path"], spec.size, spec.channels)
+        e = session.explain(x)
+        assert r["error"] == "" and r["target"] == str(int(e.target[0]))
+        assert r["score"] == pytest.approx(float(e.output[0, e.target[0]]), rel=1e-6)
+        assert r["relevance"].shape == (1, 8, 8)
+        np.testing.assert_allclose(r["relevance"], e.relevance[0], rtol=1e-5, atol=1e-7)
+    # a row that is no image becomes an error row; the others are explained
+    good = np.asarray(np.load(DIGITS_SAMPLES)["images"][0, 0, :, :, None] * 255, np.uint8).repeat(3, 2)  # RGB
+    items = ray_cluster.data.from_items([{"image": good, "path": "good"},
+                                         {"image": good[:, :, :1].repeat(5, 2), "path": "five-channels"}])
+    rows = {r["path"]: r for r in lrpc.ray.explain(items, DIGITS, batch_size=2).take_all()}
+    assert rows["good"]["error"] == "" and np.abs(rows["good"]["relevance"]).sum() > 0
+    assert "uint8 image array" in rows["five-channels"]["error"] and not rows["five-channels"]["relevance"].any()
