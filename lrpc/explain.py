@@ -162,8 +162,13 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     _box_defaults(options, mean, std, tensors=npy is not None)
     # top1: the graph seeds itself, one run per batch; topK: its switch gives the scores and rank 1 in one run
     seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
+    providers = None
+    if ray is not None:  # compiled here for the actors' provider (CUDA where the cluster has GPUs)
+        from . import ray as lrpc_ray
+
+        providers = lrpc_ray.providers(lrpc_ray.connect(ray))
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            cache=cache, seed=seed, start=ray is None, **options)
+                            providers=providers, cache=cache, seed=seed, start=ray is None, **options)
     read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
     if npy is None:
         if len(spec.dims) != 4:
@@ -183,15 +188,13 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         log(f"{len(sources) - len(todo)} of {len(sources)} images done in an earlier run ({book.path}): skipped")
     bar = _Progress(len(sources), progress if images is not None and len(sources) > 1 else False)
     try:
-        written, skipped = [], []
+        written, skipped, lost = [], [], 0
         work = _Work(hw if npy is None else None, spec.channels, mean, std, layout, grayscale, spec.dtype, goal,
                      with_overlay, images is not None)
         batches = [todo[start:start + per_run] for start in range(0, len(todo), per_run)]
         if npy is not None:
             chunks = [_explain_feeds(session, load_tensors(sources[0], session), goal, [0])]
         elif ray is not None:
-            from . import ray as lrpc_ray
-
             chunks = lrpc_ray.chunks(session, work, [[(i, str(sources[i])) for i in b] for b in batches], ray,
                                      concurrency, channels_last=layout == "nhwc")
         else:
@@ -201,7 +204,11 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 skipped.append(sources[i])
                 if book:
                     book.error(i, err)
-                bar.note(f"lrpc: warning: {err}; skipped")
+                if not c.get("lost"):
+                    bar.note(f"lrpc: warning: {err}; skipped")
+            if c.get("lost"):  # the Ray executor gave up on these images (one warning, not one per image)
+                lost += len(c["errors"])
+                bar.note(f"lrpc: warning: {len(c['errors'])} images not explained: {c['lost']}")
             chunk, relevance, labels, scores, shown = c["index"], c["relevance"], c["labels"], c["scores"], c["shown"]
             if not chunk:
                 continue
@@ -230,7 +237,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 bar.step(f"{sources[chunk[j]].name}: target {prefix}{what} -> {png}, {npy_out}", log)
         if skipped:
             where = f"; errors in {book.path}" if book else ""
-            raise InputError(f"{len(skipped)} of {len(sources)} images could not be read (warnings above{where}); "
+            what = "could not be read" if not lost else f"failed ({lost} in Ray, retries spent)"
+            raise InputError(f"{len(skipped)} of {len(sources)} images {what} (warnings above{where}); "
                              f"the other {len(sources) - len(skipped)} were explained")
         return written
     finally:

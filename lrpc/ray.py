@@ -57,6 +57,12 @@ def connect(address: str | None = "auto"):
     return ray
 
 
+def providers(ray) -> list[str]:
+    """The onnxruntime providers the actors get: CUDA where the cluster has GPUs (each actor asks for one)."""
+    gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return ["CUDAExecutionProvider", "CPUExecutionProvider"] if gpu else ["CPUExecutionProvider"]
+
+
 def _resources(ray, concurrency: int | None, num_cpus: float | None, num_gpus: float | None) -> dict:
     """Actors and what each asks for: one per GPU where the cluster has GPUs, else one, and ``num_cpus`` (default
     1: the reading tasks of the dataset need CPUs too). ``threads``: each actor's onnxruntime threads, the CPUs of
@@ -172,7 +178,7 @@ def chunks(loaded, work, batches: list, address="auto", concurrency=None, channe
     except Exception as err:  # Ray gave up (retries spent): the images not explained are error rows
         message = f"Ray: {type(err).__name__}: {one_line(err)}"
         yield {"index": [], "relevance": None, "labels": None, "scores": [], "empty": [], "shown": [],
-               "errors": [(i, message) for i in sorted(left)]}
+               "errors": [(i, message) for i in sorted(left)], "lost": message}
 
 
 def explain(ds, model, rules="epsilon-gamma-box", target=None, batch_size: int = 8, concurrency: int | None = None,
@@ -200,10 +206,9 @@ def explain(ds, model, rules="epsilon-gamma-box", target=None, batch_size: int =
     _box_defaults(options, mean, std, tensors=False)
     resources = _resources(ray, concurrency, num_cpus, num_gpus)
     seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
-    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if resources["num_gpus"] else \
-        ["CPUExecutionProvider"]
     loaded, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                           providers=providers, cache=cache, seed=seed, start=False, **options)
+                           providers=providers(ray) if resources["num_gpus"] else ["CPUExecutionProvider"],
+                           cache=cache, seed=seed, start=False, **options)
     hw = tuple(size) if size is not None else spec.size
     if len(spec.dims) != 4 or hw is None:
         raise InputError(f"model input '{spec.name}': images need rank 4 and a static height/width (or size=)")

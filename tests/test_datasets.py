@@ -248,3 +248,65 @@ def test_ray_dataset_api(ray_cluster, tmp_path):
     rows = {r["path"]: r for r in lrpc.ray.explain(items, DIGITS, batch_size=2).take_all()}
     assert rows["good"]["error"] == "" and np.abs(rows["good"]["relevance"]).sum() > 0
     assert "uint8 image array" in rows["five-channels"]["error"] and not rows["five-channels"]["relevance"].any()
+
+
+def _run_and_kill_an_actor(ray, images: Path, out: Path) -> tuple[int, str | None]:
+    """``lrpc explain --ray`` in a thread (batches of 1 image) while this thread kills (SIGKILL) the process of the
+    Ray Data actor once 2 images are done. Returns (lines in the manifest when it was killed, the run's error)."""
+    import os
+    import signal
+    import threading
+    import time
+
+    from lrpc.errors import InputError
+    from lrpc.explain import run
+
+    result = {}
+
+    def explain():
+        try:
+            run(DIGITS, out, images=images, batch_size=1, progress=False, log=lambda m: None, ray="auto")
+        except InputError as err:
+            result["error"] = str(err)
+
+    thread = threading.Thread(target=explain)
+    thread.start()
+    manifest, killed_at = out / "manifest.jsonl", None
+    while thread.is_alive() and killed_at is None:
+        done = len(manifest.read_text().splitlines()) if manifest.is_file() else 0
+        if done >= 2:
+            actors = [a for a in ray._private.state.actors().values()
+                      if a["State"] == "ALIVE" and "_Explainer" in a["ActorClassName"]]
+            if actors:
+                os.kill(actors[0]["Pid"], signal.SIGKILL)
+                killed_at = done
+        time.sleep(0.01)
+    thread.join()
+    return killed_at, result.get("error")
+
+
+def test_ray_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
+    from PIL import Image
+
+    import lrpc.ray
+
+    images = tmp_path / "images"
+    images.mkdir()
+    samples = np.load(DIGITS_SAMPLES)["images"]
+    for i in range(30):
+        Image.fromarray(np.round(samples[i % 16, 0] * 255).astype(np.uint8), "L").save(images / f"d{i:02}.png")
+    # restarted (the default): the killed actor's batch runs again, nothing is lost
+    killed_at, error = _run_and_kill_an_actor(ray_cluster, images, tmp_path / "restarted")
+    assert killed_at is not None and killed_at < 30 and error is None, (killed_at, error)
+    rows = [json.loads(line) for line in (tmp_path / "restarted" / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 30 and all(r["status"] == "ok" for r in rows)
+    assert len(list((tmp_path / "restarted").glob("*.npy"))) == 30
+    # no restarts left: the images not explained become error rows, and the run fails saying so
+    monkeypatch.setattr(lrpc.ray, "MAX_RESTARTS", 0)
+    killed_at, error = _run_and_kill_an_actor(ray_cluster, images, tmp_path / "lost")
+    assert killed_at is not None and killed_at < 30, killed_at
+    rows = [json.loads(line) for line in (tmp_path / "lost" / "manifest.jsonl").read_text().splitlines()]
+    assert sorted(Path(r["source"]).name for r in rows) == sorted(p.name for p in images.iterdir())
+    failed = [r for r in rows if r["status"] == "error"]
+    assert failed and all("ActorDiedError" in r["error"] for r in failed)
+    assert error and f"{len(failed)} of 30 images failed ({len(failed)} in Ray" in error
