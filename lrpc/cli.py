@@ -140,6 +140,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--manifest", action="store_true",
                    help="--images: append a JSON line per image (outputs, target, score; or the error) to "
                         "OUT/manifest.jsonl and skip the images an earlier run finished (resume)")
+    e.add_argument("--relevance-dtype", choices=["float32", "float16"], default="float32",
+                   help="dtype of the .npy relevance files (float16: half the size)")
+    e.add_argument("--relevance-pool", type=int, default=1, metavar="N",
+                   help="store relevance summed over N x N pixel blocks (the total is kept; 1/N^2 of the size)")
     e.add_argument("--ray", metavar="ADDRESS",
                    help="--images: run the model in Ray Data actors (pip install 'lrpc[ray]'): auto (this machine's "
                         "cluster, else a local one), local, or a cluster address; keeps the manifest")
@@ -393,7 +397,8 @@ def _explain(args) -> int:
         std=args.std, grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level,
         with_overlay=args.overlay, overlay_alpha=args.overlay_alpha, batch_size=args.batch_size,
         cache=not args.no_cache, progress=False if args.no_progress else None, manifest=args.manifest,
-        ray=args.ray, concurrency=args.ray_actors,
+        ray=args.ray, concurrency=args.ray_actors, relevance_dtype=args.relevance_dtype,
+        relevance_pool=args.relevance_pool,
         **asdict(_options(args)))
     return 0
 

@@ -107,7 +107,8 @@ def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnho
 def run(model, out, image=None, images=None, npy=None, target=None, rules="epsilon-gamma-box",
         output=None, input_shapes=None, size=None, preset=None, mean=None, std=None, grayscale=False, layout="nchw",
         cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
-        progress=None, log=print, manifest=False, ray=None, concurrency=None, **options) -> list[Path]:
+        progress=None, log=print, manifest=False, ray=None, concurrency=None, relevance_dtype="float32",
+        relevance_pool=1, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
 
     ``target``: see :mod:`lrpc.targets` (class index, None/"top1", "topK", or a dense target); with topK
@@ -125,7 +126,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     and skip the images an earlier run's manifest lists as done whose outputs exist (a resumed run).
     ``ray`` (directory mode): run the model in Ray Data actors (:mod:`lrpc.ray`; "auto", "local" or a cluster
     address; ``concurrency`` actors) instead of this process; the images are read and the outputs written as
-    without, and the manifest is always kept."""
+    without, and the manifest is always kept. ``relevance_dtype`` ("float32" or "float16") and ``relevance_pool``
+    (N: the spatial dims of an image's relevance summed over N x N blocks, which keeps its total) shrink the .npy
+    files; the heatmaps are drawn from the full relevance."""
     size, (mean, std) = image_size(size), normalization(preset, mean, std)
     if sum(x is not None for x in (image, images, npy)) != 1:
         raise InputError("give exactly one of --image, --images, --npy")
@@ -136,6 +139,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     if ray is not None and images is None:
         raise InputError("--ray needs --images (a directory of images)")
     manifest = manifest or ray is not None
+    if relevance_dtype not in ("float32", "float16"):
+        raise InputError(f"--relevance-dtype must be float32 or float16, got '{relevance_dtype}'")
+    if int(relevance_pool) < 1 or (int(relevance_pool) > 1 and images is None and image is None):
+        raise InputError(f"--relevance-pool must be at least 1 and needs --image/--images, got {relevance_pool}")
     if int(batch_size) < 1:
         raise InputError(f"--batch-size must be at least 1, got {batch_size}")
     goal = targets.parse(target)
@@ -225,7 +232,11 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                     maps = [overlay(shown[j], m, overlay_alpha) for m in maps]
                 pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
                 array = io.BytesIO()
-                np.save(array, rel if k > 1 else rel[:, 0])
+                stored = _stored(rel if k > 1 else rel[:, 0], layout, relevance_dtype, int(relevance_pool))
+                if not written and (relevance_dtype != "float32" or int(relevance_pool) > 1):
+                    bar.note(f"relevance stored as {list(stored.shape)} {stored.dtype}: {stored.nbytes} bytes per "
+                             f"image ({rel.nbytes} unpooled float32)")
+                np.save(array, stored)
                 write_atomic([array.getbuffer()], npy_out, read)
                 write_atomic(lambda: [_encoded(pic, png)], png, read)
                 written += [png, npy_out]
@@ -307,6 +318,18 @@ def _explain_feeds(session, feeds, goal, chunk) -> dict:
         scores = _scores(e.output, e.target) if labels is not None else [None] * len(relevance)
     return {"index": chunk, "relevance": relevance, "labels": labels, "scores": scores,
             "shown": [None] * len(chunk), "empty": empty, "errors": []}
+
+
+def _stored(relevance: np.ndarray, layout: str, dtype: str, pool: int) -> np.ndarray:
+    """The relevance as written to the .npy: its two spatial dims summed over ``pool`` x ``pool`` blocks (edge blocks
+    partial; the total is kept), as ``dtype``."""
+    r = relevance
+    if pool > 1:
+        h_axis = r.ndim - 2 if layout == "nchw" else r.ndim - 3
+        for axis in (h_axis, h_axis + 1):
+            starts = np.arange(0, r.shape[axis], pool)
+            r = np.add.reduceat(r, starts, axis=axis)
+    return r.astype(dtype, copy=False)
 
 
 def _scores(output, target) -> list:

@@ -89,6 +89,8 @@ class _Explainer:
 
         from .runtime import Session
 
+        if not isinstance(compiled, bytes):  # the model put in the object store once (Ray resolves no nested refs)
+            compiled = _ray().get(compiled)
         self.session = Session(onnx.load_from_string(compiled), threads=threads, channels_last=channels_last)
         self.work, self.per_row, self.column, self.path_column = work, per_row, column, path_column
         k = work.goal.values[0] if work.goal.kind == "top" and work.goal.values[0] > 1 else 1
@@ -135,7 +137,10 @@ class _Explainer:
 def _map(ds, compiled: bytes, work, channels_last: bool, batch_size, resources: dict, per_row: bool,
          column="image", path_column="path"):
     """``ds`` explained by a pool of ``_Explainer`` actors (restarted, and their batch retried, when they die)."""
+    import ray
     from ray.data import ActorPoolStrategy
+
+    compiled = ray.put(compiled)  # once, not pickled into every actor's constructor
 
     with warnings.catch_warnings():  # (Ray deprecates passing actor options this way but has no other for them)
         warnings.simplefilter("ignore")

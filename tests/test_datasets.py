@@ -310,3 +310,24 @@ def test_ray_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     failed = [r for r in rows if r["status"] == "error"]
     assert failed and all("ActorDiedError" in r["error"] for r in failed)
     assert error and f"{len(failed)} of 30 images failed ({len(failed)} in Ray" in error
+
+
+def test_smaller_relevance_files(tmp_path):
+    images = _digit_images(tmp_path / "images", corrupt=False)
+    full, small = tmp_path / "full", tmp_path / "small"
+    flags = ("--images", images, "--no-progress", "--no-cache")
+    assert run_cli("explain", DIGITS, "-o", full, *flags)[0] == 0
+    code, _, err = run_cli("explain", DIGITS, "-o", small, "--relevance-dtype", "float16", "--relevance-pool", 3,
+                           *flags)
+    assert code == 0, err
+    assert "relevance stored as [1, 1, 3, 3] float16: 18 bytes per image (256 unpooled float32)" in err
+    for p in full.glob("*.npy"):
+        a, b = np.load(p), np.load(small / p.name)
+        assert b.dtype == np.float16 and b.shape == (1, 1, 3, 3)  # 8x8 in blocks of 3: 3, 3 and 2 pixels
+        np.testing.assert_allclose(b.astype(np.float64).sum(), a.sum(), rtol=2e-3, atol=1e-3)
+        np.testing.assert_allclose(b[0, 0, 0, 0], a[0, 0, :3, :3].sum(), rtol=2e-3, atol=1e-3)
+        assert (small / p.with_suffix(".png").name).read_bytes() == (full / p.with_suffix(".png").name).read_bytes()
+    code, _, err = run_cli("audit", small, "--clusters", 2, "-o", tmp_path / "audit.html")
+    assert code == 0, err
+    one_line_error(*run_cli("explain", DIGITS, "-o", small, "--relevance-pool", 0, *flags)[::2],
+                   contains="--relevance-pool")
