@@ -193,7 +193,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     todo = book.todo() if book else list(range(len(sources)))
     if book and len(todo) < len(sources):
         log(f"{len(sources) - len(todo)} of {len(sources)} images done in an earlier run ({book.path}): skipped")
-    bar = _Progress(len(sources), progress if images is not None and len(sources) > 1 else False)
+    bar = _Progress(len(todo), progress if images is not None and len(sources) > 1 else False)
     try:
         written, skipped, lost = [], [], 0
         work = _Work(hw if npy is None else None, spec.channels, mean, std, layout, grayscale, spec.dtype, goal,
