@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import InputError
+from .errors import InputError, one_line
 from .imaging import heatmap, pil_image
 
 MANIFEST = "manifest.jsonl"
@@ -28,8 +28,9 @@ PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e
 
 def collect(folder, cls=None) -> list[dict]:
     """The maps to audit: rows ``{"relevance", "source", "target"}`` of ``folder``'s manifest (written by
-    ``lrpc explain --manifest`` / ``--ray``; rows with an error are left out) or, without one, every ``.npy``
-    in ``folder``. ``cls``: keep only the rows whose target is this class (needs the manifest)."""
+    ``lrpc explain --manifest`` / ``--ray``; rows with an error are left out), or of the Parquet shards in
+    ``folder`` (``lrpc.ray.explain(...).write_parquet(folder)``; the row's array under ``"array"``), or else every
+    ``.npy`` in ``folder``. ``cls``: keep only the rows whose target is this class (not with bare .npy files)."""
     d = Path(folder)
     if not d.is_dir():
         raise InputError(f"{d}: no such directory" if not d.exists() else f"{d}: not a directory")
@@ -47,6 +48,8 @@ def collect(folder, cls=None) -> list[dict]:
                 rows.append({"relevance": d / row["relevance"], "source": row.get("source"),
                              "target": row.get("target")})
         rows = list({str(r["relevance"]): r for r in rows}.values())  # a re-run's rows replace earlier ones
+    elif any(d.glob("*.parquet")):
+        rows = _shard_rows(sorted(d.glob("*.parquet")), cls)
     else:
         if cls is not None:
             raise InputError(f"{d}: --class needs {MANIFEST} (written by lrpc explain --manifest); without it "
@@ -60,11 +63,29 @@ def collect(folder, cls=None) -> list[dict]:
     return rows
 
 
-def relevance_map(path) -> np.ndarray:
-    """A 2-D map (channels summed) from an ``lrpc explain`` .npy: [1,C,H,W], [1,K,C,H,W] (rank 1 taken),
-    [C,H,W], [H,W] or channels-last [1,H,W,C]."""
+def _shard_rows(shards: list, cls) -> list[dict]:
+    """The rows without an error of Parquet shards of :func:`lrpc.ray.explain` (``cls``: of that target only)."""
     try:
-        a = np.load(path, allow_pickle=False)
+        import pyarrow.parquet as parquet
+        import ray.data  # noqa: F401  (registers Ray's tensor column type with pyarrow)
+    except ImportError:
+        raise InputError("Parquet shards need ray[data]: pip install 'lrpc[ray]'") from None
+    filters = [("error", "=", "")] + ([("target", "=", str(cls))] if cls is not None else [])
+    try:
+        table = parquet.read_table([str(p) for p in shards], columns=["path", "target", "relevance", "error"],
+                                   filters=filters)
+    except Exception as err:
+        raise InputError(f"{shards[0].parent}: cannot read the Parquet shards ({one_line(err)})") from None
+    arrays = table.column("relevance").combine_chunks().to_numpy_ndarray() if table.num_rows else []
+    return [{"relevance": f"{p}", "source": p, "target": t, "array": a}
+            for p, t, a in zip(table.column("path").to_pylist(), table.column("target").to_pylist(), arrays)]
+
+
+def relevance_map(path) -> np.ndarray:
+    """A 2-D map (channels summed) from an ``lrpc explain`` .npy (or an array): [1,C,H,W], [1,K,C,H,W] (rank 1
+    taken), [C,H,W], [H,W] or channels-last [1,H,W,C]."""
+    try:
+        a = path if isinstance(path, np.ndarray) else np.load(path, allow_pickle=False)
     except Exception as err:
         raise InputError(f"{path}: cannot read relevance ({type(err).__name__})") from None
     a = np.asarray(a, dtype=np.float64)
@@ -144,7 +165,7 @@ def audit(folder, cls=None, clusters: int | None = None, size: int = 32, neighbo
     """SpRAy on ``folder`` (see :func:`collect`); returns the analysis and per row its cluster. ``report``
     renders it as HTML."""
     rows = collect(folder, cls)
-    maps = [relevance_map(r["relevance"]) for r in rows]
+    maps = [relevance_map(r["array"] if "array" in r else r["relevance"]) for r in rows]
     result = spectral(features(maps, size), clusters, neighbors, max_clusters)
     result.update(rows=rows, maps=maps, cls=cls, folder=str(folder), examples=examples)
     return result

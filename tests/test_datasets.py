@@ -241,6 +241,14 @@ def test_ray_dataset_api(ray_cluster, tmp_path):
         assert r["score"] == pytest.approx(float(e.output[0, e.target[0]]), rel=1e-6)
         assert r["relevance"].shape == (1, 8, 8)
         np.testing.assert_allclose(r["relevance"], e.relevance[0], rtol=1e-5, atol=1e-7)
+    # Parquet shards of the output are what lrpc audit reads too
+    out.write_parquet(str(tmp_path / "shards"))
+    from lrpc.audit import audit
+
+    result = audit(tmp_path / "shards", clusters=2)
+    assert len(result["rows"]) == 16 and set(result["labels"]) == {0, 1}
+    cls, count = Counter(r["target"] for r in rows).most_common(1)[0]  # (the 8s: 4 of the samples)
+    assert count >= 3 and len(audit(tmp_path / "shards", cls=cls, clusters=1)["rows"]) == count
     # a row that is no image becomes an error row; the others are explained
     good = np.asarray(np.load(DIGITS_SAMPLES)["images"][0, 0, :, :, None] * 255, np.uint8).repeat(3, 2)  # RGB
     items = ray_cluster.data.from_items([{"image": good, "path": "good"},
