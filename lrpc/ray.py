@@ -89,7 +89,7 @@ class _Explainer:
 
         from .runtime import Session
 
-        if not isinstance(compiled, bytes):  # the model put in the object store once (Ray resolves no nested refs)
+        if not isinstance(compiled, bytes):  # (an ObjectRef of the model that Ray passed on unresolved)
             compiled = _ray().get(compiled)
         self.session = Session(onnx.load_from_string(compiled), threads=threads, channels_last=channels_last)
         self.work, self.per_row, self.column, self.path_column = work, per_row, column, path_column
