@@ -67,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="input: a relevance_seed graph input (default); top1: the graph seeds each sample's top-1 "
                         "output itself (output relevance_target names it): one run, only the model's inputs to feed; "
                         "switch: both, the top-1 seed where the bool input lrpc/top1 is fed true")
-    c.add_argument("--for-provider", choices=["cpu", "cuda"], default="cpu",
+    c.add_argument("--for-provider", choices=["cpu", "cuda", "portable"], default="cpu",
                    help="cuda: no op onnxruntime's CUDA provider runs on the CPU (MaxPool's backward scatters "
-                        "instead of MaxUnpool; slower on the CPU); default cpu")
+                        "instead of MaxUnpool; slower on the CPU); portable: only ops every common ONNX runtime "
+                        "implements, constant subgraphs folded (docs/runtimes.md); default cpu")
     c.add_argument("--explain-at", metavar="TENSOR",
                    help="explain at this float tensor of the graph instead of the inputs (output relevance shaped "
                         "like it), e.g. a feature map")

@@ -127,7 +127,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     if seed not in contract.SEED_MODES:
         raise InputError(f"seed must be 'input', 'top1' or 'switch', got {seed!r}")
     if for_provider not in contract.PROVIDERS:
-        raise InputError(f"for_provider must be 'cpu' or 'cuda', got {for_provider!r}")
+        raise InputError(f"for_provider must be one of {', '.join(contract.PROVIDERS)}, got {for_provider!r}")
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]

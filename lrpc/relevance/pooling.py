@@ -43,15 +43,36 @@ def maxpool(ctx, node, R_out):
     # MaxUnpool takes float and float16, not double; its CUDA provider has no MaxUnpool kernel (it would run on the
     # CPU, with copies): compiled for CUDA, disjoint windows scatter without adding (each index once)
     disjoint = _disjoint(node)
-    if disjoint and b.dtype in (np.float32, np.float16) and ctx.provider != "cuda":
+    if disjoint and b.dtype in (np.float32, np.float16) and ctx.provider == "cpu":
         a = {k: node.attrs[k] for k in ("kernel_shape", "strides", "pads") if k in node.attrs}
         return [b.op("MaxUnpool", [R_out[0], idx, shape], a)]
     flat = b.ints([-1])
     zeros = b.op("Reshape", [b.zeros(shape), flat])
+    if ctx.provider == "portable":  # (each index once where windows are disjoint: ScatterND, which converters know)
+        idx = b.op("Reshape", [_global_indices(b, idx, shape), flat], dtype=np.int64)
+        if disjoint:
+            at = b.op("Unsqueeze", [idx, b.ints([1])], dtype=np.int64)
+            return [b.op("Reshape", [b.op("ScatterND", [zeros, at, b.op("Reshape", [R_out[0], flat])]), shape])]
     scattered = b.op("ScatterElements",
                      [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
-                     {"axis": 0} if disjoint and ctx.provider == "cuda" else {"axis": 0, "reduction": "add"})
+                     {"axis": 0} if disjoint and ctx.provider != "cpu" else {"axis": 0, "reduction": "add"})
     return [b.op("Reshape", [scattered, shape])]
+
+
+def _global_indices(b, idx, shape):
+    """MaxPool's indices as the spec has them (flat over the whole input), whichever way a runtime counts them: some
+    count within each (sample, channel) plane, as torch does. ``idx mod (H·W) + plane · (H·W)``."""
+    plane = b.op("ReduceProd", [b.op("Slice", [shape, b.ints([2]), b.ints([2 ** 62])], dtype=np.int64)],
+                 {"keepdims": 0}, dtype=np.int64)  # (scalars: Range takes scalars)
+    planes = b.op("ReduceProd", [b.op("Slice", [shape, b.ints([0]), b.ints([2])], dtype=np.int64)],
+                  {"keepdims": 0}, dtype=np.int64)
+    starts = b.op("Range", [b.const(np.array(0, np.int64), np.int64), b.op("Mul", [planes, plane], dtype=np.int64),
+                            plane], dtype=np.int64)
+    rank = len(idx.shape) if idx.shape is not None else 4
+    starts = b.op("Reshape", [starts, b.op("Concat", [b.op("Slice", [shape, b.ints([0]), b.ints([2])], dtype=np.int64),
+                                                      b.ints([1] * (rank - 2))], {"axis": 0}, dtype=np.int64)],
+                  dtype=np.int64)
+    return b.op("Add", [b.op("Mod", [idx, plane], dtype=np.int64), starts], dtype=np.int64)
 
 
 def _disjoint(node) -> bool:
