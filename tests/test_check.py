@@ -31,14 +31,14 @@ def test_check_passes_and_writes_reports(tmp_path):
     assert code == 0, out + err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and [c["name"] for c in report["checks"]] == ["supported", "forward", "finite",
-                                                                         "conservation", "gradient"]
+                                                                         "conservation", "gradient", "ties"]
     cons = next(c for c in report["checks"] if c["name"] == "conservation")
     assert cons["figure"] < 1e-4
     grad = next(c for c in report["checks"] if c["name"] == "gradient")
     assert grad["figure"] < 1e-4 and not grad["skipped"]
     assert [r["op"] for r in report["layers"]] == ["Conv", "MaxPool", "Conv", "AveragePool", "Gemm", "Gemm"]
     suite = ET.parse(tmp_path / "r.xml").getroot()
-    assert suite.get("tests") == "5" and suite.get("failures") == "0" and suite.get("skipped") == "0"
+    assert suite.get("tests") == "6" and suite.get("failures") == "0" and suite.get("skipped") == "0"
 
 
 def test_check_fails_on_broken_conservation_and_names_the_layer(tmp_path):
@@ -599,3 +599,29 @@ def test_gradient_with_two_float_inputs_and_an_integer_one(tmp_path):
     report, checks = _check(tmp_path / "two.onnx", "epsilon")
     g = checks["gradient"]
     assert report.passed and not g.skipped and g.figure <= 1e-5, report.text()
+
+
+def test_maxpool_near_ties_are_counted(tmp_path):
+    """`ties`: windows of a winner-take-all MaxPool whose two largest values are within rounding of each other
+    (another runtime may pick the other), counted from a forward with planted ties: one exact, one 1 ulp apart, one
+    clear winner, one all-zero window (left out: it carries no relevance); none under --maxpool split."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrpc.check import run_check
+    from lrpc.composites import Options
+
+    x = np.array([[[[5.0, 5.0, 1.0, 3.0], [0.0, 1.0, 2.0, np.nextafter(np.float32(3.0), np.float32(0.0))],
+                    [0.0, 0.0, 7.0, 1.0], [0.0, 0.0, 2.0, 1.0]]]], np.float32)
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                          [numpy_helper.from_array(np.ones((4, 2), np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    checks = {c.name: c for c in run_check(str(tmp_path / "m.onnx"), "epsilon", inputs={"x": x}).checks}
+    assert checks["ties"].passed and checks["ties"].figure == 2, checks["ties"].message
+    assert "2 of 3 MaxPool windows" in checks["ties"].message and "(1 exactly equal)" in checks["ties"].message
+    split = run_check(str(tmp_path / "m.onnx"), "epsilon", Options(maxpool="split"), inputs={"x": x})
+    assert "ties" not in {c.name for c in split.checks}

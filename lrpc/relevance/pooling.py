@@ -11,14 +11,13 @@ and Equal copy and compare values bit-exactly on every execution provider (a Con
 on GPUs, and then no cell would match the max), and padding needs no sentinel arithmetic."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
+from ..windows import window_table
 from . import EXACT, declare, register
 from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
@@ -89,43 +88,11 @@ def _disjoint(node) -> bool:
                for i in range(n))
 
 
-def window_table(node, spatial: list[int]) -> np.ndarray:
-    """int64 [K, *out]: flat input index (row-major over ``spatial``) read by kernel tap j of each output
-    window; padding and ceil_mode overhang cells read index prod(spatial), one slot past the input."""
-    nd, a = len(spatial), node.attrs
-    k = list(a["kernel_shape"])
-    s, d = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
-    auto = a.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    span = [(k[i] - 1) * d[i] + 1 for i in range(nd)]
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        out = [-(-spatial[i] // s[i]) for i in range(nd)]
-        total = [max(0, (out[i] - 1) * s[i] + span[i] - spatial[i]) for i in range(nd)]
-        pb = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
-    else:
-        pads = list(a.get("pads", [0] * 2 * nd)) if auto == "NOTSET" else [0] * 2 * nd
-        pb, full = pads[:nd], [spatial[i] + pads[i] + pads[nd + i] - span[i] for i in range(nd)]
-        if a.get("ceil_mode", 0):
-            out = [-(-full[i] // s[i]) + 1 for i in range(nd)]
-            # onnxruntime (like torch) drops a last window that starts past the input + begin pad
-            out = [o - 1 if (o - 1) * s[i] >= spatial[i] + pb[i] else o for i, o in enumerate(out)]
-        else:
-            out = [f // s[i] + 1 for i, f in enumerate(full)]
-    table = np.empty([int(np.prod(k)), *out], np.int64)
-    for j, tap in enumerate(itertools.product(*map(range, k))):
-        # position of this tap in every window, per axis: o*s + tap*d - pad_begin
-        pos = np.meshgrid(*[np.arange(out[i]) * s[i] + tap[i] * d[i] - pb[i] for i in range(nd)], indexing="ij")
-        inside = np.all([(p >= 0) & (p < spatial[i]) for i, p in enumerate(pos)], axis=0)
-        flat = np.ravel_multi_index([np.clip(p, 0, spatial[i] - 1) for i, p in enumerate(pos)], spatial)
-        table[j] = np.where(inside, flat, int(np.prod(spatial)))
-    return table
-
-
 def _split(ctx, node, R_out):
     b, x, y = ctx.b, node.inputs[0], node.outputs[0]
     dims = static_dims(x, node, "input shape")
     c, spatial, rank = dims[1], dims[2:], len(dims)
-    table = window_table(node, spatial)
+    table = window_table(node.attrs, spatial)
     xdt = np.dtype(x.dtype) if x.dtype is not None else b.dtype
     # channels last, so that each Gather index moves a block of C values (a Gather per element is much slower)
     last = [0, *range(2, rank), 1]
