@@ -427,13 +427,27 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
     ids = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"}
     tables = [n for n in graph.nodes if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0
               and is_const(n.inputs[0]) and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
-              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and n.inputs[1].name in ids]
+              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and id_input(n.inputs[1]) in ids]
     if not tables:
         raise InputError("the model has no float input to explain (integer/string inputs only, and no embedding "
                          "Gather of a constant table by an integer input)")
-    named = [n for n in tables if n.inputs[1].name == "input_ids"]
+    named = [n for n in tables if id_input(n.inputs[1]) == "input_ids"]
     word = named[0] if named else max(tables, key=lambda n: n.inputs[0].shape[0])
     return [word.outputs[0]], "tokens"
+
+
+ID_PRESERVING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")
+
+
+def id_input(t) -> str | None:
+    """The graph input whose values the index tensor ``t`` holds (reshaped or cast: GPT-2 views ``input_ids`` before
+    its embedding), or None; indices computed from an input (positions from a mask's CumSum) hold none."""
+    while not isinstance(t, gs.Constant) and t.inputs:
+        node = t.inputs[0]
+        if node.op not in ID_PRESERVING:
+            return None
+        t = node.inputs[0]
+    return None if isinstance(t, gs.Constant) else t.name
 
 
 def _reached(canon: Canonical, nodes: list, explained, tensors: dict, splits: set = frozenset()) -> set[str]:
