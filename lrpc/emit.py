@@ -79,15 +79,16 @@ ACTIVATION = "lrpc.activation"  # what the output node of an activation written 
 def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
     activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` for a MatMul of
-    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two (a gated
-    product: relevance/linear.py), or ``domain::type`` for an op of another domain (which no propagator takes: a
-    custom op is never mistaken for a standard one)."""
+    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two that both
+    depend on the explained input (a gated product: relevance/linear.py), or ``domain::type`` for an op of another
+    domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
     if node.op == "MatMul" and not any(is_const(t) for t in node.inputs):
         return MATMUL
-    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs):
-        return GATE
+    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs) and \
+            (canon.live is None or all(t.name in canon.live for t in node.inputs)):
+        return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
     return op_type(node)
 
 
@@ -400,6 +401,7 @@ def relevance_path(canon: Canonical, explain_at: str | None = None) -> tuple[lis
     explained = tensors[canon.explained]
     inputs, kind = sources(canon, explain_at)
     depends = _depends_on(graph, inputs)
+    canon.live = depends
     if explained.name not in depends:
         what = {"inputs": "any float input", "tokens": f"the token embedding '{inputs[0].name}'",
                 "at": f"the tensor '{explain_at}'"}[kind]
