@@ -135,3 +135,28 @@ def test_tokens_at_chosen_positions_and_continuations(token_decoders, name, expo
     err = rel_l2(e.relevance, want)
     report_line(f"{name} ids {exporter} attnlrp {target}: relevance per token vs detach reference rel L2 {err:.1e}")
     assert err < 1e-4
+
+
+def test_cli_explain_tokens_on_a_decoder(token_decoders, tmp_path):
+    """``lrpc explain gpt2.onnx --tokens ids.npz --target next -o rel.json``: the relevance per token written is the
+    detach reference's (the mask from the .npz)."""
+    import json
+
+    from cli_helpers import run_cli
+
+    net, model = token_decoders["gpt2", "dynamo18"]
+    feeds = _feeds()
+    onnx.save(model, tmp_path / "gpt2.onnx")
+    np.savez(tmp_path / "ids.npz", **feeds)
+    code, out, err = run_cli("explain", tmp_path / "gpt2.onnx", "--tokens", tmp_path / "ids.npz", "--rules",
+                             "attnlrp", "--epsilon", "0", "--stabilizer-eps", "0", "--target", "next", "--no-cache",
+                             "-o", tmp_path / "rel.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "rel.json").read_text())
+    seed = np.zeros((2, T, V), np.float32)
+    for b, sample in enumerate(data["samples"]):
+        assert sample["ids"] == feeds["input_ids"][b].tolist() and sample["explained"][0][0] == T - 1
+        seed[b, T - 1, sample["explained"][0][1]] = 1.0
+    _, want = _reference("gpt2", net, feeds, "attnlrp", seed)
+    assert rel_l2(np.array([s["relevance"] for s in data["samples"]]), want) < 1e-4
+    assert "target next" in out

@@ -194,3 +194,59 @@ def test_cli_explain_tokens_errors_are_one_line(tmp_path, case, contains):
     args = ["--npy", src, "--tokenizer", tmp_path / "t.json"] if case == "tokenizer" else ["--tokens", src]
     code, _, err = run_cli("explain", tmp_path / "toy.onnx", *args, *extra, "--no-cache", "-o", tmp_path / out)
     one_line_error(code, err, contains=contains)
+
+
+def _tokenizer(path):
+    """A word-level tokenizer.json over V words w0 … w19, split on whitespace (built here: nothing downloaded)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+def test_cli_explain_text_with_a_local_tokenizer(tmp_path):
+    """--text encoded by a local tokenizer.json: the JSON holds the tokens' text, rel.html shows them coloured, the
+    table names them; the relevance is that of --tokens with the same ids."""
+    onnx.save(_decoder(), tmp_path / "toy.onnx")
+    _tokenizer(tmp_path / "tok.json")
+    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--text", "w3 w1 w4 w1 w5", "--tokenizer",
+                             tmp_path / "tok.json", "--rules", "attnlrp", "--no-cache", "-o", tmp_path / "rel.json")
+    assert code == 0, err
+    sample = json.loads((tmp_path / "rel.json").read_text())["samples"][0]
+    assert sample["ids"] == [3, 1, 4, 1, 5] and sample["tokens"] == ["w3", "w1", "w4", "w1", "w5"]
+    page = (tmp_path / "rel.html").read_text()
+    assert page.count("<span") == T and "w4</span>" in page
+    assert "token" in out and "w4" in out
+    np.save(tmp_path / "ids.npy", np.array([[3, 1, 4, 1, 5]]))
+    code, _, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "ids.npy", "--rules", "attnlrp",
+                           "--no-cache", "-o", tmp_path / "same.json")
+    assert code == 0, err
+    same = json.loads((tmp_path / "same.json").read_text())["samples"][0]
+    assert rel_l2(sample["relevance"], same["relevance"]) < 1e-6
+
+
+def test_text_needs_a_tokenizer_and_the_package(tmp_path, monkeypatch):
+    from lrpc import text
+
+    with pytest.raises(InputError, match="--text needs --tokenizer"):
+        text.text_ids("a b", None)
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
+    with pytest.raises(InputError, match="needs the 'tokenizers' package"):
+        text.text_ids("a b", tmp_path / "tok.json")
+    monkeypatch.undo()
+    pytest.importorskip("tokenizers")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="bad.json: cannot read or apply the tokenizer"):
+        text.text_ids("a b", tmp_path / "bad.json")
+
+
+def test_terminal_colours_and_long_sequences():
+    from lrpc.text import table
+
+    ids, r = np.arange(30)[None], np.linspace(-1, 2, 30)[None]
+    shown = table(ids, r, [f"t{i}" for i in range(30)], colour=True)
+    assert "the 24 most relevant of 30 tokens" in shown and "\x1b[48;2;" in shown
+    assert len([line for line in shown.splitlines() if line.strip()[:1].isdigit()]) == 24
