@@ -133,11 +133,9 @@ def per_token(relevance: np.ndarray, shape) -> np.ndarray:
 
 
 def explained_positions(seed: np.ndarray) -> list[list[list[int]]]:
-    """Per sample, the [position, token] pairs the seed selects (a sequence target's; [] for other outputs)."""
-    s = np.asarray(seed)
-    if s.ndim != 3:
-        return [[] for _ in range(len(s))]
-    return [[[int(p), int(t)] for p, t in np.argwhere(sample)] for sample in s]
+    """Per sample, the output entries the seed selects: [position, token] pairs of logits [B, T, V], [class] of a
+    classifier's [B, C]."""
+    return [[[int(v) for v in index] for index in np.argwhere(sample)] for sample in np.asarray(seed)]
 
 
 def table(ids: np.ndarray, relevance: np.ndarray, tokens: list | None = None, colour: bool = False,
@@ -149,8 +147,9 @@ def table(ids: np.ndarray, relevance: np.ndarray, tokens: list | None = None, co
         r = relevance[b]
         scale = float(np.abs(r).max()) or 1.0
         keep = np.arange(len(r)) if len(r) <= rows else np.sort(np.argsort(-np.abs(r), kind="stable")[:rows])
-        title = f"sample {b}" + ("" if len(keep) == len(r) else f": the {rows} most relevant of {len(r)} tokens")
-        lines.append(title if len(ids) > 1 or len(keep) < len(r) else "")
+        if len(ids) > 1 or len(keep) < len(r):
+            lines.append(f"sample {b}" + ("" if len(keep) == len(r) else f": the {rows} most relevant of {len(r)} "
+                                                                         f"tokens"))
         lines.append(f"{'pos':>5} {'id':>8} " + (f"{'token':<16} " if tokens else "") + "relevance")
         for p in keep:
             bar = ("+" if r[p] >= 0 else "-") * int(round(20 * abs(r[p]) / scale))
@@ -158,7 +157,7 @@ def table(ids: np.ndarray, relevance: np.ndarray, tokens: list | None = None, co
             if colour and tokens:
                 word = _coloured(word, r[p] / scale)
             lines.append(f"{p:>5} {int(ids[b, p]):>8} {word}{r[p]:>+11.4g} {bar}")
-    return "\n".join(line for line in lines if line != "" or lines.index(line) > 0).strip("\n")
+    return "\n".join(lines)
 
 
 def _coloured(word: str, level: float) -> str:
@@ -247,6 +246,6 @@ def run(model, out, tokens=None, text=None, tokenizer=None, target="next", rules
     if colour is None:
         colour = sys.stdout.isatty() and os.environ.get("NO_COLOR") is None
     log(table(ids, relevance, words, colour))
-    explained = "; ".join(",".join(f"{p}={t}" for p, t in s) for s in pairs if s)
+    explained = "; ".join(",".join("=".join(map(str, index)) for index in s) for s in pairs if s)
     log(f"target {goal}" + (f" ({explained})" if explained else "") + f" -> {', '.join(map(str, written))}")
     return written
