@@ -105,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer relevance table: where does conservation break?")
     i.add_argument("model")
     _input_flags(i)
-    i.add_argument("--target", default="top1", help="as for explain: class index, top1 (default), or a dense target "
-                                                    "(pixel:Y,X, box:Y0,X0,Y1,X1, mask:FILE, class:C)")
+    i.add_argument("--target", default="top1", help="as for explain: class index, top1 (default), a dense target "
+                                                    "(pixel:Y,X, box:Y0,X0,Y1,X1, mask:FILE, class:C) or a sequence "
+                                                    "target (next, token:POS=ID, continuation:N)")
     i.add_argument("--tol", type=_nonneg_float, default=1e-3, help="|in/out − 1| that marks a layer (default 1e-3)")
     i.add_argument("--json", help="write the table as JSON")
     _rule_flags(i)

@@ -160,3 +160,17 @@ def test_cli_explain_tokens_on_a_decoder(token_decoders, tmp_path):
     _, want = _reference("gpt2", net, feeds, "attnlrp", seed)
     assert rel_l2(np.array([s["relevance"] for s in data["samples"]]), want) < 1e-4
     assert "target next" in out
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+def test_check_conserves_on_a_bias_free_llama_from_token_ids(tmp_path, exporter):
+    """``lrpc check --rules cp-lrp`` on a bias-free Llama taking token ids: random ids within the vocabulary, the mask
+    all ones; conservation passes (Σ token relevance = the logit), the gradient check is skipped with its reason."""
+    from lrpc.check import run_check
+
+    pytest.importorskip("transformers")
+    export_ids(_llama(bias=False, eager=exporter == "legacy17"), tmp_path / "llama.onnx", exporter)
+    checks = {c.name: c for c in run_check(str(tmp_path / "llama.onnx"), "cp-lrp",
+                                           lrpc.Options(epsilon=1e-9, stabilizer_eps=1e-9)).checks}
+    assert all(checks[k].passed for k in ("supported", "forward", "finite", "conservation")), checks
+    assert checks["gradient"].skipped and "token ids" in checks["gradient"].message

@@ -250,3 +250,15 @@ def test_terminal_colours_and_long_sequences():
     shown = table(ids, r, [f"t{i}" for i in range(30)], colour=True)
     assert "the 24 most relevant of 30 tokens" in shown and "\x1b[48;2;" in shown
     assert len([line for line in shown.splitlines() if line.strip()[:1].isdigit()]) == 24
+
+
+@pytest.mark.parametrize("target", ["next", "continuation:2"])
+def test_inspect_on_random_token_ids(tmp_path, target):
+    """lrpc inspect's random inputs for a token model are ids within the vocabulary; sequence targets seed one
+    entry per explained position."""
+    from lrpc.inspect import inspect
+
+    onnx.save(_decoder(), tmp_path / "toy.onnx")
+    result = inspect(str(tmp_path / "toy.onnx"), "cp-lrp", None, None, target, 1e-3, None, None)
+    assert result["target"] == target and result["seed_sum"] == (1.0 if target == "next" else 2.0)
+    assert np.isfinite(result["input_sum"]) and result["layers"]
