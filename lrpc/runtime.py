@@ -171,7 +171,8 @@ class Session:
         if target.kind == "top" and target.values[0] != 1:
             raise InputError(f"target {target}: use explain_topk(x, {target.values[0]}) for several ranks")
         return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self.sigmoid,
-                            self.channels_last, self._dtype, ids=lambda: self._token_ids(feeds))
+                            self.channels_last, self._dtype, ids=lambda: self._token_ids(feeds),
+                            mask=lambda: feeds.get("attention_mask"))
 
     def _token_ids(self, feeds) -> np.ndarray:
         """The token ids among ``feeds``: ``input_ids``, else the only integer input [N, T]."""

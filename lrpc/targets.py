@@ -11,7 +11,8 @@ A target is given as text (``lrpc explain --target``) or to :meth:`lrpc.Session.
 ``mask:FILE``          dense outputs: the nonzero entries of a .npy file (image files: gray level
                        >= 128), either one per position ([H, W]) or per channel and position ([C, H, W])
 ``class:C``            dense outputs: every position whose predicted class is C
-``next``               sequence outputs: the top-1 token at the last position (which tokens made the next one)
+``next``               sequence outputs: the top-1 token at the last position (which tokens made the next one;
+                       the last one the attention mask keeps, where there is one)
 ``token:POS``          sequence outputs: the top-1 token at position POS (negative: from the end)
 ``token:POS=ID,...``   sequence outputs: token ID at position POS; several pairs are explained together
 ``continuation:N``     sequence outputs: the input's last N tokens, each at the position before it (a generated
@@ -152,18 +153,19 @@ def _sequence(kind: str, rest: str) -> Target:
 
 
 def seed(target: Target, shape: list[int], scores, sigmoid: bool = False, channels_last: bool = False,
-         dtype=np.float32, ids=None) -> np.ndarray:
+         dtype=np.float32, ids=None, mask=None) -> np.ndarray:
     """The seed for ``target`` on an explained output of ``shape`` ([N, ...]). ``scores``: a callable
     returning the model's scores (shaped like the explained output), called only where the target depends
     on the prediction (top, class, positions without a channel on a multi-channel output). ``sigmoid``:
     the scores are sigmoid probabilities (foreground above 0.5; several channels are independent labels)
     rather than logits or softmax probabilities. ``channels_last``: the output is [N, *spatial, C].
     ``top`` targets give rank 1 here; :func:`topk` gives all ranks. ``ids``: a callable returning the token ids
-    [N, T] (read by ``continuation`` only)."""
+    [N, T] (read by ``continuation`` only); ``mask``: one returning the attention mask [N, T] or None (read by
+    ``next``: each sample's last position the mask keeps)."""
     shape = [int(d) for d in shape]
     batch = shape[0]
     if target.kind in SEQUENCE:
-        return sequence_seed(target, shape, scores, ids, dtype)
+        return sequence_seed(target, shape, scores, ids, dtype, mask)
     if target.kind == "top":
         if target.values[0] != 1:
             raise InputError(f"--target {target}: one rank at a time here; several ranks: lrpc explain "
@@ -181,8 +183,9 @@ def seed(target: Target, shape: list[int], scores, sigmoid: bool = False, channe
     return _dense(target, shape, scores, sigmoid).astype(dtype)
 
 
-def sequence_seed(target: Target, shape: list[int], scores, ids=None, dtype=np.float32) -> np.ndarray:
-    """The seed of a sequence target (next, token, continuation) on logits of ``shape`` [N, T, V]."""
+def sequence_seed(target: Target, shape: list[int], scores, ids=None, dtype=np.float32, mask=None) -> np.ndarray:
+    """The seed of a sequence target (next, token, continuation) on logits of ``shape`` [N, T, V]; ``ids``, ``mask``:
+    callables returning the token ids and the attention mask (or None), see :func:`seed`."""
     if len(shape) != 3:
         raise InputError(f"--target {target}: a sequence target needs logits [N, T, V]; the explained output has "
                          f"shape {shape}")
@@ -204,9 +207,22 @@ def sequence_seed(target: Target, shape: list[int], scores, ids=None, dtype=np.f
         for p in range(length - 1 - n, length - 1):
             s[rows, p, tokens[:, p + 1]] = 1.0
         return s
-    pairs = [(-1, None)] if target.kind == "next" else \
-        [(target.values[0], None)] if len(target.values) == 1 else \
-        list(zip(target.values[::2], target.values[1::2]))
+    if target.kind == "next":
+        kept = None if mask is None else mask()
+        if kept is None:
+            pairs = [(-1, None)]
+        else:  # each sample's last position the mask keeps (right padding)
+            kept = np.asarray(kept) != 0
+            if list(kept.shape) != [batch, length] or not kept.any(axis=1).all():
+                raise InputError(f"--target next: the attention mask {list(kept.shape)} must be [N, T] = "
+                                 f"{[batch, length]} and keep a position in each sample")
+            last = length - 1 - np.argmax(kept[:, ::-1], axis=1)
+            token = np.asarray(scores())[rows, last].argmax(-1)
+            s[rows, last, token] = 1.0
+            return s
+    else:
+        pairs = [(target.values[0], None)] if len(target.values) == 1 else \
+            list(zip(target.values[::2], target.values[1::2]))
     for pos, token in pairs:
         if not -length <= pos < length:
             raise InputError(f"--target {target}: position {pos} outside the sequence of {length} tokens")

@@ -88,8 +88,9 @@ def _session(model, composite):
 @pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("name", list(MODELS))
 def test_decoder_from_token_ids_explains_the_next_token(token_decoders, name, composite):
-    """target ``next``: the top-1 token at the last position; Session.explain(input_ids=, attention_mask=) gives
-    relevance per token [B, T] equal to the detach reference, logits as torch's; the two exports agree."""
+    """target ``next``: the top-1 token at the last position the mask keeps; Session.explain(input_ids=,
+    attention_mask=) gives relevance per token [B, T] equal to the detach reference, logits as torch's; the two
+    exports agree."""
     torch = pytest.importorskip("torch")
 
     feeds, got = _feeds(), {}
@@ -101,7 +102,8 @@ def test_decoder_from_token_ids_explains_the_next_token(token_decoders, name, co
                         attention_mask=torch.from_numpy(feeds["attention_mask"])).logits.numpy()
         assert e.output.shape == (2, T, V) and rel_l2(e.output, plain) < 1e-4
         want_seed = np.zeros((2, T, V), np.float32)
-        want_seed[[0, 1], -1, plain[:, -1].argmax(-1)] = 1.0
+        last = [T - 1, T - 2]  # (the second sample's last token is padding: next is predicted before it)
+        want_seed[[0, 1], last, plain[[0, 1], last].argmax(-1)] = 1.0
         assert np.array_equal(e.seed, want_seed)
         logits, want = _reference(name, net, feeds, composite, want_seed)
         assert rel_l2(logits, plain) < 1e-5  # (the reference forward is the model's)
@@ -155,8 +157,8 @@ def test_cli_explain_tokens_on_a_decoder(token_decoders, tmp_path):
     data = json.loads((tmp_path / "rel.json").read_text())
     seed = np.zeros((2, T, V), np.float32)
     for b, sample in enumerate(data["samples"]):
-        assert sample["ids"] == feeds["input_ids"][b].tolist() and sample["explained"][0][0] == T - 1
-        seed[b, T - 1, sample["explained"][0][1]] = 1.0
+        assert sample["ids"] == feeds["input_ids"][b].tolist() and sample["explained"][0][0] == T - 1 - b
+        seed[b, T - 1 - b, sample["explained"][0][1]] = 1.0
     _, want = _reference("gpt2", net, feeds, "attnlrp", seed)
     assert rel_l2(np.array([s["relevance"] for s in data["samples"]]), want) < 1e-4
     assert "target next" in out

@@ -112,7 +112,8 @@ def test_bad_sequence_targets_are_refused(text, message):
 
 
 def test_sequence_seeds():
-    """next: top-1 at the last position; token:POS: top-1 there; pairs and continuations: the sum of one-hots."""
+    """next: top-1 at the last position (the last one the mask keeps); token:POS: top-1 there; pairs and
+    continuations: the sum of one-hots."""
     rng = np.random.default_rng(1)
     scores, ids = rng.standard_normal((B, T, V)), rng.integers(0, V, (B, T))
 
@@ -122,6 +123,13 @@ def test_sequence_seeds():
     want = np.zeros((B, T, V), np.float32)
     want[[0, 1], T - 1, scores[:, -1].argmax(-1)] = 1
     assert np.array_equal(seed("next"), want) and np.array_equal(seed(f"token:{T - 1}"), want)
+    mask = np.ones((B, T), np.int64)
+    mask[1, 3:] = 0  # right padding: the second sample's next token is predicted at position 2
+    want[1] = 0
+    want[1, 2, scores[1, 2].argmax()] = 1
+    assert np.array_equal(seed("next", mask=lambda: mask), want)
+    with pytest.raises(InputError, match="keep a position in each sample"):
+        seed("next", mask=lambda: 0 * mask)
     want = np.zeros((B, T, V), np.float32)
     want[:, 0, 4] = want[:, 3, 7] = 1
     assert np.array_equal(seed("token:0=4,-2=7"), want)
