@@ -377,11 +377,9 @@ def conform(spec, value, what: str):
 
 
 def _given(x, inputs: dict):
-    """``x``, or the inputs given by name (one of the two)."""
+    """``x``, or the inputs given by name (not both)."""
     if inputs and x is not None:
         raise InputError("give the input as x or the inputs by name, not both")
-    if x is None and not inputs:
-        raise InputError("no input given")
     return inputs or x
 
 
