@@ -222,8 +222,12 @@ class Session:
         return {n: self._checked(n, v) if n in self._specs else v for n, v in feeds.items()}
 
     def _seed_shape(self, feeds) -> list[int]:
+        """The seed's shape for ``feeds``: a dynamic dim takes the size of an input's dim of the same name (a sequence
+        length ``T`` of ``input_ids`` [B, T] and logits [B, T, V]), else the batch."""
         batch = _shape(next(iter(feeds.values())))[0]
-        return [batch if not isinstance(d, int) else d for d in self.seed_shape]
+        named = {d: n for name, value in feeds.items() if name in self._specs
+                 for d, n in zip(self._specs[name].shape, _shape(value)) if isinstance(d, str)}
+        return [d if isinstance(d, int) else named.get(d, batch) for d in self.seed_shape]
 
     def _scores(self, feeds) -> np.ndarray:
         """The scores the targets refer to (one run with a zero seed)."""

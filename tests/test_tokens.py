@@ -25,10 +25,10 @@ B, T, D, V = 2, 5, 6, 20
 COMPUTED = ("p", "cosv", "madd")  # the tensors computed from the ids' shape and the mask alone
 
 
-def _decoder(folded: dict | None = None) -> onnx.ModelProto:
+def _decoder(folded: dict | None = None, length=T) -> onnx.ModelProto:
     """ids (cast to int32) -> word embedding e; positions p = pos_table[cumsum(mask) - 1]; x = (e + p) * cos(r ⊗ f),
     r = Range(0, T); causal self-attention (+ x); logits [B, T, V]. ``folded``: the values of ``COMPUTED`` as
-    initializers instead of their subgraphs (no mask input)."""
+    initializers instead of their subgraphs (no mask input). ``length``: the sequence dim (a name: dynamic)."""
     rng = np.random.default_rng(0)
     arr = {"table": rng.standard_normal((V, D)), "pos_table": rng.standard_normal((8, D)),
            "inv_freq": np.linspace(0.1, 1.0, D), "W": rng.standard_normal((D, V)) / 3}
@@ -53,13 +53,13 @@ def _decoder(folded: dict | None = None) -> onnx.ModelProto:
               mk("Add", ["sc", "madd"], ["msc"]), mk("Softmax", ["msc"], ["a"], axis=-1),
               mk("MatMul", ["a", "xr"], ["ctx"]), mk("Add", ["ctx", "xr"], ["h"]),
               mk("MatMul", ["h", "W"], ["logits"])]
-    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", T])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", length])]
     if folded:
         inits += [numpy_helper.from_array(v, k) for k, v in folded.items()]
     else:
-        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", T]))
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", length]))
     g = helper.make_graph(nodes, "toy", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
-                                                                                  ["batch", T, V])], inits)
+                                                                                  ["batch", length, V])], inits)
     m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
     m.ir_version = 8
     return m
@@ -270,3 +270,12 @@ def test_inspect_on_random_token_ids(tmp_path, target):
     result = inspect(str(tmp_path / "toy.onnx"), "cp-lrp", None, None, target, 1e-3, None, None)
     assert result["target"] == target and result["seed_sum"] == (1.0 if target == "next" else 2.0)
     assert np.isfinite(result["input_sum"]) and result["layers"]
+
+
+def test_dynamic_sequence_length():
+    """A model with a dynamic sequence dim explains sequences of any length: the seed takes the ids' length."""
+    session = lrpc.Session(lrpc.compile(_decoder(length="seq"), "attnlrp"))
+    for t in (3, 7):
+        ids = np.arange(2 * t).reshape(2, t) % V
+        e = session.explain(input_ids=ids, attention_mask=np.ones_like(ids), target="next")
+        assert e.relevance.shape == (2, t) and e.seed.shape == (2, t, V) and e.seed[:, -1].sum() == 2
