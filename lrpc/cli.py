@@ -134,10 +134,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="heatmap path (heat.png; heat.npy is written beside it) or, with --images, a directory; "
                         "with --tokens/--text: rel.json (rel.npy beside it), rel.npy or rel.html")
     e.add_argument("--target", default=None,
-                   help="class index, top1 (default; with --tokens/--text: next), topK, for dense outputs "
-                        "pixel:[C,]Y,X, box:[C,]Y0,X0,Y1,X1 (ends exclusive), mask:FILE (.npy/.png) or class:C, for "
-                        "a decoder's logits [B, T, V] next, token:POS (its top-1), token:POS=ID[,POS=ID...] or "
-                        "continuation:N (the input's last N tokens)")
+                   help="class index, top1 (default; with --tokens/--text: next on logits [B, T, V]), topK, for "
+                        "dense outputs pixel:[C,]Y,X, box:[C,]Y0,X0,Y1,X1 (ends exclusive), mask:FILE (.npy/.png) or "
+                        "class:C, for a decoder's logits [B, T, V] next, token:POS (its top-1), "
+                        "token:POS=ID[,POS=ID...] or continuation:N (the input's last N tokens)")
     e.add_argument("--explain-at", metavar="TENSOR",
                    help="explain at this float tensor of the graph instead of the inputs, e.g. a feature map")
     _preprocess_flags(e)
@@ -378,7 +378,7 @@ def _explain(args) -> int:
         from . import text
 
         text.run(args.model, args.out, tokens=args.tokens, text=args.text, tokenizer=args.tokenizer,
-                 target=args.target or "next", rules=args.rules, output=args.output,
+                 target=args.target, rules=args.rules, output=args.output,
                  input_shapes=dict(args.input_shape), cache=not args.no_cache, **at, **asdict(_options(args)))
         return 0
     if args.tokenizer is not None:

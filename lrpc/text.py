@@ -182,18 +182,18 @@ def html_view(tokens: list[str], relevance: np.ndarray, title: str) -> str:
             f"<body style=\"font-family:monospace\"><h3>{html.escape(title)}</h3>{''.join(rows)}</body>\n")
 
 
-def run(model, out, tokens=None, text=None, tokenizer=None, target="next", rules="epsilon-gamma-box", output=None,
+def run(model, out, tokens=None, text=None, tokenizer=None, target=None, rules="epsilon-gamma-box", output=None,
         input_shapes=None, cache=False, log=print, colour: bool | None = None, **options) -> list[Path]:
     """What ``lrpc explain --tokens/--text`` does; returns the written paths. ``out``: ``rel.json`` (``rel.npy``
     is written beside it; with a tokenizer also ``rel.html``), ``rel.npy`` or ``rel.html``. ``target``: see
-    :mod:`lrpc.targets` (``next`` for a decoder's logits [B, T, V], a class index or top1 for a classifier).
+    :mod:`lrpc.targets`; None: ``next`` for a decoder's logits [B, T, V], else ``top1`` (a classifier's class).
     ``options``: lrpc.Options fields and ``explain_at``."""
     from .explain import prepare
 
     if (tokens is None) == (text is None):
         raise InputError("give exactly one of --tokens, --text")
-    goal = targets.parse(target)
-    if goal.kind == "top" and goal.values[0] != 1:
+    goal = targets.parse(target) if target is not None else None
+    if goal is not None and goal.kind == "top" and goal.values[0] != 1:
         raise InputError(f"--target {goal}: one rank at a time for token ids (top1 or a class index)")
     o = Path(out)
     if o.suffix.lower() not in SUFFIXES:
@@ -217,6 +217,8 @@ def run(model, out, tokens=None, text=None, tokenizer=None, target="next", rules
             options[key] = edge
     session, _ = prepare(model, rules, output=output, input_shapes=input_shapes, cache=cache, **options)
     feeds = model_feeds(session, arrays, source)
+    if goal is None:
+        goal = targets.parse("next" if len(session.seed_shape) == 3 else "top1")
     e = session.explain(feeds, goal)
     ids = arrays["input_ids"]
     relevance = per_token(e.relevance if not isinstance(e.relevance, list) else e.relevance[0], ids.shape)

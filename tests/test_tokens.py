@@ -279,3 +279,20 @@ def test_dynamic_sequence_length():
         ids = np.arange(2 * t).reshape(2, t) % V
         e = session.explain(input_ids=ids, attention_mask=np.ones_like(ids), target="next")
         assert e.relevance.shape == (2, t) and e.seed.shape == (2, t, V) and e.seed[:, -1].sum() == 2
+
+
+def test_cli_explain_tokens_of_a_classifier_defaults_to_top1(tmp_path):
+    """A classifier of token ids (logits [B, C]): --tokens explains each sample's top class (the JSON names it)."""
+    from test_text import _masked_attention_model
+
+    onnx.save(_masked_attention_model("input"), tmp_path / "cls.onnx")
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    code, out, err = run_cli("explain", tmp_path / "cls.onnx", "--tokens", tmp_path / "ids.npy", "--rules", "attnlrp",
+                             "--no-cache", "-o", tmp_path / "rel.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "rel.json").read_text())
+    e = lrpc.Session(lrpc.compile(_masked_attention_model("input"), "attnlrp")).explain(
+        ids=ids, attention_mask=np.ones_like(ids))
+    assert data["target"] == "top1" and [s["explained"] for s in data["samples"]] == [[[int(c)]] for c in e.target]
+    assert rel_l2(np.array([s["relevance"] for s in data["samples"]]), e.relevance) < 1e-6
