@@ -46,8 +46,8 @@ def vocabulary_sizes(model) -> dict[str, int]:
 
 
 def read_tokens(path) -> dict:
-    """The arrays of a ``.npy`` (the token ids, [T] or [B, T]) or ``.npz`` (``input_ids`` or one array, and any
-    other inputs by name)."""
+    """The arrays of a ``.npy`` (the token ids, [T] or [B, T], as ``input_ids``) or ``.npz`` (one array: the token
+    ids; several: by input name, the ids as ``input_ids`` or under the model's name for them)."""
     p = Path(path)
     if not p.is_file():
         raise InputError(f"{p}: no such file")
@@ -56,14 +56,8 @@ def read_tokens(path) -> dict:
         arrays = dict(data) if isinstance(data, np.lib.npyio.NpzFile) else {"input_ids": data}
     except Exception as e:
         raise InputError(f"{p}: cannot read token ids (.npy/.npz expected): {one_line(e)}") from None
-    if "input_ids" not in arrays:
-        if len(arrays) != 1:
-            raise InputError(f"{p}: no array 'input_ids' (arrays: {', '.join(arrays)})")
+    if len(arrays) == 1:
         arrays = {"input_ids": next(iter(arrays.values()))}
-    ids = np.asarray(arrays["input_ids"])
-    if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2) or ids.size == 0:
-        raise InputError(f"{p}: token ids must be integers [T] or [B, T], got {ids.dtype} {list(ids.shape)}")
-    arrays["input_ids"] = ids[None] if ids.ndim == 1 else ids
     return arrays
 
 
@@ -87,9 +81,10 @@ def text_ids(text: str, tokenizer) -> tuple[dict, list[str]]:
     return {"input_ids": np.asarray([encoding.ids], np.int64)}, list(encoding.tokens)
 
 
-def model_feeds(session, arrays: dict, source: str) -> dict:
-    """The feeds of ``session``: the token ids under the model's ids input and the arrays given by name, each converted
-    to the input's integer type; an attention mask not given is all ones, token types zeros, position ids 0..T-1."""
+def model_feeds(session, arrays: dict, source: str) -> tuple[dict, np.ndarray]:
+    """(the feeds of ``session``, the token ids [B, T]): the ids under the model's ids input and the arrays given by
+    name, each converted to the input's integer type; an attention mask not given is all ones, token types zeros,
+    position ids 0..T-1."""
     from .runtime import NUMPY_TYPES
 
     specs = {i.name: i for i in session.session.get_inputs()}
@@ -102,7 +97,13 @@ def model_feeds(session, arrays: dict, source: str) -> dict:
                                                              and "position" not in n), None)
     if ids_name is None:
         raise InputError(f"{source}: which model input takes the token ids? (inputs: {', '.join(session.inputs)})")
-    ids = arrays["input_ids"]
+    ids = arrays.get(ids_name, arrays.get("input_ids"))
+    if ids is None:
+        raise InputError(f"{source}: no array for the token ids (input '{ids_name}'; arrays: {', '.join(arrays)})")
+    ids = np.asarray(ids)
+    if ids.dtype.kind not in "iu" or ids.ndim not in (1, 2) or ids.size == 0:
+        raise InputError(f"{source}: token ids must be integers [T] or [B, T], got {ids.dtype} {list(ids.shape)}")
+    ids = ids[None] if ids.ndim == 1 else ids
     feeds = {}
     for name in session.inputs:
         value = ids if name == ids_name else arrays.get(name)
@@ -116,11 +117,12 @@ def model_feeds(session, arrays: dict, source: str) -> dict:
             else:
                 raise InputError(f"{source}: no array for model input '{name}' (give an .npz with it)")
         value = np.asarray(value)
+        value = value[None] if value.ndim == 1 else value  # (one sequence)
         if value.shape != ids.shape:
             raise InputError(f"{source}: input '{name}' has shape {list(value.shape)}, the token ids "
                              f"{list(ids.shape)}")
         feeds[name] = value.astype(NUMPY_TYPES[specs[name].type])
-    return feeds
+    return feeds, ids
 
 
 def per_token(relevance: np.ndarray, shape) -> np.ndarray:
@@ -216,11 +218,10 @@ def run(model, out, tokens=None, text=None, tokenizer=None, target=None, rules="
         if options.get(key) is None:
             options[key] = edge
     session, _ = prepare(model, rules, output=output, input_shapes=input_shapes, cache=cache, **options)
-    feeds = model_feeds(session, arrays, source)
+    feeds, ids = model_feeds(session, arrays, source)
     if goal is None:
         goal = targets.parse("next" if len(session.seed_shape) == 3 else "top1")
     e = session.explain(feeds, goal)
-    ids = arrays["input_ids"]
     relevance = per_token(e.relevance if not isinstance(e.relevance, list) else e.relevance[0], ids.shape)
     pairs = explained_positions(e.seed)
     written = []

@@ -296,3 +296,11 @@ def test_cli_explain_tokens_of_a_classifier_defaults_to_top1(tmp_path):
         ids=ids, attention_mask=np.ones_like(ids))
     assert data["target"] == "top1" and [s["explained"] for s in data["samples"]] == [[[int(c)]] for c in e.target]
     assert rel_l2(np.array([s["relevance"] for s in data["samples"]]), e.relevance) < 1e-6
+    mask = np.ones_like(ids)
+    mask[1, 3] = 0
+    np.savez(tmp_path / "ids.npz", ids=ids, attention_mask=mask)  # (the ids under the model's name for them)
+    code, out, err = run_cli("explain", tmp_path / "cls.onnx", "--tokens", tmp_path / "ids.npz", "--rules", "attnlrp",
+                             "--no-cache", "-o", tmp_path / "masked.npy")
+    assert code == 0, err
+    e = lrpc.Session(lrpc.compile(_masked_attention_model("input"), "attnlrp")).explain(ids=ids, attention_mask=mask)
+    assert rel_l2(np.load(tmp_path / "masked.npy"), e.relevance) < 1e-6
