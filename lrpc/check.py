@@ -84,9 +84,13 @@ class Report:
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
-    """Seeded inputs for every graph input: standard normal floats, zeros for integers; batch 1."""
+    """Seeded inputs for every graph input: standard normal floats, zeros for integers; batch 1. Token ids (an
+    integer input indexing an embedding table) are drawn within the table's rows, attention masks are all ones."""
+    from .text import vocabulary_sizes
+
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
+    vocab = vocabulary_sizes(model)
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
@@ -102,7 +106,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
             raise InputError(f"input '{inp.name}' is {kind} input: lrpc makes random numeric inputs only; "
                              "pass --inputs file.npz")
         feeds[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                           else np.zeros(shape, dtype))
+                           else rng.integers(0, vocab[inp.name], shape).astype(dtype) if inp.name in vocab
+                           else np.ones(shape, dtype) if "mask" in inp.name.lower() else np.zeros(shape, dtype))
     return feeds
 
 

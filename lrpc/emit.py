@@ -79,15 +79,16 @@ ACTIVATION = "lrpc.activation"  # what the output node of an activation written 
 def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
     activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` for a MatMul of
-    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two (a gated
-    product: relevance/linear.py), or ``domain::type`` for an op of another domain (which no propagator takes: a
-    custom op is never mistaken for a standard one)."""
+    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two that both
+    depend on the explained input (a gated product: relevance/linear.py), or ``domain::type`` for an op of another
+    domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
     if node.op == "MatMul" and not any(is_const(t) for t in node.inputs):
         return MATMUL
-    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs):
-        return GATE
+    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs) and \
+            (canon.live is None or all(t.name in canon.live for t in node.inputs)):
+        return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
     return op_type(node)
 
 
@@ -400,6 +401,7 @@ def relevance_path(canon: Canonical, explain_at: str | None = None) -> tuple[lis
     explained = tensors[canon.explained]
     inputs, kind = sources(canon, explain_at)
     depends = _depends_on(graph, inputs)
+    canon.live = depends
     if explained.name not in depends:
         what = {"inputs": "any float input", "tokens": f"the token embedding '{inputs[0].name}'",
                 "at": f"the tensor '{explain_at}'"}[kind]
@@ -427,13 +429,27 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
     ids = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"}
     tables = [n for n in graph.nodes if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0
               and is_const(n.inputs[0]) and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
-              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and n.inputs[1].name in ids]
+              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and id_input(n.inputs[1]) in ids]
     if not tables:
         raise InputError("the model has no float input to explain (integer/string inputs only, and no embedding "
                          "Gather of a constant table by an integer input)")
-    named = [n for n in tables if n.inputs[1].name == "input_ids"]
+    named = [n for n in tables if id_input(n.inputs[1]) == "input_ids"]
     word = named[0] if named else max(tables, key=lambda n: n.inputs[0].shape[0])
     return [word.outputs[0]], "tokens"
+
+
+ID_PRESERVING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")
+
+
+def id_input(t) -> str | None:
+    """The graph input whose values the index tensor ``t`` holds (reshaped or cast: GPT-2 views ``input_ids`` before
+    its embedding), or None; indices computed from an input (positions from a mask's CumSum) hold none."""
+    while not isinstance(t, gs.Constant) and t.inputs:
+        node = t.inputs[0]
+        if node.op not in ID_PRESERVING:
+            return None
+        t = node.inputs[0]
+    return None if isinstance(t, gs.Constant) else t.name
 
 
 def _reached(canon: Canonical, nodes: list, explained, tensors: dict, splits: set = frozenset()) -> set[str]:
