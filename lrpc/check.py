@@ -283,8 +283,10 @@ def _ties(pools: list, values: dict) -> tuple | None:
         flat = np.concatenate([flat, np.full((*x.shape[:2], 1), -np.inf, x.dtype)], axis=-1)  # (padding reads it)
         table = window_table({k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()},
                              list(x.shape[2:]))
-        values = np.sort(flat[..., table.reshape(len(table), -1)], axis=2)  # [N, C, K, windows]
-        top, second = values[:, :, -1].astype(np.float64), values[:, :, -2].astype(np.float64)
+        if len(table) < 2:  # (a 1×1 window has no rival)
+            continue
+        ranked = np.sort(flat[..., table.reshape(len(table), -1)], axis=2)  # [N, C, K, windows]
+        top, second = ranked[:, :, -1].astype(np.float64), ranked[:, :, -2].astype(np.float64)
         live = top != 0
         gap = top - second
         near += int(np.sum(live & (gap <= NEAR_TIE * np.finfo(x.dtype).eps * np.abs(top))))
