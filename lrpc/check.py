@@ -419,8 +419,9 @@ class Accounts:
 
     @property
     def figure(self) -> float:
-        """The larger of the unaccounted and the stabilizers' share."""
-        return max(self.unaccounted, abs(self.stabilizer))
+        """The larger of the unaccounted and the stabilizers' share (NaN if either is: it fails)."""
+        parts = (self.unaccounted, abs(self.stabilizer))
+        return float("nan") if any(np.isnan(p) for p in parts) else max(parts)
 
     @property
     def first_break(self) -> str | None:

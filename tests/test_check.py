@@ -625,3 +625,35 @@ def test_maxpool_near_ties_are_counted(tmp_path):
     assert "2 of 3 MaxPool windows" in checks["ties"].message and "(1 exactly equal)" in checks["ties"].message
     split = run_check(str(tmp_path / "m.onnx"), "epsilon", Options(maxpool="split"), inputs={"x": x})
     assert "ties" not in {c.name for c in split.checks}
+
+
+def test_books_close_with_a_computed_minus_inf_mask(tmp_path):
+    """A mask computed from an integer input (-inf at padded positions, as a decoder's causal + padding masks add up
+    to) added to a live tensor before a softmax: its share is a bias, 0 where it is -inf (no NaN in the books), and
+    the conservation figure is finite. A NaN figure fails."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrpc.check import Accounts, run_check
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Equal", ["m", "zero"], ["pad"]),
+             helper.make_node("Where", ["pad", "ninf", "fzero"], ["mask"]),
+             helper.make_node("Add", ["h", "mask"], ["z"]), helper.make_node("Softmax", ["z"], ["s"], axis=-1),
+             helper.make_node("MatMul", ["s", "W2"], ["y"])]
+    inits = {"W1": rng.standard_normal((4, 5)).astype(np.float32), "W2": rng.standard_normal((5, 3)).astype(np.float32),
+             "zero": np.array(0, np.int64), "ninf": np.array(-np.inf, np.float32), "fzero": np.array(0.0, np.float32)}
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                       helper.make_tensor_value_info("m", TensorProto.INT64, [2, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    inputs = {"x": rng.standard_normal((2, 4)).astype(np.float32), "m": np.array([[1, 1, 1, 0, 0], [1] * 5])}
+    report = run_check(str(tmp_path / "m.onnx"), "attnlrp", inputs=inputs)
+    checks = {c.name: c for c in report.checks}
+    assert checks["conservation"].passed and np.isfinite(checks["conservation"].figure), checks["conservation"].message
+    assert all(np.isfinite(r["bias"]) for r in report.layers)
+    books = Accounts([], 1.0, 1.0, 0.0, 0.0, float("nan"), 0.0, 1.0)
+    assert np.isnan(books.figure) and not books.figure <= 1e-3
