@@ -269,6 +269,27 @@ def torch_reference(name: str, net, feeds: dict, composite: str):
     return run
 
 
+def torch_gradient(name: str, net, feeds: dict):
+    """A callable: plain gradient x input of the top-1 logit in torch (no rule): the least any autograd LRP costs."""
+    import torch
+
+    def run():
+        if name == "vit":
+            x = torch.from_numpy(feeds["input"]).requires_grad_(True)
+            y = net(x)
+        else:
+            x = net.get_input_embeddings()(torch.from_numpy(feeds["input_ids"])).detach().requires_grad_(True)
+            kw = {k: torch.from_numpy(v) for k, v in feeds.items() if k != "input_ids"}
+            if name == "llama":
+                kw["logits_to_keep"] = 1
+            y = net(inputs_embeds=x, **kw).logits
+            y = y[:, -1] if y.dim() == 3 else y
+        y.gather(1, y.argmax(1, keepdim=True)).sum().backward()
+        return (x.grad * x).detach()
+
+    return run
+
+
 def top1_seed(logits: np.ndarray) -> np.ndarray:
     """Each sample's top-1 logit, the others 0: the relevance at the output that gradient x input starts from."""
     k = (np.arange(len(logits)), logits.argmax(1))
@@ -314,7 +335,7 @@ def header(threads: int) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", default="vit,bert,llama")
+    ap.add_argument("--models", default="bert,llama,vit")
     ap.add_argument("--sizes", help="comma-separated sizes for every model (default: ViT batch 1,8; text 128,512)")
     ap.add_argument("--composites", default="attnlrp,cp-lrp")
     ap.add_argument("--threads", type=int, default=2)
@@ -337,11 +358,12 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     composites = args.composites.split(",")
     print(header(args.threads))
-    print(f"# median of {args.repeats} rounds (forward, each compiled graph, each torch reference in turn); "
-          "memory: peak RSS of a child process (MiB)")
+    print(f"# median of {args.repeats} rounds (forward, each compiled graph, each torch reference, the torch "
+          "gradient in turn); rel err: compiled vs torch reference relevance; grad: torch gradient x input (no "
+          "rule); memory: peak RSS of a child process (MiB; torch: the attnlrp reference)")
     print(f"{'model':6s} {'size':>4s} {'composite':9s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} "
-          f"{'torch ms':>8s} {'torch/lrp':>9s} {'rel err':>7s} {'compile s':>9s} {'nodes':>6s} {'fwd nodes':>9s} "
-          f"{'lrp MiB':>7s} {'fwd MiB':>7s} {'mem x':>5s} {'torch MiB':>9s}", flush=True)
+          f"{'torch ms':>8s} {'torch/lrp':>9s} {'rel err':>7s} {'grad ms':>8s} {'compile s':>9s} {'nodes':>6s} "
+          f"{'fwd nodes':>9s} {'lrp MiB':>7s} {'fwd MiB':>7s} {'mem x':>5s} {'torch MiB':>9s}", flush=True)
     for name in args.models.split(","):
         net = None if args.no_torch else build(name, args.tiny)
         for size in map(int, args.sizes.split(",")) if args.sizes else (TINY_SIZES if args.tiny else SIZES)[name]:
@@ -363,8 +385,9 @@ def main(argv=None) -> int:
                 del proto
                 runs.append(lambda s=sess, f=lrp_feeds: s.run(None, f))
             if net is not None:
-                runs += [torch_reference(name, net, feeds, c) for c in composites]
-            for run in runs:  # warm-up
+                runs += [torch_reference(name, net, feeds, c) for c in composites] + [torch_gradient(name, net, feeds)]
+            # warm-up: onnxruntime's first run allocates and plans; torch's first backward initialises autograd
+            for run in runs[:1 + len(composites)] + runs[-1:]:
                 run()
             times = [[] for _ in runs]
             for _ in range(args.repeats):
@@ -390,10 +413,10 @@ def main(argv=None) -> int:
                     np.savez(lp, **lrp_feeds)
                     lm = bench_lrp.onnxruntime_memory_mb(lrp_path, lp, args.threads, "cpu")
                     fm = bench_lrp.onnxruntime_memory_mb(path, fp, args.threads, "cpu")
-                    tm = None if net is None else torch_memory_mb(name, size, c, args.tiny, args.threads)
+                    tm = None if net is None or i else torch_memory_mb(name, size, c, args.tiny, args.threads)
                     mem = f" {lm:7.0f} {fm:7.0f} {lm / fm:5.2f} " + (f"{tm:9.0f}" if tm else f"{'-':>9s}")
-                ts = (f"{t_ms:8.1f} {t_ms / l_ms:9.2f} {errs[c]:7.1e}" if t_ms
-                      else f"{'-':>8s} {'-':>9s} {'-':>7s}")
+                ts = (f"{t_ms:8.1f} {t_ms / l_ms:9.2f} {errs[c]:7.1e} {ms[-1]:8.1f}" if t_ms
+                      else f"{'-':>8s} {'-':>9s} {'-':>7s} {'-':>8s}")
                 print(f"{name:6s} {size:4d} {c:9s} {f_ms:8.1f} {l_ms:8.1f} {l_ms / f_ms:7.2f} {ts} {compile_s:9.1f} "
                       f"{nodes:6d} {fwd_nodes:9d}{mem}", flush=True)
     return 0
