@@ -164,8 +164,8 @@ def _product(a, b, composite):
 
 
 def _act(f, h):
-    """An activation under the identity rule: f(x)/x held constant."""
-    return h * (f(h) / h).detach()
+    """An activation under the identity rule: f(x)/x held constant (0 where x = 0: f(0) = 0 there)."""
+    return h * (f(h) / (h + (h == 0).to(h.dtype))).detach()
 
 
 def _vit_forward(net, x, composite):
