@@ -81,7 +81,7 @@ def test_transformer_benchmark_runs_on_tiny_models(tmp_path):
                           "--repeats", "1", "--threads", "1", "--cache", str(tmp_path)],
                          capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
     rows = [line.split() for line in out.splitlines() if re.match(r"(vit|bert|llama) ", line)]
-    assert [(r[0], r[2]) for r in rows] == [(m, c) for m in ("vit", "bert", "llama") for c in ("attnlrp", "cp-lrp")]
+    assert [(r[0], r[2]) for r in rows] == [(m, c) for m in ("bert", "llama", "vit") for c in ("attnlrp", "cp-lrp")]
     for r in rows:
         fwd, lrp, _, torch_ms, _, err = map(float, r[3:9])
         assert fwd > 0 and lrp > 0 and torch_ms > 0 and err < 5e-3, r
