@@ -13,12 +13,14 @@ width 768, grouped-query attention, SwiGLU, RMSNorm, RoPE; token ids; the last p
 returns that position's logits). Text models run at batch 1.
 
 Per model and size, one round runs: the forward, each compiled graph (forward + relevance in one onnxruntime run),
-each torch reference; rounds repeat, medians are reported. The torch reference is the rules written as a forward
-with the tensors a rule holds constant detached (LayerNorm's sigma, RMSNorm's 1/rms, each activation's f(x)/x, one
-factor of each attention product, or under cp-lrp the attention probabilities and the gate), then backward and
-gradient x input at the explained tensor: the formulation of the ``lxt`` package (which does not import with
-transformers 5), at the same thread count. Memory (``--memory``): peak resident memory of a child process that
-creates the session (or builds the torch model) and runs it once (benchmarks/bench_lrp.py). Needs the test extras
+each torch reference, the torch gradient (plain gradient x input, no rule: the least an autograd LRP costs); rounds
+repeat, medians are reported; column ``rel err``: the compiled relevance against the torch reference's. The torch
+reference is the rules written as a forward with the tensors a rule holds constant detached (LayerNorm's sigma,
+RMSNorm's 1/rms, each activation's f(x)/x, one factor of each attention product, or under cp-lrp the attention
+probabilities and the gate), then backward and gradient x input at the explained tensor: the formulation of the
+``lxt`` package (which does not import with transformers 5), at the same thread count. Memory (``--memory``): peak
+resident memory of a child process that creates the session (or builds the torch model) and runs it once
+(benchmarks/bench_lrp.py). Needs the test extras
 (torch, torchvision, transformers)."""
 from __future__ import annotations
 
