@@ -20,8 +20,7 @@ RMSNorm's 1/rms, each activation's f(x)/x, one factor of each attention product,
 probabilities and the gate), then backward and gradient x input at the explained tensor: the formulation of the
 ``lxt`` package (which does not import with transformers 5), at the same thread count. Memory (``--memory``): peak
 resident memory of a child process that creates the session (or builds the torch model) and runs it once
-(benchmarks/bench_lrp.py). Needs the test extras
-(torch, torchvision, transformers)."""
+(benchmarks/bench_lrp.py). Needs the test extras (torch, torchvision, transformers)."""
 from __future__ import annotations
 
 import argparse
