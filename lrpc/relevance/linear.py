@@ -179,22 +179,28 @@ class EinsumView(View):
         return self.b.op("Einsum", [c, w], {"equation": f"{self.sz},{self.sw}->{self.sx}"})
 
 
+def einsum_equation(node) -> tuple[str, list[str], str]:
+    """An Einsum's equation without spaces, its operands' subscripts and the output's (an implicit output: the
+    subscripts used once, in alphabetical order, after an ellipsis)."""
+    eq = node.attrs.get("equation", "")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    if not arrow:
+        letters = [c for c in lhs if c.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return eq, lhs.split(","), out
+
+
 def einsum_terms(node) -> tuple[str, str, str]:
     """(input, weight, output) subscripts of an Einsum of one computed tensor with one constant (a linear layer
     whose adjoint is again an Einsum); UnsupportedError for the equations that are not (two computed operands,
     a diagonal, an input index summed away without the weight)."""
-    eq = node.attrs.get("equation", "")
-    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    eq, terms, out = einsum_equation(node)
     computed = [t for t in node.inputs if not is_const(t)]
     if len(node.inputs) != 2 or len(computed) != 1:
         raise UnsupportedError(f"{where(node)}: Einsum '{eq}' has an LRP rule only with two operands, one of them "
                                f"constant (a linear layer); here {len(node.inputs)} operand(s), "
                                f"{len(computed)} computed")
-    lhs, _, out = eq.partition("->")
-    terms = lhs.split(",")
-    if not _:  # implicit output: the subscripts used once, in alphabetical order (after an ellipsis)
-        letters = [c for c in lhs if c.isalpha()]
-        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     sx, sw = terms if node.inputs[0] is computed[0] else terms[::-1]
     bad = next((t for t in (sx, sw, out) if len(t.replace("...", "")) != len(set(t.replace("...", "")))), None)
     if bad is not None:
