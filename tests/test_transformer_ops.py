@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 from onnx.reference import ReferenceEvaluator
 
 import lrpc
@@ -168,3 +168,151 @@ def test_maxvit_einsum_attention_equals_its_matmul_form(tmp_path, exporter):
         assert rel_l2(got["logits"], y) < 1e-5
         assert np.isfinite(got["relevance"]).all() and np.abs(got["relevance"]).sum() > 0
         assert rel_l2(got["relevance"], want["relevance"]) < 1e-5
+
+
+# ------------------------------------------------------------------------------------------- the Attention op
+ATTENTION_CASES = {  # name: (Q, K, V shapes, attributes, mask, past length)
+    "4d": ((2, 4, 5, 3), (2, 4, 6, 3), (2, 4, 6, 2), {}, None, 0),
+    "4d-gqa-causal": ((2, 4, 5, 3), (2, 2, 5, 3), (2, 2, 5, 2), {"is_causal": 1}, None, 0),
+    "3d-gqa-float-mask-scale-softcap": ((2, 5, 12), (2, 6, 6), (2, 6, 4),
+                                        {"q_num_heads": 4, "kv_num_heads": 2, "scale": 0.25, "softcap": 2.0},
+                                        "float", 0),
+    "4d-past-causal-bool-mask": ((1, 2, 3, 4), (1, 2, 3, 4), (1, 2, 3, 4), {"is_causal": 1}, "bool", 2),
+}
+
+
+def _attention_model(case: str):
+    qs, ks, vs, attrs, mask, past = ATTENTION_CASES[case]
+    rng = np.random.default_rng(5)
+    names, inputs, inits = ["q", "k", "v"], [("q", qs), ("k", ks), ("v", vs)], []
+    total = ks[-2] + past
+    if mask == "float":
+        inits.append(numpy_helper.from_array(rng.standard_normal((qs[1], total)), "mask"))
+    elif mask == "bool":
+        allowed = np.ones((1, 1, qs[2], total), bool)
+        allowed[..., 0, 0] = False
+        inits.append(numpy_helper.from_array(allowed, "mask"))
+    names.append("mask" if mask else "")
+    if past:
+        names += ["past_k", "past_v"]
+        inputs += [("past_k", (*ks[:2], past, ks[3])), ("past_v", (*vs[:2], past, vs[3]))]
+    ys = (*qs[:2], qs[1] and vs[-1] * attrs["q_num_heads"] // attrs["kv_num_heads"]) if len(qs) == 3 else \
+        (*qs[:3], vs[-1])
+    node = helper.make_node("Attention", names, ["y"], name="attn", **attrs)
+    return _model([node], inputs, "y", list(ys), inits, opset=23), inits
+
+
+def _attention_oracle(feeds, R, case, bias):
+    """The op's forward and AttnLRP's relevance (epsilon 0) for Q, K, V (and past K/V) by the formulas: the scale
+    Muls and softcap pass relevance, the A·V and Q·Kᵀ products split it, the softmax's Taylor rule, the mask's
+    Add gives the scores their share ``scores ⊙ R / (scores + bias)``."""
+    qs, ks, vs, attrs, _, past = ATTENTION_CASES[case]
+    q, k, v = feeds["q"], feeds["k"], feeds["v"]
+    heads = (attrs["q_num_heads"], attrs["kv_num_heads"]) if len(qs) == 3 else (qs[1], ks[1])
+
+    def split(t, h):
+        return t.reshape(t.shape[0], t.shape[1], h, -1).transpose(0, 2, 1, 3) if len(qs) == 3 else t
+
+    q, k, v = split(q, heads[0]), split(k, heads[1]), split(v, heads[1])
+    if past:
+        k, v = np.concatenate([feeds["past_k"], k], 2), np.concatenate([feeds["past_v"], v], 2)
+    root = np.sqrt(attrs.get("scale", 1 / np.sqrt(q.shape[-1])))
+    rep = heads[0] // heads[1]
+    qr, kr, vr = q * root, np.repeat(k * root, rep, 1), np.repeat(v, rep, 1)
+    qk = qr @ np.swapaxes(kr, -1, -2)
+    cap = attrs.get("softcap")
+    sc = cap * np.tanh(qk / cap) if cap else qk
+    x = sc + bias
+    s = np.exp(x - x.max(-1, keepdims=True))
+    s /= s.sum(-1, keepdims=True)
+    y = s @ vr
+    R4 = split(R, heads[0])
+    n = R4 / (2 * y)
+    r_s, r_vr = s * (n @ np.swapaxes(vr, -1, -2)), vr * (np.swapaxes(s, -1, -2) @ n)
+    r_x = np.where(s == 0, 0.0, x) * (r_s - s * r_s.sum(-1, keepdims=True))
+    r_qk = np.where(np.isinf(x), 0.0, sc * r_x / np.where(np.isinf(x), 1.0, x))
+    n2 = r_qk / (2 * qk)
+    r_q, r_kr = qr * (n2 @ kr), kr * (np.swapaxes(n2, -1, -2) @ qr)
+
+    def merge(r, h, cut=0):  # (repeated heads summed, past split off, heads joined for 3-D inputs)
+        r = r.reshape(r.shape[0], h, rep, *r.shape[2:]).sum(2) if h != r.shape[1] else r
+        old, r = r[:, :, :cut], r[:, :, cut:]
+        return (r.transpose(0, 2, 1, 3).reshape(r.shape[0], r.shape[2], -1) if len(qs) == 3 else r), old
+
+    out = {"relevance_q": merge(r_q, heads[0])[0]}
+    (out["relevance_k"], old_k), (out["relevance_v"], old_v) = merge(r_kr, heads[1], past), merge(r_vr, heads[1], past)
+    if past:
+        out["relevance_past_k"], out["relevance_past_v"] = old_k, old_v
+    y = y.transpose(0, 2, 1, 3).reshape(y.shape[0], y.shape[2], -1) if len(qs) == 3 else y
+    return y, out
+
+
+@pytest.mark.parametrize("case", list(ATTENTION_CASES))
+def test_attention_op_is_decomposed_into_attention_rules(case):
+    """ONNX's Attention (opset 23) compiles under attnlrp: the compiled forward is the op's (onnx's reference
+    kernel), the relevance of Q, K, V (and past K/V) is AttnLRP's by the formulas (float64, epsilon 0); no Attention
+    node is left."""
+    model, inits = _attention_model(case)
+    rng = np.random.default_rng(6)
+    feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim])
+             for i in model.graph.input}
+    want_y = _run64(model, feeds)["y"]
+    R = rng.standard_normal(want_y.shape)
+    qs, ks, _, attrs, mask, past = ATTENTION_CASES[case]
+    total = ks[-2] + past
+    bias = np.zeros((qs[-2] if len(qs) == 4 else qs[1], total))
+    if mask == "float":
+        bias = bias + numpy_helper.to_array(inits[0])
+    elif mask == "bool":
+        bias = bias + np.where(numpy_helper.to_array(inits[0]), 0.0, -np.inf)
+    if attrs.get("is_causal"):
+        i, j = np.arange(bias.shape[-2])[:, None], np.arange(total)[None]
+        bias = bias + np.where(j <= i + past, 0.0, -np.inf)
+    y, want = _attention_oracle(feeds, R, case, bias)
+    assert rel_l2(y, want_y) < 1e-12
+    compiled = lrpc.compile(model, "attnlrp", epsilon=0.0, stabilizer_eps=0.0)
+    assert "Attention" not in {n.op_type for n in compiled.graph.node}
+    got = _run64(compiled, {**feeds, "relevance_seed": R})
+    assert rel_l2(got["y"], want_y) < 1e-12
+    for name, r in want.items():
+        assert rel_l2(got[name], r) < 1e-10, name
+
+
+def test_attention_op_refuses_what_it_cannot_write_out():
+    """The qk_matmul_output output is refused in one line naming the node."""
+    node = helper.make_node("Attention", ["q", "k", "v"], ["y", "", "", "qk"], name="attn")
+    m = _model([node, helper.make_node("Add", ["y", "y"], ["out"])],
+               [("q", [1, 2, 3, 4]), ("k", [1, 2, 3, 4]), ("v", [1, 2, 3, 4])], "out", [1, 2, 3, 4], opset=23)
+    m.graph.output.append(helper.make_tensor_value_info("qk", TensorProto.DOUBLE, [1, 2, 3, 3]))
+    with pytest.raises(lrpc.UnsupportedError, match="'attn' \\(Attention\\).*qk_matmul_output"):
+        lrpc.compile(m, "attnlrp")
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_opset23_decoder_exports_with_attention_ops_match_the_detach_reference(tmp_path, name):
+    """The dynamo exporter at opset 23 writes scaled_dot_product_attention as ONNX's Attention (and Llama's RMSNorm
+    as RMSNormalization, which keeps its identity propagator): the tiny Llama (grouped-query, causal) and GPT-2 of
+    tests/test_decoder.py compile under attnlrp and cp-lrp, run in onnxruntime, and their relevance at
+    inputs_embeds is the detach reference's (float32, 1e-4 relative L2)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    import warnings
+
+    from test_decoder import GRAD_TOL, MODELS, D, T, _reference, _wrapped
+
+    build, forward = MODELS[name]
+    net = build()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_wrapped(net), (torch.zeros(2, T, D),), dynamo=True, opset_version=23,
+                          input_names=["inputs_embeds"], output_names=["logits"]).save(str(tmp_path / "m.onnx"),
+                                                                                      external_data=False)
+    model = onnx.load(str(tmp_path / "m.onnx"))
+    assert "Attention" in {n.op_type for n in model.graph.node}
+    e = np.random.default_rng(0).standard_normal((2, T, D)).astype(np.float32)
+    for composite in ("attnlrp", "cp-lrp"):
+        logits, seed, want = _reference(forward, net, e, composite)
+        got = run_onnx(lrpc.compile(model, composite, epsilon=0.0, stabilizer_eps=0.0),
+                       {"inputs_embeds": e, "relevance_seed": seed})
+        assert rel_l2(got["logits"], logits) < 1e-4
+        assert rel_l2(got["relevance"], want) < GRAD_TOL
