@@ -341,7 +341,7 @@ def _gated(node, t) -> bool:
     return gate is not None and gate.name != t.name and t.name in [i.name for i in node.inputs]
 
 
-def _gate_of(node, activations=()):
+def _gate_of(node, activations=None):
     """The gate operand of ``node`` where it is a gated product (a Mul of two computed tensors, one a gate:
     linear.gate_operand; ``activations``: activation regions' output nodes, which gate last), else None."""
     if node.op != "Mul" or len(node.inputs) != 2 or any(is_const(i) for i in node.inputs):

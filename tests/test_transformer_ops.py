@@ -316,3 +316,158 @@ def test_opset23_decoder_exports_with_attention_ops_match_the_detach_reference(t
                        {"inputs_embeds": e, "relevance_seed": seed})
         assert rel_l2(got["logits"], logits) < 1e-4
         assert rel_l2(got["relevance"], want) < GRAD_TOL
+
+
+# ------------------------------------------------------------------------------------------- GeGLU, ReGLU
+GLU_EXPORTS = {"legacy17": {"dynamo": False, "opset_version": 17}, "dynamo18": {"dynamo": True, "opset_version": 18},
+               "dynamo20": {"dynamo": True, "opset_version": 20}}  # (opset 20: GELU as one Gelu node)
+
+
+def _glu_net(act: str):
+    """x -> down(f(a(x)) ⊙ b(x)) with f GELU (erf), GELU (tanh) or ReLU; ``mode`` "attnlrp"/"cp-lrp": the forward
+    whose gradient × input is that composite's relevance (f(a) = a · sg(f(a)/a); attnlrp splits the product,
+    cp-lrp holds the activation's factor constant)."""
+    torch = pytest.importorskip("torch")
+    from torch.nn import functional as F
+
+    f = {"gelu": F.gelu, "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"), "relu": F.relu}[act]
+
+    class GLU(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.down = torch.nn.Linear(8, 16), torch.nn.Linear(8, 16), torch.nn.Linear(16, 4)
+            self.mode = None
+
+        def forward(self, x):
+            a, b = self.a(x), self.b(x)
+            if self.mode is None:
+                return self.down(f(a) * b)
+            g = a * (f(a) / a).detach()
+            p = g.detach() * b if self.mode == "cp-lrp" else 0.5 * (g * b.detach()) + 0.5 * (g.detach() * b)
+            return self.down(p)
+
+    torch.manual_seed(0)
+    return GLU().eval()
+
+
+@pytest.mark.parametrize("exporter", list(GLU_EXPORTS))
+@pytest.mark.parametrize("act", ["gelu", "gelu_tanh", "relu"])
+def test_geglu_and_reglu_match_the_detach_reference(tmp_path, act, exporter):
+    """GeGLU (GELU as Erf arithmetic, tanh arithmetic or a Gelu node) and ReGLU: the activation is ONE activation
+    (identity) and its output the gate of the product: attnlrp splits it 50/50, cp-lrp gives the other factor all;
+    relevance = the detach reference (float32, 1e-4 relative L2)."""
+    torch = pytest.importorskip("torch")
+    import warnings
+
+    net, x = _glu_net(act), torch.randn(3, 8, generator=torch.Generator().manual_seed(1))
+    path, kw = tmp_path / "m.onnx", GLU_EXPORTS[exporter]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if kw["dynamo"]:
+            torch.onnx.export(net, (x,), input_names=["input"], output_names=["logits"], **kw).save(
+                str(path), external_data=False)
+        else:
+            torch.onnx.export(net, (x,), str(path), input_names=["input"], output_names=["logits"], **kw)
+    model = onnx.load(str(path))
+    for composite in ("attnlrp", "cp-lrp"):
+        net.mode = composite
+        xt = x.clone().requires_grad_(True)
+        y = net(xt)
+        net.mode = None
+        k = y.argmax(1)
+        y.gather(1, k[:, None]).sum().backward()
+        seed = np.zeros(tuple(y.shape), np.float32)
+        seed[np.arange(3), k.numpy()] = y.detach().numpy()[np.arange(3), k.numpy()]
+        compiled = lrpc.compile(model, composite, epsilon=0.0, stabilizer_eps=0.0)
+        got = run_onnx(compiled, {"input": x.numpy(), "relevance_seed": seed})
+        assert rel_l2(got["relevance"], (xt.grad * xt).detach().numpy()) < 1e-4
+        assert ("split" if composite == "attnlrp" else "pass") in _rules_of(compiled).values()
+
+
+def test_erf_gelu_product_is_one_activation_not_a_gate():
+    """gelu(a) ⊙ b with GELU written out as ``a · 0.5 · (1 + erf(a / √2))``: under attnlrp R_a = R / 2 (GELU's identity
+    after the gate's split). Taking GELU's own product ``a · Φ(a)`` as a gate split too would give
+    ``R/4 · (1 + erf/(1 + erf))`` instead (the Φ branch's half through the Add's epsilon share): a different relevance,
+    so the recognition is what the test sees."""
+    from test_attention import _Erf
+
+    nodes = [helper.make_node("Div", ["a", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+             helper.make_node("Add", ["e", "one"], ["e1"]), helper.make_node("Mul", ["a", "e1"], ["ae"]),
+             helper.make_node("Mul", ["ae", "half"], ["gelu"]), helper.make_node("Mul", ["gelu", "b"], ["y"])]
+    consts = [numpy_helper.from_array(np.array(v), n) for n, v in (("sqrt2", np.sqrt(2.0)), ("one", 1.0),
+                                                                  ("half", 0.5))]
+    m = _model(nodes, [("a", [2, 5]), ("b", [2, 5])], "y", [2, 5], consts)
+    rng = np.random.default_rng(7)
+    a, b, R = (rng.standard_normal((2, 5)) for _ in range(3))
+    compiled = lrpc.compile(m, "attnlrp", epsilon=0.0, stabilizer_eps=0.0)
+    ev = ReferenceEvaluator(compiled, new_ops=[_Erf])
+    got = dict(zip(ev.output_names, ev.run(None, {"a": a, "b": b, "relevance_seed": R})))
+    assert rel_l2(got["relevance_a"], R / 2) < 1e-12 and rel_l2(got["relevance_b"], R / 2) < 1e-12
+    from math import erf
+
+    e = np.vectorize(erf)(a / np.sqrt(2.0))
+    as_gate = R / 4 * (1 + e / (1 + e))
+    assert rel_l2(got["relevance_a"], as_gate) > 0.1
+
+
+# ------------------------------------------------------------------------------------------- routing in decoders
+def test_grouped_query_expand_sums_the_copies():
+    """repeat_kv: Unsqueeze -> Expand -> Reshape of K [B, kv, T, d] to [B, heads, T, d]: each key/value head gets the
+    summed relevance of the query heads it serves."""
+    ints = {"ax": [2], "shape": [2, 2, 3, 5, 4], "flat": [2, 6, 5, 4]}
+    nodes = [helper.make_node("Tanh", ["k"], ["t"]), helper.make_node("Unsqueeze", ["t", "ax"], ["u"]),
+             helper.make_node("Expand", ["u", "shape"], ["e"]), helper.make_node("Reshape", ["e", "flat"], ["y"])]
+    m = _model(nodes, [("k", [2, 2, 5, 4])], "y", [2, 6, 5, 4],
+               [numpy_helper.from_array(np.array(v, np.int64), n) for n, v in ints.items()])
+    rng = np.random.default_rng(8)
+    k, R = rng.standard_normal((2, 2, 5, 4)), rng.standard_normal((2, 6, 5, 4))
+    got = _run64(lrpc.compile(m, "attnlrp"), {"k": k, "relevance_seed": R})
+    assert rel_l2(got["relevance"], R.reshape(2, 2, 3, 5, 4).sum(2)) < 1e-14
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "epsilon"])
+def test_where_with_a_constant_mask_routes_to_the_chosen_branch(composite):
+    """Where(c, a, b) with a constant c, b broadcast ([1, 5]), then Neg (a scale by -1: identity): a gets R where c
+    holds, b the rest summed over the broadcast axis; a masked fill ``Where(c, a, 0)`` gives a nothing where the
+    constant was chosen. Gradient × input of the same graph (LRP-0 of data movement)."""
+    rng = np.random.default_rng(9)
+    cond = rng.random((2, 5)) > 0.5
+    nodes = [helper.make_node("Tanh", ["a"], ["ta"]), helper.make_node("Tanh", ["b"], ["tb"]),
+             helper.make_node("Where", ["cond", "ta", "tb"], ["w"]), helper.make_node("Neg", ["w"], ["y"])]
+    m = _model(nodes, [("a", [2, 5]), ("b", [1, 5])], "y", [2, 5], [numpy_helper.from_array(cond, "cond")])
+    a, b, R = rng.standard_normal((2, 5)), rng.standard_normal((1, 5)), rng.standard_normal((2, 5))
+    got = _run64(lrpc.compile(m, composite, epsilon=0.0, stabilizer_eps=0.0), {"a": a, "b": b, "relevance_seed": R})
+    assert rel_l2(got["relevance_a"], np.where(cond, R, 0.0)) < 1e-14
+    assert rel_l2(got["relevance_b"], np.where(cond, 0.0, R).sum(0, keepdims=True)) < 1e-14
+    fill = _model([helper.make_node("Tanh", ["a"], ["ta"]), helper.make_node("Where", ["cond", "ta", "zero"], ["y"])],
+                  [("a", [2, 5])], "y", [2, 5], [numpy_helper.from_array(cond, "cond"),
+                                                  numpy_helper.from_array(np.array(0.0), "zero")])
+    got = _run64(lrpc.compile(fill, composite), {"a": a, "relevance_seed": R})
+    assert rel_l2(got["relevance"], np.where(cond, R, 0.0)) < 1e-14
+
+
+def test_where_with_a_condition_from_the_explained_input_is_refused():
+    """Where(a > 0, t, b) with t and b computed from different inputs: no activation of one tensor, no rule (the
+    comparison on the path is named)."""
+    nodes = [helper.make_node("Greater", ["a", "zero"], ["pos"]), helper.make_node("Tanh", ["a"], ["ta"]),
+             helper.make_node("Where", ["pos", "ta", "b"], ["y"], name="w")]
+    m = _model(nodes, [("a", [2, 5]), ("b", [2, 5])], "y", [2, 5], [numpy_helper.from_array(np.array(0.0), "zero")])
+    with pytest.raises(lrpc.UnsupportedError, match=r"\((Where|Greater)\)"):
+        lrpc.compile(m, "attnlrp")
+
+
+@pytest.mark.parametrize("axis", [1, 2])
+def test_reduce_mean_of_a_live_tensor(axis):
+    """ReduceMean over the tokens or the hidden axis of a live [B, T, D] tensor: the norm rule, each cell its share
+    ``t/K · R / mean`` (epsilon 0)."""
+    rng = np.random.default_rng(10)
+    nodes = [helper.make_node("Tanh", ["x"], ["t"]), helper.make_node("ReduceMean", ["t", "axes"], ["y"], keepdims=0)]
+    shape = [2, 3] if axis == 1 else [2, 4]
+    m = _model(nodes, [("x", [2, 4, 3])], "y", shape, [numpy_helper.from_array(np.array([axis], np.int64), "axes")],
+               opset=18)
+    x = rng.standard_normal((2, 4, 3))
+    t = np.tanh(x)
+    y = t.mean(axis)
+    R = rng.standard_normal(y.shape)
+    got = _run64(lrpc.compile(m, "attnlrp", epsilon=0.0, stabilizer_eps=0.0), {"x": x, "relevance_seed": R})
+    assert rel_l2(got["relevance"], t / t.shape[axis] * np.expand_dims(R / y, axis)) < 1e-12
