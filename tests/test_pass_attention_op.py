@@ -55,3 +55,14 @@ def test_attention_that_cannot_be_written_out_stays_and_is_refused():
     for run in (lrpc.canonize, lambda m: lrpc.compile(m, "attnlrp")):
         with pytest.raises(lrpc.UnsupportedError, match=r"'attn' \(Attention\).*sliding window"):
             run(model)
+
+
+def test_attention_with_past_and_present_keys():
+    """Past keys/values joined by Concat (bottom-right causal mask), present keys/values still graph outputs."""
+    node = helper.make_node("Attention", ["q", "k", "v", "", "pk", "pv"], ["y", "present_k", "present_v"],
+                            name="attn", is_causal=1)
+    shapes = {"q": (1, 2, 3, 4), "k": (1, 2, 3, 4), "v": (1, 2, 3, 4), "pk": (1, 2, 2, 4), "pv": (1, 2, 2, 4)}
+    model = make_model([node], list(shapes.items()), [("y", (1, 2, 3, 4)), ("present_k", (1, 2, 5, 4)),
+                                                      ("present_v", (1, 2, 5, 4))], opset=23, ir=10)
+    result, _ = canonize(model)
+    assert "Attention" not in ops(result) and ops(result)["Concat"] == 2
