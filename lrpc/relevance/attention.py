@@ -61,7 +61,7 @@ def softmax(ctx, node, R_out):
 def einsum(ctx, node, R_out):
     """An Einsum of two computed tensors under the MatMul rule (epsilon, split between the live operands)."""
     rule = ctx.rule(node)
-    if rule.name != "epsilon":
+    if rule.on_sums != "share":
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to an Einsum of two computed "
                                "tensors (use epsilon)")
     b, (x, w), y = ctx.b, node.inputs, node.outputs[0]
