@@ -11,7 +11,7 @@ from .contract import AUDIT, SEED, TARGET, input_relevance_names
 from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import facts, propagator
-from .relevance.attention import MATMUL
+from .relevance.attention import EINSUM, MATMUL
 from .relevance.linear import GATE, gate_operand
 from .schedule import order_for_runtime
 
@@ -78,14 +78,16 @@ ACTIVATION = "lrpc.activation"  # what the output node of an activation written 
 
 def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
-    activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` for a MatMul of
-    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two that both
-    depend on the explained input (a gated product: relevance/linear.py), or ``domain::type`` for an op of another
-    domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
+    activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` (``EINSUM``) for
+    a MatMul (an Einsum) of two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise
+    Mul of two that both depend on the explained input (a gated product: relevance/linear.py), or ``domain::type``
+    for an op of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
     if node.op == "MatMul" and not any(is_const(t) for t in node.inputs):
         return MATMUL
+    if node.op == "Einsum" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs):
+        return EINSUM
     if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs) and \
             (canon.live is None or all(t.name in canon.live for t in node.inputs)):
         return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
@@ -339,7 +341,7 @@ def _gated(node, t) -> bool:
     return gate is not None and gate.name != t.name and t.name in [i.name for i in node.inputs]
 
 
-def _gate_of(node, activations=()):
+def _gate_of(node, activations=None):
     """The gate operand of ``node`` where it is a gated product (a Mul of two computed tensors, one a gate:
     linear.gate_operand; ``activations``: activation regions' output nodes, which gate last), else None."""
     if node.op != "Mul" or len(node.inputs) != 2 or any(is_const(i) for i in node.inputs):

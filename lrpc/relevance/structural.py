@@ -214,3 +214,17 @@ def pad(ctx, node, R_out):
     return [sliced] + [None] * (len(node.inputs) - 1)
 
 
+@register("Where", **DATA_MOVEMENT)
+def where_(ctx, node, R_out):
+    """``Where(c, x, y)`` with a condition that is no function of the explained input (a mask): each branch gets the
+    relevance of the elements it was chosen for (a masked fill's constant keeps the rest). A condition computed from
+    the explained input makes an activation (passes/activation_regions.py) or is refused here."""
+    c, x, y = node.inputs
+    if c.name in ctx.live:
+        raise UnsupportedError(f"{where(node)}: Where with a condition computed from the explained input is no single "
+                               "activation here and has no LRP rule")
+    b, z, R = ctx.b, node.outputs[0], R_out[0]
+    shares = [None]
+    for t, args in ((x, [c, R, b.const(0.0)]), (y, [c, b.const(0.0), R])):
+        shares.append(unbroadcast(b, b.op("Where", args), t, z) if t.name in ctx.live else None)
+    return shares
