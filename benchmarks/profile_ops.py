@@ -6,9 +6,10 @@ provider ran each, from onnxruntime's own profiler, in a session with lrpc.Sessi
     python benchmarks/profile_ops.py /tmp/lrpc-bench/vgg16.epsilon-gamma-box.lrp.onnx \
         --forward /tmp/lrpc-bench/vgg16.onnx
 
-Inputs: random normal of each input's shape (batch ``--batch``), a one-hot seed (class 3) for
-``relevance_seed``. Prints one line per (op type, provider): total ms per run, share, node count; and a line
-counting the nodes not on the first provider (on CUDA: nodes that fell back to the CPU, with copies around them).
+Inputs: random normal of each float input's shape (batch ``--batch``), ones for integer inputs (token ids, masks),
+a one-hot seed (class 3, or the last) for ``relevance_seed``. Prints one line per (op type, provider): total ms per
+run, share, node count; and a line counting the nodes not on the first provider (on CUDA: nodes that fell back to
+the CPU, with copies around them).
 ``--forward original.onnx`` profiles the original in turn and prints the compiled graph's kernel time, and its
 convolutions' alone (and with the dense layers), as multiples of the forward's: the second number is the floor for
 LRP ÷ forward that only fewer convolutions could lower (docs/performance.md). ``--stat min`` takes each node's least
@@ -31,12 +32,15 @@ def feeds_for(session, batch: int) -> dict:
     feeds = {}
     for i in session.get_inputs():
         shape = [batch if not isinstance(d, int) else d for d in i.shape]
+        if i.type in ("tensor(int64)", "tensor(int32)"):  # token ids, attention masks, token types: all 1
+            feeds[i.name] = np.ones(shape, NUMPY_TYPES[i.type])
+            continue
         if i.type not in ("tensor(float)", "tensor(double)", "tensor(float16)"):
-            raise SystemExit(f"input {i.name!r} is {i.type}: this script feeds random floats only")
+            raise SystemExit(f"input {i.name!r} is {i.type}: this script feeds random floats and integer ones only")
         feeds[i.name] = rng.standard_normal(shape).astype(NUMPY_TYPES[i.type])
         if i.name == "relevance_seed":
             feeds[i.name] = np.zeros(shape, NUMPY_TYPES[i.type])
-            feeds[i.name].reshape(shape[0], -1)[:, 3] = 1
+            feeds[i.name].reshape(shape[0], -1)[:, min(3, int(np.prod(shape[1:])) - 1)] = 1
     return feeds
 
 

@@ -18,6 +18,7 @@ from . import composites, gradient
 from .contract import EXPLAINED, RELEVANCE, SEED, input_relevance_names, layer_sums, metadata
 from .errors import InputError, UnsupportedError, one_line
 from .loaded import file_identity, load, still_the_file
+from .windows import window_table
 
 DIRECTIONS = 3  # random directions of the gradient check
 GRADIENT_TOL = 1e-4
@@ -83,9 +84,13 @@ class Report:
 
 
 def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
-    """Seeded inputs for every graph input: standard normal floats, zeros for integers; batch 1."""
+    """Seeded inputs for every graph input: standard normal floats, zeros for integers; batch 1. Token ids (an
+    integer input indexing an embedding table) are drawn within the table's rows, attention masks are all ones."""
+    from .text import vocabulary_sizes
+
     rng = np.random.default_rng(seed)
     inits = {i.name for i in model.graph.initializer}
+    vocab = vocabulary_sizes(model)
     feeds = {}
     for inp in model.graph.input:
         if inp.name in inits:
@@ -101,7 +106,8 @@ def random_inputs(model: onnx.ModelProto, seed: int = 0) -> dict:
             raise InputError(f"input '{inp.name}' is {kind} input: lrpc makes random numeric inputs only; "
                              "pass --inputs file.npz")
         feeds[inp.name] = (rng.standard_normal(shape).astype(dtype) if np.issubdtype(dtype, np.floating)
-                           else np.zeros(shape, dtype))
+                           else rng.integers(0, vocab[inp.name], shape).astype(dtype) if inp.name in vocab
+                           else np.ones(shape, dtype) if "mask" in inp.name.lower() else np.zeros(shape, dtype))
     return feeds
 
 
@@ -195,6 +201,12 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         report.checks.append(Check("finite", True, 0, 0,
                                    f"all relevance values finite (compiles: {', '.join(nonfinite)})"))
     report.checks += [cons_check, grad_check]
+    if asked.ties is not None:
+        near, exact, total, pools = asked.ties
+        report.checks.append(Check("ties", True, near, None, (
+            f"{near} of {total} MaxPool windows ({pools} MaxPool layers, winner-take-all) have their two largest "
+            f"values within {NEAR_TIE} ulps ({exact} exactly equal): another runtime or optimization level may send "
+            f"their relevance to the other cell; --maxpool split does not depend on it")))
     report.seconds = time.perf_counter() - start
     return report
 
@@ -229,26 +241,58 @@ class _AsAsked:
     seed: np.ndarray  # the top-1 seed
     nonfinite: int  # NaN/Inf relevance values under that seed
     blocked: str | None  # what keeps LRP-0 from being the gradient (:func:`lrpc.gradient.blocker`)
+    ties: tuple | None  # (windows near a tie, of them exact, windows, MaxPools) of winner-take-all MaxPools
 
 
 def _as_asked(compiled, names: list, feeds: dict, given: bool) -> _AsAsked:
     """The run of the compile as asked (``compiled()``): its forward outputs (``names``) and explained tensor (zero
     seed), then its relevance under the top-1 seed."""
-    sess, explained, blocked = _exposed(compiled())
+    sess, explained, blocked, pools = _exposed(compiled())
     feeds = _conformed(sess, feeds, given)
     probe = sess.run(names + [explained], {**feeds, SEED: _zero_seed(sess, feeds)})
     seed = _top1_seed(sess, probe[0])
     outs = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {**feeds, SEED: seed})))
-    return _AsAsked(feeds, probe[:-1], probe[-1], seed, _nonfinite(outs), blocked)
+    return _AsAsked(feeds, probe[:-1], probe[-1], seed, _nonfinite(outs), blocked,
+                    _ties(pools, {**feeds, **outs}))
 
 
 def _exposed(loaded) -> tuple:
-    """(session, explained tensor, :func:`lrpc.gradient.blocker`) of a compiled model with its explained tensor made
-    an output."""
+    """(session, explained tensor, :func:`lrpc.gradient.blocker`, winner-take-all MaxPools as (input, attributes))
+    of a compiled model with its explained tensor and those MaxPools' inputs made outputs."""
     explained = metadata(loaded.proto)[EXPLAINED]
     blocked = gradient.blocker(loaded.proto, explained, gradient.float_inputs(loaded.proto, SEED))
-    gradient.expose(loaded.proto, [explained], SEED)
-    return _session(loaded), explained, blocked
+    pools = [(n.input[0], {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
+             for n in loaded.proto.graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]]
+    gradient.expose(loaded.proto, [explained, *dict(pools)], SEED)
+    return _session(loaded), explained, blocked, pools
+
+
+NEAR_TIE = 64  # ulps: two window values closer than this (relative to the larger) may swap order in another runtime
+
+
+def _ties(pools: list, values: dict) -> tuple | None:
+    """(windows whose two largest values are within NEAR_TIE ulps, of them exactly equal, windows, MaxPools) over
+    the winner-take-all MaxPools (None without one). Windows whose largest value is 0 (after a ReLU) are left out:
+    they carry no relevance under rules with an input factor."""
+    if not pools:
+        return None
+    near = exact = total = 0
+    for name, attrs in pools:
+        x = np.asarray(values[name])
+        flat = x.reshape(*x.shape[:2], -1)
+        flat = np.concatenate([flat, np.full((*x.shape[:2], 1), -np.inf, x.dtype)], axis=-1)  # (padding reads it)
+        table = window_table({k: v.decode() if isinstance(v, bytes) else v for k, v in attrs.items()},
+                             list(x.shape[2:]))
+        if len(table) < 2:  # (a 1×1 window has no rival)
+            continue
+        ranked = np.sort(flat[..., table.reshape(len(table), -1)], axis=2)  # [N, C, K, windows]
+        top, second = ranked[:, :, -1].astype(np.float64), ranked[:, :, -2].astype(np.float64)
+        live = top != 0
+        gap = top - second
+        near += int(np.sum(live & (gap <= NEAR_TIE * np.finfo(x.dtype).eps * np.abs(top))))
+        exact += int(np.sum(live & (gap == 0)))
+        total += int(np.sum(live))
+    return near, exact, total, len(pools)
 
 
 def _gradient_check(path, output, input_shapes, feeds: dict, seed: np.ndarray, tol: float, rng_seed: int,
@@ -375,8 +419,9 @@ class Accounts:
 
     @property
     def figure(self) -> float:
-        """The larger of the unaccounted and the stabilizers' share."""
-        return max(self.unaccounted, abs(self.stabilizer))
+        """The larger of the unaccounted and the stabilizers' share (NaN if either is: it fails)."""
+        parts = (self.unaccounted, abs(self.stabilizer))
+        return float("nan") if any(np.isnan(p) for p in parts) else max(parts)
 
     @property
     def first_break(self) -> str | None:

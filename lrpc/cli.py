@@ -67,9 +67,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="input: a relevance_seed graph input (default); top1: the graph seeds each sample's top-1 "
                         "output itself (output relevance_target names it): one run, only the model's inputs to feed; "
                         "switch: both, the top-1 seed where the bool input lrpc/top1 is fed true")
-    c.add_argument("--for-provider", choices=["cpu", "cuda"], default="cpu",
+    c.add_argument("--for-provider", choices=["cpu", "cuda", "portable"], default="cpu",
                    help="cuda: no op onnxruntime's CUDA provider runs on the CPU (MaxPool's backward scatters "
-                        "instead of MaxUnpool; slower on the CPU); default cpu")
+                        "instead of MaxUnpool; slower on the CPU); portable: only ops every common ONNX runtime "
+                        "implements, constant subgraphs folded (docs/runtimes.md); default cpu")
     c.add_argument("--explain-at", metavar="TENSOR",
                    help="explain at this float tensor of the graph instead of the inputs (output relevance shaped "
                         "like it), e.g. a feature map")
@@ -104,8 +105,9 @@ def _parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="per-layer relevance table: where does conservation break?")
     i.add_argument("model")
     _input_flags(i)
-    i.add_argument("--target", default="top1", help="as for explain: class index, top1 (default), or a dense target "
-                                                    "(pixel:Y,X, box:Y0,X0,Y1,X1, mask:FILE, class:C)")
+    i.add_argument("--target", default="top1", help="as for explain: class index, top1 (default), a dense target "
+                                                    "(pixel:Y,X, box:Y0,X0,Y1,X1, mask:FILE, class:C) or a sequence "
+                                                    "target (next, token:POS=ID, continuation:N)")
     i.add_argument("--tol", type=_nonneg_float, default=1e-3, help="|in/out − 1| that marks a layer (default 1e-3)")
     i.add_argument("--json", help="write the table as JSON")
     _rule_flags(i)
@@ -123,11 +125,21 @@ def _parser() -> argparse.ArgumentParser:
     src.add_argument("--image", help="one PNG/JPEG/... image")
     src.add_argument("--images", help="a directory of images (one heatmap per image)")
     src.add_argument("--npy", help=".npy/.npz tensor fed as it is (batch included)")
+    src.add_argument("--tokens", help="token ids: .npy [T] or [B, T] (or .npz with input_ids and other inputs); "
+                                      "writes the relevance per token (-o rel.json, rel.npy beside it)")
+    src.add_argument("--text", help="text, encoded by --tokenizer (needs the tokenizers package); as --tokens, and "
+                                    "an HTML view rel.html")
+    e.add_argument("--tokenizer", metavar="TOKENIZER_JSON", help="a local Hugging Face tokenizer.json for --text")
     e.add_argument("-o", "--out", required=True,
-                   help="heatmap path (heat.png; heat.npy is written beside it) or, with --images, a directory")
-    e.add_argument("--target", default="top1",
-                   help="class index, top1 (default), topK, or for dense outputs pixel:[C,]Y,X, "
-                        "box:[C,]Y0,X0,Y1,X1 (ends exclusive), mask:FILE (.npy/.png) or class:C")
+                   help="heatmap path (heat.png; heat.npy is written beside it) or, with --images, a directory; "
+                        "with --tokens/--text: rel.json (rel.npy beside it), rel.npy or rel.html")
+    e.add_argument("--target", default=None,
+                   help="class index, top1 (default; with --tokens/--text: next on logits [B, T, V]), topK, for "
+                        "dense outputs pixel:[C,]Y,X, box:[C,]Y0,X0,Y1,X1 (ends exclusive), mask:FILE (.npy/.png) or "
+                        "class:C, for a decoder's logits [B, T, V] next, token:POS (its top-1), "
+                        "token:POS=ID[,POS=ID...] or continuation:N (the input's last N tokens)")
+    e.add_argument("--explain-at", metavar="TENSOR",
+                   help="explain at this float tensor of the graph instead of the inputs, e.g. a feature map")
     _preprocess_flags(e)
     e.add_argument("--cmap", choices=["coldnhot", "bwr", "seismic", "gray"], default="coldnhot")
     e.add_argument("--level", type=_nonneg_float, default=1.0, help="colormap level (>1 saturates earlier)")
@@ -392,14 +404,24 @@ def _explain(args) -> int:
 
     from .explain import run
 
-    run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=args.target, rules=args.rules,
+    at = {"explain_at": args.explain_at} if args.explain_at else {}  # (the cache key of other runs unchanged)
+    if args.tokens is not None or args.text is not None:
+        from . import text
+
+        text.run(args.model, args.out, tokens=args.tokens, text=args.text, tokenizer=args.tokenizer,
+                 target=args.target, rules=args.rules, output=args.output,
+                 input_shapes=dict(args.input_shape), cache=not args.no_cache, **at, **asdict(_options(args)))
+        return 0
+    if args.tokenizer is not None:
+        raise InputError("--tokenizer goes with --text")
+    run(args.model, args.out, image=args.image, images=args.images, npy=args.npy, target=args.target or "top1",
+        rules=args.rules,
         output=args.output, input_shapes=dict(args.input_shape), size=args.size, preset=args.preset, mean=args.mean,
         std=args.std, grayscale=args.grayscale, layout=args.layout, cmap=args.cmap, level=args.level,
         with_overlay=args.overlay, overlay_alpha=args.overlay_alpha, batch_size=args.batch_size,
         cache=not args.no_cache, progress=False if args.no_progress else None, manifest=args.manifest,
         ray=args.ray, concurrency=args.ray_actors, relevance_dtype=args.relevance_dtype,
-        relevance_pool=args.relevance_pool,
-        **asdict(_options(args)))
+        relevance_pool=args.relevance_pool, **at, **asdict(_options(args)))
     return 0
 
 

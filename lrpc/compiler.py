@@ -208,8 +208,42 @@ def compile_loaded(model, rules: str | composites.RuleSet = "epsilon-gamma-box",
         canon.weight_signs = signs
         _refuse_nonfinite_on_path(canon, nonfinite, explain_at)
         result = loaded.transfer(emit(canon, ruleset, layerwise, seed, for_provider, explain_at))
+        if for_provider == "portable":
+            result = LoadedModel(_portable(result.restored()), owned=True)
         _check(result.proto)
     return result
+
+
+def _portable(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` with its constant subgraphs computed (by onnxruntime, as graphsurgeon folds them): weight variants
+    such as W⁺ become initializers and convolutions of constants (z-box bounds) their results, which some runtimes
+    and converters cannot run (OpenCV's DNN, onnx2torch). A weight both a Conv and a ConvTranspose read is given to
+    the ConvTranspose as a copy of its own (OpenVINO 2026.4's CPU plugin computes the ConvTranspose wrong with the
+    shared one)."""
+    import onnx_graphsurgeon as gs
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR  # (its notes on large folded tensors)
+    try:
+        graph = gs.import_onnx(model)
+        graph.fold_constants(fold_shapes=False).cleanup()
+        folded = gs.export_onnx(graph, do_type_check=False)
+    finally:
+        G_LOGGER.severity = severity
+    folded.ir_version = model.ir_version
+    for field in ("metadata_props", "opset_import"):
+        del getattr(folded, field)[:]
+        getattr(folded, field).extend(getattr(model, field))
+    inits = {t.name: t for t in folded.graph.initializer}
+    conv_weights = {n.input[1] for n in folded.graph.node if n.op_type == "Conv"}
+    for n in folded.graph.node:
+        if n.op_type == "ConvTranspose" and n.input[1] in conv_weights and n.input[1] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[n.input[1]])
+            copy.name = f"{n.input[1]}/{n.name or n.output[0]}"
+            folded.graph.initializer.append(copy)
+            n.input[1] = copy.name
+    return folded
 
 
 @contextlib.contextmanager

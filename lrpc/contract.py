@@ -15,7 +15,9 @@ SWITCH = "lrpc/top1"
 RELEVANCE = "relevance"  # the input relevance; relevance_<input> for each of several float inputs
 TOKENS = "relevance_tokens"  # a model of token ids: relevance per token [B, T] (the token embedding's, summed)
 SEED_MODES = ("input", "top1", "switch")  # how the seed arrives (compile's ``seed``, metadata SEED_MODE)
-PROVIDERS = ("cpu", "cuda")  # what a graph is lowered for (compile's ``for_provider``, metadata PROVIDER)
+# what a graph is lowered for (compile's ``for_provider``, metadata PROVIDER): onnxruntime's CPU or CUDA provider, or
+# any ONNX runtime ("portable": ops and attributes the common runtimes implement, constant subgraphs folded)
+PROVIDERS = ("cpu", "cuda", "portable")
 
 # per-layer outputs (layerwise), each followed by the node's name
 LAYER_IN = "relevance_in/"  # the relevance sent to the layer's (first) input ("full")

@@ -11,7 +11,7 @@ from .contract import AUDIT, SEED, TARGET, input_relevance_names
 from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import facts, propagator
-from .relevance.attention import MATMUL
+from .relevance.attention import EINSUM, MATMUL
 from .relevance.linear import GATE, gate_operand
 from .schedule import order_for_runtime
 
@@ -78,16 +78,19 @@ ACTIVATION = "lrpc.activation"  # what the output node of an activation written 
 
 def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
-    activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` for a MatMul of
-    two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise Mul of two (a gated
-    product: relevance/linear.py), or ``domain::type`` for an op of another domain (which no propagator takes: a
-    custom op is never mistaken for a standard one)."""
+    activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` (``EINSUM``) for
+    a MatMul (an Einsum) of two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise
+    Mul of two that both depend on the explained input (a gated product: relevance/linear.py), or ``domain::type``
+    for an op of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
     if node.op == "MatMul" and not any(is_const(t) for t in node.inputs):
         return MATMUL
-    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs):
-        return GATE
+    if node.op == "Einsum" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs):
+        return EINSUM
+    if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs) and \
+            (canon.live is None or all(t.name in canon.live for t in node.inputs)):
+        return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
     return op_type(node)
 
 
@@ -127,7 +130,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     if seed not in contract.SEED_MODES:
         raise InputError(f"seed must be 'input', 'top1' or 'switch', got {seed!r}")
     if for_provider not in contract.PROVIDERS:
-        raise InputError(f"for_provider must be 'cpu' or 'cuda', got {for_provider!r}")
+        raise InputError(f"for_provider must be one of {', '.join(contract.PROVIDERS)}, got {for_provider!r}")
     graph = canon.graph
     tensors = graph.tensors()
     explained = tensors[canon.explained]
@@ -338,7 +341,7 @@ def _gated(node, t) -> bool:
     return gate is not None and gate.name != t.name and t.name in [i.name for i in node.inputs]
 
 
-def _gate_of(node, activations=()):
+def _gate_of(node, activations=None):
     """The gate operand of ``node`` where it is a gated product (a Mul of two computed tensors, one a gate:
     linear.gate_operand; ``activations``: activation regions' output nodes, which gate last), else None."""
     if node.op != "Mul" or len(node.inputs) != 2 or any(is_const(i) for i in node.inputs):
@@ -400,6 +403,7 @@ def relevance_path(canon: Canonical, explain_at: str | None = None) -> tuple[lis
     explained = tensors[canon.explained]
     inputs, kind = sources(canon, explain_at)
     depends = _depends_on(graph, inputs)
+    canon.live = depends
     if explained.name not in depends:
         what = {"inputs": "any float input", "tokens": f"the token embedding '{inputs[0].name}'",
                 "at": f"the tensor '{explain_at}'"}[kind]
@@ -427,13 +431,27 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
     ids = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"}
     tables = [n for n in graph.nodes if n.op == "Gather" and int(n.attrs.get("axis", 0)) == 0
               and is_const(n.inputs[0]) and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
-              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and n.inputs[1].name in ids]
+              and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and id_input(n.inputs[1]) in ids]
     if not tables:
         raise InputError("the model has no float input to explain (integer/string inputs only, and no embedding "
                          "Gather of a constant table by an integer input)")
-    named = [n for n in tables if n.inputs[1].name == "input_ids"]
+    named = [n for n in tables if id_input(n.inputs[1]) == "input_ids"]
     word = named[0] if named else max(tables, key=lambda n: n.inputs[0].shape[0])
     return [word.outputs[0]], "tokens"
+
+
+ID_PRESERVING = ("Reshape", "Flatten", "Squeeze", "Unsqueeze", "Cast", "Identity")
+
+
+def id_input(t) -> str | None:
+    """The graph input whose values the index tensor ``t`` holds (reshaped or cast: GPT-2 views ``input_ids`` before
+    its embedding), or None; indices computed from an input (positions from a mask's CumSum) hold none."""
+    while not isinstance(t, gs.Constant) and t.inputs:
+        node = t.inputs[0]
+        if node.op not in ID_PRESERVING:
+            return None
+        t = node.inputs[0]
+    return None if isinstance(t, gs.Constant) else t.name
 
 
 def _reached(canon: Canonical, nodes: list, explained, tensors: dict, splits: set = frozenset()) -> set[str]:

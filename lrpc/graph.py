@@ -36,6 +36,7 @@ class Canonical:
     activations: dict[str, str] = field(default_factory=dict)
     refused: dict[str, str] = field(default_factory=dict)  # node name -> why a pass left it as it was (one line)
     output: str | None = None  # the graph output to explain (None: the first); passes/strip_softmax.py reads it
+    live: set | None = None  # names of the tensors that depend on the explained ones, once known (emit.relevance_path)
 
     @property
     def opset(self) -> int:

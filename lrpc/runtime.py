@@ -134,18 +134,20 @@ class Session:
             return self.run(feeds)
         return self._run(self.outputs + [TARGET], feeds, np.zeros(self._seed_shape(feeds), self._dtype), top1=True)
 
-    def explain(self, x, target=None, seed: np.ndarray | None = None) -> Explanation:
+    def explain(self, x=None, target=None, seed: np.ndarray | None = None, **inputs) -> Explanation:
         """Explain one target per sample; returns an :class:`Explanation` (output, relevance, layers, target,
         seed).
 
-        ``x``: the input array (or a dict of inputs). ``target``: see :mod:`lrpc.targets` — a class index,
-        one per sample, None/"top1" for each sample's top-1 class, or a dense target ("pixel:Y,X",
-        "box:Y0,X0,Y1,X1", "mask:FILE", "class:C"). Top-1 is one run in models compiled with seed "top1" or
-        "switch" (the graph seeds each sample's arg-max of the explained logits itself); it and the other targets
-        that depend on the prediction cost one extra run (with a zero seed) to read the scores otherwise. ``seed``:
-        an explicit seed tensor instead, shaped like the explained output (e.g. one-hot × logit, or a weighted mask of
-        output pixels)."""
-        feeds = self._feeds(x)
+        ``x``: the input array (or a dict of inputs); or the inputs by name as keywords
+        (``explain(input_ids=ids, attention_mask=mask, target="next")``: relevance per token, [B, T]).
+        ``target``: see :mod:`lrpc.targets` — a class index, one per sample, None/"top1" for each sample's top-1
+        class, a dense target ("pixel:Y,X", "box:Y0,X0,Y1,X1", "mask:FILE", "class:C") or, on logits [B, T, V], a
+        sequence target ("next", "token:POS=ID", "continuation:N"). Top-1 is one run in models compiled with seed
+        "top1" or "switch" (the graph seeds each sample's arg-max of the explained logits itself); it and the other
+        targets that depend on the prediction cost one extra run (with a zero seed) to read the scores otherwise.
+        ``seed``: an explicit seed tensor instead, shaped like the explained output (e.g. one-hot × logit, or a
+        weighted mask of output pixels)."""
+        feeds = self._feeds(_given(x, inputs))
         target = targets.parse(target) if seed is None else None
         is_top1 = target is not None and (target.kind, target.values) == ("top", (1,))
         if self.top1 and not is_top1:
@@ -160,16 +162,26 @@ class Session:
             seed = self.seed_for(feeds, target)
         return self._explanation(feeds, seed, target)
 
-    def seed_for(self, x, target=None) -> np.ndarray:
-        """The seed :meth:`explain` uses for ``target`` on input ``x`` (one extra run where the target
-        depends on the prediction)."""
-        feeds, target = self._feeds(x), targets.parse(target)
+    def seed_for(self, x=None, target=None, **inputs) -> np.ndarray:
+        """The seed :meth:`explain` uses for ``target`` on input ``x`` (or the inputs by name; one extra run where
+        the target depends on the prediction)."""
+        feeds, target = self._feeds(_given(x, inputs)), targets.parse(target)
         if self.top1 or (self._switch and (target.kind, target.values) == ("top", (1,))):
             return self.explain(feeds, target).seed  # (the same arg-max explain takes: of the explained logits)
         if target.kind == "top" and target.values[0] != 1:
             raise InputError(f"target {target}: use explain_topk(x, {target.values[0]}) for several ranks")
         return targets.seed(target, self._seed_shape(feeds), lambda: self._scores(feeds), self.sigmoid,
-                            self.channels_last, self._dtype)
+                            self.channels_last, self._dtype, ids=lambda: self._token_ids(feeds),
+                            mask=lambda: feeds.get("attention_mask"))
+
+    def _token_ids(self, feeds) -> np.ndarray:
+        """The token ids among ``feeds``: ``input_ids``, else the only integer input [N, T]."""
+        if "input_ids" in feeds:
+            return np.asarray(feeds["input_ids"])
+        ints = [n for n in self.inputs if self._specs[n].type in _INT_TYPES and len(self._specs[n].shape) == 2]
+        if len(ints) != 1:
+            raise InputError(f"which input holds the token ids? name it 'input_ids' (integer inputs: {ints})")
+        return np.asarray(feeds[ints[0]])
 
     def explain_topk(self, x, k: int) -> list[Explanation]:
         """Explanations of each sample's ``k`` highest outputs, rank 1 first, ranked on the graph output; the
@@ -210,8 +222,12 @@ class Session:
         return {n: self._checked(n, v) if n in self._specs else v for n, v in feeds.items()}
 
     def _seed_shape(self, feeds) -> list[int]:
+        """The seed's shape for ``feeds``: a dynamic dim takes the size of an input's dim of the same name (a sequence
+        length ``T`` of ``input_ids`` [B, T] and logits [B, T, V]), else the batch."""
         batch = _shape(next(iter(feeds.values())))[0]
-        return [batch if not isinstance(d, int) else d for d in self.seed_shape]
+        named = {d: n for name, value in feeds.items() if name in self._specs
+                 for d, n in zip(self._specs[name].shape, _shape(value)) if isinstance(d, str)}
+        return [d if isinstance(d, int) else named.get(d, batch) for d in self.seed_shape]
 
     def _scores(self, feeds) -> np.ndarray:
         """The scores the targets refer to (one run with a zero seed)."""
@@ -364,6 +380,13 @@ def conform(spec, value, what: str):
     return value
 
 
+def _given(x, inputs: dict):
+    """``x``, or the inputs given by name (not both)."""
+    if inputs and x is not None:
+        raise InputError("give the input as x or the inputs by name, not both")
+    return inputs or x
+
+
 def _shape(value) -> list[int]:
     return list(value.shape() if isinstance(value, ort.OrtValue) else np.shape(value))
 
@@ -374,6 +397,7 @@ NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(double)": np.float64, "tenso
                "tensor(int8)": np.int8, "tensor(uint8)": np.uint8, "tensor(uint16)": np.uint16,
                "tensor(uint32)": np.uint32, "tensor(uint64)": np.uint64, "tensor(bool)": np.bool_}
 _ONNX = {v: k[7:-1] for k, v in NUMPY_TYPES.items()}  # numpy scalar type -> onnxruntime's name
+_INT_TYPES = [k for k, v in NUMPY_TYPES.items() if np.dtype(v).kind in "iu"]
 
 
 _ORT_ERRORS = ort.capi.onnxruntime_pybind11_state

@@ -11,7 +11,16 @@ A target is given as text (``lrpc explain --target``) or to :meth:`lrpc.Session.
 ``mask:FILE``          dense outputs: the nonzero entries of a .npy file (image files: gray level
                        >= 128), either one per position ([H, W]) or per channel and position ([C, H, W])
 ``class:C``            dense outputs: every position whose predicted class is C
+``next``               sequence outputs: the top-1 token at the last position (which tokens made the next one;
+                       the last one the attention mask keeps, where there is one)
+``token:POS``          sequence outputs: the top-1 token at position POS (negative: from the end)
+``token:POS=ID,...``   sequence outputs: token ID at position POS; several pairs are explained together
+``continuation:N``     sequence outputs: the input's last N tokens, each at the position before it (a generated
+                       continuation explained in one run; needs the token ids)
 =====================  ==========================================================================
+
+Sequence outputs are logits ``[N, T, V]`` (a decoder's, one row of vocabulary scores per position); their
+targets seed one at each selected (position, token) and zero elsewhere, so several pairs explain their sum.
 
 Dense outputs are laid out ``[N, C, *spatial]`` (NCHW segmentation maps; one or more spatial axes;
 coordinates count spatial axes only), or ``[N, *spatial, C]`` with ``channels_last`` (``--layout nhwc``).
@@ -35,12 +44,14 @@ import numpy as np
 from .errors import InputError
 
 DENSE = ("pixel", "box", "mask", "class")
+SEQUENCE = ("next", "token", "continuation")
 
 
 @dataclass(frozen=True)
 class Target:
-    """A parsed target. ``kind``: index, top, pixel, box, mask, class. ``values``: the numbers
-    (indices; k; [C,] coordinates; class), ``path``: the mask file."""
+    """A parsed target. ``kind``: index, top, pixel, box, mask, class, next, token, continuation. ``values``: the
+    numbers (indices; k; [C,] coordinates; class; a position, or position and token pairs flat; N), ``path``: the
+    mask file."""
 
     kind: str
     values: tuple = ()
@@ -53,6 +64,11 @@ class Target:
             return f"top{self.values[0]}"
         if self.kind == "mask":
             return f"mask:{self.path}"
+        if self.kind == "next":
+            return "next"
+        if self.kind == "token" and len(self.values) > 1:
+            v = self.values
+            return "token:" + ",".join(f"{v[i]}={v[i + 1]}" for i in range(0, len(v), 2))
         return f"{self.kind}:{','.join(map(str, self.values))}"
 
 
@@ -84,15 +100,20 @@ def _parse(target) -> Target:
         if k < 1:
             raise InputError(f"--target {text}: k must be at least 1")
         return Target("top", (k,))
+    if text == "next":
+        return Target("next")
     kind, sep, rest = text.partition(":")
+    if kind in SEQUENCE[1:] and sep:
+        return _sequence(kind, rest)
     if not sep:
         try:
             return Target("index", tuple(int(v) for v in text.split(",")))
         except ValueError:
             raise InputError(f"--target: expected a class index, top1, topK, pixel:Y,X, box:Y0,X0,Y1,X1, "
-                             f"mask:FILE or class:C, got '{text}'") from None
+                             f"mask:FILE, class:C, next, token:POS[=ID] or continuation:N, got '{text}'") from None
     if kind not in DENSE:
-        raise InputError(f"--target {text}: unknown target kind '{kind}' (pixel, box, mask, class)")
+        raise InputError(f"--target {text}: unknown target kind '{kind}' (pixel, box, mask, class, token, "
+                         f"continuation)")
     if kind == "mask":
         if not rest:
             raise InputError("--target mask: needs a file, e.g. mask:region.npy")
@@ -108,16 +129,43 @@ def _parse(target) -> Target:
     return Target(kind, values)
 
 
+def _sequence(kind: str, rest: str) -> Target:
+    """``token:POS``, ``token:POS=ID,...`` or ``continuation:N``."""
+    text = f"{kind}:{rest}"
+    try:
+        if kind == "continuation":
+            n = int(rest)
+            if n < 1:
+                raise InputError(f"--target {text}: N must be at least 1")
+            return Target(kind, (n,))
+        if "=" not in rest:
+            return Target(kind, (int(rest),))
+        pairs = [p.split("=") for p in rest.split(",")]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError
+        values = tuple(int(v) for p in pairs for v in p)
+    except ValueError:
+        raise InputError(f"--target {text}: expected token:POS, token:POS=ID[,POS=ID...] or continuation:N "
+                         f"(integers)") from None
+    if any(v < 0 for v in values[1::2]):
+        raise InputError(f"--target {text}: token ids must be >= 0")
+    return Target(kind, values)
+
+
 def seed(target: Target, shape: list[int], scores, sigmoid: bool = False, channels_last: bool = False,
-         dtype=np.float32) -> np.ndarray:
+         dtype=np.float32, ids=None, mask=None) -> np.ndarray:
     """The seed for ``target`` on an explained output of ``shape`` ([N, ...]). ``scores``: a callable
     returning the model's scores (shaped like the explained output), called only where the target depends
     on the prediction (top, class, positions without a channel on a multi-channel output). ``sigmoid``:
     the scores are sigmoid probabilities (foreground above 0.5; several channels are independent labels)
     rather than logits or softmax probabilities. ``channels_last``: the output is [N, *spatial, C].
-    ``top`` targets give rank 1 here; :func:`topk` gives all ranks."""
+    ``top`` targets give rank 1 here; :func:`topk` gives all ranks. ``ids``: a callable returning the token ids
+    [N, T] (read by ``continuation`` only); ``mask``: one returning the attention mask [N, T] or None (read by
+    ``next``: each sample's last position the mask keeps)."""
     shape = [int(d) for d in shape]
     batch = shape[0]
+    if target.kind in SEQUENCE:
+        return sequence_seed(target, shape, scores, ids, dtype, mask)
     if target.kind == "top":
         if target.values[0] != 1:
             raise InputError(f"--target {target}: one rank at a time here; several ranks: lrpc explain "
@@ -133,6 +181,62 @@ def seed(target: Target, shape: list[int], scores, sigmoid: bool = False, channe
         s = _dense(target, first, lambda: np.moveaxis(np.asarray(scores()), -1, 1), sigmoid)
         return np.moveaxis(s, 1, -1).astype(dtype)
     return _dense(target, shape, scores, sigmoid).astype(dtype)
+
+
+def sequence_seed(target: Target, shape: list[int], scores, ids=None, dtype=np.float32, mask=None) -> np.ndarray:
+    """The seed of a sequence target (next, token, continuation) on logits of ``shape`` [N, T, V]; ``ids``, ``mask``:
+    callables returning the token ids and the attention mask (or None), see :func:`seed`."""
+    if len(shape) != 3:
+        raise InputError(f"--target {target}: a sequence target needs logits [N, T, V]; the explained output has "
+                         f"shape {shape}")
+    batch, length, vocab = shape
+    s = np.zeros(shape, dtype)
+    rows = np.arange(batch)
+    if target.kind == "continuation":
+        n = target.values[0]
+        if n > length - 1:
+            raise InputError(f"--target {target}: a sequence of {length} tokens continues at most {length - 1} "
+                             f"tokens after the first")
+        if ids is None:
+            raise InputError(f"--target {target}: needs the token ids (a model of token ids)")
+        tokens = np.asarray(ids())
+        if list(tokens.shape) != [batch, length]:
+            raise InputError(f"--target {target}: token ids of shape {list(tokens.shape)}, the logits {shape}")
+        for token in (int(tokens.min()), int(tokens.max())):
+            _token_in_range(target, token, vocab)
+        for p in range(length - 1 - n, length - 1):
+            s[rows, p, tokens[:, p + 1]] = 1.0
+        return s
+    if target.kind == "next":
+        kept = None if mask is None else mask()
+        if kept is None:
+            pairs = [(-1, None)]
+        else:  # each sample's last position the mask keeps (right padding)
+            kept = np.asarray(kept) != 0
+            if list(kept.shape) != [batch, length] or not kept.any(axis=1).all():
+                raise InputError(f"--target next: the attention mask {list(kept.shape)} must be [N, T] = "
+                                 f"{[batch, length]} and keep a position in each sample")
+            last = length - 1 - np.argmax(kept[:, ::-1], axis=1)
+            token = np.asarray(scores())[rows, last].argmax(-1)
+            s[rows, last, token] = 1.0
+            return s
+    else:
+        pairs = [(target.values[0], None)] if len(target.values) == 1 else \
+            list(zip(target.values[::2], target.values[1::2]))
+    for pos, token in pairs:
+        if not -length <= pos < length:
+            raise InputError(f"--target {target}: position {pos} outside the sequence of {length} tokens")
+        if token is None:
+            token = np.asarray(scores())[:, pos].argmax(-1)
+        else:
+            _token_in_range(target, token, vocab)
+        s[rows, pos, token] = 1.0
+    return s
+
+
+def _token_in_range(target, token: int, vocab: int) -> None:
+    if not 0 <= token < vocab:
+        raise InputError(f"--target {target}: token id {token} outside the vocabulary 0..{vocab - 1}")
 
 
 def _dense(target: Target, shape: list[int], scores, sigmoid: bool) -> np.ndarray:

@@ -1,11 +1,12 @@
-"""The benchmark's measuring helpers measure what they say (benchmarks/bench_lrp.py; the timings themselves are
-not tested here)."""
+"""The benchmark's measuring helpers measure what they say (benchmarks/bench_lrp.py, bench_transformers.py; the
+timings themselves are not tested here)."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -65,3 +66,22 @@ def test_profile_floor_line(tmp_path):
     total, conv = map(float, re.search(r"kernel time\): ([\d.]+); its convolutions alone: ([\d.]+)", out).groups())
     assert 0 < conv <= total and total > 1.0, out
     assert "Conv" in out and "nodes not on CPUExecutionProvider: 0" in out
+
+
+def test_transformer_benchmark_runs_on_tiny_models(tmp_path):
+    """``bench_transformers.py --tiny``: every model exports and compiles, each row has its times, and the torch
+    detach reference explains what the compiled graph explains (relevance agrees up to the default epsilon)."""
+    import os
+    import re
+    import subprocess
+
+    for module in ("torch", "torchvision", "transformers"):
+        pytest.importorskip(module)
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "bench_transformers.py"), "--tiny", "--sizes", "2",
+                          "--repeats", "1", "--threads", "1", "--cache", str(tmp_path)],
+                         capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout
+    rows = [line.split() for line in out.splitlines() if re.match(r"(vit|bert|llama) ", line)]
+    assert [(r[0], r[2]) for r in rows] == [(m, c) for m in ("bert", "llama", "vit") for c in ("attnlrp", "cp-lrp")]
+    for r in rows:
+        fwd, lrp, _, torch_ms, _, err = map(float, r[3:9])
+        assert fwd > 0 and lrp > 0 and torch_ms > 0 and err < 5e-3, r

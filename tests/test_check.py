@@ -31,14 +31,14 @@ def test_check_passes_and_writes_reports(tmp_path):
     assert code == 0, out + err
     report = json.loads((tmp_path / "r.json").read_text())
     assert report["passed"] and [c["name"] for c in report["checks"]] == ["supported", "forward", "finite",
-                                                                         "conservation", "gradient"]
+                                                                         "conservation", "gradient", "ties"]
     cons = next(c for c in report["checks"] if c["name"] == "conservation")
     assert cons["figure"] < 1e-4
     grad = next(c for c in report["checks"] if c["name"] == "gradient")
     assert grad["figure"] < 1e-4 and not grad["skipped"]
     assert [r["op"] for r in report["layers"]] == ["Conv", "MaxPool", "Conv", "AveragePool", "Gemm", "Gemm"]
     suite = ET.parse(tmp_path / "r.xml").getroot()
-    assert suite.get("tests") == "5" and suite.get("failures") == "0" and suite.get("skipped") == "0"
+    assert suite.get("tests") == "6" and suite.get("failures") == "0" and suite.get("skipped") == "0"
 
 
 def test_check_fails_on_broken_conservation_and_names_the_layer(tmp_path):
@@ -599,3 +599,61 @@ def test_gradient_with_two_float_inputs_and_an_integer_one(tmp_path):
     report, checks = _check(tmp_path / "two.onnx", "epsilon")
     g = checks["gradient"]
     assert report.passed and not g.skipped and g.figure <= 1e-5, report.text()
+
+
+def test_maxpool_near_ties_are_counted(tmp_path):
+    """`ties`: windows of a winner-take-all MaxPool whose two largest values are within rounding of each other
+    (another runtime may pick the other), counted from a forward with planted ties: one exact, one 1 ulp apart, one
+    clear winner, one all-zero window (left out: it carries no relevance); none under --maxpool split."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrpc.check import run_check
+    from lrpc.composites import Options
+
+    x = np.array([[[[5.0, 5.0, 1.0, 3.0], [0.0, 1.0, 2.0, np.nextafter(np.float32(3.0), np.float32(0.0))],
+                    [0.0, 0.0, 7.0, 1.0], [0.0, 0.0, 2.0, 1.0]]]], np.float32)
+    nodes = [helper.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Flatten", ["p"], ["f"]), helper.make_node("MatMul", ["f", "W"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 1, 4, 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
+                          [numpy_helper.from_array(np.ones((4, 2), np.float32), "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.save(m, str(tmp_path / "m.onnx"))
+    checks = {c.name: c for c in run_check(str(tmp_path / "m.onnx"), "epsilon", inputs={"x": x}).checks}
+    assert checks["ties"].passed and checks["ties"].figure == 2, checks["ties"].message
+    assert "2 of 3 MaxPool windows" in checks["ties"].message and "(1 exactly equal)" in checks["ties"].message
+    split = run_check(str(tmp_path / "m.onnx"), "epsilon", Options(maxpool="split"), inputs={"x": x})
+    assert "ties" not in {c.name for c in split.checks}
+
+
+def test_books_close_with_a_computed_minus_inf_mask(tmp_path):
+    """A mask computed from an integer input (-inf at padded positions, as a decoder's causal + padding masks add up
+    to) added to a live tensor before a softmax: its share is a bias, 0 where it is -inf (no NaN in the books), and
+    the conservation figure is finite. A NaN figure fails."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from lrpc.check import Accounts, run_check
+
+    rng = np.random.default_rng(0)
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Equal", ["m", "zero"], ["pad"]),
+             helper.make_node("Where", ["pad", "ninf", "fzero"], ["mask"]),
+             helper.make_node("Add", ["h", "mask"], ["z"]), helper.make_node("Softmax", ["z"], ["s"], axis=-1),
+             helper.make_node("MatMul", ["s", "W2"], ["y"])]
+    inits = {"W1": rng.standard_normal((4, 5)).astype(np.float32), "W2": rng.standard_normal((5, 3)).astype(np.float32),
+             "zero": np.array(0, np.int64), "ninf": np.array(-np.inf, np.float32), "fzero": np.array(0.0, np.float32)}
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 4]),
+                                       helper.make_tensor_value_info("m", TensorProto.INT64, [2, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+                          [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    inputs = {"x": rng.standard_normal((2, 4)).astype(np.float32), "m": np.array([[1, 1, 1, 0, 0], [1] * 5])}
+    report = run_check(str(tmp_path / "m.onnx"), "attnlrp", inputs=inputs)
+    checks = {c.name: c for c in report.checks}
+    assert checks["conservation"].passed and np.isfinite(checks["conservation"].figure), checks["conservation"].message
+    assert all(np.isfinite(r["bias"]) for r in report.layers)
+    books = Accounts([], 1.0, 1.0, 0.0, 0.0, float("nan"), 0.0, 1.0)
+    assert np.isnan(books.figure) and not books.figure <= 1e-3

@@ -34,6 +34,8 @@ MOVES = {  # name: (input shape, node, extra initializers)
     "gather_axis1_duplicates": (X_SHAPE, ("Gather", {"axis": 1}), {"i": np.array([[2, 0], [2, 2]], np.int64)}),
     "gather_axis3_negative": (X_SHAPE, ("Gather", {"axis": -1}), {"i": np.array([-1, 0, -1, 3], np.int64)}),
     "gather_scalar_axis2": (X_SHAPE, ("Gather", {"axis": 2}), {"i": np.array(1, np.int64)}),
+    "gather_range_axis3": (X_SHAPE, ("Gather", {"axis": 3}), {"i": np.array([[1, 2], [3, 4]], np.int64)}),
+    "gather_scalar_axis0": (X_SHAPE, ("Gather", {"axis": 0}), {"i": np.array(-1, np.int64)}),
     "gather_flat_overlapping": ((24,), ("Gather", {"axis": 0}),
                                 {"i": np.lib.stride_tricks.as_strided(np.arange(24), (2, 3, 4), (80, 16, 8)) // 8}),
     "gather_flat_transposed": ((24,), ("Gather", {"axis": 0}),

@@ -175,15 +175,20 @@ def _mm(a, b, mode):
     return a @ b if mode is None else split_matmul(a, b)
 
 
-def _causal(scores):
+def _causal(scores, mask=None):
+    """Causal masking (-inf above the diagonal), and of the keys where the padding ``mask`` [B, T] is 0."""
     torch = pytest.importorskip("torch")
 
     t = scores.shape[-1]
-    return scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+    off = torch.ones(t, t, dtype=torch.bool).triu(1)
+    if mask is not None:
+        off = off | (mask[:, None, None, :] == 0)
+    return scores.masked_fill(off, float("-inf"))
 
 
-def _llama_forward(net, e, mode):
-    """LlamaForCausalLM's forward on ``inputs_embeds``, last position's logits, with the rules' tensors detached:
+def _llama_forward(net, e, mode, mask=None, last=True):
+    """LlamaForCausalLM's forward on ``inputs_embeds``, last position's logits (``last``; else all), ``mask`` the
+    padding mask [B, T] (or None), with the rules' tensors detached:
     RMSNorm's 1/rms, SiLU's f(x)/x, one factor of each product (attnlrp: both halves; cp-lrp: the probabilities and
     the gate constant)."""
     torch = pytest.importorskip("torch")
@@ -206,7 +211,7 @@ def _llama_forward(net, e, mode):
         v = at.v_proj(h).view(n, t, kv, hd).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
         k, v = repeat_kv(k, heads // kv), repeat_kv(v, heads // kv)
-        a = _causal(_mm(q, k.transpose(-2, -1), mode) * hd ** -0.5).softmax(-1)
+        a = _causal(_mm(q, k.transpose(-2, -1), mode) * hd ** -0.5, mask).softmax(-1)
         o = a.detach() @ v if mode == "cp-lrp" else _mm(a, v, mode)
         x = x + at.o_proj(o.transpose(1, 2).reshape(n, t, d))
         mlp, h = layer.mlp, rms(layer.post_attention_layernorm, x)
@@ -214,12 +219,14 @@ def _llama_forward(net, e, mode):
         act = g * (torch.nn.functional.silu(g) / g).detach()
         prod = act.detach() * u if mode == "cp-lrp" else 0.5 * (act * u.detach()) + 0.5 * (act.detach() * u)
         x = x + mlp.down_proj(prod)
-    return net.lm_head(rms(m.norm, x))[:, -1]
+    logits = net.lm_head(rms(m.norm, x))
+    return logits[:, -1] if last else logits
 
 
-def _gpt2_forward(net, e, mode):
-    """GPT2LMHeadModel's forward on ``inputs_embeds`` (positions added), last position's logits, with the rules'
-    tensors detached (LayerNorm's sigma, gelu_new's f(x)/x, one factor of each attention product)."""
+def _gpt2_forward(net, e, mode, mask=None, last=True):
+    """GPT2LMHeadModel's forward on ``inputs_embeds`` (positions added), last position's logits (``last``; else all),
+    ``mask`` the padding mask [B, T] (or None), with the rules' tensors detached (LayerNorm's sigma, gelu_new's
+    f(x)/x, one factor of each attention product)."""
     torch = pytest.importorskip("torch")
     from transformers.activations import NewGELUActivation
 
@@ -233,12 +240,13 @@ def _gpt2_forward(net, e, mode):
     for blk in m.h:
         q, k, v = blk.attn.c_attn(layer_norm(blk.ln_1, x)).split(d, dim=2)
         q, k, v = (z.view(n, t, heads, hd).transpose(1, 2) for z in (q, k, v))
-        a = _causal(_mm(q, k.transpose(-2, -1), mode) / hd ** 0.5).softmax(-1)
+        a = _causal(_mm(q, k.transpose(-2, -1), mode) / hd ** 0.5, mask).softmax(-1)
         o = a.detach() @ v if mode == "cp-lrp" else _mm(a, v, mode)
         x = x + blk.attn.c_proj(o.transpose(1, 2).reshape(n, t, d))
         h = blk.mlp.c_fc(layer_norm(blk.ln_2, x))
         x = x + blk.mlp.c_proj(h * (gelu(h) / h).detach())
-    return net.lm_head(layer_norm(m.ln_f, x))[:, -1]
+    logits = net.lm_head(layer_norm(m.ln_f, x))
+    return logits[:, -1] if last else logits
 
 
 def _wrapped(net):

@@ -5,6 +5,7 @@ compile with the batch fixed; the class token's share is booked as a bias (conse
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 import lrpc
@@ -75,14 +76,18 @@ def test_class_token_share_is_booked_as_a_bias():
     assert np.isclose(float(outs["relevance"].sum()) + cls_share, float(seed.sum()), rtol=1e-4)
 
 
-def test_gather_of_a_slot_before_the_symbolic_batch():
-    """x [3, N, 4] (q, k, v stacked before the batch), y = x[1] · W."""
+@pytest.mark.parametrize("index", [1, [2, 0]])
+def test_gather_of_slots_before_the_symbolic_batch(index):
+    """x [3, N, 4] (q, k, v stacked before the batch), y = x[index] · W: a slot (a contiguous range: zero padding
+    around the relevance) or a permutation of slots (a scatter)."""
     W = RNG.standard_normal((4, 2)).astype(np.float32)
     nodes = [helper.make_node("Gather", ["x", "i"], ["k"], axis=0), helper.make_node("MatMul", ["k", "W"], ["y"])]
-    model = _model(nodes, [3, "N", 4], {"i": np.array(1, np.int64), "W": W}, ["N", 2])
+    out = ["N", 2] if np.ndim(index) == 0 else [2, "N", 2]
+    model = _model(nodes, [3, "N", 4], {"i": np.array(index, np.int64), "W": W}, out)
     x = RNG.standard_normal((3, 2, 4)).astype(np.float32)
-    seed = np.eye(2, dtype=np.float32)[[1, 0]]
+    k = x[index].astype(np.float64)
+    seed = RNG.uniform(0.5, 1.0, (*k.shape[:-1], 2)).astype(np.float32)
     got, _ = _run(model, x, seed)
     want = np.zeros((3, 2, 4))
-    want[1] = _lrp0(x[1].astype(np.float64), W.astype(np.float64), seed)
+    want[index] = k * ((seed / (k @ W)) @ W.T)
     assert rel_l2(got["relevance"], want) < 1e-4

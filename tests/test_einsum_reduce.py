@@ -85,7 +85,7 @@ def test_einsum_matches_dense_reference(eq, rule):
 @pytest.mark.parametrize("eq, inputs, message", [
     ("bii,ij->bj", ((N, 3, 3), (3, 4)), "repeated subscripts in 'bii'"),
     ("bchw,oc->bo", ((N, 4, 3, 3), (5, 4)), "index 'h' of the input is summed away without the weight"),
-    ("bc,bc->b", ((N, 4), None), "2 computed"),
+    ("bc,bd->b", ((N, 4), None), "summed away alone"),  # (two computed operands: attention's rule, no adjoint here)
     ("bc,cd,de->be", ((N, 4), (4, 3), (3, 2)), "3 operand"),
     ("bc,...dc->bd", ((N, 4), (5, 4)), "ellipsis in the constant operand"),
 ])

@@ -12,6 +12,7 @@ from ..graph import Canonical, import_model, refresh_shapes, toposort, upgrade_o
 from ..loaded import LoadedModel
 from . import (
     activation_regions,
+    attention_op,
     avgpool_to_conv,
     cleanup,
     decomposed_layernorm,
@@ -25,10 +26,11 @@ from . import (
     strip_softmax,
 )
 
-# (decomposed_layernorm before avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions
-# last: it records node names, which a later pass could replace)
-PIPELINE = (cleanup, gather_as_layout, maxpool_ceil, linear_normal_form, decomposed_layernorm, norm_affine,
-            fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum, activation_regions)
+# (attention_op early: the ops it writes out are what the later passes read; decomposed_layernorm before
+# avgpool_to_conv: a LayerNorm over the spatial axes is not a pool; activation_regions last: it records node names,
+# which a later pass could replace)
+PIPELINE = (cleanup, attention_op, gather_as_layout, maxpool_ceil, linear_normal_form, decomposed_layernorm,
+            norm_affine, fold_batchnorm, avgpool_to_conv, resize_to_matmul, residual_sum, activation_regions)
 SHAPE_FOLDING = cleanup  # before the rounds, while the graph computes shapes: once per level of shape arithmetic
 FINAL = (strip_softmax,)  # once, after the rounds: finds the explained tensor (a second run would copy nodes again)
 MAX_ROUNDS = 8  # each round that changes something removes or rewrites nodes for good: real models need 2 or 3

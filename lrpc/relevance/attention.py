@@ -5,6 +5,8 @@ MatMul ``y = a · b`` (epsilon): ``n = R / stab(k y)``, ``R_a = a ⊙ (n · bᵀ
 axes (batch axes broadcast back), ``k`` the number of operands that carry relevance: 2 splits it 50/50 (AttnLRP);
 an operand that is a constant for the rules (no function of the explained input, or a softmax under the
 ``constant`` rule) gets none and ``k = 1``: the epsilon rule of the linear map of the other operand.
+An Einsum of two computed tensors (``bhid,bhjd->bhij``, MaxViT's attention) is the same bilinear map written as
+one equation: ``R_a = a ⊙ einsum(n, b)``, ``R_b = b ⊙ einsum(a, n)`` with the adjoint equations.
 Softmax ``s = softmax(x)`` (taylor): ``R_x = x ⊙ (R - s ⊙ Σ_axis R)``, with x taken as 0 where s = 0 (masked
 positions, x = -inf); under ``constant`` no relevance enters it."""
 from __future__ import annotations
@@ -12,10 +14,11 @@ from __future__ import annotations
 from ..errors import UnsupportedError, where
 from ..graph import is_const
 from . import EXACT, register
-from .linear import LAYOUT
+from .linear import LAYOUT, einsum_equation
 from .stabilize import quotient
 
 MATMUL = "lrpc.matmul"  # what emission explains a MatMul of two computed tensors as (emit.op_of)
+EINSUM = "lrpc.einsum"  # ... and an Einsum of two computed tensors
 
 
 @register(MATMUL, category="matmul",
@@ -51,6 +54,52 @@ def softmax(ctx, node, R_out):
     if ctx.audit:  # the expansion's remainder s − J x is its bias: what R_x does not carry is absorbed by design
         ctx.account(node, r_x, b.op("Sub", [R, r_x]))
     return [r_x]
+
+
+@register(EINSUM, category="matmul",
+          gradient="a product of two computed tensors: its rule splits the relevance between the factors")
+def einsum(ctx, node, R_out):
+    """An Einsum of two computed tensors under the MatMul rule (epsilon, split between the live operands)."""
+    rule = ctx.rule(node)
+    if rule.on_sums != "share":
+        raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to an Einsum of two computed "
+                               "tensors (use epsilon)")
+    b, (x, w), y = ctx.b, node.inputs, node.outputs[0]
+    sx, sw, sy = bilinear_terms(node)
+    live = [not _constant_for_rules(ctx, t) for t in (x, w)]
+    if not any(live):
+        return [None, None]
+    rank = len(y.shape) if y.shape is not None else None
+    n = quotient(b, R_out[0], y if sum(live) == 1 else b.mul(y, b.const(2.0)), rule, rank)
+    r_x = b.mul(x, b.op("Einsum", [n, w], {"equation": f"{sy},{sw}->{sx}"})) if live[0] else None
+    r_w = b.mul(w, b.op("Einsum", [x, n], {"equation": f"{sx},{sy}->{sw}"})) if live[1] else None
+    return [r_x, r_w]
+
+
+def bilinear_terms(node) -> tuple[str, str, str]:
+    """The subscripts of an Einsum of two operands whose adjoints are Einsums again: no diagonal, every index of an
+    operand also in the other or in the output, an ellipsis only where it spans the same dims in all three."""
+    eq, terms, out = einsum_equation(node)
+    if len(terms) != 2 or len(node.inputs) != 2:
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}' has an LRP rule only with two operands")
+    sa, sb = terms
+    bare = [t.replace("...", "") for t in (sa, sb, out)]
+    if any(len(t) != len(set(t)) for t in bare):
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': repeated subscripts (a diagonal) have no LRP rule")
+    lost = [c for i, j, k in ((0, 1, 2), (1, 0, 2)) for c in bare[i] if c not in bare[j] + bare[k]]
+    if lost:
+        raise UnsupportedError(f"{where(node)}: Einsum '{eq}': index '{lost[0]}' of one operand is summed away alone "
+                               "(a sum inside the product) has no LRP rule")
+    if "..." in eq:
+        def span(t, s):  # the dims the ellipsis stands for
+            p = s.index("...")
+            return None if t.shape is None or "..." not in s else list(t.shape)[p:len(t.shape) - len(s) + p + 3]
+
+        spans = [span(t, s) for t, s in zip((*node.inputs, node.outputs[0]), (sa, sb, out))]
+        if spans[0] is None or any(s != spans[0] for s in spans):
+            raise UnsupportedError(f"{where(node)}: Einsum '{eq}': an ellipsis has an LRP rule only where it spans "
+                                   "the same known dims in both operands and the output")
+    return sa, sb, out
 
 
 def _constant_for_rules(ctx, t) -> bool:

@@ -50,8 +50,11 @@ def residual_sum(ctx, node, R_out):
     fixed = [_fixed(ctx, x) for x in node.inputs]
     if ctx.audit:  # (an operand that is a constant for the rules is a bias)
         b, consts = ctx.b, [x for x, f in zip(node.inputs, fixed) if f]
-        ctx.account(node, b.mul(c, b.sum([x for x, f in zip(node.inputs, fixed) if not f])),
-                    b.mul(c, b.sum(consts)) if consts else None, b.mul(R_out[0], indicator(b, "Equal", z)))
+        bias = b.mul(c, b.sum(consts)) if consts else None
+        if consts and not all(is_const(x) for x in consts):  # (a computed mask may hold -inf, where c is 0: no share)
+            bias = b.op("Where", [b.op("IsNaN", [bias], dtype=bool), b.const(0.0), bias])
+        ctx.account(node, b.mul(c, b.sum([x for x, f in zip(node.inputs, fixed) if not f])), bias,
+                    b.mul(R_out[0], indicator(b, "Equal", z)))
     return [None if f else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x, f in zip(node.inputs, fixed)]
 
 

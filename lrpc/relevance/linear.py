@@ -179,22 +179,28 @@ class EinsumView(View):
         return self.b.op("Einsum", [c, w], {"equation": f"{self.sz},{self.sw}->{self.sx}"})
 
 
+def einsum_equation(node) -> tuple[str, list[str], str]:
+    """An Einsum's equation without spaces, its operands' subscripts and the output's (an implicit output: the
+    subscripts used once, in alphabetical order, after an ellipsis)."""
+    eq = node.attrs.get("equation", "")
+    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    lhs, arrow, out = eq.partition("->")
+    if not arrow:
+        letters = [c for c in lhs if c.isalpha()]
+        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    return eq, lhs.split(","), out
+
+
 def einsum_terms(node) -> tuple[str, str, str]:
     """(input, weight, output) subscripts of an Einsum of one computed tensor with one constant (a linear layer
     whose adjoint is again an Einsum); UnsupportedError for the equations that are not (two computed operands,
     a diagonal, an input index summed away without the weight)."""
-    eq = node.attrs.get("equation", "")
-    eq = (eq.decode() if isinstance(eq, bytes) else eq).replace(" ", "")
+    eq, terms, out = einsum_equation(node)
     computed = [t for t in node.inputs if not is_const(t)]
     if len(node.inputs) != 2 or len(computed) != 1:
         raise UnsupportedError(f"{where(node)}: Einsum '{eq}' has an LRP rule only with two operands, one of them "
                                f"constant (a linear layer); here {len(node.inputs)} operand(s), "
                                f"{len(computed)} computed")
-    lhs, _, out = eq.partition("->")
-    terms = lhs.split(",")
-    if not _:  # implicit output: the subscripts used once, in alphabetical order (after an ellipsis)
-        letters = [c for c in lhs if c.isalpha()]
-        out = ("..." if "..." in lhs else "") + "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
     sx, sw = terms if node.inputs[0] is computed[0] else terms[::-1]
     bad = next((t for t in (sx, sw, out) if len(t.replace("...", "")) != len(set(t.replace("...", "")))), None)
     if bad is not None:
@@ -274,12 +280,14 @@ def _check_groups(node) -> None:
 
 GATES = ("Sigmoid", "HardSigmoid", "Softmax")  # (outputs in [0, 1])
 # single-op activations that gate a signal in gated MLPs (GeGLU at opset 20), besides activations written as several
-# ops (SwiGLU's SiLU): a gate of lowest precedence. (Not ReLU or Clip: their products stay refused as no gate.)
+# ops (SwiGLU's SiLU): a gate of lowest precedence. ReLU only in a gated MLP's form, ``relu(W1·x) ⊙ (W2·x)`` (ReGLU):
+# other products with a ReLU (or a Clip) stay refused as no gate.
 ACTIVATIONS = ("Gelu", "Mish", "HardSwish")
+PROJECTIONS = ("Gemm", "MatMul", "Conv", "Einsum")
 LAYOUT = ("Reshape", "Unsqueeze", "Squeeze", "Flatten", "Expand", "Identity", "Transpose", "Cast")
 
 
-def gate_operand(node, activations=()):
+def gate_operand(node, activations=None):
     """The operand of a two-tensor Mul that is a gate: a Sigmoid/HardSigmoid/Softmax output, or a hard sigmoid written
     as a Clip whose range, times the positive constants applied after it, lies in [0, 1] (``relu6(x + 3) / 6``);
     possibly moved by layout ops. As in squeeze-and-excitation blocks and per-sample gates (a function of one
@@ -287,8 +295,9 @@ def gate_operand(node, activations=()):
     passes/activation_regions.py). Where both operands qualify, a Sigmoid/HardSigmoid beats a Clip (a ReLU6
     activation times an SE gate). A Softmax gate is split attention's (ResNeSt, SKNet: a softmax over the branches
     weighs each). Given ``activations`` (the names of the nodes making activation regions' outputs), an activation's
-    output gates last: the factor through the activation in a gated MLP (SwiGLU's ``silu(gate) * up``, as CP-LRP and
-    lxt hold it constant). UnsupportedError unless that leaves exactly one."""
+    output (a ReLU's only as ``relu(W1·x) ⊙ (W2·x)``, ReGLU) gates last: the factor through the activation in a
+    gated MLP (SwiGLU's ``silu(gate) * up``, as CP-LRP and lxt hold it constant). UnsupportedError unless that leaves
+    exactly one."""
     def scale_of(n):  # Mul / Div by a positive constant: its factor, else None
         consts = [i for i in n.inputs if is_const(i)]
         if n.op not in ("Mul", "Div") or len(consts) != 1 or (n.op == "Div" and n.inputs[1] is not consts[0]):
@@ -298,7 +307,7 @@ def gate_operand(node, activations=()):
             return None
         return float(k.reshape(-1)[0]) if n.op == "Mul" else 1.0 / float(k.reshape(-1)[0])
 
-    def kind(t) -> int:  # 2: Sigmoid/HardSigmoid gate, 1: Clip gate, 0: no gate
+    def kind(t, other) -> int:  # 3: Sigmoid/HardSigmoid/Softmax gate, 2: Clip gate, 1: an activation, 0: no gate
         factor = 1.0
         while t.inputs:
             k = 1.0 if t.inputs[0].op in LAYOUT else scale_of(t.inputs[0])
@@ -315,9 +324,15 @@ def gate_operand(node, activations=()):
         if n.op == "Clip" and lo is not None and hi is not None and is_const(lo) and is_const(hi):
             if np.all(const_value(lo) >= 0) and np.all(const_value(hi) * factor <= 1.0 + 1e-6):
                 return 2
-        return 1 if n.name in activations or (activations and n.op in ACTIVATIONS) else 0
+        if activations is None:
+            return 0
+        if n.op == "Relu":
+            mine, theirs = _projection(n.inputs[0]), _projection(other)
+            return int(None not in (mine, theirs) and mine[0] != theirs[0] and mine[1] == theirs[1])
+        return 1 if n.name in activations or n.op in ACTIVATIONS else 0
 
-    kinds = [kind(t) for t in node.inputs] if len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1] else []
+    pair = len(node.inputs) == 2 and node.inputs[0] is not node.inputs[1]
+    kinds = [kind(t, o) for t, o in zip(node.inputs, node.inputs[::-1])] if pair else []
     best = max(kinds, default=0)
     gates = [t for t, k in zip(node.inputs, kinds) if k == best and best > 0]
     if len(gates) != 1:
@@ -325,6 +340,22 @@ def gate_operand(node, activations=()):
                                f"(one operand a Sigmoid/HardSigmoid/Softmax gate, a Clip with range in [0, 1] or an "
                                f"activation), or under the split rule; here {len(gates)} operand(s) are gates")
     return gates[0]
+
+
+def _projection(t):
+    """(linear layer, its input's name) where a linear layer with constant weights maps a tensor to ``t`` (layout ops
+    and a bias Add around it), else None: a gated MLP projects both its factors from one input by two layers."""
+    def back(t):  # through layout ops and constant addends
+        while t.inputs and (t.inputs[0].op in LAYOUT or t.inputs[0].op == "Add") and sum(
+                not is_const(i) for i in t.inputs[0].inputs) == 1:
+            t = next(i for i in t.inputs[0].inputs if not is_const(i))
+        return t
+
+    t = back(t)
+    n = t.inputs[0] if t.inputs else None
+    if n is None or n.op not in PROJECTIONS or sum(not is_const(i) for i in n.inputs) != 1:
+        return None
+    return n.name, back(next(i for i in n.inputs if not is_const(i))).name
 
 
 declare("Resize", "Upsample", category="resize", keeps_category=True)  # (passes/resize_to_matmul.py: MatMuls)

@@ -11,14 +11,13 @@ and Equal copy and compare values bit-exactly on every execution provider (a Con
 on GPUs, and then no cell would match the max), and padding needs no sentinel arithmetic."""
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import onnx_graphsurgeon as gs
 from onnx import helper
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
+from ..windows import window_table
 from . import EXACT, declare, register
 from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
@@ -43,15 +42,36 @@ def maxpool(ctx, node, R_out):
     # MaxUnpool takes float and float16, not double; its CUDA provider has no MaxUnpool kernel (it would run on the
     # CPU, with copies): compiled for CUDA, disjoint windows scatter without adding (each index once)
     disjoint = _disjoint(node)
-    if disjoint and b.dtype in (np.float32, np.float16) and ctx.provider != "cuda":
+    if disjoint and b.dtype in (np.float32, np.float16) and ctx.provider == "cpu":
         a = {k: node.attrs[k] for k in ("kernel_shape", "strides", "pads") if k in node.attrs}
         return [b.op("MaxUnpool", [R_out[0], idx, shape], a)]
     flat = b.ints([-1])
     zeros = b.op("Reshape", [b.zeros(shape), flat])
+    if ctx.provider == "portable":  # (each index once where windows are disjoint: ScatterND, which converters know)
+        idx = b.op("Reshape", [_global_indices(b, idx, shape), flat], dtype=np.int64)
+        if disjoint:
+            at = b.op("Unsqueeze", [idx, b.ints([1])], dtype=np.int64)
+            return [b.op("Reshape", [b.op("ScatterND", [zeros, at, b.op("Reshape", [R_out[0], flat])]), shape])]
     scattered = b.op("ScatterElements",
                      [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
-                     {"axis": 0} if disjoint and ctx.provider == "cuda" else {"axis": 0, "reduction": "add"})
+                     {"axis": 0} if disjoint and ctx.provider != "cpu" else {"axis": 0, "reduction": "add"})
     return [b.op("Reshape", [scattered, shape])]
+
+
+def _global_indices(b, idx, shape):
+    """MaxPool's indices as the spec has them (flat over the whole input), whichever way a runtime counts them: some
+    count within each (sample, channel) plane, as torch does. ``idx mod (H·W) + plane · (H·W)``."""
+    plane = b.op("ReduceProd", [b.op("Slice", [shape, b.ints([2]), b.ints([2 ** 62])], dtype=np.int64)],
+                 {"keepdims": 0}, dtype=np.int64)  # (scalars: Range takes scalars)
+    planes = b.op("ReduceProd", [b.op("Slice", [shape, b.ints([0]), b.ints([2])], dtype=np.int64)],
+                  {"keepdims": 0}, dtype=np.int64)
+    starts = b.op("Range", [b.const(np.array(0, np.int64), np.int64), b.op("Mul", [planes, plane], dtype=np.int64),
+                            plane], dtype=np.int64)
+    rank = len(idx.shape) if idx.shape is not None else 4
+    starts = b.op("Reshape", [starts, b.op("Concat", [b.op("Slice", [shape, b.ints([0]), b.ints([2])], dtype=np.int64),
+                                                      b.ints([1] * (rank - 2))], {"axis": 0}, dtype=np.int64)],
+                  dtype=np.int64)
+    return b.op("Add", [b.op("Mod", [idx, plane], dtype=np.int64), starts], dtype=np.int64)
 
 
 def _disjoint(node) -> bool:
@@ -68,43 +88,11 @@ def _disjoint(node) -> bool:
                for i in range(n))
 
 
-def window_table(node, spatial: list[int]) -> np.ndarray:
-    """int64 [K, *out]: flat input index (row-major over ``spatial``) read by kernel tap j of each output
-    window; padding and ceil_mode overhang cells read index prod(spatial), one slot past the input."""
-    nd, a = len(spatial), node.attrs
-    k = list(a["kernel_shape"])
-    s, d = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
-    auto = a.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
-    span = [(k[i] - 1) * d[i] + 1 for i in range(nd)]
-    if auto in ("SAME_UPPER", "SAME_LOWER"):
-        out = [-(-spatial[i] // s[i]) for i in range(nd)]
-        total = [max(0, (out[i] - 1) * s[i] + span[i] - spatial[i]) for i in range(nd)]
-        pb = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
-    else:
-        pads = list(a.get("pads", [0] * 2 * nd)) if auto == "NOTSET" else [0] * 2 * nd
-        pb, full = pads[:nd], [spatial[i] + pads[i] + pads[nd + i] - span[i] for i in range(nd)]
-        if a.get("ceil_mode", 0):
-            out = [-(-full[i] // s[i]) + 1 for i in range(nd)]
-            # onnxruntime (like torch) drops a last window that starts past the input + begin pad
-            out = [o - 1 if (o - 1) * s[i] >= spatial[i] + pb[i] else o for i, o in enumerate(out)]
-        else:
-            out = [f // s[i] + 1 for i, f in enumerate(full)]
-    table = np.empty([int(np.prod(k)), *out], np.int64)
-    for j, tap in enumerate(itertools.product(*map(range, k))):
-        # position of this tap in every window, per axis: o*s + tap*d - pad_begin
-        pos = np.meshgrid(*[np.arange(out[i]) * s[i] + tap[i] * d[i] - pb[i] for i in range(nd)], indexing="ij")
-        inside = np.all([(p >= 0) & (p < spatial[i]) for i, p in enumerate(pos)], axis=0)
-        flat = np.ravel_multi_index([np.clip(p, 0, spatial[i] - 1) for i, p in enumerate(pos)], spatial)
-        table[j] = np.where(inside, flat, int(np.prod(spatial)))
-    return table
-
-
 def _split(ctx, node, R_out):
     b, x, y = ctx.b, node.inputs[0], node.outputs[0]
     dims = static_dims(x, node, "input shape")
     c, spatial, rank = dims[1], dims[2:], len(dims)
-    table = window_table(node, spatial)
+    table = window_table(node.attrs, spatial)
     xdt = np.dtype(x.dtype) if x.dtype is not None else b.dtype
     # channels last, so that each Gather index moves a block of C values (a Gather per element is much slower)
     last = [0, *range(2, rank), 1]

@@ -10,7 +10,7 @@ from ..rules import Rule
 
 
 def indicator(b, op: str, z):
-    """1.0 where ``op(z, 0)`` holds, else 0.0 (op: Greater, Less, GreaterOrEqual, Equal)."""
+    """1.0 where ``op(z, 0)`` holds, else 0.0 (op: Greater, Less, Equal: the comparisons every runtime has)."""
     return b.op("Cast", [b.op(op, [z, b.const(0.0)], dtype=bool)], {"to": _onnx_type(b.dtype)})
 
 
@@ -50,10 +50,10 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
         else:  # (Relu, not Max(z, 0): onnxruntime keeps Relu in its blocked NCHWc layout and fuses it into the Conv)
             den = b.op("Max", [z, b.const(eps)]) if shifted else b.add(b.relu(z), b.const(eps))
         return b.op("Div", [R, den])
-    nonneg = indicator(b, "GreaterOrEqual", z)  # sign0(z) = 2 * nonneg - 1 (zero counts as positive)
+    less = indicator(b, "Less", z)  # sign0(z) = 1 - 2 * less (zero counts as positive)
     if rule.stabilizer == "clip":
         mag = b.op("Max", [b.op("Abs", [z]), b.const(eps)])
-        den = b.mul(mag, b.add(b.mul(nonneg, b.const(2.0)), b.const(-1.0)))
+        den = b.mul(mag, b.add(b.mul(less, b.const(-2.0)), b.const(1.0)))
     else:
         if rule.stabilizer == "norm-scale":
             if rank is None:
@@ -65,11 +65,11 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
             unit = b.op("Div", [z, top])
             rms = b.mul(b.op("Sqrt", [b.reduce_mean(b.mul(unit, unit), list(range(1, rank)))]), top)
             e = b.mul(rms, b.const(eps))
-            den = b.add(z, b.mul(e, b.add(b.mul(nonneg, b.const(2.0)), b.const(-1.0))))
+            den = b.add(z, b.mul(e, b.add(b.mul(less, b.const(-2.0)), b.const(1.0))))
         elif eps == 0:
             den = z
         else:
-            den = b.add(b.add(z, b.const(-eps)), b.mul(nonneg, b.const(2.0 * eps)))
+            den = b.add(b.add(z, b.const(eps)), b.mul(less, b.const(-2.0 * eps)))
     if eps == 0 or rule.stabilizer == "norm-scale":
         # a zero denominator: divide by 1 instead, then zero the result (no inf * 0 = NaN)
         zero = indicator(b, "Equal", den)

@@ -1,0 +1,306 @@
+"""Token-id models without torch: what is computed from the ids and the mask alone is a constant for the rules,
+sequence targets (``next``, ``token:POS[=ID,...]``, ``continuation:N``) and their seeds, random token inputs for
+check/inspect, ``lrpc explain --tokens`` and its one-line errors.
+
+Oracle for the constants: a toy decoder whose position ids (CumSum of the mask), rotary-style cos (Cos of a Range)
+and causal mask (Where of a LessOrEqual of Ranges, -inf) are computed in the graph, and whose ids are cast before the
+embedding, explains per token exactly as the same model with those tensors given as initializers."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import lrpc
+from cli_helpers import one_line_error, run_cli
+from conftest import rel_l2, run_onnx
+from lrpc import targets
+from lrpc.check import random_inputs
+from lrpc.errors import InputError
+
+B, T, D, V = 2, 5, 6, 20
+COMPUTED = ("p", "cosv", "madd")  # the tensors computed from the ids' shape and the mask alone
+
+
+def _decoder(folded: dict | None = None, length=T) -> onnx.ModelProto:
+    """ids (cast to int32) -> word embedding e; positions p = pos_table[cumsum(mask) - 1]; x = (e + p) * cos(r ⊗ f),
+    r = Range(0, T); causal self-attention (+ x); logits [B, T, V]. ``folded``: the values of ``COMPUTED`` as
+    initializers instead of their subgraphs (no mask input). ``length``: the sequence dim (a name: dynamic)."""
+    rng = np.random.default_rng(0)
+    arr = {"table": rng.standard_normal((V, D)), "pos_table": rng.standard_normal((8, D)),
+           "inv_freq": np.linspace(0.1, 1.0, D), "W": rng.standard_normal((D, V)) / 3}
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in arr.items()]
+    inits += [numpy_helper.from_array(np.array(v, dtype), k) for k, v, dtype in
+              [("one", [1], np.int64), ("ax0", [0], np.int64), ("ax1", [1], np.int64), ("i1", 1, np.int64),
+               ("start", 0, np.int64), ("zero", 0.0, np.float32), ("ninf", -np.inf, np.float32)]]
+    mk = helper.make_node
+    nodes = [mk("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+             mk("Gather", ["table", "ids32"], ["e"])]
+    constant = [mk("CumSum", ["attention_mask", "i1"], ["cs"]), mk("Sub", ["cs", "one"], ["pos"]),
+                mk("Gather", ["pos_table", "pos"], ["p"]),
+                mk("Shape", ["input_ids"], ["shp"]), mk("Gather", ["shp", "i1"], ["t"]),
+                mk("Range", ["start", "t", "i1"], ["r"]), mk("Cast", ["r"], ["rf"], to=TensorProto.FLOAT),
+                mk("Unsqueeze", ["rf", "ax1"], ["rf2"]), mk("Mul", ["rf2", "inv_freq"], ["ang"]),
+                mk("Cos", ["ang"], ["cosv"]),
+                mk("Unsqueeze", ["r", "ax0"], ["rr0"]), mk("Unsqueeze", ["r", "ax1"], ["rr1"]),
+                mk("LessOrEqual", ["rr0", "rr1"], ["allowed"]), mk("Where", ["allowed", "zero", "ninf"], ["madd"])]
+    nodes += [] if folded else constant
+    nodes += [mk("Add", ["e", "p"], ["x"]), mk("Mul", ["x", "cosv"], ["xr"]),
+              mk("Transpose", ["xr"], ["xt"], perm=[0, 2, 1]), mk("MatMul", ["xr", "xt"], ["sc"]),
+              mk("Add", ["sc", "madd"], ["msc"]), mk("Softmax", ["msc"], ["a"], axis=-1),
+              mk("MatMul", ["a", "xr"], ["ctx"]), mk("Add", ["ctx", "xr"], ["h"]),
+              mk("MatMul", ["h", "W"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", length])]
+    if folded:
+        inits += [numpy_helper.from_array(v, k) for k, v in folded.items()]
+    else:
+        inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", length]))
+    g = helper.make_graph(nodes, "toy", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                  ["batch", length, V])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def _feeds():
+    mask = np.ones((B, T), np.int64)
+    mask[1, 0] = 0  # (left padding: the positions of the second sample start later)
+    return {"input_ids": np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int64), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
+def test_tensors_computed_from_ids_and_mask_are_constants(composite):
+    """Position ids from the mask's CumSum, cos of a Range, a causal mask built by Where(.., -inf), ids cast before the
+    embedding: the relevance per token equals that of the model with those tensors as initializers. (The CNN
+    composites differ on the embeddings' sum: norm where the addend is computed, an element-wise bias add passing
+    all relevance where it is an initializer.)"""
+    m, feeds = _decoder(), _feeds()
+    probe = onnx.ModelProto.FromString(m.SerializeToString())
+    probe.graph.output.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in COMPUTED)
+    values = run_onnx(probe, feeds)
+    compiled = lrpc.compile(m, composite, epsilon=1e-3)
+    assert [o.name for o in compiled.graph.output] == ["logits", "relevance_tokens"]
+    seed = targets.seed(targets.parse("next"), [B, T, V], lambda: values["logits"])
+    got = run_onnx(compiled, {**feeds, "relevance_seed": seed})
+    want = run_onnx(lrpc.compile(_decoder({k: values[k] for k in COMPUTED}), composite, epsilon=1e-3),
+                    {"input_ids": feeds["input_ids"], "relevance_seed": seed})
+    assert np.allclose(got["logits"], values["logits"])
+    assert got["relevance_tokens"].shape == (B, T) and np.all(np.isfinite(got["relevance_tokens"]))
+    assert rel_l2(got["relevance_tokens"], want["relevance_tokens"]) < 1e-6
+
+
+@pytest.mark.parametrize("text,kind,values,shown", [
+    ("next", "next", (), "next"), ("token:3", "token", (3,), "token:3"),
+    ("token:-2=5, 3=7", "token", (-2, 5, 3, 7), "token:-2=5,3=7"), ("continuation:2", "continuation", (2,),
+                                                                    "continuation:2")])
+def test_sequence_targets_parse_and_print(text, kind, values, shown):
+    t = targets.parse(text)
+    assert (t.kind, t.values, str(t)) == (kind, values, shown)
+    assert targets.parse(str(t)) == t
+
+
+@pytest.mark.parametrize("text,message", [
+    ("token:x", "expected token:POS, token:POS=ID"), ("token:1=2=3", "expected token:POS, token:POS=ID"),
+    ("token:1=-2", "token ids must be >= 0"), ("continuation:0", "N must be at least 1"),
+    ("tokens:1", "unknown target kind 'tokens'")])
+def test_bad_sequence_targets_are_refused(text, message):
+    with pytest.raises(InputError, match=message):
+        targets.parse(text)
+
+
+def test_sequence_seeds():
+    """next: top-1 at the last position (the last one the mask keeps); token:POS: top-1 there; pairs and
+    continuations: the sum of one-hots."""
+    rng = np.random.default_rng(1)
+    scores, ids = rng.standard_normal((B, T, V)), rng.integers(0, V, (B, T))
+
+    def seed(text, **kw):
+        return targets.seed(targets.parse(text), [B, T, V], lambda: scores, ids=lambda: ids, **kw)
+
+    want = np.zeros((B, T, V), np.float32)
+    want[[0, 1], T - 1, scores[:, -1].argmax(-1)] = 1
+    assert np.array_equal(seed("next"), want) and np.array_equal(seed(f"token:{T - 1}"), want)
+    mask = np.ones((B, T), np.int64)
+    mask[1, 3:] = 0  # right padding: the second sample's next token is predicted at position 2
+    want[1] = 0
+    want[1, 2, scores[1, 2].argmax()] = 1
+    assert np.array_equal(seed("next", mask=lambda: mask), want)
+    with pytest.raises(InputError, match="keep a position in each sample"):
+        seed("next", mask=lambda: 0 * mask)
+    want = np.zeros((B, T, V), np.float32)
+    want[:, 0, 4] = want[:, 3, 7] = 1
+    assert np.array_equal(seed("token:0=4,-2=7"), want)
+    want = np.zeros((B, T, V), np.float32)
+    for p in (T - 3, T - 2):
+        want[[0, 1], p, ids[:, p + 1]] = 1
+    assert np.array_equal(seed("continuation:2"), want)
+    for text, message in [(f"token:{T}", "outside the sequence of 5 tokens"), (f"token:1={V}", "outside the vocab"),
+                          (f"continuation:{T}", "continues at most 4"), ("next", "needs logits \\[N, T, V\\]")]:
+        with pytest.raises(InputError, match=message):
+            targets.seed(targets.parse(text), [B, T, V] if text != "next" else [B, V], lambda: scores,
+                         ids=lambda: ids)
+
+
+def test_session_explains_inputs_given_by_name():
+    m, feeds = _decoder(), _feeds()
+    session = lrpc.Session(lrpc.compile(m, "attnlrp"))
+    e = session.explain(**feeds, target="continuation:2")
+    assert e.relevance.shape == (B, T) and e.output.shape == (B, T, V)
+    assert np.array_equal(e.relevance, session.explain(feeds, target="continuation:2").relevance)
+    with pytest.raises(InputError, match="not both"):
+        session.explain(feeds, input_ids=feeds["input_ids"])
+
+
+def test_random_inputs_of_token_models_are_ids_within_the_vocabulary():
+    feeds = random_inputs(_decoder(), seed=3)
+    assert feeds["input_ids"].dtype == np.int64 and feeds["input_ids"].shape == (1, T)
+    assert feeds["input_ids"].max() < V and len(np.unique(feeds["input_ids"])) > 1
+    assert np.all(feeds["attention_mask"] == 1)
+
+
+def test_cli_explain_tokens_writes_json_npy_and_a_table(tmp_path):
+    """--tokens ids.npy ([T] or [B, T]): rel.json holds ids, relevance and the explained (position, token) per
+    sample, rel.npy the relevance; the same as Session.explain (the mask defaults to ones)."""
+    onnx.save(_decoder(), tmp_path / "toy.onnx")
+    feeds = _feeds()
+    np.save(tmp_path / "ids.npy", feeds["input_ids"])
+    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "ids.npy", "--rules", "attnlrp",
+                             "--target", "token:2=7", "--no-cache", "-o", tmp_path / "rel.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "rel.json").read_text())
+    feeds["attention_mask"][:] = 1
+    e = lrpc.Session(lrpc.compile(_decoder(), "attnlrp")).explain(**feeds, target="token:2=7")
+    assert data["target"] == "token:2=7" and [s["explained"] for s in data["samples"]] == [[[2, 7]], [[2, 7]]]
+    assert [s["ids"] for s in data["samples"]] == feeds["input_ids"].tolist()
+    got = np.array([s["relevance"] for s in data["samples"]])
+    assert rel_l2(got, e.relevance) < 1e-6 and rel_l2(np.load(tmp_path / "rel.npy"), e.relevance) < 1e-6
+    assert "relevance" in out and "token:2=7" in out
+    np.save(tmp_path / "seq.npy", feeds["input_ids"][0])  # one sequence [T]
+    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "seq.npy", "--no-cache",
+                             "-o", tmp_path / "one.json")
+    assert code == 0, err
+    assert len(json.loads((tmp_path / "one.json").read_text())["samples"]) == 1
+    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "seq.npy", "--no-cache",
+                             "-o", tmp_path / "seq.json")  # (its .npy would be the ids' file)
+    one_line_error(code, err, contains="refusing to overwrite an input file (the token ids)")
+
+
+@pytest.mark.parametrize("case,contains", [
+    ("missing", "no such file"), ("floats", "token ids must be integers"), ("suffix", "needs a suffix"),
+    ("position", "position 9 outside the sequence"), ("html", "needs the tokens' text"),
+    ("tokenizer", "--tokenizer goes with --text")])
+def test_cli_explain_tokens_errors_are_one_line(tmp_path, case, contains):
+    onnx.save(_decoder(), tmp_path / "toy.onnx")
+    np.save(tmp_path / "ids.npy", _feeds()["input_ids"])
+    np.save(tmp_path / "f.npy", np.zeros((B, T), np.float32))
+    src = {"missing": tmp_path / "nope.npy", "floats": tmp_path / "f.npy"}.get(case, tmp_path / "ids.npy")
+    out = {"suffix": "rel.txt", "html": "rel.html"}.get(case, "rel.json")
+    extra = {"position": ["--target", "token:9"]}.get(case, [])
+    args = ["--npy", src, "--tokenizer", tmp_path / "t.json"] if case == "tokenizer" else ["--tokens", src]
+    code, _, err = run_cli("explain", tmp_path / "toy.onnx", *args, *extra, "--no-cache", "-o", tmp_path / out)
+    one_line_error(code, err, contains=contains)
+
+
+def _tokenizer(path):
+    """A word-level tokenizer.json over V words w0 … w19, split on whitespace (built here: nothing downloaded)."""
+    tokenizers = pytest.importorskip("tokenizers")
+    from tokenizers import models, pre_tokenizers
+
+    tok = tokenizers.Tokenizer(models.WordLevel({f"w{i}": i for i in range(V)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(path))
+    return path
+
+
+def test_cli_explain_text_with_a_local_tokenizer(tmp_path):
+    """--text encoded by a local tokenizer.json: the JSON holds the tokens' text, rel.html shows them coloured, the
+    table names them; the relevance is that of --tokens with the same ids."""
+    onnx.save(_decoder(), tmp_path / "toy.onnx")
+    _tokenizer(tmp_path / "tok.json")
+    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--text", "w3 w1 w4 w1 w5", "--tokenizer",
+                             tmp_path / "tok.json", "--rules", "attnlrp", "--no-cache", "-o", tmp_path / "rel.json")
+    assert code == 0, err
+    sample = json.loads((tmp_path / "rel.json").read_text())["samples"][0]
+    assert sample["ids"] == [3, 1, 4, 1, 5] and sample["tokens"] == ["w3", "w1", "w4", "w1", "w5"]
+    page = (tmp_path / "rel.html").read_text()
+    assert page.count("<span") == T and "w4</span>" in page
+    assert "token" in out and "w4" in out
+    np.save(tmp_path / "ids.npy", np.array([[3, 1, 4, 1, 5]]))
+    code, _, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "ids.npy", "--rules", "attnlrp",
+                           "--no-cache", "-o", tmp_path / "same.json")
+    assert code == 0, err
+    same = json.loads((tmp_path / "same.json").read_text())["samples"][0]
+    assert rel_l2(sample["relevance"], same["relevance"]) < 1e-6
+
+
+def test_text_needs_a_tokenizer_and_the_package(tmp_path, monkeypatch):
+    from lrpc import text
+
+    with pytest.raises(InputError, match="--text needs --tokenizer"):
+        text.text_ids("a b", None)
+    monkeypatch.setitem(__import__("sys").modules, "tokenizers", None)
+    with pytest.raises(InputError, match="needs the 'tokenizers' package"):
+        text.text_ids("a b", tmp_path / "tok.json")
+    monkeypatch.undo()
+    pytest.importorskip("tokenizers")
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(InputError, match="bad.json: cannot read or apply the tokenizer"):
+        text.text_ids("a b", tmp_path / "bad.json")
+
+
+def test_terminal_colours_and_long_sequences():
+    from lrpc.text import table
+
+    ids, r = np.arange(30)[None], np.linspace(-1, 2, 30)[None]
+    shown = table(ids, r, [f"t{i}" for i in range(30)], colour=True)
+    assert "the 24 most relevant of 30 tokens" in shown and "\x1b[48;2;" in shown
+    assert len([line for line in shown.splitlines() if line.strip()[:1].isdigit()]) == 24
+
+
+@pytest.mark.parametrize("target", ["next", "continuation:2"])
+def test_inspect_on_random_token_ids(tmp_path, target):
+    """lrpc inspect's random inputs for a token model are ids within the vocabulary; sequence targets seed one
+    entry per explained position."""
+    from lrpc.inspect import inspect
+
+    onnx.save(_decoder(), tmp_path / "toy.onnx")
+    result = inspect(str(tmp_path / "toy.onnx"), "cp-lrp", None, None, target, 1e-3, None, None)
+    assert result["target"] == target and result["seed_sum"] == (1.0 if target == "next" else 2.0)
+    assert np.isfinite(result["input_sum"]) and result["layers"]
+
+
+def test_dynamic_sequence_length():
+    """A model with a dynamic sequence dim explains sequences of any length: the seed takes the ids' length."""
+    session = lrpc.Session(lrpc.compile(_decoder(length="seq"), "attnlrp"))
+    for t in (3, 7):
+        ids = np.arange(2 * t).reshape(2, t) % V
+        e = session.explain(input_ids=ids, attention_mask=np.ones_like(ids), target="next")
+        assert e.relevance.shape == (2, t) and e.seed.shape == (2, t, V) and e.seed[:, -1].sum() == 2
+
+
+def test_cli_explain_tokens_of_a_classifier_defaults_to_top1(tmp_path):
+    """A classifier of token ids (logits [B, C]): --tokens explains each sample's top class (the JSON names it)."""
+    from test_text import _masked_attention_model
+
+    onnx.save(_masked_attention_model("input"), tmp_path / "cls.onnx")
+    ids = np.array([[1, 2, 3, 4], [5, 6, 7, 8]], np.int64)
+    np.save(tmp_path / "ids.npy", ids)
+    code, out, err = run_cli("explain", tmp_path / "cls.onnx", "--tokens", tmp_path / "ids.npy", "--rules", "attnlrp",
+                             "--no-cache", "-o", tmp_path / "rel.json")
+    assert code == 0, err
+    data = json.loads((tmp_path / "rel.json").read_text())
+    e = lrpc.Session(lrpc.compile(_masked_attention_model("input"), "attnlrp")).explain(
+        ids=ids, attention_mask=np.ones_like(ids))
+    assert data["target"] == "top1" and [s["explained"] for s in data["samples"]] == [[[int(c)]] for c in e.target]
+    assert rel_l2(np.array([s["relevance"] for s in data["samples"]]), e.relevance) < 1e-6
+    mask = np.ones_like(ids)
+    mask[1, 3] = 0
+    np.savez(tmp_path / "ids.npz", ids=ids, attention_mask=mask)  # (the ids under the model's name for them)
+    code, out, err = run_cli("explain", tmp_path / "cls.onnx", "--tokens", tmp_path / "ids.npz", "--rules", "attnlrp",
+                             "--no-cache", "-o", tmp_path / "masked.npy")
+    assert code == 0, err
+    e = lrpc.Session(lrpc.compile(_masked_attention_model("input"), "attnlrp")).explain(ids=ids, attention_mask=mask)
+    assert rel_l2(np.load(tmp_path / "masked.npy"), e.relevance) < 1e-6
