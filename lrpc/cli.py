@@ -167,13 +167,15 @@ def _parser() -> argparse.ArgumentParser:
 
     a = sub.add_parser("audit", help="SpRAy: cluster the relevance maps of a class, write an HTML report",
                        description="Spectral relevance analysis of a directory written by `lrpc explain --images` "
-                                   "(its .npy maps, or the rows of its manifest.jsonl): downsample, normalise, "
+                                   "(its .npy maps, or the rows of its manifest.jsonl) or of the Parquet shards "
+                                   "of lrpc.ray.explain: downsample, normalise, "
                                    "spectral clustering with the number of clusters from the eigengap, a 2-D "
                                    "embedding, and per cluster its prototype heatmap and members. Needs "
                                    "scikit-learn (pip install 'lrpc[ray]').")
-    a.add_argument("folder", help="output directory of lrpc explain --images")
+    a.add_argument("folder", help="output directory of lrpc explain --images, or of Parquet shards")
     a.add_argument("-o", "--out", required=True, help="HTML report (self-contained)")
-    a.add_argument("--class", dest="cls", help="audit only the maps of this target class (needs manifest.jsonl)")
+    a.add_argument("--class", dest="cls",
+                   help="audit only the maps of this target class (needs manifest.jsonl or shards)")
     a.add_argument("--clusters", type=int, help="number of clusters (default: chosen by the largest eigengap)")
     a.add_argument("--max-clusters", type=int, default=10, help="largest number the eigengap may choose (10)")
     a.add_argument("--size", type=int, default=32, help="maps are downsampled to at most SIZE pixels a side (32)")
