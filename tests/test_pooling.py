@@ -276,7 +276,7 @@ def test_scatter_unpools_for_cuda(name, tmp_path):
                                       relevance(compiled, x, seed)["relevance"], err_msg=kind)
     plain = lrpc.compile(pool_model(*CONFIGS["k3s2-overlap"][:2]), "epsilon")
     assert lrpc.compile(pool_model(*CONFIGS["k3s2-overlap"][:2]), "epsilon", for_provider="cuda").graph == plain.graph
-    with pytest.raises(lrpc.InputError, match="for_provider must be 'cpu' or 'cuda'"):
+    with pytest.raises(lrpc.InputError, match="for_provider must be one of cpu, cuda, portable"):
         lrpc.compile(pool_model(shape, attrs), "epsilon", for_provider="gpu")
 
 
