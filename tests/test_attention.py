@@ -377,10 +377,17 @@ def _torchvision_vit_reference(net, mode: str):
 def test_torchvision_vision_transformer_matches_the_detach_reference(tmp_path, exporter):
     """torchvision's VisionTransformer (nn.MultiheadAttention inside), tiny: image 32, patch 8, 2 layers, 2 heads,
     width 32, MLP 64, 10 classes; random biases. attnlrp and cp-lrp against the detach reference, float32, 1e-4."""
-    torch = pytest.importorskip("torch")
+    pytest.importorskip("torch")
 
     net = torchvision_vit()
-    model = _export(net, tmp_path / "vit.onnx", exporter)
+    check_torchvision_vit(net, _export(net, tmp_path / "vit.onnx", exporter), exporter)
+
+
+def check_torchvision_vit(net, model, tag: str):
+    """attnlrp and cp-lrp relevance of ``model`` (an export of :func:`torchvision_vit`'s ``net``) = the detach
+    reference, float32, 1e-4; its logits = the torch model's."""
+    torch = pytest.importorskip("torch")
+
     x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
     for composite in ("attnlrp", "cp-lrp"):
         xt = torch.from_numpy(x).requires_grad_(True)
@@ -394,6 +401,5 @@ def test_torchvision_vision_transformer_matches_the_detach_reference(tmp_path, e
         with torch.no_grad():
             assert rel_l2(got["logits"], net(torch.from_numpy(x)).numpy()) < 1e-4
         err = rel_l2(got["relevance"], (xt.grad * xt).detach().numpy())
-        report_line(f"torchvision ViT {exporter} {composite}: relevance vs detach reference rel L2 {err:.1e} "
-                    "(float32)")
+        report_line(f"torchvision ViT {tag} {composite}: relevance vs detach reference rel L2 {err:.1e} (float32)")
         assert err < GRAD_TOL

@@ -479,32 +479,13 @@ def test_opset23_torchvision_vit_with_attention_ops_matches_the_detach_reference
     torch = pytest.importorskip("torch")
     import warnings
 
-    from torchvision.models import VisionTransformer
+    from test_attention import check_torchvision_vit, torchvision_vit
 
-    from test_attention import GRAD_TOL, _torchvision_vit_reference
-
-    torch.manual_seed(0)
-    net = VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32, mlp_dim=64,
-                            num_classes=10).eval()
-    with torch.no_grad():  # (torchvision's init zeroes the biases and the head)
-        for name, p in net.named_parameters():
-            if name.endswith("bias") or name.startswith("heads"):
-                p.copy_(torch.randn_like(p) * 0.3)
+    net = torchvision_vit()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(net, (torch.zeros(2, 3, 32, 32),), dynamo=True, opset_version=23, input_names=["input"],
                           output_names=["logits"]).save(str(tmp_path / "vit.onnx"), external_data=False)
     model = onnx.load(str(tmp_path / "vit.onnx"))
     assert "Attention" in {n.op_type for n in model.graph.node}
-    x = np.random.default_rng(2).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
-    for composite in ("attnlrp", "cp-lrp"):
-        xt = torch.from_numpy(x).requires_grad_(True)
-        y = _torchvision_vit_reference(net, composite)(xt)
-        k = y.argmax(1)
-        y.gather(1, k[:, None]).sum().backward()
-        seed = np.zeros(tuple(y.shape), np.float32)
-        seed[np.arange(2), k.numpy()] = y.detach().numpy()[np.arange(2), k.numpy()]
-        got = run_onnx(lrpc.compile(model, composite, epsilon=0.0, stabilizer_eps=0.0),
-                       {"input": x, "relevance_seed": seed})
-        assert rel_l2(got["logits"], y.detach().numpy()) < 1e-4
-        assert rel_l2(got["relevance"], (xt.grad * xt).detach().numpy()) < GRAD_TOL
+    check_torchvision_vit(net, model, "dynamo23")
