@@ -7,9 +7,12 @@ an operand that is a constant for the rules (no function of the explained input,
 ``constant`` rule) gets none and ``k = 1``: the epsilon rule of the linear map of the other operand.
 An Einsum of two computed tensors (``bhid,bhjd->bhij``, MaxViT's attention) is the same bilinear map written as
 one equation: ``R_a = a ⊙ einsum(n, b)``, ``R_b = b ⊙ einsum(a, n)`` with the adjoint equations.
-Softmax ``s = softmax(x)`` (taylor): ``R_x = x ⊙ (R - s ⊙ Σ_axis R)``, with x taken as 0 where s = 0 (masked
-positions, x = -inf); under ``constant`` no relevance enters it."""
+Softmax ``s = softmax(x)`` (taylor): ``R_x = x ⊙ (R - s ⊙ Σ_axis R)``, 0 where s = 0 (masked positions, x = -inf:
+the bracket is 0 there, and x is clamped to the lowest finite value so that the product is 0, not NaN); under
+``constant`` no relevance enters it."""
 from __future__ import annotations
+
+import numpy as np
 
 from ..errors import UnsupportedError, where
 from ..graph import is_const
@@ -49,7 +52,9 @@ def softmax(ctx, node, R_out):
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a Softmax "
                                "(use taylor or constant)")
     b, x, s, R = ctx.b, node.inputs[0], node.outputs[0], R_out[0]
-    x = b.op("Where", [b.op("Equal", [s, b.const(0.0)], dtype=bool), b.const(0.0), x])
+    # where s = 0 the bracket below is exactly 0 (R vanishes with s): a finite x there makes the product 0 (one pass
+    # instead of a compare and a Where)
+    x = b.op("Max", [x, b.const(float(np.finfo(b.dtype).min))])
     r_x = b.mul(x, b.op("Sub", [R, b.mul(s, b.reduce_sum(R, [int(node.attrs.get("axis", -1))]))]))
     if ctx.audit:  # the expansion's remainder s − J x is its bias: what R_x does not carry is absorbed by design
         ctx.account(node, r_x, b.op("Sub", [R, r_x]))
