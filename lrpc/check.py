@@ -152,7 +152,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         return compile_loaded(path, rules, output=output, input_shapes=input_shapes, **{**asdict(options), **kw})
 
     try:
-        asked = _as_asked(compiled, names, feeds, inputs is not None)
+        asked = _as_asked(compiled, names, feeds, inputs is not None, options.maxpool == "winner")
     except UnsupportedError as e:
         # figure: how many nodes are unsupported (1 for an error naming none: a bfloat16 weight)
         report.checks.append(Check("supported", False, len(e.nodes) or 1, 0, message=str(e)))
@@ -244,10 +244,10 @@ class _AsAsked:
     ties: tuple | None  # (windows near a tie, of them exact, windows, MaxPools) of winner-take-all MaxPools
 
 
-def _as_asked(compiled, names: list, feeds: dict, given: bool) -> _AsAsked:
+def _as_asked(compiled, names: list, feeds: dict, given: bool, winner: bool) -> _AsAsked:
     """The run of the compile as asked (``compiled()``): its forward outputs (``names``) and explained tensor (zero
-    seed), then its relevance under the top-1 seed."""
-    sess, explained, blocked, pools = _exposed(compiled())
+    seed), then its relevance under the top-1 seed. ``winner``: MaxPools are winner-take-all (``--maxpool``)."""
+    sess, explained, blocked, pools = _exposed(compiled(), winner)
     feeds = _conformed(sess, feeds, given)
     probe = sess.run(names + [explained], {**feeds, SEED: _zero_seed(sess, feeds)})
     seed = _top1_seed(sess, probe[0])
@@ -256,13 +256,14 @@ def _as_asked(compiled, names: list, feeds: dict, given: bool) -> _AsAsked:
                     _ties(pools, {**feeds, **outs}))
 
 
-def _exposed(loaded) -> tuple:
-    """(session, explained tensor, :func:`lrpc.gradient.blocker`, winner-take-all MaxPools as (input, attributes))
-    of a compiled model with its explained tensor and those MaxPools' inputs made outputs."""
+def _exposed(loaded, winner: bool) -> tuple:
+    """(session, explained tensor, :func:`lrpc.gradient.blocker`, the forward's MaxPools as (input, attributes) where
+    they are ``winner``-take-all, else none) of a compiled model with its explained tensor and those MaxPools' inputs
+    made outputs."""
     explained = metadata(loaded.proto)[EXPLAINED]
     blocked = gradient.blocker(loaded.proto, explained, gradient.float_inputs(loaded.proto, SEED))
     pools = [(n.input[0], {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute})
-             for n in loaded.proto.graph.node if n.op_type == "MaxPool" and len(n.output) > 1 and n.output[1]]
+             for n in loaded.proto.graph.node if winner and n.op_type == "MaxPool" and not n.name.startswith("lrp/")]
     gradient.expose(loaded.proto, [explained, *dict(pools)], SEED)
     return _session(loaded), explained, blocked, pools
 

@@ -12,16 +12,14 @@ def window_table(attrs: dict, spatial: list[int]) -> np.ndarray:
     nd, a = len(spatial), attrs
     k = list(a["kernel_shape"])
     s, d = list(a.get("strides", [1] * nd)), list(a.get("dilations", [1] * nd))
-    auto = a.get("auto_pad", "NOTSET")
-    auto = auto.decode() if isinstance(auto, bytes) else auto
+    auto = _auto_pad(a)
     span = [(k[i] - 1) * d[i] + 1 for i in range(nd)]
+    pb = begin_pads(a, spatial)
     if auto in ("SAME_UPPER", "SAME_LOWER"):
         out = [-(-spatial[i] // s[i]) for i in range(nd)]
-        total = [max(0, (out[i] - 1) * s[i] + span[i] - spatial[i]) for i in range(nd)]
-        pb = [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
     else:
         pads = list(a.get("pads", [0] * 2 * nd)) if auto == "NOTSET" else [0] * 2 * nd
-        pb, full = pads[:nd], [spatial[i] + pads[i] + pads[nd + i] - span[i] for i in range(nd)]
+        full = [spatial[i] + pads[i] + pads[nd + i] - span[i] for i in range(nd)]
         if a.get("ceil_mode", 0):
             out = [-(-full[i] // s[i]) + 1 for i in range(nd)]
             # onnxruntime (like torch) drops a last window that starts past the input + begin pad
@@ -36,3 +34,20 @@ def window_table(attrs: dict, spatial: list[int]) -> np.ndarray:
         flat = np.ravel_multi_index([np.clip(p, 0, spatial[i] - 1) for i, p in enumerate(pos)], spatial)
         table[j] = np.where(inside, flat, int(np.prod(spatial)))
     return table
+
+
+def begin_pads(attrs: dict, spatial: list[int]) -> list[int]:
+    """The padding before the input on each spatial axis of a pooling node, ``auto_pad`` resolved."""
+    nd, a = len(spatial), attrs
+    auto = _auto_pad(a)
+    if auto in ("SAME_UPPER", "SAME_LOWER"):
+        k, s = list(a["kernel_shape"]), list(a.get("strides", [1] * nd))
+        d = list(a.get("dilations", [1] * nd))
+        total = [max(0, (-(-spatial[i] // s[i]) - 1) * s[i] + (k[i] - 1) * d[i] + 1 - spatial[i]) for i in range(nd)]
+        return [t // 2 if auto == "SAME_UPPER" else t - t // 2 for t in total]
+    return list(a.get("pads", [0] * 2 * nd))[:nd] if auto == "NOTSET" else [0] * nd
+
+
+def _auto_pad(attrs: dict) -> str:
+    auto = attrs.get("auto_pad", "NOTSET")
+    return auto.decode() if isinstance(auto, bytes) else auto

@@ -1,9 +1,12 @@
 """MaxPool, two modes (``--maxpool``):
 
 winner (default): relevance of each output goes to the arg-max of its window (the first one on ties, like
-torch's gradient), via MaxPool's Indices output: MaxUnpool where windows do not overlap (each input cell
-receives from at most one output; VGG's 2x2/2), else ScatterElements(reduction="add"), so overlapping windows
-accumulate instead of overwriting (MaxUnpool would lose relevance there).
+torch's gradient). On the CPU the winners come from comparing the input with the forward's output tap by tap
+(:func:`_winner_by_taps`; the forward keeps onnxruntime's fast MaxPool kernel, which an Indices output would
+replace by a slow one). Compiled for CUDA or for other runtimes, and where a spatial dim is not static, via
+MaxPool's Indices output: MaxUnpool where windows do not overlap (each input cell receives from at most one output;
+VGG's 2x2/2), else ScatterElements(reduction="add"), so overlapping windows accumulate instead of overwriting
+(MaxUnpool would lose relevance there).
 
 split: relevance of each output is shared equally by all cells of its window that equal the window's
 maximum (LRP Toolbox). Lowered with compile-time index tables instead of a one-hot unfolding Conv: Gather
@@ -17,7 +20,7 @@ from onnx import helper
 
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
-from ..windows import window_table
+from ..windows import begin_pads, window_table
 from . import EXACT, declare, register
 from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
@@ -32,6 +35,9 @@ def maxpool(ctx, node, R_out):
     if ctx.options.maxpool == "split":
         return _split(ctx, node, R_out)
     b = ctx.b
+    r = _winner_by_taps(ctx, node, R_out[0]) if ctx.provider == "cpu" else None
+    if r is not None:
+        return [r]
     if node.attrs.get("storage_order", 0):
         raise UnsupportedError(f"{where(node)}: MaxPool with storage_order=1 is not supported")
     if len(node.outputs) < 2:
@@ -56,6 +62,78 @@ def maxpool(ctx, node, R_out):
                      [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
                      {"axis": 0} if disjoint and ctx.provider != "cpu" else {"axis": 0, "reduction": "add"})
     return [b.op("Reshape", [scattered, shape])]
+
+
+def _winner_by_taps(ctx, node, R):
+    """Winner mode from the forward's own output, without MaxPool's Indices output (onnxruntime computes that in a
+    generic kernel many times slower than its blocked MaxPool). Tap by tap in window order, the input at the tap
+    that equals the window's maximum takes the relevance still unclaimed: ``c_t = [x_t = y] f_t``, ``f_(t+1) = f_t -
+    c_t``, ``f_0 = R`` (the first maximum wins, as with the indices). ``x_t`` and the share ``c_t`` live on the
+    input's phase grids (the cells ``≡ φ mod s``: a tap ``t·d`` reads phase ``t·d mod s``, shifted by ``t·d div s``),
+    which the padded input splits into (SpaceToDepth, or strided slices) and the relevance interleaves back from
+    (a Concat per axis: its copies run in rows, where a 6-D Transpose or DepthToSpace runs element by element).
+    Padding cells are NaN, which equals nothing. None where a non-batch dim is not static."""
+    b, x, y = ctx.b, node.inputs[0], node.outputs[0]
+    if any(t.shape is None or not all(isinstance(v, (int, np.integer)) for v in t.shape[1:]) for t in (x, y)):
+        return None
+    a = node.attrs
+    c, xs, os_ = int(x.shape[1]), [int(v) for v in x.shape[2:]], [int(v) for v in y.shape[2:]]
+    n = len(xs)
+    k, s = list(a["kernel_shape"]), list(a.get("strides", [1] * n))
+    d, p = list(a.get("dilations", [1] * n)), begin_pads(a, xs)
+    xdt = np.dtype(x.dtype) if x.dtype is not None else b.dtype
+    # phase grids cover every window (a ceil_mode overhang too) and the input, a whole number of strides
+    grid = [-(-max(xs[i] + p[i], (os_[i] - 1) * s[i] + (k[i] - 1) * d[i] + 1) // s[i]) for i in range(n)]
+    extra = [grid[i] * s[i] - xs[i] - p[i] for i in range(n)]
+    xp = x
+    if any(p) or any(extra):
+        xp = b.op("Pad", [x, b.ints([0, 0, *p, 0, 0, *extra]), b.const(np.nan, xdt)], dtype=xdt)
+    axes = b.ints(range(2, 2 + n))
+    s2d = n == 2 and s[0] == s[1] > 1  # (SpaceToDepth: channel block φ_h·s + φ_w holds phase (φ_h, φ_w))
+    if s2d:
+        xp = b.op("SpaceToDepth", [xp], {"blocksize": s[0]}, dtype=xdt)
+    phases: dict[tuple, list] = {}
+    f = R
+    taps = list(np.ndindex(*k))
+    to = helper.np_dtype_to_tensor_dtype(b.dtype)
+    for j, t in enumerate(taps):
+        tau = [t[i] * d[i] for i in range(n)]
+        phase, shift = tuple(v % s[i] for i, v in enumerate(tau)), [v // s[i] for i, v in enumerate(tau)]
+        if s2d:
+            block = phase[0] * s[1] + phase[1]
+            xt = b.op("Slice", [xp, b.ints([block * c, *shift]), b.ints([(block + 1) * c, *[shift[i] + os_[i]
+                                                                                            for i in range(n)]]),
+                                b.ints(range(1, 2 + n))], dtype=xdt)
+        else:
+            xt = b.op("Slice", [xp, b.ints(tau), b.ints([tau[i] + (os_[i] - 1) * s[i] + 1 for i in range(n)]), axes,
+                                b.ints(s)], dtype=xdt)
+        share = b.mul(b.op("Cast", [b.op("Equal", [xt, y], dtype=np.bool_)], {"to": to}), f)
+        if j + 1 < len(taps):
+            f = b.op("Sub", [f, share])
+        pads = [0, 0, *shift, 0, 0, *[grid[i] - os_[i] - shift[i] for i in range(n)]]
+        phases.setdefault(phase, []).append(b.op("Pad", [share, b.ints(pads)]) if any(pads) else share)
+    zero = None
+    for phase in np.ndindex(*s):
+        if phase not in phases:  # (a stride longer than the window: cells no window reads)
+            if zero is None:
+                zero = b.mul(b.op("Pad", [R, b.ints([0, 0, *[0] * n, 0, 0, *[g - o for g, o in zip(grid, os_)]])]),
+                             b.const(0.0))
+            phases[phase] = [zero]
+    grids = {phase: b.sum(terms) for phase, terms in phases.items()}
+    dims = list(grid)
+    for i in reversed(range(n)):  # interleave the phases of axis i: [.., g_i, ..] x s_i -> [.., g_i·s_i, ..]
+        if s[i] == 1:
+            grids = {ph[:i]: g for ph, g in grids.items()}
+            continue
+        dims[i] *= s[i]
+        grids = {key: b.op("Reshape", [b.op("Concat", [b.op("Unsqueeze", [grids[key + (v,)], b.ints([3 + i])])
+                                                       for v in range(s[i])], {"axis": 3 + i}),
+                                       b.ints([0, 0, *dims])])
+                 for key in {ph[:i] for ph in grids}}
+    r = grids[()]
+    if dims != xs:
+        r = b.op("Slice", [r, b.ints(p), b.ints([p[i] + xs[i] for i in range(n)]), axes])
+    return r
 
 
 def _global_indices(b, idx, shape):
