@@ -414,9 +414,10 @@ def relevance_path(canon: Canonical, explain_at: str | None = None) -> tuple[lis
 
 def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]:
     """Where relevance is explained: ``(tensors, kind)``. ``explain_at`` names a float tensor ("at"); else the
-    float graph inputs ("inputs"); else, for a model of token ids, the token embedding ("tokens"): the Gather of a
-    constant table by an integer graph input (``input_ids`` where several, else the largest table). Position and
-    token-type embeddings and masks then depend on no source: constants for the rules."""
+    float graph inputs ("inputs") but a decoder's key/value cache (:func:`contract.is_cache_input`); else, for a model
+    of token ids, the token embedding ("tokens"): the Gather of a constant table by an integer graph input
+    (``input_ids`` where several, else the largest table). Position and token-type embeddings, masks and the cache
+    then depend on no source: constants for the rules."""
     graph = canon.graph
     if explain_at is not None:
         t = graph.tensors().get(explain_at)
@@ -425,7 +426,8 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
         if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.floating) or is_const(t):
             raise InputError(f"explain_at: tensor '{explain_at}' is not a computed float tensor")
         return [t], "at"
-    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
+    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+              and not contract.is_cache_input(t.name)]
     if inputs:
         return inputs, "inputs"
     ids = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"}
@@ -433,8 +435,9 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
               and is_const(n.inputs[0]) and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
               and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and id_input(n.inputs[1]) in ids]
     if not tables:
-        raise InputError("the model has no float input to explain (integer/string inputs only, and no embedding "
-                         "Gather of a constant table by an integer input)")
+        cache = " besides its key/value cache" if any(contract.is_cache_input(t.name) for t in graph.inputs) else ""
+        raise InputError(f"the model has no float input to explain{cache} (integer/string inputs only, and no "
+                         "embedding Gather of a constant table by an integer input)")
     named = [n for n in tables if id_input(n.inputs[1]) == "input_ids"]
     word = named[0] if named else max(tables, key=lambda n: n.inputs[0].shape[0])
     return [word.outputs[0]], "tokens"

@@ -128,6 +128,8 @@ def test_sequence_seeds():
     want[1] = 0
     want[1, 2, scores[1, 2].argmax()] = 1
     assert np.array_equal(seed("next", mask=lambda: mask), want)
+    cached = np.concatenate([np.ones((B, 2), np.int64), mask], 1)  # (a mask over 2 cached tokens and the T new ones)
+    assert np.array_equal(seed("next", mask=lambda: cached), want)
     with pytest.raises(InputError, match="keep a position in each sample"):
         seed("next", mask=lambda: 0 * mask)
     want = np.zeros((B, T, V), np.float32)
@@ -304,3 +306,44 @@ def test_cli_explain_tokens_of_a_classifier_defaults_to_top1(tmp_path):
     assert code == 0, err
     e = lrpc.Session(lrpc.compile(_masked_attention_model("input"), "attnlrp")).explain(ids=ids, attention_mask=mask)
     assert rel_l2(np.load(tmp_path / "masked.npy"), e.relevance) < 1e-6
+
+
+def _cached_decoder(past: np.ndarray | None = None) -> onnx.ModelProto:
+    """ids -> word embedding e [B, T, D]; keys k = Concat(cache, e) over the sequence axis, the cache a float input
+    ``past_key_values.0.key`` [B, P, D] (``past``: an initializer of these values instead); softmax(e kᵀ) k, then
+    logits [B, T, V]."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((V, D)).astype(np.float32), "table"),
+             numpy_helper.from_array((rng.standard_normal((D, V)) / 3).astype(np.float32), "W")]
+    mk = helper.make_node
+    nodes = [mk("Gather", ["table", "input_ids"], ["e"]), mk("Concat", ["past_key_values.0.key", "e"], ["k"], axis=1),
+             mk("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), mk("MatMul", ["e", "kt"], ["sc"]),
+             mk("Softmax", ["sc"], ["a"], axis=-1), mk("MatMul", ["a", "k"], ["ctx"]),
+             mk("MatMul", ["ctx", "W"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, T])]
+    if past is None:
+        inputs.append(helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [B, 3, D]))
+    else:
+        inits.append(numpy_helper.from_array(past, "past_key_values.0.key"))
+    g = helper.make_graph(nodes, "cached", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                     [B, T, V])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
+def test_a_key_value_cache_is_a_constant(composite):
+    """A float input named as a decoder's cache (past_key_values.*) is not explained: the token ids are (output
+    relevance_tokens), fed with the cache by name, with the relevance of the model whose cache is an initializer."""
+    from lrpc.contract import is_cache_input
+
+    past = np.random.default_rng(4).standard_normal((B, 3, D)).astype(np.float32)
+    ids = _feeds()["input_ids"]
+    compiled = lrpc.compile(_cached_decoder(), composite)
+    assert [o.name for o in compiled.graph.output] == ["logits", "relevance_tokens"]
+    got = lrpc.Session(compiled).explain(input_ids=ids, **{"past_key_values.0.key": past}, target="next")
+    want = lrpc.Session(lrpc.compile(_cached_decoder(past), composite)).explain(input_ids=ids, target="next")
+    assert np.array_equal(got.seed, want.seed) and rel_l2(got.relevance, want.relevance) < 1e-6
+    assert [is_cache_input(n) for n in ("past_key_values.0.key", "past.1.value", "past_key_3", "pastry", "x")] == \
+        [True, True, True, False, False]
