@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import targets
-from .contract import is_cache_input
 from .atomic_write import protected, write_atomic
+from .contract import is_cache_input
 from .errors import InputError, one_line
 from .loaded import external_data_files
 
