@@ -71,12 +71,12 @@ def _feeds():
     return {"input_ids": np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int64), "attention_mask": mask}
 
 
-@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp", "epsilon-gamma-box", "epsilon"])
 def test_tensors_computed_from_ids_and_mask_are_constants(composite):
     """Position ids from the mask's CumSum, cos of a Range, a causal mask built by Where(.., -inf), ids cast before the
-    embedding: the relevance per token equals that of the model with those tensors as initializers. (The CNN
-    composites differ on the embeddings' sum: norm where the addend is computed, an element-wise bias add passing
-    all relevance where it is an initializer.)"""
+    embedding: the relevance per token equals that of the model with those tensors as initializers. The embeddings'
+    sum is a bias add in both forms (category scale: pass under the CNN composites, epsilon under attnlrp/cp-lrp),
+    whether the position addend is computed or stored."""
     m, feeds = _decoder(), _feeds()
     probe = onnx.ModelProto.FromString(m.SerializeToString())
     probe.graph.output.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in COMPUTED)
