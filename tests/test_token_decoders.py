@@ -183,14 +183,17 @@ def test_check_conserves_on_a_bias_free_llama_from_token_ids(tmp_path, exporter)
 
 
 @pytest.mark.parametrize("exporter", list(EXPORTS))
-def test_llama_with_a_dynamic_sequence_length(tmp_path, exporter):
-    """A Llama exported with a symbolic sequence length compiles as it is (grouped-query attention's Expand sums the
-    copies over axes read at run time, RoPE's Slices need the head dim only) and explains sequences of two lengths
-    as the detach reference does (attnlrp and cp-lrp, target next, the second sample padded on the right)."""
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decoder_with_a_dynamic_sequence_length(tmp_path, name, exporter):
+    """A decoder exported with a symbolic sequence length compiles as it is (Llama's grouped-query attention: its
+    Expand sums the copies over axes read at run time, RoPE's Slices need the head dim only) and explains sequences
+    of two lengths as the detach reference does (attnlrp and cp-lrp, target next, the second sample padded on the
+    right)."""
     torch = pytest.importorskip("torch")
     pytest.importorskip("transformers")
 
-    net = _llama(eager=exporter == "legacy17")
+    build = MODELS[name][0]
+    net = build(eager=exporter == "legacy17") if name == "llama" else build()
     model = export_ids(net, tmp_path / "llama.onnx", exporter, dynamic=True)
     assert [d.dim_param != "" for d in model.graph.input[0].type.tensor_type.shape.dim] == [False, True]
     for composite in ("attnlrp", "cp-lrp"):
@@ -205,8 +208,8 @@ def test_llama_with_a_dynamic_sequence_length(tmp_path, exporter):
             with torch.no_grad():
                 plain = net(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
             assert e.relevance.shape == (2, t) and rel_l2(e.output, plain) < 1e-4
-            _, want = _reference("llama", net, feeds, composite, e.seed)
+            _, want = _reference(name, net, feeds, composite, e.seed)
             err = rel_l2(e.relevance, want)
-            report_line(f"llama ids dynamic T={t} {exporter} {composite} next: relevance per token vs detach reference "
-                        f"rel L2 {err:.1e} (float32)")
+            report_line(f"{name} ids dynamic T={t} {exporter} {composite} next: relevance per token vs detach "
+                        f"reference rel L2 {err:.1e} (float32)")
             assert err < 1e-4
