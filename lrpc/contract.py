@@ -4,6 +4,7 @@ inspect, explain) reads the names here; numpy and onnx protos only, so importing
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import onnx
@@ -35,6 +36,16 @@ RULES = "lrpc.rules"  # the rule of each layer, JSON
 LAYERS = "lrpc.layers"  # layerwise: the layers in execution order with op type and rule, JSON
 ORIGIN = "lrpc.origin"  # the op type of nodes a canonization pass rewrote, JSON
 PROVIDER = "lrpc.provider"  # "cuda" when compiled for it (absent: the default lowering, fastest on the CPU)
+
+
+# a decoder's cached keys and values from earlier steps (past_key_values.0.key, past.0.value, past_key_0, ...): float
+# inputs that are never explained; relevance goes to the current tokens, the cache is a constant for the rules
+CACHE_INPUT = re.compile(r"past([._\d]|key|value)", re.IGNORECASE)
+
+
+def is_cache_input(name: str) -> bool:
+    """Whether graph input ``name`` holds a decoder's key/value cache (:data:`CACHE_INPUT`)."""
+    return CACHE_INPUT.match(name) is not None
 
 
 def metadata(model: onnx.ModelProto) -> dict[str, str]:

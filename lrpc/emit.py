@@ -12,6 +12,7 @@ from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
 from .relevance import facts, propagator
 from .relevance.attention import EINSUM, MATMUL
+from .relevance.elementwise import BIAS_SUM
 from .relevance.linear import GATE, gate_operand
 from .schedule import order_for_runtime
 
@@ -80,7 +81,8 @@ def op_of(canon: Canonical, node) -> str:
     """The op ``node`` is explained as: its type, :data:`ACTIVATION` for the node making the output of an
     activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` (``EINSUM``) for
     a MatMul (an Einsum) of two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise
-    Mul of two that both depend on the explained input (a gated product: relevance/linear.py), or ``domain::type``
+    Mul of two that both depend on the explained input (a gated product: relevance/linear.py), ``BIAS_SUM`` for a Sum
+    of which one operand does (a bias add: relevance/elementwise.py), or ``domain::type``
     for an op of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
@@ -91,6 +93,8 @@ def op_of(canon: Canonical, node) -> str:
     if node.op == "Mul" and len(node.inputs) == 2 and not any(is_const(t) for t in node.inputs) and \
             (canon.live is None or all(t.name in canon.live for t in node.inputs)):
         return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
+    if node.op == "Sum" and canon.live is not None and sum(t.name in canon.live for t in node.inputs) == 1:
+        return BIAS_SUM  # (addends no function of the explained input, as computed positions, are a bias)
     return op_type(node)
 
 
@@ -317,7 +321,7 @@ def _quiet_below_zero(nodes: list, explained, rules: dict, ctx: Context) -> set[
         if rule is None or rule.layers is not None or not ctx.nonneg(t):  # (taylor, split: not x times a message)
             return False
         if c.op == "Sum":
-            return True
+            return not rule.is_pass  # (a bias sum under pass hands its output's relevance on as it is)
         return not rule.is_pass and all(term.input in ("x", "x+", "x-") for g in rule.groups for term in g.terms)
 
     for node in reversed(nodes):
@@ -414,9 +418,10 @@ def relevance_path(canon: Canonical, explain_at: str | None = None) -> tuple[lis
 
 def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]:
     """Where relevance is explained: ``(tensors, kind)``. ``explain_at`` names a float tensor ("at"); else the
-    float graph inputs ("inputs"); else, for a model of token ids, the token embedding ("tokens"): the Gather of a
-    constant table by an integer graph input (``input_ids`` where several, else the largest table). Position and
-    token-type embeddings and masks then depend on no source: constants for the rules."""
+    float graph inputs ("inputs") but a decoder's key/value cache (:func:`contract.is_cache_input`); else, for a model
+    of token ids, the token embedding ("tokens"): the Gather of a constant table by an integer graph input
+    (``input_ids`` where several, else the largest table). Position and token-type embeddings, masks and the cache
+    then depend on no source: constants for the rules."""
     graph = canon.graph
     if explain_at is not None:
         t = graph.tensors().get(explain_at)
@@ -425,7 +430,8 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
         if t.dtype is None or not np.issubdtype(np.dtype(t.dtype), np.floating) or is_const(t):
             raise InputError(f"explain_at: tensor '{explain_at}' is not a computed float tensor")
         return [t], "at"
-    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)]
+    inputs = [t for t in graph.inputs if t.dtype is not None and np.issubdtype(np.dtype(t.dtype), np.floating)
+              and not contract.is_cache_input(t.name)]
     if inputs:
         return inputs, "inputs"
     ids = {t.name for t in graph.inputs if t.dtype is not None and np.dtype(t.dtype).kind in "iu"}
@@ -433,8 +439,9 @@ def sources(canon: Canonical, explain_at: str | None = None) -> tuple[list, str]
               and is_const(n.inputs[0]) and n.inputs[0].shape is not None and len(n.inputs[0].shape) == 2
               and np.issubdtype(np.dtype(n.inputs[0].dtype), np.floating) and id_input(n.inputs[1]) in ids]
     if not tables:
-        raise InputError("the model has no float input to explain (integer/string inputs only, and no embedding "
-                         "Gather of a constant table by an integer input)")
+        cache = " besides its key/value cache" if any(contract.is_cache_input(t.name) for t in graph.inputs) else ""
+        raise InputError(f"the model has no float input to explain{cache} (integer/string inputs only, and no "
+                         "embedding Gather of a constant table by an integer input)")
     named = [n for n in tables if id_input(n.inputs[1]) == "input_ids"]
     word = named[0] if named else max(tables, key=lambda n: n.inputs[0].shape[0])
     return [word.outputs[0]], "tokens"

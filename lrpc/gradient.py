@@ -22,6 +22,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from . import composites
+from .contract import is_cache_input
 
 PREFIX = "lrpc_check/probe/"
 SHAPES = ("Shape", "Size")  # their outputs are shapes, not values of the input
@@ -40,8 +41,10 @@ def ruleset() -> composites.RuleSet:
 
 
 def float_inputs(model: onnx.ModelProto, skip: str) -> list[str]:
+    """The explained float inputs (a decoder's key/value cache is not one), less ``skip``."""
     floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16)
-    return [i.name for i in model.graph.input if i.name != skip and i.type.tensor_type.elem_type in floats]
+    return [i.name for i in model.graph.input if i.name != skip and i.type.tensor_type.elem_type in floats
+            and not is_cache_input(i.name)]
 
 
 def _forward(model: onnx.ModelProto, explained: str, inputs: list[str], shapes: bool = False) -> tuple[list, set]:

@@ -12,7 +12,8 @@ A target is given as text (``lrpc explain --target``) or to :meth:`lrpc.Session.
                        >= 128), either one per position ([H, W]) or per channel and position ([C, H, W])
 ``class:C``            dense outputs: every position whose predicted class is C
 ``next``               sequence outputs: the top-1 token at the last position (which tokens made the next one;
-                       the last one the attention mask keeps, where there is one)
+                       the last one the attention mask keeps, where there is one; a mask longer than the
+                       sequence, as a decoder's with a key/value cache, is read at its last T positions)
 ``token:POS``          sequence outputs: the top-1 token at position POS (negative: from the end)
 ``token:POS=ID,...``   sequence outputs: token ID at position POS; several pairs are explained together
 ``continuation:N``     sequence outputs: the input's last N tokens, each at the position before it (a generated
@@ -213,6 +214,8 @@ def sequence_seed(target: Target, shape: list[int], scores, ids=None, dtype=np.f
             pairs = [(-1, None)]
         else:  # each sample's last position the mask keeps (right padding)
             kept = np.asarray(kept) != 0
+            if kept.ndim == 2 and kept.shape[1] > length:  # (with a key/value cache it covers the cached tokens too)
+                kept = kept[:, -length:]
             if list(kept.shape) != [batch, length] or not kept.any(axis=1).all():
                 raise InputError(f"--target next: the attention mask {list(kept.shape)} must be [N, T] = "
                                  f"{[batch, length]} and keep a position in each sample")

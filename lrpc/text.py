@@ -15,6 +15,7 @@ import numpy as np
 
 from . import targets
 from .atomic_write import protected, write_atomic
+from .contract import is_cache_input
 from .errors import InputError, one_line
 from .loaded import external_data_files
 
@@ -83,13 +84,15 @@ def text_ids(text: str, tokenizer) -> tuple[dict, list[str]]:
 
 def model_feeds(session, arrays: dict, source: str) -> tuple[dict, np.ndarray]:
     """(the feeds of ``session``, the token ids [B, T]): the ids under the model's ids input and the arrays given by
-    name, each converted to the input's integer type; an attention mask not given is all ones, token types zeros,
-    position ids 0..T-1."""
+    name, each converted to the input's type; an attention mask not given is all ones, token types zeros, position
+    ids 0..T-1. A decoder's key/value cache (inputs ``past_key_values.*``, [B, heads, P, hd]) must be given; the
+    attention mask then covers the P cached tokens and the T new ones, position ids count from P."""
     from .runtime import NUMPY_TYPES
 
     specs = {i.name: i for i in session.session.get_inputs()}
     ints = [n for n in session.inputs if np.dtype(NUMPY_TYPES.get(specs[n].type, np.float32)).kind in "iu"]
-    floats = [n for n in session.inputs if n not in ints]
+    cache = [n for n in session.inputs if n not in ints and is_cache_input(n)]
+    floats = [n for n in session.inputs if n not in ints and n not in cache]
     if floats:
         raise InputError(f"{source}: the model takes float input '{floats[0]}': token ids explain models of "
                          f"integer inputs only (use --npy)")
@@ -105,22 +108,30 @@ def model_feeds(session, arrays: dict, source: str) -> tuple[dict, np.ndarray]:
         raise InputError(f"{source}: token ids must be integers [T] or [B, T], got {ids.dtype} {list(ids.shape)}")
     ids = ids[None] if ids.ndim == 1 else ids
     feeds = {}
+    for name in cache:
+        if name not in arrays:
+            raise InputError(f"{source}: no array for the key/value cache input '{name}' (give an .npz with it)")
+        feeds[name] = np.asarray(arrays[name]).astype(NUMPY_TYPES[specs[name].type])
+    past = feeds[cache[0]].shape[-2] if cache and feeds[cache[0]].ndim >= 2 else 0  # (cached tokens)
     for name in session.inputs:
+        if name in cache:
+            continue
         value = ids if name == ids_name else arrays.get(name)
+        want = list(ids.shape) if "mask" not in name else [ids.shape[0], ids.shape[1] + past]
         if value is None:
             if "mask" in name:
-                value = np.ones_like(ids)
+                value = np.ones(want, ids.dtype)
             elif "type" in name:
                 value = np.zeros_like(ids)
             elif "position" in name:
-                value = np.broadcast_to(np.arange(ids.shape[1]), ids.shape)
+                value = np.broadcast_to(np.arange(past, past + ids.shape[1]), ids.shape)
             else:
                 raise InputError(f"{source}: no array for model input '{name}' (give an .npz with it)")
         value = np.asarray(value)
         value = value[None] if value.ndim == 1 else value  # (one sequence)
-        if value.shape != ids.shape:
+        if list(value.shape) != want:
             raise InputError(f"{source}: input '{name}' has shape {list(value.shape)}, the token ids "
-                             f"{list(ids.shape)}")
+                             f"{list(ids.shape)}" + (f" after {past} cached tokens" if past else ""))
         feeds[name] = value.astype(NUMPY_TYPES[specs[name].type])
     return feeds, ids
 

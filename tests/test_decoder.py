@@ -176,19 +176,21 @@ def _mm(a, b, mode):
 
 
 def _causal(scores, mask=None):
-    """Causal masking (-inf above the diagonal), and of the keys where the padding ``mask`` [B, T] is 0."""
+    """Causal masking (-inf above the diagonal; with S - T cached keys before the T queries, above diagonal S - T),
+    and of the keys where the padding ``mask`` [B, S] is 0."""
     torch = pytest.importorskip("torch")
 
-    t = scores.shape[-1]
-    off = torch.ones(t, t, dtype=torch.bool).triu(1)
+    t, s = scores.shape[-2:]
+    off = torch.ones(t, s, dtype=torch.bool).triu(1 + s - t)
     if mask is not None:
         off = off | (mask[:, None, None, :] == 0)
     return scores.masked_fill(off, float("-inf"))
 
 
-def _llama_forward(net, e, mode, mask=None, last=True):
+def _llama_forward(net, e, mode, mask=None, last=True, past=None):
     """LlamaForCausalLM's forward on ``inputs_embeds``, last position's logits (``last``; else all), ``mask`` the
-    padding mask [B, T] (or None), with the rules' tensors detached:
+    padding mask [B, T] (or None; [B, P + T] with ``past``: per layer the cached (keys, values) [B, KV, P, hd] of P
+    earlier tokens, constants), with the rules' tensors detached:
     RMSNorm's 1/rms, SiLU's f(x)/x, one factor of each product (attnlrp: both halves; cp-lrp: the probabilities and
     the gate constant)."""
     torch = pytest.importorskip("torch")
@@ -202,14 +204,17 @@ def _llama_forward(net, e, mode, mask=None, last=True):
     def rms(norm, x):
         return norm.weight * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon).detach())
 
-    cos, sin = m.rotary_emb(e, torch.arange(t)[None])
+    start = 0 if past is None else past[0][0].shape[2]
+    cos, sin = m.rotary_emb(e, torch.arange(start, start + t)[None])
     x = e
-    for layer in m.layers:
+    for i, layer in enumerate(m.layers):
         at, h = layer.self_attn, rms(layer.input_layernorm, x)
         q = at.q_proj(h).view(n, t, heads, hd).transpose(1, 2)
         k = at.k_proj(h).view(n, t, kv, hd).transpose(1, 2)
         v = at.v_proj(h).view(n, t, kv, hd).transpose(1, 2)
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if past is not None:
+            k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
         k, v = repeat_kv(k, heads // kv), repeat_kv(v, heads // kv)
         a = _causal(_mm(q, k.transpose(-2, -1), mode) * hd ** -0.5, mask).softmax(-1)
         o = a.detach() @ v if mode == "cp-lrp" else _mm(a, v, mode)
@@ -223,9 +228,10 @@ def _llama_forward(net, e, mode, mask=None, last=True):
     return logits[:, -1] if last else logits
 
 
-def _gpt2_forward(net, e, mode, mask=None, last=True):
+def _gpt2_forward(net, e, mode, mask=None, last=True, past=None):
     """GPT2LMHeadModel's forward on ``inputs_embeds`` (positions added), last position's logits (``last``; else all),
-    ``mask`` the padding mask [B, T] (or None), with the rules' tensors detached (LayerNorm's sigma, gelu_new's
+    ``mask`` the padding mask [B, T] (or None; [B, P + T] with ``past``: per layer the cached (keys, values)
+    [B, H, P, hd] of P earlier tokens, constants), with the rules' tensors detached (LayerNorm's sigma, gelu_new's
     f(x)/x, one factor of each attention product)."""
     torch = pytest.importorskip("torch")
     from transformers.activations import NewGELUActivation
@@ -236,10 +242,13 @@ def _gpt2_forward(net, e, mode, mask=None, last=True):
     hd = d // heads
     gelu = NewGELUActivation()
 
-    x = e + m.wpe(torch.arange(t))[None]
-    for blk in m.h:
+    start = 0 if past is None else past[0][0].shape[2]
+    x = e + m.wpe(torch.arange(start, start + t))[None]
+    for i, blk in enumerate(m.h):
         q, k, v = blk.attn.c_attn(layer_norm(blk.ln_1, x)).split(d, dim=2)
         q, k, v = (z.view(n, t, heads, hd).transpose(1, 2) for z in (q, k, v))
+        if past is not None:
+            k, v = torch.cat([past[i][0], k], 2), torch.cat([past[i][1], v], 2)
         a = _causal(_mm(q, k.transpose(-2, -1), mode) / hd ** 0.5, mask).softmax(-1)
         o = a.detach() @ v if mode == "cp-lrp" else _mm(a, v, mode)
         x = x + blk.attn.c_proj(o.transpose(1, 2).reshape(n, t, d))

@@ -91,3 +91,25 @@ def test_gather_of_slots_before_the_symbolic_batch(index):
     want = np.zeros((3, 2, 4))
     want[index] = k * ((seed / (k @ W)) @ W.T)
     assert rel_l2(got["relevance"], want) < 1e-4
+
+
+@pytest.mark.parametrize("t", [1, 3])
+def test_expand_of_a_symbolic_dim_sums_the_copies_found_at_run_time(t):
+    """Expand of x [2, T, 1, 5] to [2, 3, 4, 5] (T symbolic: broadcast where it is 1 at run time, a copy where it is
+    3), then a linear layer: LRP-0 at x = the epsilon rule's relevance at the Expand's output summed over the axes
+    actually broadcast (float64)."""
+    w = RNG.standard_normal((5, 6))
+    g = helper.make_graph([helper.make_node("Expand", ["x", "shape"], ["m"]), helper.make_node("MatMul", ["m", "W"],
+                                                                                                ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, "T", 1, 5])],
+                          [helper.make_tensor_value_info("y", TensorProto.DOUBLE, None)],
+                          [numpy_helper.from_array(np.array([2, 3, 4, 5], np.int64), "shape"),
+                           numpy_helper.from_array(w, "W")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    x, seed = RNG.standard_normal((2, t, 1, 5)), RNG.standard_normal((2, 3, 4, 6))
+    got = run_onnx(lrpc.compile(m, "epsilon", epsilon=0.0, stabilizer_eps=0.0), {"x": x, "relevance_seed": seed})
+    moved = np.broadcast_to(x, (2, 3, 4, 5))
+    spread = moved * ((seed / (moved @ w)) @ w.T)
+    want = spread.sum(axis=(1, 2) if t == 1 else 2, keepdims=True)
+    assert rel_l2(got["relevance"], want) < 1e-12

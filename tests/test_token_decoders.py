@@ -29,8 +29,9 @@ def _feeds():
     return {"input_ids": rng.integers(0, V, (2, T)).astype(np.int64), "attention_mask": mask}
 
 
-def export_ids(net, path, exporter: str) -> onnx.ModelProto:
-    """``net`` exported taking (input_ids, attention_mask), returning all logits [B, T, V]."""
+def export_ids(net, path, exporter: str, dynamic: bool = False) -> onnx.ModelProto:
+    """``net`` exported taking (input_ids, attention_mask), returning all logits [B, T, V] (``dynamic``: T a
+    symbolic dim)."""
     import warnings
 
     torch = pytest.importorskip("torch")
@@ -48,11 +49,14 @@ def export_ids(net, path, exporter: str) -> onnx.ModelProto:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kw["dynamo"]:
+            seq = {1: torch.export.Dim("seq", min=2, max=60)} if dynamic else None
             torch.onnx.export(Logits().eval(), args, dynamo=True, opset_version=kw["opset"], input_names=names,
-                              output_names=["logits"]).save(str(path), external_data=False)
+                              output_names=["logits"], dynamic_shapes={"ids": seq, "mask": seq} if dynamic else None
+                              ).save(str(path), external_data=False)
         else:
+            axes = {"input_ids": {1: "seq"}, "attention_mask": {1: "seq"}, "logits": {1: "seq"}} if dynamic else None
             torch.onnx.export(Logits().eval(), args, str(path), dynamo=False, opset_version=kw["opset"],
-                              input_names=names, output_names=["logits"])
+                              input_names=names, output_names=["logits"], dynamic_axes=axes)
     return onnx.load(str(path))
 
 
@@ -176,3 +180,36 @@ def test_check_conserves_on_a_bias_free_llama_from_token_ids(tmp_path, exporter)
                                            lrpc.Options(epsilon=1e-9, stabilizer_eps=1e-9)).checks}
     assert all(checks[k].passed for k in ("supported", "forward", "finite", "conservation")), checks
     assert checks["gradient"].skipped and "token ids" in checks["gradient"].message
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+@pytest.mark.parametrize("name", list(MODELS))
+def test_decoder_with_a_dynamic_sequence_length(tmp_path, name, exporter):
+    """A decoder exported with a symbolic sequence length compiles as it is (Llama's grouped-query attention: its
+    Expand sums the copies over axes read at run time, RoPE's Slices need the head dim only) and explains sequences
+    of two lengths as the detach reference does (attnlrp and cp-lrp, target next, the second sample padded on the
+    right)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+
+    build = MODELS[name][0]
+    net = build(eager=exporter == "legacy17") if name == "llama" else build()
+    model = export_ids(net, tmp_path / "llama.onnx", exporter, dynamic=True)
+    assert [d.dim_param != "" for d in model.graph.input[0].type.tensor_type.shape.dim] == [False, True]
+    for composite in ("attnlrp", "cp-lrp"):
+        session = _session(model, composite)
+        for t in (4, 9):
+            rng = np.random.default_rng(t)
+            mask = np.ones((2, t), np.int64)
+            mask[1, -1] = 0
+            feeds = {"input_ids": rng.integers(0, V, (2, t)).astype(np.int64), "attention_mask": mask}
+            e = session.explain(**feeds, target="next")
+            assert e.seed[0, t - 1].sum() == 1 and e.seed[1, t - 2].sum() == 1 and e.seed.sum() == 2
+            with torch.no_grad():
+                plain = net(**{k: torch.from_numpy(v) for k, v in feeds.items()}).logits.numpy()
+            assert e.relevance.shape == (2, t) and rel_l2(e.output, plain) < 1e-4
+            _, want = _reference(name, net, feeds, composite, e.seed)
+            err = rel_l2(e.relevance, want)
+            report_line(f"{name} ids dynamic T={t} {exporter} {composite} next: relevance per token vs detach "
+                        f"reference rel L2 {err:.1e} (float32)")
+            assert err < 1e-4

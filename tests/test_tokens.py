@@ -71,12 +71,12 @@ def _feeds():
     return {"input_ids": np.array([[3, 1, 4, 1, 5], [9, 2, 6, 5, 3]], np.int64), "attention_mask": mask}
 
 
-@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp", "epsilon-gamma-box", "epsilon"])
 def test_tensors_computed_from_ids_and_mask_are_constants(composite):
     """Position ids from the mask's CumSum, cos of a Range, a causal mask built by Where(.., -inf), ids cast before the
-    embedding: the relevance per token equals that of the model with those tensors as initializers. (The CNN
-    composites differ on the embeddings' sum: norm where the addend is computed, an element-wise bias add passing
-    all relevance where it is an initializer.)"""
+    embedding: the relevance per token equals that of the model with those tensors as initializers. The embeddings'
+    sum is a bias add in both forms (category scale: pass under the CNN composites, epsilon under attnlrp/cp-lrp),
+    whether the position addend is computed or stored."""
     m, feeds = _decoder(), _feeds()
     probe = onnx.ModelProto.FromString(m.SerializeToString())
     probe.graph.output.extend(helper.make_tensor_value_info(k, TensorProto.FLOAT, None) for k in COMPUTED)
@@ -128,6 +128,8 @@ def test_sequence_seeds():
     want[1] = 0
     want[1, 2, scores[1, 2].argmax()] = 1
     assert np.array_equal(seed("next", mask=lambda: mask), want)
+    cached = np.concatenate([np.ones((B, 2), np.int64), mask], 1)  # (a mask over 2 cached tokens and the T new ones)
+    assert np.array_equal(seed("next", mask=lambda: cached), want)
     with pytest.raises(InputError, match="keep a position in each sample"):
         seed("next", mask=lambda: 0 * mask)
     want = np.zeros((B, T, V), np.float32)
@@ -304,3 +306,44 @@ def test_cli_explain_tokens_of_a_classifier_defaults_to_top1(tmp_path):
     assert code == 0, err
     e = lrpc.Session(lrpc.compile(_masked_attention_model("input"), "attnlrp")).explain(ids=ids, attention_mask=mask)
     assert rel_l2(np.load(tmp_path / "masked.npy"), e.relevance) < 1e-6
+
+
+def _cached_decoder(past: np.ndarray | None = None) -> onnx.ModelProto:
+    """ids -> word embedding e [B, T, D]; keys k = Concat(cache, e) over the sequence axis, the cache a float input
+    ``past_key_values.0.key`` [B, P, D] (``past``: an initializer of these values instead); softmax(e kᵀ) k, then
+    logits [B, T, V]."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((V, D)).astype(np.float32), "table"),
+             numpy_helper.from_array((rng.standard_normal((D, V)) / 3).astype(np.float32), "W")]
+    mk = helper.make_node
+    nodes = [mk("Gather", ["table", "input_ids"], ["e"]), mk("Concat", ["past_key_values.0.key", "e"], ["k"], axis=1),
+             mk("Transpose", ["k"], ["kt"], perm=[0, 2, 1]), mk("MatMul", ["e", "kt"], ["sc"]),
+             mk("Softmax", ["sc"], ["a"], axis=-1), mk("MatMul", ["a", "k"], ["ctx"]),
+             mk("MatMul", ["ctx", "W"], ["logits"])]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, [B, T])]
+    if past is None:
+        inputs.append(helper.make_tensor_value_info("past_key_values.0.key", TensorProto.FLOAT, [B, 3, D]))
+    else:
+        inits.append(numpy_helper.from_array(past, "past_key_values.0.key"))
+    g = helper.make_graph(nodes, "cached", inputs, [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                                                     [B, T, V])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
+def test_a_key_value_cache_is_a_constant(composite):
+    """A float input named as a decoder's cache (past_key_values.*) is not explained: the token ids are (output
+    relevance_tokens), fed with the cache by name, with the relevance of the model whose cache is an initializer."""
+    from lrpc.contract import is_cache_input
+
+    past = np.random.default_rng(4).standard_normal((B, 3, D)).astype(np.float32)
+    ids = _feeds()["input_ids"]
+    compiled = lrpc.compile(_cached_decoder(), composite)
+    assert [o.name for o in compiled.graph.output] == ["logits", "relevance_tokens"]
+    got = lrpc.Session(compiled).explain(input_ids=ids, **{"past_key_values.0.key": past}, target="next")
+    want = lrpc.Session(lrpc.compile(_cached_decoder(past), composite)).explain(input_ids=ids, target="next")
+    assert np.array_equal(got.seed, want.seed) and rel_l2(got.relevance, want.relevance) < 1e-6
+    assert [is_cache_input(n) for n in ("past_key_values.0.key", "past.1.value", "past_key_3", "pastry", "x")] == \
+        [True, True, True, False, False]

@@ -194,8 +194,8 @@ def _attention_model(case: str):
         inits.append(numpy_helper.from_array(allowed, "mask"))
     names.append("mask" if mask else "")
     if past:
-        names += ["past_k", "past_v"]
-        inputs += [("past_k", (*ks[:2], past, ks[3])), ("past_v", (*vs[:2], past, vs[3]))]
+        names += ["prev_k", "prev_v"]
+        inputs += [("prev_k", (*ks[:2], past, ks[3])), ("prev_v", (*vs[:2], past, vs[3]))]
     ys = (*qs[:2], qs[1] and vs[-1] * attrs["q_num_heads"] // attrs["kv_num_heads"]) if len(qs) == 3 else \
         (*qs[:3], vs[-1])
     node = helper.make_node("Attention", names, ["y"], name="attn", **attrs)
@@ -215,7 +215,7 @@ def _attention_oracle(feeds, R, case, bias):
 
     q, k, v = split(q, heads[0]), split(k, heads[1]), split(v, heads[1])
     if past:
-        k, v = np.concatenate([feeds["past_k"], k], 2), np.concatenate([feeds["past_v"], v], 2)
+        k, v = np.concatenate([feeds["prev_k"], k], 2), np.concatenate([feeds["prev_v"], v], 2)
     root = np.sqrt(attrs.get("scale", 1 / np.sqrt(q.shape[-1])))
     rep = heads[0] // heads[1]
     qr, kr, vr = q * root, np.repeat(k * root, rep, 1), np.repeat(v, rep, 1)
@@ -242,7 +242,7 @@ def _attention_oracle(feeds, R, case, bias):
     out = {"relevance_q": merge(r_q, heads[0])[0]}
     (out["relevance_k"], old_k), (out["relevance_v"], old_v) = merge(r_kr, heads[1], past), merge(r_vr, heads[1], past)
     if past:
-        out["relevance_past_k"], out["relevance_past_v"] = old_k, old_v
+        out["relevance_prev_k"], out["relevance_prev_v"] = old_k, old_v
     y = y.transpose(0, 2, 1, 3).reshape(y.shape[0], y.shape[2], -1) if len(qs) == 3 else y
     return y, out
 
@@ -250,8 +250,9 @@ def _attention_oracle(feeds, R, case, bias):
 @pytest.mark.parametrize("case", list(ATTENTION_CASES))
 def test_attention_op_is_decomposed_into_attention_rules(case):
     """ONNX's Attention (opset 23) compiles under attnlrp: the compiled forward is the op's (onnx's reference
-    kernel), the relevance of Q, K, V (and past K/V) is AttnLRP's by the formulas (float64, epsilon 0); no Attention
-    node is left."""
+    kernel), the relevance of Q, K, V (and earlier K/V given as float inputs) is AttnLRP's by the formulas (float64,
+    epsilon 0); no Attention node is left. Named as a decoder's cache (past_*), the earlier K/V are constants: no
+    relevance for them, the same for Q, K, V."""
     model, inits = _attention_model(case)
     rng = np.random.default_rng(6)
     feeds = {i.name: rng.standard_normal([d.dim_value for d in i.type.tensor_type.shape.dim])
@@ -276,6 +277,17 @@ def test_attention_op_is_decomposed_into_attention_rules(case):
     assert rel_l2(got["y"], want_y) < 1e-12
     for name, r in want.items():
         assert rel_l2(got[name], r) < 1e-10, name
+    if past:  # the earlier keys and values named as a decoder's cache (past_*): constants, the rest unchanged
+        cached = onnx.ModelProto.FromString(model.SerializeToString())
+        renamed = {"prev_k": "past_k", "prev_v": "past_v"}
+        for t in cached.graph.input:
+            t.name = renamed.get(t.name, t.name)
+        cached.graph.node[0].input[:] = [renamed.get(n, n) for n in cached.graph.node[0].input]
+        out = lrpc.compile(cached, "attnlrp", epsilon=0.0, stabilizer_eps=0.0)
+        assert [o.name for o in out.graph.output] == ["y", "relevance_q", "relevance_k", "relevance_v"]
+        got = _run64(out, {**{renamed.get(k, k): v for k, v in feeds.items()}, "relevance_seed": R})
+        for name in ("relevance_q", "relevance_k", "relevance_v"):
+            assert rel_l2(got[name], want[name]) < 1e-10, name
 
 
 def test_attention_op_refuses_what_it_cannot_write_out():

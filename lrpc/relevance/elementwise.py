@@ -58,6 +58,21 @@ def residual_sum(ctx, node, R_out):
     return [None if f else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x, f in zip(node.inputs, fixed)]
 
 
+BIAS_SUM = "lrpc.bias_sum"  # what emission explains a Sum of one computed tensor and constants for the rules as
+
+
+@register(BIAS_SUM, category="scale", keeps_nonneg=True, gradient=EXACT)
+def bias_sum(ctx, node, R_out):
+    """A sum of one tensor that depends on the explained input and addends that do not (position and token-type
+    embeddings computed from the ids): an element-wise bias add, as where the addend is stored (category scale).
+    pass sends all relevance to the computed operand; a rule for sums (epsilon) leaves the addends their share."""
+    rule = ctx.rule(node)
+    if rule.is_pass:
+        z = node.outputs[0]
+        return [None if _fixed(ctx, x) else unbroadcast(ctx.b, R_out[0], x, z) for x in node.inputs]
+    return residual_sum(ctx, node, R_out)
+
+
 def _fixed(ctx, x) -> bool:
     """``x`` is a constant for the rules (a bias of the sum): a constant, or no function of the explained input
     (BERT's token-type and position embeddings)."""

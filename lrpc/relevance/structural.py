@@ -45,11 +45,31 @@ def transpose(ctx, node, R_out):
 
 @register("Expand", **DATA_MOVEMENT)
 def expand(ctx, node, R_out):
-    """Broadcast: each input element gets the sum of its copies' relevance (a ReduceSum over the broadcast axes)."""
+    """Broadcast: each input element gets the sum of its copies' relevance (a ReduceSum over the broadcast axes).
+    Where a symbolic input dim may or may not be broadcast (grouped-query attention with a dynamic sequence length),
+    the axes are read off the shapes at run time."""
     x, y = node.inputs[0], node.outputs[0]
+    if x.shape is not None and y.shape is not None and len(x.shape) <= len(y.shape) and \
+            any(not isinstance(d, (int, np.integer)) for d in [*x.shape[1:], *y.shape[1:]]):
+        lead = len(y.shape) - len(x.shape)
+        if all(isinstance(d, (int, np.integer)) or d == e for d, e in zip(x.shape, y.shape[lead:])):
+            return [unbroadcast(ctx.b, R_out[0], x, y), None]  # (each axis known to be broadcast or not)
+        return [_unbroadcast_at_run_time(ctx.b, R_out[0], x, lead), None]
     static_dims(x, node, "input shape")
     static_dims(y, node, "output shape")
     return [unbroadcast(ctx.b, R_out[0], x, y), None]
+
+
+def _unbroadcast_at_run_time(b, r, x, lead: int):
+    """``r`` summed over its ``lead`` leading axes and over the axes where ``x`` has size 1 and ``r`` not."""
+    if lead:
+        r = b.reduce_sum(r, list(range(lead)), keepdims=0)
+    ones = b.ints([1])
+    spread = b.op("And", [b.op("Equal", [b.shape_of(x), ones], dtype=np.bool_),
+                          b.op("Not", [b.op("Equal", [b.shape_of(r), ones], dtype=np.bool_)], dtype=np.bool_)],
+                  dtype=np.bool_)
+    axes = b.op("Reshape", [b.op("NonZero", [spread], dtype=np.int64), b.ints([-1])], dtype=np.int64)
+    return b.op("ReduceSum", [r, axes], {"keepdims": 1, "noop_with_empty_axes": 1})
 
 
 @register("Gather", **DATA_MOVEMENT)
@@ -147,7 +167,9 @@ def split(ctx, node, R_out):
 @register("Slice", **DATA_MOVEMENT)
 def slice_(ctx, node, R_out):
     x = node.inputs[0]
-    dims = static_dims(x, node)
+    if x.shape is None:
+        static_dims(x, node)  # (raises: a rank is needed)
+    dims = list(x.shape)  # (only the sliced axes need static sizes: RoPE's halves of a dynamic-length sequence)
     if not all(is_const(t) for t in node.inputs[1:] if t.name):
         raise UnsupportedError(f"{where(node)}: Slice with non-constant starts/ends")
     vals = [const_value(t).astype(np.int64).tolist() if t.name else None for t in node.inputs[1:]] + [None] * 3
@@ -159,19 +181,22 @@ def slice_(ctx, node, R_out):
     b = ctx.b
     r = R_out[0]
     rank = len(dims)
-    cur = list(static_dims(node.outputs[0], node)) if node.outputs[0].shape is not None else list(dims)
+    cur = list(node.outputs[0].shape) if node.outputs[0].shape is not None else list(dims)
     before, after = [0] * rank, [0] * rank
     for st, en, ax, step in zip(starts, ends, axes, steps):
         ax %= rank
         n = dims[ax]
-        if not isinstance(n, int):
+        if not isinstance(n, (int, np.integer)):
             raise UnsupportedError(f"{where(node)}: Slice along the dynamic axis {ax}")
+        n = int(n)
         st = min(max(st + n if st < 0 else st, 0), n)
         en = min(max(en + n if en < 0 else en, 0), n)
         m = len(range(st, en, step))
         if m == 0:
             return [b.zeros_like(x)] + [None] * (len(node.inputs) - 1)
         if step > 1:  # interleave s-1 zeros after each kept element: [.., m, ..] -> [.., (m-1)*s+1, ..]
+            if any(not isinstance(d, (int, np.integer)) for d in cur[ax + 1:]):
+                static_dims(node.outputs[0], node)  # (raises: the Reshape below needs them)
             r = b.op("Unsqueeze", [r, b.ints([ax + 1])])
             pads = [0] * (rank + 1) * 2
             pads[rank + 1 + ax + 1] = step - 1
