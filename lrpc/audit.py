@@ -22,6 +22,7 @@ from .errors import InputError, one_line
 from .imaging import heatmap, pil_image
 
 MANIFEST = "manifest.jsonl"
+DENSE_MAX = 2000  # maps up to which the graph is a dense matrix (N^2 floats: 32 MB at 2000)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 
@@ -123,7 +124,9 @@ def spectral(x: np.ndarray, clusters: int | None = None, neighbors: int | None =
              seed: int = 0) -> dict:
     """SpRAy's analysis of feature rows ``x``: a symmetric k-nearest-neighbour graph, the eigenvalues of its
     normalised Laplacian (the number of clusters is the one before the largest eigengap unless ``clusters``
-    is given), spectral clustering on that graph and a 2-D spectral embedding."""
+    is given), spectral clustering on that graph and a 2-D spectral embedding. Up to :data:`DENSE_MAX` rows the
+    graph is a dense matrix (all eigenvalues); beyond, a sparse one and only the smallest eigenvalues (memory
+    O(N k), not O(N^2))."""
     try:
         from sklearn.cluster import SpectralClustering
         from sklearn.neighbors import kneighbors_graph
@@ -133,30 +136,68 @@ def spectral(x: np.ndarray, clusters: int | None = None, neighbors: int | None =
     n = len(x)
     k = neighbors or max(2, min(10, int(round(np.log2(n))) + 1, n - 1))
     k = min(k, n - 1)
-    graph = kneighbors_graph(x, k, mode="connectivity", include_self=False).toarray()
-    affinity = np.maximum(graph, graph.T)
+    top = min(max_clusters, n - 1)
+    if clusters and not 1 <= int(clusters) <= n:
+        raise InputError(f"--clusters {clusters}: expected 1..{n} (the number of maps)")
+    graph = kneighbors_graph(x, k, mode="connectivity", include_self=False)
+    if n > DENSE_MAX:
+        return _sparse_spectral(graph, clusters, top, k, seed)
+    dense = graph.toarray()
+    affinity = np.maximum(dense, dense.T)
     degree = affinity.sum(axis=1)
     inv = 1.0 / np.sqrt(np.maximum(degree, 1e-12))
     laplacian = np.eye(n) - inv[:, None] * affinity * inv[None, :]
     values, vectors = np.linalg.eigh(laplacian)
     values = np.clip(values, 0.0, None)
-    top = min(max_clusters, n - 1)
-    gaps = np.diff(values[:top + 1])  # gaps[i]: lambda_{i+2} - lambda_{i+1} (1-based): i + 1 clusters
-    chosen = int(clusters) if clusters else int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
-    if not 1 <= chosen <= n:
-        raise InputError(f"--clusters {clusters}: expected 1..{n} (the number of maps)")
+    chosen = _chosen(values, clusters, top)
     if chosen == 1:
         labels = np.zeros(n, dtype=int)
     else:
         labels = SpectralClustering(n_clusters=chosen, affinity="precomputed", random_state=seed,
                                     assign_labels="kmeans").fit_predict(affinity)
-    embedding = vectors[:, 1:3] * inv[:, None]  # the first non-trivial eigenvectors of the random walk
+    return _result(chosen, labels, values[:top + 1], vectors[:, 1:3] * inv[:, None], k)
+
+
+def _sparse_spectral(graph, clusters, top: int, k: int, seed: int) -> dict:
+    """:func:`spectral` on a sparse k-nearest-neighbour ``graph`` of many maps: the smallest eigenvalues of the
+    normalised Laplacian I - D^-1/2 A D^-1/2 are 1 - the largest of D^-1/2 A D^-1/2 (ARPACK), and the clusters are
+    k-means on the first eigenvectors scaled by D^-1/2, as scikit-learn's spectral clustering does."""
+    from scipy.sparse import diags
+    from scipy.sparse.linalg import eigsh
+    from sklearn.cluster import KMeans
+
+    n = graph.shape[0]
+    affinity = graph.maximum(graph.T).tocsr().astype(np.float64)
+    inv = 1.0 / np.sqrt(np.maximum(np.asarray(affinity.sum(axis=1)).ravel(), 1e-12))
+    walk = diags(inv) @ affinity @ diags(inv)
+    m = max(top + 1, int(clusters or 0), 3)
+    start = np.random.default_rng(seed).uniform(-1.0, 1.0, n)  # (ARPACK's start vector: reproducible results)
+    mu, vectors = eigsh(walk, k=m, which="LA", v0=start)
+    order = np.argsort(-mu)
+    values, vectors = np.clip(1.0 - mu[order], 0.0, None), vectors[:, order]
+    chosen = _chosen(values, clusters, top)
+    if chosen == 1:
+        labels = np.zeros(n, dtype=int)
+    else:
+        labels = KMeans(n_clusters=chosen, random_state=seed, n_init=10).fit_predict(vectors[:, :chosen]
+                                                                                    * inv[:, None])
+    return _result(chosen, labels, values[:top + 1], vectors[:, 1:3] * inv[:, None], k)
+
+
+def _chosen(values: np.ndarray, clusters, top: int) -> int:
+    """``clusters``, or the number before the largest eigengap among the first ``top`` + 1 eigenvalues."""
+    gaps = np.diff(values[:top + 1])  # gaps[i]: lambda_{i+2} - lambda_{i+1} (1-based): i + 1 clusters
+    return int(clusters) if clusters else int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
+
+
+def _result(chosen: int, labels, eigenvalues, embedding, k: int) -> dict:
+    """The analysis, clusters numbered by size (largest first); ``embedding``: the first non-trivial eigenvectors
+    of the random walk."""
     if embedding.shape[1] < 2:
         embedding = np.pad(embedding, ((0, 0), (0, 2 - embedding.shape[1])))
-    # clusters numbered by size, largest first
     order = sorted(range(chosen), key=lambda c: (-int((labels == c).sum()), c))
     labels = np.array([order.index(c) for c in labels])
-    return {"clusters": chosen, "labels": labels, "eigenvalues": values[:top + 1], "embedding": embedding,
+    return {"clusters": chosen, "labels": labels, "eigenvalues": eigenvalues, "embedding": embedding,
             "neighbors": k}
 
 
