@@ -243,7 +243,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)",
                       file=sys.stderr)
             k = relevance.shape[1] if relevance is not None else 1
-            drawn = c.get("drawn")  # (the Ray executor's actors draw in the actors)
+            drawn = c.get("drawn")  # (drawn already by the Ray executor's actors)
             if drawn is None:  # a unit: [rows, K, ...], a tensor file's batch or one image
                 units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(relevance))]
                 drawn = (draw(rel, shown[j], drawing, paths[chunk[j]][0]) for j, rel in enumerate(units))

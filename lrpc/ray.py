@@ -7,8 +7,8 @@ actor pool starts one :class:`lrpc.Session` from the compiled bytes and explains
     out = lrpc.ray.explain(ds, "model.onnx", rules="epsilon-plus-flat", target="top1", batch_size=32)
     out.write_parquet("explanations/")          # path, target, score, relevance, error
 
-``lrpc explain --images DIR --ray auto`` runs the same actors (:func:`chunks`) and writes what the single-process
-command writes. Needs ``pip install 'lrpc[ray]'``.
+``lrpc explain --images DIR --ray auto`` runs the same actors (:func:`chunks`), which also draw each image's files
+(:func:`lrpc.explain.draw`), and writes what the single-process command writes. Needs ``pip install 'lrpc[ray]'``.
 """
 from __future__ import annotations
 
@@ -65,15 +65,19 @@ def providers(ray) -> list[str]:
 
 def _resources(ray, concurrency: int | None, num_cpus: float | None, num_gpus: float | None) -> dict:
     """Actors and what each asks for: one per GPU where the cluster has GPUs, else one, and ``num_cpus`` (default
-    1: the reading tasks of the dataset need CPUs too). ``threads``: each actor's onnxruntime threads, the CPUs of
-    a node shared by the actors it holds."""
+    1: the reading tasks of the dataset need CPUs too); more actors than GPUs share them (each asks 1 / the actors
+    per GPU: one actor's model runs while another reads or draws). ``threads``: each actor's onnxruntime threads,
+    the CPUs of a node shared by the actors it holds."""
     total = ray.cluster_resources()
     gpus = int(total.get("GPU", 0))
+    share = num_gpus is None and gpus > 0
     if num_gpus is None:
         num_gpus = 1 if gpus else 0
     actors = int(concurrency or (gpus if num_gpus else 1) or 1)
     if actors < 1:
         raise InputError(f"--ray-actors must be at least 1, got {actors}")
+    if share and actors > gpus:
+        num_gpus = 1 / math.ceil(actors / gpus)
     nodes = [n["Resources"].get("CPU", 1) for n in ray.nodes() if n.get("Alive")] or [1]
     threads = max(1, int(max(nodes) // math.ceil(actors / len(nodes))))
     return {"concurrency": actors, "num_cpus": 1 if num_cpus is None else num_cpus, "num_gpus": num_gpus,
@@ -202,11 +206,12 @@ def explain(ds, model, rules="epsilon-gamma-box", target=None, batch_size: int =
             num_cpus: float | None = None, num_gpus: float | None = None, column: str = "image",
             path_column: str = "path", size=None, preset=None, mean=None, std=None, grayscale: bool = False,
             layout: str = "nchw", output=None, input_shapes=None, cache: bool = False, **options):
-    """Explain every row of the Ray Dataset ``ds`` (an image column ``column``, [H, W] or [H, W, C] uint8, as
-    ``ray.data.read_images`` gives; ``path_column`` is passed through). Returns a lazy Dataset with the columns
-    ``path``, ``target`` (the explained class; "c1,c2,.." for topK), ``score`` (its output, NaN where none),
-    ``relevance`` ([C, H, W] float32, [K, C, H, W] for topK) and ``error`` (empty, or why the row could not be
-    explained; its relevance is then zeros). ``model``: a plain model (compiled here, once) or a compiled one;
+    """Explain every row of the Ray Dataset ``ds`` (an image column ``column``: [H, W] or [H, W, C] uint8, as
+    ``ray.data.read_images`` gives, or an image file's bytes, as ``read_binary_files`` gives under "bytes";
+    ``path_column`` is passed through). Returns a lazy Dataset with the columns ``path``, ``target`` (the explained
+    class; "c1,c2,.." for topK), ``score`` (its output, NaN where none), ``relevance`` ([C, H, W] float32,
+    [K, C, H, W] for topK) and ``error`` (empty, or why the row could not be explained, naming its path; its
+    relevance is then zeros). ``model``: a plain model (compiled here, once) or a compiled one;
     ``rules``, ``target``, the preprocessing and ``options`` as for ``lrpc explain``. ``concurrency``: actors
     (default one per GPU, else one); ``num_cpus``/``num_gpus``: what each asks for."""
     from . import targets

@@ -463,3 +463,27 @@ def test_audit_many_maps_sparse_graph(tmp_path):
     assert sorted([int(marked[two["labels"] == c].sum()) for c in range(2)]) == [0, planted]
     assert sorted(np.bincount(two["labels"]).tolist()) == [planted, n - planted]
     assert page.count("<h2 style=") == result["clusters"]
+
+
+def test_ray_actors_share_gpus():
+    """Actors default to one per GPU, each asking one; more actors than GPUs share them (one reads or draws while
+    another runs); without GPUs one actor; each gets its node's CPUs shared by the actors there as threads."""
+    from lrpc.ray import _resources
+
+    class Cluster:
+        def __init__(self, gpus):
+            self.gpus = gpus
+
+        def cluster_resources(self):
+            return {"CPU": 32.0, "GPU": float(self.gpus)} if self.gpus else {"CPU": 32.0}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": self.gpus / 2}}] * 2
+
+    assert _resources(Cluster(4), None, None, None) == {"concurrency": 4, "num_cpus": 1, "num_gpus": 1, "threads": 8}
+    assert _resources(Cluster(4), 12, None, None)["num_gpus"] == pytest.approx(1 / 3)
+    assert _resources(Cluster(4), 10, None, None)["num_gpus"] == pytest.approx(1 / 3)  # (at most 3 on a GPU)
+    assert _resources(Cluster(4), 2, None, None)["num_gpus"] == 1
+    assert _resources(Cluster(4), 8, None, 1)["num_gpus"] == 1  # asked for: as asked
+    assert _resources(Cluster(0), None, None, None) == {"concurrency": 1, "num_cpus": 1, "num_gpus": 0,
+                                                        "threads": 16}
