@@ -107,16 +107,15 @@ class _Explainer:
     def __call__(self, batch: dict) -> dict:
         from .explain import explain_images
 
-        if self.per_row:  # lrpc.ray.explain: Ray's batch of the user's rows (an image column)
-            items = list(enumerate(batch[self.column]))
-            keys = [str(p) for p in batch[self.path_column]] if self.path_column in batch else None
-            c = explain_images(self.session, self.work, items, dict(enumerate(keys)) if keys else None)
-        else:  # lrpc explain --ray: each row is a batch made by the single-process command: image, heatmap paths
+        if not self.per_row:  # lrpc explain --ray: each row is a batch of the single-process command's (index,
+            # image path, heatmap path)
             rows = json.loads(str(batch["items"][0]))
-            items, heatmaps = [(int(i), str(p)) for i, p, _ in rows], {int(i): h for i, _, h in rows}
-            c = explain_images(self.session, self.work, items)
-        if not self.per_row:
-            return self._drawn(c, [i for i, _ in items], heatmaps)
+            c = explain_images(self.session, self.work, [(int(i), str(p)) for i, p, _ in rows])
+            return self._drawn(c, [int(i) for i, _, _ in rows], {int(i): h for i, _, h in rows})
+        # lrpc.ray.explain: Ray's batch of the user's rows (an image column, and their paths where the dataset has them)
+        items = list(enumerate(batch[self.column]))
+        keys = [str(p) for p in batch[self.path_column]] if self.path_column in batch else None
+        c = explain_images(self.session, self.work, items, dict(enumerate(keys)) if keys else None)
         rows = {}
         for j, i in enumerate(c["index"]):
             rows[i] = (c["relevance"][j].astype(np.float32, copy=False), c["labels"][j] if c["labels"] else "",
