@@ -101,18 +101,19 @@ def relevance_map(path) -> np.ndarray:
     return a
 
 
-def features(maps: list[np.ndarray], size: int = 32) -> np.ndarray:
-    """Each map downsampled (area average) to at most ``size`` pixels a side and scaled to max |R| = 1."""
+def features(maps, size: int = 32) -> np.ndarray:
+    """Each map downsampled (area average) to at most ``size`` pixels a side and scaled to max |R| = 1. ``maps``: a
+    list or an iterable (one map in memory at a time), all of one size."""
     Image = pil_image()
-    shapes = {m.shape for m in maps}
-    if len(shapes) != 1:
-        raise InputError(f"relevance maps of different sizes ({', '.join(map(str, sorted(shapes)))}); audit "
-                         f"maps of one model input size")
-    h, w = maps[0].shape
-    scale = min(1.0, size / max(h, w))
-    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    rows = []
+    rows, shape = [], None
     for m in maps:
+        if shape is None:
+            shape = h, w = m.shape
+            scale = min(1.0, size / max(h, w))
+            th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+        elif m.shape != shape:
+            raise InputError(f"relevance maps of different sizes ({', '.join(map(str, sorted({shape, m.shape})))}); "
+                             f"audit maps of one model input size")
         if (th, tw) != (h, w):
             m = np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((tw, th), Image.BOX))
         m = np.asarray(m, dtype=np.float64)
@@ -204,12 +205,20 @@ def _result(chosen: int, labels, eigenvalues, embedding, k: int) -> dict:
 def audit(folder, cls=None, clusters: int | None = None, size: int = 32, neighbors: int | None = None,
           examples: int = 8, max_clusters: int = 10) -> dict:
     """SpRAy on ``folder`` (see :func:`collect`); returns the analysis and per row its cluster. ``report``
-    renders it as HTML."""
+    renders it as HTML. The maps are read one at a time: only their downsampled features stay in memory."""
     rows = collect(folder, cls)
-    maps = [relevance_map(r["array"] if "array" in r else r["relevance"]) for r in rows]
-    result = spectral(features(maps, size), clusters, neighbors, max_clusters)
-    result.update(rows=rows, maps=maps, cls=cls, folder=str(folder), examples=examples)
+    result = spectral(features((_map(r) for r in rows), size), clusters, neighbors, max_clusters)
+    result.update(rows=rows, cls=cls, folder=str(folder), examples=examples)
     return result
+
+
+def _map(row: dict) -> np.ndarray:
+    """The 2-D map of a row of :func:`collect`, read again each time (not kept: a class may have many)."""
+    return relevance_map(row["array"] if "array" in row else row["relevance"])
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    return m / max(np.abs(m).max(), 1e-12)
 
 
 def summary(result: dict) -> dict:
@@ -223,7 +232,7 @@ def summary(result: dict) -> dict:
 
 def report(result: dict) -> str:
     """A self-contained HTML page (images as base64 PNG, plots as inline SVG)."""
-    labels, maps, rows = result["labels"], result["maps"], result["rows"]
+    labels, rows = result["labels"], result["rows"]
     k = result["clusters"]
     sizes = ", ".join(str(int((labels == c).sum())) for c in range(k))
     title = f"SpRAy audit of {html.escape(result['folder'])}" + \
@@ -241,16 +250,20 @@ def report(result: dict) -> str:
              "<h2>Spectral embedding</h2>", _scatter_svg(result["embedding"], labels)]
     for c in range(k):
         members = np.flatnonzero(labels == c)
-        prototype = np.mean([maps[i] / max(np.abs(maps[i]).max(), 1e-12) for i in members], axis=0)
-        near = sorted(members, key=lambda i: float(np.abs(maps[i] / max(np.abs(maps[i]).max(), 1e-12)
-                                                          - prototype).sum()))[:result["examples"]]
+        total = None
+        for i in members:  # (in order: the sum np.mean makes)
+            m = _unit(_map(rows[i]))
+            total = m if total is None else total + m
+        prototype = total / len(members)
+        distance = {i: float(np.abs(_unit(_map(rows[i])) - prototype).sum()) for i in members}
+        near = sorted(members, key=distance.get)[:result["examples"]]
         color = PALETTE[c % len(PALETTE)]
         parts.append(f"<div class='cluster'><h2 style='color:{color}'>Cluster {c}: {len(members)} maps</h2>"
                      f"<figure>{_img(heatmap(prototype), 128)}<figcaption>prototype (mean)</figcaption></figure>")
         for i in near:
             name = html.escape(Path(rows[i]["source"] or rows[i]["relevance"]).name)
             picture = _source(rows[i]["source"])
-            parts.append(f"<figure>{_img(heatmap(maps[i]), 96)}"
+            parts.append(f"<figure>{_img(heatmap(_map(rows[i])), 96)}"
                          + (f"{_img(picture, 96)}" if picture is not None else "")
                          + f"<figcaption>{name}</figcaption></figure>")
         parts.append("</div>")

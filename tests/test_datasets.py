@@ -420,7 +420,8 @@ def test_smaller_relevance_files(tmp_path):
 
 def test_audit_many_maps_sparse_graph(tmp_path):
     """Beyond DENSE_MAX maps the graph is a sparse k-nearest-neighbour one: a planted cluster of maps with a corner
-    mark is found, and the audit's peak memory is a small part of the N x N float64 matrix of a dense graph."""
+    mark is found, and the audit's peak memory is a small part of the N x N float64 matrix of a dense graph, and of
+    the maps themselves (read one at a time; only their downsampled features are kept)."""
     import tracemalloc
 
     from lrpc.audit import DENSE_MAX, audit, report
@@ -435,7 +436,8 @@ def test_audit_many_maps_sparse_graph(tmp_path):
         m = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.0) + 0.1 * rng.standard_normal((8, 8))
         if i < planted:
             m[MARK] += 1.5
-        np.save(folder / f"{'p' if i < planted else 'c'}{i:05}.npy", m[None, None].astype(np.float32))
+        big = np.kron(m, np.ones((8, 8)))  # 64 x 64: area-averaged back to the 8 x 8 map by --size 8
+        np.save(folder / f"{'p' if i < planted else 'c'}{i:05}.npy", big[None, None].astype(np.float32))
     import PIL.Image  # noqa: F401  (what the audit imports is not its memory)
     import scipy.sparse.linalg  # noqa: F401
     import sklearn.cluster  # noqa: F401
@@ -443,14 +445,14 @@ def test_audit_many_maps_sparse_graph(tmp_path):
 
     tracemalloc.start()
     try:
-        result = audit(folder)
+        result = audit(folder, size=8)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    # all of the audit's memory (the maps, their rows, the graph, the spectrum) is below an eighth of a dense graph's
-    # N x N float64 matrix (128 MB; its eigendecomposition takes a few more of them)
-    assert peak < n * n * 8 / 8, peak
-    two = audit(folder, clusters=2)
+    # all of the audit's memory (the rows, the features, the graph, the spectrum) is below an eighth of a dense graph's
+    # N x N float64 matrix (128 MB; its eigendecomposition takes a few more of them) and of the maps read as float64
+    assert peak < n * n * 8 / 8 and peak < n * 64 * 64 * 8 / 8, peak
+    two = audit(folder, size=8, clusters=2)
     page = report(result)
     marked = np.array([Path(r["relevance"]).name.startswith("p") for r in result["rows"]])
     assert marked.sum() == planted and result["clusters"] >= 2
