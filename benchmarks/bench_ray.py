@@ -5,7 +5,8 @@
 A torchvision ResNet-18 (random weights; the relevance's values do not change the time) exported to ONNX at
 SIZE x SIZE, and IMAGES random PNGs. Each configuration runs `lrpc.explain.run` end to end in this process
 (compiled once before, through the compile cache; the local Ray cluster is started once before, its actors are
-started inside the timed run); images/s over the whole run. Needs torch, torchvision and ray[data].
+started inside the timed run); images/s over the whole run, and the CPU time of this process (the driver: with Ray
+it reads the results and writes the files, the actors draw them) per image. Needs torch, torchvision and ray[data].
 """
 from __future__ import annotations
 
@@ -54,10 +55,11 @@ def main() -> None:
     for name, extra in (("single process", {}), ("ray, 1 actor", {"ray": "auto", "concurrency": 1}),
                         ("ray, 2 actors", {"ray": "auto", "concurrency": 2})):
         out = work / name.replace(" ", "_").replace(",", "")
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         run(model, out, **common, **extra)
-        seconds = time.perf_counter() - start
-        print(f"{name:16s} {seconds:7.2f} s  {args.images / seconds:6.2f} images/s")
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        print(f"{name:16s} {seconds:7.2f} s  {args.images / seconds:6.2f} images/s  driver CPU "
+              f"{1000 * cpu / args.images:6.1f} ms/image")
     ray.shutdown()
 
 

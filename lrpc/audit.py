@@ -22,6 +22,7 @@ from .errors import InputError, one_line
 from .imaging import heatmap, pil_image
 
 MANIFEST = "manifest.jsonl"
+DENSE_MAX = 2000  # maps up to which the graph is a dense matrix (N^2 floats: 32 MB at 2000)
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
            "#17becf")
 
@@ -100,18 +101,19 @@ def relevance_map(path) -> np.ndarray:
     return a
 
 
-def features(maps: list[np.ndarray], size: int = 32) -> np.ndarray:
-    """Each map downsampled (area average) to at most ``size`` pixels a side and scaled to max |R| = 1."""
+def features(maps, size: int = 32) -> np.ndarray:
+    """Each map downsampled (area average) to at most ``size`` pixels a side and scaled to max |R| = 1. ``maps``: a
+    list or an iterable (one map in memory at a time), all of one size."""
     Image = pil_image()
-    shapes = {m.shape for m in maps}
-    if len(shapes) != 1:
-        raise InputError(f"relevance maps of different sizes ({', '.join(map(str, sorted(shapes)))}); audit "
-                         f"maps of one model input size")
-    h, w = maps[0].shape
-    scale = min(1.0, size / max(h, w))
-    th, tw = max(1, round(h * scale)), max(1, round(w * scale))
-    rows = []
+    rows, shape = [], None
     for m in maps:
+        if shape is None:
+            shape = h, w = m.shape
+            scale = min(1.0, size / max(h, w))
+            th, tw = max(1, round(h * scale)), max(1, round(w * scale))
+        elif m.shape != shape:
+            raise InputError(f"relevance maps of different sizes ({', '.join(map(str, sorted({shape, m.shape})))}); "
+                             f"audit maps of one model input size")
         if (th, tw) != (h, w):
             m = np.asarray(Image.fromarray(m.astype(np.float32), mode="F").resize((tw, th), Image.BOX))
         m = np.asarray(m, dtype=np.float64)
@@ -123,7 +125,9 @@ def spectral(x: np.ndarray, clusters: int | None = None, neighbors: int | None =
              seed: int = 0) -> dict:
     """SpRAy's analysis of feature rows ``x``: a symmetric k-nearest-neighbour graph, the eigenvalues of its
     normalised Laplacian (the number of clusters is the one before the largest eigengap unless ``clusters``
-    is given), spectral clustering on that graph and a 2-D spectral embedding."""
+    is given), spectral clustering on that graph and a 2-D spectral embedding. Up to :data:`DENSE_MAX` rows the
+    graph is a dense matrix (all eigenvalues); beyond, a sparse one and only the smallest eigenvalues (memory
+    O(N k), not O(N^2))."""
     try:
         from sklearn.cluster import SpectralClustering
         from sklearn.neighbors import kneighbors_graph
@@ -133,42 +137,88 @@ def spectral(x: np.ndarray, clusters: int | None = None, neighbors: int | None =
     n = len(x)
     k = neighbors or max(2, min(10, int(round(np.log2(n))) + 1, n - 1))
     k = min(k, n - 1)
-    graph = kneighbors_graph(x, k, mode="connectivity", include_self=False).toarray()
-    affinity = np.maximum(graph, graph.T)
+    top = min(max_clusters, n - 1)
+    if clusters and not 1 <= int(clusters) <= n:
+        raise InputError(f"--clusters {clusters}: expected 1..{n} (the number of maps)")
+    graph = kneighbors_graph(x, k, mode="connectivity", include_self=False)
+    if n > DENSE_MAX:
+        return _sparse_spectral(graph, clusters, top, k, seed)
+    dense = graph.toarray()
+    affinity = np.maximum(dense, dense.T)
     degree = affinity.sum(axis=1)
     inv = 1.0 / np.sqrt(np.maximum(degree, 1e-12))
     laplacian = np.eye(n) - inv[:, None] * affinity * inv[None, :]
     values, vectors = np.linalg.eigh(laplacian)
     values = np.clip(values, 0.0, None)
-    top = min(max_clusters, n - 1)
-    gaps = np.diff(values[:top + 1])  # gaps[i]: lambda_{i+2} - lambda_{i+1} (1-based): i + 1 clusters
-    chosen = int(clusters) if clusters else int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
-    if not 1 <= chosen <= n:
-        raise InputError(f"--clusters {clusters}: expected 1..{n} (the number of maps)")
+    chosen = _chosen(values, clusters, top)
     if chosen == 1:
         labels = np.zeros(n, dtype=int)
     else:
         labels = SpectralClustering(n_clusters=chosen, affinity="precomputed", random_state=seed,
                                     assign_labels="kmeans").fit_predict(affinity)
-    embedding = vectors[:, 1:3] * inv[:, None]  # the first non-trivial eigenvectors of the random walk
+    return _result(chosen, labels, values[:top + 1], vectors[:, 1:3] * inv[:, None], k)
+
+
+def _sparse_spectral(graph, clusters, top: int, k: int, seed: int) -> dict:
+    """:func:`spectral` on a sparse k-nearest-neighbour ``graph`` of many maps: the smallest eigenvalues of the
+    normalised Laplacian I - D^-1/2 A D^-1/2 are 1 - the largest of D^-1/2 A D^-1/2 (ARPACK), and the clusters are
+    k-means on the first eigenvectors scaled by D^-1/2, as scikit-learn's spectral clustering does."""
+    from scipy.sparse import diags
+    from scipy.sparse.linalg import eigsh
+    from sklearn.cluster import KMeans
+
+    n = graph.shape[0]
+    affinity = graph.maximum(graph.T).tocsr().astype(np.float64)
+    inv = 1.0 / np.sqrt(np.maximum(np.asarray(affinity.sum(axis=1)).ravel(), 1e-12))
+    walk = diags(inv) @ affinity @ diags(inv)
+    m = max(top + 1, int(clusters or 0), 3)
+    start = np.random.default_rng(seed).uniform(-1.0, 1.0, n)  # (ARPACK's start vector: reproducible results)
+    mu, vectors = eigsh(walk, k=m, which="LA", v0=start)
+    order = np.argsort(-mu)
+    values, vectors = np.clip(1.0 - mu[order], 0.0, None), vectors[:, order]
+    chosen = _chosen(values, clusters, top)
+    if chosen == 1:
+        labels = np.zeros(n, dtype=int)
+    else:
+        labels = KMeans(n_clusters=chosen, random_state=seed, n_init=10).fit_predict(vectors[:, :chosen]
+                                                                                    * inv[:, None])
+    return _result(chosen, labels, values[:top + 1], vectors[:, 1:3] * inv[:, None], k)
+
+
+def _chosen(values: np.ndarray, clusters, top: int) -> int:
+    """``clusters``, or the number before the largest eigengap among the first ``top`` + 1 eigenvalues."""
+    gaps = np.diff(values[:top + 1])  # gaps[i]: lambda_{i+2} - lambda_{i+1} (1-based): i + 1 clusters
+    return int(clusters) if clusters else int(np.argmax(gaps[1:]) + 2) if top >= 2 else 1
+
+
+def _result(chosen: int, labels, eigenvalues, embedding, k: int) -> dict:
+    """The analysis, clusters numbered by size (largest first); ``embedding``: the first non-trivial eigenvectors
+    of the random walk."""
     if embedding.shape[1] < 2:
         embedding = np.pad(embedding, ((0, 0), (0, 2 - embedding.shape[1])))
-    # clusters numbered by size, largest first
     order = sorted(range(chosen), key=lambda c: (-int((labels == c).sum()), c))
     labels = np.array([order.index(c) for c in labels])
-    return {"clusters": chosen, "labels": labels, "eigenvalues": values[:top + 1], "embedding": embedding,
+    return {"clusters": chosen, "labels": labels, "eigenvalues": eigenvalues, "embedding": embedding,
             "neighbors": k}
 
 
 def audit(folder, cls=None, clusters: int | None = None, size: int = 32, neighbors: int | None = None,
           examples: int = 8, max_clusters: int = 10) -> dict:
     """SpRAy on ``folder`` (see :func:`collect`); returns the analysis and per row its cluster. ``report``
-    renders it as HTML."""
+    renders it as HTML. The maps are read one at a time: only their downsampled features stay in memory."""
     rows = collect(folder, cls)
-    maps = [relevance_map(r["array"] if "array" in r else r["relevance"]) for r in rows]
-    result = spectral(features(maps, size), clusters, neighbors, max_clusters)
-    result.update(rows=rows, maps=maps, cls=cls, folder=str(folder), examples=examples)
+    result = spectral(features((_map(r) for r in rows), size), clusters, neighbors, max_clusters)
+    result.update(rows=rows, cls=cls, folder=str(folder), examples=examples)
     return result
+
+
+def _map(row: dict) -> np.ndarray:
+    """The 2-D map of a row of :func:`collect`, read again each time (not kept: a class may have many)."""
+    return relevance_map(row["array"] if "array" in row else row["relevance"])
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    return m / max(np.abs(m).max(), 1e-12)
 
 
 def summary(result: dict) -> dict:
@@ -182,7 +232,7 @@ def summary(result: dict) -> dict:
 
 def report(result: dict) -> str:
     """A self-contained HTML page (images as base64 PNG, plots as inline SVG)."""
-    labels, maps, rows = result["labels"], result["maps"], result["rows"]
+    labels, rows = result["labels"], result["rows"]
     k = result["clusters"]
     sizes = ", ".join(str(int((labels == c).sum())) for c in range(k))
     title = f"SpRAy audit of {html.escape(result['folder'])}" + \
@@ -200,16 +250,20 @@ def report(result: dict) -> str:
              "<h2>Spectral embedding</h2>", _scatter_svg(result["embedding"], labels)]
     for c in range(k):
         members = np.flatnonzero(labels == c)
-        prototype = np.mean([maps[i] / max(np.abs(maps[i]).max(), 1e-12) for i in members], axis=0)
-        near = sorted(members, key=lambda i: float(np.abs(maps[i] / max(np.abs(maps[i]).max(), 1e-12)
-                                                          - prototype).sum()))[:result["examples"]]
+        total = None
+        for i in members:  # (in order: the sum np.mean makes)
+            m = _unit(_map(rows[i]))
+            total = m if total is None else total + m
+        prototype = total / len(members)
+        distance = {i: float(np.abs(_unit(_map(rows[i])) - prototype).sum()) for i in members}
+        near = sorted(members, key=distance.get)[:result["examples"]]
         color = PALETTE[c % len(PALETTE)]
         parts.append(f"<div class='cluster'><h2 style='color:{color}'>Cluster {c}: {len(members)} maps</h2>"
                      f"<figure>{_img(heatmap(prototype), 128)}<figcaption>prototype (mean)</figcaption></figure>")
         for i in near:
             name = html.escape(Path(rows[i]["source"] or rows[i]["relevance"]).name)
             picture = _source(rows[i]["source"])
-            parts.append(f"<figure>{_img(heatmap(maps[i]), 96)}"
+            parts.append(f"<figure>{_img(heatmap(_map(rows[i])), 96)}"
                          + (f"{_img(picture, 96)}" if picture is not None else "")
                          + f"<figcaption>{name}</figcaption></figure>")
         parts.append("</div>")

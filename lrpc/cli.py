@@ -151,7 +151,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--no-progress", action="store_true", help="one line per image instead of a progress bar")
     e.add_argument("--manifest", action="store_true",
                    help="--images: append a JSON line per image (outputs, target, score; or the error) to "
-                        "OUT/manifest.jsonl and skip the images an earlier run finished (resume)")
+                        "OUT/manifest.jsonl and skip the images an earlier run finished (resume; refused when "
+                        "it was run with another model or other settings)")
+    e.add_argument("--no-resume", action="store_true",
+                   help="with --manifest or --ray: start a new manifest and explain every image again")
     e.add_argument("--relevance-dtype", choices=["float32", "float16"], default="float32",
                    help="dtype of the .npy relevance files (float16: half the size)")
     e.add_argument("--relevance-pool", type=int, default=1, metavar="N",
@@ -423,7 +426,7 @@ def _explain(args) -> int:
         with_overlay=args.overlay, overlay_alpha=args.overlay_alpha, batch_size=args.batch_size,
         cache=not args.no_cache, progress=False if args.no_progress else None, manifest=args.manifest,
         ray=args.ray, concurrency=args.ray_actors, relevance_dtype=args.relevance_dtype,
-        relevance_pool=args.relevance_pool, **at, **asdict(_options(args)))
+        relevance_pool=args.relevance_pool, resume=not args.no_resume, **at, **asdict(_options(args)))
     return 0
 
 

@@ -12,6 +12,7 @@ How images become model inputs: :mod:`lrpc.preprocess`.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -22,7 +23,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import compiler, targets
+from . import __version__, compiler, targets
 from .atomic_write import protected, refuse_inputs, write_atomic
 from .audit import MANIFEST
 from .contract import SEED, SEED_MODE
@@ -108,7 +109,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         output=None, input_shapes=None, size=None, preset=None, mean=None, std=None, grayscale=False, layout="nchw",
         cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
         progress=None, log=print, manifest=False, ray=None, concurrency=None, relevance_dtype="float32",
-        relevance_pool=1, **options) -> list[Path]:
+        relevance_pool=1, resume=True, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
 
     ``target``: see :mod:`lrpc.targets` (class index, None/"top1", "topK", or a dense target); with topK
@@ -123,7 +124,10 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     number, for models with dynamic spatial dims; ``preset`` ("imagenet") or ``mean``/``std``: the normalization
     (see :func:`lrpc.preprocess.normalization`). ``manifest`` (directory mode): append a JSON line per image to
     ``out/manifest.jsonl`` (source, heatmap, relevance, target, score, status ok; or status error and the error)
-    and skip the images an earlier run's manifest lists as done whose outputs exist (a resumed run).
+    and skip the images an earlier run's manifest lists as done whose outputs exist (a resumed run). The manifest's
+    first line records the model (its sha256), the settings that change the outputs and lrpc's version; resuming
+    with another model or other settings is refused unless ``resume=False``, which starts a new manifest and
+    explains every image again.
     ``ray`` (directory mode): run the model in Ray Data actors (:mod:`lrpc.ray`; "auto", "local" or a cluster
     address; ``concurrency`` actors) instead of this process; the images are read and the outputs written as
     without, and the manifest is always kept. ``relevance_dtype`` ("float32" or "float16") and ``relevance_pool``
@@ -139,6 +143,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     if ray is not None and images is None:
         raise InputError("--ray needs --images (a directory of images)")
     manifest = manifest or ray is not None
+    if not resume and not (manifest and images is not None):
+        raise InputError("--no-resume goes with --images and --manifest (or --ray)")
     if relevance_dtype not in ("float32", "float16"):
         raise InputError(f"--relevance-dtype must be float32 or float16, got '{relevance_dtype}'")
     if int(relevance_pool) < 1 or (int(relevance_pool) > 1 and images is None and image is None):
@@ -167,6 +173,15 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                          f"one per image in file name order)")
 
     _box_defaults(options, mean, std, tensors=npy is not None)
+    book = None
+    if manifest and images is not None:  # (refused before compiling when it cannot resume)
+        target = str(goal) if goal.path is None else {"mask": goal.path, "sha256": _sha256([goal.path])}
+        settings = {"rules": _file_or_name(rules), "target": target,
+                    "output": output, "input_shape": input_shapes, "size": size, "mean": mean, "std": std,
+                    "grayscale": grayscale, "layout": layout, "cmap": cmap, "level": level, "overlay": with_overlay,
+                    "overlay_alpha": overlay_alpha if with_overlay else None, "relevance_dtype": relevance_dtype,
+                    "relevance_pool": int(relevance_pool), **options}
+        book = _Manifest(out, sources, paths, _model_record(model), settings, resume)
     # top1: the graph seeds itself, one run per batch; topK: its switch gives the scores and rank 1 in one run
     seed = "input" if goal.kind != "top" else "top1" if goal.values[0] == 1 else "switch"
     providers = None
@@ -189,8 +204,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     if fixed not in (None, 1) and npy is None:
         raise InputError(f"model input '{spec.name}' has a static batch of {fixed}; image mode feeds batches of "
                          f"any size: use --npy with {fixed} samples")
-    book = _Manifest(out, sources, paths) if manifest and images is not None else None
     todo = book.todo() if book else list(range(len(sources)))
+    if book and book.older:
+        log(f"lrpc: note: {book.path} was started by lrpc {book.older}; resumed with lrpc {__version__}")
     if book and len(todo) < len(sources):
         log(f"{len(sources) - len(todo)} of {len(sources)} images done in an earlier run ({book.path}): skipped")
     bar = _Progress(len(todo), progress if images is not None and len(sources) > 1 else False)
@@ -198,12 +214,15 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         written, skipped, lost = [], [], 0
         work = _Work(hw if npy is None else None, spec.channels, mean, std, layout, grayscale, spec.dtype, goal,
                      with_overlay, images is not None)
+        drawing = _Drawing(layout, cmap, level, overlay_alpha if with_overlay else None, relevance_dtype,
+                           int(relevance_pool))
         batches = [todo[start:start + per_run] for start in range(0, len(todo), per_run)]
         if npy is not None:
             chunks = [_explain_feeds(session, load_tensors(sources[0], session), goal, [0])]
         elif ray is not None:
-            chunks = lrpc_ray.chunks(session, work, [[(i, str(sources[i])) for i in b] for b in batches], ray,
-                                     concurrency, channels_last=layout == "nhwc")
+            chunks = lrpc_ray.chunks(session, work, [[(i, str(sources[i]), str(paths[i][0])) for i in b]
+                                                     for b in batches], ray, concurrency,
+                                     channels_last=layout == "nhwc", drawing=drawing)
         else:
             chunks = (explain_images(session, work, [(i, sources[i]) for i in b]) for b in batches)
         for c in chunks:
@@ -223,22 +242,17 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
                 where = sources[chunk[j]].name if npy is None else f"{sources[0].name} sample {j}"
                 print(f"lrpc: warning: {where}: target {goal} selects no output entry (empty heatmap)",
                       file=sys.stderr)
-            k = relevance.shape[1]
-            units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(relevance))]
-            for j, rel in enumerate(units):  # rel: [rows, K, ...]: a tensor file's batch, or one image
+            k = relevance.shape[1] if relevance is not None else 1
+            drawn = c.get("drawn")  # (drawn already by the Ray executor's actors)
+            if drawn is None:  # a unit: [rows, K, ...], a tensor file's batch or one image
+                units = [relevance] if npy is not None else [relevance[j:j + 1] for j in range(len(relevance))]
+                drawn = (draw(rel, shown[j], drawing, paths[chunk[j]][0]) for j, rel in enumerate(units))
+            for j, (png_bytes, npy_bytes, note) in enumerate(drawn):
                 png, npy_out = paths[chunk[j]]
-                maps = [heat_image(rel[r, i][None], layout, cmap, level) for r in range(len(rel)) for i in range(k)]
-                if with_overlay and shown[j] is not None:
-                    maps = [overlay(shown[j], m, overlay_alpha) for m in maps]
-                pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
-                array = io.BytesIO()
-                stored = _stored(rel if k > 1 else rel[:, 0], layout, relevance_dtype, int(relevance_pool))
                 if not written and (relevance_dtype != "float32" or int(relevance_pool) > 1):
-                    bar.note(f"relevance stored as {list(stored.shape)} {stored.dtype}: {stored.nbytes} bytes per "
-                             f"image ({rel.nbytes} unpooled float32)")
-                np.save(array, stored)
-                write_atomic([array.getbuffer()], npy_out, read)
-                write_atomic(lambda: [_encoded(pic, png)], png, read)
+                    bar.note(note)
+                write_atomic([npy_bytes], npy_out, read)
+                write_atomic([png_bytes], png, read)
                 written += [png, npy_out]
                 if book:
                     book.done(chunk[j], labels[j] if labels is not None else str(goal), scores[j])
@@ -272,10 +286,40 @@ class _Work(NamedTuple):
     tolerant: bool  # an unreadable image is an error row (directory mode), not an error
 
 
-def explain_images(session, work: _Work, items: list) -> dict:
-    """Explain a batch of images ``items`` = [(index, path or decoded image)] in one run: the chunk the writer of
-    :func:`run` takes (``index``, ``relevance`` [N, K, ...], ``labels``, ``scores``, ``shown``, ``empty`` of the
-    images read; ``errors``: [(index, message)] of the others). Every executor runs this."""
+class _Drawing(NamedTuple):
+    """How an image's relevance becomes its files (picklable: Ray actors draw too)."""
+
+    layout: str
+    cmap: str
+    level: float
+    overlay_alpha: float | None  # None: no overlay
+    dtype: str  # of the stored relevance
+    pool: int  # its spatial dims summed over pool x pool blocks
+
+
+def draw(relevance: np.ndarray, shown, drawing: _Drawing, heatmap_path) -> tuple[bytes, bytes, str]:
+    """The files of one image's (or one tensor file's) relevance [rows, K, ...]: the heatmap encoded in the format of
+    ``heatmap_path``'s suffix (K ranks: a row of panels per sample; over the picture ``shown`` with an overlay), the
+    .npy's bytes, and a line saying the stored shape and size."""
+    d, k = drawing, relevance.shape[1]
+    maps = [heat_image(relevance[r, i][None], d.layout, d.cmap, d.level) for r in range(len(relevance))
+            for i in range(k)]
+    if d.overlay_alpha is not None and shown is not None:
+        maps = [overlay(shown, m, d.overlay_alpha) for m in maps]
+    pic = maps[0] if len(maps) == 1 else grid(maps, cols=k if k > 1 else None)
+    stored = _stored(relevance if k > 1 else relevance[:, 0], d.layout, d.dtype, d.pool)
+    array = io.BytesIO()
+    np.save(array, stored)
+    note = (f"relevance stored as {list(stored.shape)} {stored.dtype}: {stored.nbytes} bytes per image "
+            f"({relevance.nbytes} unpooled float32)")
+    return _encoded(pic, Path(heatmap_path)), array.getvalue(), note
+
+
+def explain_images(session, work: _Work, items: list, names: dict | None = None) -> dict:
+    """Explain a batch of images ``items`` = [(index, path, or an image's array or encoded bytes)] in one run: the
+    chunk the writer of :func:`run` takes (``index``, ``relevance`` [N, K, ...], ``labels``, ``scores``, ``shown``,
+    ``empty`` of the images read; ``errors``: [(index, message)] of the others, which name an image that is no path
+    by ``names[index]``, else as "row INDEX"). Every executor runs this."""
     loaded, errors = [], []
     for i, source in items:
         try:
@@ -284,7 +328,7 @@ def explain_images(session, work: _Work, items: list) -> dict:
                                work.dtype)
             else:
                 x = image_input(source, work.size, work.channels, work.mean, work.std, work.layout, work.grayscale,
-                                work.dtype, where=f"row {i}")
+                                work.dtype, where=(names or {}).get(i, f"row {i}"))
             loaded.append((i, x))
         except InputError as err:
             if not work.tolerant:
@@ -341,24 +385,58 @@ def _scores(output, target) -> list:
 
 
 class _Manifest:
-    """``out/manifest.jsonl``: a JSON line per explained or failed image, appended as the run goes (a killed run
-    keeps the lines written so far); the images with an ok line whose outputs exist are done."""
+    """``out/manifest.jsonl``: a header line (the model, the settings, lrpc's version), then a JSON line per explained
+    or failed image, appended as the run goes (a killed run keeps the lines written so far); the images with an ok
+    line whose outputs exist are done. Resuming a manifest of another model or other settings is refused."""
 
-    def __init__(self, out, sources: list[Path], paths: list[tuple[Path, Path]]):
+    def __init__(self, out, sources: list[Path], paths: list[tuple[Path, Path]], model: dict, settings: dict,
+                 resume: bool = True):
         self.path, self.sources, self.paths = Path(out) / MANIFEST, sources, paths
+        self.header = {"manifest": "lrpc explain", "lrpc": __version__, "model": model,
+                       "settings": json.loads(json.dumps(settings, default=_plain))}  # (as read back: lists)
+        self.rows = self._read() if resume else []
+        self.new = not self.rows  # the header starts the file at the first row written
+        self.older = None
+        if self.rows:
+            self._check(self.rows[0])
 
-    def todo(self) -> list[int]:
-        done = set()
+    def _read(self) -> list[dict]:
+        rows = []
         if self.path.is_file():
             for line in self.path.read_text().splitlines():
                 try:
-                    row = json.loads(line)
+                    rows.append(json.loads(line))
                 except ValueError:  # (a line cut short by a killed run)
                     continue
-                if row.get("status") == "ok":
-                    done.add(row.get("source"))
-                else:
-                    done.discard(row.get("source"))
+        return rows
+
+    def _check(self, first: dict) -> None:
+        """Refuse to resume a manifest of another model or other settings (one line saying what differs)."""
+        again = "pass --no-resume to explain every image again, or write to another directory"
+        if "settings" not in first:
+            raise InputError(f"{self.path} records no model or settings (an older lrpc wrote it): {again}")
+        differ = []
+        was, now = (first.get("model") or {}).get("sha256"), self.header["model"]["sha256"]
+        if was != now and now is not None:  # (a model file that cannot be read fails later, saying so)
+            differ.append(f"the model (sha256 {str(was)[:12]}, now {str(now)[:12]})")
+        for key in sorted(set(first["settings"]) | set(self.header["settings"])):
+            a, b = first["settings"].get(key), self.header["settings"].get(key)
+            if a != b:
+                differ.append(f"--{key.replace('_', '-')} ({_brief(a)}, now {_brief(b)})")
+        if differ:
+            raise InputError(f"{self.path} was written for other settings: {'; '.join(differ)}; {again}")
+        if first.get("lrpc") != __version__:
+            self.older = first.get("lrpc")
+
+    def todo(self) -> list[int]:
+        done = set()
+        for row in self.rows:
+            if "source" not in row:  # (the header)
+                continue
+            if row.get("status") == "ok":
+                done.add(row.get("source"))
+            else:
+                done.discard(row.get("source"))
         return [i for i, s in enumerate(self.sources)
                 if not (str(s) in done and all(p.is_file() for p in self.paths[i]))]
 
@@ -371,8 +449,48 @@ class _Manifest:
         self._append({"source": str(self.sources[i]), "status": "error", "error": str(err)})
 
     def _append(self, row: dict) -> None:
-        with open(self.path, "a") as f:
+        with open(self.path, "w" if self.new else "a") as f:
+            if self.new:
+                f.write(json.dumps(self.header) + "\n")
+                self.new = False
             f.write(json.dumps(row) + "\n")
+
+
+def _model_record(model) -> dict:
+    """The model as a manifest records it: its file and the sha256 of its bytes (and of its external data's)."""
+    if isinstance(model, (str, os.PathLike)):
+        return {"file": str(model), "sha256": _sha256([model, *sorted(external_data_files(model))])}
+    proto = model.proto if isinstance(model, LoadedModel) else model
+    return {"file": None, "sha256": hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()}
+
+
+def _sha256(files) -> str | None:
+    """The sha256 of the files' bytes one after the other (None where one is missing: an error comes later)."""
+    files = [Path(f) for f in files]
+    if not files or not all(f.is_file() for f in files):
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as stream:
+            while chunk := stream.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+def _file_or_name(rules):
+    """A composite's name, or a rule file's name and sha256."""
+    if isinstance(rules, (str, os.PathLike)) and Path(rules).is_file():
+        return {"file": str(rules), "sha256": _sha256([rules])}
+    return rules if isinstance(rules, str) else repr(rules)
+
+
+def _plain(value):
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def _brief(value) -> str:
+    text = "none" if value is None else json.dumps(value) if not isinstance(value, str) else value
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _first(relevance):

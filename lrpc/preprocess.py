@@ -8,6 +8,7 @@ it, scaled to [0, 1] and normalized per channel with ``(x - mean) / std``. The m
 """
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,29 +70,35 @@ def load_image(path, size, channels: int | None = 3, mean=None, std=None, layout
 
     Returns ``(tensor, shown)``: ``shown`` is the resized and cropped RGB PIL image before normalization
     (for overlays). ``size``: (H, W). ``channels``: 1 or 3 (None: 1 with ``grayscale``, else 3)."""
-    Image = pil_image()
-    from PIL import ImageOps
-
     p = Path(path)
     if not p.exists():
         raise InputError(f"{p}: no such file")
     if p.is_dir():
         raise InputError(f"{p}: is a directory, expected an image file")
+    return image_input(_decoded(p, p), size, channels, mean, std, layout, grayscale, dtype, where=p)
+
+
+def _decoded(file, where):
+    """The PIL image of an image file (a path or a binary stream), turned upright by its EXIF orientation."""
+    Image = pil_image()
+    from PIL import ImageOps
+
     try:
-        with Image.open(p) as im:
+        with Image.open(file) as im:
             im.load()
-            img = ImageOps.exif_transpose(im)
+            return ImageOps.exif_transpose(im)
     except Exception as e:  # UnidentifiedImageError, truncated files, decompression bombs, ...
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"{p}: cannot read image ({first})") from None
-    return image_input(img, size, channels, mean, std, layout, grayscale, dtype, where=p)
+        raise InputError(f"{where}: cannot read image ({first})") from None
 
 
 def image_input(img, size, channels: int | None = 3, mean=None, std=None, layout: str = "nchw",
                 grayscale: bool = False, dtype=np.float32, where="image"):
-    """:func:`load_image` of an image already decoded: a PIL image or a [H, W] / [H, W, C] uint8 array (as Ray
-    Data's ``read_images`` gives)."""
+    """:func:`load_image` of an image in memory: a PIL image, a [H, W] / [H, W, C] uint8 array (as Ray Data's
+    ``read_images`` gives) or an image file's bytes (as ``read_binary_files`` gives)."""
     Image = pil_image()
+    if isinstance(img, (bytes, bytearray, memoryview)):
+        img = _decoded(io.BytesIO(img), where)
     if isinstance(img, np.ndarray):
         if img.dtype != np.uint8 or img.ndim not in (2, 3) or (img.ndim == 3 and img.shape[-1] not in (1, 3, 4)):
             raise InputError(f"{where}: expected a [H, W] or [H, W, C] uint8 image array, got {img.dtype} "

@@ -2,6 +2,7 @@
 (`lrpc audit`) on a planted shortcut, and the Ray Data executor (`lrpc.ray`, `lrpc explain --ray`)."""
 from __future__ import annotations
 
+import hashlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -11,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import lrpc
 from cli_helpers import DIGITS, one_line_error, run_cli
 
 pytest.importorskip("PIL")
@@ -148,7 +150,7 @@ def test_manifest_error_rows_and_resume(watermark, tmp_path):
             "--no-cache")
     code, _, err = run_cli(*args)
     assert code == 2 and "1 of 5 images could not be read" in err and "manifest.jsonl" in err, err
-    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    _, *rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]  # (a header first)
     assert len(rows) == 5
     assert {Path(r["source"]).name for r in rows} == {p.name for p in folder.iterdir()}
     (bad,) = [r for r in rows if r["status"] == "error"]
@@ -166,8 +168,53 @@ def test_manifest_error_rows_and_resume(watermark, tmp_path):
     after = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
     assert set(after) == set(before)
     assert [n for n in after if after[n] != before.get(n)] == [lost]
-    rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    _, *rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 7 and [r["status"] for r in rows[5:]] == ["error", "ok"]
+
+
+def test_manifest_refuses_other_model_or_settings(watermark, tmp_path):
+    model, images, _ = watermark
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for p in sorted(images.iterdir())[:3]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    out = tmp_path / "out"
+    args = ("explain", "--images", folder, "-o", out, "--manifest", "--no-progress", "--no-cache")
+    assert run_cli(*args[:1], model, *args[1:], "--rules", "epsilon")[0] == 0
+    header, *rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert header["lrpc"] == lrpc.__version__ and len(rows) == 3
+    assert header["model"]["sha256"] == hashlib.sha256(Path(model).read_bytes()).hexdigest()
+    assert header["settings"]["rules"] == "epsilon" and header["settings"]["target"] == "top1"
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")}
+    # other flags, another model: refused before anything is written, naming what differs
+    code, _, err = run_cli(*args[:1], model, *args[1:], "--rules", "epsilon-plus", "--epsilon", 0.1)
+    one_line_error(code, err, contains="--epsilon (1e-06, now 0.1); --rules (epsilon, now epsilon-plus)")
+    assert "--no-resume" in err
+    other = tmp_path / "other.onnx"
+    onnx_model = onnx.load(str(model))
+    onnx_model.doc_string = "another model"
+    onnx.save(onnx_model, str(other))
+    code, _, err = run_cli(*args[:1], other, *args[1:], "--rules", "epsilon")
+    one_line_error(code, err, contains="the model (sha256 ")
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.npy")} == stamps
+    assert len((out / "manifest.jsonl").read_text().splitlines()) == 4
+    # the same settings resume (the model file may have moved); --no-resume starts over: a new manifest
+    moved = tmp_path / "moved.onnx"
+    moved.write_bytes(Path(model).read_bytes())
+    code, stdout, err = run_cli(*args[:1], moved, *args[1:], "--rules", "epsilon")
+    assert code == 0 and "3 of 3 images done in an earlier run" in stdout, err
+    code, _, err = run_cli(*args[:1], other, *args[1:], "--rules", "epsilon-plus", "--no-resume")
+    assert code == 0, err
+    header, *rows = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
+    assert header["settings"]["rules"] == "epsilon-plus" and header["model"]["file"] == str(other)
+    assert len(rows) == 3 and all(r["status"] == "ok" for r in rows)
+    assert all(p.stat().st_mtime_ns != stamps[p.name] for p in out.glob("*.npy"))
+    # a manifest without a header (an older lrpc) is not resumed either; --no-resume needs a manifest
+    (out / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    one_line_error(*run_cli(*args[:1], other, *args[1:], "--rules", "epsilon-plus")[::2],
+                   contains="records no model or settings")
+    one_line_error(*run_cli("explain", other, "--images", folder, "-o", tmp_path / "plain", "--no-resume")[::2],
+                   contains="--no-resume goes with --images and --manifest")
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +254,7 @@ def test_ray_cli_matches_single_process_and_resumes(ray_cluster, tmp_path):
     assert sorted(p.name for p in distributed.iterdir()) == sorted(names + ["manifest.jsonl"])
     for name in names:
         assert (single / name).read_bytes() == (distributed / name).read_bytes(), name
-    rows = [json.loads(line) for line in (distributed / "manifest.jsonl").read_text().splitlines()]
+    _, *rows = [json.loads(line) for line in (distributed / "manifest.jsonl").read_text().splitlines()]
     assert sorted(Path(r["source"]).name for r in rows) == sorted(p.name for p in images.iterdir())
     (bad,) = [r for r in rows if r["status"] == "error"]
     assert bad["source"].endswith("broken.png") and "cannot read image" in bad["error"]
@@ -256,11 +303,41 @@ def test_ray_dataset_api(ray_cluster, tmp_path):
     rows = {r["path"]: r for r in lrpc.ray.explain(items, DIGITS, batch_size=2).take_all()}
     assert rows["good"]["error"] == "" and np.abs(rows["good"]["relevance"]).sum() > 0
     assert "uint8 image array" in rows["five-channels"]["error"] and not rows["five-channels"]["relevance"].any()
+    # image files' bytes (read_binary_files) are decoded in the actors: a corrupt one is an error row naming its path
+    broken = images / "broken.png"
+    broken.write_bytes(b"not a png")
+    files = ray_cluster.data.read_binary_files(str(images), include_paths=True)
+    rows = {Path(r["path"]).name: r for r in lrpc.ray.explain(files, DIGITS, column="bytes", target="top1",
+                                                               batch_size=4).take_all()}
+    assert len(rows) == 17 and rows["broken.png"]["error"].startswith(f"{rows['broken.png']['path']}: ")
+    assert "cannot read image" in rows["broken.png"]["error"] and not rows["broken.png"]["relevance"].any()
+    decoded = {Path(r["path"]).name: r for r in out.take_all()}
+    for name, r in decoded.items():
+        assert rows[name]["error"] == "" and rows[name]["target"] == r["target"]
+        np.testing.assert_array_equal(rows[name]["relevance"], r["relevance"])
+
+
+def test_ray_actors_draw_the_files(ray_cluster, tmp_path, monkeypatch):
+    import lrpc.explain
+
+    images = _digit_images(tmp_path / "images", corrupt=False)
+    flags = dict(images=images, batch_size=4, progress=False, log=lambda m: None, with_overlay=True,
+                 relevance_dtype="float16", relevance_pool=2)
+    single = lrpc.explain.run(DIGITS, tmp_path / "single", **flags)
+
+    def no_drawing(*args):
+        raise AssertionError("the driver draws")
+
+    monkeypatch.setattr(lrpc.explain, "draw", no_drawing)  # (the driver's module; the actors import their own)
+    distributed = lrpc.explain.run(DIGITS, tmp_path / "ray", ray="auto", concurrency=2, **flags)
+    assert [p.name for p in distributed] == [p.name for p in single]
+    for a, b in zip(single, distributed):
+        assert a.read_bytes() == b.read_bytes(), a.name
 
 
 def _run_and_kill_an_actor(ray, images: Path, out: Path) -> tuple[int, str | None]:
     """``lrpc explain --ray`` in a thread (batches of 1 image) while this thread kills (SIGKILL) the process of the
-    Ray Data actor once 2 images are done. Returns (lines in the manifest when it was killed, the run's error)."""
+    Ray Data actor once 2 images are done. Returns (images in the manifest when it was killed, the run's error)."""
     import os
     import signal
     import threading
@@ -281,7 +358,7 @@ def _run_and_kill_an_actor(ray, images: Path, out: Path) -> tuple[int, str | Non
     thread.start()
     manifest, killed_at = out / "manifest.jsonl", None
     while thread.is_alive() and killed_at is None:
-        done = len(manifest.read_text().splitlines()) if manifest.is_file() else 0
+        done = len(manifest.read_text().splitlines()) - 1 if manifest.is_file() else 0  # (after the header)
         if done >= 2:
             actors = [a for a in ray._private.state.actors().values()
                       if a["State"] == "ALIVE" and "_Explainer" in a["ActorClassName"]]
@@ -306,14 +383,14 @@ def test_ray_actor_killed_mid_run(ray_cluster, tmp_path, monkeypatch):
     # restarted (the default): the killed actor's batch runs again, nothing is lost
     killed_at, error = _run_and_kill_an_actor(ray_cluster, images, tmp_path / "restarted")
     assert killed_at is not None and killed_at < 30 and error is None, (killed_at, error)
-    rows = [json.loads(line) for line in (tmp_path / "restarted" / "manifest.jsonl").read_text().splitlines()]
+    _, *rows = [json.loads(line) for line in (tmp_path / "restarted" / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 30 and all(r["status"] == "ok" for r in rows)
     assert len(list((tmp_path / "restarted").glob("*.npy"))) == 30
     # no restarts left: the images not explained become error rows, and the run fails saying so
     monkeypatch.setattr(lrpc.ray, "MAX_RESTARTS", 0)
     killed_at, error = _run_and_kill_an_actor(ray_cluster, images, tmp_path / "lost")
     assert killed_at is not None and killed_at < 30, killed_at
-    rows = [json.loads(line) for line in (tmp_path / "lost" / "manifest.jsonl").read_text().splitlines()]
+    _, *rows = [json.loads(line) for line in (tmp_path / "lost" / "manifest.jsonl").read_text().splitlines()]
     assert sorted(Path(r["source"]).name for r in rows) == sorted(p.name for p in images.iterdir())
     failed = [r for r in rows if r["status"] == "error"]
     assert failed and all("ActorDiedError" in r["error"] for r in failed)
@@ -339,3 +416,76 @@ def test_smaller_relevance_files(tmp_path):
     assert code == 0, err
     one_line_error(*run_cli("explain", DIGITS, "-o", small, "--relevance-pool", 0, *flags)[::2],
                    contains="--relevance-pool")
+
+
+def test_audit_many_maps_sparse_graph(tmp_path):
+    """Beyond DENSE_MAX maps the graph is a sparse k-nearest-neighbour one: a planted cluster of maps with a corner
+    mark is found, and the audit's peak memory is a small part of the N x N float64 matrix of a dense graph, and of
+    the maps themselves (read one at a time; only their downsampled features are kept)."""
+    import tracemalloc
+
+    from lrpc.audit import DENSE_MAX, audit, report
+
+    n, planted = 2 * DENSE_MAX, 300
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:8, :8]
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    for i in range(n):  # a blob near the centre; the planted ones also a mark in the top-right corner
+        cy, cx = rng.uniform(2.5, 4.5, 2)
+        m = np.exp(-((yy - cy) ** 2 + (xx - cx) ** 2) / 4.0) + 0.1 * rng.standard_normal((8, 8))
+        if i < planted:
+            m[MARK] += 1.5
+        big = np.kron(m, np.ones((8, 8)))  # 64 x 64: area-averaged back to the 8 x 8 map by --size 8
+        np.save(folder / f"{'p' if i < planted else 'c'}{i:05}.npy", big[None, None].astype(np.float32))
+    import PIL.Image  # noqa: F401  (what the audit imports is not its memory)
+    import scipy.sparse.linalg  # noqa: F401
+    import sklearn.cluster  # noqa: F401
+    import sklearn.neighbors  # noqa: F401
+
+    tracemalloc.start()
+    try:
+        result = audit(folder, size=8)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    # all of the audit's memory (the rows, the features, the graph, the spectrum) is below an eighth of a dense graph's
+    # N x N float64 matrix (128 MB; its eigendecomposition takes a few more of them) and of the maps read as float64
+    assert peak < n * n * 8 / 8 and peak < n * 64 * 64 * 8 / 8, peak
+    two = audit(folder, size=8, clusters=2)
+    page = report(result)
+    marked = np.array([Path(r["relevance"]).name.startswith("p") for r in result["rows"]])
+    assert marked.sum() == planted and result["clusters"] >= 2
+    found = 0
+    for c in range(result["clusters"]):  # every cluster is (nearly) all marked or all clean maps
+        share = marked[result["labels"] == c].mean()
+        assert share >= 0.95 or share <= 0.05, (c, share)
+        found += int(marked[result["labels"] == c].sum()) if share >= 0.95 else 0
+    assert found >= 0.95 * planted
+    assert sorted([int(marked[two["labels"] == c].sum()) for c in range(2)]) == [0, planted]
+    assert sorted(np.bincount(two["labels"]).tolist()) == [planted, n - planted]
+    assert page.count("<h2 style=") == result["clusters"]
+
+
+def test_ray_actors_share_gpus():
+    """Actors default to one per GPU, each asking one; more actors than GPUs share them (one reads or draws while
+    another runs); without GPUs one actor; each gets its node's CPUs shared by the actors there as threads."""
+    from lrpc.ray import _resources
+
+    class Cluster:
+        def __init__(self, gpus):
+            self.gpus = gpus
+
+        def cluster_resources(self):
+            return {"CPU": 32.0, "GPU": float(self.gpus)} if self.gpus else {"CPU": 32.0}
+
+        def nodes(self):
+            return [{"Alive": True, "Resources": {"CPU": 16.0, "GPU": self.gpus / 2}}] * 2
+
+    assert _resources(Cluster(4), None, None, None) == {"concurrency": 4, "num_cpus": 1, "num_gpus": 1, "threads": 8}
+    assert _resources(Cluster(4), 12, None, None)["num_gpus"] == pytest.approx(1 / 3)
+    assert _resources(Cluster(4), 10, None, None)["num_gpus"] == pytest.approx(1 / 3)  # (at most 3 on a GPU)
+    assert _resources(Cluster(4), 2, None, None)["num_gpus"] == 1
+    assert _resources(Cluster(4), 8, None, 1)["num_gpus"] == 1  # asked for: as asked
+    assert _resources(Cluster(0), None, None, None) == {"concurrency": 1, "num_cpus": 1, "num_gpus": 0,
+                                                        "threads": 16}
