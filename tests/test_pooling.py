@@ -38,6 +38,8 @@ CONFIGS = {
     "same-lower": ([1, 2, 6, 6], dict(kernel_shape=[3, 3], strides=[2, 2], auto_pad="SAME_LOWER"), [1, 1, 0, 0]),
     "1d-k3s2-pad1": ([2, 3, 9], dict(kernel_shape=[3], strides=[2], pads=[1, 1]), [1, 1]),
     "1d-ceil-dil": ([1, 2, 10], dict(kernel_shape=[2], strides=[3], dilations=[2], ceil_mode=1), [0, 0]),
+    "3d-mixed": ([1, 2, 5, 6, 5], dict(kernel_shape=[2, 3, 2], strides=[2, 2, 1], pads=[0, 1, 1, 1, 1, 0]),
+                 [0, 1, 1, 1, 1, 0]),
     # disjoint windows (compiled for CUDA: a scatter without add): with padding, gaps between windows, dilation, 1-D
     "k2s2-pad1": ([2, 2, 6, 6], dict(kernel_shape=[2, 2], strides=[2, 2], pads=[1, 1, 1, 1]), [1, 1, 1, 1]),
     "k2s3-gaps": ([1, 2, 7, 8], dict(kernel_shape=[2, 2], strides=[3, 3]), [0, 0, 0, 0]),
