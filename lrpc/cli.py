@@ -68,8 +68,8 @@ def _parser() -> argparse.ArgumentParser:
                         "output itself (output relevance_target names it): one run, only the model's inputs to feed; "
                         "switch: both, the top-1 seed where the bool input lrpc/top1 is fed true")
     c.add_argument("--for-provider", choices=["cpu", "cuda", "portable"], default="cpu",
-                   help="cuda: no op onnxruntime's CUDA provider runs on the CPU (MaxPool's backward scatters "
-                        "instead of MaxUnpool; slower on the CPU); portable: only ops every common ONNX runtime "
+                   help="cuda: MaxPool's backward from its arg-max indices and a scatter, which onnxruntime's CUDA "
+                        "provider runs on the GPU (slower on the CPU); portable: only ops every common ONNX runtime "
                         "implements, constant subgraphs folded (docs/runtimes.md); default cpu")
     c.add_argument("--explain-at", metavar="TENSOR",
                    help="explain at this float tensor of the graph instead of the inputs (output relevance shaped "

@@ -175,8 +175,8 @@ def compile(model, rules: str | composites.RuleSet = "epsilon-gamma-box", output
     ``seed``: "input" (a ``relevance_seed`` graph input) or "top1" (the seed is made in the graph at each
     sample's top-1 output, named by the output ``relevance_target``: one run, no seed to feed) or "switch" (both:
     the seed input, or the top-1 seed where the bool input ``lrpc/top1`` is fed true; lrpc.Session's top-1 targets
-    take one run instead of two). ``for_provider``: "cpu" (default; runs anywhere) or "cuda" (no op that
-    onnxruntime's CUDA provider would run on the CPU: MaxPool's backward scatters instead of MaxUnpool).
+    take one run instead of two). ``for_provider``: "cpu" (default; runs anywhere) or "cuda" (MaxPool's
+    backward from its arg-max indices and a scatter, which onnxruntime's CUDA provider runs on the GPU).
     ``input_shapes``: {input name: dims} fixing dynamic dims the compiler cannot resolve. ``explain_at``: the name
     of a float tensor to explain at instead of the float inputs (output ``relevance`` shaped like it). A model of
     token ids (no float input) is explained at its token embedding: output ``relevance_tokens`` [B, T]."""

@@ -331,8 +331,8 @@ CUDA_UNPOOL = ("the compiled graph has MaxUnpool nodes (MaxPool's backward), whi
 
 
 def _lrpc_unpools(model: onnx.ModelProto) -> bool:
-    """Whether ``model`` has a MaxUnpool lrpc emitted (node names under ``lrp/``: winner-mode MaxPool backward of
-    disjoint windows, :mod:`lrpc.relevance.pooling`)."""
+    """Whether ``model`` has a MaxUnpool lrpc emitted (node names under ``lrp/``: the winner-mode MaxPool backward of
+    disjoint windows that earlier lrpc versions compiled for the CPU)."""
     return any(n.op_type == "MaxUnpool" and n.name.startswith("lrp/") for n in model.graph.node)
 
 

@@ -85,30 +85,29 @@ def test_io_binding_keeps_outputs_on_the_gpu():
 
 
 def test_winner_maxpool_backward_stays_on_the_gpu(tmp_path):
-    """The winner-mode backward of disjoint 2x2 windows is MaxUnpool in the default compiled file (fast on the CPU);
-    onnxruntime's CUDA EP has no MaxUnpool kernel, so a file compiled for CUDA has a scatter instead that runs
-    there, and a Session of the default file on CUDA warns, naming the compile option."""
+    """The winner-mode backward of 2x2 windows: in the default compiled file the tap-by-tap comparison, in a file
+    compiled for CUDA MaxPool's indices and a scatter; both run every node on the GPU, without a warning."""
     import json
     import warnings
 
     from lrpc.runtime import inference_session
 
     path = ROOT / "models" / "digits_cnn.onnx"
-    assert any(n.op_type == "MaxUnpool" for n in lrpc.compile(path, "epsilon-gamma-box").graph.node)
-    with pytest.warns(UserWarning, match="for_provider=\"cuda\""):
-        lrpc.Session(lrpc.compile(path, "epsilon-gamma-box"), providers=["CUDAExecutionProvider"])
+    default = lrpc.compile(path, "epsilon-gamma-box")
     compiled = lrpc.compile(path, "epsilon-gamma-box", for_provider="cuda")
-    assert not any(n.op_type == "MaxUnpool" for n in compiled.graph.node)
+    assert not any(n.op_type == "MaxUnpool" for m in (default, compiled) for n in m.graph.node)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        lrpc.Session(default, providers=["CUDAExecutionProvider"])
         lrpc.Session(compiled, providers=["CUDAExecutionProvider"])
-    session = inference_session(compiled.SerializeToString(), ["CUDAExecutionProvider", "CPUExecutionProvider"],
-                                profile=str(tmp_path / "profile"))
     x = np.random.default_rng(0).standard_normal((2, 1, 8, 8)).astype(np.float32)
-    session.run(None, {"input": x, "relevance_seed": np.eye(10, dtype=np.float32)[[3, 5]]})
-    events = json.load(open(session.end_profiling()))
-    placed = {(e["args"]["op_name"], e["args"].get("provider")) for e in events
-              if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
-    assert ("ScatterElements", "CUDAExecutionProvider") in placed
-    assert not ({op for op, p in placed if p != "CUDAExecutionProvider"}
-                & {"MaxUnpool", "ScatterElements", "ConstantOfShape"})
+    for model, kernels in ((compiled, {"ScatterElements"}), (default, {"SpaceToDepth", "Equal"})):
+        session = inference_session(model.SerializeToString(), ["CUDAExecutionProvider", "CPUExecutionProvider"],
+                                    profile=str(tmp_path / "profile"))
+        session.run(None, {"input": x, "relevance_seed": np.eye(10, dtype=np.float32)[[3, 5]]})
+        events = json.load(open(session.end_profiling()))
+        placed = {(e["args"]["op_name"], e["args"].get("provider")) for e in events
+                  if e.get("cat") == "Node" and e["name"].endswith("_kernel_time")}
+        assert {(k, "CUDAExecutionProvider") for k in kernels} <= placed
+        assert not ({op for op, p in placed if p != "CUDAExecutionProvider"}
+                    & {"MaxUnpool", "ScatterElements", "ConstantOfShape", "SpaceToDepth", "Equal"})

@@ -4,9 +4,8 @@ winner (default): relevance of each output goes to the arg-max of its window (th
 torch's gradient). On the CPU the winners come from comparing the input with the forward's output tap by tap
 (:func:`_winner_by_taps`; the forward keeps onnxruntime's fast MaxPool kernel, which an Indices output would
 replace by a slow one). Compiled for CUDA or for other runtimes, and where a spatial dim is not static, via
-MaxPool's Indices output: MaxUnpool where windows do not overlap (each input cell receives from at most one output;
-VGG's 2x2/2), else ScatterElements(reduction="add"), so overlapping windows accumulate instead of overwriting
-(MaxUnpool would lose relevance there).
+MaxPool's Indices output and a scatter: with reduction "add" where windows overlap, so that they accumulate instead
+of overwriting.
 
 split: relevance of each output is shared equally by all cells of its window that equal the window's
 maximum (LRP Toolbox). Lowered with compile-time index tables instead of a one-hot unfolding Conv: Gather
@@ -44,13 +43,9 @@ def maxpool(ctx, node, R_out):
         node.outputs.append(gs.Variable(f"{node.name}/indices", dtype=np.int64))
     x, idx = node.inputs[0], node.outputs[1]
     shape = b.shape_of(x)
-    # MaxUnpool: one write per output instead of a zero fill and a scatter (faster); onnxruntime's CPU
-    # MaxUnpool takes float and float16, not double; its CUDA provider has no MaxUnpool kernel (it would run on the
-    # CPU, with copies): compiled for CUDA, disjoint windows scatter without adding (each index once)
+    # a zero fill and a scatter (no MaxUnpool: onnxruntime's CUDA provider has none); disjoint windows scatter
+    # without adding (each index once)
     disjoint = _disjoint(node)
-    if disjoint and b.dtype in (np.float32, np.float16) and ctx.provider == "cpu":
-        a = {k: node.attrs[k] for k in ("kernel_shape", "strides", "pads") if k in node.attrs}
-        return [b.op("MaxUnpool", [R_out[0], idx, shape], a)]
     flat = b.ints([-1])
     zeros = b.op("Reshape", [b.zeros(shape), flat])
     if ctx.provider == "portable":  # (each index once where windows are disjoint: ScatterND, which converters know)
@@ -60,7 +55,7 @@ def maxpool(ctx, node, R_out):
             return [b.op("Reshape", [b.op("ScatterND", [zeros, at, b.op("Reshape", [R_out[0], flat])]), shape])]
     scattered = b.op("ScatterElements",
                      [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
-                     {"axis": 0} if disjoint and ctx.provider != "cpu" else {"axis": 0, "reduction": "add"})
+                     {"axis": 0} if disjoint else {"axis": 0, "reduction": "add"})
     return [b.op("Reshape", [scattered, shape])]
 
 
@@ -153,9 +148,8 @@ def _global_indices(b, idx, shape):
 
 
 def _disjoint(node) -> bool:
-    """True when no two windows of ``node`` share an input cell (stride >= window span on every axis) and
-    MaxUnpool can restore the input's shape (its implied size, (out - 1) * stride - pads + kernel, must not
-    exceed the input's: a ceil_mode overhang can)."""
+    """True when no two windows of ``node`` share an input cell (stride >= window span on every axis) and no
+    window reaches past the input ((out - 1) * stride - pads + kernel within it: a ceil_mode overhang can)."""
     a, x, y = node.attrs, node.inputs[0], node.outputs[0]
     k = list(a["kernel_shape"])
     n = len(k)
