@@ -125,8 +125,8 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     (int64 [N], flat index per sample) names: logits and relevance in one run, with only the model's
     own inputs to feed; ``seed="switch"``: both, chosen per run by the bool input ``lrpc/top1`` (false unless fed).
     ``for_provider="cuda"``: MaxPool's backward from its arg-max indices and a scatter (onnxruntime's CUDA
-    provider runs them on the GPU), recorded in the metadata. ``explain_at``: the float tensor relevance is explained at (output
-    ``relevance`` shaped like it) instead of the float inputs; a model of token ids is explained at its token
+    provider runs them on the GPU), recorded in the metadata. ``explain_at``: the float tensor relevance is
+    explained at (output ``relevance`` shaped like it) instead of the float inputs; a model of token ids is explained at its token
     embedding (output ``relevance_tokens``: summed over the hidden axis, see :func:`sources`).
     The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
     if layerwise not in (None, "sums", "full"):
