@@ -126,8 +126,9 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     own inputs to feed; ``seed="switch"``: both, chosen per run by the bool input ``lrpc/top1`` (false unless fed).
     ``for_provider="cuda"``: MaxPool's backward from its arg-max indices and a scatter (onnxruntime's CUDA
     provider runs them on the GPU), recorded in the metadata. ``explain_at``: the float tensor relevance is
-    explained at (output ``relevance`` shaped like it) instead of the float inputs; a model of token ids is explained at its token
-    embedding (output ``relevance_tokens``: summed over the hidden axis, see :func:`sources`).
+    explained at (output ``relevance`` shaped like it) instead of the float inputs; a model of token ids is
+    explained at its token embedding (output ``relevance_tokens``: summed over the hidden axis, see
+    :func:`sources`).
     The nodes are ordered for onnxruntime's scheduler (:mod:`lrpc.schedule`)."""
     if layerwise not in (None, "sums", "full"):
         raise InputError(f"layerwise must be 'sums' or 'full', got {layerwise!r}")
