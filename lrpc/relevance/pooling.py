@@ -34,7 +34,7 @@ def maxpool(ctx, node, R_out):
     if ctx.options.maxpool == "split":
         return _split(ctx, node, R_out)
     b = ctx.b
-    r = _winner_by_taps(ctx, node, R_out[0]) if ctx.provider == "cpu" else None
+    r = _winner_by_taps(ctx, node, R_out[0]) if ctx.provider in ("cpu", "portable") else None
     if r is not None:
         return [r]
     if node.attrs.get("storage_order", 0):
@@ -84,7 +84,9 @@ def _winner_by_taps(ctx, node, R):
     if any(p) or any(extra):
         xp = b.op("Pad", [x, b.ints([0, 0, *p, 0, 0, *extra]), b.const(np.nan, xdt)], dtype=xdt)
     axes = b.ints(range(2, 2 + n))
-    s2d = n == 2 and s[0] == s[1] > 1  # (SpaceToDepth: channel block φ_h·s + φ_w holds phase (φ_h, φ_w))
+    # SpaceToDepth (channel block φ_h·s + φ_w holds phase (φ_h, φ_w)) where onnxruntime runs it; portable graphs
+    # slice with steps (onnx2torch has no SpaceToDepth)
+    s2d = n == 2 and s[0] == s[1] > 1 and ctx.provider == "cpu"
     if s2d:
         xp = b.op("SpaceToDepth", [xp], {"blocksize": s[0]}, dtype=xdt)
     phases: dict[tuple, list] = {}
