@@ -6,7 +6,8 @@ Conv has no such loop (docs/performance.md#lowering-choices).
 The adjoint ``r[i] = Σ_{o,k: o·s + k·d - p = i} w[k] c[o]`` is a stride-1 correlation of ``u`` (``c`` with s - 1
 zeros between its values, ``u[o·s] = c[o]``) with the reversed kernel, begin pad ``(K-1)d - p_begin`` and end pad
 ``H + p_begin - ((H'-1)s + 1)``. The zeros are put in by a ConvTranspose with a 1x1 kernel of ones, the fastest of
-the interleaves tried."""
+the interleaves tried in onnxruntime; the portable lowering interleaves with Unsqueeze, Pad and Reshape instead (IREE
+cannot compile a grouped ConvTranspose)."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,11 +36,31 @@ def pads_for(xs: list[int], zs: list[int], k: list[int], s: list[int], d: list[i
     return begin + end if min(begin + end) >= 0 else None
 
 
-def strided_adjoint(b, c, flipped, channels: int, kernel: list[int], strides: list[int], dilations: list[int],
-                    pads: list[int]):
-    """``Wᵀc`` of a depthwise layer with ``strides`` (not all 1), given its reversed kernel ``flipped`` and the
-    pads from :func:`pads_for`."""
+def strided_adjoint(b, c, flipped, groups: int, kernel: list[int], strides: list[int], dilations: list[int],
+                    pads: list[int], zs: list[int] | None = None):
+    """``Wᵀc`` of a depthwise layer (portable: any grouped one) with ``strides`` (not all 1), given its reversed
+    kernel ``flipped`` and the pads from :func:`pads_for`. With ``zs`` (the spatial dims of ``c``): interleaved
+    without a ConvTranspose."""
     n = len(strides)
-    ones = b.const(np.ones([channels, 1] + [1] * n))
-    u = b.op("ConvTranspose", [c, ones], {"kernel_shape": [1] * n, "strides": strides, "group": channels})
-    return b.op("Conv", [u, flipped], {"group": channels, "kernel_shape": kernel, "dilations": dilations, "pads": pads})
+    if zs is not None:
+        u = _interleave(b, c, zs, strides)
+    else:
+        ones = b.const(np.ones([groups, 1] + [1] * n))  # (depthwise: a channel per group)
+        u = b.op("ConvTranspose", [c, ones], {"kernel_shape": [1] * n, "strides": strides, "group": groups})
+    return b.op("Conv", [u, flipped], {"group": groups, "kernel_shape": kernel, "dilations": dilations, "pads": pads})
+
+
+def _interleave(b, c, zs: list[int], strides: list[int]):
+    """``c`` [N, C, *zs] with s - 1 zeros between its values on each spatial axis: per axis, a unit axis after it
+    padded to s, the two merged, the trailing zeros cut (an axis at a time: OpenCV's Pad takes rank 5 at most)."""
+    n, dims = len(zs), list(zs)
+    for i, s in enumerate(strides):
+        if s == 1:
+            continue
+        pads = [0] * (2 * (3 + n))
+        pads[3 + n + 3 + i] = s - 1  # (the end of the unit axis)
+        u = b.op("Pad", [b.op("Unsqueeze", [c, b.ints([3 + i])]), b.ints(pads)])
+        c = b.op("Reshape", [u, b.ints([0, 0, *dims[:i], dims[i] * s, *dims[i + 1:]])])
+        dims[i] = (dims[i] - 1) * s + 1
+        c = b.op("Slice", [c, b.ints([0]), b.ints([dims[i]]), b.ints([2 + i])])
+    return c

@@ -75,9 +75,13 @@ class ConvView(View):
         if all(v == 1 for v in s) and min(flipped_pads) >= 0:
             # stride 1: the adjoint is a Conv with flipped, in/out-swapped weights (faster kernels than ConvTranspose)
             return self.b.op("Conv", [c, self._flipped(w)], {**a, "pads": flipped_pads})
-        dw_pads = depthwise.pads_for(xs, zs, k, s, d, p) if depthwise.is_depthwise(self.node) else None
+        # (portable: every grouped layer, no grouped ConvTranspose, which IREE cannot compile)
+        portable = self.ctx.provider == "portable"
+        grouped = depthwise.is_depthwise(self.node) or (portable and a.get("group", 1) > 1)
+        dw_pads = depthwise.pads_for(xs, zs, k, s, d, p) if grouped else None
         if dw_pads is not None:
-            return depthwise.strided_adjoint(self.b, c, self._flipped(w), a["group"], k, s, d, dw_pads)
+            return depthwise.strided_adjoint(self.b, c, self._flipped(w), a["group"], k, s, d, dw_pads,
+                                             zs if portable else None)
         return self.b.op("ConvTranspose", [c, w], {**a, "output_padding": op})
 
     def _flipped(self, w):

@@ -46,13 +46,10 @@ def maxpool(ctx, node, R_out):
     # a zero fill and a scatter (no MaxUnpool: onnxruntime's CUDA provider has none); disjoint windows scatter
     # without adding (each index once)
     disjoint = _disjoint(node)
+    if ctx.provider == "portable":
+        return [_per_plane(b, idx, R_out[0], shape, disjoint)]
     flat = b.ints([-1])
     zeros = b.op("Reshape", [b.zeros(shape), flat])
-    if ctx.provider == "portable":  # (each index once where windows are disjoint: ScatterND, which converters know)
-        idx = b.op("Reshape", [_global_indices(b, idx, shape), flat], dtype=np.int64)
-        if disjoint:
-            at = b.op("Unsqueeze", [idx, b.ints([1])], dtype=np.int64)
-            return [b.op("Reshape", [b.op("ScatterND", [zeros, at, b.op("Reshape", [R_out[0], flat])]), shape])]
     scattered = b.op("ScatterElements",
                      [zeros, b.op("Reshape", [idx, flat], dtype=np.int64), b.op("Reshape", [R_out[0], flat])],
                      {"axis": 0} if disjoint else {"axis": 0, "reduction": "add"})
@@ -133,20 +130,19 @@ def _winner_by_taps(ctx, node, R):
     return r
 
 
-def _global_indices(b, idx, shape):
-    """MaxPool's indices as the spec has them (flat over the whole input), whichever way a runtime counts them: some
-    count within each (sample, channel) plane, as torch does. ``idx mod (H·W) + plane · (H·W)``."""
+def _per_plane(b, idx, r, shape, disjoint: bool):
+    """MaxPool's backward scattered within each (sample, channel) plane, whichever way a runtime counts the indices
+    (the ONNX spec over the whole input, torch-based runtimes, tinygrad and IREE within each plane): rows of
+    ``[N·C, H·W]``, each written at ``idx mod (H·W)``; no Range (tinygrad's DEV=PYTHON computes one on its clang CPU
+    device) and no ScatterND (tinygrad loops over its rows in Python). ScatterElements over axis 1, adding where
+    windows overlap."""
     plane = b.op("ReduceProd", [b.op("Slice", [shape, b.ints([2]), b.ints([2 ** 62])], dtype=np.int64)],
-                 {"keepdims": 0}, dtype=np.int64)  # (scalars: Range takes scalars)
-    planes = b.op("ReduceProd", [b.op("Slice", [shape, b.ints([0]), b.ints([2])], dtype=np.int64)],
-                  {"keepdims": 0}, dtype=np.int64)
-    starts = b.op("Range", [b.const(np.array(0, np.int64), np.int64), b.op("Mul", [planes, plane], dtype=np.int64),
-                            plane], dtype=np.int64)
-    rank = len(idx.shape) if idx.shape is not None else 4
-    starts = b.op("Reshape", [starts, b.op("Concat", [b.op("Slice", [shape, b.ints([0]), b.ints([2])], dtype=np.int64),
-                                                      b.ints([1] * (rank - 2))], {"axis": 0}, dtype=np.int64)],
-                  dtype=np.int64)
-    return b.op("Add", [b.op("Mod", [idx, plane], dtype=np.int64), starts], dtype=np.int64)
+                 {"keepdims": 1}, dtype=np.int64)
+    rows = b.op("Flatten", [b.op("Mod", [idx, plane], dtype=np.int64)], {"axis": 2}, dtype=np.int64)
+    scattered = b.op("ScatterElements", [b.op("Flatten", [b.zeros(shape)], {"axis": 2}), rows,
+                                         b.op("Flatten", [r], {"axis": 2})],
+                     {"axis": 1} if disjoint else {"axis": 1, "reduction": "add"})
+    return b.op("Reshape", [scattered, shape])
 
 
 def _disjoint(node) -> bool:
@@ -178,7 +174,8 @@ def _split(ctx, node, R_out):
     # so padding / ceil overhang cells are never counted as maxima whatever the input values are
     xf = b.op("Reshape", [b.op("Transpose", [x], {"perm": last}, dtype=xdt), b.ints([0, -1, c])], dtype=xdt)
     xf = b.op("Pad", [xf, b.ints([0, 0, 0, 0, 1, 0]), b.const(np.nan, xdt)], dtype=xdt)
-    patches = b.op("Gather", [xf, b.const(table, np.int64)], {"axis": 1}, dtype=xdt)
+    flat = ctx.provider == "portable"
+    patches = _gather(b, xf, table, flat, xdt)
     ties = b.op("Cast", [b.op("Equal", [patches, cl(y, xdt)], dtype=np.bool_)],
                 {"to": helper.np_dtype_to_tensor_dtype(b.dtype)})
     # Max(., 1): a window with no match (NaN inputs, a window all in padding) must not turn 0/0 into NaN for the
@@ -190,9 +187,18 @@ def _split(ctx, node, R_out):
     inverse = _inverse(table.reshape(-1), int(np.prod(spatial)))
     sf = b.op("Pad", [b.op("Reshape", [share, b.ints([0, -1, c])]), b.ints([0, 0, 0, 0, 1, 0])])
     # ([M, HW] order: the sum runs over an outer axis, which ReduceSum vectorizes; over an inner one it crawls)
-    folded = b.reduce_sum(b.op("Gather", [sf, b.const(inverse.T.copy(), np.int64)], {"axis": 1}), [1], keepdims=0)
+    folded = b.reduce_sum(_gather(b, sf, inverse.T.copy(), flat), [1], keepdims=0)
     folded = b.op("Reshape", [folded, b.ints([0, *spatial, c])])
     return [b.op("Transpose", [folded], {"perm": [0, rank - 1, *range(1, rank - 1)]})]
+
+
+def _gather(b, x, table: np.ndarray, flat: bool, dtype=None):
+    """``x`` [N, M, C] gathered along axis 1 at ``table``: [N, *table.shape, C]. ``flat``: a 1-D table and a Reshape
+    (tinygrad's Gather of constant indices takes a list of them only)."""
+    if not flat:
+        return b.op("Gather", [x, b.const(table, np.int64)], {"axis": 1}, dtype=dtype)
+    g = b.op("Gather", [x, b.const(table.reshape(-1), np.int64)], {"axis": 1}, dtype=dtype)
+    return b.op("Reshape", [g, b.ints([0, *table.shape, -1])], dtype=dtype)
 
 
 def _inverse(flat: np.ndarray, size: int) -> np.ndarray:
