@@ -1,11 +1,13 @@
 """The compiled graph in other ONNX runtimes. ``for_provider="portable"`` lowers with ops and attributes the common
 runtimes and converters implement (no MaxUnpool; MaxPool's indices made independent of how a runtime counts them;
-no GreaterOrEqual; constant subgraphs folded: no convolution of constants, no weight variant computed in the graph).
+no GreaterOrEqual; no grouped ConvTranspose; constant subgraphs folded: no convolution of constants, no weight variant
+computed in the graph).
 
 Oracle: the relevance onnxruntime computes for the default (cpu) lowering, 1e-4 relative L2 (float32), on the shipped
 digits CNN and U-Net under the composites and options whose lowerings differ; per runtime where it is installed
-(onnx.reference always; OpenVINO with an f32 precision hint, tract, onnx2torch). And the index convention: a graph
-whose MaxPool indices count within each (sample, channel) plane, as torch's do, gives the same relevance."""
+(onnx.reference always; OpenVINO with an f32 precision hint, tract, onnx2torch, OpenCV's DNN). And the index
+convention: a graph whose MaxPool indices count within each (sample, channel) plane, as torch's do, gives the same
+relevance."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -70,13 +72,23 @@ def _onnx2torch(model, feeds):
     return {o.name: v.numpy() for o, v in zip(model.graph.output, out if isinstance(out, (list, tuple)) else [out])}
 
 
+def _opencv(model, feeds, tmp_path):
+    cv2 = pytest.importorskip("cv2")
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    net = cv2.dnn.readNetFromONNX(str(tmp_path / "m.onnx"))
+    for name, value in feeds.items():
+        net.setInput(value, name)
+    names = [o.name for o in model.graph.output]
+    return dict(zip(names, net.forward(names)))
+
+
 def _reference(model, feeds):
     sess = ReferenceEvaluator(model)
     return dict(zip(sess.output_names, sess.run(None, feeds)))
 
 
 RUNTIMES = {"onnx.reference": lambda m, f, _: _reference(m, f), "openvino": lambda m, f, _: _openvino(m, f),
-            "tract": _tract, "onnx2torch": lambda m, f, _: _onnx2torch(m, f)}
+            "tract": _tract, "onnx2torch": lambda m, f, _: _onnx2torch(m, f), "opencv": _opencv}
 
 
 @pytest.mark.parametrize("runtime", list(RUNTIMES))
@@ -151,7 +163,7 @@ def _strided_conv():
     return m, np.maximum(rng.standard_normal((1, 64, 28, 28)), 0).astype(np.float32)
 
 
-@pytest.mark.parametrize("runtime", ["openvino", "tract", "onnx.reference"])
+@pytest.mark.parametrize("runtime", ["openvino", "tract", "onnx.reference", "opencv"])
 def test_strided_conv_adjoint_elsewhere(runtime, tmp_path):
     """The portable graph gives the ConvTranspose its own copy of a weight the Conv also reads: OpenVINO 2026.4
     computes it wrong when shared (relevance off by 130%)."""
@@ -161,3 +173,43 @@ def test_strided_conv_adjoint_elsewhere(runtime, tmp_path):
     want = run_onnx(lrpc.compile(model, "epsilon"), feeds)["relevance"]
     got = RUNTIMES[runtime](lrpc.compile(model, "epsilon", for_provider="portable"), feeds, tmp_path)["relevance"]
     assert rel_l2(got, want) < 1e-3  # (epsilon divides by outputs near 0: OpenVINO's f32 rounding shows at 1e-4)
+
+
+def _grouped_strided():
+    """Strided grouped convolutions, each then ReLU: depthwise over 12 channels (not a multiple of 8: the default
+    lowering keeps a grouped ConvTranspose there), depthwise over 16 (the zero interleave), 4 groups of 4."""
+    from onnx import TensorProto, numpy_helper
+
+    rng = np.random.default_rng(2)
+    nodes, inits, x = [], [], "x"
+    for k, (cin, cout, g) in enumerate([(12, 12, 12), (12, 16, 1), (16, 16, 16), (16, 16, 4)]):
+        s, w = (1, 1) if g == 1 else (2, 3)
+        weight = (rng.standard_normal((cout, cin // g, w, w)) / 3).astype(np.float32)
+        inits += [numpy_helper.from_array(weight, f"W{k}"),
+                  numpy_helper.from_array((rng.standard_normal(cout) * 0.1).astype(np.float32), f"B{k}")]
+        nodes += [helper.make_node("Conv", [x, f"W{k}", f"B{k}"], [f"c{k}"], group=g, kernel_shape=[w, w],
+                                   strides=[s, s], pads=[k % 2 if g > 1 else 0] * 4),
+                  helper.make_node("Relu", [f"c{k}"], [f"y{k}"])]
+        x = f"y{k}"
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 12, 23, 21])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m, np.maximum(rng.standard_normal((2, 12, 23, 21)), 0).astype(np.float32)
+
+
+@pytest.mark.parametrize("runtime", ["openvino", "tract", "onnx.reference", "opencv"])
+def test_grouped_strided_conv_adjoint_elsewhere(runtime, tmp_path):
+    """The portable graph has no grouped ConvTranspose (IREE cannot compile one): a strided grouped layer's adjoint
+    is a grouped Conv over its message with zeros put in between."""
+    model, x = _grouped_strided()
+    y = run_onnx(model, {"x": x})["y3"]
+    feeds = {"x": x, "relevance_seed": y}
+    want = run_onnx(lrpc.compile(model, "epsilon-gamma-box"), feeds)["relevance"]
+    portable = lrpc.compile(model, "epsilon-gamma-box", for_provider="portable")
+    def grouped(m):
+        return [n for n in m.graph.node if n.op_type == "ConvTranspose" and helper.get_node_attr_value(n, "group") > 1]
+
+    assert grouped(lrpc.compile(model, "epsilon-gamma-box")) and not grouped(portable)
+    assert rel_l2(run_onnx(portable, feeds)["relevance"], want) < 1e-5
+    assert rel_l2(RUNTIMES[runtime](portable, feeds, tmp_path)["relevance"], want) < 1e-4
