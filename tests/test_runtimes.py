@@ -1,7 +1,8 @@
 """The compiled graph in other ONNX runtimes. ``for_provider="portable"`` lowers with ops and attributes the common
-runtimes and converters implement (no MaxUnpool; MaxPool's indices made independent of how a runtime counts them;
-no GreaterOrEqual; no grouped ConvTranspose; constant subgraphs folded: no convolution of constants, no weight variant
-computed in the graph).
+runtimes and converters implement (MaxPool's winners by strided Slices compared with its output, no SpaceToDepth;
+a pool of non-static size scatters at indices independent of how a runtime counts them; no GreaterOrEqual; no
+grouped ConvTranspose; constant subgraphs folded: no convolution of constants, no weight variant computed in the
+graph).
 
 Oracle: the relevance onnxruntime computes for the default (cpu) lowering, 1e-4 relative L2 (float32), on the shipped
 digits CNN and U-Net under the composites and options whose lowerings differ; per runtime where it is installed
@@ -95,8 +96,6 @@ RUNTIMES = {"onnx.reference": lambda m, f, _: _reference(m, f), "openvino": lamb
 @pytest.mark.parametrize("case", list(CASES))
 def test_portable_graph_runs_the_same_elsewhere(case, runtime, tmp_path):
     model, composite, options = CASES[case]
-    if runtime == "onnx2torch" and options.get("maxpool") != "split":
-        pytest.skip("onnx2torch 1.5 converts MaxPool's Indices output wrongly (its forward fails): --maxpool split")
     want = lrpc.compile(str(model), composite, **options)
     portable = lrpc.compile(str(model), composite, for_provider="portable", **options)
     feeds = _feeds(model, want)
