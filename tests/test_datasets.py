@@ -140,10 +140,7 @@ def test_audit_errors(explained, tmp_path):
 
 def test_manifest_error_rows_and_resume(watermark, tmp_path):
     model, images, _ = watermark
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for p in sorted(images.iterdir())[:4]:
-        (folder / p.name).write_bytes(p.read_bytes())
+    folder = _first_images(images, tmp_path / "images", 4)
     (folder / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
     args = ("explain", model, "--images", folder, "-o", out, "--manifest", "--rules", "epsilon", "--no-progress",
@@ -174,10 +171,7 @@ def test_manifest_error_rows_and_resume(watermark, tmp_path):
 
 def test_manifest_refuses_other_model_or_settings(watermark, tmp_path):
     model, images, _ = watermark
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for p in sorted(images.iterdir())[:3]:
-        (folder / p.name).write_bytes(p.read_bytes())
+    folder = _first_images(images, tmp_path / "images", 3)
     out = tmp_path / "out"
     args = ("explain", "--images", folder, "-o", out, "--manifest", "--no-progress", "--no-cache")
     assert run_cli(*args[:1], model, *args[1:], "--rules", "epsilon")[0] == 0
@@ -489,3 +483,11 @@ def test_ray_actors_share_gpus():
     assert _resources(Cluster(4), 8, None, 1)["num_gpus"] == 1  # asked for: as asked
     assert _resources(Cluster(0), None, None, None) == {"concurrency": 1, "num_cpus": 1, "num_gpus": 0,
                                                         "threads": 16}
+
+
+def _first_images(images, folder, n: int):
+    """A new ``folder`` holding copies of the first ``n`` files of ``images``."""
+    folder.mkdir()
+    for p in sorted(images.iterdir())[:n]:
+        (folder / p.name).write_bytes(p.read_bytes())
+    return folder

@@ -14,12 +14,11 @@ import pytest
 
 import lrpc
 from conftest import rel_l2, report_line
-from test_decoder import EXPORTS, _gpt2, _gpt2_forward, _llama, _llama_forward
+from test_decoder import EXPORTS
+from test_token_decoders import MODELS, exported_decoders
 
 P, T, V = 4, 3, 100
 pytestmark = pytest.mark.filterwarnings("ignore:`past_key_values` is deprecated:FutureWarning")
-MODELS = {"llama": (_llama, _llama_forward, lambda net: net.model.embed_tokens),
-          "gpt2": (_gpt2, _gpt2_forward, lambda net: net.transformer.wte)}
 
 
 def _cache(net):
@@ -97,14 +96,7 @@ def export_with_cache(net, path, exporter: str) -> onnx.ModelProto:
 
 @pytest.fixture(scope="module")
 def cached_decoders(tmp_path_factory):
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
-    root, out = tmp_path_factory.mktemp("kv-cache"), {}
-    for name, (build, _, _) in MODELS.items():
-        for exporter in EXPORTS:
-            net = build(eager=exporter == "legacy17") if name == "llama" else build()
-            out[name, exporter] = net, export_with_cache(net, root / f"{name}-{exporter}.onnx", exporter)
-    return out
+    return exported_decoders(tmp_path_factory, "kv-cache", export_with_cache)
 
 
 def _reference(name, net, feeds, mode, seed):

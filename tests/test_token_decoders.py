@@ -60,16 +60,21 @@ def export_ids(net, path, exporter: str, dynamic: bool = False) -> onnx.ModelPro
     return onnx.load(str(path))
 
 
-@pytest.fixture(scope="module")
-def token_decoders(tmp_path_factory):
+def exported_decoders(tmp_path_factory, tag: str, export) -> dict:
+    """{(model, exporter): (torch net, ``export(net, path, exporter)``)} for every model of MODELS and exporter."""
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
-    root, out = tmp_path_factory.mktemp("token-decoders"), {}
+    root, out = tmp_path_factory.mktemp(tag), {}
     for name, (build, _, _) in MODELS.items():
         for exporter in EXPORTS:
             net = build(eager=exporter == "legacy17") if name == "llama" else build()
-            out[name, exporter] = net, export_ids(net, root / f"{name}-{exporter}.onnx", exporter)
+            out[name, exporter] = net, export(net, root / f"{name}-{exporter}.onnx", exporter)
     return out
+
+
+@pytest.fixture(scope="module")
+def token_decoders(tmp_path_factory):
+    return exported_decoders(tmp_path_factory, "token-decoders", export_ids)
 
 
 def _reference(name, net, feeds, mode, seed):
