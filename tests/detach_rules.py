@@ -21,13 +21,18 @@ def rules_in_torch(mode: str):
     """Within it, torch computes the forward of the rules of ``mode`` (attnlrp, cp-lrp) for any model built from
     torch's functions: a product of two tensors that both need gradients splits (attnlrp), a softmax's output is
     held constant (cp-lrp), LayerNorm holds its standard deviation constant, GELU and SiLU are ``x · sg(f(x)/x)``
-    (the identity rule). Gradient × input of the model's output is then the rule's relevance where the model's
-    parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do)."""
+    (the identity rule, also Tanh and Sigmoid), an einsum of two such tensors splits as a product does, and
+    torchvision's squeeze-and-excitation gate is a product of two computed tensors (split under attnlrp, the gate
+    held constant under cp-lrp). Gradient × input of the model's output is then the rule's relevance where the
+    model's parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do)."""
     import torch
     from torch.nn import functional as F
+    from torchvision.ops.misc import SqueezeExcitation
 
     saved = {(torch.Tensor, "matmul"): torch.Tensor.matmul, (torch.Tensor, "__matmul__"): torch.Tensor.__matmul__,
-             (torch, "matmul"): torch.matmul, (F, "softmax"): F.softmax,
+             (torch, "matmul"): torch.matmul, (torch, "einsum"): torch.einsum, (F, "softmax"): F.softmax,
+             (SqueezeExcitation, "forward"): SqueezeExcitation.forward, (torch, "tanh"): torch.tanh,
+             (torch, "sigmoid"): torch.sigmoid,
              (torch.Tensor, "softmax"): torch.Tensor.softmax, (F, "layer_norm"): F.layer_norm, (F, "gelu"): F.gelu,
              (F, "silu"): F.silu}
     plain = saved[(torch, "matmul")]
@@ -36,6 +41,20 @@ def rules_in_torch(mode: str):
         if mode == "attnlrp" and a.requires_grad and b.requires_grad:
             return 0.5 * (plain(a, b.detach()) + plain(a.detach(), b))
         return plain(a, b)
+
+    def einsum(eq, *ops):
+        if mode == "attnlrp" and len(ops) == 2 and all(t.requires_grad for t in ops):
+            a, b = ops
+            return 0.5 * (saved[(torch, "einsum")](eq, a, b.detach()) + saved[(torch, "einsum")](eq, a.detach(), b))
+        return saved[(torch, "einsum")](eq, *ops)
+
+    def gate(self, x):  # torchvision's squeeze-and-excitation: scale(x) · x, a product of two computed tensors
+        return matmul_like(self._scale(x), x)
+
+    def matmul_like(a, b):  # an element-wise product under the mode's rule: split (attnlrp), the gate constant (cp-lrp)
+        if mode == "attnlrp":
+            return 0.5 * (a.detach() * b + a * b.detach())
+        return a.detach() * b
 
     def softmax(x, *args, **kw):
         s = saved[(torch.Tensor, "softmax")](x, *args, **kw)
@@ -53,7 +72,10 @@ def rules_in_torch(mode: str):
         return lambda x, *args, **kw: x * (f(x, *args, **{k: v for k, v in kw.items() if k != "inplace"}) / x).detach()
 
     new = {(torch.Tensor, "matmul"): matmul, (torch.Tensor, "__matmul__"): matmul, (torch, "matmul"): matmul,
-           (F, "softmax"): softmax, (torch.Tensor, "softmax"): softmax, (F, "layer_norm"): layer_norm,
+           (torch, "einsum"): einsum, (F, "softmax"): softmax,
+           (SqueezeExcitation, "forward"): gate, (torch, "tanh"): identity_rule(saved[(torch, "tanh")]),
+           (torch, "sigmoid"): identity_rule(saved[(torch, "sigmoid")]), (torch.Tensor, "softmax"): softmax,
+           (F, "layer_norm"): layer_norm,
            (F, "gelu"): identity_rule(saved[(F, "gelu")]), (F, "silu"): identity_rule(saved[(F, "silu")])}
     try:
         for (owner, name), f in new.items():
