@@ -43,24 +43,24 @@ def strided_adjoint(b, c, flipped, groups: int, kernel: list[int], strides: list
     without a ConvTranspose."""
     n = len(strides)
     if zs is not None:
-        u = _interleave(b, c, zs, strides)
+        u, dims = c, list(zs)  # (an axis at a time: OpenCV's Pad takes rank 5 at most)
+        for i, step in enumerate(strides):
+            if step > 1:
+                u = interleave_zeros(b, u, 2 + i, step, dims[i], dims[i + 1:])
+                dims[i] = (dims[i] - 1) * step + 1
     else:
         ones = b.const(np.ones([groups, 1] + [1] * n))  # (depthwise: a channel per group)
         u = b.op("ConvTranspose", [c, ones], {"kernel_shape": [1] * n, "strides": strides, "group": groups})
     return b.op("Conv", [u, flipped], {"group": groups, "kernel_shape": kernel, "dilations": dilations, "pads": pads})
 
 
-def _interleave(b, c, zs: list[int], strides: list[int]):
-    """``c`` [N, C, *zs] with s - 1 zeros between its values on each spatial axis: per axis, a unit axis after it
-    padded to s, the two merged, the trailing zeros cut (an axis at a time: OpenCV's Pad takes rank 5 at most)."""
-    n, dims = len(zs), list(zs)
-    for i, s in enumerate(strides):
-        if s == 1:
-            continue
-        pads = [0] * (2 * (3 + n))
-        pads[3 + n + 3 + i] = s - 1  # (the end of the unit axis)
-        u = b.op("Pad", [b.op("Unsqueeze", [c, b.ints([3 + i])]), b.ints(pads)])
-        c = b.op("Reshape", [u, b.ints([0, 0, *dims[:i], dims[i] * s, *dims[i + 1:]])])
-        dims[i] = (dims[i] - 1) * s + 1
-        c = b.op("Slice", [c, b.ints([0]), b.ints([dims[i]]), b.ints([2 + i])])
-    return c
+def interleave_zeros(b, r, axis: int, step: int, size: int, trailing: list[int]):
+    """``r`` with ``step - 1`` zeros after each of its ``size`` values along ``axis`` ([.., size, ..] -> [..,
+    (size - 1)·step + 1, ..]): a unit axis after it padded to ``step``, the two merged (``trailing``: the static dims
+    after ``axis``), the trailing zeros cut."""
+    rank = axis + 1 + len(trailing)
+    pads = [0] * (rank + 1) * 2
+    pads[rank + 1 + axis + 1] = step - 1
+    r = b.op("Pad", [b.op("Unsqueeze", [r, b.ints([axis + 1])]), b.ints(pads)])
+    r = b.op("Reshape", [r, b.ints([0] * axis + [size * step] + trailing)])
+    return b.op("Slice", [r, b.ints([0]), b.ints([(size - 1) * step + 1]), b.ints([axis])])

@@ -8,6 +8,7 @@ import numpy as np
 from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const, static_dims
 from . import EXACT, register
+from .depthwise import interleave_zeros
 from .linear import unbroadcast
 
 DATA_MOVEMENT = {"keeps_nonneg": True, "routes": True, "gradient": EXACT}  # (facts of every op here)
@@ -197,12 +198,7 @@ def slice_(ctx, node, R_out):
         if step > 1:  # interleave s-1 zeros after each kept element: [.., m, ..] -> [.., (m-1)*s+1, ..]
             if any(not isinstance(d, (int, np.integer)) for d in cur[ax + 1:]):
                 static_dims(node.outputs[0], node)  # (raises: the Reshape below needs them)
-            r = b.op("Unsqueeze", [r, b.ints([ax + 1])])
-            pads = [0] * (rank + 1) * 2
-            pads[rank + 1 + ax + 1] = step - 1
-            r = b.op("Pad", [r, b.ints(pads)], {"mode": "constant"})
-            r = b.op("Reshape", [r, b.ints([0] * ax + [m * step] + [int(d) for d in cur[ax + 1:]])])
-            r = b.op("Slice", [r, b.ints([0]), b.ints([(m - 1) * step + 1]), b.ints([ax])])
+            r = interleave_zeros(b, r, ax, step, m, [int(d) for d in cur[ax + 1:]])
         cur[ax] = (m - 1) * step + 1  # (the relevance is padded to the input's size at the end)
         before[ax], after[ax] = st, n - st - ((m - 1) * step + 1)
     return [b.op("Pad", [r, b.ints(before + after)], {"mode": "constant"})] + [None] * (len(node.inputs) - 1)
