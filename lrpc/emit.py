@@ -29,6 +29,7 @@ class Context:
         self.provider = "cpu"  # what the graph is lowered for (contract.PROVIDERS)
         self.accounts: dict = {}  # node name -> {kind: tensor} (AUDIT)
         self.live: set = set()  # names of the tensors that depend on the explained inputs
+        self.seed = None  # the relevance the backward starts from (shaped like the explained output)
 
     def account(self, node, kept, bias=None, zero=None) -> None:
         """Record, as tensors shaped like (or broadcasting to) the layer's output, the relevance its rule passes
@@ -161,7 +162,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     ctx.live = depends
     ctx.quiet_below_zero = _quiet_below_zero(nodes, explained, rules, ctx)
 
-    start = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
+    start = ctx.seed = gs.Variable(SEED, dtype=dtype, shape=explained.shape)
     if seed != "top1":
         graph.inputs.append(start)  # (top1: nodes made after the export produce it, see seed_in_graph)
     incoming: dict[str, list] = {explained.name: [start]}

@@ -16,6 +16,7 @@ from onnx.reference import ReferenceEvaluator
 from onnx.reference.ops.op_conv_transpose import ConvTranspose as _RefConvTranspose
 
 import lrpc
+from lrpc.relevance import linear
 from oracles import Layer, conv_nd, conv_transpose_nd, gemm, matmul, relevance, safe_div, stab
 
 ONNX_TYPE = {np.float64: TensorProto.DOUBLE, np.float32: TensorProto.FLOAT}
@@ -232,7 +233,8 @@ def assert_close(got, want, dtype, what=""):
         np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4 * scale, err_msg=what)
 
 
-def check(kind, rule_id, dtype, tmp_path, zero_bias=False, stabilizer="sign", seed=0, eps=None):
+def check(kind, rule_id, dtype, tmp_path, zero_bias=False, stabilizer="sign", seed=0, eps=None, columns=None):
+    """``columns``: the seed is zero outside these output columns (last axis)."""
     _, rule, params, options, oracle_kw = next(r for r in RULES if r[0] == rule_id)
     case = make_case(kind, dtype, seed)
     oracle_kw = dict(oracle_kw)
@@ -248,6 +250,8 @@ def check(kind, rule_id, dtype, tmp_path, zero_bias=False, stabilizer="sign", se
     x = case.x.astype(dtype)
     y_want = case.layer.forward(x)
     seed_R = np.random.default_rng(seed + 1).normal(size=y_want.shape)
+    if columns is not None:
+        seed_R[..., [c for c in range(seed_R.shape[-1]) if c not in columns]] = 0.0
     out = run_model(model, {"x": x, "relevance_seed": seed_R.astype(dtype)}, dtype)
     assert_close(out["y"], y_want, dtype, "forward output")  # also validates the naive op
     want = relevance(case.layer, rule, x, seed_R.astype(dtype), zero_bias=zero_bias, stabilizer=stabilizer,
@@ -267,6 +271,22 @@ def test_rule_float64(kind, rule_id, zero_bias, tmp_path):
 @pytest.mark.parametrize("kind", OPS)
 def test_rule_float32_onnxruntime(kind, rule_id, tmp_path):
     check(kind, rule_id, np.float32, tmp_path, zero_bias=rule_id in ("zplus", "gamma"))
+
+
+@pytest.mark.parametrize("columns", [(4,), (0, 2, 5), ()], ids=["one", "three", "none"])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("rule_id", [r[0] for r in RULES])
+@pytest.mark.parametrize("kind", ["matmul", "matmul_3d"])
+def test_rule_on_the_seeded_columns_of_a_wide_layer(kind, rule_id, dtype, columns, tmp_path, monkeypatch):
+    """A layer as wide as a vocabulary (here: made so by lowering the threshold) whose output is explained runs its
+    rule over the columns the seed is not zero in: the oracle's numbers, with nothing seeded too (a zero seed)."""
+    monkeypatch.setattr(linear, "WIDE", 1)
+    got, _ = check(kind, rule_id, dtype, tmp_path, columns=columns, zero_bias=rule_id in ("zplus", "gamma"))
+    assert got.shape[-1] == 10  # (the input's width: the relevance is the whole input's)
+    case = make_case(kind, dtype)
+    _, rule, params, options, _ = next(r for r in RULES if r[0] == rule_id)
+    if params not in ("per-channel", "input-shaped"):
+        assert "NonZero" in {n.op_type for n in compile_rule(case, rule, params, options, tmp_path).graph.node}
 
 
 STAB_RULES = ["epsilon", "zplus", "alpha2beta1", "gamma", "zbox", "flat", "wsquare"]

@@ -151,6 +151,50 @@ class MatMulView(View):
         return self.b.op("MatMul", [c, self.b.op("Transpose", [w], {"perm": [1, 0]})])
 
 
+class ColumnsView(View):
+    """A Gemm/MatMul with a constant weight and no bias restricted to the output columns (last axis) where the
+    relevance arriving is not zero anywhere in the batch: ``x``'s relevance is the same, since every rule sends each
+    output's relevance down in proportion to it and a column that receives none sends none. For wide layers
+    reached by a sparse seed (a decoder's vocabulary head explaining a few tokens): the adjoint and the rule's
+    element-wise work run over those columns only, not over the vocabulary."""
+
+    def __init__(self, inner: View, R):
+        b = inner.b
+        batch_axes = list(range(len(R.shape) - 1))
+        seeded = b.reduce_max(b.op("Abs", [R]), batch_axes, keepdims=0) if batch_axes else b.op("Abs", [R])
+        self.columns = b.op("Reshape", [b.op("NonZero", [seeded], dtype=np.int64), b.ints([-1])], dtype=np.int64)
+        w_axis = 0 if isinstance(inner, GemmView) else 1  # (Gemm in normal form: W [out, in]; MatMul: W [in, out])
+        super().__init__(inner.ctx, inner.node, inner.x, inner.w, None)
+        self.inner, self.w, self.z = inner, self.select(inner.w, w_axis), self.select(inner.z)
+        self.z.shape = [*inner.z.shape[:-1], "columns"] if inner.z.shape is not None else None
+
+    def select(self, t, axis: int = -1):
+        return self.b.op("Gather", [t, self.columns], {"axis": axis})
+
+    def forward(self, x, w, bias):
+        return self.inner.forward(x, w, bias)
+
+    def adjoint(self, c, w):
+        return self.inner.adjoint(c, w)
+
+
+WIDE = 4096  # output width from which a seeded layer runs its rule over the seeded columns only (ColumnsView)
+
+
+def _seeded_columns(ctx, view: View, rule: Rule, R):
+    """``(view, R)`` restricted to the seeded columns (:class:`ColumnsView`) where the layer's output is the
+    explained one and at least :data:`WIDE` wide, its weight constant and 2-d, no bias; as they are elsewhere (and
+    for the norm-scale stabilizer, whose scale is a maximum over all outputs, and the portable lowering, whose
+    runtimes may lack NonZero)."""
+    if (R is not ctx.seed or type(view) not in (GemmView, MatMulView) or view.bias is not None
+            or not is_const(view.w) or len(view.w.shape) != 2 or rule.stabilizer == "norm-scale"
+            or ctx.provider == "portable" or R.shape is None or not isinstance(R.shape[-1], int)
+            or R.shape[-1] < WIDE):
+        return view, R
+    view = ColumnsView(view, R)
+    return view, view.select(R)
+
+
 class ScaleView(View):
     """Element-wise affine ``z = x * W + b`` (W, b broadcast constants)."""
 
@@ -398,7 +442,11 @@ def propagate(ctx, node, R_out):
                                                        if is_const(t)):
         return _masked_sum(ctx, node, rule, R)
     view = view_of(ctx, node)
-    r_in = view.unbroadcast(R) if rule.is_pass else emit_rule(ctx, view, rule, R)
+    if rule.is_pass:
+        r_in = view.unbroadcast(R)
+    else:
+        view, R = _seeded_columns(ctx, view, rule, R)
+        r_in = emit_rule(ctx, view, rule, R)
     return [r_in if t is view.x else None for t in node.inputs]
 
 
