@@ -115,6 +115,57 @@ def test_softmax_taylor_rule_and_cp_lrp_constant_probabilities(composite):
     assert rel_l2(got["relevance_x"], want_x) < 1e-12
 
 
+@pytest.mark.parametrize("mask", [False, True], ids=["no_mask", "mask"])
+@pytest.mark.parametrize("scale", [None, ("Mul", 0.5), ("Div", -4.0)], ids=["no_scale", "mul", "div"])
+def test_attention_scores_chain(scale, mask):
+    """The whole chain s = q·kᵀ, y = s·c (or s / c), m = y + mask, p = softmax(m), o = p·v under attnlrp with a large
+    epsilon, float64: the composition of the per-op rules (each layer's epsilon on its own denominator, the Taylor
+    rule on the softmax). The backward reads neither the scores s nor, where a scale follows them, anything but the
+    scaled (and masked) scores: the tensors the forward drops stay dropped."""
+    rng = np.random.default_rng(3)
+    shape_q, shape_v = (2, 3, 4, 5), (2, 3, 4, 6)
+    mask_value = np.zeros((1, 1, 4, 4))
+    mask_value[..., 0, 2:] = -1e30
+    nodes, inits, last = [helper.make_node("Transpose", ["k"], ["kt"], perm=[0, 1, 3, 2]),
+                          helper.make_node("MatMul", ["q", "kt"], ["s"], name="qk")], [], "s"
+    if scale is not None:
+        nodes.append(helper.make_node(scale[0], ["s", "c"], ["y"], name="scale"))
+        inits.append(numpy_helper.from_array(np.array(scale[1]), "c"))
+        last = "y"
+    if mask:
+        nodes.append(helper.make_node("Add", [last, "mask"], ["m"], name="mask"))
+        inits.append(numpy_helper.from_array(mask_value, "mask"))
+        last = "m"
+    nodes += [helper.make_node("Softmax", [last], ["p"], axis=-1), helper.make_node("MatMul", ["p", "v"], ["o"])]
+    model = _model(nodes, [("q", list(shape_q)), ("k", list(shape_q)), ("v", list(shape_v))], "o", list(shape_v),
+                   inits)
+    q, k, v = (rng.standard_normal(shape) for shape in (shape_q, shape_q, shape_v))
+    R = rng.standard_normal(shape_v)
+    compiled = lrpc.compile(model, "attnlrp", epsilon=EPS)
+    got = _run64(compiled, {"q": q, "k": k, "v": v, "relevance_seed": R})
+
+    s = q @ np.swapaxes(k, -1, -2)
+    c = 1.0 if scale is None else scale[1] if scale[0] == "Mul" else 1.0 / scale[1]
+    y = s * c
+    m = y + mask_value if mask else y
+    p = np.exp(m - m.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    o = p @ v
+    n = R / _stab(2 * o, EPS)
+    r_p = p * (n @ np.swapaxes(v, -1, -2))
+    want_v = v * (np.swapaxes(p, -1, -2) @ n)
+    r_m = m * (r_p - p * r_p.sum(-1, keepdims=True))
+    r_y = y * r_m / _stab(m, EPS) if mask else r_m  # (the mask Add: epsilon with the mask as its bias)
+    r_s = s * c * r_y / _stab(y, EPS) if scale is not None else r_y  # (the scale: epsilon on c·s)
+    n_s = r_s / _stab(2 * s, EPS)
+    want_q = q * (n_s @ k)
+    want_k = k * (np.swapaxes(n_s, -1, -2) @ q)
+    for name, want in (("q", want_q), ("k", want_k), ("v", want_v)):
+        assert rel_l2(got[f"relevance_{name}"], want) < 1e-12, name
+    if scale is not None:
+        assert [nd.name for nd in compiled.graph.node if "s" in nd.input] == ["scale"]
+
+
 def _rules_of(compiled) -> dict:
     import json
 

@@ -18,7 +18,7 @@ from ..errors import UnsupportedError, where
 from ..graph import is_const
 from . import EXACT, register
 from .linear import LAYOUT, einsum_equation
-from .stabilize import quotient
+from .stabilize import CLAMPS, own_quotient, quotient
 
 MATMUL = "lrpc.matmul"  # what emission explains a MatMul of two computed tensors as (emit.op_of)
 EINSUM = "lrpc.einsum"  # ... and an Einsum of two computed tensors
@@ -37,9 +37,13 @@ def matmul(ctx, node, R_out):
     live = [not _constant_for_rules(ctx, t) for t in (x, w)]
     if not any(live):
         return [None, None]
-    n = quotient(b, R_out[0], y if sum(live) == 1 else b.mul(y, b.const(2.0)), rule, len(y.shape))
-    r_x = _to_operand(b, b.mul(x, b.op("MatMul", [n, _swap_last(b, w)])), x, y) if live[0] else None
-    r_w = _to_operand(b, b.mul(w, b.op("MatMul", [_swap_last(b, x), n])), w, y) if live[1] else None
+    k = 1.0 if sum(live) == 1 else 2.0
+    n = own_quotient(ctx, R_out[0], y, rule, k)
+    if n is None:
+        n = quotient(b, R_out[0], y if k == 1.0 else b.mul(y, b.const(k)), rule, len(y.shape))
+    a, c = (_probabilities_again(ctx, t) for t in (x, w))
+    r_x = _to_operand(b, b.mul(a, b.op("MatMul", [n, _swap_last(b, c)])), x, y) if live[0] else None
+    r_w = _to_operand(b, b.mul(c, b.op("MatMul", [_swap_last(b, a), n])), w, y) if live[1] else None
     return [r_x, r_w]
 
 
@@ -51,11 +55,9 @@ def softmax(ctx, node, R_out):
     if "softmax" not in (rule.layers or ()):
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a Softmax "
                                "(use taylor or constant)")
-    b, x, s, R = ctx.b, node.inputs[0], node.outputs[0], R_out[0]
-    # where s = 0 the bracket below is exactly 0 (R vanishes with s): a finite x there makes the product 0 (one pass
-    # instead of a compare and a Where)
-    x = b.op("Max", [x, b.const(float(np.finfo(b.dtype).min))])
-    r_x = b.mul(x, b.op("Sub", [R, b.mul(s, b.reduce_sum(R, [int(node.attrs.get("axis", -1))]))]))
+    b, R = ctx.b, R_out[0]
+    x, s = _clamped_scores(ctx, node), _probabilities_again(ctx, node.outputs[0])
+    r_x = ctx.product(x, b.op("Sub", [R, b.mul(s, b.reduce_sum(R, [int(node.attrs.get("axis", -1))]))]))
     if ctx.audit:  # the expansion's remainder s − J x is its bias: what R_x does not carry is absorbed by design
         ctx.account(node, r_x, b.op("Sub", [R, r_x]))
     return [r_x]
@@ -105,6 +107,39 @@ def bilinear_terms(node) -> tuple[str, str, str]:
             raise UnsupportedError(f"{where(node)}: Einsum '{eq}': an ellipsis has an LRP rule only where it spans "
                                    "the same known dims in both operands and the output")
     return sa, sb, out
+
+
+def _clamped_scores(ctx, node):
+    """A Softmax's input clamped to the lowest finite value: where s = 0 (x = -inf, a masked position) the taylor
+    rule's bracket is exactly 0, and a finite x there makes its product 0 (one pass instead of a compare and a
+    Where). Built once per Softmax."""
+    key = ("clamped", node.name)
+    if key not in ctx.cache:
+        b = ctx.b
+        clamped = ctx.cache[key] = b.op("Max", [node.inputs[0], b.const(float(np.finfo(b.dtype).min))])
+        ctx.cache.setdefault(CLAMPS, {})[clamped.name] = node.inputs[0].name
+    return ctx.cache[key]
+
+
+def _probabilities_again(ctx, t):
+    """``t`` itself, or where it is the output of a Softmax under the taylor rule (possibly through a Cast to its own
+    type, an Identity), that softmax computed again from its clamped input, which the rule reads anyway: the same
+    values (bit for bit unless a row is all -inf), and the forward's probabilities are free as soon as the forward
+    has used them. onnxruntime merges identical nodes (common-subexpression elimination): a Softmax of the clamped
+    input is not the forward's, so it stays a second one, run where the backward needs it, and the attention-sized
+    tensors kept from the forward to the backward are one fewer per layer. (Under cp-lrp the rule reads no input, so
+    the forward's probabilities are kept.)"""
+    n = t.inputs[0] if t.inputs else None
+    while n is not None and (n.op == "Identity" or (n.op == "Cast" and n.inputs[0].dtype == t.dtype)):
+        n = n.inputs[0].inputs[0] if n.inputs[0].inputs else None
+    rule = ctx.rule_of(n) if n is not None and n.op == "Softmax" else None
+    if rule is None or rule.constant:
+        return t
+    key = ("probabilities", n.name)
+    if key not in ctx.cache:
+        again = ctx.cache[key] = ctx.b.op("Softmax", [_clamped_scores(ctx, n)], dict(n.attrs))
+        again.shape = n.outputs[0].shape
+    return ctx.cache[key]
 
 
 def _constant_for_rules(ctx, t) -> bool:

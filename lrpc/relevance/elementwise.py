@@ -9,7 +9,7 @@ from ..errors import UnsupportedError, where
 from ..graph import const_value, is_const
 from . import EXACT, declare, register
 from .linear import unbroadcast
-from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
+from .stabilize import SIGN_GROUPS, complement, indicator, own_quotient, quotient, sign_message
 
 SMOOTH = "a smooth activation gets the pass rule (relevance passes unchanged, the gradient is scaled)"
 
@@ -46,7 +46,9 @@ def residual_sum(ctx, node, R_out):
     if rule.on_sums == "sign":
         return _sign_split(ctx, node, rule, R_out[0], rank)
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
-    c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
+    c = own_quotient(ctx, R_out[0], z, rule)
+    if c is None:
+        c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
     fixed = [_fixed(ctx, x) for x in node.inputs]
     if ctx.audit:  # (an operand that is a constant for the rules is a bias)
         b, consts = ctx.b, [x for x, f in zip(node.inputs, fixed) if f]

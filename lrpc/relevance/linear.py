@@ -14,7 +14,7 @@ from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
 from . import EXACT, declare, depthwise, register
 from .gamma import signed_gamma
-from .stabilize import complement, indicator, quotient
+from .stabilize import complement, indicator, own_quotient, quotient
 
 
 class View:
@@ -586,19 +586,21 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     None where this does not apply (other rules or stabilizers, eps = 0, biases left out of the
     denominators, a possibly negative input for gamma)."""
     factors = ctx.factors_of(R)
-    if (factors is None or factors[0] is not view.z or rule.stabilizer != "sign" or rule.eps <= 0
+    if (factors is None or rule.stabilizer != "sign" or rule.eps <= 0
             or (rule.zero_bias and view.bias is not None) or not rule.own_output):
         return None
     b, z, c, eps, g = ctx.b, view.z, factors[1], rule.eps, rule.gamma
     if g == 0.0:  # epsilon (gamma 0 is epsilon, for inputs of either sign)
-        A = b.op("Abs", [z])
-        q = b.op("Div", [c, b.add(A, b.const(eps))])
+        m = own_quotient(ctx, R, z, rule)  # (also where R = (c z) ⊙ c')
+        if m is None:
+            return None
         if ctx.audit:  # (R = z ⊙ c vanishes where z = 0: no zero denominators)
-            m = b.mul(q, A)
             ctx.account(view.node, b.mul(m, view.without_bias()),
                         None if view.bias is None else b.mul(m, view.bias_for_output(view.bias)))
-        return ctx.product(view.x, view.adjoint(b.mul(q, A), view.w))
-    if not ctx.nonneg(view.x) or g < 0:
+        if isinstance(view, ScaleView) and view.bias is None and is_const(view.w) and const_value(view.w).size == 1:
+            return ctx.product(z, m)  # x ⊙ (m w) = z ⊙ m: the next layer sees its relevance as (its output) ⊙ m
+        return ctx.product(view.x, view.adjoint(m, view.w))
+    if factors[0] is not z or not ctx.nonneg(view.x) or g < 0:
         return None
     A = b.op("LeakyRelu", [z], {"alpha": -(1.0 + g)})
     plus = variants.bias("b+")

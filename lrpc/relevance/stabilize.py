@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..graph import const_value, is_const
 from ..rules import Rule
 
 
@@ -75,6 +76,55 @@ def quotient(b, R, z, rule: Rule, rank: int | None, known: str | None = None, sh
         zero = indicator(b, "Equal", den)
         return b.mul(b.op("Div", [R, b.add(den, zero)]), complement(b, zero))
     return b.op("Div", [R, den])
+
+
+def own_quotient(ctx, R, z, rule: Rule, k: float = 1.0):
+    """``R / stab(k z)`` (sign stabilizer) without a sign test, where the relevance arriving is ``R = t ⊙ m``
+    (:meth:`lrpc.emit.Context.factors_of`) and ``t = c z`` for a constant nonzero scalar ``c``: ``t`` is ``z`` itself,
+    a Mul of ``z`` by a constant scalar (or a Div by one), or ``z`` clamped at the lowest finite value by a softmax
+    rule (:data:`CLAMPS`: ``c = 1``; where the clamp acts, ``z = -inf``, that rule's ``m`` is 0). Then
+    ``t / stab(k z) = (c / k) |t| / (|t| + |c| ε / k)``, and with ε = 0 the smallest normal number stands in for
+    ``|c| ε / k``, so that t = 0 gives 0 as the stabilizer's zero denominator does. One Abs per ``t`` (shared), an
+    Add, a Div and the products: the tensors ``z`` and its sign are not read. None where this does not apply."""
+    f = ctx.factors_of(R)
+    if rule.stabilizer != "sign" or f is None:
+        return None
+    t, m = f
+    c = _multiple(ctx, t, z)
+    if c is None:
+        return None
+    b = ctx.b
+    key = ("abs", t.name)
+    if key not in ctx.cache:
+        ctx.cache[key] = b.op("Abs", [t])
+    a = ctx.cache[key]
+    e = abs(c) * rule.eps / k if rule.eps > 0 else float(np.finfo(b.dtype).tiny)
+    q = b.op("Div", [a, b.add(a, b.const(e))])
+    return b.mul(m, q if c / k == 1.0 else b.mul(q, b.const(c / k)))
+
+
+CLAMPS = "clamps"  # ctx.cache key: {name of a tensor clamped at the lowest finite value: name of the tensor}
+
+
+def _multiple(ctx, t, z) -> float | None:
+    """``c`` where ``t = c z`` (see :func:`own_quotient`), else None."""
+    if t is z or ctx.cache.get(CLAMPS, {}).get(t.name) == z.name:
+        return 1.0
+    node = t.inputs[0] if t.inputs else None
+    if node is None or len(node.inputs) != 2:
+        return None
+    if node.op == "Mul" and any(i is z for i in node.inputs):
+        other = node.inputs[1] if node.inputs[0] is z else node.inputs[0]
+    elif node.op == "Div" and node.inputs[0] is z:
+        other = node.inputs[1]
+    else:
+        return None
+    if not is_const(other) or const_value(other).size != 1:
+        return None
+    value = float(const_value(other).reshape(()))
+    if value == 0.0 or not np.isfinite(value):
+        return None
+    return value if node.op == "Mul" else 1.0 / value
 
 
 # sign-norm's two groups: the parts of that sign, the outputs where z has it (indicator op), the denominator's sign
