@@ -14,6 +14,16 @@ from .linear import unbroadcast
 DATA_MOVEMENT = {"keeps_nonneg": True, "routes": True, "gradient": EXACT}  # (facts of every op here)
 
 
+def _moved(ctx, node, R, move):
+    """``move(R)``; where ``R = y ⊙ m`` with ``y`` this node's output (a linear rule's relevance, see
+    :meth:`lrpc.emit.Context.factors_of`), ``x ⊙ move(m)`` remembered as a product, so that the layer making ``x``
+    still sees its relevance as its own output times a message (its epsilon then needs no sign test)."""
+    f = ctx.factors_of(R)
+    if f is not None and f[0] is node.outputs[0]:
+        return ctx.product(node.inputs[0], move(f[1]))
+    return move(R)
+
+
 @register("Reshape", "Flatten", "Squeeze", "Unsqueeze", **DATA_MOVEMENT)
 def reshape(ctx, node, R_out):
     x, y = node.inputs[0], node.outputs[0]
@@ -22,8 +32,12 @@ def reshape(ctx, node, R_out):
         # a constant target shape that copies the batch dim (0): shape inference keeps its symbolic name, so
         # onnxruntime can prove the relevance tensors of later layers the same shape as the activations
         # (its NCHWc layout then keeps Mul/Add/Sum between convolutions blocked, and fuses Sums into them)
-        return [ctx.b.op("Reshape", [R_out[0], ctx.b.ints([0, *xs[1:]])])] + [None] * (len(node.inputs) - 1)
-    return [ctx.b.reshape_like(R_out[0], x)] + [None] * (len(node.inputs) - 1)
+        def move(r):
+            return ctx.b.op("Reshape", [r, ctx.b.ints([0, *xs[1:]])])
+    else:
+        def move(r):
+            return ctx.b.reshape_like(r, x)
+    return [_moved(ctx, node, R_out[0], move)] + [None] * (len(node.inputs) - 1)
 
 
 @register("Cast", **DATA_MOVEMENT)
@@ -41,7 +55,7 @@ def transpose(ctx, node, R_out):
     if perm is None:
         perm = list(reversed(range(len(static_dims(x, node)))))
     inverse = list(np.argsort(perm))
-    return [ctx.b.op("Transpose", [R_out[0]], {"perm": [int(i) for i in inverse]})]
+    return [_moved(ctx, node, R_out[0], lambda r: ctx.b.op("Transpose", [r], {"perm": [int(i) for i in inverse]}))]
 
 
 @register("Expand", **DATA_MOVEMENT)
