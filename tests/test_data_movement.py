@@ -91,6 +91,36 @@ def test_moved_relevance_equals_dense_reference(name):
         assert {n.op for n in canonize(model).graph.nodes} == {"Reshape", "Transpose", "Gemm"}
 
 
+@pytest.mark.parametrize("indices", [[0], [1, 2], [-1], [-2, -1], [0, 2], [-1, 0, -1]],
+                         ids=["first", "range", "last", "last_two", "skip", "mixed_signs"])
+def test_gather_along_a_symbolic_axis(indices):
+    """A Gather with constant indices along an axis whose length is known only at run time (an encoder's [CLS] token
+    with a symbolic sequence length): one compiled graph gives the dense reference at two lengths (zero padding read
+    at run time for one range from the start or from the end, a scatter with negative indices counted from the run-time
+    length otherwise)."""
+    rng = np.random.default_rng(1)
+    idx = np.array(indices, np.int64)
+    w = rng.standard_normal((idx.size * 5, 6))
+    nodes = [helper.make_node("Gather", ["x", "i"], ["m"], name="move", axis=1),
+             helper.make_node("Reshape", ["m", "flat"], ["f"], name="flatten"),
+             helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
+    inits = [numpy_helper.from_array(idx, "i"), numpy_helper.from_array(np.array([2, idx.size * 5], np.int64), "flat"),
+             numpy_helper.from_array(w, "w")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, "t", 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, 6])], inits)
+    compiled = lrpc.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "epsilon",
+                            epsilon=0.0, stabilizer_eps=0.0)
+    for t in (4, 7):
+        x = rng.standard_normal((2, t, 5))
+        seed = rng.standard_normal((2, 6))
+        out = run_onnx(compiled, {"x": x, "relevance_seed": seed})
+        f = np.take(x, idx, axis=1).reshape(2, -1)
+        np.testing.assert_allclose(out["y"], f @ w, rtol=1e-12)
+        back = np.zeros_like(x)  # the gathered cells' relevance summed back to where they came from
+        np.add.at(back, (slice(None), idx), (f * ((seed / (f @ w)) @ w.T)).reshape(2, idx.size, 5))
+        assert rel_l2(out["relevance"], back) < 1e-12
+
+
 @pytest.mark.parametrize("shape, perm", [((2, 3, 4), (0, 2, 1)), ((1, 8, 1, 1), (0, 1, 2, 3)),
                                          ((1, 8, 1, 1), (0, 2, 3, 1)), ((3, 1, 4), (2, 1, 0)), ((5,), (0,))])
 def test_transposed_view_is_recognised(shape, perm):

@@ -135,14 +135,18 @@ REDUCTIONS = [  # (axes, keepdims)
 ]
 
 
-def _reduce_model(op, axes, keepdims, opset, shape=(N, 4, 3, 5)):
+def _reduce_model(op, axes, keepdims, opset, shape=(N, 4, 3, 5), symbolic=False):
+    """``symbolic``: every dim a name (the input's and the output's)."""
     z = np.zeros(shape).sum(axis=tuple(axes), keepdims=bool(keepdims))
     as_input = op == "ReduceSum" or opset >= 18  # ReduceMean takes its axes as an input from opset 18 on
     ins = ["x", "axes"] if as_input else ["x"]
     attrs = {"keepdims": keepdims} if as_input else {"keepdims": keepdims, "axes": axes}
     node = helper.make_node(op, ins, ["z"], name="reduce", **attrs)
     inits = {"axes": np.array(axes, np.int64)} if as_input else {}
-    return _single(node, ["batch", *shape[1:]], inits, ["batch", *z.shape[1:]], opset=opset)
+    x_dims, z_dims = ["batch", *shape[1:]], ["batch", *z.shape[1:]]
+    if symbolic:
+        x_dims, z_dims = ["batch", *(f"d{i}" for i in range(1, len(shape)))], ["batch", *(None for _ in z.shape[1:])]
+    return _single(node, x_dims, inits, z_dims, opset=opset)
 
 
 @pytest.mark.parametrize("opset", [17, 18])
@@ -161,6 +165,25 @@ def test_reduce_matches_dense_reference(op, axes, keepdims, opset):
         np.testing.assert_allclose(z, apply(x, k), rtol=1e-12, atol=1e-12)
         want = relevance(layer, "epsilon", x, R, eps=EPS)  # norm: epsilon's formula on the parameter-free layer
         np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+
+
+@pytest.mark.parametrize("axes, keepdims", [([1], 0), ([1, 2, 3], 0), ([2], 1)])
+@pytest.mark.parametrize("op", ["ReduceSum", "ReduceMean"])
+def test_reduce_over_symbolic_dims(op, axes, keepdims):
+    """Dims known only at run time (a mean over a symbolic sequence length, as sentence embeddings pool): a mean's
+    1/K is read from the input's shape; one compiled graph gives the dense reference at two sizes."""
+    rng = np.random.default_rng(6)
+    model = _reduce_model(op, axes, keepdims, 18, symbolic=True)
+    for shape in ((N, 4, 3, 5), (N, 2, 6, 1)):
+        x = rng.standard_normal(shape)
+        k = 1.0 if op == "ReduceSum" else 1.0 / np.prod([x.shape[a] for a in axes])
+        apply = lambda X, W: W * X.sum(axis=tuple(axes), keepdims=bool(keepdims))  # noqa: E731
+        layer = Layer(apply, np.asarray(k), x.shape[1:])
+        R = rng.standard_normal((N, *layer.out_shape()))
+        for rule in ("norm", "sign-norm"):
+            _, got = _explain(model, x, R, rule, op)
+            want = relevance(layer, "epsilon" if rule == "norm" else "sign-norm", x, R, eps=EPS)
+            np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
 
 
 def test_reduce_conserves():

@@ -192,7 +192,8 @@ def _bert_inputs():
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def _export_bert(net, path, exporter):
+def _export_bert(net, path, exporter, dynamic: bool = False):
+    """``dynamic``: batch and sequence length symbolic."""
     import warnings
 
     torch = pytest.importorskip("torch")
@@ -203,11 +204,15 @@ def _export_bert(net, path, exporter):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         if kw["dynamo"]:
+            dims = {0: torch.export.Dim("batch", min=1, max=8), 1: torch.export.Dim("seq", min=2, max=30)}
             torch.onnx.export(net, args, dynamo=True, opset_version=kw["opset"], input_names=names,
-                              output_names=["logits"]).save(str(path), external_data=False)
+                              output_names=["logits"], dynamic_shapes={"input_ids": dims, "attention_mask": dims,
+                                                                       "token_type_ids": dims} if dynamic else None
+                              ).save(str(path), external_data=False)
         else:
+            axes = {0: "batch", 1: "seq"}
             torch.onnx.export(net, args, str(path), dynamo=False, opset_version=kw["opset"], input_names=names,
-                              output_names=["logits"])
+                              output_names=["logits"], dynamic_axes={n: axes for n in names} if dynamic else None)
     return onnx.load(str(path))
 
 
@@ -274,6 +279,26 @@ def test_bert_relevance_per_token_matches_the_detach_reference(bert_exports, com
                     "(float32)")
         assert err < 1e-4
     assert rel_l2(got["legacy17"], got["dynamo18"]) < 1e-5
+
+
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+def test_bert_with_symbolic_batch_and_sequence_length(tmp_path, exporter):
+    """BERT exported with a symbolic batch and sequence length (as Hugging Face exports are used) compiles as it is:
+    the [CLS] pooling, a Gather at index 0 of the symbolic axis, routes its relevance by a Pad read at run time.
+    One compiled file explains 8 tokens of 2 samples and 5 tokens of one, each = the detach reference."""
+    net = _bert()
+    model = _export_bert(net, tmp_path / "bert.onnx", exporter, dynamic=True)
+    assert model.graph.input[0].type.tensor_type.shape.dim[1].dim_param  # (the sequence length is symbolic)
+    compiled = lrpc.compile(model, "attnlrp", epsilon=0.0, stabilizer_eps=0.0)
+    full = _bert_inputs()
+    for feeds in (full, {k: v[:1, :5] for k, v in full.items()}):
+        logits, seed, want = _bert_reference(net, feeds, "attnlrp")
+        out = run_onnx(compiled, {**feeds, "relevance_seed": seed})
+        assert rel_l2(out["logits"], logits) < 1e-4
+        err = rel_l2(out["relevance_tokens"], want)
+        report_line(f"BERT {exporter} symbolic batch and sequence, {feeds['input_ids'].shape}: relevance per token "
+                    f"vs detach reference rel L2 {err:.1e} (float32)")
+        assert out["relevance_tokens"].shape == feeds["input_ids"].shape and err < 1e-4
 
 
 def test_bert_session_and_cli_explain_per_token(bert_exports, tmp_path):

@@ -224,7 +224,7 @@ def reduce(ctx, node, R_out):
         raise UnsupportedError(f"{where(node)}: rule '{rule.name}' does not apply to a {node.op} "
                                "(use norm, sign-norm or epsilon)")
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
-    dims = static_dims(x, node, "input shape")
+    dims = list(x.shape) if x.shape is not None else static_dims(x, node, "input shape")  # (dims may be symbolic)
     rank = len(dims)
     axes = node.attrs.get("axes")
     if len(node.inputs) > 1 and node.inputs[1].name:
@@ -239,37 +239,56 @@ def reduce(ctx, node, R_out):
         raise UnsupportedError(f"{where(node)}: {node.op} over the batch axis has no LRP rule")
     keepdims = node.attrs.get("keepdims", 1)
     if rule.on_sums == "sign":
-        return [_sign_split(ctx, node, rule, R_out[0], axes, keepdims, rank, dims)] + rest
+        return [_sign_split(ctx, node, rule, R_out[0], axes, keepdims, rank, _mean_scale(b, node, axes))] + rest
     c = quotient(b, R_out[0], z, rule, rank if keepdims else rank - len(axes))
     if not keepdims:
         c = b.op("Unsqueeze", [c, b.ints(axes)])
     if ctx.audit:  # (the reduced z, kept or unsqueezed like c: c ⊙ z is what x ⊙ c sums to)
         ctx.account(node, b.mul(c, z if keepdims else b.op("Unsqueeze", [z, b.ints(axes)])), None,
                     b.mul(R_out[0], indicator(b, "Equal", z)))
-    if node.op == "ReduceMean":
-        c = b.mul(c, b.const(1.0 / float(np.prod([dims[a] for a in axes]))))
-    return [b.mul(x, c)] + rest
+    scale = _mean_scale(b, node, axes)
+    return [b.mul(x, _scaled(b, c, scale))] + rest
 
 
-def _sign_split(ctx, node, rule, R, axes, keepdims, rank, dims):
+def _mean_scale(b, node, axes):
+    """A mean's weight of each cell, 1/K (K: the number of cells reduced), as a number where the reduced dims are
+    static, else a tensor read at run time (a mean over a symbolic sequence length: sentence embeddings); 1.0 for a
+    sum."""
+    x = node.inputs[0]
+    if node.op != "ReduceMean":
+        return 1.0
+    reduced = [x.shape[a] for a in axes]
+    if all(isinstance(d, (int, np.integer)) for d in reduced):
+        return 1.0 / float(np.prod(reduced))
+    count = b.op("ReduceProd", [b.op("Gather", [b.shape_of(x), b.ints(axes)], dtype=np.int64)], {"keepdims": 0},
+                 dtype=np.int64)
+    return b.op("Reciprocal", [b.op("Cast", [count], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype))})])
+
+
+def _scaled(b, t, scale):
+    return t if isinstance(scale, float) and scale == 1.0 else b.mul(t, scale if not isinstance(scale, float)
+                                                                      else b.const(scale))
+
+
+def _sign_split(ctx, node, rule, R, axes, keepdims, rank, scale):
     """sign-norm on a reduction: where the sum (mean) is > 0 its positive cells share R in proportion, where < 0 its
-    negative cells; behind a ReLU (R = 0 where z <= 0) the negative group is left out."""
+    negative cells; behind a ReLU (R = 0 where z <= 0) the negative group is left out. ``scale``: see
+    :func:`_mean_scale`."""
     b, x, z = ctx.b, node.inputs[0], node.outputs[0]
     quiet = ctx.no_relevance_below_zero(z)
-    scale = 1.0 / float(np.prod([dims[a] for a in axes])) if node.op == "ReduceMean" else 1.0
     shares, accounts = [], []
     for sign, mask, known in SIGN_GROUPS:
         if sign == "-" and (quiet or ctx.nonneg(x)):
             continue
         part = x if sign == "+" and ctx.nonneg(x) else b.relu(x) if sign == "+" else b.op("Min", [x, b.const(0.0)])
         den = b.reduce_sum(part, axes, keepdims)
-        den = den if scale == 1.0 else b.mul(den, b.const(scale))
+        den = _scaled(b, den, scale)
         c = sign_message(b, R, den, z, rule, rank if keepdims else rank - len(axes), mask, known, quiet)
         if ctx.audit:
             live = complement(b, indicator(b, "Equal", den))  # (a zero denominator passes none)
             accounts.append((b.mul(c, den), b.mul(indicator(b, mask, z), live)))
         c = c if keepdims else b.op("Unsqueeze", [c, b.ints(axes)])
-        shares.append(b.mul(part, c if scale == 1.0 else b.mul(c, b.const(scale))))
+        shares.append(b.mul(part, _scaled(b, c, scale)))
     if ctx.audit:
         passed = b.sum([p for _, p in accounts])
         ctx.account(node, b.sum([k for k, _ in accounts]), None, b.mul(R, complement(b, passed)))

@@ -99,11 +99,14 @@ def gather(ctx, node, R_out):
         raise UnsupportedError(f"{where(node)}: Gather from a tensor of unknown rank")
     dims, rank = list(x.shape), len(x.shape)
     axis = int(node.attrs.get("axis", 0)) % rank
-    if not isinstance(dims[axis], (int, np.integer)):
-        raise UnsupportedError(f"{where(node)}: Gather along the dynamic axis {axis}")
     ind = const_value(idx).astype(np.int64).reshape(-1)
-    ind = np.where(ind < 0, ind + int(dims[axis]), ind)
     b = ctx.b
+    if isinstance(dims[axis], (int, np.integer)):
+        ind = np.where(ind < 0, ind + int(dims[axis]), ind)
+        length = None
+    else:  # a dynamic axis (an encoder's [CLS] pooling, hidden[:, 0], with a symbolic sequence length): its length
+        # read at run time where a negative index or the padding after the gathered range needs it
+        length = b.op("Slice", [b.shape_of(x), b.ints([axis]), b.ints([axis + 1])], dtype=np.int64)
     # the output's index axes as one (the data's other dims: as known, else read at run time), then the indices
     # broadcast to the relevance's shape
     if all(isinstance(d, (int, np.integer)) for i, d in enumerate(dims) if i not in (0, axis)):
@@ -115,14 +118,29 @@ def gather(ctx, node, R_out):
                                 b.op("Slice", [whole, b.ints([axis + 1]), b.ints([rank])], dtype=np.int64)],
                      {"axis": 0}, dtype=np.int64)
     r = b.op("Reshape", [R_out[0], shape])
-    if ind.size and np.array_equal(ind, np.arange(ind[0], ind[0] + ind.size)):
+    same_sign = ind.size and (np.all(ind >= 0) or np.all(ind < 0))
+    if same_sign and np.array_equal(ind, np.arange(ind[0], ind[0] + ind.size)):
         # one contiguous range (q, k or v of a packed projection, the CLS token): zero padding around it, a copy
         # (onnxruntime's CPU ScatterElements is element by element: ~50x slower on ViT-B's attention)
         pads = [0] * (2 * rank)
-        pads[axis], pads[rank + axis] = int(ind[0]), int(dims[axis]) - int(ind[-1]) - 1
-        return [b.op("Pad", [r, b.ints(pads)]), None]
-    at = b.op("Expand", [b.const(ind.reshape([1] * axis + [-1] + [1] * (rank - axis - 1)), np.int64), b.shape_of(r)],
-              dtype=np.int64)
+        if length is None:
+            pads[axis], pads[rank + axis] = int(ind[0]), int(dims[axis]) - int(ind[-1]) - 1
+            return [b.op("Pad", [r, b.ints(pads)]), None]
+        # (from the start: the padding after the range is the run-time length less its end; from the end, the
+        # padding before it)
+        first, last = (int(ind[0]), None) if ind[0] >= 0 else (None, -int(ind[-1]) - 1)
+        rest = b.op("Sub", [length, b.ints([int(ind[-1]) + 1 if ind[0] >= 0 else -int(ind[0])])], dtype=np.int64)
+        parts = [pads[:axis], rest if first is None else [first], pads[axis + 1:rank + axis],
+                 rest if last is None else [last], pads[rank + axis + 1:]]
+        pads_at_run_time = b.op("Concat", [p if not isinstance(p, list) else b.ints(p) for p in parts
+                                           if not isinstance(p, list) or p],
+                                {"axis": 0}, dtype=np.int64)
+        return [b.op("Pad", [r, pads_at_run_time]), None]
+    at = b.const(ind.reshape([1] * axis + [-1] + [1] * (rank - axis - 1)), np.int64)
+    if length is not None and np.any(ind < 0):
+        at = b.op("Add", [at, b.op("Mul", [b.const((ind < 0).astype(np.int64).reshape(at.shape), np.int64), length],
+                                   dtype=np.int64)], dtype=np.int64)
+    at = b.op("Expand", [at, b.shape_of(r)], dtype=np.int64)
     scattered = b.op("ScatterElements", [b.zeros_like(x), at, r], {"axis": axis, "reduction": "add"})
     return [scattered, None]
 
