@@ -24,13 +24,15 @@ def rules_in_torch(mode: str):
     (the identity rule, also Tanh and Sigmoid), an einsum of two such tensors splits as a product does, and
     torchvision's squeeze-and-excitation gate is a product of two computed tensors (split under attnlrp, the gate
     held constant under cp-lrp). Gradient × input of the model's output is then the rule's relevance where the
-    model's parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do)."""
+    model's parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do).
+    ``torch.bmm`` is a product like ``torch.matmul``."""
     import torch
     from torch.nn import functional as F
     from torchvision.ops.misc import SqueezeExcitation
 
     saved = {(torch.Tensor, "matmul"): torch.Tensor.matmul, (torch.Tensor, "__matmul__"): torch.Tensor.__matmul__,
-             (torch, "matmul"): torch.matmul, (torch, "einsum"): torch.einsum, (F, "softmax"): F.softmax,
+             (torch, "matmul"): torch.matmul, (torch, "bmm"): torch.bmm, (torch, "einsum"): torch.einsum,
+             (F, "softmax"): F.softmax,
              (SqueezeExcitation, "forward"): SqueezeExcitation.forward, (torch, "tanh"): torch.tanh,
              (torch, "sigmoid"): torch.sigmoid,
              (torch.Tensor, "softmax"): torch.Tensor.softmax, (F, "layer_norm"): F.layer_norm, (F, "gelu"): F.gelu,
@@ -72,11 +74,19 @@ def rules_in_torch(mode: str):
         return lambda x, *args, **kw: x * (f(x, *args, **{k: v for k, v in kw.items() if k != "inplace"}) / x).detach()
 
     new = {(torch.Tensor, "matmul"): matmul, (torch.Tensor, "__matmul__"): matmul, (torch, "matmul"): matmul,
+           (torch, "bmm"): matmul,
            (torch, "einsum"): einsum, (F, "softmax"): softmax,
            (SqueezeExcitation, "forward"): gate, (torch, "tanh"): identity_rule(saved[(torch, "tanh")]),
            (torch, "sigmoid"): identity_rule(saved[(torch, "sigmoid")]), (torch.Tensor, "softmax"): softmax,
            (F, "layer_norm"): layer_norm,
            (F, "gelu"): identity_rule(saved[(F, "gelu")]), (F, "silu"): identity_rule(saved[(F, "silu")])}
+    try:  # Hugging Face's GELU module holds F.gelu from its construction: it calls the patched one at run time
+        from transformers.activations import GELUActivation
+
+        saved[(GELUActivation, "forward")] = GELUActivation.forward
+        new[(GELUActivation, "forward")] = lambda self, x: F.gelu(x)
+    except ImportError:
+        pass
     try:
         for (owner, name), f in new.items():
             setattr(owner, name, f)

@@ -82,6 +82,40 @@ def test_einsum_matches_dense_reference(eq, rule):
     np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
 
 
+MATMULS = {  # name: (first operand's shape, second's, which one is the constant)
+    "constant_first": ((3, 4), (N, 4, 5), 0),  # a token-mixing matrix times the tokens
+    "constant_first_batched": ((N, 3, 4), (N, 4, 5), 0),  # DeBERTa's p2c: relative-position queries times the keys
+    "constant_batched": ((N, 3, 4), (N, 4, 5), 1),  # DeBERTa's c2p: the queries times relative-position keys
+}
+
+
+@pytest.mark.parametrize("rule", ["epsilon", "zplus", "gamma"])
+@pytest.mark.parametrize("name", list(MATMULS))
+def test_matmul_with_a_constant_first_or_batched_is_an_einsum(name, rule):
+    """A MatMul whose constant operand comes first or has the batch axes of the other: the Einsum with the same
+    letters; relevance = the dense reference of the product (the batch axis here static, as such a constant fixes
+    it)."""
+    shape_a, shape_b, const = MATMULS[name]
+    rng = np.random.default_rng(len(name))
+    w = rng.standard_normal((shape_a, shape_b)[const])
+    x_shape = (shape_a, shape_b)[1 - const]
+    z_shape = np.matmul(np.zeros(shape_a), np.zeros(shape_b)).shape
+    ins = ["w", "x"] if const == 0 else ["x", "w"]
+    model = _single(helper.make_node("MatMul", ins, ["z"], name="mm"), list(x_shape), {"w": w}, list(z_shape))
+    x = rng.standard_normal(x_shape)
+    apply = (lambda X, W: np.matmul(W, X)) if const == 0 else (lambda X, W: np.matmul(X, W))
+    layer = Layer(apply, w, x_shape[1:], w_ones=np.ones_like(w))
+    R = rng.standard_normal(z_shape)
+    z, got = _explain(model, x, R, rule, "Einsum")
+    np.testing.assert_allclose(z, apply(x, w), rtol=1e-12, atol=1e-12)
+    if len(w.shape) == 3:  # (the oracle's layer maps one sample; the constant's batch axis is the samples')
+        want = np.concatenate([relevance(Layer(apply, w[i:i + 1], x_shape[1:], w_ones=np.ones_like(w[i:i + 1])),
+                                         rule, x[i:i + 1], R[i:i + 1], eps=EPS, gamma=0.25) for i in range(N)])
+    else:
+        want = relevance(layer, rule, x, R, eps=EPS, gamma=0.25)
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10 * np.abs(want).max())
+
+
 @pytest.mark.parametrize("eq, inputs, message", [
     ("bii,ij->bj", ((N, 3, 3), (3, 4)), "repeated subscripts in 'bii'"),
     ("bchw,oc->bo", ((N, 4, 3, 3), (5, 4)), "index 'h' of the input is summed away without the weight"),

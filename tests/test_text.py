@@ -301,6 +301,58 @@ def test_bert_with_symbolic_batch_and_sequence_length(tmp_path, exporter):
         assert out["relevance_tokens"].shape == feeds["input_ids"].shape and err < 1e-4
 
 
+@pytest.mark.parametrize("exporter", list(EXPORTS))
+def test_deberta_v2_disentangled_attention(tmp_path, exporter):
+    """DeBERTa-v2 (Hugging Face, tiny config): disentangled attention adds to Q·Kᵀ the queries times the relative
+    positions' keys and the relative positions' queries times the keys (MatMuls with a batched constant, or a
+    constant first, made Einsums), picked per query and key by GatherElements. attnlrp and cp-lrp per token = the
+    rules run in torch on the unchanged model (1e-4 relative L2, float32)."""
+    import warnings
+
+    transformers = pytest.importorskip("transformers")
+    torch = pytest.importorskip("torch")
+    from detach_rules import rules_in_torch
+
+    torch.manual_seed(0)
+    cfg = transformers.DebertaV2Config(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                       intermediate_size=64, vocab_size=100, max_position_embeddings=64,
+                                       num_labels=3, relative_attention=True, pos_att_type=["p2c", "c2p"],
+                                       position_buckets=8, max_relative_positions=16, pooler_hidden_size=32)
+    cfg._attn_implementation = "eager"
+    net = transformers.DebertaV2ForSequenceClassification(cfg).eval().requires_grad_(False)
+    feeds = {k: v for k, v in _bert_inputs().items() if k != "token_type_ids"}
+    args = tuple(torch.from_numpy(v) for v in feeds.values())
+    path, names = tmp_path / "deberta.onnx", list(feeds)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if EXPORTS[exporter]["dynamo"]:
+            torch.onnx.export(net, args, dynamo=True, opset_version=EXPORTS[exporter]["opset"], input_names=names,
+                              output_names=["logits"]).save(str(path), external_data=False)
+        else:
+            torch.onnx.export(net, args, str(path), dynamo=False, opset_version=EXPORTS[exporter]["opset"],
+                              input_names=names, output_names=["logits"])
+    net.eval()  # (the legacy exporter leaves the model in training mode)
+    model = onnx.load(str(path))
+    ops = {n.op_type for n in model.graph.node}
+    assert "GatherElements" in ops
+    for composite in ("attnlrp", "cp-lrp"):
+        word = net.deberta.embeddings.word_embeddings(args[0]).detach().requires_grad_(True)
+        with rules_in_torch(composite):
+            logits = net(inputs_embeds=word, attention_mask=args[1]).logits
+        best = logits.argmax(1)
+        logits.gather(1, best[:, None]).sum().backward()
+        want = (word.grad * word).sum(-1).detach().numpy()
+        seed = np.zeros(tuple(logits.shape), np.float32)
+        seed[np.arange(2), best.numpy()] = logits.detach().numpy()[np.arange(2), best.numpy()]
+        compiled = lrpc.compile(model, composite, epsilon=0.0, stabilizer_eps=0.0)
+        out = run_onnx(compiled, {**feeds, "relevance_seed": seed})
+        assert rel_l2(out["logits"], logits.detach().numpy()) < 1e-4
+        err = rel_l2(out["relevance_tokens"], want)
+        report_line(f"DeBERTa-v2 {exporter} {composite}: relevance per token vs the rules in torch rel L2 {err:.1e} "
+                    "(float32)")
+        assert err < 1e-4
+
+
 def test_bert_session_and_cli_explain_per_token(bert_exports, tmp_path):
     """lrpc.Session(...).explain on the ids (a dict of inputs) gives relevance per token; ``lrpc explain --npy``
     with an .npz of the inputs writes it."""

@@ -16,20 +16,23 @@ from onnx import TensorProto, helper, numpy_helper
 import lrpc
 
 ROOT = Path(__file__).resolve().parents[1]
-REFUSED_MATMUL = "MatMul with a constant first operand"
-# the one message for the model below: pass refusals with their reasons, then the ops without a propagator
-MESSAGE = (f"node 'mm1' (MatMul): {REFUSED_MATMUL}; node 'mm2' (MatMul): {REFUSED_MATMUL}; "
-           "no relevance propagator for node 'hardmax' (Hardmax)")
+REFUSED = ("MatMul of a constant with batch axes [{}] and a computed operand with batch axes [{}] (a broadcast "
+           "between them has no LRP rule)")
+# the pass refusals of the model below, then the one message: with the ops without a propagator
+REFUSALS_MM = (f"node 'mm1' (MatMul): {REFUSED.format(2, repr('N'))}; "
+               f"node 'mm2' (MatMul): {REFUSED.format(1, 2)}")
+MESSAGE = f"{REFUSALS_MM}; no relevance propagator for node 'hardmax' (Hardmax)"
 
 
 def _model(aux_only: bool = False) -> onnx.ModelProto:
     """x [N, 3, 4] -> MatMul(C1, x) -> Relu -> MatMul(C2, ·) -> Hardmax -> Flatten -> Gemm -> logits (C1, C2 constant
-    first operands, which linear_normal_form refuses), and a second head aux = Gemm(Flatten(x)). ``aux_only``: aux is
-    the first output (the explained one)."""
+    first operands [2, 3, 3], broadcast over the batch: linear_normal_form refuses them), and a second head
+    aux = Gemm(Flatten(x)). ``aux_only``: aux is the first output (the explained one). Runs at N = 2."""
     rng = np.random.default_rng(0)
     w1 = numpy_helper.from_array(rng.standard_normal((5, 12)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.standard_normal((2, 12)).astype(np.float32), "w2")
-    c1, c2 = (numpy_helper.from_array(rng.standard_normal((3, 3)).astype(np.float32), n) for n in ("c1", "c2"))
+    c1, c2 = (numpy_helper.from_array(rng.standard_normal((k, 3, 3)).astype(np.float32), n) for k, n in ((2, "c1"),
+                                                                                                         (1, "c2")))
     nodes = [helper.make_node("MatMul", ["c1", "x"], ["g"], name="mm1"),
              helper.make_node("Relu", ["g"], ["r"], name="relu"),
              helper.make_node("MatMul", ["c2", "r"], ["m"], name="mm2"),
@@ -63,7 +66,7 @@ def test_compile_lists_pass_refusals_and_missing_propagators_in_one_error():
 def test_canonize_lists_every_refused_node():
     with pytest.raises(lrpc.UnsupportedError) as e:
         lrpc.canonize(_model())
-    assert str(e.value) == f"node 'mm1' (MatMul): {REFUSED_MATMUL}; node 'mm2' (MatMul): {REFUSED_MATMUL}"
+    assert str(e.value) == REFUSALS_MM
 
 
 def test_a_refused_node_off_the_explained_path_does_not_stop_the_compile():
@@ -149,12 +152,13 @@ REFUSALS = {
                        [_const("W", R.standard_normal((3, 4)).astype(np.float32)),
                         _const("C", R.standard_normal((2, 3)).astype(np.float32))], [2, 4], [2, 3],
                        "Gemm bias C of shape (2, 3) is not one value per output"),
-    "matmul_const_first": (helper.make_node("MatMul", ["W", "x"], ["y"], name="n"), [],
-                           [_const("W", R.standard_normal((3, 4)).astype(np.float32))], [4, 5], [3, 5],
-                           "MatMul with a constant first operand"),
-    "matmul_3d_weight": (helper.make_node("MatMul", ["x", "W"], ["y"], name="n"), [],
-                         [_const("W", R.standard_normal((2, 4, 3)).astype(np.float32))], ["N", 2, 4], ["N", 2, 3],
-                         "MatMul with a 3-d weight"),
+    "matmul_vector_weight": (helper.make_node("MatMul", ["x", "W"], ["y"], name="n"), [],
+                             [_const("W", R.standard_normal((4,)).astype(np.float32))], ["N", 4], ["N"],
+                             "MatMul of a constant needs a computed operand of known rank >= 2 and a constant of rank"),
+    "matmul_3d_weight_broadcast": (helper.make_node("MatMul", ["x", "W"], ["y"], name="n"), [],
+                                   [_const("W", R.standard_normal((2, 4, 3)).astype(np.float32))], ["N", 2, 4],
+                                   ["N", 2, 3], "MatMul of a constant with batch axes [2] and a computed operand with "
+                                                "batch axes ['N']"),
     "conv_computed_bias": (helper.make_node("Conv", ["x", "W", "b"], ["y"], name="n"), [("b", [3])],
                            [_const("W", R.standard_normal((3, 2, 1, 1)).astype(np.float32))], ["N", 2, 4, 4],
                            ["N", 3, 4, 4], "Conv bias is not a constant"),

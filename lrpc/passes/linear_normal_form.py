@@ -1,8 +1,9 @@
 """Linear normal form: every linear layer becomes Conv / ConvTranspose with explicit pads and a bias
 input, Gemm(X, W[out,in], b[out], transB=1, alpha=beta=1), or MatMul(X, W) with X of rank > 2; constant
 Sub/Div become Add/Mul; per-channel constant Add/Mul after a linear layer fold into it. A MatMul of two computed
-tensors (attention) stays as it is (relevance/attention.py); a layer that cannot take that form (a non-constant
-Gemm weight, a constant first MatMul operand) stays as it is, refused (see Canonical.refuse)."""
+tensors (attention) stays as it is (relevance/attention.py); a MatMul whose constant comes first or has batch axes
+becomes the Einsum it is; a layer that cannot take that form (a non-constant Gemm weight) stays as it is, refused
+(see Canonical.refuse)."""
 from __future__ import annotations
 
 import numpy as np
@@ -112,12 +113,10 @@ def _gemm(graph, node) -> bool:
 
 def _matmul(canon, node) -> bool:
     x, w = node.inputs
-    if is_const(x) and not is_const(w):
-        raise UnsupportedError(f"{where(node)}: MatMul with a constant first operand")
+    if is_const(x) and not is_const(w) or is_const(w) and not is_const(x) and const_value(w).ndim != 2:
+        return _matmul_as_einsum(canon, node)
     if not is_const(w):
         return False  # a product of two computed tensors (attention): relevance/attention.py
-    if const_value(w).ndim != 2:
-        raise UnsupportedError(f"{where(node)}: MatMul with a {const_value(w).ndim}-d weight")
     if x.shape is None or len(x.shape) < 2:
         return False
     if len(x.shape) > 2:
@@ -128,6 +127,29 @@ def _matmul(canon, node) -> bool:
     node.attrs = {"transB": 1}
     node.inputs[1] = gs.Constant(f"{node.name}/W", np.ascontiguousarray(wv.T))
     node.inputs.append(gs.Constant(f"{node.name}/B", np.zeros(wv.shape[1], wv.dtype)))
+    return True
+
+
+def _matmul_as_einsum(canon, node) -> bool:
+    """A MatMul whose constant is its first operand (a token-mixing matrix times the tokens) or has batch axes
+    (DeBERTa's disentangled attention: the relative positions' keys and queries, folded to constants, times the
+    queries and keys): the same product as an Einsum with one letter per axis (``xy,byz->bxz``, ``axy,ayz->axz``),
+    which the Einsum rule explains. A constant's batch axes must be the computed operand's (a broadcast between
+    them is refused); a constant without any is broadcast over them."""
+    a, b = node.inputs
+    const, x = (a, b) if is_const(a) else (b, a)
+    if x.shape is None or len(x.shape) < 2 or len(const.shape) < 2:
+        raise UnsupportedError(f"{where(node)}: MatMul of a constant needs a computed operand of known rank >= 2 and "
+                               "a constant of rank >= 2")
+    batch_c, batch_x = list(const.shape[:-2]), list(x.shape[:-2])
+    if batch_c and batch_c != batch_x:
+        raise UnsupportedError(f"{where(node)}: MatMul of a constant with batch axes {batch_c} and a computed operand "
+                               f"with batch axes {batch_x} (a broadcast between them has no LRP rule)")
+    batch = "".join(chr(ord("a") + i) for i in range(len(batch_x)))
+    terms = [f"{batch if batch_c or t is x else ''}{ij}" for t, ij in ((a, "xy"), (b, "yz"))]
+    canon.origin.setdefault(node.name, node.op)
+    node.op = "Einsum"
+    node.attrs = {"equation": f"{terms[0]},{terms[1]}->{batch}xz"}
     return True
 
 

@@ -145,6 +145,19 @@ def gather(ctx, node, R_out):
     return [scattered, None]
 
 
+@register("GatherElements", **DATA_MOVEMENT)
+def gather_elements(ctx, node, R_out):
+    """GatherElements with constant indices (DeBERTa's relative-position scores picked per query and key): each
+    element gets the relevance of every place it was copied to (ScatterElements with reduction add)."""
+    x, idx = node.inputs
+    if not is_const(idx):
+        raise UnsupportedError(f"{where(node)}: GatherElements with computed indices has no LRP rule")
+    b = ctx.b
+    at = b.const(const_value(idx).astype(np.int64), np.int64)
+    return [b.op("ScatterElements", [b.zeros_like(x), at, R_out[0]],
+                 {"axis": int(node.attrs.get("axis", 0)), "reduction": "add"}), None]
+
+
 @register("GatherND", **DATA_MOVEMENT)
 def gather_nd(ctx, node, R_out):
     """GatherND with constant indices (dynamo's advanced indexing ``x[:, [2, 0, 2]]``): each element or slice of the
