@@ -166,6 +166,58 @@ def test_attention_scores_chain(scale, mask):
         assert [nd.name for nd in compiled.graph.node if "s" in nd.input] == ["scale"]
 
 
+@pytest.mark.parametrize("c_shape", [[1], [1, 1, 1]])
+def test_scale_by_one_constant_value_of_any_rank(c_shape):
+    """h = x·W1, y = h·c (c one value, possibly of higher rank than h: the product gains axes), o = y·W2 under
+    epsilon, float64: the composition of the layers' epsilon rules (a scale of higher rank stays a layer of its own;
+    its relevance is x ⊙ (m c), not its output ⊙ m, which has the output's axes)."""
+    rng = np.random.default_rng(1)
+    w1, w2 = rng.standard_normal((3, 4)), rng.standard_normal((4, 5))
+    out_shape = [2, 5] if len(c_shape) == 1 else [1, 2, 5]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="l1"),
+             helper.make_node("Mul", ["h", "c"], ["y"], name="scale"),
+             helper.make_node("MatMul", ["y", "w2"], ["o"], name="l2")]
+    inits = [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(w2, "w2"),
+             numpy_helper.from_array(np.full(c_shape, 0.5), "c")]
+    model = _model(nodes, [("x", [2, 3])], "o", out_shape, inits)
+    x, R = rng.standard_normal((2, 3)), rng.standard_normal(out_shape)
+    got = _run64(lrpc.compile(model, "attnlrp", epsilon=EPS, stabilizer_eps=EPS), {"x": x, "relevance_seed": R})
+    h = x @ w1
+    y = 0.5 * h
+    o = y @ w2
+    r_y = y * ((R / _stab(o, EPS)) @ w2.T)
+    if len(c_shape) == 1:  # (a scale that keeps the shape folds into the MatMul before it: one layer, y = x·(c W1))
+        want = x * ((r_y / _stab(y, EPS)) @ (0.5 * w1).T)
+    else:
+        r_h = (y * r_y / _stab(y, EPS)).reshape(2, 4)
+        want = x * ((r_h / _stab(h, EPS)) @ w1.T)
+    assert rel_l2(got["relevance"], want) < 1e-12
+
+
+def test_sum_of_two_products_in_float16_at_epsilon_zero():
+    """s = x·W1 + x·W2, o = s·W3 in float16 with epsilon 0, small sums (|s| ~ 0.03): the sum's quotient from its own
+    output's factor is exact there too (LRP-0 in float64 on the same float16 values, 2e-3)."""
+    rng = np.random.default_rng(1)
+    w1, w2 = ((rng.standard_normal((16, 32)) * 0.01).astype(np.float16) for _ in range(2))
+    w3 = rng.standard_normal((32, 8)).astype(np.float16)
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="l1"),
+             helper.make_node("MatMul", ["x", "w2"], ["g"], name="l2"),
+             helper.make_node("Add", ["h", "g"], ["s"], name="sum"),
+             helper.make_node("MatMul", ["s", "w3"], ["o"], name="l3")]
+    inits = [numpy_helper.from_array(w, n) for w, n in ((w1, "w1"), (w2, "w2"), (w3, "w3"))]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [4, 16])],
+                          [helper.make_tensor_value_info("o", TensorProto.FLOAT16, [4, 8])], inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    x = (rng.standard_normal((4, 16)) * 0.1).astype(np.float16)
+    R = rng.standard_normal((4, 8)).astype(np.float16)
+    got = run_onnx(lrpc.compile(model, "attnlrp", epsilon=0.0, stabilizer_eps=0.0), {"x": x, "relevance_seed": R})
+    X, W1, W2, W3, S = (a.astype(np.float64) for a in (x, w1, w2, w3, R))
+    s = X @ W1 + X @ W2
+    c = (S / (s @ W3)) @ W3.T
+    want = X * (c @ W1.T) + X * (c @ W2.T)
+    assert rel_l2(got["relevance"].astype(np.float64), want) < 2e-3
+
+
 def _rules_of(compiled) -> dict:
     import json
 

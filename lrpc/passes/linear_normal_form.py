@@ -141,6 +141,9 @@ def _matmul_as_einsum(canon, node) -> bool:
     if x.shape is None or len(x.shape) < 2 or len(const.shape) < 2:
         raise UnsupportedError(f"{where(node)}: MatMul of a constant needs a computed operand of known rank >= 2 and "
                                "a constant of rank >= 2")
+    if const is a and len(x.shape) == 2:
+        raise UnsupportedError(f"{where(node)}: MatMul with a constant first operand and a 2-d computed one (it would "
+                               "mix the samples)")
     batch_c, batch_x = list(const.shape[:-2]), list(x.shape[:-2])
     if batch_c and batch_c != batch_x:
         raise UnsupportedError(f"{where(node)}: MatMul of a constant with batch axes {batch_c} and a computed operand "

@@ -37,10 +37,7 @@ def matmul(ctx, node, R_out):
     live = [not _constant_for_rules(ctx, t) for t in (x, w)]
     if not any(live):
         return [None, None]
-    k = 1.0 if sum(live) == 1 else 2.0
-    n = own_quotient(ctx, R_out[0], y, rule, k)
-    if n is None:
-        n = quotient(b, R_out[0], y if k == 1.0 else b.mul(y, b.const(k)), rule, len(y.shape))
+    n = _message(ctx, R_out[0], y, rule, sum(live), len(y.shape))
     a, c = (_probabilities_again(ctx, t) for t in (x, w))
     r_x = _to_operand(b, b.mul(a, b.op("MatMul", [n, _swap_last(b, c)])), x, y) if live[0] else None
     r_w = _to_operand(b, b.mul(c, b.op("MatMul", [_swap_last(b, a), n])), w, y) if live[1] else None
@@ -77,9 +74,10 @@ def einsum(ctx, node, R_out):
     if not any(live):
         return [None, None]
     rank = len(y.shape) if y.shape is not None else None
-    n = quotient(b, R_out[0], y if sum(live) == 1 else b.mul(y, b.const(2.0)), rule, rank)
-    r_x = b.mul(x, b.op("Einsum", [n, w], {"equation": f"{sy},{sw}->{sx}"})) if live[0] else None
-    r_w = b.mul(w, b.op("Einsum", [x, n], {"equation": f"{sx},{sy}->{sw}"})) if live[1] else None
+    n = _message(ctx, R_out[0], y, rule, sum(live), rank)
+    a, c = (_probabilities_again(ctx, t) for t in (x, w))
+    r_x = b.mul(a, b.op("Einsum", [n, c], {"equation": f"{sy},{sw}->{sx}"})) if live[0] else None
+    r_w = b.mul(c, b.op("Einsum", [a, n], {"equation": f"{sx},{sy}->{sw}"})) if live[1] else None
     return [r_x, r_w]
 
 
@@ -107,6 +105,16 @@ def bilinear_terms(node) -> tuple[str, str, str]:
             raise UnsupportedError(f"{where(node)}: Einsum '{eq}': an ellipsis has an LRP rule only where it spans "
                                    "the same known dims in both operands and the output")
     return sa, sb, out
+
+
+def _message(ctx, R, y, rule, live: int, rank):
+    """``R / stab(k y)``, k the number of operands that carry relevance (:func:`own_quotient` where it applies)."""
+    k = float(live)
+    n = own_quotient(ctx, R, y, rule, k)
+    if n is None:
+        b = ctx.b
+        n = quotient(b, R, y if k == 1.0 else b.mul(y, b.const(k)), rule, rank)
+    return n
 
 
 def _clamped_scores(ctx, node):

@@ -14,7 +14,7 @@ from ..graph import const_value, is_const, static_dims
 from ..rules import Rule, weight_basis
 from . import EXACT, declare, depthwise, register
 from .gamma import signed_gamma
-from .stabilize import complement, indicator, own_quotient, quotient
+from .stabilize import complement, indicator, own_quotient, quotient, scalar_of
 
 
 class View:
@@ -577,7 +577,9 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     """Epsilon and gamma when the relevance arriving is ``R = z ⊙ c`` with the layer's own output ``z`` (a
     branch of a residual sum under the norm rule): the masks and sign tests fold into ``z``.
 
-    epsilon: ``R / stab(z) = c ⊙ |z| / (|z| + eps)``.
+    epsilon: ``R / stab(z) = c ⊙ |z| / (|z| + eps)``, also where ``R = t ⊙ c`` with ``t`` a constant multiple of ``z``
+    (:func:`~lrpc.relevance.stabilize.own_quotient`); a scale by one constant value returns ``z ⊙ m`` (``m`` that
+    quotient), so the layer before sees its own output too.
     gamma (input >= 0): with ``u = γ(W+x + b+) >= 0``, ``z↑ = z + u`` (used where z > 0) and
     ``z↓ = (1+γ)z - u`` (where z < 0), so both stabilized denominators are ``±D`` with
     ``D = A + u + eps`` and ``A = LeakyRelu(z, -(1+γ))`` (z where z >= 0, -(1+γ)z below). Then
@@ -589,19 +591,20 @@ def _on_own_output(ctx, view: View, rule: Rule, R, variants):
     if (factors is None or rule.stabilizer != "sign" or rule.eps <= 0
             or (rule.zero_bias and view.bias is not None) or not rule.own_output):
         return None
-    b, z, c, eps, g = ctx.b, view.z, factors[1], rule.eps, rule.gamma
+    b, z, eps, g = ctx.b, view.z, rule.eps, rule.gamma
     if g == 0.0:  # epsilon (gamma 0 is epsilon, for inputs of either sign)
-        m = own_quotient(ctx, R, z, rule)  # (also where R = (c z) ⊙ c')
+        m = own_quotient(ctx, R, z, rule)  # (also where R = t ⊙ c with t a constant multiple of z)
         if m is None:
             return None
         if ctx.audit:  # (R = z ⊙ c vanishes where z = 0: no zero denominators)
             ctx.account(view.node, b.mul(m, view.without_bias()),
                         None if view.bias is None else b.mul(m, view.bias_for_output(view.bias)))
-        if isinstance(view, ScaleView) and view.bias is None and is_const(view.w) and const_value(view.w).size == 1:
+        if isinstance(view, ScaleView) and view.bias is None and scalar_of(view.w, view.x):
             return ctx.product(z, m)  # x ⊙ (m w) = z ⊙ m: the next layer sees its relevance as (its output) ⊙ m
         return ctx.product(view.x, view.adjoint(m, view.w))
     if factors[0] is not z or not ctx.nonneg(view.x) or g < 0:
         return None
+    c = factors[1]
     A = b.op("LeakyRelu", [z], {"alpha": -(1.0 + g)})
     plus = variants.bias("b+")
     shift = eps + (g * const_value(plus).astype(np.float64) if plus is not None else 0.0)

@@ -260,9 +260,9 @@ def _mean_scale(b, node, axes):
     reduced = [x.shape[a] for a in axes]
     if all(isinstance(d, (int, np.integer)) for d in reduced):
         return 1.0 / float(np.prod(reduced))
-    count = b.op("ReduceProd", [b.op("Gather", [b.shape_of(x), b.ints(axes)], dtype=np.int64)], {"keepdims": 0},
-                 dtype=np.int64)
-    return b.op("Reciprocal", [b.op("Cast", [count], {"to": helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype))})])
+    to = {"to": helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype))}
+    size = [b.op("Cast", [b.op("Size", [t], dtype=np.int64)], to) for t in (node.outputs[0], x)]
+    return b.op("Div", size)  # (cells out / cells in)
 
 
 def _scaled(b, t, scale):

@@ -82,12 +82,13 @@ def own_quotient(ctx, R, z, rule: Rule, k: float = 1.0):
     """``R / stab(k z)`` (sign stabilizer) without a sign test, where the relevance arriving is ``R = t ⊙ m``
     (:meth:`lrpc.emit.Context.factors_of`) and ``t = c z`` for a constant nonzero scalar ``c``: ``t`` is ``z`` itself,
     a Mul of ``z`` by a constant scalar (or a Div by one), or ``z`` clamped at the lowest finite value by a softmax
-    rule (:data:`CLAMPS`: ``c = 1``; where the clamp acts, ``z = -inf``, that rule's ``m`` is 0). Then
-    ``t / stab(k z) = (c / k) |t| / (|t| + |c| ε / k)``, and with ε = 0 the smallest normal number stands in for
-    ``|c| ε / k``, so that t = 0 gives 0 as the stabilizer's zero denominator does. One Abs per ``t`` (shared), an
-    Add, a Div and the products: the tensors ``z`` and its sign are not read. None where this does not apply."""
+    rule (:data:`CLAMPS`: ``c = 1``; where the clamp acts, ``z = -inf``, that rule's ``m`` is 0). Then, for k > 0,
+    ``t / stab(k z) = (c / k) |t| / (|t| + |c| ε / k)`` (that offset at least the smallest subnormal number, so that
+    t = 0 gives 0 as the stabilizer's zero denominator does), and with ε = 0 it is ``(c / k) [t ≠ 0]``. One Abs per
+    ``t`` (shared), an Add and a Div (ε = 0: a compare) and the products: the tensors ``z`` and its sign are not
+    read. None where this does not apply."""
     f = ctx.factors_of(R)
-    if rule.stabilizer != "sign" or f is None:
+    if rule.stabilizer != "sign" or f is None or not k > 0:
         return None
     t, m = f
     c = _multiple(ctx, t, z)
@@ -98,9 +99,19 @@ def own_quotient(ctx, R, z, rule: Rule, k: float = 1.0):
     if key not in ctx.cache:
         ctx.cache[key] = b.op("Abs", [t])
     a = ctx.cache[key]
-    e = abs(c) * rule.eps / k if rule.eps > 0 else float(np.finfo(b.dtype).tiny)
-    q = b.op("Div", [a, b.add(a, b.const(e))])
+    if rule.eps > 0:
+        e = max(abs(c) * rule.eps / k, float(np.finfo(b.dtype).smallest_subnormal))
+        q = b.op("Div", [a, b.add(a, b.const(e))])
+    else:
+        q = indicator(b, "Greater", a)
     return b.mul(m, q if c / k == 1.0 else b.mul(q, b.const(c / k)))
+
+
+def scalar_of(w, x) -> bool:
+    """``w`` is a constant with one value that broadcasts to ``x`` without adding axes (a product keeps x's shape)."""
+    return (is_const(w) and const_value(w).size == 1
+            and (x.shape is None and const_value(w).ndim == 0 or x.shape is not None
+                 and const_value(w).ndim <= len(x.shape)))
 
 
 CLAMPS = "clamps"  # ctx.cache key: {name of a tensor clamped at the lowest finite value: name of the tensor}
@@ -119,7 +130,7 @@ def _multiple(ctx, t, z) -> float | None:
         other = node.inputs[1]
     else:
         return None
-    if not is_const(other) or const_value(other).size != 1:
+    if not scalar_of(other, z):
         return None
     value = float(const_value(other).reshape(()))
     if value == 0.0 or not np.isfinite(value):
