@@ -12,9 +12,10 @@ mask, token types; relevance per token; top-1 logit) and a ``LlamaForCausalLM`` 
 width 768, grouped-query attention, SwiGLU, RMSNorm, RoPE; token ids; the last position's top logit: the export
 returns that position's logits). Text models run at batch 1.
 
-Per model and size, one round runs: the forward, each compiled graph (forward + relevance in one onnxruntime run),
-each torch reference, the torch gradient (plain gradient x input, no rule: the least an autograd LRP costs); rounds
-repeat, medians are reported; column ``rel err``: the compiled relevance against the torch reference's. The torch
+Per model and size, rounds of the forward and each compiled graph (forward + relevance in one onnxruntime run) in
+turn, then rounds of each torch reference and the torch gradient (plain gradient x input, no rule: the least an
+autograd LRP costs) in turn (torch apart: its threads keep spinning after a run and slowed the onnxruntime run
+after it); medians are reported; column ``rel err``: the compiled relevance against the torch reference's. The torch
 reference is the rules written as a forward with the tensors a rule holds constant detached (LayerNorm's sigma,
 RMSNorm's 1/rms, each activation's f(x)/x, one factor of each attention product, or under cp-lrp the attention
 probabilities and the gate), then backward and gradient x input at the explained tensor: the formulation of the
@@ -359,9 +360,9 @@ def main(argv=None) -> int:
     cache.mkdir(parents=True, exist_ok=True)
     composites = args.composites.split(",")
     print(header(args.threads))
-    print(f"# median of {args.repeats} rounds (forward, each compiled graph, each torch reference, the torch "
-          "gradient in turn); rel err: compiled vs torch reference relevance; grad: torch gradient x input (no "
-          "rule); memory: peak RSS of a child process (MiB; torch: the attnlrp reference)")
+    print(f"# median of {args.repeats} rounds (forward and each compiled graph in turn, then each torch reference "
+          "and the torch gradient in turn); rel err: compiled vs torch reference relevance; grad: torch gradient x "
+          "input (no rule); memory: peak RSS of a child process (MiB; torch: the attnlrp reference)")
     print(f"{'model':6s} {'size':>4s} {'composite':9s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} "
           f"{'torch ms':>8s} {'torch/lrp':>9s} {'rel err':>7s} {'grad ms':>8s} {'compile s':>9s} {'nodes':>6s} "
           f"{'fwd nodes':>9s} {'lrp MiB':>7s} {'fwd MiB':>7s} {'mem x':>5s} {'torch MiB':>9s}", flush=True)
@@ -387,13 +388,16 @@ def main(argv=None) -> int:
                 runs.append(lambda s=sess, f=lrp_feeds: s.run(None, f))
             if net is not None:
                 runs += [torch_reference(name, net, feeds, c) for c in composites] + [torch_gradient(name, net, feeds)]
-            # warm-up: onnxruntime's first run allocates and plans; torch's first backward initialises autograd
-            for run in runs[:1 + len(composites)] + runs[-1:]:
-                run()
+            # onnxruntime's runs take turns in their rounds, then torch's in theirs (after a torch run its worker
+            # threads keep spinning a while and slow whatever runs next); each first runs once unmeasured
+            # (onnxruntime's first run allocates and plans; torch's first backward initialises autograd)
             times = [[] for _ in runs]
-            for _ in range(args.repeats):
-                for t, run in zip(times, runs):
-                    t.append(timed(run))
+            for group in (range(1 + len(composites)), range(1 + len(composites), len(runs))):
+                for i in group:
+                    runs[i]()
+                for _ in range(args.repeats):
+                    for i in group:
+                        times[i].append(timed(runs[i]))
             ms = [1e3 * statistics.median(t) for t in times]
             errs = {}  # the compiled relevance against the torch reference's (the same rules?)
             if net is not None:
