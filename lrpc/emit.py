@@ -30,6 +30,7 @@ class Context:
         self.accounts: dict = {}  # node name -> {kind: tensor} (AUDIT)
         self.live: set = set()  # names of the tensors that depend on the explained inputs
         self.seed = None  # the relevance the backward starts from (shaped like the explained output)
+        self.clamps: dict = {}  # a softmax rule's input clamped at the lowest finite value (name) -> the input's name
 
     def account(self, node, kept, bias=None, zero=None) -> None:
         """Record, as tensors shaped like (or broadcasting to) the layer's output, the relevance its rule passes

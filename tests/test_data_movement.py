@@ -42,6 +42,8 @@ MOVES = {  # name: (input shape, node, extra initializers)
                                {"i": np.arange(24).reshape(2, 3, 4).transpose(0, 2, 1).copy()}),
     "gather_nd_pairs_repeated": (X_SHAPE, ("GatherND", {}), {"i": np.array([[[1, 2], [0, 0]], [[1, 2], [1, -1]]])}),
     "gather_nd_full_index": (X_SHAPE, ("GatherND", {}), {"i": np.array([[0, 2, 3, 4], [0, 2, 3, 4], [1, 0, 0, 1]])}),
+    "gather_elements_last_axis": (X_SHAPE, ("GatherElements", {"axis": -1}),
+                                  {"i": np.random.default_rng(3).integers(-5, 5, (2, 3, 4, 3))}),  # (repeats too)
     "expand_spatial": ((2, 3, 1, 1), ("Expand", {}), {"i": np.array(X_SHAPE, np.int64)}),
     "expand_new_leading_axes": ((3, 1, 5), ("Expand", {}), {"i": np.array(X_SHAPE, np.int64)}),
 }
@@ -54,6 +56,8 @@ def _move(name: str, x: np.ndarray) -> np.ndarray:
     if op == "GatherND":
         i = consts["i"]
         return x[tuple(np.moveaxis(i, -1, 0))]
+    if op == "GatherElements":
+        return np.take_along_axis(x, consts["i"], axis=attrs["axis"])
     return np.take(x, consts["i"], axis=attrs["axis"])
 
 
@@ -144,18 +148,21 @@ def test_transposed_view_is_recognised(shape, perm):
         assert transposed_view(idx, n + 1) is None
 
 
-def test_gather_with_computed_indices_is_refused():
+@pytest.mark.parametrize("op", ["Gather", "GatherElements"])
+def test_gather_with_computed_indices_is_refused(op):
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node("Gather", ["x", "i"], ["g"], name="pick", axis=1),
+    nodes = [helper.make_node(op, ["x", "i"], ["g"], name="pick", axis=1),
              helper.make_node("Reshape", ["g", "flat"], ["f"], name="flatten"),
              helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
     graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3]),
-                                           helper.make_tensor_value_info("i", TensorProto.INT64, [3])],
+                                           helper.make_tensor_value_info("i", TensorProto.INT64,
+                                                                         [3] if op == "Gather" else [1, 3, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
                               [numpy_helper.from_array(np.array([1, 9], np.int64), "flat"),
                                numpy_helper.from_array(rng.standard_normal((9, 2)).astype(np.float32), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    with pytest.raises(lrpc.UnsupportedError, match=r"node 'pick' \(Gather\): Gather with computed indices"):
+    message = rf"^node 'pick' \({op}\): {op} with computed indices has no LRP rule$"
+    with pytest.raises(lrpc.UnsupportedError, match=message):
         lrpc.compile(model, "epsilon")
 
 

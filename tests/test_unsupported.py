@@ -155,6 +155,9 @@ REFUSALS = {
     "matmul_vector_weight": (helper.make_node("MatMul", ["x", "W"], ["y"], name="n"), [],
                              [_const("W", R.standard_normal((4,)).astype(np.float32))], ["N", 4], ["N"],
                              "MatMul of a constant needs a computed operand of known rank >= 2 and a constant of rank"),
+    "matmul_const_first_2d": (helper.make_node("MatMul", ["W", "x"], ["y"], name="n"), [],
+                              [_const("W", R.standard_normal((3, 4)).astype(np.float32))], [4, 5], [3, 5],
+                              "MatMul with a constant first operand and a 2-d computed one (it would mix the samples)"),
     "matmul_3d_weight_broadcast": (helper.make_node("MatMul", ["x", "W"], ["y"], name="n"), [],
                                    [_const("W", R.standard_normal((2, 4, 3)).astype(np.float32))], ["N", 2, 4],
                                    ["N", 2, 3], "MatMul of a constant with batch axes [2] and a computed operand with "

@@ -113,8 +113,8 @@ def _gemm(graph, node) -> bool:
 
 def _matmul(canon, node) -> bool:
     x, w = node.inputs
-    if is_const(x) and not is_const(w) or is_const(w) and not is_const(x) and const_value(w).ndim != 2:
-        return _matmul_as_einsum(canon, node)
+    if (is_const(x) and not is_const(w)) or (is_const(w) and not is_const(x) and const_value(w).ndim != 2):
+        return _matmul_as_einsum(canon, node)  # (a constant first, or with batch axes)
     if not is_const(w):
         return False  # a product of two computed tensors (attention): relevance/attention.py
     if x.shape is None or len(x.shape) < 2:

@@ -18,7 +18,7 @@ from ..errors import UnsupportedError, where
 from ..graph import is_const
 from . import EXACT, register
 from .linear import LAYOUT, einsum_equation
-from .stabilize import CLAMPS, own_quotient, quotient
+from .stabilize import own_quotient, quotient
 
 MATMUL = "lrpc.matmul"  # what emission explains a MatMul of two computed tensors as (emit.op_of)
 EINSUM = "lrpc.einsum"  # ... and an Einsum of two computed tensors
@@ -125,7 +125,7 @@ def _clamped_scores(ctx, node):
     if key not in ctx.cache:
         b = ctx.b
         clamped = ctx.cache[key] = b.op("Max", [node.inputs[0], b.const(float(np.finfo(b.dtype).min))])
-        ctx.cache.setdefault(CLAMPS, {})[clamped.name] = node.inputs[0].name
+        ctx.clamps[clamped.name] = node.inputs[0].name
     return ctx.cache[key]
 
 

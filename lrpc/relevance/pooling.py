@@ -251,23 +251,21 @@ def reduce(ctx, node, R_out):
 
 
 def _mean_scale(b, node, axes):
-    """A mean's weight of each cell, 1/K (K: the number of cells reduced), as a number where the reduced dims are
-    static, else a tensor read at run time (a mean over a symbolic sequence length: sentence embeddings); 1.0 for a
-    sum."""
+    """A mean's weight of each cell, 1/K (K: the number of cells reduced): a constant where the reduced dims are
+    static, else read at run time (a mean over a symbolic sequence length: sentence embeddings); None for a sum."""
     x = node.inputs[0]
     if node.op != "ReduceMean":
-        return 1.0
+        return None
     reduced = [x.shape[a] for a in axes]
     if all(isinstance(d, (int, np.integer)) for d in reduced):
-        return 1.0 / float(np.prod(reduced))
+        return b.const(1.0 / float(np.prod(reduced)))
     to = {"to": helper.np_dtype_to_tensor_dtype(np.dtype(b.dtype))}
     size = [b.op("Cast", [b.op("Size", [t], dtype=np.int64)], to) for t in (node.outputs[0], x)]
     return b.op("Div", size)  # (cells out / cells in)
 
 
 def _scaled(b, t, scale):
-    return t if isinstance(scale, float) and scale == 1.0 else b.mul(t, scale if not isinstance(scale, float)
-                                                                      else b.const(scale))
+    return t if scale is None else b.mul(t, scale)
 
 
 def _sign_split(ctx, node, rule, R, axes, keepdims, rank, scale):

@@ -82,7 +82,7 @@ def own_quotient(ctx, R, z, rule: Rule, k: float = 1.0):
     """``R / stab(k z)`` (sign stabilizer) without a sign test, where the relevance arriving is ``R = t ⊙ m``
     (:meth:`lrpc.emit.Context.factors_of`) and ``t = c z`` for a constant nonzero scalar ``c``: ``t`` is ``z`` itself,
     a Mul of ``z`` by a constant scalar (or a Div by one), or ``z`` clamped at the lowest finite value by a softmax
-    rule (:data:`CLAMPS`: ``c = 1``; where the clamp acts, ``z = -inf``, that rule's ``m`` is 0). Then, for k > 0,
+    rule (``ctx.clamps``: ``c = 1``; where the clamp acts, ``z = -inf``, that rule's ``m`` is 0). Then, for k > 0,
     ``t / stab(k z) = (c / k) |t| / (|t| + |c| ε / k)`` (that offset at least the smallest subnormal number, so that
     t = 0 gives 0 as the stabilizer's zero denominator does), and with ε = 0 it is ``(c / k) [t ≠ 0]``. One Abs per
     ``t`` (shared), an Add and a Div (ε = 0: a compare) and the products: the tensors ``z`` and its sign are not
@@ -114,12 +114,9 @@ def scalar_of(w, x) -> bool:
                  and const_value(w).ndim <= len(x.shape)))
 
 
-CLAMPS = "clamps"  # ctx.cache key: {name of a tensor clamped at the lowest finite value: name of the tensor}
-
-
 def _multiple(ctx, t, z) -> float | None:
     """``c`` where ``t = c z`` (see :func:`own_quotient`), else None."""
-    if t is z or ctx.cache.get(CLAMPS, {}).get(t.name) == z.name:
+    if t is z or ctx.clamps.get(t.name) == z.name:
         return 1.0
     node = t.inputs[0] if t.inputs else None
     if node is None or len(node.inputs) != 2:

@@ -102,11 +102,15 @@ def gather(ctx, node, R_out):
     ind = const_value(idx).astype(np.int64).reshape(-1)
     b = ctx.b
     if isinstance(dims[axis], (int, np.integer)):
-        ind = np.where(ind < 0, ind + int(dims[axis]), ind)
-        length = None
+        length = int(dims[axis])
+        ind = np.where(ind < 0, ind + length, ind)
     else:  # a dynamic axis (an encoder's [CLS] pooling, hidden[:, 0], with a symbolic sequence length): its length
         # read at run time where a negative index or the padding after the gathered range needs it
         length = b.op("Slice", [b.shape_of(x), b.ints([axis]), b.ints([axis + 1])], dtype=np.int64)
+
+    def plus(k: int):  # length + k, a number or a 1-element tensor
+        return length + k if isinstance(length, int) else b.op("Add", [length, b.ints([k])], dtype=np.int64)
+
     # the output's index axes as one (the data's other dims: as known, else read at run time), then the indices
     # broadcast to the relevance's shape
     if all(isinstance(d, (int, np.integer)) for i, d in enumerate(dims) if i not in (0, axis)):
@@ -122,22 +126,15 @@ def gather(ctx, node, R_out):
     if same_sign and np.array_equal(ind, np.arange(ind[0], ind[0] + ind.size)):
         # one contiguous range (q, k or v of a packed projection, the CLS token): zero padding around it, a copy
         # (onnxruntime's CPU ScatterElements is element by element: ~50x slower on ViT-B's attention)
-        pads = [0] * (2 * rank)
-        if length is None:
-            pads[axis], pads[rank + axis] = int(ind[0]), int(dims[axis]) - int(ind[-1]) - 1
+        pads: list = [0] * (2 * rank)
+        pads[axis] = int(ind[0]) if ind[0] >= 0 else plus(int(ind[0]))
+        pads[rank + axis] = plus(-int(ind[-1]) - 1) if ind[-1] >= 0 else -int(ind[-1]) - 1
+        if all(isinstance(v, int) for v in pads):
             return [b.op("Pad", [r, b.ints(pads)]), None]
-        # (from the start: the padding after the range is the run-time length less its end; from the end, the
-        # padding before it)
-        first, last = (int(ind[0]), None) if ind[0] >= 0 else (None, -int(ind[-1]) - 1)
-        rest = b.op("Sub", [length, b.ints([int(ind[-1]) + 1 if ind[0] >= 0 else -int(ind[0])])], dtype=np.int64)
-        parts = [pads[:axis], rest if first is None else [first], pads[axis + 1:rank + axis],
-                 rest if last is None else [last], pads[rank + axis + 1:]]
-        pads_at_run_time = b.op("Concat", [p if not isinstance(p, list) else b.ints(p) for p in parts
-                                           if not isinstance(p, list) or p],
-                                {"axis": 0}, dtype=np.int64)
-        return [b.op("Pad", [r, pads_at_run_time]), None]
+        pads = b.op("Concat", [b.ints([v]) if isinstance(v, int) else v for v in pads], {"axis": 0}, dtype=np.int64)
+        return [b.op("Pad", [r, pads]), None]
     at = b.const(ind.reshape([1] * axis + [-1] + [1] * (rank - axis - 1)), np.int64)
-    if length is not None and np.any(ind < 0):
+    if np.any(ind < 0):  # (a run-time length: static ones were added above)
         at = b.op("Add", [at, b.op("Mul", [b.const((ind < 0).astype(np.int64).reshape(at.shape), np.int64), length],
                                    dtype=np.int64)], dtype=np.int64)
     at = b.op("Expand", [at, b.shape_of(r)], dtype=np.int64)
