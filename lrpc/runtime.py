@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import warnings
+from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -25,7 +26,7 @@ from .contract import (
     metadata,
 )
 from .errors import InputError, one_line
-from .loaded import LoadedModel
+from .loaded import LoadedModel, skeleton
 
 
 class Session:
@@ -37,11 +38,13 @@ class Session:
     default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
     [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``model`` may also be a
     :class:`lrpc.loaded.LoadedModel` (:func:`lrpc.compiler.compile_loaded`; a path is read as one): the weights it
-    holds as read from a file are read by onnxruntime there, not serialized again (a faster start). The Session
-    keeps no reference to ``model``."""
+    holds as read from a file are read by onnxruntime there, not serialized again (a faster start). ``prepack``:
+    onnxruntime's prepacking of product weights; default off where forward and backward products share a quarter
+    of the weights or more (each weight then held once; transformers at short sequences run up to a quarter
+    slower, docs/performance.md#memory), on elsewhere. The Session keeps no reference to ``model``."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
-                 channels_last: bool = False):
+                 channels_last: bool = False, prepack: bool | None = None):
         if not isinstance(model, (str, os.PathLike, onnx.ModelProto, LoadedModel)):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         loaded = LoadedModel.of(model)
@@ -52,7 +55,7 @@ class Session:
             raise InputError(f"model has no '{SEED}' input: compile it first (lrpc compile / lrpc.compile)")
         # compiled with seed="switch": top-1 targets are seeded in the graph (one run, not two), others fed
         self._switch = meta.get(SEED_MODE) == "switch" and SWITCH in {i.name for i in model.graph.input}
-        self.session = start_session(loaded, providers, threads, tf32)
+        self.session = start_session(loaded, providers, threads, tf32, prepack)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
         self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
@@ -241,19 +244,24 @@ class Session:
 
 
 def start_session(model: LoadedModel, providers: list | None = None, threads: int | None = None,
-                  tf32: bool = False) -> ort.InferenceSession:
+                  tf32: bool = False, prepack: bool | None = None) -> ort.InferenceSession:
     """:func:`inference_session` of ``model``, whose weights may still be those of the file it was read from (big
     ones deferred, never copied into the proto): onnxruntime reads those in that file as external data
     (:meth:`lrpc.loaded.LoadedModel.for_runtime`), not out of the model serialized again; when the file changed
     since lrpc read it, onnxruntime could not read it there, or the session would keep it mapped (and so depend on
-    it), the session is started again from the bytes lrpc read, with the first failure attached to a second one."""
+    it), the session is started again from the bytes lrpc read, with the first failure attached to a second one.
+    A graph run without prepacking (:func:`shares_product_weights`) starts from those bytes at once: onnxruntime
+    would keep every product weight it reads in the file mapped."""
     def serialize(whole: bool):
         return (model.serialized(), None) if whole else model.for_runtime()
 
-    data, source = serialize(whole=not _READS_EXTERNAL_FOLDER)
+    if prepack is None:  # (onnxruntime keeps the weights it does not pack mapped from the file)
+        prepack = not shares_product_weights(model.proto)
+    data, source = serialize(whole=not (_READS_EXTERNAL_FOLDER and prepack))
     session, first_error = None, None
     try:
-        session = inference_session(data, providers, threads, tf32, external_folder=source and source.path.parent)
+        session = inference_session(data, providers, threads, tf32, external_folder=source and source.path.parent,
+                                    prepack=prepack)
     except Exception as e:
         if source is None:
             raise
@@ -262,7 +270,7 @@ def start_session(model: LoadedModel, providers: list | None = None, threads: in
     if source is not None and (session is None or not source.unchanged() or source.mapped_elsewhere()):
         session = None  # (the first session goes before the second starts)
         try:
-            session = inference_session(serialize(whole=True)[0], providers, threads, tf32)
+            session = inference_session(serialize(whole=True)[0], providers, threads, tf32, prepack=prepack)
         except Exception as e:  # the first failure stays attached (--debug shows both)
             raise e from first_error
     return session
@@ -270,7 +278,7 @@ def start_session(model: LoadedModel, providers: list | None = None, threads: in
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
                       cuda_options: dict | None = None, profile: str | None = None,
-                      external_folder=None) -> ort.InferenceSession:
+                      external_folder=None, prepack: bool | None = None) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -281,9 +289,14 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     what is requested, not by powers of two. ``tf32``: CUDA float32 convolutions/matmuls in TF32.
     ``cuda_options``: more CUDA provider options. ``profile``: a file prefix for onnxruntime's profiler (off by
     default). ``external_folder``: where the external data of a model given as bytes lie
-    (:meth:`lrpc.loaded.LoadedModel.for_runtime`)."""
+    (:meth:`lrpc.loaded.LoadedModel.for_runtime`). ``prepack``: onnxruntime's prepacking of product weights;
+    default: off where a product's weight is also read by another node (:func:`shares_product_weights`)."""
+    if prepack is None:
+        prepack = not shares_product_weights(skeleton(model))
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     options.log_severity_level = 4  # (a failing run raises with the message: not also logged in red on stderr)
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))
@@ -300,6 +313,21 @@ def inference_session(model, providers: list | None = None, threads: int | None 
                                    providers=providers)
     release_freed_memory()
     return session
+
+
+def shares_product_weights(model: onnx.ModelProto) -> bool:
+    """Whether constant weights of matrix products (MatMul, Gemm) that another node also reads make up a quarter or
+    more of the model's weights, as the weights of a transformer's or VGG's dense layers do in a compiled graph
+    (its forward and backward products read each one). onnxruntime's prepacking gives every product its own packed
+    copy of a constant weight and keeps the original for the other readers: two copies of such weights instead of
+    one. lrpc's sessions run these graphs without prepacking (docs/performance.md#memory)."""
+    g = model.graph
+    size = {i.name: int(np.prod(i.dims)) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
+            for i in g.initializer}
+    readers = Counter(x for n in g.node for x in n.input if x in size)
+    shared = {n.input[1] for n in g.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
+              and readers[n.input[1]] > 1}
+    return 4 * sum(size[w] for w in shared) >= max(sum(size.values()), 1)
 
 
 def default_providers() -> list[str]:

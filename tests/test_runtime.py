@@ -320,3 +320,74 @@ def test_seed_batches_are_checked_only_against_the_same_batch_dim():
     bias_first = _dense([("b", [8]), ("x", ["N", 8])], ["N", 6])
     assert bias_first.run({"b": np.ones(8, np.float32), "x": np.ones((3, 8), np.float32)},
                           np.ones((3, 6), np.float32))["relevance_x"].shape == (3, 8)
+
+
+def _mlp(path, layers: int = 8, width: int = 1024):
+    """A ReLU MLP of MatMuls over [2, 3, width] inputs (a token axis, as in a transformer), saved at ``path``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, x = [], [], "x"
+    for i in range(layers):
+        w = (rng.standard_normal((width, width)) / np.sqrt(width)).astype(np.float32)
+        inits.append(numpy_helper.from_array(w, f"w{i}"))
+        nodes += [helper.make_node("MatMul", [x, f"w{i}"], [f"z{i}"]), helper.make_node("Relu", [f"z{i}"], [f"a{i}"])]
+        x = f"a{i}"
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, width])],
+                              [helper.make_tensor_value_info(x, TensorProto.FLOAT, [2, 3, width])], inits)
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return path
+
+
+def test_product_weights_are_held_once(tmp_path):
+    """A compiled graph's backward reads each product's weight as it is (no transposed copy), so the forward and the
+    backward share it, and lrpc's sessions then turn onnxruntime's prepacking off, which would give each product
+    its own packed copy. Oracles: the same graph with prepacking on (forced) explains the same to float32
+    rounding and holds about the weights' size (32 MiB) more in memory after a run (fresh process each);
+    the plain forward keeps prepacking, and ``lrpc.Session(..., prepack=True)`` asks for it."""
+    import subprocess
+    import sys
+
+    import onnx
+
+    from lrpc.runtime import inference_session, shares_product_weights
+
+    fwd = _mlp(tmp_path / "mlp.onnx")
+    lrp = onnx.load(str(fwd))
+    compiled = lrpc.compile(lrp, "epsilon", epsilon=1.0)  # (well conditioned: the oracle is float32 rounding)
+    onnx.save(compiled, str(tmp_path / "mlp.lrp.onnx"))
+
+    weights = {i.name for i in compiled.graph.initializer if i.name.startswith("w")}
+    assert not [n for n in compiled.graph.node if n.op_type == "Transpose" and weights & set(n.input)]
+    assert shares_product_weights(compiled) and not shares_product_weights(lrp)
+
+    def prepacks(session) -> bool:
+        try:
+            return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+        except RuntimeError:  # (not set: onnxruntime's default, on)
+            return True
+
+    assert prepacks(inference_session(str(fwd), ["CPUExecutionProvider"], 1))
+    assert not prepacks(inference_session(str(tmp_path / "mlp.lrp.onnx"), ["CPUExecutionProvider"], 1))
+    assert not prepacks(lrpc.Session(tmp_path / "mlp.lrp.onnx", ["CPUExecutionProvider"]).session)
+    assert prepacks(lrpc.Session(tmp_path / "mlp.lrp.onnx", ["CPUExecutionProvider"], prepack=True).session)
+
+    x = np.random.default_rng(1).standard_normal((2, 3, 1024)).astype(np.float32)
+    feeds = {"x": x, "relevance_seed": np.ones((2, 3, 1024), np.float32)}
+    got = [inference_session(str(tmp_path / "mlp.lrp.onnx"), ["CPUExecutionProvider"], 1, prepack=p).run(
+        ["relevance"], feeds)[0] for p in (None, True)]
+    np.testing.assert_allclose(got[0], got[1], rtol=1e-4, atol=1e-5 * np.abs(got[1]).max())
+
+    probe = ("import sys, numpy as np; from lrpc import runtime\n"
+             "s = runtime.inference_session(sys.argv[1], ['CPUExecutionProvider'], 1, prepack=eval(sys.argv[2]))\n"
+             "s.run(None, {'x': np.ones((2, 3, 1024), np.float32), 'relevance_seed': np.ones((2, 3, 1024), "
+             "np.float32)})\n"
+             "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')))")
+
+    def resident_kib(prepack: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", probe, str(tmp_path / "mlp.lrp.onnx"), prepack],
+                                  capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    shared, packed = resident_kib("None"), resident_kib("True")
+    assert shared < packed - 24 * 1024, (shared, packed)  # (measured: 32 MiB less)

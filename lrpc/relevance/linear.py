@@ -148,7 +148,14 @@ class MatMulView(View):
         return z if bias is None else self.b.add(z, bias)
 
     def adjoint(self, c, w):
-        return self.b.op("MatMul", [c, self.b.op("Transpose", [w], {"perm": [1, 0]})])
+        """``c Wᵀ`` as a Gemm that reads W as it is (over ``c`` flattened to 2-d): a transposed copy would be a
+        second copy of the weight in memory (:func:`lrpc.runtime.shares_product_weights`)."""
+        if self.x.shape is None:
+            return self.b.op("MatMul", [c, self.b.op("Transpose", [w], {"perm": [1, 0]})])
+        rank = len(self.x.shape)
+        flat = c if rank == 2 else self.b.op("Flatten", [c], {"axis": rank - 1})
+        g = self.b.op("Gemm", [flat, w], {"transB": 1})
+        return g if rank == 2 else self.b.reshape_like(g, self.x)
 
 
 class ColumnsView(View):
