@@ -39,8 +39,8 @@ def matmul(ctx, node, R_out):
         return [None, None]
     n = _message(ctx, R_out[0], y, rule, sum(live), len(y.shape))
     a, c = (_probabilities_again(ctx, t) for t in (x, w))
-    r_x = _to_operand(b, b.mul(a, b.op("MatMul", [n, _swap_last(b, c)])), x, y) if live[0] else None
-    r_w = _to_operand(b, b.mul(c, b.op("MatMul", [_swap_last(b, a), n])), w, y) if live[1] else None
+    r_x = _to_operand(ctx, a, b.op("MatMul", [n, _swap_last(b, c)]), x, y) if live[0] else None
+    r_w = _to_operand(ctx, c, b.op("MatMul", [_swap_last(b, a), n]), w, y) if live[1] else None
     return [r_x, r_w]
 
 
@@ -76,8 +76,8 @@ def einsum(ctx, node, R_out):
     rank = len(y.shape) if y.shape is not None else None
     n = _message(ctx, R_out[0], y, rule, sum(live), rank)
     a, c = (_probabilities_again(ctx, t) for t in (x, w))
-    r_x = b.mul(a, b.op("Einsum", [n, c], {"equation": f"{sy},{sw}->{sx}"})) if live[0] else None
-    r_w = b.mul(c, b.op("Einsum", [a, n], {"equation": f"{sx},{sy}->{sw}"})) if live[1] else None
+    r_x = ctx.product(a, b.op("Einsum", [n, c], {"equation": f"{sy},{sw}->{sx}"})) if live[0] else None
+    r_w = ctx.product(c, b.op("Einsum", [a, n], {"equation": f"{sx},{sy}->{sw}"})) if live[1] else None
     return [r_x, r_w]
 
 
@@ -175,12 +175,15 @@ def _swap_last(b, t):
     return b.op("Transpose", [t], {"perm": [*range(rank - 2), rank - 1, rank - 2]})
 
 
-def _to_operand(b, r, x, y):
-    """``r`` (``y``'s batch axes, ``x``'s last two) summed over the batch axes along which ``x`` was broadcast."""
+def _to_operand(ctx, a, m, x, y):
+    """``a ⊙ m`` (``y``'s batch axes, ``x``'s last two; ``a`` is ``x`` or its probabilities computed again) summed
+    over the batch axes along which ``x`` was broadcast; where there are none, remembered as a product (the layer
+    making ``x`` then sees its own output times a message)."""
     xs, ys = list(x.shape), list(y.shape)
     lead = len(ys) - len(xs)
     axes = list(range(lead)) + [lead + i for i in range(len(xs) - 2) if xs[i] == 1 and ys[lead + i] != 1]
     if not axes:
-        return r
-    r = b.reduce_sum(r, axes, keepdims=1)
+        return ctx.product(a, m)
+    b = ctx.b
+    r = b.reduce_sum(b.mul(a, m), axes, keepdims=1)
     return b.op("Reshape", [r, b.shape_of(x)]) if lead else r

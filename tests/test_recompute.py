@@ -1,0 +1,72 @@
+"""Smooth activations between dense layers are computed again inside the backward (lrpc/recompute.py), not kept
+from the forward: the backward never reads the forward's activation output, and the relevance is that of the
+same compile with the activation kept."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import helper, numpy_helper
+
+import lrpc
+from lrpc import emit
+
+
+def _mlp(activation: str, dtype=np.float32) -> onnx.ModelProto:
+    """x [2, 5, 16] -> MatMul -> activation (as torch exports it) -> MatMul -> [2, 5, 8]."""
+    rng = np.random.default_rng(3)
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(dtype) / 4, name)
+             for name, shape in (("w1", (16, 32)), ("w2", (32, 8)))]
+    inits += [numpy_helper.from_array(np.array(v, dtype), n) for n, v in (("sqrt2", 2 ** 0.5), ("one", 1.0),
+                                                                           ("half", 0.5))]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["z"])]
+    if activation == "gelu":  # x * 0.5 * (1 + erf(x / sqrt 2)), the legacy exporter's GELU
+        nodes += [helper.make_node("Div", ["z", "sqrt2"], ["d"]), helper.make_node("Erf", ["d"], ["e"]),
+                  helper.make_node("Add", ["e", "one"], ["p"]), helper.make_node("Mul", ["z", "p"], ["m"]),
+                  helper.make_node("Mul", ["m", "half"], ["a"])]
+    elif activation == "silu":
+        nodes += [helper.make_node("Sigmoid", ["z"], ["s"]), helper.make_node("Mul", ["z", "s"], ["a"])]
+    else:
+        nodes += [helper.make_node("Relu", ["z"], ["a"])]
+    nodes += [helper.make_node("MatMul", ["a", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("x", elem, [2, 5, 16])],
+                              [helper.make_tensor_value_info("y", elem, [2, 5, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _relevance(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    """onnxruntime in float32, onnx's reference evaluator in float64 (onnxruntime has no float64 Erf)."""
+    feeds = {"x": x, "relevance_seed": np.ones((2, 5, 8), x.dtype)}
+    if x.dtype == np.float64:
+        from onnx.reference import ReferenceEvaluator
+
+        return ReferenceEvaluator(model).run(["relevance"], feeds)[0]
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(["relevance"], feeds)[0]
+
+
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_a_smooth_activation_is_computed_again_in_the_backward(activation, dtype, monkeypatch):
+    model = _mlp(activation, dtype)
+    compiled = lrpc.compile(model, "epsilon")
+    forward = {o for n in compiled.graph.node if not n.name.startswith("lrp/") for o in n.output}
+    read_back = {x for n in compiled.graph.node if n.name.startswith("lrp/") for x in n.input}
+    assert "a" in forward and "a" not in read_back and "z" in read_back
+    assert any(n.name.startswith("lrp/recompute/") and n.op_type == "Max" for n in compiled.graph.node)
+
+    monkeypatch.setattr(emit, "recompute_activations", lambda graph, is_backward: None)
+    kept = lrpc.compile(model, "epsilon")
+    assert "a" in {x for n in kept.graph.node if n.name.startswith("lrp/") for x in n.input}
+    x = np.random.default_rng(4).standard_normal((2, 5, 16)).astype(dtype)
+    got, want = _relevance(compiled, x), _relevance(kept, x)
+    np.testing.assert_allclose(got, want, rtol=1e-12 if dtype == np.float64 else 1e-6,
+                               atol=(1e-12 if dtype == np.float64 else 1e-6) * np.abs(want).max())
+
+
+def test_a_relu_between_layers_is_kept():
+    """A ReLU's output is kept (copying it costs an element-wise pass per layer, which mobile nets feel)."""
+    compiled = lrpc.compile(_mlp("relu"), "epsilon")
+    assert not [n for n in compiled.graph.node if n.name.startswith("lrp/recompute/")]
