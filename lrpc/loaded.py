@@ -183,21 +183,6 @@ def load(path: str | os.PathLike, defer: bool = True) -> LoadedModel:
     return loaded
 
 
-def skeleton(model) -> onnx.ModelProto:
-    """The ModelProto in ``model`` (serialized bytes or an ONNX file's path) without the data of its big float
-    weights (their names, dims and types kept, as :func:`load` defers them): a look at the graph that copies no
-    weight. Not checked."""
-    if isinstance(model, (str, os.PathLike)):
-        return _parse(Path(model), True).proto
-    view = memoryview(model)
-    stored, graph = wire.walk(view)
-    if graph is not None and sys.byteorder == "little":
-        text, stripped = wire.skeleton(view, stored, graph, BIG * 2)
-        if stripped:
-            return onnx.load_model_from_string(text)
-    return onnx.load_model_from_string(bytes(model))
-
-
 def _parse(p: Path, defer: bool) -> LoadedModel:
     """The model in file ``p`` (:func:`load`'s reading, before external data and checks)."""
     if not p.exists():

@@ -21,6 +21,7 @@ LAYOUT = {"Reshape", "Flatten", "Squeeze", "Unsqueeze"}  # (their other inputs a
 # save where memory is not what limits
 SMOOTH = {"Erf", "Tanh", "Sigmoid", "Exp", "Softplus", "Gelu"}
 LONGEST = 8  # ops in a chain copied
+FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16}  # (onnxruntime: no bfloat16 Max)
 
 
 def recompute_activations(graph: onnx.GraphProto, is_backward) -> None:
@@ -37,6 +38,7 @@ def recompute_activations(graph: onnx.GraphProto, is_backward) -> None:
                 if x in made:
                     first_reader.setdefault(x, k)
     outputs = {o.name for o in graph.output}
+    order = {id(n): k for k, n in enumerate(nodes)}
 
     def link(x) -> bool:  # a forward tensor a chain may go through
         n = made.get(x)
@@ -60,17 +62,19 @@ def recompute_activations(graph: onnx.GraphProto, is_backward) -> None:
                     continue
                 if n.op_type in LAYOUT and i > 0:  # (a computed shape or axes)
                     return None
-                (todo.append if link(y) else sources.add)(y)
+                if link(y):
+                    todo.append(y)
+                else:
+                    sources.add(y)
         z = sources.pop() if len(sources) == 1 else None
         if (z is None or z not in first_reader or types.get(z) not in FLOATS
                 or not any(n.op_type in SMOOTH for n in ops.values())):
             return None
-        order = {id(n): k for k, n in enumerate(nodes)}
         return sorted(ops.values(), key=lambda n: order[id(n)]), z
 
     copies: dict[str, str] = {}
     inserted: dict[int, list] = {}
-    for t in sorted(set(first_reader) - outputs, key=first_reader.get):
+    for t in sorted(set(first_reader) - outputs, key=lambda t: (first_reader[t], t)):
         found = chain(t)
         if found is None:
             continue
@@ -102,5 +106,3 @@ def recompute_activations(graph: onnx.GraphProto, is_backward) -> None:
         graph.node.extend(inserted.get(k, []))
         graph.node.append(n)
 
-
-FLOATS = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16}

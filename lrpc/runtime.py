@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import sys
 import warnings
-from collections import Counter
 from typing import NamedTuple
 
 import numpy as np
@@ -26,7 +25,7 @@ from .contract import (
     metadata,
 )
 from .errors import InputError, one_line
-from .loaded import LoadedModel, skeleton
+from .loaded import LoadedModel
 
 
 class Session:
@@ -39,12 +38,14 @@ class Session:
     [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``model`` may also be a
     :class:`lrpc.loaded.LoadedModel` (:func:`lrpc.compiler.compile_loaded`; a path is read as one): the weights it
     holds as read from a file are read by onnxruntime there, not serialized again (a faster start). ``prepack``:
-    onnxruntime's prepacking of product weights; default off where forward and backward products share a quarter
-    of the weights or more (each weight then held once; transformers at short sequences run up to a quarter
-    slower, docs/performance.md#memory), on elsewhere. The Session keeps no reference to ``model``."""
+    onnxruntime's prepacking of product weights (on by default). It gives every MatMul/Gemm its own packed copy of
+    its weight, and a compiled graph's forward and backward read each dense weight: ``prepack=False`` holds each
+    weight once (transformers at T = 512: about 330 MiB less) and runs 0–13% slower, most at short sequences, and a
+    model read from a file then starts from the bytes lrpc read (docs/performance.md#memory). The Session keeps no
+    reference to ``model``."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
-                 channels_last: bool = False, prepack: bool | None = None):
+                 channels_last: bool = False, prepack: bool = True):
         if not isinstance(model, (str, os.PathLike, onnx.ModelProto, LoadedModel)):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         loaded = LoadedModel.of(model)
@@ -244,19 +245,17 @@ class Session:
 
 
 def start_session(model: LoadedModel, providers: list | None = None, threads: int | None = None,
-                  tf32: bool = False, prepack: bool | None = None) -> ort.InferenceSession:
+                  tf32: bool = False, prepack: bool = True) -> ort.InferenceSession:
     """:func:`inference_session` of ``model``, whose weights may still be those of the file it was read from (big
     ones deferred, never copied into the proto): onnxruntime reads those in that file as external data
     (:meth:`lrpc.loaded.LoadedModel.for_runtime`), not out of the model serialized again; when the file changed
     since lrpc read it, onnxruntime could not read it there, or the session would keep it mapped (and so depend on
     it), the session is started again from the bytes lrpc read, with the first failure attached to a second one.
-    A graph run without prepacking (:func:`shares_product_weights`) starts from those bytes at once: onnxruntime
-    would keep every product weight it reads in the file mapped."""
+    A session without prepacking starts from those bytes at once (onnxruntime would keep every weight it does not
+    pack mapped from the file)."""
     def serialize(whole: bool):
         return (model.serialized(), None) if whole else model.for_runtime()
 
-    if prepack is None:  # (onnxruntime keeps the weights it does not pack mapped from the file)
-        prepack = not shares_product_weights(model.proto)
     data, source = serialize(whole=not (_READS_EXTERNAL_FOLDER and prepack))
     session, first_error = None, None
     try:
@@ -278,7 +277,7 @@ def start_session(model: LoadedModel, providers: list | None = None, threads: in
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
                       cuda_options: dict | None = None, profile: str | None = None,
-                      external_folder=None, prepack: bool | None = None) -> ort.InferenceSession:
+                      external_folder=None, prepack: bool = True) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -289,10 +288,8 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     what is requested, not by powers of two. ``tf32``: CUDA float32 convolutions/matmuls in TF32.
     ``cuda_options``: more CUDA provider options. ``profile``: a file prefix for onnxruntime's profiler (off by
     default). ``external_folder``: where the external data of a model given as bytes lie
-    (:meth:`lrpc.loaded.LoadedModel.for_runtime`). ``prepack``: onnxruntime's prepacking of product weights;
-    default: off where a product's weight is also read by another node (:func:`shares_product_weights`)."""
-    if prepack is None:
-        prepack = not shares_product_weights(skeleton(model))
+    (:meth:`lrpc.loaded.LoadedModel.for_runtime`). ``prepack``: onnxruntime's prepacking of product weights
+    (:class:`Session`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
     if not prepack:
@@ -313,21 +310,6 @@ def inference_session(model, providers: list | None = None, threads: int | None 
                                    providers=providers)
     release_freed_memory()
     return session
-
-
-def shares_product_weights(model: onnx.ModelProto) -> bool:
-    """Whether constant weights of matrix products (MatMul, Gemm) that another node also reads make up a quarter or
-    more of the model's weights, as the weights of a transformer's or VGG's dense layers do in a compiled graph
-    (its forward and backward products read each one). onnxruntime's prepacking gives every product its own packed
-    copy of a constant weight and keeps the original for the other readers: two copies of such weights instead of
-    one. lrpc's sessions run these graphs without prepacking (docs/performance.md#memory)."""
-    g = model.graph
-    size = {i.name: int(np.prod(i.dims)) * onnx.helper.tensor_dtype_to_np_dtype(i.data_type).itemsize
-            for i in g.initializer}
-    readers = Counter(x for n in g.node for x in n.input if x in size)
-    shared = {n.input[1] for n in g.node if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1
-              and readers[n.input[1]] > 1}
-    return 4 * sum(size[w] for w in shared) >= max(sum(size.values()), 1)
 
 
 def default_providers() -> list[str]:

@@ -94,16 +94,6 @@ def test_a_deferred_weight_serialized_without_the_files_bytes_is_refused(tmp_pat
     assert onnx.ModelProto.FromString(loaded.serialized()) == loaded.restored()
 
 
-@pytest.fixture
-def prepacked(monkeypatch):
-    """Sessions run as if their graph prepacked its weights (:func:`lrpc.runtime.shares_product_weights` false), so
-    that they are handed the weights in the model's file: the dense models here share most of their weights between
-    forward and backward products, and a graph that does not prepack starts from the bytes lrpc read."""
-    from lrpc import runtime
-
-    monkeypatch.setattr(runtime, "shares_product_weights", lambda model: False)
-
-
 def _model_with_folded_weight(opset: int = 17) -> onnx.ModelProto:
     """Dense layers whose big weights meet the compiler in three ways: used as read (w1, Gemm), through a Transpose that
     constant folding computes (w2: graphsurgeon exports the deferred tensor to onnxruntime), and folded into a
@@ -251,13 +241,9 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     """lrpc.Session of a compiled file hands onnxruntime its big weights as references into that file (a small
     model; onnxruntime reads them there). If the path names another file by then (replaced before or while the
     session starts), or onnxruntime cannot read them there, the session is made from the bytes lrpc read: it
-    always computes what the file held when it was read (oracle: a session of protobuf's parse of it). A graph
-    that runs without prepacking (its product weights shared by forward and backward, as here) is made from the
-    bytes at once, since onnxruntime would keep the file mapped; the other cases pretend it prepacks."""
+    always computes what the file held when it was read (oracle: a session of protobuf's parse of it). A session
+    asked not to prepack its weights is made from the bytes at once (onnxruntime would keep the file mapped)."""
     from lrpc import runtime
-
-    if case != "not prepacked":
-        monkeypatch.setattr(runtime, "shares_product_weights", lambda model: False)
 
     def compiled(seed: int, name: str):
         model = _model_with_folded_weight()
@@ -290,7 +276,8 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     monkeypatch.setattr(runtime, "inference_session", spy)
     if case == "file replaced":
         os.replace(other, path)
-    got = lrpc.Session(model, providers=["CPUExecutionProvider"]).run({"x": x}, seed)
+    prepack = case != "not prepacked"
+    got = lrpc.Session(model, providers=["CPUExecutionProvider"], prepack=prepack).run({"x": x}, seed)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
     small = given[0][0] < path.stat().st_size // 4 if case not in ("file replaced", "not prepacked") else None
@@ -302,7 +289,6 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
         folder is None for _, folder in given)
 
 
-@pytest.mark.usefixtures("prepacked")
 @pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
 def test_when_both_session_starts_fail_the_first_error_stays_attached(tmp_path, monkeypatch):
     from lrpc import runtime
@@ -379,7 +365,6 @@ def test_lrpcs_own_maps_of_a_file_do_not_count_as_a_sessions(tmp_path, monkeypat
     assert loaded._OWN_MAPS == before
 
 
-@pytest.mark.usefixtures("prepacked")
 @pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
 @pytest.mark.parametrize("tool", ["check", "inspect"])
 def test_check_and_inspect_read_weights_in_the_file_one_session_at_a_time(tool, tmp_path, monkeypatch):

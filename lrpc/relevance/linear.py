@@ -149,13 +149,11 @@ class MatMulView(View):
 
     def adjoint(self, c, w):
         """``c Wᵀ`` as a Gemm that reads W as it is (over ``c`` flattened to 2-d): a transposed copy would be a
-        second copy of the weight in memory (:func:`lrpc.runtime.shares_product_weights`)."""
-        if self.x.shape is None:
-            return self.b.op("MatMul", [c, self.b.op("Transpose", [w], {"perm": [1, 0]})])
-        rank = len(self.x.shape)
-        flat = c if rank == 2 else self.b.op("Flatten", [c], {"axis": rank - 1})
-        g = self.b.op("Gemm", [flat, w], {"transB": 1})
-        return g if rank == 2 else self.b.reshape_like(g, self.x)
+        second copy of the weight in memory (``lrpc.Session(..., prepack=False)`` then holds it once)."""
+        b = self.b
+        g = b.op("Gemm", [b.op("Flatten", [c], {"axis": -1}), w], {"transB": 1})
+        lead = b.op("Slice", [b.shape_of(c), b.ints([0]), b.ints([-1])], dtype=np.int64)  # (c's: x kept no longer)
+        return b.op("Reshape", [g, b.op("Concat", [lead, b.ints([self.w.shape[0]])], {"axis": 0}, dtype=np.int64)])
 
 
 class ColumnsView(View):
