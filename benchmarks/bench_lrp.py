@@ -48,10 +48,10 @@ def export(name: str, cache: Path) -> Path:
     return path
 
 
-def session(model, threads: int, device: str, cuda_graph: int = 0, prepack: bool = True):
+def session(model, threads: int, device: str, cuda_graph: int = 0, low_memory: bool = False):
     """An onnxruntime session of ``model`` (path or ModelProto) with lrpc.Session's options (both sides of every
     ratio). ``cuda_graph``: a batch size to pin the inputs to and capture the run as one CUDA graph
-    (onnxruntime's ``enable_cuda_graph``; needs static shapes). ``prepack``: lrpc.Session's option."""
+    (onnxruntime's ``enable_cuda_graph``; needs static shapes). ``low_memory``: lrpc.Session's option."""
     import onnx
 
     from lrpc.runtime import inference_session
@@ -66,7 +66,7 @@ def session(model, threads: int, device: str, cuda_graph: int = 0, prepack: bool
     data = str(model) if isinstance(model, (str, Path)) else model.SerializeToString()
     # TF32 off: the same float32 arithmetic as the CPU (lrpc.Session's default)
     return inference_session(data, providers, threads, cuda_options={"enable_cuda_graph": "1"} if cuda_graph else None,
-                             prepack=prepack)
+                             low_memory=low_memory)
 
 
 def runner(sess, feeds: dict, device: str, cuda_graph: bool = False):
@@ -120,10 +120,10 @@ else:
 
 
 def onnxruntime_memory_mb(model_path: Path, feeds_path: Path, threads: int, device: str,
-                          prepack: bool = True) -> float:
+                          low_memory: bool = False) -> float:
     # (the session stays referenced until the memory is read: a collected session frees its arena)
-    return peak_memory_mb(f"s = bench_lrp.session({str(model_path)!r}, {threads}, {device!r}, prepack={prepack})\n"
-                          f"s.run(None, dict(np.load({str(feeds_path)!r})))", device)
+    return peak_memory_mb(f"s = bench_lrp.session({str(model_path)!r}, {threads}, {device!r}, "
+                          f"low_memory={low_memory})\ns.run(None, dict(np.load({str(feeds_path)!r})))", device)
 
 
 def zennit_memory_mb(name: str, composite: str, feeds_path: Path, threads: int, device: str) -> float:

@@ -344,8 +344,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--no-torch", action="store_true", help="skip the torch reference")
     ap.add_argument("--memory", action="store_true", help="also measure peak RSS in child processes")
-    ap.add_argument("--prepack", action="store_true", help="run the compiled graphs with onnxruntime's weight "
-                    "prepacking (lrpc.Session's default; off here: each dense weight held once)")
+    ap.add_argument("--default-session", action="store_true", help="run the compiled graphs in lrpc.Session's "
+                    "default session (weights prepacked, onnxruntime's reuse plan); here: low_memory=True")
     ap.add_argument("--tiny", action="store_true", help="tiny configurations (a smoke test of this script)")
     ap.add_argument("--cache", default=os.environ.get("LRPC_BENCH_CACHE", "/tmp/bench"))
     args = ap.parse_args(argv)
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     print(f"# median of {args.repeats} rounds (forward and each compiled graph in turn, then each torch reference "
           "and the torch gradient in turn); rel err: compiled vs torch reference relevance; grad: torch gradient x "
           "input (no rule); memory: peak RSS of a child process (MiB; torch: the attnlrp reference); compiled "
-          f"graphs {'with' if args.prepack else 'without'} onnxruntime's weight prepacking")
+          f"graphs in {'the default session' if args.default_session else 'a low_memory session'}")
     print(f"{'model':6s} {'size':>4s} {'composite':9s} {'fwd ms':>8s} {'lrp ms':>8s} {'lrp/fwd':>7s} "
           f"{'torch ms':>8s} {'torch/lrp':>9s} {'rel err':>7s} {'grad ms':>8s} {'compile s':>9s} {'nodes':>6s} "
           f"{'fwd nodes':>9s} {'lrp MiB':>7s} {'fwd MiB':>7s} {'mem x':>5s} {'torch MiB':>9s}", flush=True)
@@ -383,7 +383,8 @@ def main(argv=None) -> int:
                 proto = lrpc.compile(path, c)
                 compile_s = time.perf_counter() - t0
                 lrp_path.write_bytes(proto.SerializeToString())
-                sess = inference_session(lrp_path, ["CPUExecutionProvider"], args.threads, prepack=args.prepack)
+                sess = inference_session(lrp_path, ["CPUExecutionProvider"], args.threads,
+                                         low_memory=not args.default_session)
                 sessions.append(sess)
                 lrp_feeds = {**feeds, "relevance_seed": seed}
                 compiled[c] = (lrp_path, lrp_feeds, compile_s, len(proto.graph.node))
@@ -419,7 +420,7 @@ def main(argv=None) -> int:
                     fp, lp = cache / "feeds_fwd.npz", cache / "feeds_lrp.npz"
                     np.savez(fp, **feeds)
                     np.savez(lp, **lrp_feeds)
-                    lm = bench_lrp.onnxruntime_memory_mb(lrp_path, lp, args.threads, "cpu", args.prepack)
+                    lm = bench_lrp.onnxruntime_memory_mb(lrp_path, lp, args.threads, "cpu", not args.default_session)
                     fm = bench_lrp.onnxruntime_memory_mb(path, fp, args.threads, "cpu")
                     tm = None if net is None or i else torch_memory_mb(name, size, c, args.tiny, args.threads)
                     mem = f" {lm:7.0f} {fm:7.0f} {lm / fm:5.2f} " + (f"{tm:9.0f}" if tm else f"{'-':>9s}")

@@ -10,7 +10,7 @@ from . import composites
 from .contract import LAYERWISE_PREFIXES, RELEVANCE, SEED, TARGET, TOKENS
 from .emit import emit, relevance_path
 from .errors import InputError, LrpcError, UnsupportedError, one_line, unsupported
-from .graph import MIN_OPSET, const_value, export_model, is_const, opset_of
+from .graph import MIN_OPSET, const_value, export_model, is_const, opset_of, quiet_folding
 from .loaded import LoadedModel
 from .passes import canonize as _canonize
 from .structure import check_structure, structure_of_model
@@ -221,15 +221,11 @@ def _portable(model: onnx.ModelProto) -> onnx.ModelProto:
     the ConvTranspose as a copy of its own (OpenVINO 2026.4's CPU plugin computes the ConvTranspose wrong with the
     shared one)."""
     import onnx_graphsurgeon as gs
-    from onnx_graphsurgeon.logger import G_LOGGER
 
-    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR  # (its notes on large folded tensors)
-    try:
+    with quiet_folding():
         graph = gs.import_onnx(model)
         graph.fold_constants(fold_shapes=False).cleanup()
         folded = gs.export_onnx(graph, do_type_check=False)
-    finally:
-        G_LOGGER.severity = severity
     folded.ir_version = model.ir_version
     for field in ("metadata_props", "opset_import"):
         del getattr(folded, field)[:]

@@ -10,7 +10,7 @@ from . import composites, contract
 from .contract import AUDIT, SEED, TARGET, input_relevance_names
 from .errors import InputError, UnsupportedError, op_type, unsupported
 from .graph import Builder, Canonical, const_nonneg, const_value, export_model, float_dtype, is_const, node_inputs
-from .recompute import recompute_activations
+from .recompute import recompute_kept
 from .relevance import facts, propagator
 from .relevance.attention import EINSUM, MATMUL
 from .relevance.elementwise import BIAS_SUM
@@ -231,7 +231,7 @@ def emit(canon: Canonical, ruleset: composites.RuleSet, layerwise: str | None = 
     if for_provider != "cpu":
         meta[contract.PROVIDER] = for_provider
     model = export_model(canon, meta)
-    recompute_activations(model.graph, lambda n: n.name.startswith("lrp/"))
+    recompute_kept(model.graph, lambda n: n.name.startswith("lrp/"), SEED, depends)
     del model.graph.value_info[:]  # runtimes infer these; keeping them only grows the file
     if seed != "input":
         batch = [explained.shape[0]] if explained.shape else None

@@ -1,6 +1,7 @@
 """Small helpers over onnx-graphsurgeon: the canonical model, constants, static shapes, a node builder."""
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass, field
 
@@ -262,6 +263,33 @@ def refresh_shapes(canon: Canonical) -> Canonical:
     return canon
 
 
+@contextlib.contextmanager
+def quiet_folding():
+    """onnx-graphsurgeon's constant folding with its log notes and onnxruntime's off: the sessions it starts take no
+    options, and their graph optimizers warn on stderr (a torchvision ViT or Swin: a coloured "UnsqueezeElimination
+    cannot remove node" line per attention). onnxruntime's own severity is set per session here, so a caller's global
+    setting is left as it was."""
+    import onnxruntime
+    from onnx_graphsurgeon.logger import G_LOGGER
+
+    session_class = onnxruntime.InferenceSession
+
+    class Quiet(session_class):
+        def __init__(self, model, sess_options=None, *args, **kwargs):
+            if sess_options is None:
+                sess_options = onnxruntime.SessionOptions()
+                sess_options.log_severity_level = 3
+            super().__init__(model, sess_options, *args, **kwargs)
+
+    severity, G_LOGGER.severity = G_LOGGER.severity, G_LOGGER.ERROR  # (its notes on large folded tensors)
+    onnxruntime.InferenceSession = Quiet
+    try:
+        yield
+    finally:
+        onnxruntime.InferenceSession = session_class
+        G_LOGGER.severity = severity
+
+
 def is_const(t) -> bool:
     return isinstance(t, gs.Constant)
 
@@ -384,10 +412,41 @@ class Builder:
         return self.op("Relu", [x])
 
     def sum(self, terms):
-        terms = [t for t in terms if t is not None]
+        terms = self._joined(t for t in terms if t is not None)
         if not terms:
             return None
         return terms[0] if len(terms) == 1 else self.op("Sum", terms)
+
+    def _joined(self, terms) -> list:
+        """``terms`` with the zero paddings of pieces that tile one axis (the relevance of q, k and v sent back to a
+        packed projection) made one Concat of the pieces: one tensor instead of a padded copy per piece and their
+        sum."""
+        terms, pieces = list(terms), {}
+        for t in terms:
+            p = t.inputs[0] if len(t.inputs) == 1 else None
+            if (p is None or p.op != "Pad" or len(p.inputs) != 2 or not isinstance(p.inputs[1], gs.Constant)
+                    or p.attrs.get("mode", "constant") != "constant" or not t.shape):
+                continue
+            pads = p.inputs[1].values.tolist()
+            rank = len(pads) // 2
+            axes = [a for a in range(rank) if pads[a] or pads[rank + a]]
+            if len(axes) == 1 and rank == len(t.shape) and isinstance(t.shape[axes[0]], (int, np.integer)):
+                a = axes[0]
+                pieces.setdefault((a, tuple(t.shape)), []).append((pads[a], int(t.shape[a]) - pads[rank + a], t))
+        for (axis, shape), group in pieces.items():
+            group.sort(key=lambda g: g[0])
+            if len(group) < 2 or any(hi != lo for (_, hi, _), (lo, _, _) in zip(group, group[1:])):
+                continue
+            joined = self.op("Concat", [t.inputs[0].inputs[0] for _, _, t in group], {"axis": axis})
+            before, after = group[0][0], shape[axis] - group[-1][1]
+            if before or after:
+                pads = [0] * (2 * len(shape))
+                pads[axis], pads[len(shape) + axis] = before, after
+                joined = self.op("Pad", [joined, self.ints(pads)])
+            joined.shape = list(shape)
+            used = {id(t) for _, _, t in group}
+            terms = [t for t in terms if id(t) not in used] + [joined]
+        return terms
 
     def shape_of(self, x):
         return self.op("Shape", [x], dtype=np.int64)

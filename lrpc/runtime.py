@@ -37,15 +37,17 @@ class Session:
     default so GPU relevance matches the CPU's to float32 rounding. ``channels_last``: dense outputs are
     [N, *spatial, C] (NHWC models) for the dense targets of :meth:`explain`. ``model`` may also be a
     :class:`lrpc.loaded.LoadedModel` (:func:`lrpc.compiler.compile_loaded`; a path is read as one): the weights it
-    holds as read from a file are read by onnxruntime there, not serialized again (a faster start). ``prepack``:
-    onnxruntime's prepacking of product weights (on by default). It gives every MatMul/Gemm its own packed copy of
-    its weight, and a compiled graph's forward and backward read each dense weight: ``prepack=False`` holds each
-    weight once (transformers at T = 512: about 330 MiB less) and runs 0–13% slower, most at short sequences, and a
-    model read from a file then starts from the bytes lrpc read (docs/performance.md#memory). The Session keeps no
-    reference to ``model``."""
+    holds as read from a file are read by onnxruntime there, not serialized again (a faster start). ``low_memory``:
+    onnxruntime's weight prepacking and its static buffer-reuse plan off (docs/performance.md#memory). Prepacking
+    gives every MatMul/Gemm its own packed copy of its weight, and a compiled graph's forward and backward read each
+    dense weight, so without it each weight is held once (transformers: about 330 MiB less); the reuse plan holds a
+    freed buffer for a later tensor of its size, and without it freed tensors go back to the allocator at once
+    (ViT-B/16 at batch 8: 250 MiB less). It runs 0–13% slower, most at short sequences, float32 results can differ
+    with the batch a sample runs in at the last bit, and a model read from a file starts from the bytes lrpc read.
+    The Session keeps no reference to ``model``."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
-                 channels_last: bool = False, prepack: bool = True):
+                 channels_last: bool = False, low_memory: bool = False):
         if not isinstance(model, (str, os.PathLike, onnx.ModelProto, LoadedModel)):
             raise InputError(f"expected a compiled onnx.ModelProto or path, got {type(model).__name__}")
         loaded = LoadedModel.of(model)
@@ -56,7 +58,7 @@ class Session:
             raise InputError(f"model has no '{SEED}' input: compile it first (lrpc compile / lrpc.compile)")
         # compiled with seed="switch": top-1 targets are seeded in the graph (one run, not two), others fed
         self._switch = meta.get(SEED_MODE) == "switch" and SWITCH in {i.name for i in model.graph.input}
-        self.session = start_session(loaded, providers, threads, tf32, prepack)
+        self.session = start_session(loaded, providers, threads, tf32, low_memory)
         self.providers = self.session.get_providers()
         self.device = "cuda" if self.providers[0] == "CUDAExecutionProvider" else "cpu"  # where outputs are allocated
         self._device_id = int(self.session.get_provider_options().get(self.providers[0], {}).get("device_id", 0))
@@ -245,22 +247,22 @@ class Session:
 
 
 def start_session(model: LoadedModel, providers: list | None = None, threads: int | None = None,
-                  tf32: bool = False, prepack: bool = True) -> ort.InferenceSession:
+                  tf32: bool = False, low_memory: bool = False) -> ort.InferenceSession:
     """:func:`inference_session` of ``model``, whose weights may still be those of the file it was read from (big
     ones deferred, never copied into the proto): onnxruntime reads those in that file as external data
     (:meth:`lrpc.loaded.LoadedModel.for_runtime`), not out of the model serialized again; when the file changed
     since lrpc read it, onnxruntime could not read it there, or the session would keep it mapped (and so depend on
     it), the session is started again from the bytes lrpc read, with the first failure attached to a second one.
-    A session without prepacking starts from those bytes at once (onnxruntime would keep every weight it does not
-    pack mapped from the file)."""
+    A ``low_memory`` session starts from those bytes at once (without prepacking, onnxruntime would keep every
+    weight mapped from the file)."""
     def serialize(whole: bool):
         return (model.serialized(), None) if whole else model.for_runtime()
 
-    data, source = serialize(whole=not (_READS_EXTERNAL_FOLDER and prepack))
+    data, source = serialize(whole=low_memory or not _READS_EXTERNAL_FOLDER)
     session, first_error = None, None
     try:
         session = inference_session(data, providers, threads, tf32, external_folder=source and source.path.parent,
-                                    prepack=prepack)
+                                    low_memory=low_memory)
     except Exception as e:
         if source is None:
             raise
@@ -269,7 +271,7 @@ def start_session(model: LoadedModel, providers: list | None = None, threads: in
     if source is not None and (session is None or not source.unchanged() or source.mapped_elsewhere()):
         session = None  # (the first session goes before the second starts)
         try:
-            session = inference_session(serialize(whole=True)[0], providers, threads, tf32, prepack=prepack)
+            session = inference_session(serialize(whole=True)[0], providers, threads, tf32, low_memory=low_memory)
         except Exception as e:  # the first failure stays attached (--debug shows both)
             raise e from first_error
     return session
@@ -277,7 +279,7 @@ def start_session(model: LoadedModel, providers: list | None = None, threads: in
 
 def inference_session(model, providers: list | None = None, threads: int | None = None, tf32: bool = False,
                       cuda_options: dict | None = None, profile: str | None = None,
-                      external_folder=None, prepack: bool = True) -> ort.InferenceSession:
+                      external_folder=None, low_memory: bool = False) -> ort.InferenceSession:
     """The onnxruntime session lrpc runs graphs in (``Session``; the benchmarks use it for both sides).
 
     ``model``: serialized bytes or a path. ``providers``: default CUDA when onnxruntime offers it, else CPU;
@@ -288,12 +290,13 @@ def inference_session(model, providers: list | None = None, threads: int | None 
     what is requested, not by powers of two. ``tf32``: CUDA float32 convolutions/matmuls in TF32.
     ``cuda_options``: more CUDA provider options. ``profile``: a file prefix for onnxruntime's profiler (off by
     default). ``external_folder``: where the external data of a model given as bytes lie
-    (:meth:`lrpc.loaded.LoadedModel.for_runtime`). ``prepack``: onnxruntime's prepacking of product weights
-    (:class:`Session`)."""
+    (:meth:`lrpc.loaded.LoadedModel.for_runtime`). ``low_memory``: onnxruntime's weight prepacking and buffer-reuse
+    plan off (:class:`Session`)."""
     options = ort.SessionOptions()
     options.enable_mem_pattern = False
-    if not prepack:
+    if low_memory:
         options.add_session_config_entry("session.disable_prepacking", "1")
+        options.enable_mem_reuse = False
     options.log_severity_level = 4  # (a failing run raises with the message: not also logged in red on stderr)
     if external_folder is not None:
         options.add_session_config_entry("session.model_external_initializers_file_folder_path", str(external_folder))

@@ -95,6 +95,42 @@ def test_moved_relevance_equals_dense_reference(name):
         assert {n.op for n in canonize(model).graph.nodes} == {"Reshape", "Transpose", "Gemm"}
 
 
+@pytest.mark.parametrize("pieces", [[0, 1, 2], [2, 1], [[0, 1], 2], [0, 2]], ids=["all", "last_two", "range_and_one",
+                                                                                  "gap"])
+def test_slices_of_one_axis_send_back_one_tensor(pieces):
+    """Gathers of pieces of one axis (q, k and v of a packed projection) each through its own dense layer: LRP-0
+    equals the dense reference, and pieces that tile a range of the axis come back as one Concat (padded around the
+    range), not as a zero-padded copy per piece summed."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 4, 5))
+    nodes, inits, outs, mats = [], [numpy_helper.from_array(np.array([1, -1], np.int64), "flat")], [], []
+    for k, piece in enumerate(pieces):
+        index = np.array(piece, np.int64)
+        w = rng.standard_normal((index.size * 20, 6))
+        inits += [numpy_helper.from_array(index, f"i{k}"), numpy_helper.from_array(w, f"w{k}")]
+        nodes += [helper.make_node("Gather", ["x", f"i{k}"], [f"g{k}"], axis=0),
+                  helper.make_node("Reshape", [f"g{k}", "flat"], [f"f{k}"]),
+                  helper.make_node("MatMul", [f"f{k}", f"w{k}"], [f"y{k}"])]
+        outs.append(f"y{k}")
+        mats.append(np.take(np.eye(60).reshape(3, 20, 60), index, axis=0).reshape(-1, 60).T @ w)  # x (flat) -> y_k
+    nodes.append(helper.make_node("Sum", outs, ["y"]))
+    graph = helper.make_graph(nodes, "pieces", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [3, 4, 5])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, 6])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
+    seed = rng.standard_normal((1, 6))
+    out = run_onnx(compiled, {"x": x, "relevance_seed": seed})
+    m = sum(mats)  # [60, 6]: y = x_flat @ m
+    y = x.reshape(-1) @ m
+    np.testing.assert_allclose(out["y"][0], y, rtol=1e-12)
+    assert rel_l2(out["relevance"].reshape(-1), x.reshape(-1) * (m @ (seed[0] / y))) < 1e-12
+    backward = [n for n in compiled.graph.node if n.name.startswith("lrp/")]
+    made = {o: n.op_type for n in backward for o in n.output}
+    padded_sums = [n for n in backward if n.op_type == "Sum" and any(made.get(i) == "Pad" for i in n.input)]
+    assert bool(padded_sums) == (pieces == [0, 2])
+    assert any(n.op_type == "Concat" for n in backward) == (pieces != [0, 2])
+
+
 @pytest.mark.parametrize("indices", [[0], [1, 2], [-1], [-2, -1], [0, 2], [-1, 0, -1]],
                          ids=["first", "range", "last", "last_two", "skip", "mixed_signs"])
 def test_gather_along_a_symbolic_axis(indices):

@@ -236,13 +236,14 @@ def test_the_file_is_unmapped_once_the_compile_returns(tmp_path):
 
 @pytest.mark.skipif(not _READS_EXTERNAL_FOLDER, reason="the hand-over needs Linux and onnxruntime >= 1.21")
 @pytest.mark.parametrize("case", ["as read", "file replaced", "replaced while starting", "runtime refuses",
-                                  "not prepacked"])
+                                  "low memory"])
 def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, monkeypatch):
     """lrpc.Session of a compiled file hands onnxruntime its big weights as references into that file (a small
     model; onnxruntime reads them there). If the path names another file by then (replaced before or while the
     session starts), or onnxruntime cannot read them there, the session is made from the bytes lrpc read: it
-    always computes what the file held when it was read (oracle: a session of protobuf's parse of it). A session
-    asked not to prepack its weights is made from the bytes at once (onnxruntime would keep the file mapped)."""
+    always computes what the file held when it was read (oracle: a session of protobuf's parse of it). A
+    ``low_memory`` session (weights not prepacked) is made from the bytes at once (onnxruntime would keep the file
+    mapped)."""
     from lrpc import runtime
 
     def compiled(seed: int, name: str):
@@ -276,14 +277,13 @@ def test_a_session_reads_deferred_weights_from_the_file_it_read(case, tmp_path, 
     monkeypatch.setattr(runtime, "inference_session", spy)
     if case == "file replaced":
         os.replace(other, path)
-    prepack = case != "not prepacked"
-    got = lrpc.Session(model, providers=["CPUExecutionProvider"], prepack=prepack).run({"x": x}, seed)
+    got = lrpc.Session(model, providers=["CPUExecutionProvider"], low_memory=case == "low memory").run({"x": x}, seed)
     for name in want:
         np.testing.assert_array_equal(got[name], want[name])
-    small = given[0][0] < path.stat().st_size // 4 if case not in ("file replaced", "not prepacked") else None
+    small = given[0][0] < path.stat().st_size // 4 if case not in ("file replaced", "low memory") else None
     assert [folder for _, folder in given] == {
         "as read": [path.parent], "file replaced": [None], "replaced while starting": [path.parent, None],
-        "runtime refuses": [path.parent, None], "not prepacked": [None]}[case]
+        "runtime refuses": [path.parent, None], "low memory": [None]}[case]
     assert small in (True, None)  # (the weights were not in the model handed over)
     assert [size > path.stat().st_size // 2 for size, folder in given if folder is None] == [True] * sum(
         folder is None for _, folder in given)

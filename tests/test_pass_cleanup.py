@@ -166,3 +166,23 @@ def test_unknown_shape_advice_names_a_symbolic_input_only_where_there_is_one(dim
     msg = str(e.value)
     assert "tensor 's' at node 'gap' (GlobalAveragePool)" in msg and advice in msg and "\n" not in msg
     assert ("--input-shape" in msg) == isinstance(dims[0], str)
+
+
+def test_folding_is_quiet_from_python(tmp_path, capfd):
+    """lrpc.compile of a torchvision ViT exported with a symbolic batch prints nothing: the sessions constant folding
+    starts log onnxruntime's optimizer warnings (one per attention) only above warning level, and onnxruntime's
+    session class is restored after."""
+    torch = pytest.importorskip("torch")
+    import onnxruntime
+
+    from models import families
+
+    model, x = families.build("vit")
+    path = tmp_path / "vit.onnx"
+    torch.onnx.export(model.eval(), x, str(path), dynamo=False, opset_version=17, input_names=["input"],
+                      output_names=["logits"], dynamic_axes={"input": {0: "n"}, "logits": {0: "n"}})
+    capfd.readouterr()
+    session_class = onnxruntime.InferenceSession
+    lrpc.compile(str(path), "attnlrp")
+    assert capfd.readouterr().err == ""
+    assert onnxruntime.InferenceSession is session_class

@@ -57,7 +57,7 @@ def test_a_smooth_activation_is_computed_again_in_the_backward(activation, dtype
     assert "a" in forward and "a" not in read_back and "z" in read_back
     assert any(n.name.startswith("lrp/recompute/") and n.op_type == "Max" for n in compiled.graph.node)
 
-    monkeypatch.setattr(emit, "recompute_activations", lambda graph, is_backward: None)
+    monkeypatch.setattr(emit, "recompute_kept", lambda graph, is_backward, seed, live: None)
     kept = lrpc.compile(model, "epsilon")
     assert "a" in {x for n in kept.graph.node if n.name.startswith("lrp/") for x in n.input}
     x = np.random.default_rng(4).standard_normal((2, 5, 16)).astype(dtype)
@@ -83,3 +83,60 @@ def test_a_relu_between_layers_is_kept():
     """A ReLU's output is kept (copying it costs an element-wise pass per layer, which mobile nets feel)."""
     compiled = lrpc.compile(_mlp("relu"), "epsilon")
     assert not [n for n in compiled.graph.node if n.name.startswith("lrp/recompute/")]
+
+
+def _read_back(model: onnx.ModelProto) -> dict:
+    """The forward tensors the backward reads (not for their shape only), by the op that makes them (first outputs:
+    a LayerNorm's rule reads its statistics, tiny, which are kept)."""
+    made = {n.output[0]: n for n in model.graph.node if not n.name.startswith("lrp/")}
+    return {x: made[x] for n in model.graph.node if n.name.startswith("lrp/") and n.op_type != "Shape"
+            for x in n.input if x in made}
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_attention_operands_are_computed_again(exporter, tmp_path, monkeypatch):
+    """A ViT's queries, keys and values (slices and transposes of the packed projection), its attention scores and
+    probabilities and its LayerNorm outputs are computed again from the projection and the residual stream the
+    backward keeps anyway (not the probabilities times the values: as small as the values, and a product to
+    compute again); the relevance is that of the same compile with everything kept."""
+    pytest.importorskip("torch")
+    from models import families
+
+    model, x = families.build("vit")
+    path = families.export(model.eval(), tmp_path / f"vit-{exporter}.onnx", x.shape, exporter)
+    compiled = lrpc.compile(str(path), "attnlrp")
+    kept = _read_back(compiled)
+    computed = {o for n in compiled.graph.node for o in n.output}
+    assert not {n.op_type for n in kept.values()} & {"Softmax", "LayerNormalization", "Transpose", "Gather"}
+    made = {o: n for n in compiled.graph.node if not n.name.startswith("lrp/") for o in n.output}
+    scores = []  # the Q·Kᵀ products before each softmax (through its scale and mask)
+    for softmax in [n for n in compiled.graph.node if n.op_type == "Softmax" and not n.name.startswith("lrp/")]:
+        t = softmax.input[0]
+        while made[t].op_type != "MatMul":
+            t = next(i for i in made[t].input if i in computed)
+        scores.append(t)
+    assert scores and not set(scores) & kept.keys()
+
+    monkeypatch.setattr(emit, "recompute_kept", lambda graph, is_backward, seed, live: None)
+    everything = lrpc.compile(str(path), "attnlrp")
+    assert {n.op_type for n in _read_back(everything).values()} & {"Softmax", "LayerNormalization"}
+    feeds = {"input": x.numpy(), "relevance_seed": np.eye(10, dtype=np.float32)[[3]]}
+    got, want = (ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        ["relevance"], feeds)[0] for m in (compiled, everything))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
+
+
+def test_copies_wait_for_the_relevance():
+    """Each copy reads its kept tensors through ``Max`` with a -inf made from the relevance the backward holds where
+    the copy is needed, so a runtime that runs a node as soon as its inputs exist (or onnxruntime, whose fused nodes
+    jump its order) cannot compute the copy during the forward and keep it to the backward."""
+    compiled = lrpc.compile(_mlp("gelu"), "epsilon")
+    made = {o: n for n in compiled.graph.node for o in n.output}
+
+    def from_seed(t, seen=()) -> bool:
+        return t == "relevance_seed" or (t in made and t not in seen and any(
+            from_seed(x, (*seen, t)) for x in made[t].input))
+
+    copies = [n for n in compiled.graph.node if n.name.startswith("lrp/recompute/") and n.op_type == "Max"
+              and "/gate/" not in n.name]
+    assert copies and all(from_seed(n.input[1]) and not from_seed(n.input[0]) for n in copies)

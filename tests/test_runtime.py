@@ -342,9 +342,9 @@ def _mlp(path, layers: int = 8, width: int = 1024):
 
 def test_product_weights_are_held_once(tmp_path):
     """A compiled graph's backward reads each product's weight as it is (no transposed copy), so the forward and the
-    backward share it; ``prepack=False`` turns onnxruntime's prepacking off, which gives each product its own packed
-    copy. Oracles: the same graph prepacked (the default) explains the same to float32 rounding and holds about
-    the weights' size (32 MiB) more in memory after a run (fresh process each)."""
+    backward share it; ``low_memory=True`` turns onnxruntime's prepacking off, which gives each product its own
+    packed copy, and its buffer-reuse plan. Oracles: the same graph prepacked (the default) explains the same to
+    float32 rounding and holds about the weights' size (32 MiB) more in memory after a run (fresh process each)."""
     import subprocess
     import sys
 
@@ -360,30 +360,33 @@ def test_product_weights_are_held_once(tmp_path):
     assert not [n for n in compiled.graph.node if n.op_type == "Transpose" and weights & set(n.input)]
 
     def prepacks(session) -> bool:
+        options = session.get_session_options()
         try:
-            return session.get_session_options().get_session_config_entry("session.disable_prepacking") != "1"
+            packs = options.get_session_config_entry("session.disable_prepacking") != "1"
         except RuntimeError:  # (not set: onnxruntime's default, on)
-            return True
+            packs = True
+        assert options.enable_mem_reuse == packs
+        return packs
 
     for model in (compiled, tmp_path / "mlp.lrp.onnx"):  # (a file's weights are then not read in the file)
         assert prepacks(lrpc.Session(model, ["CPUExecutionProvider"]).session)
-        assert not prepacks(lrpc.Session(model, ["CPUExecutionProvider"], prepack=False).session)
+        assert not prepacks(lrpc.Session(model, ["CPUExecutionProvider"], low_memory=True).session)
 
     x = np.random.default_rng(1).standard_normal((2, 3, 1024)).astype(np.float32)
     feeds = {"x": x, "relevance_seed": np.ones((2, 3, 1024), np.float32)}
-    got = [inference_session(str(tmp_path / "mlp.lrp.onnx"), ["CPUExecutionProvider"], 1, prepack=p).run(
-        ["relevance"], feeds)[0] for p in (False, True)]
+    got = [inference_session(str(tmp_path / "mlp.lrp.onnx"), ["CPUExecutionProvider"], 1, low_memory=low).run(
+        ["relevance"], feeds)[0] for low in (True, False)]
     np.testing.assert_allclose(got[0], got[1], rtol=1e-4, atol=1e-5 * np.abs(got[1]).max())
 
     probe = ("import sys, numpy as np; from lrpc import runtime\n"
-             "s = runtime.inference_session(sys.argv[1], ['CPUExecutionProvider'], 1, prepack=eval(sys.argv[2]))\n"
+             "s = runtime.inference_session(sys.argv[1], ['CPUExecutionProvider'], 1, low_memory=eval(sys.argv[2]))\n"
              "s.run(None, {'x': np.ones((2, 3, 1024), np.float32), 'relevance_seed': np.ones((2, 3, 1024), "
              "np.float32)})\n"
              "print(next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmRSS')))")
 
-    def resident_kib(prepack: str) -> int:
-        return int(subprocess.run([sys.executable, "-c", probe, str(tmp_path / "mlp.lrp.onnx"), prepack],
+    def resident_kib(low_memory: str) -> int:
+        return int(subprocess.run([sys.executable, "-c", probe, str(tmp_path / "mlp.lrp.onnx"), low_memory],
                                   capture_output=True, text=True, check=True).stdout.split()[-1])
 
-    shared, packed = resident_kib("False"), resident_kib("True")
+    shared, packed = resident_kib("True"), resident_kib("False")
     assert shared < packed - 24 * 1024, (shared, packed)  # (measured: 32 MiB less)

@@ -7,7 +7,7 @@ import numpy as np
 import onnx_graphsurgeon as gs
 
 from ..errors import UnsupportedError, where
-from ..graph import Canonical, bypass, is_const
+from ..graph import Canonical, bypass, is_const, quiet_folding
 
 CHANGES_SHAPES = False
 
@@ -46,8 +46,8 @@ def _fold_constants(graph: gs.Graph) -> bool:
     if not any(_foldable(n) for n in graph.nodes):
         return False
     logging.getLogger("ModelImporter").setLevel(logging.ERROR)
-    gs.logger.G_LOGGER.severity = gs.logger.G_LOGGER.ERROR
-    graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
+    with quiet_folding():
+        graph.fold_constants(error_ok=True).cleanup(remove_unused_graph_inputs=False)
     return len(graph.nodes) != before
 
 

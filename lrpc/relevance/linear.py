@@ -149,7 +149,7 @@ class MatMulView(View):
 
     def adjoint(self, c, w):
         """``c Wᵀ`` as a Gemm that reads W as it is (over ``c`` flattened to 2-d): a transposed copy would be a
-        second copy of the weight in memory (``lrpc.Session(..., prepack=False)`` then holds it once)."""
+        second copy of the weight in memory (``lrpc.Session(..., low_memory=True)`` then holds it once)."""
         b = self.b
         g = b.op("Gemm", [b.op("Flatten", [c], {"axis": -1}), w], {"transB": 1})
         lead = b.op("Slice", [b.shape_of(c), b.ints([0]), b.ints([-1])], dtype=np.int64)  # (c's: x kept no longer)

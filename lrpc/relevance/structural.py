@@ -130,7 +130,10 @@ def gather(ctx, node, R_out):
         pads[axis] = int(ind[0]) if ind[0] >= 0 else plus(int(ind[0]))
         pads[rank + axis] = plus(-int(ind[-1]) - 1) if ind[-1] >= 0 else -int(ind[-1]) - 1
         if all(isinstance(v, int) for v in pads):
-            return [b.op("Pad", [r, b.ints(pads)]), None]
+            padded = b.op("Pad", [r, b.ints(pads)])
+            if isinstance(length, int):
+                padded.shape = list(x.shape)  # (lets Builder.sum join the pieces of one axis by a Concat)
+            return [padded, None]
         pads = b.op("Concat", [b.ints([v]) if isinstance(v, int) else v for v in pads], {"axis": 0}, dtype=np.int64)
         return [b.op("Pad", [r, pads]), None]
     at = b.const(ind.reshape([1] * axis + [-1] + [1] * (rank - axis - 1)), np.int64)
