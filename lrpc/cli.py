@@ -270,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(_join_negative_lists(list(sys.argv[1:] if argv is None else argv)))
     if not args.debug and args.command != "rules":
         _quiet_onnxruntime()
+    from . import graph
+
+    graph.FOLDING_LOGS = args.debug
     try:
         with warnings.catch_warnings():
             if not args.debug:  # (numpy's, Pillow's: lrpc says what is wrong in its one line)
@@ -292,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lrpc: internal error: {type(e).__name__}: {one_line(e)} (rerun with --debug for details)",
               file=sys.stderr)
         return 3
+    finally:
+        graph.FOLDING_LOGS = False
 
 
 def _quiet_onnxruntime() -> None:

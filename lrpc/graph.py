@@ -263,12 +263,15 @@ def refresh_shapes(canon: Canonical) -> Canonical:
     return canon
 
 
+FOLDING_LOGS = False  # onnxruntime's warnings from constant folding's sessions (the command line's --debug: shown)
+
+
 @contextlib.contextmanager
 def quiet_folding():
-    """onnx-graphsurgeon's constant folding with its log notes and onnxruntime's off: the sessions it starts take no
-    options, and their graph optimizers warn on stderr (a torchvision ViT or Swin: a coloured "UnsqueezeElimination
-    cannot remove node" line per attention). onnxruntime's own severity is set per session here, so a caller's global
-    setting is left as it was."""
+    """onnx-graphsurgeon's constant folding with its log notes and onnxruntime's off (unless ``FOLDING_LOGS``): the
+    sessions it starts take no options, and their graph optimizers warn on stderr (a torchvision ViT or Swin: a
+    coloured "UnsqueezeElimination cannot remove node" line per attention). onnxruntime's own severity is set per
+    session here, so a caller's global setting is left as it was."""
     import onnxruntime
     from onnx_graphsurgeon.logger import G_LOGGER
 
@@ -276,7 +279,7 @@ def quiet_folding():
 
     class Quiet(session_class):
         def __init__(self, model, sess_options=None, *args, **kwargs):
-            if sess_options is None:
+            if sess_options is None and not FOLDING_LOGS:
                 sess_options = onnxruntime.SessionOptions()
                 sess_options.log_severity_level = 3
             super().__init__(model, sess_options, *args, **kwargs)
