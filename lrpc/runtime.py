@@ -42,9 +42,9 @@ class Session:
     gives every MatMul/Gemm its own packed copy of its weight, and a compiled graph's forward and backward read each
     dense weight, so without it each weight is held once (transformers: about 330 MiB less); the reuse plan holds a
     freed buffer for a later tensor of its size, and without it freed tensors go back to the allocator at once
-    (ViT-B/16 at batch 8: 250 MiB less). It runs 0–13% slower, most at short sequences, float32 results can differ
-    with the batch a sample runs in at the last bit, and a model read from a file starts from the bytes lrpc read.
-    The Session keeps no reference to ``model``."""
+    (ViT-B/16 at batch 8: 250 MiB less). It runs up to ~15% slower, most at short sequences, float32 results can
+    differ with the batch a sample runs in at the last bit, and a model read from a file starts from the bytes lrpc
+    read. The Session keeps no reference to ``model``."""
 
     def __init__(self, model, providers: list[str] | None = None, threads: int | None = None, tf32: bool = False,
                  channels_last: bool = False, low_memory: bool = False):
