@@ -433,7 +433,8 @@ class Builder:
             pads = p.inputs[1].values.tolist()
             rank = len(pads) // 2
             axes = [a for a in range(rank) if pads[a] or pads[rank + a]]
-            if len(axes) == 1 and rank == len(t.shape) and isinstance(t.shape[axes[0]], (int, np.integer)):
+            if (len(axes) == 1 and rank == len(t.shape) and min(pads) >= 0  # (a negative pad crops: not a piece)
+                    and isinstance(t.shape[axes[0]], (int, np.integer))):
                 a = axes[0]
                 pieces.setdefault((a, tuple(t.shape)), []).append((pads[a], int(t.shape[a]) - pads[rank + a], t))
         for (axis, shape), group in pieces.items():
