@@ -44,7 +44,7 @@ from .preprocess import (
 
 def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_shapes: dict | None = None,
             layout: str = "nchw", size: tuple | None = None, providers=None, cache: bool = False, seed: str = "input",
-            start: bool = True, **options):
+            start: bool = True, low_memory: bool = False, **options):
     """Return ``(Session, InputSpec)``. ``model``: path or ModelProto, plain (compiled here with ``rules``
     and ``options``) or already compiled (input ``relevance_seed`` present: used as is, rules ignored).
     ``size``: (H, W) for images; fixes dynamic spatial dims of a plain model before compiling.
@@ -52,7 +52,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     ``seed``: how a plain model is compiled ("top1": the graph seeds each sample's top-1 output, one run); it is
     compiled for the provider the session will run on (see ``for_provider`` of :func:`lrpc.compile`).
     ``start=False``: return the compiled :class:`lrpc.loaded.LoadedModel` instead of a Session (compiled once on a
-    Ray driver, run in its actors)."""
+    Ray driver, run in its actors). ``low_memory``: the Session's (:class:`lrpc.runtime.Session`)."""
     from .runtime import Session, default_providers
 
     if layout not in ("nchw", "nhwc"):
@@ -87,7 +87,7 @@ def prepare(model, rules="epsilon-gamma-box", output: str | None = None, input_s
     # (a compiled file: its weights go to the session as the file's bytes)
     if not start:
         return loaded, spec
-    return Session(loaded, providers=providers, channels_last=layout == "nhwc"), spec
+    return Session(loaded, providers=providers, channels_last=layout == "nhwc", low_memory=low_memory), spec
 
 
 def heat_image(relevance: np.ndarray, layout: str = "nchw", cmap: str = "coldnhot", level: float = 1.0):
@@ -109,7 +109,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         output=None, input_shapes=None, size=None, preset=None, mean=None, std=None, grayscale=False, layout="nchw",
         cmap="coldnhot", level=1.0, with_overlay=False, overlay_alpha=0.5, batch_size=8, cache=False,
         progress=None, log=print, manifest=False, ray=None, concurrency=None, relevance_dtype="float32",
-        relevance_pool=1, resume=True, **options) -> list[Path]:
+        relevance_pool=1, resume=True, low_memory=False, **options) -> list[Path]:
     """What ``lrpc explain`` does; returns the written paths. Exactly one of ``image``, ``images``, ``npy``.
 
     ``target``: see :mod:`lrpc.targets` (class index, None/"top1", "topK", or a dense target); with topK
@@ -132,7 +132,9 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
     address; ``concurrency`` actors) instead of this process; the images are read and the outputs written as
     without, and the manifest is always kept. ``relevance_dtype`` ("float32" or "float16") and ``relevance_pool``
     (N: the spatial dims of an image's relevance summed over N x N blocks, which keeps its total) shrink the .npy
-    files; the heatmaps are drawn from the full relevance."""
+    files; the heatmaps are drawn from the full relevance. ``low_memory``: run the compiled graph in a
+    ``Session(low_memory=True)`` (each weight held once, no buffer-reuse plan: a lower peak for some time; the
+    relevance is the same to float32 rounding, so a manifest does not record it)."""
     size, (mean, std) = image_size(size), normalization(preset, mean, std)
     if sum(x is not None for x in (image, images, npy)) != 1:
         raise InputError("give exactly one of --image, --images, --npy")
@@ -190,7 +192,8 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
 
         providers = lrpc_ray.providers(lrpc_ray.connect(ray))
     session, spec = prepare(model, rules, output=output, input_shapes=input_shapes, layout=layout, size=size,
-                            providers=providers, cache=cache, seed=seed, start=ray is None, **options)
+                            providers=providers, cache=cache, seed=seed, start=ray is None, low_memory=low_memory,
+                            **options)
     read = protected(read)  # (stat once: a directory's outputs are each checked against every source)
     if npy is None:
         if len(spec.dims) != 4:
@@ -222,7 +225,7 @@ def run(model, out, image=None, images=None, npy=None, target=None, rules="epsil
         elif ray is not None:
             chunks = lrpc_ray.chunks(session, work, [[(i, str(sources[i]), str(paths[i][0])) for i in b]
                                                      for b in batches], ray, concurrency,
-                                     channels_last=layout == "nhwc", drawing=drawing)
+                                     channels_last=layout == "nhwc", drawing=drawing, low_memory=low_memory)
         else:
             chunks = (explain_images(session, work, [(i, sources[i]) for i in b]) for b in batches)
         for c in chunks:

@@ -89,14 +89,15 @@ class _Explainer:
     --ray``): it also draws and encodes each image's files, so the driver only writes bytes."""
 
     def __init__(self, compiled: bytes, work, channels_last: bool, threads: int | None, per_row: bool,
-                 column: str = "image", path_column: str = "path", drawing=None):
+                 column: str = "image", path_column: str = "path", drawing=None, low_memory: bool = False):
         import onnx
 
         from .runtime import Session
 
         if not isinstance(compiled, bytes):  # (an ObjectRef of the model that Ray passed on unresolved)
             compiled = _ray().get(compiled)
-        self.session = Session(onnx.load_from_string(compiled), threads=threads, channels_last=channels_last)
+        self.session = Session(onnx.load_from_string(compiled), threads=threads, channels_last=channels_last,
+                               low_memory=low_memory)
         self.work, self.per_row, self.column, self.path_column = work, per_row, column, path_column
         self.drawing = drawing
         k = work.goal.values[0] if work.goal.kind == "top" and work.goal.values[0] > 1 else 1
@@ -150,7 +151,7 @@ class _Explainer:
 
 
 def _map(ds, compiled: bytes, work, channels_last: bool, batch_size, resources: dict, per_row: bool,
-         column="image", path_column="path", drawing=None):
+         column="image", path_column="path", drawing=None, low_memory=False):
     """``ds`` explained by a pool of ``_Explainer`` actors (restarted, and their batch retried, when they die)."""
     import ray
     from ray.data import ActorPoolStrategy
@@ -161,14 +162,14 @@ def _map(ds, compiled: bytes, work, channels_last: bool, batch_size, resources: 
         warnings.simplefilter("ignore")
         return ds.map_batches(_Explainer, batch_size=batch_size, batch_format="numpy",
                               fn_constructor_args=(compiled, work, channels_last, resources["threads"], per_row,
-                                                   column, path_column, drawing),
+                                                   column, path_column, drawing, low_memory),
                               compute=ActorPoolStrategy(size=resources["concurrency"]), num_cpus=resources["num_cpus"],
                               num_gpus=resources["num_gpus"] or None, max_restarts=MAX_RESTARTS,
                               max_task_retries=MAX_RESTARTS)
 
 
 def chunks(loaded, work, batches: list, address="auto", concurrency=None, channels_last=False, num_cpus=None,
-           num_gpus=None, drawing=None):
+           num_gpus=None, drawing=None, low_memory=False):
     """The executor of ``lrpc explain --ray``: yields the chunks of :func:`lrpc.explain.explain_images` for
     ``batches`` (lists of (index, image path, heatmap path), batched as the single-process command batches them)
     computed in Ray actors, with the files drawn there (``drawn``: per image the heatmap's and the .npy's bytes,
@@ -181,7 +182,8 @@ def chunks(loaded, work, batches: list, address="auto", concurrency=None, channe
         return
     ray.data.DataContext.get_current().enable_progress_bars = False  # (lrpc explain has its own)
     ds = ray.data.from_items(rows, override_num_blocks=len(rows))
-    out = _map(ds, loaded.serialized(), work, channels_last, 1, resources, False, drawing=drawing)
+    out = _map(ds, loaded.serialized(), work, channels_last, 1, resources, False, drawing=drawing,
+               low_memory=low_memory)
     left = {int(b[0]) for batch in batches for b in batch}
     try:
         for b in out.iter_batches(batch_size=None, batch_format="numpy"):
@@ -204,7 +206,8 @@ def chunks(loaded, work, batches: list, address="auto", concurrency=None, channe
 def explain(ds, model, rules="epsilon-gamma-box", target=None, batch_size: int = 8, concurrency: int | None = None,
             num_cpus: float | None = None, num_gpus: float | None = None, column: str = "image",
             path_column: str = "path", size=None, preset=None, mean=None, std=None, grayscale: bool = False,
-            layout: str = "nchw", output=None, input_shapes=None, cache: bool = False, **options):
+            layout: str = "nchw", output=None, input_shapes=None, cache: bool = False, low_memory: bool = False,
+            **options):
     """Explain every row of the Ray Dataset ``ds`` (an image column ``column``: [H, W] or [H, W, C] uint8, as
     ``ray.data.read_images`` gives, or an image file's bytes, as ``read_binary_files`` gives under "bytes";
     ``path_column`` is passed through). Returns a lazy Dataset with the columns ``path``, ``target`` (the explained
@@ -235,4 +238,4 @@ def explain(ds, model, rules="epsilon-gamma-box", target=None, batch_size: int =
         raise InputError(f"model input '{spec.name}': images need rank 4 and a static height/width (or size=)")
     work = _Work(hw, spec.channels, mean, std, layout, grayscale, spec.dtype, goal, False, True)
     return _map(ds, loaded.serialized(), work, layout == "nhwc", int(batch_size), resources, True, column,
-                path_column)
+                path_column, low_memory=low_memory)

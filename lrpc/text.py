@@ -196,11 +196,12 @@ def html_view(tokens: list[str], relevance: np.ndarray, title: str) -> str:
 
 
 def run(model, out, tokens=None, text=None, tokenizer=None, target=None, rules="epsilon-gamma-box", output=None,
-        input_shapes=None, cache=False, log=print, colour: bool | None = None, **options) -> list[Path]:
+        input_shapes=None, cache=False, log=print, colour: bool | None = None, low_memory: bool = False,
+        **options) -> list[Path]:
     """What ``lrpc explain --tokens/--text`` does; returns the written paths. ``out``: ``rel.json`` (``rel.npy``
     is written beside it; with a tokenizer also ``rel.html``), ``rel.npy`` or ``rel.html``. ``target``: see
     :mod:`lrpc.targets`; None: ``next`` for a decoder's logits [B, T, V], else ``top1`` (a classifier's class).
-    ``options``: lrpc.Options fields and ``explain_at``."""
+    ``options``: lrpc.Options fields and ``explain_at``. ``low_memory``: as for :func:`lrpc.explain.run`."""
     from .explain import prepare
 
     if (tokens is None) == (text is None):
@@ -228,7 +229,8 @@ def run(model, out, tokens=None, text=None, tokenizer=None, target=None, rules="
     for key, edge in (("low", 0.0), ("high", 1.0)):
         if options.get(key) is None:
             options[key] = edge
-    session, _ = prepare(model, rules, output=output, input_shapes=input_shapes, cache=cache, **options)
+    session, _ = prepare(model, rules, output=output, input_shapes=input_shapes, cache=cache, low_memory=low_memory,
+                         **options)
     feeds, ids = model_feeds(session, arrays, source)
     if goal is None:
         goal = targets.parse("next" if len(session.seed_shape) == 3 else "top1")

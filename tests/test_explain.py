@@ -244,6 +244,29 @@ def test_explain_npy_batch(tmp_path, capsys):
     assert Image.open(tmp_path / "n.png").size == (8 * 2 + 2, 8 * 2 + 2)  # a 2x2 grid of the 4 heatmaps
 
 
+def test_explain_low_memory_reaches_the_session(tmp_path, capsys, monkeypatch):
+    """--low-memory: the compiled graph runs in a Session(low_memory=True); the relevance is the oracle's."""
+    from lrpc import runtime
+
+    started = []
+
+    class Recorded(runtime.Session):
+        def __init__(self, *args, **kwargs):
+            started.append(kwargs.get("low_memory"))
+            super().__init__(*args, **kwargs)
+
+    x = SAMPLES["images"][:2]
+    np.save(tmp_path / "x.npy", x)
+    _, oracle = _oracle(x, 3, low=0.0, high=1.0)
+    monkeypatch.setattr(runtime, "Session", Recorded)
+    for flags, expected in (([], False), (["--low-memory"], True)):
+        code = cli.main(["explain", str(DIGITS), "--npy", str(tmp_path / "x.npy"), "--target", "3", "--no-cache",
+                         "-o", str(tmp_path / "n.png"), *flags])
+        assert code == 0, capsys.readouterr().err
+        assert started.pop() is expected and not started
+        np.testing.assert_allclose(np.load(tmp_path / "n.npy"), oracle, rtol=1e-5, atol=1e-5)
+
+
 def _bad_png(tmp_path):
     p = tmp_path / "broken.png"
     p.write_bytes(b"this is not a png")

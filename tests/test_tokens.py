@@ -180,11 +180,13 @@ def test_cli_explain_tokens_writes_json_npy_and_a_table(tmp_path):
     got = np.array([s["relevance"] for s in data["samples"]])
     assert rel_l2(got, e.relevance) < 1e-6 and rel_l2(np.load(tmp_path / "rel.npy"), e.relevance) < 1e-6
     assert "relevance" in out and "token:2=7" in out
-    np.save(tmp_path / "seq.npy", feeds["input_ids"][0])  # one sequence [T]
+    np.save(tmp_path / "seq.npy", feeds["input_ids"][0])  # one sequence [T] (in a low-memory session)
     code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "seq.npy", "--no-cache",
-                             "-o", tmp_path / "one.json")
+                             "--rules", "attnlrp", "--target", "token:2=7", "--low-memory", "-o", tmp_path / "one.json")
     assert code == 0, err
     assert len(json.loads((tmp_path / "one.json").read_text())["samples"]) == 1
+    one = np.array(json.loads((tmp_path / "one.json").read_text())["samples"][0]["relevance"])
+    assert rel_l2(one, e.relevance[:1].reshape(one.shape)) < 1e-5
     code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "seq.npy", "--no-cache",
                              "-o", tmp_path / "seq.json")  # (its .npy would be the ids' file)
     one_line_error(code, err, contains="refusing to overwrite an input file (the token ids)")
