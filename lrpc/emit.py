@@ -85,7 +85,8 @@ def op_of(canon: Canonical, node) -> str:
     activation written as several element-wise ops (see passes/activation_regions.py), ``MATMUL`` (``EINSUM``) for
     a MatMul (an Einsum) of two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise
     Mul of two that both depend on the explained input (a gated product: relevance/linear.py), ``BIAS_SUM`` for a Sum
-    of which one operand does (a bias add: relevance/elementwise.py), or ``domain::type``
+    of which one operand does, or a Sub of two computed tensors of which one does (a bias add:
+    relevance/elementwise.py), or ``domain::type``
     for an op of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
@@ -98,6 +99,9 @@ def op_of(canon: Canonical, node) -> str:
         return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
     if node.op == "Sum" and canon.live is not None and sum(t.name in canon.live for t in node.inputs) == 1:
         return BIAS_SUM  # (addends no function of the explained input, as computed positions, are a bias)
+    if node.op == "Sub" and canon.live is not None and sum(t.name in canon.live for t in node.inputs) == 1 and \
+            not any(is_const(t) for t in node.inputs):
+        return BIAS_SUM  # (a - m with a mask m computed from other inputs: a bias add of -m; or m - a)
     return op_type(node)
 
 

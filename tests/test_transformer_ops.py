@@ -501,3 +501,58 @@ def test_opset23_torchvision_vit_with_attention_ops_matches_the_detach_reference
     model = onnx.load(str(tmp_path / "vit.onnx"))
     assert "Attention" in {n.op_type for n in model.graph.node}
     check_torchvision_vit(net, model, "dynamo23")
+
+
+def _masked_scores(form: str) -> onnx.ModelProto:
+    """``x W ∓ 3·(1 - mask)`` (a padding mask made from an integer input: no function of the explained x, as
+    Funnel's and older BERT exports' ``scores - 1e4·(1 - mask)``), then a second MatMul. ``form``: "sub" (x W - m),
+    "sub-first" (m - x W), or the same written as Adds ("add": x W + (-m), "add-first": m + Neg(x W))."""
+    rng = np.random.default_rng(11)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 5)), "W"), numpy_helper.from_array(
+        rng.standard_normal((5, 3)), "W2"), numpy_helper.from_array(np.array(1.0), "one"),
+             numpy_helper.from_array(np.array(-3.0 if form == "add" else 3.0), "big")]
+    nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("Cast", ["mask"], ["mf"], to=11),
+             helper.make_node("Sub", ["one", "mf"], ["inv"]), helper.make_node("Mul", ["inv", "big"], ["m"])]
+    nodes += {"sub": [helper.make_node("Sub", ["y", "m"], ["z"])],
+              "sub-first": [helper.make_node("Sub", ["m", "y"], ["z"])],
+              "add": [helper.make_node("Add", ["y", "m"], ["z"])],
+              "add-first": [helper.make_node("Neg", ["y"], ["ny"]), helper.make_node("Add", ["m", "ny"], ["z"])]}[form]
+    nodes.append(helper.make_node("MatMul", ["z", "W2"], ["out"]))
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 4]),
+                                       helper.make_tensor_value_info("mask", TensorProto.INT64, [2, 5])],
+                          [helper.make_tensor_value_info("out", TensorProto.DOUBLE, [2, 3])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+@pytest.mark.parametrize("first", [False, True])
+def test_difference_with_a_computed_mask_is_a_bias(first):
+    """``a - m`` or ``m - a`` with ``m`` computed from another (integer) input: a bias add of ``-m`` (or of ``m`` to
+    ``-a``). Oracles: a float64 numpy reference of the epsilon composite at epsilon 0 (epsilon on the products, pass
+    on the bias add: ``R_a = R``), gradient × input under attnlrp at epsilon 0 (epsilon on the bias add too), and
+    every composite gives the relevance of the same graph written with Add and Neg."""
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((2, 4))
+    mask = np.array([[1, 1, 0, 1, 0], [1, 0, 1, 1, 1]], np.int64)
+    sub = _masked_scores("sub-first" if first else "sub")
+    w = {i.name: numpy_helper.to_array(i) for i in sub.graph.initializer}
+    y, m = x @ w["W"], 3.0 * (1.0 - mask)
+    z = m - y if first else y - m
+    out = z @ w["W2"]
+    k = out.argmax(1)
+    seed = np.zeros_like(out)
+    seed[np.arange(2), k] = out[np.arange(2), k]
+    r_z = z * ((seed / out) @ w["W2"].T)  # (LRP-0 of the last MatMul: z ⊙ W2 (R / out))
+    want = x * ((r_z / y) @ w["W"].T)  # (the bias add passes R_z to a = x W, whose LRP-0 follows)
+    feeds = {"x": x, "mask": mask, "relevance_seed": seed}
+    got = _run64(lrpc.compile(sub, "epsilon", epsilon=0.0, stabilizer_eps=0.0), feeds)["relevance"]
+    assert rel_l2(got, want) < 1e-12
+    # attnlrp's epsilon on the bias add too: at epsilon 0 gradient × input
+    got = _run64(lrpc.compile(sub, "attnlrp", epsilon=0.0, stabilizer_eps=0.0), feeds)["relevance"]
+    assert rel_l2(got, x * (-1.0 if first else 1.0) * (w["W"] @ w["W2"])[:, k].T) < 1e-12
+    add = _masked_scores("add-first" if first else "add")
+    for composite in ("epsilon", "attnlrp", "cp-lrp", "epsilon-gamma-box"):
+        expected = _run64(lrpc.compile(add, composite, epsilon=0.05, sum_rule="norm"), feeds)["relevance"]
+        got = _run64(lrpc.compile(sub, composite, epsilon=0.05, sum_rule="norm"), feeds)["relevance"]
+        assert rel_l2(got, expected) < 1e-12, composite

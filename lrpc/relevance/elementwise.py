@@ -43,21 +43,31 @@ def residual_sum(ctx, node, R_out):
                                "(use norm, sign-norm or epsilon)")
     z = node.outputs[0]
     rank = len(z.shape) if z.shape is not None else None
+    addends = _addends(ctx, node)
     if rule.on_sums == "sign":
-        return _sign_split(ctx, node, rule, R_out[0], rank)
+        return _sign_split(ctx, node, addends, rule, R_out[0], rank)
     # behind a ReLU the relevance is zero wherever the sum is <= 0: the sign test can go
     c = own_quotient(ctx, R_out[0], z, rule)
     if c is None:
         c = quotient(ctx.b, R_out[0], z, rule, rank, "positive" if ctx.no_relevance_below_zero(z) else None)
     fixed = [_fixed(ctx, x) for x in node.inputs]
     if ctx.audit:  # (an operand that is a constant for the rules is a bias)
-        b, consts = ctx.b, [x for x, f in zip(node.inputs, fixed) if f]
+        b, consts = ctx.b, [a for a, f in zip(addends, fixed) if f]
         bias = b.mul(c, b.sum(consts)) if consts else None
-        if consts and not all(is_const(x) for x in consts):  # (a computed mask may hold -inf, where c is 0: no share)
-            bias = b.op("Where", [b.op("IsNaN", [bias], dtype=bool), b.const(0.0), bias])
-        ctx.account(node, b.mul(c, b.sum([x for x, f in zip(node.inputs, fixed) if not f])), bias,
+        if consts and not all(is_const(x) for x, f in zip(node.inputs, fixed) if f):  # (a computed mask may hold
+            bias = b.op("Where", [b.op("IsNaN", [bias], dtype=bool), b.const(0.0), bias])  # -inf: c is 0 there)
+        ctx.account(node, b.mul(c, b.sum([a for a, f in zip(addends, fixed) if not f])), bias,
                     b.mul(R_out[0], indicator(b, "Equal", z)))
-    return [None if f else unbroadcast(ctx.b, ctx.product(x, c), x, z) for x, f in zip(node.inputs, fixed)]
+    return [None if f else unbroadcast(ctx.b, ctx.product(a, c), x, z)
+            for x, a, f in zip(node.inputs, addends, fixed)]
+
+
+def _addends(ctx, node) -> list:
+    """What a sum adds: its operands; for a difference ``a - b`` (:data:`BIAS_SUM`) ``a`` and ``-b``."""
+    if node.op != "Sub":
+        return list(node.inputs)
+    a, x = node.inputs
+    return [a, ctx.b.const(-const_value(x)) if is_const(x) else ctx.b.op("Neg", [x])]
 
 
 BIAS_SUM = "lrpc.bias_sum"  # what emission explains a Sum of one computed tensor and constants for the rules as
@@ -81,7 +91,7 @@ def _fixed(ctx, x) -> bool:
     return is_const(x) or x.name not in ctx.live
 
 
-def _sign_split(ctx, node, rule, R, rank):
+def _sign_split(ctx, node, addends, rule, R, rank):
     """sign-norm on a sum: where z > 0 the positive parts share R (``R_i = x_i+ R / Σ x_k+``), where z < 0 the
     negative parts (``R_i = x_i- R / Σ x_k-``); constant operands (biases) take their part of the denominators and
     keep it. A branch statically >= 0 has no negative part; behind a ReLU (R = 0 where z <= 0) the negative
@@ -99,7 +109,7 @@ def _sign_split(ctx, node, rule, R, rank):
     quiet = ctx.no_relevance_below_zero(z)
     shares, accounts = [None] * len(node.inputs), []
     for sign, mask, known in SIGN_GROUPS:
-        parts = [part(x, sign) for x in node.inputs]
+        parts = [part(a, sign) for a in addends]
         if (sign == "-" and quiet) or all(p is None for p in parts):
             continue
         den = b.sum([p for p in parts if p is not None])
