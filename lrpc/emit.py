@@ -86,7 +86,8 @@ def op_of(canon: Canonical, node) -> str:
     a MatMul (an Einsum) of two computed tensors (attention: relevance/attention.py), ``GATE`` for an element-wise
     Mul of two that both depend on the explained input (a gated product: relevance/linear.py), ``BIAS_SUM`` for a Sum
     of which one operand does, or a Sub of two computed tensors of which one does (a bias add:
-    relevance/elementwise.py), or ``domain::type``
+    relevance/elementwise.py), ``Sum`` for a Sub of two that both do (a residual sum of ``a`` and ``-b``), or
+    ``domain::type``
     for an op of another domain (which no propagator takes: a custom op is never mistaken for a standard one)."""
     if node.name in canon.activations:
         return ACTIVATION
@@ -99,9 +100,12 @@ def op_of(canon: Canonical, node) -> str:
         return GATE  # (a factor no function of the explained input, as RoPE's computed cos, is a constant's scale)
     if node.op == "Sum" and canon.live is not None and sum(t.name in canon.live for t in node.inputs) == 1:
         return BIAS_SUM  # (addends no function of the explained input, as computed positions, are a bias)
-    if node.op == "Sub" and canon.live is not None and sum(t.name in canon.live for t in node.inputs) == 1 and \
-            not any(is_const(t) for t in node.inputs):
-        return BIAS_SUM  # (a - m with a mask m computed from other inputs: a bias add of -m; or m - a)
+    if node.op == "Sub" and canon.live is not None and not any(is_const(t) for t in node.inputs):
+        live = sum(t.name in canon.live for t in node.inputs)  # (a - b as a + (-b): relevance/elementwise.py)
+        if live == 1:
+            return BIAS_SUM  # (a - m with a mask m computed from other inputs: a bias add of -m; or m - a)
+        if live == 2:
+            return "Sum"  # (pool(x) - x, PoolFormer's token mixer: a residual sum of the two)
     return op_type(node)
 
 

@@ -23,7 +23,8 @@ def rules_in_torch(mode: str):
     held constant (cp-lrp), LayerNorm holds its standard deviation constant, GELU and SiLU are ``x · sg(f(x)/x)``
     (the identity rule, also Tanh and Sigmoid), an einsum of two such tensors splits as a product does, and
     torchvision's squeeze-and-excitation gate is a product of two computed tensors (split under attnlrp, the gate
-    held constant under cp-lrp). Gradient × input of the model's output is then the rule's relevance where the
+    held constant under cp-lrp); GroupNorm holds each group's standard deviation constant. Gradient × input of
+    the model's output is then the rule's relevance where the
     model's parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do).
     ``torch.bmm`` is a product like ``torch.matmul``."""
     import torch
@@ -36,7 +37,7 @@ def rules_in_torch(mode: str):
              (SqueezeExcitation, "forward"): SqueezeExcitation.forward, (torch, "tanh"): torch.tanh,
              (torch, "sigmoid"): torch.sigmoid,
              (torch.Tensor, "softmax"): torch.Tensor.softmax, (F, "layer_norm"): F.layer_norm, (F, "gelu"): F.gelu,
-             (F, "silu"): F.silu}
+             (F, "silu"): F.silu, (F, "group_norm"): F.group_norm}
     plain = saved[(torch, "matmul")]
 
     def matmul(a, b):
@@ -70,6 +71,15 @@ def rules_in_torch(mode: str):
         y = y if weight is None else y * weight
         return y if bias is None else y + bias
 
+    def group_norm(x, groups, weight=None, bias=None, eps=1e-5):  # (each group's sigma held constant)
+        g = x.reshape(x.shape[0], groups, -1)
+        mu = g.mean(-1, keepdim=True)
+        sigma = ((g - mu) ** 2).mean(-1, keepdim=True).add(eps).sqrt()
+        y = ((g - mu) / sigma.detach()).reshape(x.shape)
+        at = (1, -1) + (1,) * (x.dim() - 2)  # (per channel)
+        y = y if weight is None else y * weight.reshape(at)
+        return y if bias is None else y + bias.reshape(at)
+
     def identity_rule(f):  # (never in place: x is needed)
         return lambda x, *args, **kw: x * (f(x, *args, **{k: v for k, v in kw.items() if k != "inplace"}) / x).detach()
 
@@ -78,7 +88,7 @@ def rules_in_torch(mode: str):
            (torch, "einsum"): einsum, (F, "softmax"): softmax,
            (SqueezeExcitation, "forward"): gate, (torch, "tanh"): identity_rule(saved[(torch, "tanh")]),
            (torch, "sigmoid"): identity_rule(saved[(torch, "sigmoid")]), (torch.Tensor, "softmax"): softmax,
-           (F, "layer_norm"): layer_norm,
+           (F, "layer_norm"): layer_norm, (F, "group_norm"): group_norm,
            (F, "gelu"): identity_rule(saved[(F, "gelu")]), (F, "silu"): identity_rule(saved[(F, "silu")])}
     try:  # Hugging Face's GELU module holds F.gelu from its construction: it calls the patched one at run time
         from transformers.activations import GELUActivation

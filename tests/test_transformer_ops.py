@@ -556,3 +556,34 @@ def test_difference_with_a_computed_mask_is_a_bias(first):
         expected = _run64(lrpc.compile(add, composite, epsilon=0.05, sum_rule="norm"), feeds)["relevance"]
         got = _run64(lrpc.compile(sub, composite, epsilon=0.05, sum_rule="norm"), feeds)["relevance"]
         assert rel_l2(got, expected) < 1e-12, composite
+
+
+def test_difference_of_two_computed_tensors_is_a_sum():
+    """``x W - x V`` (both depend on the explained input, as PoolFormer's ``pool(x) - x``): a residual sum of
+    ``x W`` and ``-x V``. Oracles: LRP-0 (epsilon composite at epsilon 0: epsilon on the products, norm on the sum) is
+    gradient × input, and every composite gives the relevance of the same graph written as Add of a Neg."""
+    rng = np.random.default_rng(13)
+    w, v, w2 = rng.standard_normal((4, 5)), rng.standard_normal((4, 5)), rng.standard_normal((5, 3))
+    inits = [numpy_helper.from_array(a, n) for a, n in ((w, "W"), (v, "V"), (w2, "W2"))]
+
+    def model(sub: bool):
+        nodes = [helper.make_node("MatMul", ["x", "W"], ["y"]), helper.make_node("MatMul", ["x", "V"], ["u"])]
+        nodes += ([helper.make_node("Sub", ["y", "u"], ["z"])] if sub else
+                  [helper.make_node("Neg", ["u"], ["nu"]), helper.make_node("Add", ["y", "nu"], ["z"])])
+        return _model(nodes + [helper.make_node("MatMul", ["z", "W2"], ["out"])], [("x", [2, 4])], "out", [2, 3],
+                      inits)
+
+    x = rng.standard_normal((2, 4))
+    out = x @ (w - v) @ w2
+    k = out.argmax(1)
+    seed = np.zeros_like(out)
+    seed[np.arange(2), k] = out[np.arange(2), k]
+    feeds = {"x": x, "relevance_seed": seed}
+    got = _run64(lrpc.compile(model(True), "epsilon", epsilon=0.0, stabilizer_eps=0.0), feeds)["relevance"]
+    assert rel_l2(got, x * ((w - v) @ w2)[:, k].T) < 1e-12
+    assert _rules_of(lrpc.compile(model(True), "epsilon"))["Sub_2"].startswith("norm")
+    for composite in ("epsilon", "attnlrp", "epsilon-gamma-box"):
+        for sum_rule in ("norm", "sign-norm"):
+            expected = _run64(lrpc.compile(model(False), composite, sum_rule=sum_rule), feeds)["relevance"]
+            got = _run64(lrpc.compile(model(True), composite, sum_rule=sum_rule), feeds)["relevance"]
+            assert rel_l2(got, expected) < 1e-12, (composite, sum_rule)

@@ -63,7 +63,8 @@ def residual_sum(ctx, node, R_out):
 
 
 def _addends(ctx, node) -> list:
-    """What a sum adds: its operands; for a difference ``a - b`` (:data:`BIAS_SUM`) ``a`` and ``-b``."""
+    """What a sum adds: its operands; for a difference ``a - b`` (explained as a Sum or a :data:`BIAS_SUM`, see
+    emit.op_of) ``a`` and ``-b``."""
     if node.op != "Sub":
         return list(node.inputs)
     a, x = node.inputs
