@@ -24,8 +24,8 @@ def rules_in_torch(mode: str):
     (the identity rule, also Tanh and Sigmoid), an einsum of two such tensors splits as a product does, and
     torchvision's squeeze-and-excitation gate is a product of two computed tensors (split under attnlrp, the gate
     held constant under cp-lrp); GroupNorm holds each group's standard deviation constant. Gradient × input of
-    the model's output is then the rule's relevance where the
-    model's parameters need no gradients (``model.requires_grad_(False)``: only the input's descendants do).
+    the model's output is then the rule's relevance where the model's parameters need no gradients
+    (``model.requires_grad_(False)``: only the input's descendants do).
     ``torch.bmm`` is a product like ``torch.matmul``."""
     import torch
     from torch.nn import functional as F
