@@ -79,6 +79,7 @@ class Session:
         self.scores_output = meta.get(OUTPUT) if meta.get(OUTPUT) in self.outputs else self.outputs[0]
         self.sigmoid = _behind_sigmoid(model.graph, self.scores_output)
         self.channels_last = channels_last
+        self._probed: dict = {}  # input shapes -> seed shape read off a forward (dims the inputs do not name)
 
     def run(self, feeds: dict, seed: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """All outputs by name, for explicit inputs and an explicit seed (none for a top1-compiled model)."""
@@ -103,10 +104,11 @@ class Session:
         if not self.top1 and seed is None:
             raise InputError(f"a seed is needed ('{SEED}')")
 
-    def _run(self, names, feeds, seed, top1: bool, host: bool = True) -> dict:
+    def _run(self, names, feeds, seed, top1: bool, host: bool = True, probe: bool = False) -> dict:
         """One IO-bound run of ``feeds`` (checked by :meth:`_feeds`): inputs bound where they are (numpy arrays are
         read in place on the CPU and copied once to a CUDA device), outputs allocated on the session's device;
-        ``host``: copied back as numpy."""
+        ``host``: copied back as numpy. A seed whose size differs from the explained output's is refused (it
+        would broadcast), except in a ``probe`` (a forward-only run: the seed is a placeholder)."""
         if sorted(feeds) != sorted(self.inputs):
             raise InputError(f"inputs {sorted(feeds)} given, the model takes {self.inputs}")
         if not self.top1:
@@ -129,7 +131,13 @@ class Session:
         except (RuntimeError, _ORT_ERRORS.InvalidArgument, _ORT_ERRORS.Fail, _ORT_ERRORS.RuntimeException) as e:
             # (inputs that fit the declared shapes but not each other, e.g. a seed of another batch than the input's)
             raise InputError(f"onnxruntime refused the inputs: {one_line(e)}") from None
-        return dict(zip(names, binding.copy_outputs_to_cpu() if host else binding.get_outputs()))
+        result = dict(zip(names, binding.copy_outputs_to_cpu() if host else binding.get_outputs()))
+        if SEED in feeds and self.scores_output in result and not probe:  # (a seed that broadcasts runs, wrongly)
+            s, out = _shape(feeds[SEED]), _shape(result[self.scores_output])
+            if int(np.prod(s)) != int(np.prod(out)):
+                raise InputError(f"the seed has shape {s}, the explained output '{self.scores_output}' {out}: "
+                                 f"give a seed of the output's shape")
+        return result
 
     def _checked(self, name: str, value):
         return conform(self._specs[name], value, "the seed" if name == SEED else f"input '{name}'")
@@ -229,11 +237,28 @@ class Session:
 
     def _seed_shape(self, feeds) -> list[int]:
         """The seed's shape for ``feeds``: a dynamic dim takes the size of an input's dim of the same name (a sequence
-        length ``T`` of ``input_ids`` [B, T] and logits [B, T, V]), else the batch."""
+        length ``T`` of ``input_ids`` [B, T] and logits [B, T, V]). Dims no input names (an exporter that names
+        the output's dims apart from the inputs') are read off the explained output of a forward-only run (once per
+        input shapes), where it has the seed's rank; else they are the batch."""
         batch = _shape(next(iter(feeds.values())))[0]
         named = {d: n for name, value in feeds.items() if name in self._specs
                  for d, n in zip(self._specs[name].shape, _shape(value)) if isinstance(d, str)}
-        return [d if isinstance(d, int) else named.get(d, batch) for d in self.seed_shape]
+        shape = [d if isinstance(d, int) else named.get(d) for d in self.seed_shape]
+        if None in shape[1:]:
+            key = tuple((n, tuple(_shape(v))) for n, v in sorted(feeds.items()))
+            if key not in self._probed:
+                self._probed[key] = self._forward_shape(feeds, [batch, *(1 if d is None else d for d in shape[1:])])
+            out = self._probed[key]
+            if len(out) == len(shape):
+                shape = [o if d is None else d for d, o in zip(shape, out)]
+        return [batch if d is None else d for d in shape]
+
+    def _forward_shape(self, feeds, placeholder: list[int]) -> list[int]:
+        """The explained output's shape for ``feeds``: onnxruntime runs only the nodes that output needs (the
+        relevance's are left out, so the seed is a ``placeholder`` of any size the declared shape admits)."""
+        seed = None if self.top1 else np.zeros(placeholder, self._dtype)
+        out = self._run([self.scores_output], feeds, seed, top1=False, probe=True)
+        return _shape(out[self.scores_output])
 
     def _scores(self, feeds) -> np.ndarray:
         """The scores the targets refer to (one run with a zero seed)."""

@@ -163,6 +163,27 @@ def test_random_inputs_of_token_models_are_ids_within_the_vocabulary():
     assert np.all(feeds["attention_mask"] == 1)
 
 
+def test_output_dims_named_apart_from_the_inputs():
+    """An export that names the logits' dims itself (torch's legacy exporter with dynamic axes on the inputs only:
+    'MatMulout_dim_0', 'MatMulout_dim_1'): the seed's sequence length is read off a forward-only run, so target
+    "next" explains the last position, as with the dims named after the inputs; a seed that would broadcast over
+    the logits is refused in one line."""
+    named, apart = _decoder(length="seq"), _decoder(length="seq")
+    for i, d in enumerate(apart.graph.output[0].type.tensor_type.shape.dim[:2]):
+        d.dim_param = f"MatMulout_dim_{i}"
+    feeds = _feeds()
+    want = lrpc.Session(lrpc.compile(named, "attnlrp")).explain(**feeds, target="next")
+    session = lrpc.Session(lrpc.compile(apart, "attnlrp"))
+    for batch in (feeds, {k: v[:1] for k, v in feeds.items()}):
+        got = session.explain(**batch, target="next")
+        n = len(batch["input_ids"])
+        assert got.seed.shape == (n, T, V) and np.array_equal(got.seed, want.seed[:n])
+        assert rel_l2(got.relevance, want.relevance[:n]) < 1e-6
+    with pytest.raises(lrpc.InputError, match=r"the seed has shape \[2, 1, 20\], the explained output 'logits' "
+                                              r"\[2, 5, 20\]"):
+        session.explain(**feeds, seed=want.seed[:, -1:])
+
+
 def test_cli_explain_tokens_writes_json_npy_and_a_table(tmp_path):
     """--tokens ids.npy ([T] or [B, T]): rel.json holds ids, relevance and the explained (position, token) per
     sample, rel.npy the relevance; the same as Session.explain (the mask defaults to ones)."""
