@@ -61,37 +61,49 @@ def _move(name: str, x: np.ndarray) -> np.ndarray:
     return np.take(x, consts["i"], axis=attrs["axis"])
 
 
-def _dense_model(name: str, w: np.ndarray) -> onnx.ModelProto:
+def _dense_model(name: str, w: np.ndarray, run_time: bool = False) -> onnx.ModelProto:
+    """``y = W · move(x)``; ``run_time``: the indices are an input of the graph (read at run time), else constants."""
     shape, (op, attrs), consts = MOVES[name]
     out = _move(name, np.zeros(shape))
     flat = [helper.make_node("Reshape", ["m", "flat"], ["f"], name="flatten")]
     nodes = [helper.make_node(op, ["x", "i"], ["m"], name="move", **attrs), *flat,
              helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
-    inits = [numpy_helper.from_array(v, k) for k, v in consts.items()]
+    inits = [] if run_time else [numpy_helper.from_array(v, k) for k, v in consts.items()]
     inits += [numpy_helper.from_array(np.array([1, out.size], np.int64), "flat"), numpy_helper.from_array(w, "w")]
-    graph = helper.make_graph(nodes, name, [helper.make_tensor_value_info("x", TensorProto.DOUBLE, list(shape))],
+    inputs = [helper.make_tensor_value_info("x", TensorProto.DOUBLE, list(shape))]
+    if run_time:
+        inputs.append(helper.make_tensor_value_info("i", TensorProto.INT64, list(np.shape(consts["i"]))))
+    graph = helper.make_graph(nodes, name, inputs,
                               [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [1, w.shape[1]])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+@pytest.mark.parametrize("run_time", [False, True], ids=["constant", "run_time"])
 @pytest.mark.parametrize("name", list(MOVES))
-def test_moved_relevance_equals_dense_reference(name):
+def test_moved_relevance_equals_dense_reference(name, run_time):
+    """Also with the indices an input of the graph (computed from inputs other than the explained one, as a
+    sequence classifier's last-token positions from the ids): read at run time."""
+    if run_time and not name.startswith("gather"):
+        pytest.skip("Expand's shape is not an index")
     rng = np.random.default_rng(0)
     shape = MOVES[name][0]
     x = rng.standard_normal(shape)
     n_out = _move(name, x).size
     w = rng.standard_normal((n_out, 6))
-    model = _dense_model(name, w)
+    model = _dense_model(name, w, run_time)
     compiled = lrpc.compile(model, "epsilon", epsilon=0.0, stabilizer_eps=0.0)
     seed = rng.standard_normal((1, 6))
-    out = run_onnx(compiled, {"x": x, "relevance_seed": seed})
+    feeds = {"x": x, "relevance_seed": seed}
+    if run_time:
+        feeds["i"] = np.asarray(MOVES[name][2]["i"], np.int64)
+    out = run_onnx(compiled, feeds)
     # J: column j is the movement of the j-th unit vector
     J = np.stack([_move(name, e.reshape(shape)).reshape(-1) for e in np.eye(x.size)], axis=1)
     y = J @ x.reshape(-1) @ w
     np.testing.assert_allclose(out["y"][0], y, rtol=1e-12)
     want = x.reshape(-1) * (J.T @ (w @ (seed[0] / y)))
     assert rel_l2(out["relevance"].reshape(-1), want) < 1e-12
-    if "transposed" in name:  # a transposed view: Reshape/Transpose, no Gather left
+    if "transposed" in name and not run_time:  # a transposed view: Reshape/Transpose, no Gather left
         assert {n.op for n in canonize(model).graph.nodes} == {"Reshape", "Transpose", "Gemm"}
 
 
@@ -184,20 +196,26 @@ def test_transposed_view_is_recognised(shape, perm):
         assert transposed_view(idx, n + 1) is None
 
 
-@pytest.mark.parametrize("op", ["Gather", "GatherElements"])
-def test_gather_with_computed_indices_is_refused(op):
+@pytest.mark.parametrize("op", ["Gather", "GatherElements", "GatherND"])
+def test_gather_with_indices_from_the_explained_input_is_refused(op):
+    """Indices that depend on the explained input (an arg-max of it) would let relevance choose its own path."""
     rng = np.random.default_rng(0)
-    nodes = [helper.make_node(op, ["x", "i"], ["g"], name="pick", axis=1),
+    shape = {"Gather": [3], "GatherElements": [1, 3, 3], "GatherND": [1, 1]}[op]
+    nodes = [helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),  # (an integer made from x, of the right shape)
+             helper.make_node("Cast", ["s"], ["si"], to=TensorProto.INT64),
+             helper.make_node("Mul", ["si", "zero"], ["z"]), helper.make_node("Expand", ["z", "ishape"], ["i"]),
+             helper.make_node(op, ["x", "i"], ["g"], name="pick", **({} if op == "GatherND" else {"axis": 1})),
              helper.make_node("Reshape", ["g", "flat"], ["f"], name="flatten"),
              helper.make_node("MatMul", ["f", "w"], ["y"], name="dense")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3]),
-                                           helper.make_tensor_value_info("i", TensorProto.INT64,
-                                                                         [3] if op == "Gather" else [1, 3, 3])],
+    size = {"Gather": 9, "GatherElements": 9, "GatherND": 12}[op]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 2])],
-                              [numpy_helper.from_array(np.array([1, 9], np.int64), "flat"),
-                               numpy_helper.from_array(rng.standard_normal((9, 2)).astype(np.float32), "w")])
+                              [numpy_helper.from_array(np.array([1, size], np.int64), "flat"),
+                               numpy_helper.from_array(np.array(0, np.int64), "zero"),
+                               numpy_helper.from_array(np.array(shape, np.int64), "ishape"),
+                               numpy_helper.from_array(rng.standard_normal((size, 2)).astype(np.float32), "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    message = rf"^node 'pick' \({op}\): {op} with computed indices has no LRP rule$"
+    message = rf"^node 'pick' \({op}\): {op} with indices computed from the explained input has no LRP rule"
     with pytest.raises(lrpc.UnsupportedError, match=message):
         lrpc.compile(model, "epsilon")
 

@@ -152,3 +152,68 @@ def test_family_compiles_and_both_exports_agree(family, tmp_path):
             got[exporter, composite] = e.relevance
     for composite in ("attnlrp", "cp-lrp"):
         assert rel_l2(got["legacy17", composite], got["dynamo18", composite]) < 1e-4, composite
+
+
+# family: (model class, config class, config, the same weights' output at every position, the pooled position per row)
+POOLED = {
+    "qwen2cls": ("Qwen2ForSequenceClassification", "Qwen2Config", {**DEC, **IDS, "num_labels": 3},
+                 lambda net, kw: net.score(net.model(**kw).last_hidden_state)),
+    "cliptext": ("CLIPTextModelWithProjection", "CLIPTextConfig",
+                 dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                      vocab_size=V, max_position_embeddings=64, projection_dim=16, eos_token_id=V - 1),
+                 lambda net, kw: net.text_projection(net.text_model(**kw).last_hidden_state)),
+}
+
+
+class _Named(torch.nn.Module):
+    def __init__(self, net, out):
+        super().__init__()
+        self.net, self.out = net, out
+
+    def forward(self, input_ids, attention_mask):
+        kw = {"input_ids": input_ids, "attention_mask": attention_mask}
+        return self.out(self.net, kw) if callable(self.out) else getattr(self.net(**kw), self.out)
+
+
+@pytest.mark.parametrize("family", list(POOLED))
+def test_pooling_at_positions_computed_from_the_ids(family, tmp_path):
+    """A decoder's sequence classifier (the logits at each row's last non-padding token, found from the ids) and
+    CLIP's text model (the end-of-text token's state, at the ids' arg-max): a Gather (GatherND) whose indices are
+    computed from the ids, read at run time. Oracle: the relevance equals that of the same weights' output at every
+    position, seeded at each row's pooled position with the pooled model's seed (both exporters)."""
+    import onnx
+    import transformers
+
+    model, config, kwargs, per_position = POOLED[family]
+    cfg = getattr(transformers, config)(**kwargs)
+    cfg._attn_implementation = "eager"
+    net = getattr(transformers, model)(cfg)
+    _randomize(net.eval())
+    ids = np.random.default_rng(6).integers(3, V - 1, (2, T)).astype(np.int64)
+    mask = np.ones((2, T), np.int64)
+    if family == "qwen2cls":  # (the second row padded at its end: its last token is one earlier)
+        ids[1, -1], mask[1, -1], at = 0, 0, [T - 1, T - 2]
+    else:  # (the end-of-text token, the highest id)
+        at = [3, T - 1]
+        ids[np.arange(2), at] = V - 1
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    for exporter in ("legacy17", "dynamo18"):
+        got = {}
+        for name, out in (("pooled", "logits" if family == "qwen2cls" else "text_embeds"), ("every", per_position)):
+            module = _Named(net, out)
+            module.names = list(feeds)
+            export(module, feeds, tmp_path / f"{name}-{exporter}.onnx", exporter)
+            got[name] = lrpc.Session(lrpc.compile(str(tmp_path / f"{name}-{exporter}.onnx"), "attnlrp"))
+        exported = onnx.load(str(tmp_path / f"pooled-{exporter}.onnx"))
+        consts = {i.name for i in exported.graph.initializer} | {o for n in exported.graph.node
+                                                                 if n.op_type == "Constant" for o in n.output}
+        picks = [n.op_type for n in exported.graph.node if n.op_type in ("Gather", "GatherND")
+                 and n.input[1] not in consts and "embed" not in n.name and "Shape" not in n.input[0]]
+        assert picks, exporter  # (the pooling: indices computed in the graph)
+        pooled = got["pooled"].explain(**feeds, target="top1")
+        seed = np.zeros(got["every"].run(feeds, np.zeros((2, T, pooled.seed.shape[1]), np.float32))["out"].shape,
+                        np.float32)
+        seed[np.arange(2), at] = pooled.seed
+        each = got["every"].explain(**feeds, seed=seed)
+        assert rel_l2(each.output[np.arange(2), at], pooled.output) < 1e-5
+        assert np.any(pooled.relevance) and rel_l2(pooled.relevance, each.relevance) < 1e-5, exporter

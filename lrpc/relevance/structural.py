@@ -89,14 +89,15 @@ def _unbroadcast_at_run_time(b, r, x, lead: int):
 
 @register("Gather", **DATA_MOVEMENT)
 def gather(ctx, node, R_out):
-    """Gather with constant indices: each element of the data gets the relevance of every place it was copied to
-    (ScatterElements with reduction add along the gathered axis, or zero padding where the indices are one
-    contiguous range; elements not gathered get none)."""
+    """Gather: each element of the data gets the relevance of every place it was copied to (ScatterElements with
+    reduction add along the gathered axis, or zero padding where constant indices are one contiguous range;
+    elements not gathered get none). Indices computed from inputs other than the explained ones (the last token of
+    each sequence, found from the ids: a decoder's sequence classification) are read at run time."""
     x, idx = node.inputs
-    if not is_const(idx):
-        raise UnsupportedError(f"{where(node)}: Gather with computed indices has no LRP rule")
     if x.shape is None:
         raise UnsupportedError(f"{where(node)}: Gather from a tensor of unknown rank")
+    if not is_const(idx):
+        return [_scattered_at(ctx, node, x, idx, R_out[0]), None]
     dims, rank = list(x.shape), len(x.shape)
     axis = int(node.attrs.get("axis", 0)) % rank
     ind = const_value(idx).astype(np.int64).reshape(-1)
@@ -145,28 +146,62 @@ def gather(ctx, node, R_out):
     return [scattered, None]
 
 
+def _scattered_at(ctx, node, x, idx, R):
+    """The relevance ``R`` of ``Gather(x, idx)`` with ``idx`` computed at run time (no function of the explained
+    input: :func:`_run_time_indices`), added into zeros shaped like ``x`` at the indices (negative ones count from
+    the end, as in Gather)."""
+    b, rank = ctx.b, len(x.shape)
+    axis = int(node.attrs.get("axis", 0)) % rank
+    whole = b.shape_of(x)
+    count = b.op("Reshape", [b.op("Size", [idx], dtype=np.int64), b.ints([1])], dtype=np.int64)
+    shape = b.op("Concat", [b.op("Slice", [whole, b.ints([0]), b.ints([axis])], dtype=np.int64), count,
+                            b.op("Slice", [whole, b.ints([axis + 1]), b.ints([rank])], dtype=np.int64)],
+                 {"axis": 0}, dtype=np.int64)
+    r = b.op("Reshape", [R, shape])
+    at = b.op("Reshape", [_run_time_indices(ctx, node, idx), b.ints([1] * axis + [-1] + [1] * (rank - axis - 1))],
+              dtype=np.int64)
+    return b.op("ScatterElements", [b.zeros_like(x), b.op("Expand", [at, b.shape_of(r)], dtype=np.int64), r],
+                {"axis": axis, "reduction": "add"})
+
+
+def _run_time_indices(ctx, node, idx):
+    """``idx`` as int64, refused where it depends on the explained input (relevance would then pick its own path)."""
+    if idx.name in ctx.live:
+        raise UnsupportedError(f"{where(node)}: {node.op} with indices computed from the explained input has no LRP "
+                               f"rule (indices from other inputs, as token ids, are read at run time)")
+    return idx if np.dtype(idx.dtype) == np.int64 else ctx.b.op("Cast", [idx], {"to": 7}, dtype=np.int64)
+
+
 @register("GatherElements", **DATA_MOVEMENT)
 def gather_elements(ctx, node, R_out):
-    """GatherElements with constant indices (DeBERTa's relative-position scores picked per query and key): each
-    element gets the relevance of every place it was copied to (ScatterElements with reduction add)."""
+    """GatherElements (DeBERTa's relative-position scores picked per query and key): each element gets the
+    relevance of every place it was copied to (ScatterElements with reduction add); computed indices as in
+    Gather."""
     x, idx = node.inputs
-    if not is_const(idx):
-        raise UnsupportedError(f"{where(node)}: GatherElements with computed indices has no LRP rule")
     b = ctx.b
-    at = b.const(const_value(idx).astype(np.int64), np.int64)
+    at = b.const(const_value(idx).astype(np.int64), np.int64) if is_const(idx) else _run_time_indices(ctx, node, idx)
     return [b.op("ScatterElements", [b.zeros_like(x), at, R_out[0]],
                  {"axis": int(node.attrs.get("axis", 0)), "reduction": "add"}), None]
 
 
 @register("GatherND", **DATA_MOVEMENT)
 def gather_nd(ctx, node, R_out):
-    """GatherND with constant indices (dynamo's advanced indexing ``x[:, [2, 0, 2]]``): each element or slice of the
-    data gets the relevance of every copy (ScatterND with reduction add)."""
+    """GatherND (dynamo's advanced indexing ``x[:, [2, 0, 2]]``, or ``x[arange(B), last]`` with indices computed
+    from the ids): each element or slice of the data gets the relevance of every copy (ScatterND with reduction
+    add); computed indices as in Gather."""
     x, idx = node.inputs
-    if not is_const(idx):
-        raise UnsupportedError(f"{where(node)}: GatherND with computed indices has no LRP rule")
     if int(node.attrs.get("batch_dims", 0)):
         raise UnsupportedError(f"{where(node)}: GatherND with batch_dims is not supported")
+    if not is_const(idx):
+        k = idx.shape[-1] if idx.shape else None
+        if not isinstance(k, (int, np.integer)):
+            raise UnsupportedError(f"{where(node)}: GatherND with computed indices of unknown depth")
+        b = ctx.b
+        at = _run_time_indices(ctx, node, idx)
+        sizes = b.op("Slice", [b.shape_of(x), b.ints([0]), b.ints([int(k)])], dtype=np.int64)
+        at = b.op("Where", [b.op("Less", [at, b.ints(0)], dtype=bool), b.op("Add", [at, sizes], dtype=np.int64), at],
+                  dtype=np.int64)  # (negative indices count from the end)
+        return [b.op("ScatterND", [b.zeros_like(x), at, R_out[0]], {"reduction": "add"}), None]
     dims = static_dims(x, node, "input shape")
     ind = const_value(idx).astype(np.int64)
     k = ind.shape[-1]
