@@ -84,9 +84,10 @@ def text_ids(text: str, tokenizer) -> tuple[dict, list[str]]:
 
 def model_feeds(session, arrays: dict, source: str) -> tuple[dict, np.ndarray]:
     """(the feeds of ``session``, the token ids [B, T]): the ids under the model's ids input and the arrays given by
-    name, each converted to the input's type; an attention mask not given is all ones, token types zeros, position
-    ids 0..T-1. A decoder's key/value cache (inputs ``past_key_values.*``, [B, heads, P, hd]) must be given; the
-    attention mask then covers the P cached tokens and the T new ones, position ids count from P."""
+    name (each [B, T], or [B, T, ...] for an input of higher rank, as LayoutLM's boxes), converted to the input's
+    type; an attention mask not given is all ones, token types zeros, position ids 0..T-1. A decoder's key/value
+    cache (inputs ``past_key_values.*``, [B, heads, P, hd]) must be given; the attention mask then covers the P
+    cached tokens and the T new ones, position ids count from P."""
     from .runtime import NUMPY_TYPES
 
     specs = {i.name: i for i in session.session.get_inputs()}
@@ -127,11 +128,13 @@ def model_feeds(session, arrays: dict, source: str) -> tuple[dict, np.ndarray]:
                 value = np.broadcast_to(np.arange(past, past + ids.shape[1]), ids.shape)
             else:
                 raise InputError(f"{source}: no array for model input '{name}' (give an .npz with it)")
-        value = np.asarray(value)
-        value = value[None] if value.ndim == 1 else value  # (one sequence)
-        if list(value.shape) != want:
-            raise InputError(f"{source}: input '{name}' has shape {list(value.shape)}, the token ids "
-                             f"{list(ids.shape)}" + (f" after {past} cached tokens" if past else ""))
+        given = np.asarray(value)
+        rank = len(specs[name].shape) if specs[name].shape else 2  # (more than 2: per token, as LayoutLM's boxes)
+        value = given[None] if given.ndim == rank - 1 and len(ids) == 1 else given  # (one sequence)
+        if list(value.shape[:2]) != want or value.ndim != rank:
+            raise InputError(f"{source}: input '{name}' has shape {list(given.shape)}, the token ids "
+                             f"{list(ids.shape)}" + (f" after {past} cached tokens" if past else "") +
+                             (f" (it takes [B, T, ...] of rank {rank})" if rank != 2 else ""))
         feeds[name] = value.astype(NUMPY_TYPES[specs[name].type])
     return feeds, ids
 

@@ -213,6 +213,47 @@ def test_cli_explain_tokens_writes_json_npy_and_a_table(tmp_path):
     one_line_error(code, err, contains="refusing to overwrite an input file (the token ids)")
 
 
+def _boxes_model() -> onnx.ModelProto:
+    """LayoutLM's inputs in small: token ids [B, T] and a box per token, bbox [B, T, 4] (integer coordinates whose
+    embeddings are summed and added to the word's), then a dense head over each position: logits [B, T, V]."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((V, D)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((10, D)).astype(np.float32), "boxes"),
+             numpy_helper.from_array(rng.standard_normal((D, V)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([2], np.int64), "ax2")]
+    mk = helper.make_node
+    nodes = [mk("Gather", ["table", "input_ids"], ["e"]), mk("Gather", ["boxes", "bbox"], ["b4"]),
+             mk("ReduceSum", ["b4", "ax2"], ["b"], keepdims=0), mk("Add", ["e", "b"], ["x"]),
+             mk("Tanh", ["x"], ["h"]), mk("MatMul", ["h", "W"], ["logits"])]
+    g = helper.make_graph(nodes, "boxes", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["B", T]),
+                                           helper.make_tensor_value_info("bbox", TensorProto.INT64, ["B", T, 4])],
+                          [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["B", T, V])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_cli_explain_tokens_with_an_input_per_token_of_higher_rank(tmp_path):
+    """An integer input [B, T, 4] beside the ids (LayoutLM's boxes) comes from the .npz as it is ([T, 4] for one
+    sequence of ids [T]); the relevance is Session.explain's."""
+    onnx.save(_boxes_model(), tmp_path / "boxes.onnx")
+    rng = np.random.default_rng(2)
+    feeds = {"input_ids": rng.integers(0, V, (B, T)), "bbox": rng.integers(0, 10, (B, T, 4))}
+    want = lrpc.Session(lrpc.compile(_boxes_model(), "attnlrp")).explain(**feeds, target="token:2=7").relevance
+    for name, arrays, rows in (("both", feeds, slice(None)), ("one", {k: v[0] for k, v in feeds.items()}, slice(0, 1))):
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+        code, _, err = run_cli("explain", tmp_path / "boxes.onnx", "--tokens", tmp_path / f"{name}.npz", "--rules",
+                               "attnlrp", "--target", "token:2=7", "--no-cache", "-o", tmp_path / f"{name}.json")
+        assert code == 0, err
+        got = np.array([r["relevance"] for r in json.loads((tmp_path / f"{name}.json").read_text())["samples"]])
+        assert rel_l2(got, want[rows]) < 1e-6, name
+    np.savez(tmp_path / "flat.npz", input_ids=feeds["input_ids"], bbox=feeds["bbox"][..., 0])
+    code, _, err = run_cli("explain", tmp_path / "boxes.onnx", "--tokens", tmp_path / "flat.npz", "-o",
+                           tmp_path / "flat.json")
+    one_line_error(code, err, contains="input 'bbox' has shape [2, 5], the token ids [2, 5] (it takes [B, T, ...] "
+                                       "of rank 3)")
+
+
 @pytest.mark.parametrize("case,contains", [
     ("missing", "no such file"), ("floats", "token ids must be integers"), ("suffix", "needs a suffix"),
     ("position", "position 9 outside the sequence"), ("html", "needs the tokens' text"),
