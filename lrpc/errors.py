@@ -42,7 +42,7 @@ def where(node) -> str:
     return f"node '{node.name}' ({op_type(node)})"
 
 
-LISTED = 20  # nodes named in one error message
+LISTED = 8  # nodes named in one error message (the others counted, with their op types)
 
 
 def unsupported(nodes: list, refused: dict[str, str]) -> UnsupportedError:
@@ -52,7 +52,8 @@ def unsupported(nodes: list, refused: dict[str, str]) -> UnsupportedError:
     reasons = [refused[n.name] for n in shown if n.name in refused]
     plain = [where(n) for n in shown if n.name not in refused]
     parts = reasons + ([f"no relevance propagator for {', '.join(plain)}"] if plain else [])
-    more = f" and {len(nodes) - LISTED} more" if len(nodes) > LISTED else ""
+    rest = sorted({op_type(n) for n in nodes[LISTED:]})
+    more = f" and {len(nodes) - LISTED} more ({', '.join(rest)})" if rest else ""
     named = [n.name for n in nodes if n.name in refused] + [n.name for n in nodes if n.name not in refused]
     return UnsupportedError("; ".join(parts) + more, named)
 

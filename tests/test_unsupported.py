@@ -63,6 +63,21 @@ def test_compile_lists_pass_refusals_and_missing_propagators_in_one_error():
     assert e.value.nodes == ["mm1", "mm2", "hardmax"]
 
 
+def test_many_unsupported_nodes_are_counted_past_the_first_eight():
+    """Twelve nodes without a propagator (Hardmax, then LpNormalization, alternating): the message names the first
+    eight, then counts the rest with their op types; the error still lists all twelve (``.nodes``)."""
+    ops = ["Hardmax", "LpNormalization"] * 6
+    nodes = [helper.make_node(op, [f"t{i}"], [f"t{i + 1}"], name=f"n{i}") for i, op in enumerate(ops)]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("t0", TensorProto.FLOAT, [1, 4])],
+                          [helper.make_tensor_value_info("t12", TensorProto.FLOAT, [1, 4])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    with pytest.raises(lrpc.UnsupportedError) as e:
+        lrpc.compile(m, "epsilon")
+    named = ", ".join(f"node 'n{i}' ({op})" for i, op in enumerate(ops[:8]))
+    assert str(e.value) == f"no relevance propagator for {named} and 4 more (Hardmax, LpNormalization)"
+    assert e.value.nodes == [f"n{i}" for i in range(12)]
+
+
 def test_canonize_lists_every_refused_node():
     with pytest.raises(lrpc.UnsupportedError) as e:
         lrpc.canonize(_model())
