@@ -60,6 +60,9 @@ def rules_in_torch(mode: str):
         return a.detach() * b
 
     def softmax(x, *args, **kw):
+        kw.pop("_stacklevel", None)  # (F.softmax's, which nn.Softmax passes; Tensor.softmax has none)
+        if len(args) > 1:  # (F.softmax(x, dim, _stacklevel, dtype) positionally)
+            args = (args[0], *args[2:])
         s = saved[(torch.Tensor, "softmax")](x, *args, **kw)
         return s.detach() if mode == "cp-lrp" else s
 
