@@ -186,6 +186,8 @@ FAMILIES: dict[str, Family] = {
     "timm/convnext_atto": Family("timm", _timm("convnext_atto"), "timm ConvNeXt: LayerNorm2d, GELU, layer scale"),
     "timm/mobilevit_xxs": Family("timm", _timm("mobilevit_xxs"),
                                  "MobileViT: unfold to patches, transformer blocks (LayerNorm, attention), SiLU"),
+    "timm/convnextv2_atto": Family("timm", _timm("convnextv2_atto"),
+                                   "ConvNeXt V2: global response normalization (ReduceL2, mean, x * N(x)), LayerNorm"),
     "timm/poolformer_s12": Family("timm", _timm("poolformer_s12"),
                                   "PoolFormer: pool(x) - x token mixer (Sub), GroupNorm, GELU MLP, layer scale"),
 }

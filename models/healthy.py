@@ -68,8 +68,9 @@ def _fix_dead_scales(model: nn.Module, g: torch.Generator) -> None:
         leaf = name.rsplit(".", 1)[-1]
         if any(k in leaf for k in DEAD_SCALE_NAMES) and float(p.abs().max()) < 1e-3:
             p.copy_(0.5 + torch.rand(p.shape, generator=g))
-    for m in model.modules():
-        if isinstance(m, NORMS) and getattr(m, "weight", None) is not None:
+    for m in model.modules():  # (timm's GlobalResponseNorm starts with weight and bias 0: it would be the identity)
+        grn = type(m).__name__ == "GlobalResponseNorm"
+        if (isinstance(m, NORMS) or grn) and getattr(m, "weight", None) is not None:
             m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
             if m.bias is not None:
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))

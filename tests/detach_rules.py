@@ -23,7 +23,9 @@ def rules_in_torch(mode: str):
     held constant (cp-lrp), LayerNorm holds its standard deviation constant, GELU and SiLU are ``x · sg(f(x)/x)``
     (the identity rule, also Tanh and Sigmoid), an einsum of two such tensors splits as a product does, and
     torchvision's squeeze-and-excitation gate is a product of two computed tensors (split under attnlrp, the gate
-    held constant under cp-lrp); GroupNorm holds each group's standard deviation constant. Gradient × input of
+    held constant under cp-lrp); GroupNorm holds each group's standard deviation constant, and a norm
+    (``Tensor.norm``, ``linalg.vector_norm``: ``F.normalize``'s and ConvNeXt V2's response normalization's scale) is
+    held constant. Gradient × input of
     the model's output is then the rule's relevance where the model's parameters need no gradients
     (``model.requires_grad_(False)``: only the input's descendants do).
     ``torch.bmm`` is a product like ``torch.matmul``."""
@@ -37,7 +39,8 @@ def rules_in_torch(mode: str):
              (SqueezeExcitation, "forward"): SqueezeExcitation.forward, (torch, "tanh"): torch.tanh,
              (torch, "sigmoid"): torch.sigmoid,
              (torch.Tensor, "softmax"): torch.Tensor.softmax, (F, "layer_norm"): F.layer_norm, (F, "gelu"): F.gelu,
-             (F, "silu"): F.silu, (F, "group_norm"): F.group_norm}
+             (F, "silu"): F.silu, (F, "group_norm"): F.group_norm, (torch.Tensor, "norm"): torch.Tensor.norm,
+             (torch.linalg, "vector_norm"): torch.linalg.vector_norm}
     plain = saved[(torch, "matmul")]
 
     def matmul(a, b):
@@ -92,6 +95,8 @@ def rules_in_torch(mode: str):
            (SqueezeExcitation, "forward"): gate, (torch, "tanh"): identity_rule(saved[(torch, "tanh")]),
            (torch, "sigmoid"): identity_rule(saved[(torch, "sigmoid")]), (torch.Tensor, "softmax"): softmax,
            (F, "layer_norm"): layer_norm, (F, "group_norm"): group_norm,
+           (torch.Tensor, "norm"): lambda x, *a, **k: saved[(torch.Tensor, "norm")](x, *a, **k).detach(),
+           (torch.linalg, "vector_norm"): lambda x, *a, **k: saved[(torch.linalg, "vector_norm")](x, *a, **k).detach(),
            (F, "gelu"): identity_rule(saved[(F, "gelu")]), (F, "silu"): identity_rule(saved[(F, "silu")])}
     try:  # Hugging Face's GELU module holds F.gelu from its construction: it calls the patched one at run time
         from transformers.activations import GELUActivation

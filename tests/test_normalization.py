@@ -644,3 +644,67 @@ def test_float16_statistics_do_not_overflow(op):
     err = rel_l2(got.astype(np.float64), want)
     report_line(f"normalization float16 |x| ~ 1000 {op:24s} rel L2 {err:.1e}")
     assert err <= 2e-2, f"relative L2 {err:.2e}"
+
+
+class _CosineAttention(nn.Module):
+    """Swin V2's cosine attention in small: F.normalize of the queries and keys (``x / max(||x||, eps)``, broadcast
+    by Expand), their product times a scale, softmax, times the values."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.o = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k = nn.functional.normalize(self.q(x), dim=-1), nn.functional.normalize(self.k(x), dim=-1)
+        return self.o(((q @ k.transpose(-1, -2) * 5.0).softmax(-1) @ x).mean(1))
+
+
+class _ResponseNorm(nn.Module):
+    """ConvNeXt V2's global response normalization between two 1x1 convolutions: ``G = ||x||`` over the spatial
+    axes, ``x + w · x · G / (mean_c(G) + eps) + b``."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 4, 1)
+        self.w, self.bias = nn.Parameter(torch.rand(1, 8, 1, 1) + 0.5), nn.Parameter(0.1 * torch.randn(1, 8, 1, 1))
+
+    def forward(self, x):
+        h = self.a(x)
+        g = h.norm(p=2, dim=(2, 3), keepdim=True)
+        h = h + self.w * (h * (g / (g.mean(dim=1, keepdim=True) + 1e-6))) + self.bias
+        return self.b(h).mean((2, 3))
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+@pytest.mark.parametrize("name", ["cosine_attention", "response_norm"])
+def test_l2_normalizations_hold_their_scale_constant(name, exporter, tmp_path):
+    """Norms written out that scale a tensor by a function of its own L2 norm (``F.normalize``; ConvNeXt V2's GRN,
+    ``x · G / mean(G)``) are one normalization of ``x`` whose scale is held constant (as LayerNorm's σ): relevance
+    passes through unchanged. Oracle: gradient × input of the torch module with the norm detached
+    (tests/detach_rules.py) equals attnlrp at epsilon 0 (1e-4, float32)."""
+    from detach_rules import rules_in_torch
+
+    torch.manual_seed(0)
+    model, shape = (_CosineAttention(), (2, 4, 8)) if name == "cosine_attention" else (_ResponseNorm(), (2, 3, 5, 5))
+    model.eval().requires_grad_(False)
+    x = torch.randn(shape)
+    path = tmp_path / "m.onnx"
+    if exporter == "legacy":
+        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"])
+    else:
+        torch.onnx.export(model, (x,), dynamo=True, opset_version=18, input_names=["x"],
+                          output_names=["y"]).save(str(path), external_data=False)
+    xt = x.clone().requires_grad_(True)
+    with rules_in_torch("attnlrp"):
+        y = model(xt)
+    k = y.argmax(1)
+    y.gather(1, k[:, None]).sum().backward()
+    seed = np.zeros(tuple(y.shape), np.float32)
+    seed[np.arange(len(k)), k.numpy()] = y.detach().numpy()[np.arange(len(k)), k.numpy()]
+    compiled = lrpc.compile(str(path), "attnlrp", epsilon=0.0, stabilizer_eps=0.0)
+    sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run(["relevance"], {"x": x.numpy(), "relevance_seed": seed})[0]
+    err = rel_l2(got, (xt.grad * xt).detach().numpy())
+    report_line(f"{name} {exporter}: attnlrp vs the norm held constant in torch rel L2 {err:.1e} (float32)")
+    assert err < 1e-4

@@ -1,12 +1,12 @@
 """Vision transformers nobody here wrote, against the torch forward of the rules: torchvision's Swin (shifted
 windows, relative position bias, window masks, patch merging), timm's MobileViT-XXS (convolutions, SiLU, unfold
 to patches, transformer blocks), torchvision's MaxViT (MBConv with squeeze-and-excitation, block and grid
-attention as Einsums, a Tanh in the head) and timm's PoolFormer-S12 (``pool(x) - x`` token mixers, GroupNorm, GELU
-MLPs), small configs with healthy random weights (models/families.py), both
-exporters.
+attention as Einsums, a Tanh in the head), timm's PoolFormer-S12 (``pool(x) - x`` token mixers, GroupNorm, GELU
+MLPs) and ConvNeXt V2-Atto (global response normalization), small configs with healthy random weights
+(models/families.py), both exporters.
 Oracle: gradient × input of the model run under :func:`detach_rules.rules_in_torch` (products of two computed
-tensors split, softmax constant under cp-lrp, LayerNorm's and GroupNorm's σ held constant, GELU/SiLU identity)
-equals the compiled relevance with epsilon 0 (1e-4 relative L2, float32)."""
+tensors split, softmax constant under cp-lrp, LayerNorm's and GroupNorm's σ and L2 norms held constant, GELU/SiLU
+identity) equals the compiled relevance with epsilon 0 (1e-4 relative L2, float32)."""
 from __future__ import annotations
 
 import numpy as np
@@ -59,7 +59,8 @@ def exports(tmp_path_factory):
 
 @pytest.mark.parametrize("composite", ["attnlrp", "cp-lrp"])
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
-@pytest.mark.parametrize("name", ["swin", "timm/mobilevit_xxs", "maxvit", "timm/poolformer_s12"])
+@pytest.mark.parametrize("name", ["swin", "timm/mobilevit_xxs", "maxvit", "timm/poolformer_s12",
+                                  "timm/convnextv2_atto"])
 def test_matches_the_rules_in_torch(exports, name, exporter, composite):
     model, x, path = exports(name, exporter)
     with torch.no_grad():

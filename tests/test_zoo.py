@@ -94,6 +94,7 @@ NO_GRAD_X_INPUT = {
     "timm/convnext_atto": "LayerNorm and GELU rules are not LRP-0",
     "timm/mobilevit_xxs": "SiLU, LayerNorm, GELU, Softmax and attention rules are not LRP-0",
     "timm/poolformer_s12": "GroupNorm and GELU rules are not LRP-0",
+    "timm/convnextv2_atto": "LayerNorm, GELU and response normalization (its scale held constant) are not LRP-0",
 }
 GRAD_X_INPUT = [n for n in families.FAMILIES if n not in NO_GRAD_X_INPUT]
 

@@ -12,7 +12,10 @@ tensors (a squeeze-and-excitation gate ``x * sigmoid(conv(pool(x)))``) is no reg
 
 RMSNorm written out (Llama, Qwen, Gemma: ``x * 1/sqrt(mean(x^2) + eps)`` by Pow or Mul, ReduceMean, Add, Sqrt,
 Reciprocal or Div, Cast) is a region too, though not element-wise: AttnLRP's identity over the layer (``R_x = R``;
-the weight's Mul after it is a layer of its own)."""
+the weight's Mul after it is a layer of its own). So are the other norms written out that scale a tensor by a
+function of its own L2 norm: ``F.normalize`` (``x / max(||x||, eps)``, Swin V2's cosine attention) and ConvNeXt V2's
+global response normalization (``x * G / (mean(G) + eps)``, ``G = ||x||`` over the spatial axes): the scale held
+constant, as LayerNorm's σ."""
 from __future__ import annotations
 
 import numpy as np
@@ -30,8 +33,10 @@ NOT_ALONE = {"Sign", "Abs", "Reciprocal", "Not", "IsNaN", "IsInf"}
 MERGING = {"Add", "Sub", "Mul", "Div", "Pow", "Sum", "Max", "Min", "Where", "Greater", "Less", "GreaterOrEqual",
            "LessOrEqual", "Equal", "And", "Or"}
 
-# the ops of an RMSNorm's ``1/rms(x)`` branch
-RMS_OPS = {"Pow", "Mul", "Div", "Add", "Sqrt", "Reciprocal", "ReduceMean", "Cast"}
+# the ops of an RMSNorm's ``1/rms(x)`` branch, and of the other norms' scales (``||x||`` clamped and broadcast)
+RMS_OPS = {"Pow", "Mul", "Div", "Add", "Sqrt", "Reciprocal", "ReduceMean", "Cast", "ReduceL2", "ReduceSum", "Max",
+           "Clip", "Expand", "Shape"}
+REDUCTIONS = {"ReduceMean", "ReduceSum", "ReduceL2"}
 
 CHANGES_SHAPES = False
 
@@ -77,11 +82,12 @@ def run(canon: Canonical) -> bool:
 
 
 def _rms_norms(graph, origin: dict) -> tuple[dict, set]:
-    """RMSNorms written out: ``{head: x}`` for each node ``head = x * r`` (or ``x / r``) whose ``r`` is computed from
-    ``x`` alone by :data:`RMS_OPS` with a ReduceMean on the way (or the Conv avgpool_to_conv made of it) and read by
-    nothing else, and the outputs of the nodes those regions take."""
+    """RMSNorms (and L2 norms) written out: ``{head: x}`` for each node ``head = x * r`` (or ``x / r``) whose ``r``
+    is computed from ``x`` alone by :data:`RMS_OPS` with a reduction on the way (or the Conv avgpool_to_conv made of
+    a ReduceMean), a square of ``x`` and a root (Sqrt, or ReduceL2 of ``x``, which is both), and read by nothing
+    else, and the outputs of the nodes those regions take."""
     def mean(n) -> bool:
-        return origin.get(n.name, n.op) == "ReduceMean"
+        return origin.get(n.name, n.op) in REDUCTIONS
 
     made = {t.name: n for n in graph.nodes for t in n.outputs}
     outputs = {t.name for t in graph.outputs}
@@ -106,8 +112,10 @@ def _rms_norms(graph, origin: dict) -> tuple[dict, set]:
             inner = {n.outputs[0].name for n in nodes.values()}
             ops = [n.op for n in nodes.values()]
             inverted = "Reciprocal" in ops or "Div" in ops  # (1/rms: the head multiplies; rms: it divides)
-            if (ok and any(mean(n) for n in nodes.values()) and "Sqrt" in ops and inverted == (head.op == "Mul")
-                    and any(_squares(n, x) for n in nodes.values()) and not inner & claimed
+            l2 = any(n.op == "ReduceL2" and n.inputs[0].name == x.name for n in nodes.values())
+            if (ok and any(mean(n) for n in nodes.values()) and ("Sqrt" in ops or l2)
+                    and inverted == (head.op == "Mul") and (l2 or any(_squares(n, x) for n in nodes.values()))
+                    and not inner & claimed
                     and all(c is head or c.name in nodes for t in nodes.values() for c in t.outputs[0].outputs)):
                 found[head.name] = x.name
                 claimed |= inner | {head.outputs[0].name}
