@@ -238,10 +238,11 @@ def _rule_flags(c) -> None:
     c.add_argument("--maxpool", choices=["winner", "split"], default="winner",
                    help="MaxPool relevance: to the first arg-max (winner, as torch's gradient) or shared by tied "
                         "maxima")
-    c.add_argument("--sum-rule", choices=composites.SUM_RULES, default="norm",
-                   help="rule of residual sums: norm (zennit's, default), sign-norm (each output's relevance shared "
-                        "by the branches of its sign: stable where branches of both signs nearly cancel, e.g. RepVGG) "
-                        "or epsilon (norm with the composite's epsilon)")
+    c.add_argument("--sum-rule", choices=composites.SUM_RULES, default=None,
+                   help="rule of residual sums, over the composite's: norm (zennit's; the CNN composites'), sign-norm "
+                        "(each output's relevance shared by the branches of its sign: stable where branches of both "
+                        "signs nearly cancel, e.g. RepVGG) or epsilon (norm with the composite's epsilon; attnlrp's "
+                        "and cp-lrp's)")
     _debug_flag(c)
 
 

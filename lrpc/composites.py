@@ -90,8 +90,9 @@ class Options:
     high: object = 1.0
     zero_bias: bool = False
     maxpool: str = "winner"  # MaxPool relevance: "winner" (first arg-max, as torch) or "split" (ties share equally)
-    sum_rule: str = "norm"  # rule of residual sums where the composite and rule file name none: "norm" (zennit's) or
-    # "sign-norm" (stable where branches of both signs nearly cancel: RepVGG, pre-activation sums)
+    sum_rule: str | None = None  # rule of residual sums (where a rule file names none), over the composite's own:
+    # "norm" (zennit's, the CNN composites'), "sign-norm" (stable where branches of both signs nearly cancel: RepVGG,
+    # pre-activation sums) or "epsilon" (attnlrp's and cp-lrp's); None: the composite's
 
     def rule(self, name: str, overrides: dict | None = None) -> R.Rule:
         """Build rule ``name`` with parameters from these options, then ``overrides``."""
@@ -190,7 +191,7 @@ def _validated(ruleset: RuleSet) -> RuleSet:
     comp = ruleset.composite
     if ruleset.options.maxpool not in ("winner", "split"):
         raise InputError(f"maxpool must be 'winner' or 'split' (got {ruleset.options.maxpool!r})")
-    if ruleset.options.sum_rule not in SUM_RULES:
+    if ruleset.options.sum_rule is not None and ruleset.options.sum_rule not in SUM_RULES:
         raise InputError(f"sum_rule must be one of {', '.join(SUM_RULES)} (got {ruleset.options.sum_rule!r})")
     names = {(r, c) for c, r in comp.layers.items()} | {(r, c) for c, r in BASE.items()}
     names |= {(comp.first[1], c) for c in comp.first[0]} if comp.first else set()
@@ -216,7 +217,7 @@ def assign_rules(layers: list[tuple[str, tuple, str]], ruleset: RuleSet) -> dict
         elif is_first:
             out[name] = comp.rule(opts, comp.first[1], cat)
         else:
-            rule = comp.layers.get(cat) or (opts.sum_rule if cat == "sum" else BASE.get(cat, "pass"))
+            rule = (cat == "sum" and opts.sum_rule) or comp.layers.get(cat) or BASE.get(cat, "pass")
             out[name] = comp.rule(opts, rule, cat)
         if out[name].layers is not None and cat not in out[name].layers:
             raise InputError(f"node '{name}' ({ops[0]}): rule '{out[name].name}' applies only to "

@@ -163,15 +163,20 @@ def test_chained_adds_become_one_sum(dynamo, tmp_path):
 
 
 def test_sum_rule_option_and_rule_file(tmp_path):
-    """--sum-rule / Options.sum_rule and a rule file's category "sum" pick sign-norm for every residual sum; a
-    sum rule that does not apply to sums is an input error."""
+    """--sum-rule / Options.sum_rule and a rule file's category "sum" pick sign-norm for every residual sum, over
+    the composite's own (norm, or attnlrp's epsilon); a sum rule that does not apply to sums is an input error."""
     model = _sum_model(2, None, True)
+
+    def sum_rule(compiled) -> str:
+        return json.loads({p.key: p.value for p in compiled.metadata_props}["lrpc.rules"])["sum"]
+
     for compiled in (lrpc.compile(model, "epsilon-plus", sum_rule="sign-norm"),
+                     lrpc.compile(model, "attnlrp", sum_rule="sign-norm"),
                      lrpc.compile(model, _rule_file(tmp_path, {"category": "sum", "rule": "sign-norm"}))):
-        rules = json.loads({p.key: p.value for p in compiled.metadata_props}["lrpc.rules"])
-        assert rules["sum"] == "sign-norm"
-    assert json.loads({p.key: p.value for p in lrpc.compile(model, "epsilon-plus").metadata_props}
-                      ["lrpc.rules"])["sum"] == "norm"
+        assert sum_rule(compiled) == "sign-norm"
+    assert sum_rule(lrpc.compile(model, "epsilon-plus")) == "norm"
+    assert sum_rule(lrpc.compile(model, "attnlrp")).startswith("epsilon")
+    assert sum_rule(lrpc.compile(model, "attnlrp", sum_rule="norm")) == "norm"
     with pytest.raises(InputError, match="sum_rule must be one of epsilon, norm, sign-norm"):
         lrpc.compile(model, "epsilon-plus", sum_rule="zplus")
 
