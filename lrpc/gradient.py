@@ -79,6 +79,10 @@ def blocker(model: onnx.ModelProto, explained: str, inputs: list[str]) -> str | 
         at = f"node '{n.name}' ({n.op_type})"
         if any(a.type in (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS) for a in n.attribute):
             return f"{at} has a subgraph"
+        if n.op_type == "Sub":
+            if n.input[0] in moved or _constant(model, n.input[0]) is None:
+                continue  # (a - b: the sum of a and -b; m - a with m computed from other inputs: a bias add)
+            return f"{at}: a constant minus a computed tensor is explained as an activation of it (identity rule)"
         # (the registry's facts: exact for positively homogeneous activations, f(z) = z f'(z), and for linear
         # layers, sums, pools and routing, linear maps with exact adjoints)
         why = facts(n.op_type).gradient or "no LRP-0 = gradient identity is known for this op"

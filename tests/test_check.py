@@ -183,6 +183,48 @@ def test_gradient_green_on_relu_nets(name, tmp_path):
     assert checks["finite"].passed and checks["forward"].passed
 
 
+def _export_small(net, tmp_path):
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    net.eval()
+    x = torch.randn(1, 3, 8, 8)
+    path = tmp_path / "net.onnx"
+    torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["input"],
+                      output_names=["logits"])
+    return path, x.numpy()
+
+
+def test_gradient_green_through_a_difference_and_the_skip_reason_of_a_gate(tmp_path):
+    """A ReLU net whose block adds ``0.7 · (pool(r) - r)`` (PoolFormer's token mixer: a Sub of two computed tensors,
+    the sum of ``pool(r)`` and ``-r``) keeps LRP-0 = gradient × input, so the gradient check runs; on a net with a
+    squeeze-and-excitation gate the skip names the gate's activation, not the pool feeding it."""
+    torch = pytest.importorskip("torch")
+    from torch import nn
+
+    class Mixer(nn.Module):
+        def __init__(self, gated: bool):
+            super().__init__()
+            self.a, self.b, self.fc = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 1, 1), nn.Linear(8, 4)
+            self.pool, self.gated = nn.AvgPool2d(3, 1, 1), gated
+
+        def forward(self, x):
+            r = torch.relu(self.a(x))
+            if self.gated:
+                r = r * nn.functional.hardsigmoid(self.b(r.mean((2, 3), keepdim=True)))
+            else:
+                r = r + 0.7 * (self.pool(r) - r)
+            return self.fc(r.mean((2, 3)))
+
+    path, x = _export_small(Mixer(False), tmp_path)
+    _, checks = _check(path, "epsilon", inputs={"input": x})
+    g = checks["gradient"]
+    assert g.passed and not g.skipped and g.figure <= 1e-5, g.message
+    path, x = _export_small(Mixer(True), tmp_path)
+    _, checks = _check(path, "epsilon", inputs={"input": x})
+    g = checks["gradient"]
+    assert g.skipped and "HardSigmoid" in g.message and "Pool" not in g.message, g.message
+
+
 @pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
 def test_gradient_green_on_both_exporters(exporter, zoo_onnx):
     report, checks = _check(zoo_onnx("small", exporter))

@@ -24,8 +24,9 @@ from . import EXACT, declare, register
 from .stabilize import SIGN_GROUPS, complement, indicator, quotient, sign_message
 
 # (passes/avgpool_to_conv.py makes average pools depthwise Convs; GlobalMaxPool has no propagator)
-declare("AveragePool", category="avgpool", keeps_category=True, keeps_nonneg=True)
-declare("GlobalAveragePool", category="avgpool", keeps_category=True)
+declare("AveragePool", category="avgpool", keeps_category=True, keeps_nonneg=True, gradient=EXACT)
+declare("GlobalAveragePool", category="avgpool", keeps_category=True, gradient=EXACT)  # (also one no relevance
+# reaches, left as it is: a squeeze-and-excitation branch, where the gate is what stops the identity)
 declare("GlobalMaxPool", keeps_nonneg=True)
 
 
