@@ -99,3 +99,61 @@ def test_bn_after_relu_not_folded():
     model = make_model(nodes, [("x", ["N", 3, 5, 5])], [("y", ["N", 4, 5, 5])], inits)
     result, _ = canonize(model)
     assert ops(result) == Counter({"Conv": 1, "Relu": 1, "BatchNormalization": 1})
+
+
+@pytest.mark.parametrize("exporter", ["legacy", "dynamo"])
+def test_bn_behind_a_reshape_of_a_matmul_folds(exporter, tmp_path):
+    """LeViT's LinearNorm, ``bn(linear(x).flatten(0, 1)).reshape_as(...)``: a BatchNorm1d over [B·N, C] behind the
+    reshape of a bias-free MatMul folds into it (its scale into the weight's columns, its shift a bias), so the
+    layer's rule sees the normalized output; left standalone it got pass and its input's quotient blew the relevance
+    up. Oracle: LRP-0 (epsilon, epsilon 0) = gradient × input of the torch module (batch 2), both exporters."""
+    torch = pytest.importorskip("torch")
+    import numpy as np
+    import onnx
+
+    import lrpc
+    from conftest import rel_l2, run_onnx
+
+    class LinearNorm(torch.nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.lin, self.bn = torch.nn.Linear(a, b, bias=False), torch.nn.BatchNorm1d(b)
+
+        def forward(self, x):
+            y = self.lin(x)
+            return self.bn(y.flatten(0, 1)).reshape_as(y)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b, self.fc = LinearNorm(8, 16), LinearNorm(16, 16), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.b(torch.relu(self.a(x)))).mean(1))
+
+    torch.manual_seed(0)
+    net = Net().eval().requires_grad_(False)
+    for bn in (net.a.bn, net.b.bn):
+        bn.running_mean.normal_(0, 2)
+        bn.running_var.uniform_(0.5, 2)
+        bn.bias.normal_(0, 2)
+    x = torch.randn(2, 5, 8)
+    path = tmp_path / "levit_block.onnx"
+    if exporter == "legacy":
+        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
+                          output_names=["y"])
+    else:
+        torch.onnx.export(net, (x,), dynamo=True, opset_version=18, input_names=["x"],
+                          output_names=["y"]).save(str(path), external_data=False)
+    assert "BatchNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "BatchNormalization" not in {n.op_type for n in lrpc.canonize(str(path)).graph.node}
+    xt = x.clone().requires_grad_(True)
+    y = net(xt)
+    k = y.argmax(1)
+    y.gather(1, k[:, None]).sum().backward()
+    seed = np.zeros(tuple(y.shape), np.float32)
+    seed[np.arange(2), k.numpy()] = y.detach().numpy()[np.arange(2), k.numpy()]
+    got = run_onnx(lrpc.compile(str(path), "epsilon", epsilon=0.0, stabilizer_eps=0.0),
+                   {"x": x.numpy(), "relevance_seed": seed})
+    np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-4, atol=1e-5)
+    assert rel_l2(got["relevance"], (xt.grad * xt).detach().numpy()) < 1e-4
