@@ -460,16 +460,17 @@ def _bias_driven(share: float) -> str:
     input's doing (a freshly initialized net's logits, a dead input path)."""
     if not abs(share) > 0.5:
         return ""
-    return (f"; the biases take {share:.0%} of the relevance: the explained output is mostly biases, little of it "
-            f"comes from the input (--zero-bias leaves them out of the denominators)")
+    part = f"{share:.0%} of the relevance" if abs(share) <= 10 else f"{share:.2g} × the seed's relevance"
+    return (f"; the biases take {part}: the explained output is mostly biases, little of it comes from the input "
+            f"(--zero-bias leaves them out of the denominators)")
 
 
 def _magnitude(ratio: float) -> str:
     """A note where the relevance is far larger than the seed: sums of it are then good to float32 round-off only."""
     if not ratio > 1e3:
         return ""
-    return (f"; Σ|relevance| is {ratio:.2g} × |Σ seed|: the sums above are float32 round-off of it (residual sums of "
-            f"branches of both signs: --sum-rule sign-norm)")
+    return (f"; Σ|relevance| is {ratio:.2g} × |Σ seed|: the sums above are float32 round-off of it (where residual "
+            f"sums of branches of both signs cancel: --sum-rule sign-norm; the per-layer table shows where it grows)")
 
 
 def _layer_rows(model: onnx.ModelProto, outs: dict, tol: float) -> list:
