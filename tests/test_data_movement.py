@@ -1,5 +1,6 @@
-"""Data movement whose relevance is routed as the elements moved: Gather with constant indices (each element gets the
-relevance of every copy; ScatterElements with reduction add), Expand (the sum over the broadcast axes), dynamo's
+"""Data movement whose relevance is routed as the elements moved: Gather with constant indices or indices read at run
+time (each element gets the relevance of every copy; ScatterElements with reduction add), Expand and Tile (the sum
+over the copies), dynamo's
 ``aten.as_strided`` (Gather of a flattened tensor in the order of a transposed view: passes/gather_as_layout.py makes
 it Reshape/Transpose), and squeeze-and-excitation gates broadcast by Expand (ECA: ``x * gate.expand_as(x)``).
 
@@ -44,6 +45,7 @@ MOVES = {  # name: (input shape, node, extra initializers)
     "gather_nd_full_index": (X_SHAPE, ("GatherND", {}), {"i": np.array([[0, 2, 3, 4], [0, 2, 3, 4], [1, 0, 0, 1]])}),
     "gather_elements_last_axis": (X_SHAPE, ("GatherElements", {"axis": -1}),
                                   {"i": np.random.default_rng(3).integers(-5, 5, (2, 3, 4, 3))}),  # (repeats too)
+    "tile_axes_1_and_3": (X_SHAPE, ("Tile", {}), {"i": np.array([1, 2, 1, 3], np.int64)}),
     "expand_spatial": ((2, 3, 1, 1), ("Expand", {}), {"i": np.array(X_SHAPE, np.int64)}),
     "expand_new_leading_axes": ((3, 1, 5), ("Expand", {}), {"i": np.array(X_SHAPE, np.int64)}),
 }
@@ -53,6 +55,8 @@ def _move(name: str, x: np.ndarray) -> np.ndarray:
     _, (op, attrs), consts = MOVES[name]
     if op == "Expand":
         return np.broadcast_to(x, tuple(consts["i"]))
+    if op == "Tile":
+        return np.tile(x, tuple(consts["i"]))
     if op == "GatherND":
         i = consts["i"]
         return x[tuple(np.moveaxis(i, -1, 0))]
@@ -84,7 +88,7 @@ def test_moved_relevance_equals_dense_reference(name, run_time):
     """Also with the indices an input of the graph (computed from inputs other than the explained one, as a
     sequence classifier's last-token positions from the ids): read at run time."""
     if run_time and not name.startswith("gather"):
-        pytest.skip("Expand's shape is not an index")
+        pytest.skip("an Expand's shape, a Tile's repeats: not indices")
     rng = np.random.default_rng(0)
     shape = MOVES[name][0]
     x = rng.standard_normal(shape)
@@ -171,6 +175,21 @@ def test_gather_along_a_symbolic_axis(indices):
         back = np.zeros_like(x)  # the gathered cells' relevance summed back to where they came from
         np.add.at(back, (slice(None), idx), (f * ((seed / (f @ w)) @ w.T)).reshape(2, idx.size, 5))
         assert rel_l2(out["relevance"], back) < 1e-12
+
+
+def test_tile_along_a_symbolic_axis():
+    """Tile of a tensor with a symbolic length (GCViT's legacy export tiles its global queries): the dims read at
+    run time; each element gets the summed relevance of its copies (identity activation after it: the copies' R)."""
+    rng = np.random.default_rng(2)
+    nodes = [helper.make_node("Tile", ["x", "r"], ["t"], name="tile"), helper.make_node("Tanh", ["t"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, "n", 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, [2, "m", 6])],
+                              [numpy_helper.from_array(np.array([1, 2, 2], np.int64), "r")])
+    compiled = lrpc.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "attnlrp")
+    for n in (1, 4):
+        x, seed = rng.standard_normal((2, n, 3)), rng.standard_normal((2, 2 * n, 6))
+        out = run_onnx(compiled, {"x": x, "relevance_seed": seed})
+        assert rel_l2(out["relevance"], seed.reshape(2, 2, n, 2, 3).sum((1, 3))) < 1e-12
 
 
 @pytest.mark.parametrize("shape, perm", [((2, 3, 4), (0, 2, 1)), ((1, 8, 1, 1), (0, 1, 2, 3)),

@@ -75,6 +75,26 @@ def expand(ctx, node, R_out):
     return [unbroadcast(ctx.b, R_out[0], x, y), None]
 
 
+@register("Tile", **DATA_MOVEMENT)
+def tile(ctx, node, R_out):
+    """Copies of the whole tensor along each axis (constant repeats): each element gets the sum of its copies'
+    relevance (the relevance as [r0, d0, r1, d1, ...], summed over the repeat axes; dims read at run time where the
+    shapes leave them open)."""
+    x, reps = node.inputs
+    if not is_const(reps):
+        raise UnsupportedError(f"{where(node)}: Tile with computed repeats has no LRP rule")
+    r = [int(v) for v in const_value(reps).reshape(-1)]
+    b = ctx.b
+    if x.shape is not None and all(isinstance(d, (int, np.integer)) for d in x.shape):
+        shape = b.ints([v for pair in zip(r, x.shape) for v in pair])
+    else:
+        whole = b.shape_of(x)
+        shape = b.op("Concat", [t for i, k in enumerate(r) for t in (
+            b.ints([k]), b.op("Slice", [whole, b.ints([i]), b.ints([i + 1])], dtype=np.int64))], {"axis": 0},
+            dtype=np.int64)
+    return [b.reduce_sum(b.op("Reshape", [R_out[0], shape]), list(range(0, 2 * len(r), 2)), keepdims=0), None]
+
+
 def _unbroadcast_at_run_time(b, r, x, lead: int):
     """``r`` summed over its ``lead`` leading axes and over the axes where ``x`` has size 1 and ``r`` not."""
     if lead:
