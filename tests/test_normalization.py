@@ -683,18 +683,13 @@ def test_l2_normalizations_hold_their_scale_constant(name, exporter, tmp_path):
     passes through unchanged. Oracle: gradient × input of the torch module with the norm detached
     (tests/detach_rules.py) equals attnlrp at epsilon 0 (1e-4, float32)."""
     from detach_rules import rules_in_torch
+    from models import families
 
     torch.manual_seed(0)
     model, shape = (_CosineAttention(), (2, 4, 8)) if name == "cosine_attention" else (_ResponseNorm(), (2, 3, 5, 5))
     model.eval().requires_grad_(False)
     x = torch.randn(shape)
-    path = tmp_path / "m.onnx"
-    if exporter == "legacy":
-        torch.onnx.export(model, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["y"])
-    else:
-        torch.onnx.export(model, (x,), dynamo=True, opset_version=18, input_names=["x"],
-                          output_names=["y"]).save(str(path), external_data=False)
+    path = families.export(model, tmp_path / "m.onnx", shape, exporter)
     xt = x.clone().requires_grad_(True)
     with rules_in_torch("attnlrp"):
         y = model(xt)
@@ -704,7 +699,7 @@ def test_l2_normalizations_hold_their_scale_constant(name, exporter, tmp_path):
     seed[np.arange(len(k)), k.numpy()] = y.detach().numpy()[np.arange(len(k)), k.numpy()]
     compiled = lrpc.compile(str(path), "attnlrp", epsilon=0.0, stabilizer_eps=0.0)
     sess = ort.InferenceSession(compiled.SerializeToString(), providers=["CPUExecutionProvider"])
-    got = sess.run(["relevance"], {"x": x.numpy(), "relevance_seed": seed})[0]
+    got = sess.run(["relevance"], {"input": x.numpy(), "relevance_seed": seed})[0]
     err = rel_l2(got, (xt.grad * xt).detach().numpy())
     report_line(f"{name} {exporter}: attnlrp vs the norm held constant in torch rel L2 {err:.1e} (float32)")
     assert err < 1e-4

@@ -113,6 +113,7 @@ def test_bn_behind_a_reshape_of_a_matmul_folds(exporter, tmp_path):
 
     import lrpc
     from conftest import rel_l2, run_onnx
+    from models import families
 
     class LinearNorm(torch.nn.Module):
         def __init__(self, a, b):
@@ -138,13 +139,7 @@ def test_bn_behind_a_reshape_of_a_matmul_folds(exporter, tmp_path):
         bn.running_var.uniform_(0.5, 2)
         bn.bias.normal_(0, 2)
     x = torch.randn(2, 5, 8)
-    path = tmp_path / "levit_block.onnx"
-    if exporter == "legacy":
-        torch.onnx.export(net, (x,), str(path), dynamo=False, opset_version=17, input_names=["x"],
-                          output_names=["y"])
-    else:
-        torch.onnx.export(net, (x,), dynamo=True, opset_version=18, input_names=["x"],
-                          output_names=["y"]).save(str(path), external_data=False)
+    path = families.export(net, tmp_path / "levit_block.onnx", x.shape, exporter)
     assert "BatchNormalization" in {n.op_type for n in onnx.load(str(path)).graph.node}
     assert "BatchNormalization" not in {n.op_type for n in lrpc.canonize(str(path)).graph.node}
     xt = x.clone().requires_grad_(True)
@@ -154,6 +149,6 @@ def test_bn_behind_a_reshape_of_a_matmul_folds(exporter, tmp_path):
     seed = np.zeros(tuple(y.shape), np.float32)
     seed[np.arange(2), k.numpy()] = y.detach().numpy()[np.arange(2), k.numpy()]
     got = run_onnx(lrpc.compile(str(path), "epsilon", epsilon=0.0, stabilizer_eps=0.0),
-                   {"x": x.numpy(), "relevance_seed": seed})
-    np.testing.assert_allclose(got["y"], y.detach().numpy(), rtol=1e-4, atol=1e-5)
+                   {"input": x.numpy(), "relevance_seed": seed})
+    np.testing.assert_allclose(got["logits"], y.detach().numpy(), rtol=1e-4, atol=1e-5)
     assert rel_l2(got["relevance"], (xt.grad * xt).detach().numpy()) < 1e-4
