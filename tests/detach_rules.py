@@ -25,7 +25,7 @@ def rules_in_torch(mode: str):
     torchvision's squeeze-and-excitation gate is a product of two computed tensors (split under attnlrp, the gate
     held constant under cp-lrp); GroupNorm holds each group's standard deviation constant, and a norm
     (``Tensor.norm``, ``linalg.vector_norm``: ``F.normalize``'s and ConvNeXt V2's response normalization's scale) is
-    held constant. Gradient × input of
+    held constant; an inference BatchNorm is written as its affine. Gradient × input of
     the model's output is then the rule's relevance where the model's parameters need no gradients
     (``model.requires_grad_(False)``: only the input's descendants do).
     ``torch.bmm`` is a product like ``torch.matmul``."""
@@ -40,7 +40,7 @@ def rules_in_torch(mode: str):
              (torch, "sigmoid"): torch.sigmoid,
              (torch.Tensor, "softmax"): torch.Tensor.softmax, (F, "layer_norm"): F.layer_norm, (F, "gelu"): F.gelu,
              (F, "silu"): F.silu, (F, "group_norm"): F.group_norm, (torch.Tensor, "norm"): torch.Tensor.norm,
-             (torch.linalg, "vector_norm"): torch.linalg.vector_norm}
+             (torch.linalg, "vector_norm"): torch.linalg.vector_norm, (F, "batch_norm"): F.batch_norm}
     plain = saved[(torch, "matmul")]
 
     def matmul(a, b):
@@ -86,6 +86,14 @@ def rules_in_torch(mode: str):
         y = y if weight is None else y * weight.reshape(at)
         return y if bias is None else y + bias.reshape(at)
 
+    def batch_norm(x, mean, var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):
+        if training:
+            return saved[(F, "batch_norm")](x, mean, var, weight, bias, training, momentum, eps)
+        at = (1, -1) + (1,) * (x.dim() - 2)  # (inference: the affine it is, whose autograd torch gets right; its
+        y = (x - mean.reshape(at)) / (var.reshape(at) + eps).sqrt()  # kernel's gradient is wrong at batch 1 in some
+        y = y if weight is None else y * weight.reshape(at)  # graphs, torch 2.14: flatten + transpose after it)
+        return y if bias is None else y + bias.reshape(at)
+
     def identity_rule(f):  # (never in place: x is needed)
         return lambda x, *args, **kw: x * (f(x, *args, **{k: v for k, v in kw.items() if k != "inplace"}) / x).detach()
 
@@ -94,7 +102,7 @@ def rules_in_torch(mode: str):
            (torch, "einsum"): einsum, (F, "softmax"): softmax,
            (SqueezeExcitation, "forward"): gate, (torch, "tanh"): identity_rule(saved[(torch, "tanh")]),
            (torch, "sigmoid"): identity_rule(saved[(torch, "sigmoid")]), (torch.Tensor, "softmax"): softmax,
-           (F, "layer_norm"): layer_norm, (F, "group_norm"): group_norm,
+           (F, "layer_norm"): layer_norm, (F, "group_norm"): group_norm, (F, "batch_norm"): batch_norm,
            (torch.Tensor, "norm"): lambda x, *a, **k: saved[(torch.Tensor, "norm")](x, *a, **k).detach(),
            (torch.linalg, "vector_norm"): lambda x, *a, **k: saved[(torch.linalg, "vector_norm")](x, *a, **k).detach(),
            (F, "gelu"): identity_rule(saved[(F, "gelu")]), (F, "silu"): identity_rule(saved[(F, "silu")])}

@@ -23,7 +23,7 @@ from models import families  # noqa: E402
 GRAD_TOL = 1e-4
 # MaxViT under attnlrp with ε = 0: Σ|R| at the input is ~3,400× the seed (products split 50/50 and summed with
 # both signs), and LRP's quotients R / 2y over tiny y carry float32 round-off that the gradient does not
-ILL_CONDITIONED = {("maxvit", "attnlrp"): 2e-2}
+ILL_CONDITIONED = {("maxvit", "attnlrp"): 5e-3}
 
 
 def _reference(model, x: np.ndarray, mode: str):
