@@ -160,9 +160,15 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
         return report
     report.checks.append(Check("supported", True, 0, 0, "every op on the explained path has a propagator"))
     feeds, seed_t = asked.feeds, asked.seed
-    err = max(_rel_err(a, b) for a, b in zip(asked.outputs, _session(_original(path, input_shapes)).run(None, feeds)))
-    report.checks.append(Check("forward", err <= rtol, err, rtol,
-                               f"max relative error of the outputs {err:.2e} (tolerance {rtol:g})"))
+    original = _original(path, input_shapes)
+    reference = _session(original).run(None, feeds)
+    err = max(_rel_err(a, b) for a, b in zip(asked.outputs, reference))
+    floor = _roundoff(original, feeds, reference) if err > rtol else 0.0
+    allowed = max(rtol, 2 * floor)
+    why = (f": onnxruntime's own graph optimizations change this model's outputs by {floor:.2e}, float32 round-off "
+           f"the network amplifies" if allowed > rtol else "")
+    report.checks.append(Check("forward", err <= allowed, err, allowed,
+                               f"max relative error of the outputs {err:.2e} (tolerance {allowed:.2g}{why})"))
     nonfinite = {"as asked": asked.nonfinite}
 
     def conservation(opts: composites.Options) -> tuple:
@@ -215,6 +221,18 @@ def _session(model):
     from .runtime import start_session
 
     return start_session(model, ["CPUExecutionProvider"])
+
+
+def _roundoff(original, feeds: dict, optimized: list) -> float:
+    """How much onnxruntime's own graph optimizations (its BatchNorm and bias folds, fusions) change the original's
+    outputs on ``feeds``: the float32 round-off this network amplifies, which canonization's folds may meet too."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    plain = ort.InferenceSession(original.serialized(), options, providers=["CPUExecutionProvider"]).run(None, feeds)
+    return max(_rel_err(a, b) for a, b in zip(plain, optimized))
 
 
 def _original(path, input_shapes: dict | None):
