@@ -246,6 +246,30 @@ def inferred_shapes(structure: onnx.ModelProto) -> dict:
     return out
 
 
+def name_output_dims(graph: gs.Graph) -> None:
+    """Graph output dims that the exporter named apart from every input's (torch's legacy exporter with dynamic axes
+    on the inputs only: logits ``[MatMulout_dim_0, MatMulout_dim_1, V]``) take the input dims or sizes that shape
+    inference finds for them (``[batch, sequence, V]``), so that a seed shaped like the output says what they are."""
+    names = {d for t in graph.inputs for d in (t.shape or []) if isinstance(d, str)}
+
+    def apart(d) -> bool:
+        return isinstance(d, str) and d not in names
+
+    outputs = [t for t in graph.outputs if t.shape and any(apart(d) for d in t.shape)]
+    if not outputs:
+        return
+    structure = structure_of_graph(graph)
+    for vi in structure.graph.output:
+        if any(vi.name == t.name for t in outputs):
+            vi.type.tensor_type.ClearField("shape")
+    shapes = inferred_shapes(structure)
+    for t in outputs:
+        dims = shapes.get(t.name, (None, None))[1]
+        if dims and len(dims) == len(t.shape):
+            t.shape = [i if apart(d) and (i in names or (isinstance(i, int) and i > 0)) else d
+                       for d, i in zip(t.shape, dims)]
+
+
 def _apply_shapes(graph: gs.Graph, shapes: dict, only_missing: bool) -> None:
     keep = {t.name for t in graph.inputs} | {t.name for t in graph.outputs if t.shape is not None}
     for name, t in graph.tensors().items():

@@ -237,9 +237,10 @@ class Session:
 
     def _seed_shape(self, feeds) -> list[int]:
         """The seed's shape for ``feeds``: a dynamic dim takes the size of an input's dim of the same name (a sequence
-        length ``T`` of ``input_ids`` [B, T] and logits [B, T, V]). Dims no input names (an exporter that names
-        the output's dims apart from the inputs') are read off the explained output of a forward-only run (once per
-        input shapes), where it has the seed's rank; else they are the batch."""
+        length ``T`` of ``input_ids`` [B, T] and logits [B, T, V]; compiling names an exported output's dims after the
+        inputs' where shape inference finds them). Other dims are read off the explained output of a run with a
+        placeholder seed (once per input shapes; onnxruntime runs the whole graph), where it has the seed's rank;
+        else they are the batch."""
         batch = _shape(next(iter(feeds.values())))[0]
         named = {d: n for name, value in feeds.items() if name in self._specs
                  for d, n in zip(self._specs[name].shape, _shape(value)) if isinstance(d, str)}
@@ -247,15 +248,21 @@ class Session:
         if None in shape[1:]:
             key = tuple((n, tuple(_shape(v))) for n, v in sorted(feeds.items()))
             if key not in self._probed:
-                self._probed[key] = self._forward_shape(feeds, [batch, *(1 if d is None else d for d in shape[1:])])
+                placeholder = [batch, *(1 if d is None else d for d in shape[1:])]
+                try:
+                    self._probed[key] = self._forward_shape(feeds, placeholder)
+                except InputError as e:  # (the relevance reshapes the seed: the placeholder does not fit)
+                    unnamed = [d for d in self.seed_shape[1:] if isinstance(d, str) and d not in named]
+                    raise InputError(f"the explained output's dims {unnamed} are named by no input and could not "
+                                     f"be read off a run ({e}): give seed= of the output's shape") from None
             out = self._probed[key]
             if len(out) == len(shape):
                 shape = [o if d is None else d for d, o in zip(shape, out)]
         return [batch if d is None else d for d in shape]
 
     def _forward_shape(self, feeds, placeholder: list[int]) -> list[int]:
-        """The explained output's shape for ``feeds``: onnxruntime runs only the nodes that output needs (the
-        relevance's are left out, so the seed is a ``placeholder`` of any size the declared shape admits)."""
+        """The explained output's shape for ``feeds``, from a run with a zero seed shaped ``placeholder`` (the
+        relevance it gives is not used; where the relevance reshapes the seed, the run fails: InputError)."""
         seed = None if self.top1 else np.zeros(placeholder, self._dtype)
         out = self._run([self.scores_output], feeds, seed, top1=False, probe=True)
         return _shape(out[self.scores_output])

@@ -358,3 +358,39 @@ def test_gradient_check_runs_through_gathers(exporter, tmp_path):
                        inputs={"input": x.numpy()})
     g = next(c for c in report.checks if c.name == "gradient")
     assert g.passed and not g.skipped and g.figure <= 1e-5, g.message
+
+
+def test_last_position_of_a_dynamic_length(tmp_path):
+    """``h[:, h.shape[1] - 1]`` (legacy export, dynamic batch and length): the index is computed from the length,
+    ``Sub(T, 1)`` rewritten as an Add of a scalar that stays a scalar, so the Gather keeps its output's rank and
+    reads the index at run time. Oracle: LRP-0 (lrpc check's ruleset: epsilon also on bias adds) = gradient × input
+    of the torch module at two lengths, one compiled graph."""
+    from lrpc.gradient import ruleset
+
+    class Last(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.o = nn.Linear(6, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.a(x))
+            return self.o(h[:, h.shape[1] - 1])
+
+    torch.manual_seed(0)
+    net = Last().eval().requires_grad_(False)
+    path = tmp_path / "last.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(net, (torch.randn(2, 5, 6),), str(path), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "B", 1: "T"}})
+    session = lrpc.Session(lrpc.compile(str(path), ruleset()), ["CPUExecutionProvider"])
+    for t in (5, 8):
+        x = torch.randn(2, t, 6)
+        xt = x.clone().requires_grad_(True)
+        y = net(xt)
+        y[:, 1].sum().backward()
+        seed = np.zeros((2, 3), np.float32)
+        seed[:, 1] = y[:, 1].detach().numpy()  # (one-hot × logit: LRP-0 is then gradient × input)
+        e = session.explain(x.numpy(), seed=seed)
+        assert e.output.shape == (2, 3)
+        assert rel_l2(e.relevance, (xt.grad * xt).detach().numpy()) < 1e-5

@@ -305,15 +305,16 @@ def _dense(inputs, out_dims, reshape=None):
 
 
 def test_seed_batches_are_checked_only_against_the_same_batch_dim():
-    """Same batch dim name: a seed of another batch is one InputError naming both. Dims named apart by the exporter
-    (tf2onnx's unk__1 / unk__2): onnxruntime judges, and its refusal is an InputError too. An output flattened over
-    the batch ([N*2, 3] from [N, 8]) and a first input that is not batched take their seeds as they are."""
+    """Same batch dim name: a seed of another batch is one InputError naming both; so with dims named apart by the
+    exporter (tf2onnx's unk__1 / unk__2), which compiling names after the input's where shape inference finds them.
+    An output flattened over the batch ([N*2, 3] from [N, 8]) and a first input that is not batched take their seeds
+    as they are."""
     x = np.ones((2, 8), np.float32)
     same = _dense([("x", ["N", 8])], ["N", 6])
     with pytest.raises(InputError, match="the seed holds 3 samples, input 'x' 2"):
         same.run({"x": x}, np.ones((3, 6), np.float32))
-    apart = _dense([("x", ["unk__1", 8])], ["unk__2", 6])
-    with pytest.raises(InputError, match="onnxruntime refused the inputs"):
+    apart = _dense([("x", ["unk__1", 8])], ["unk__2", 6])  # (compiling names the output's batch after the input's)
+    with pytest.raises(InputError, match="the seed holds 3 samples, input 'x' 2"):
         apart.run({"x": x}, np.ones((3, 6), np.float32))
     flat = _dense([("x", ["N", 8])], ["M", 3], reshape=[-1, 3])
     assert flat.run({"x": x}, np.ones((4, 3), np.float32))["relevance"].shape == (2, 8)

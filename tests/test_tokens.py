@@ -165,52 +165,61 @@ def test_random_inputs_of_token_models_are_ids_within_the_vocabulary():
 
 def test_output_dims_named_apart_from_the_inputs():
     """An export that names the logits' dims itself (torch's legacy exporter with dynamic axes on the inputs only:
-    'MatMulout_dim_0', 'MatMulout_dim_1'): the seed's sequence length is read off a forward-only run, so target
-    "next" explains the last position, as with the dims named after the inputs; a seed that would broadcast over
-    the logits is refused in one line."""
+    'MatMulout_dim_0', 'MatMulout_dim_1'): compiling names them after the inputs' dims where shape inference finds
+    them (the batch here), and the Session reads the others off a run with a placeholder seed, so target "next"
+    explains the last position, as with the dims named after the inputs; a seed that would broadcast over the logits
+    is refused in one line."""
     named, apart = _decoder(length="seq"), _decoder(length="seq")
     for i, d in enumerate(apart.graph.output[0].type.tensor_type.shape.dim[:2]):
         d.dim_param = f"MatMulout_dim_{i}"
+    compiled = lrpc.compile(apart, "attnlrp")
+    seed_dims = next(i for i in compiled.graph.input if i.name == "relevance_seed").type.tensor_type.shape.dim
+    assert seed_dims[0].dim_param == "batch" and seed_dims[2].dim_value == V  # (the batch found; here not T)
+    for i, d in enumerate(seed_dims[:2]):  # (as if inference had not found them: the Session's run decides)
+        d.dim_param = f"unknown_{i}"
     feeds = _feeds()
     want = lrpc.Session(lrpc.compile(named, "attnlrp")).explain(**feeds, target="next")
-    session = lrpc.Session(lrpc.compile(apart, "attnlrp"))
-    for batch in (feeds, {k: v[:1] for k, v in feeds.items()}):
-        got = session.explain(**batch, target="next")
-        n = len(batch["input_ids"])
-        assert got.seed.shape == (n, T, V) and np.array_equal(got.seed, want.seed[:n])
-        assert rel_l2(got.relevance, want.relevance[:n]) < 1e-6
-    with pytest.raises(lrpc.InputError, match=r"the seed has shape \[2, 1, 20\], the explained output 'logits' "
-                                              r"\[2, 5, 20\]"):
-        session.explain(**feeds, seed=want.seed[:, -1:])
+    for session in (lrpc.Session(lrpc.compile(apart, "attnlrp")), lrpc.Session(compiled)):
+        for batch in (feeds, {k: v[:1] for k, v in feeds.items()}):
+            got = session.explain(**batch, target="next")
+            n = len(batch["input_ids"])
+            assert got.seed.shape == (n, T, V) and np.array_equal(got.seed, want.seed[:n])
+            assert rel_l2(got.relevance, want.relevance[:n]) < 1e-6
+        with pytest.raises(lrpc.InputError, match=r"the seed has shape \[2, 1, 20\], the explained output 'logits' "
+                                                  r"\[2, 5, 20\]"):
+            session.explain(**feeds, seed=want.seed[:, -1:])
 
 
-def test_cli_explain_tokens_writes_json_npy_and_a_table(tmp_path):
-    """--tokens ids.npy ([T] or [B, T]): rel.json holds ids, relevance and the explained (position, token) per
-    sample, rel.npy the relevance; the same as Session.explain (the mask defaults to ones)."""
-    onnx.save(_decoder(), tmp_path / "toy.onnx")
-    feeds = _feeds()
-    np.save(tmp_path / "ids.npy", feeds["input_ids"])
-    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "ids.npy", "--rules", "attnlrp",
-                             "--target", "token:2=7", "--no-cache", "-o", tmp_path / "rel.json")
-    assert code == 0, err
-    data = json.loads((tmp_path / "rel.json").read_text())
-    feeds["attention_mask"][:] = 1
-    e = lrpc.Session(lrpc.compile(_decoder(), "attnlrp")).explain(**feeds, target="token:2=7")
-    assert data["target"] == "token:2=7" and [s["explained"] for s in data["samples"]] == [[[2, 7]], [[2, 7]]]
-    assert [s["ids"] for s in data["samples"]] == feeds["input_ids"].tolist()
-    got = np.array([s["relevance"] for s in data["samples"]])
-    assert rel_l2(got, e.relevance) < 1e-6 and rel_l2(np.load(tmp_path / "rel.npy"), e.relevance) < 1e-6
-    assert "relevance" in out and "token:2=7" in out
-    np.save(tmp_path / "seq.npy", feeds["input_ids"][0])  # one sequence [T] (in a low-memory session)
-    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "seq.npy", "--no-cache",
-                             "--rules", "attnlrp", "--target", "token:2=7", "--low-memory", "-o", tmp_path / "one.json")
-    assert code == 0, err
-    assert len(json.loads((tmp_path / "one.json").read_text())["samples"]) == 1
-    one = np.array(json.loads((tmp_path / "one.json").read_text())["samples"][0]["relevance"])
-    assert rel_l2(one, e.relevance[:1].reshape(one.shape)) < 1e-5
-    code, out, err = run_cli("explain", tmp_path / "toy.onnx", "--tokens", tmp_path / "seq.npy", "--no-cache",
-                             "-o", tmp_path / "seq.json")  # (its .npy would be the ids' file)
-    one_line_error(code, err, contains="refusing to overwrite an input file (the token ids)")
+def test_output_dims_named_by_shape_inference_or_refused_clearly():
+    """Output dims named apart from the inputs' take the input dims shape inference finds (an embedding and a dense
+    head: [b, seq, V]); where neither inference nor a run can tell them (the relevance reshapes the seed, so a
+    placeholder does not fit), explaining a target is refused in one line asking for an explicit seed, which works."""
+    rng = np.random.default_rng(3)
+    mk = helper.make_node
+    inits = [numpy_helper.from_array(rng.standard_normal((V, D)).astype(np.float32), "table"),
+             numpy_helper.from_array(rng.standard_normal((D, V)).astype(np.float32), "W"),
+             numpy_helper.from_array(np.array([0, -1, 4], np.int64), "shape")]
+
+    def model(reshaped: bool) -> onnx.ModelProto:
+        nodes = [mk("Gather", ["table", "input_ids"], ["e"]), mk("Tanh", ["e"], ["h"]), mk("MatMul", ["h", "W"], ["z"])]
+        nodes.append(mk("Reshape", ["z", "shape"], ["logits"]) if reshaped else mk("Identity", ["z"], ["logits"]))
+        g = helper.make_graph(nodes, "m", [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "seq"])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT,
+                                                             ["o0", "o1", 4 if reshaped else V])], inits)
+        m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+        m.ir_version = 8
+        return m
+
+    seed = next(i for i in lrpc.compile(model(False), "attnlrp").graph.input if i.name == "relevance_seed")
+    assert [d.dim_param or d.dim_value for d in seed.type.tensor_type.shape.dim] == ["b", "seq", V]
+    session = lrpc.Session(lrpc.compile(model(True), "attnlrp"))
+    ids = rng.integers(0, V, (2, T))
+    with pytest.raises(lrpc.InputError, match=r"the explained output's dims \['o1'\] are named by no input .* give "
+                                              r"seed= of the output's shape"):
+        session.explain(input_ids=ids, target="top1")
+    explicit = np.zeros((2, T * V // 4, 4), np.float32)
+    explicit[:, 0, 1] = 1.0
+    assert np.isfinite(session.explain(input_ids=ids, seed=explicit).relevance).all()
 
 
 def _boxes_model() -> onnx.ModelProto:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 
 from ..errors import LrpcError, UnsupportedError, one_line
-from ..graph import Canonical, import_model, refresh_shapes, toposort, upgrade_opset
+from ..graph import Canonical, import_model, name_output_dims, refresh_shapes, toposort, upgrade_opset
 from ..loaded import LoadedModel
 from . import (
     activation_regions,
@@ -47,6 +47,7 @@ def canonize(model: onnx.ModelProto | LoadedModel, output: str | None = None) ->
     if loaded.owned or normal is not model:  # a converted opset is a fresh model too
         canon.source = normal
     canon.output = output
+    name_output_dims(canon.graph)
     while any(n.op == "Shape" for n in canon.graph.nodes) and _run(SHAPE_FOLDING, canon):
         # shape computations (torch's x.size() with a dynamic batch) fold a level further once shapes are refreshed
         toposort(canon.graph)

@@ -65,7 +65,7 @@ def _sub_div(node) -> bool:
         if not np.issubdtype(v.dtype, np.floating):
             return False
         node.op, new = "Mul", (1.0 / v.astype(np.float64)).astype(v.dtype)
-    node.inputs[1] = gs.Constant(f"{node.name}/c", np.ascontiguousarray(new))
+    node.inputs[1] = gs.Constant(f"{node.name}/c", np.ascontiguousarray(new).reshape(v.shape))  # (a scalar stays one)
     return True
 
 
