@@ -164,6 +164,7 @@ def run_check(path: str, rules: str = "epsilon-gamma-box", options: composites.O
     reference = _session(original).run(None, feeds)
     err = max(_rel_err(a, b) for a, b in zip(asked.outputs, reference))
     floor = _roundoff(original, feeds, reference) if err > rtol else 0.0
+    del original, reference  # (the file's bytes: read by one session at a time)
     allowed = max(rtol, 2 * floor)
     why = (f": onnxruntime's own graph optimizations change this model's outputs by {floor:.2e}, float32 round-off "
            f"the network amplifies" if allowed > rtol else "")
