@@ -192,6 +192,17 @@ def test_tile_along_a_symbolic_axis():
         assert rel_l2(out["relevance"], seed.reshape(2, 2, n, 2, 3).sum((1, 3))) < 1e-12
 
 
+def test_tile_with_computed_repeats_is_refused():
+    """Repeats read from an input: no static copy count, refused in one line naming the node."""
+    nodes = [helper.make_node("Tile", ["x", "r"], ["t"], name="tile"), helper.make_node("Tanh", ["t"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.DOUBLE, [2, 3]),
+                                           helper.make_tensor_value_info("r", TensorProto.INT64, [2])],
+                              [helper.make_tensor_value_info("y", TensorProto.DOUBLE, ["a", "b"])])
+    message = r"^node 'tile' \(Tile\): Tile with computed repeats has no LRP rule"
+    with pytest.raises(lrpc.UnsupportedError, match=message):
+        lrpc.compile(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), "attnlrp")
+
+
 @pytest.mark.parametrize("shape, perm", [((2, 3, 4), (0, 2, 1)), ((1, 8, 1, 1), (0, 1, 2, 3)),
                                          ((1, 8, 1, 1), (0, 2, 3, 1)), ((3, 1, 4), (2, 1, 0)), ((5,), (0,))])
 def test_transposed_view_is_recognised(shape, perm):

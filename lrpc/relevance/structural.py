@@ -138,10 +138,7 @@ def gather(ctx, node, R_out):
         shape = b.ints([0] * min(axis, 1) + [int(d) for d in dims[1:axis]] + [ind.size] +
                        [int(d) for d in dims[axis + 1:]])
     else:
-        whole = b.shape_of(x)
-        shape = b.op("Concat", [b.op("Slice", [whole, b.ints([0]), b.ints([axis])], dtype=np.int64), b.ints([ind.size]),
-                                b.op("Slice", [whole, b.ints([axis + 1]), b.ints([rank])], dtype=np.int64)],
-                     {"axis": 0}, dtype=np.int64)
+        shape = _shape_with(b, x, axis, b.ints([ind.size]))
     r = b.op("Reshape", [R_out[0], shape])
     same_sign = ind.size and (np.all(ind >= 0) or np.all(ind < 0))
     if same_sign and np.array_equal(ind, np.arange(ind[0], ind[0] + ind.size)):
@@ -172,16 +169,20 @@ def _scattered_at(ctx, node, x, idx, R):
     the end, as in Gather)."""
     b, rank = ctx.b, len(x.shape)
     axis = int(node.attrs.get("axis", 0)) % rank
-    whole = b.shape_of(x)
     count = b.op("Reshape", [b.op("Size", [idx], dtype=np.int64), b.ints([1])], dtype=np.int64)
-    shape = b.op("Concat", [b.op("Slice", [whole, b.ints([0]), b.ints([axis])], dtype=np.int64), count,
-                            b.op("Slice", [whole, b.ints([axis + 1]), b.ints([rank])], dtype=np.int64)],
-                 {"axis": 0}, dtype=np.int64)
-    r = b.op("Reshape", [R, shape])
+    r = b.op("Reshape", [R, _shape_with(b, x, axis, count)])
     at = b.op("Reshape", [_run_time_indices(ctx, node, idx), b.ints([1] * axis + [-1] + [1] * (rank - axis - 1))],
               dtype=np.int64)
     return b.op("ScatterElements", [b.zeros_like(x), b.op("Expand", [at, b.shape_of(r)], dtype=np.int64), r],
                 {"axis": axis, "reduction": "add"})
+
+
+def _shape_with(b, x, axis: int, size):
+    """``x``'s shape read at run time, with ``size`` (a 1-element tensor) in place of its ``axis``."""
+    whole, rank = b.shape_of(x), len(x.shape)
+    return b.op("Concat", [b.op("Slice", [whole, b.ints([0]), b.ints([axis])], dtype=np.int64), size,
+                           b.op("Slice", [whole, b.ints([axis + 1]), b.ints([rank])], dtype=np.int64)],
+                {"axis": 0}, dtype=np.int64)
 
 
 def _run_time_indices(ctx, node, idx):
